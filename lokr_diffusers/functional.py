@@ -1,0 +1,358 @@
+"""The LoKr math: the one copy in this package. Tensors in, tensors out; no nn.Module, no I/O.
+
+A LoKr adapter on a layer with weight W of shape (out, in, *kernel) adds
+
+    ΔW = scale · (W1 ⊗ W2)        W1: (out_l, in_m)    W2: (out_k, in_n, *kernel)
+
+with out = out_l·out_k and in = in_m·in_n (for a grouped conv, in = in_channels // groups).
+Each factor is stored either full or low-rank (see FORMATS.md §1 and `plan_lokr`):
+
+    W1 = lokr_w1                       | lokr_w1_a (out_l, r) @ lokr_w1_b (r, in_m)
+    W2 = lokr_w2                       | lokr_w2_a (out_k, r) @ lokr_w2_b (r, in_n·prod(kernel))
+       | Tucker: W2[p,q,...] = Σ_ij lokr_t2[i,j,...] · lokr_w2_a[i,p] · lokr_w2_b[j,q]
+         with lokr_t2 (r, r, *kernel), lokr_w2_a (r, out_k) (transposed!), lokr_w2_b (r, in_n)
+
+Factors travel as a mapping from those names ("lokr_w1", ...) to tensors; absent names are absent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FACTOR_NAMES: tuple[str, ...] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+Factors = Mapping[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------- shapes
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n) with m·n == dimension and m <= n (LyCORIS' rule).
+
+    factor > 0 dividing `dimension`: (factor, dimension // factor), swapped so that m <= n.
+    Otherwise (factor < 0 = unlimited): walk divisors upward, keep the last pair with m <= n,
+    m <= factor and m + n shrinking; factor=-1 gives the pair nearest sqrt(dimension).
+    Examples: 320 -> (16, 20), 768 -> (24, 32), 127 -> (1, 127); factor=4: 320 -> (4, 80).
+    """
+    if dimension <= 0:
+        raise ValueError(f"cannot factorize dimension {dimension}")
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (m, n) if m <= n else (n, m)
+
+
+@dataclass(frozen=True)
+class LoKrPlan:
+    """Which factor is full, low-rank or Tucker, and every tensor's shape.
+
+    rank1 / rank2 are the ranks of the low-rank W1 / W2 (0 when that factor is full).
+    """
+
+    out_l: int
+    out_k: int
+    in_m: int
+    in_n: int
+    kernel: tuple[int, ...]
+    rank1: int
+    rank2: int
+    tucker: bool
+
+    @property
+    def w1_lowrank(self) -> bool:
+        return self.rank1 > 0
+
+    @property
+    def w2_lowrank(self) -> bool:
+        return self.rank2 > 0
+
+    @property
+    def both_full(self) -> bool:
+        return not self.w1_lowrank and not self.w2_lowrank
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_l * self.out_k, self.in_m * self.in_n, *self.kernel)
+
+    @property
+    def rank(self) -> int:
+        """The rank a consumer reads (w2_b's rows if W2 is low-rank, else w1_b's), 0 if both full."""
+        return self.rank2 or self.rank1
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        k = self.kernel
+        out: dict[str, tuple[int, ...]] = {}
+        if self.w1_lowrank:
+            out["lokr_w1_a"] = (self.out_l, self.rank1)
+            out["lokr_w1_b"] = (self.rank1, self.in_m)
+        else:
+            out["lokr_w1"] = (self.out_l, self.in_m)
+        r = self.rank2
+        if not self.w2_lowrank:
+            out["lokr_w2"] = (self.out_k, self.in_n, *k)
+        elif self.tucker:
+            out["lokr_t2"] = (r, r, *k)
+            out["lokr_w2_a"] = (r, self.out_k)
+            out["lokr_w2_b"] = (r, self.in_n)
+        else:
+            out["lokr_w2_a"] = (self.out_k, r)
+            out["lokr_w2_b"] = (r, self.in_n * math.prod(k))
+        return out
+
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values())
+
+
+def plan_lokr(
+    weight_shape: Sequence[int],
+    r: int,
+    decompose_factor: int = -1,
+    decompose_both: bool = False,
+    use_tucker: bool = False,
+    full_matrix: bool = False,
+) -> LoKrPlan:
+    """Plan a fresh adapter for a weight of shape (out, in // groups, *kernel), as LyCORIS 4.x does."""
+    if r <= 0:
+        raise ValueError(f"rank r must be a positive integer, got {r}")
+    out_dim, in_dim, *kernel = (int(s) for s in weight_shape)
+    out_l, out_k = factorization(out_dim, decompose_factor)
+    in_m, in_n = factorization(in_dim, decompose_factor)
+    w1_low = decompose_both and r < max(out_l, in_m) / 2 and not full_matrix
+    w2_low = r < max(out_k, in_n) / 2 and not full_matrix
+    tucker = use_tucker and w2_low and any(k != 1 for k in kernel)
+    return LoKrPlan(out_l, out_k, in_m, in_n, tuple(kernel), r if w1_low else 0, r if w2_low else 0, tucker)
+
+
+def plan_from_tensors(weight_shape: Sequence[int], factors: Factors) -> LoKrPlan:
+    """Read the plan off stored tensors and check that they rebuild a weight of `weight_shape`.
+
+    Accepts conv W2 stored flattened (lokr_w2 as (out_k, in_n·k)) or 4-D, and PEFT's Conv1d
+    Tucker core (r, r, k, 1). Raises ValueError naming what does not fit.
+    """
+    out_dim, in_dim, *kernel = (int(s) for s in weight_shape)
+    kernel_t, kprod = tuple(kernel), math.prod(kernel)
+    unknown = set(factors) - set(FACTOR_NAMES)
+    if unknown:
+        raise ValueError(f"unknown LoKr tensors {sorted(unknown)}")
+    if "lokr_w1" in factors:
+        if {"lokr_w1_a", "lokr_w1_b"} & set(factors):
+            raise ValueError("both lokr_w1 and lokr_w1_a/lokr_w1_b are present")
+        out_l, in_m = _dims(factors["lokr_w1"], 2, "lokr_w1")
+        rank1 = 0
+    elif "lokr_w1_a" in factors and "lokr_w1_b" in factors:
+        out_l, rank1 = _dims(factors["lokr_w1_a"], 2, "lokr_w1_a")
+        rank1b, in_m = _dims(factors["lokr_w1_b"], 2, "lokr_w1_b")
+        if rank1b != rank1:
+            raise ValueError(f"lokr_w1_a rank {rank1} != lokr_w1_b rank {rank1b}")
+    else:
+        raise ValueError("missing W1: need lokr_w1, or lokr_w1_a and lokr_w1_b")
+    if out_dim % out_l or in_dim % in_m:
+        raise ValueError(f"W1 {out_l}x{in_m} does not divide the weight {tuple(weight_shape)}")
+    out_k, in_n = out_dim // out_l, in_dim // in_m
+    tucker = "lokr_t2" in factors
+    if "lokr_w2" in factors:
+        if {"lokr_w2_a", "lokr_w2_b", "lokr_t2"} & set(factors):
+            raise ValueError("both lokr_w2 and lokr_w2_a/lokr_w2_b/lokr_t2 are present")
+        w2 = factors["lokr_w2"]
+        if w2.numel() != out_k * in_n * kprod or w2.shape[0] != out_k:
+            raise ValueError(f"lokr_w2 {tuple(w2.shape)} does not fit W2 {(out_k, in_n, *kernel_t)}")
+        rank2 = 0
+    elif "lokr_w2_a" in factors and "lokr_w2_b" in factors:
+        a, b = factors["lokr_w2_a"], factors["lokr_w2_b"]
+        if tucker:
+            t2 = factors["lokr_t2"]
+            rank2 = t2.shape[0]
+            want = {"lokr_w2_a": (rank2, out_k), "lokr_w2_b": (rank2, in_n)}
+            if t2.dim() < 2 or t2.shape[1] != rank2 or t2.numel() != rank2 * rank2 * kprod:
+                raise ValueError(f"lokr_t2 {tuple(t2.shape)} does not fit {(rank2, rank2, *kernel_t)}")
+        else:
+            rank2 = b.shape[0]
+            want = {"lokr_w2_a": (out_k, rank2), "lokr_w2_b": (rank2, in_n * kprod)}
+        for name, t in (("lokr_w2_a", a), ("lokr_w2_b", b)):
+            if t.dim() < 2 or t.shape[0] != want[name][0] or t.numel() != math.prod(want[name]):
+                raise ValueError(f"{name} {tuple(t.shape)} does not fit {want[name]} for weight {tuple(weight_shape)}")
+    else:
+        raise ValueError("missing W2: need lokr_w2, or lokr_w2_a and lokr_w2_b")
+    return LoKrPlan(out_l, out_k, in_m, in_n, kernel_t, rank1, rank2, tucker)
+
+
+def _dims(t: Tensor, ndim: int, name: str) -> tuple[int, ...]:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return tuple(t.shape)
+
+
+# ------------------------------------------------------------------------------------ rebuild ΔW
+def rebuild_w1(f: Factors) -> Tensor:
+    """W1 (out_l, in_m)."""
+    if "lokr_w1" in f:
+        return f["lokr_w1"]
+    return f["lokr_w1_a"] @ f["lokr_w1_b"]
+
+
+def rebuild_tucker(t2: Tensor, w2_a: Tensor, w2_b: Tensor) -> Tensor:
+    """(r, r, *k), (r, out_k), (r, in_n) -> (out_k, in_n, *k)."""
+    return torch.einsum("ij...,ip,jq->pq...", t2, w2_a, w2_b)
+
+
+def rebuild_w2(f: Factors, out_k: int, in_n: int, kernel: Sequence[int]) -> Tensor:
+    """W2 (out_k, in_n, *kernel)."""
+    shape = (out_k, in_n, *kernel)
+    if "lokr_w2" in f:
+        return f["lokr_w2"].reshape(shape)
+    if "lokr_t2" in f:
+        t2 = f["lokr_t2"]
+        t2 = t2.reshape(t2.shape[0], t2.shape[1], *kernel)  # PEFT's Conv1d core is (r, r, k, 1)
+        return rebuild_tucker(t2, f["lokr_w2_a"], f["lokr_w2_b"])
+    return (f["lokr_w2_a"] @ f["lokr_w2_b"].reshape(f["lokr_w2_b"].shape[0], -1)).reshape(shape)
+
+
+def make_kron(w1: Tensor, w2: Tensor) -> Tensor:
+    """kron(W1, W2) with W1 unsqueezed to W2's rank: (out_l·out_k, in_m·in_n, *kernel)."""
+    w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    return torch.kron(w1, w2.contiguous())  # kron of a non-contiguous tensor fails in torch
+
+
+def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float = 1.0) -> Tensor:
+    """ΔW = scale · W1 ⊗ W2, shaped like the layer's weight (out, in // groups, *kernel)."""
+    w1 = rebuild_w1(f)
+    out_dim, in_dim, *kernel = weight_shape
+    out_k, in_n = out_dim // w1.shape[0], in_dim // w1.shape[1]
+    dw = make_kron(w1, rebuild_w2(f, out_k, in_n, kernel))
+    return dw * scale if scale != 1.0 else dw
+
+
+# ------------------------------------------------------------------------ apply without building ΔW
+@dataclass(frozen=True)
+class ConvArgs:
+    """What a conv layer passes to F.convNd besides the weight (groups must be 1 for bypass)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+
+
+def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float, conv: ConvArgs | None = None) -> Tensor:
+    """ΔW·x without building ΔW (the vec trick): returns the adapter's output only.
+
+    Linear: x (..., in_m·in_n) -> X (..., in_m, in_n); ΔW x = scale · flatten(W1 · X · W2ᵀ).
+    Conv: the in_m channel groups fold into the batch, W2 (or w2_b, t2, w2_a) convolves each,
+    then W1 mixes the groups: x (B, in_m·in_n, *S) -> (B, out_l·out_k, *S').
+    """
+    w1 = rebuild_w1(f)
+    if conv is None:
+        xs = x.reshape(*x.shape[:-1], plan.in_m, plan.in_n)  # (..., in_m, in_n)
+        if plan.w2_lowrank:
+            h = (xs @ f["lokr_w2_b"].t()) @ f["lokr_w2_a"].t()  # (..., in_m, out_k)
+        else:
+            h = xs @ f["lokr_w2"].t()
+        y = torch.matmul(w1, h)  # (..., out_l, out_k)
+        return y.reshape(*x.shape[:-1], plan.out_l * plan.out_k) * scale
+    return _apply_lokr_conv(x, f, plan, w1, scale, conv)
+
+
+def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float, conv: ConvArgs) -> Tensor:
+    nd = len(plan.kernel)
+    op = F.conv1d if nd == 1 else F.conv2d
+    ones = (1,) * nd
+    batch, _, *spatial = x.shape
+    xg = x.reshape(batch * plan.in_m, plan.in_n, *spatial)  # (B·in_m, in_n, *S)
+    kw = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+    if not plan.w2_lowrank:
+        h = op(xg, f["lokr_w2"].reshape(plan.out_k, plan.in_n, *plan.kernel), **kw)
+    elif plan.tucker:
+        r = plan.rank2
+        h = op(xg, f["lokr_w2_b"].reshape(r, plan.in_n, *ones))  # (B·in_m, r, *S)
+        h = op(h, f["lokr_t2"].reshape(r, r, *plan.kernel), **kw)  # core: t2[i, j] maps j -> i
+        h = op(h, f["lokr_w2_a"].t().reshape(plan.out_k, r, *ones))  # (B·in_m, out_k, *S')
+    else:
+        r = plan.rank2
+        h = op(xg, f["lokr_w2_b"].reshape(r, plan.in_n, *plan.kernel), **kw)
+        h = op(h, f["lokr_w2_a"].reshape(plan.out_k, r, *ones))
+    out_spatial = h.shape[2:]
+    h = h.reshape(batch, plan.in_m, -1)  # (B, in_m, out_k·S')
+    y = torch.matmul(w1, h)  # (B, out_l, out_k·S')
+    return y.reshape(batch, plan.out_l * plan.out_k, *out_spatial) * scale
+
+
+# --------------------------------------------------------------------------------- cost model
+def bypass_cost(plan: LoKrPlan, tokens: int) -> int:
+    """Multiply-adds of `apply_lokr` for `tokens` output positions (linear: rows of x)."""
+    k = math.prod(plan.kernel)
+    rows = tokens * plan.in_m  # each of the in_m groups is convolved / multiplied separately
+    if not plan.w2_lowrank:
+        w2 = rows * plan.out_k * plan.in_n * k
+    elif plan.tucker:
+        r = plan.rank2
+        w2 = rows * r * (plan.in_n + r * k + plan.out_k)
+    else:
+        w2 = rows * plan.rank2 * (plan.in_n * k + plan.out_k)
+    return w2 + tokens * plan.out_l * plan.in_m * plan.out_k
+
+
+def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> int:
+    """Extra multiply-adds of running one matmul with W + ΔW instead of W alone.
+
+    Building ΔW is about 2·|W| (kron + add, plus rebuilding W2). When the factors need gradients,
+    backward also forms dL/d(W+ΔW) = gᵀx, a full-size matmul the frozen base layer never pays.
+    """
+    numel = math.prod(plan.weight_shape)
+    w2_build = plan.out_k * plan.in_n * math.prod(plan.kernel) * max(plan.rank2, 1)
+    build = 2 * numel + w2_build
+    if needs_grad:
+        return 2 * build + tokens * numel
+    return build
+
+
+def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:
+    """True when applying the factors is cheaper than one matmul with W + ΔW."""
+    factor = 3 if needs_grad else 1  # forward + two backward products
+    return factor * bypass_cost(plan, tokens) < merged_cost(plan, tokens, needs_grad)
+
+
+# ---------------------------------------------------------------------------------- scale rules
+def peft_scale(alpha: float, r: int) -> float:
+    """PEFT LoKrConfig: alpha / r, always (also when both factors are full)."""
+    return float(alpha) / r
+
+
+def lycoris_scale(alpha: float | None, r: int, both_full: bool, rs_lora: bool = False) -> float:
+    """LyCORIS training: alpha / r (alpha / sqrt(r) with rs_lora); alpha None/0 -> r; both full -> 1."""
+    if both_full:
+        return 1.0
+    a = float(r) if not alpha else float(alpha)
+    return a / (math.sqrt(r) if rs_lora else r)
+
+
+def consumer_scale(plan: LoKrPlan, alpha: float | None) -> float:
+    """ComfyUI / A1111 / sd-scripts / diffusers: alpha / rank when an alpha exists and a factor is
+    low-rank (rank = w2_b rows, else w1_b rows); 1.0 otherwise."""
+    if alpha is None or plan.both_full:
+        return 1.0
+    return float(alpha) / plan.rank
+
+
+def alpha_for_consumer(plan: LoKrPlan, scale: float) -> tuple[float | None, float]:
+    """Encode `scale` for the consumer rule: returns (alpha to store, factor to bake into W1).
+
+    Low-rank: alpha = scale · rank, W1 unchanged. Both full: no alpha is honoured, so W1 ·= scale.
+    """
+    if plan.both_full:
+        return None, scale
+    return scale * plan.rank, 1.0

@@ -1,0 +1,333 @@
+"""LoKr layers: a wrapper around an nn.Linear / nn.Conv1d / nn.Conv2d `base_layer`.
+
+    y = base_layer(x) + Σ_a  w_a · scale_a · (W1_a ⊗ W2_a) x        over the active adapters a
+
+Adapters live in ParameterDicts keyed by adapter name, named like PEFT's (`lokr_w1["default"]`).
+The math is in `functional`; this module only holds parameters and picks, per call and per
+adapter, the cheaper of two equal computations (DESIGN.md):
+- "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference);
+- "bypass": apply the factors to x without building ΔW (cheap when ΔW dwarfs the activations,
+  and in training, where W + ΔW would cost a full-size weight-gradient matmul).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+from .config import LoKrConfig
+
+logger = logging.getLogger(__name__)
+
+ForwardMode = Literal["auto", "merged", "bypass"]
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter name {name!r} must be a non-empty string of letters, digits, '_' or '-'")
+
+
+class LoKrLayer(nn.Module):
+    """Base of the LoKr wrappers. Subclasses say how the base op runs with a given weight."""
+
+    adapter_layer_names: tuple[str, ...] = LF.FACTOR_NAMES
+    other_param_names: tuple[str, ...] = ("r", "alpha", "scaling", "rank_dropout", "module_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str | None = None, config: LoKrConfig | None = None,
+                 r: int | None = None, alpha: float | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for name in LF.FACTOR_NAMES:
+            setattr(self, name, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}  # the producer's scale (alpha / r for a fresh adapter)
+        self.adapter_weight: dict[str, float] = {}  # the user's strength, default 1.0
+        self.rank_dropout: dict[str, float] = {}
+        self.module_dropout: dict[str, float] = {}
+        self.rank_dropout_scale: dict[str, bool] = {}
+        self.plans: dict[str, LF.LoKrPlan] = {}
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.forward_mode: ForwardMode = "auto"
+        self._original_weight: Tensor | None = None  # CPU copy taken at the first merge
+        if adapter_name is not None and config is not None:
+            self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
+                              config)
+            self._active_adapters = [adapter_name]
+
+    # ------------------------------------------------------------------------------------ state
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.base_layer.weight.shape)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.plans)
+
+    def factors(self, adapter_name: str) -> dict[str, Tensor]:
+        """The adapter's stored tensors by name ("lokr_w1", ...)."""
+        return {n: getattr(self, n)[adapter_name] for n in LF.FACTOR_NAMES if adapter_name in getattr(self, n)}
+
+    def effective_scale(self, adapter_name: str) -> float:
+        return self.scaling[adapter_name] * self.adapter_weight[adapter_name]
+
+    # ---------------------------------------------------------------------------- create adapters
+    def update_layer(self, adapter_name: str, r: int, alpha: float, config: LoKrConfig) -> None:
+        """Create (or recreate) `adapter_name` from a config: plan shapes, initialise, scale alpha / r."""
+        check_adapter_name(adapter_name)
+        plan = LF.plan_lokr(self.weight_shape, r, config.decompose_factor, config.decompose_both,
+                            config.use_effective_conv2d, config.full_matrix)
+        w = self.base_layer.weight
+        tensors = {n: torch.empty(s, device=w.device, dtype=w.dtype) for n, s in plan.shapes().items()}
+        _initialise(tensors, config.init_weights)
+        self.set_adapter_tensors(adapter_name, tensors, LF.peft_scale(alpha, r), r=r, alpha=alpha,
+                                 requires_grad=not config.inference_mode)
+        self.rank_dropout[adapter_name] = config.rank_dropout
+        self.module_dropout[adapter_name] = config.module_dropout
+        self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
+
+    def set_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor], scale: float, *,
+                            r: int | None = None, alpha: float | None = None, requires_grad: bool = False) -> None:
+        """Put an adapter's tensors in place; shapes are read off the tensors and checked first."""
+        check_adapter_name(adapter_name)
+        plan = LF.plan_from_tensors(self.weight_shape, tensors)
+        if not math.isfinite(scale):
+            raise ValueError(f"adapter {adapter_name!r}: scale {scale} is not finite")
+        self._drop_tensors(adapter_name)
+        for name, t in tensors.items():
+            getattr(self, name)[adapter_name] = nn.Parameter(t, requires_grad=requires_grad)
+        self.plans[adapter_name] = plan
+        self.scaling[adapter_name] = float(scale)
+        self.r[adapter_name] = r if r is not None else (plan.rank or 1)
+        self.alpha[adapter_name] = alpha if alpha is not None else scale * self.r[adapter_name]
+        self.adapter_weight.setdefault(adapter_name, 1.0)
+        self.rank_dropout.setdefault(adapter_name, 0.0)
+        self.module_dropout.setdefault(adapter_name, 0.0)
+        self.rank_dropout_scale.setdefault(adapter_name, False)
+
+    def _drop_tensors(self, adapter_name: str) -> None:
+        for name in LF.FACTOR_NAMES:
+            store = getattr(self, name)
+            if adapter_name in store:
+                del store[adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.plans:
+            raise KeyError(f"adapter {adapter_name!r} not in this layer (has {self.adapter_names()})")
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        self._drop_tensors(adapter_name)
+        for d in (self.r, self.alpha, self.scaling, self.adapter_weight, self.rank_dropout, self.module_dropout,
+                  self.rank_dropout_scale, self.plans):
+            d.pop(adapter_name, None)
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make these adapters the active ones (those the layer has; others are ignored here)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = [n for n in names if n in self.plans]
+
+    def set_adapter_weight(self, adapter_name: str, weight: float) -> None:
+        self.adapter_weight[adapter_name] = float(weight)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    # ------------------------------------------------------------------------------- ΔW and merge
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """ΔW of one adapter, with its effective scale, shaped like the base weight."""
+        return LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.effective_scale(adapter_name))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' ΔW into the base weight (in place). The first merge keeps a CPU copy
+        of the original weight, so that `unmerge` restores it bit for bit."""
+        names = [a for a in (adapter_names or self._active_adapters) if a in self.plans]
+        names = [a for a in names if a not in self.merged_adapters]
+        if not names:
+            return
+        w = self.base_layer.weight
+        new = w.detach().clone()
+        for a in names:
+            new += self.get_delta_weight(a).to(new.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
+        if self._original_weight is None:
+            self._original_weight = w.detach().to("cpu", copy=True)
+        w.data.copy_(new)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before the first merge."""
+        if not self.merged_adapters:
+            return
+        assert self._original_weight is not None
+        w = self.base_layer.weight
+        w.data.copy_(self._original_weight.to(w.device))
+        self._original_weight = None
+        self.merged_adapters = []
+
+    # ------------------------------------------------------------------------------------ forward
+    def _tokens(self, x: Tensor) -> int:
+        raise NotImplementedError
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The base op with a given weight (W + ΔW, or ΔW alone with bias=None)."""
+        raise NotImplementedError
+
+    def _conv_args(self) -> LF.ConvArgs | None:
+        return None
+
+    def _can_bypass(self) -> bool:
+        return True
+
+    def _rank_mask(self, adapter_name: str, like: Tensor) -> Tensor | None:
+        """(out,) keep-mask of rank dropout for this call, or None outside training."""
+        p = self.rank_dropout[adapter_name]
+        if not (self.training and p > 0):
+            return None
+        keep = (torch.rand(self.weight_shape[0], device=like.device) > p).to(like.dtype)
+        if self.rank_dropout_scale[adapter_name] and keep.sum() > 0:
+            keep = keep / keep.mean()
+        return keep
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self._active_adapters if a in self.plans and a not in self.merged_adapters]
+        if self.training:
+            active = [a for a in active if not (self.module_dropout[a] > 0 and torch.rand(1).item() < self.module_dropout[a])]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        direct = not args and not kwargs and not hasattr(self.base_layer, "_hf_hook")
+        tokens = self._tokens(x)
+        in_merge, in_bypass = [], []
+        for a in active:
+            if self._choose_bypass(a, tokens, direct):
+                in_bypass.append(a)
+            else:
+                in_merge.append(a)
+        w = self.base_layer.weight
+        if in_merge:
+            delta = sum(self._masked_delta(a, w) for a in in_merge)
+            result = self._run(x, w + delta, self.base_layer.bias) if direct else \
+                self.base_layer(x, *args, **kwargs) + self._run(x, delta, None)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for a in in_bypass:
+            result = result + self._bypass(x, a)
+        return result
+
+    def _choose_bypass(self, adapter_name: str, tokens: int, direct: bool) -> bool:
+        if not self._can_bypass():
+            return False
+        mode = self.forward_mode
+        if mode != "auto":
+            return mode == "bypass"
+        if not direct:  # no cheap W + ΔW path: ΔW would cost a second full matmul
+            return True
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
+        return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
+
+    def _masked_delta(self, adapter_name: str, w: Tensor) -> Tensor:
+        delta = self.get_delta_weight(adapter_name).to(w.dtype)
+        mask = self._rank_mask(adapter_name, delta)
+        if mask is not None:
+            delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
+        return delta
+
+    def _bypass(self, x: Tensor, adapter_name: str) -> Tensor:
+        f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
+        y = LF.apply_lokr(x, f, self.plans[adapter_name], self.effective_scale(adapter_name), self._conv_args())
+        mask = self._rank_mask(adapter_name, y)
+        if mask is not None:
+            shape = [1] * y.dim()
+            shape[-1 if self._conv_args() is None else 1] = -1
+            y = y * mask.view(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self._active_adapters}, merged={self.merged_adapters}"
+
+
+class Linear(LoKrLayer):
+    """LoKr around nn.Linear. x: (..., in) -> (..., out)."""
+
+    def _tokens(self, x: Tensor) -> int:
+        return x.numel() // max(x.shape[-1], 1)
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+
+class _Conv(LoKrLayer):
+    """LoKr around nn.Conv1d / nn.Conv2d. x: (B, in, *S) -> (B, out, *S')."""
+
+    def _tokens(self, x: Tensor) -> int:
+        stride = math.prod(self.base_layer.stride)
+        return max(1, x.shape[0] * math.prod(x.shape[2:]) // stride)
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self.base_layer._conv_forward(x, weight, bias)  # honours padding_mode
+
+    def _conv_args(self) -> LF.ConvArgs:
+        b = self.base_layer
+        return LF.ConvArgs(stride=b.stride, padding=b.padding, dilation=b.dilation)
+
+    def _can_bypass(self) -> bool:
+        return self.base_layer.groups == 1 and self.base_layer.padding_mode == "zeros"
+
+
+class Conv1d(_Conv):
+    """LoKr around nn.Conv1d."""
+
+
+class Conv2d(_Conv):
+    """LoKr around nn.Conv2d."""
+
+
+def _initialise(tensors: dict[str, Tensor], init_weights: bool | str) -> None:
+    """True: W1 zero; "lycoris": W2 zero; False: random. The rest Kaiming-uniform, as PEFT/LyCORIS."""
+    zero: set[str] = set()
+    if init_weights is True:
+        zero = {"lokr_w1", "lokr_w1_a"}
+    elif init_weights == "lycoris":
+        zero = {"lokr_w2", "lokr_w2_b"}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in zero:
+                nn.init.zeros_(t)
+            else:
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5))

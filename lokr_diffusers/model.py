@@ -1,0 +1,337 @@
+"""LoKrModel: inject LoKr layers into a model (in place) and manage its adapters, PEFT-style.
+
+    model = LoKrModel(unet, LoKrConfig(r=8, alpha=8, target_modules=["to_q", "to_v"]), "default")
+    model.add_adapter("style", other_config); model.set_adapter(["default", "style"])
+    with model.disable_adapter(): ...
+    model.merge_adapter(); model.unmerge_adapter(); base = model.merge_and_unload()
+
+Injection replaces each targeted nn.Linear / nn.Conv1d / nn.Conv2d by a LoKr layer wrapping it,
+inside the wrapped model itself: the model keeps its class, so a pipeline component can be
+injected without being wrapped (see `pipeline.add_lokr`). The adapter configs live on the model
+(`_lokr_configs`), so a second LoKrModel over the same model sees them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+from .config import LoKrConfig
+from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
+from .modules_to_save import ModulesToSaveWrapper
+from .targeting import Target, default_target_modules, find_targets
+
+logger = logging.getLogger(__name__)
+
+CONFIGS_ATTR = "_lokr_configs"
+
+
+def lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
+    """(name, layer) for every LoKr layer in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoKrLayer):
+            yield name, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
+    """The {adapter_name: LoKrConfig} registry kept on the model (created empty if absent)."""
+    configs = model.__dict__.get(CONFIGS_ATTR)
+    if configs is None:
+        configs = {}
+        model.__dict__[CONFIGS_ATTR] = configs  # a plain attribute, not a submodule or buffer
+    return configs
+
+
+class LoKrModel(nn.Module):
+    """Low-Rank Kronecker product adapters on `model`.
+
+    Args:
+        model: the model to adapt (modified in place: its targeted layers become LoKr layers).
+        config: the adapter's LoKrConfig; target_modules=None picks the model class's defaults.
+        adapter_name: name of the adapter, default "default".
+        (config=None wraps a model that already holds LoKr layers, to manage them.)
+
+    Attribute access falls through to `model` (`.config`, `.dtype`, `.device`, ...), and so does
+    `forward`, so a wrapped UNet or text encoder keeps working inside a diffusers pipeline.
+    """
+
+    prefix: str = "lokr_"
+    layers_mapping: dict[type[nn.Module], type[LoKrLayer]] = {nn.Conv2d: Conv2d, nn.Conv1d: Conv1d, nn.Linear: Linear}
+
+    def __init__(self, model: nn.Module, config: LoKrConfig | None, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        if config is not None:  # None: only manage the adapters the model already has
+            self.inject_adapter(config, adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def peft_config(self) -> dict[str, LoKrConfig]:
+        return adapter_configs(self.model)
+
+    # ---------------------------------------------------------------------------------- injection
+    def inject_adapter(self, config: LoKrConfig, adapter_name: str) -> list[str]:
+        """Add `adapter_name` to every targeted module. All-or-nothing: on error the model is unchanged.
+
+        Returns the names of the adapted modules.
+        """
+        check_adapter_name(adapter_name)
+        if not isinstance(config, LoKrConfig):
+            raise TypeError(f"config must be a LoKrConfig, got {type(config).__name__}")
+        if adapter_name in self.peft_config or any(adapter_name in layer.plans for _, layer in lokr_layers(self.model)):
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
+        config = copy.deepcopy(config)
+        if config.target_modules is None:
+            config.target_modules = default_target_modules(self.model)
+        supported = tuple(self.layers_mapping) + (LoKrLayer,)
+        targets = find_targets(self.model, config, supported, skip=(LoKrLayer, ModulesToSaveWrapper))
+        for t in targets:  # r and shapes are checked before anything is touched
+            layer = self.model.get_submodule(t.name)
+            base = layer.base_layer if isinstance(layer, LoKrLayer) else layer
+            LF.plan_lokr(base.weight.shape, t.r, config.decompose_factor, config.decompose_both,
+                         config.use_effective_conv2d, config.full_matrix)
+        saved = self._resolve_modules_to_save(config)
+        undo: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for t in targets:
+                parent, _, child = t.name.rpartition(".")
+                parent_module = self.model.get_submodule(parent)
+                target = getattr(parent_module, child)
+                self._create_and_replace(config, adapter_name, target, child, parent_module, t)
+                undo.append((parent_module, child, target))
+            for name in saved:
+                self._wrap_module_to_save(name, adapter_name, undo)
+        except Exception:
+            for parent_module, child, original in reversed(undo):
+                current = getattr(parent_module, child)
+                if isinstance(current, (LoKrLayer, ModulesToSaveWrapper)) and current is not original:
+                    setattr(parent_module, child, original)
+                if isinstance(original, LoKrLayer) and adapter_name in original.plans:
+                    original.delete_adapter(adapter_name)
+                if isinstance(original, ModulesToSaveWrapper) and adapter_name in original.modules_to_save:
+                    del original.modules_to_save[adapter_name]
+            raise
+        self.peft_config[adapter_name] = config
+        if len(self.peft_config) == 1:
+            self.set_adapter(adapter_name)
+        else:
+            self._mark_only_adapters_as_trainable()
+        logger.info("LoKr adapter %r added to %d modules", adapter_name, len(targets))
+        return [t.name for t in targets]
+
+    def _create_and_replace(self, config: LoKrConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: Target) -> None:
+        """Add the adapter to `target` (update_layer if it is already LoKr), else wrap and replace it.
+
+        `current_key` carries the module's full name and its rank / alpha from the patterns.
+        """
+        if isinstance(target, LoKrLayer):
+            target.update_layer(adapter_name, current_key.r, current_key.alpha, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key.r, current_key.alpha)
+        setattr(parent, target_name, new_module)
+
+    def _create_new_module(self, config: LoKrConfig, adapter_name: str, target: nn.Module, r: int,
+                           alpha: float) -> LoKrLayer:
+        for base_type, layer_type in self.layers_mapping.items():
+            if type(target) is base_type or isinstance(target, base_type):
+                return layer_type(target, adapter_name, config, r=r, alpha=alpha)
+        raise TypeError(f"LoKr cannot wrap {type(target).__name__}; supported: {list(self.layers_mapping)}")
+
+    def _resolve_modules_to_save(self, config: LoKrConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        names = [k for k, _ in self.model.named_modules()
+                 if k and any(k == m or k.endswith("." + m) for m in config.modules_to_save)]
+        missing = [m for m in config.modules_to_save if not any(k == m or k.endswith("." + m) for k in names)]
+        if missing:
+            raise ValueError(f"modules_to_save {missing} match no module of {type(self.model).__name__}")
+        return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+    def _wrap_module_to_save(self, name: str, adapter_name: str, undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        current = getattr(parent, child)
+        if isinstance(current, ModulesToSaveWrapper):
+            current.add(adapter_name)
+        else:
+            setattr(parent, child, ModulesToSaveWrapper(current, adapter_name))
+        undo.append((parent, child, current))
+
+    def add_adapter(self, adapter_name: str, config: LoKrConfig) -> None:
+        """Add another adapter (inactive until `set_adapter`)."""
+        self.inject_adapter(config, adapter_name)
+
+    # ----------------------------------------------------------------------------- adapter control
+    @property
+    def active_adapters(self) -> list[str]:
+        for _, layer in lokr_layers(self.model):
+            return layer.active_adapters
+        return []
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or several at once (their deltas add); only those become trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this model has {list(self.peft_config)}")
+        for _, module in self.model.named_modules():
+            if isinstance(module, (LoKrLayer, ModulesToSaveWrapper)):
+                module.set_adapter(names)
+        self._mark_only_adapters_as_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        for _, module in self.model.named_modules():
+            if isinstance(module, LoKrLayer) and adapter_name in module.plans:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                del module.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+
+    def set_adapter_weight(self, adapter_name: str, weight: float) -> None:
+        """A strength multiplier on top of the adapter's own scale (1.0 = as trained)."""
+        for _, layer in lokr_layers(self.model):
+            if adapter_name in layer.plans:
+                layer.set_adapter_weight(adapter_name, weight)
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in lokr_layers(self.model):
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for _, layer in lokr_layers(self.model):
+            layer.enable_adapters(False)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside this context (merged adapters are unmerged)."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def set_forward_mode(self, mode: str) -> None:
+        """"auto" (cost model), "merged" (W + ΔW) or "bypass" (factors): the numbers agree."""
+        if mode not in ("auto", "merged", "bypass"):
+            raise ValueError(f"forward mode must be 'auto', 'merged' or 'bypass', got {mode!r}")
+        for _, layer in lokr_layers(self.model):
+            layer.forward_mode = mode  # type: ignore[assignment]
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        active = set(self.active_adapters)
+        for name, p in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                p.requires_grad_(False)
+        for _, module in self.model.named_modules():
+            if isinstance(module, LoKrLayer):
+                for a in module.plans:
+                    trainable = a in active and not self.peft_config[a].inference_mode
+                    for t in module.factors(a).values():
+                        t.requires_grad_(trainable)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for a, sub in module.modules_to_save.items():
+                    sub.requires_grad_(a in active and not self.peft_config[a].inference_mode)
+
+    # ------------------------------------------------------------------------------ merge / unload
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them."""
+        layers = list(lokr_layers(self.model))
+        try:
+            for _, layer in layers:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        except ValueError:
+            for _, layer in layers:
+                layer.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in lokr_layers(self.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, remove every LoKr layer and return the plain model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every LoKr layer without merging and return the plain model."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        for name, module in list(self.model.named_modules()):
+            if not isinstance(module, (LoKrLayer, ModulesToSaveWrapper)):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            if isinstance(module, LoKrLayer):
+                if not merge:
+                    module.unmerge()
+                module._original_weight = None
+                setattr(parent, child, module.base_layer)
+            else:
+                setattr(parent, child, module.unwrap(merge))
+        self.peft_config.clear()
+        return self.model
+
+    # --------------------------------------------------------------------------------- state dicts
+    def get_adapter_state_dict(self, adapter_name: str = "default", prefix: str = "base_model.model.") -> dict[str, Tensor]:
+        """The adapter's tensors in PEFT's saved layout: `{prefix}{module}.lokr_w1` (no adapter name)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        out: dict[str, Tensor] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoKrLayer) and adapter_name in module.plans:
+                for key, t in module.factors(adapter_name).items():
+                    out[f"{prefix}{name}.{key}"] = t.detach()
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                for key, t in module.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{prefix}{name}.{key}"] = t.detach()
+        return out
+
+    def set_adapter_state_dict(self, state_dict: dict[str, Tensor], adapter_name: str = "default",
+                               prefix: str = "base_model.model.") -> None:
+        """Load tensors in PEFT's layout into an existing adapter. Shapes are read off the tensors
+        (so PEFT's unswapped factorizations load too); every key must be used. All-or-nothing."""
+        from .state_dict import assign_adapter_state_dict
+
+        assign_adapter_state_dict(self, state_dict, adapter_name, prefix)
+
+    # ------------------------------------------------------------------------------------ reporting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Write PEFT's one-line summary to stdout (this method's whole purpose is output)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        sys.stdout.write(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                         f"trainable%: {100 * trainable / max(total, 1):.4f}\n")
+

@@ -1,0 +1,131 @@
+"""Which modules a LoKrConfig targets, with PEFT's matching rules, and clear errors when it can't.
+
+- target_modules as a list: a module matches if its full name equals an entry or ends with
+  "." + entry; as a str: `re.fullmatch` on the full name.
+- exclude_modules: the same rules, removing matches.
+- layers_to_transform / layers_pattern: keep modules whose first `<pattern>.<idx>.` index is listed.
+- rank_pattern / alpha_pattern keys: regexes tried in order with `(.*\\.)?(key)$`; first match wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from torch import nn
+
+from .config import LoKrConfig
+
+V = TypeVar("V")
+
+# Default targets by model class name (attention + feed-forward, as in the diffusers docs example).
+CLIP_TEXT_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+UNET_TARGETS: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "CLIPTextModel": CLIP_TEXT_TARGETS,
+    "CLIPTextModelWithProjection": CLIP_TEXT_TARGETS,
+    "UNet2DConditionModel": UNET_TARGETS,
+}
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The default target list for a model's class, or a ValueError that says what to pass."""
+    name = type(model).__name__
+    if name not in DEFAULT_TARGET_MODULES:
+        raise ValueError(
+            f"LoKr has no default target_modules for {name}; pass target_modules=[...] "
+            f"(defaults exist for {sorted(DEFAULT_TARGET_MODULES)})"
+        )
+    return list(DEFAULT_TARGET_MODULES[name])
+
+
+def _name_matches(rule: list[str] | str, key: str) -> bool:
+    if isinstance(rule, str):
+        return re.fullmatch(rule, key) is not None
+    return any(key == t or key.endswith("." + t) for t in rule)
+
+
+def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
+    indices = config.layers_to_transform
+    if indices is None or (isinstance(indices, list) and not indices):
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for p in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return match is not None and int(match.group("idx")) in indices  # type: ignore[operator]
+
+
+def is_target(config: LoKrConfig, key: str) -> bool:
+    """Does the module named `key` match the config (targets, excludes, layer indices)?"""
+    if config.exclude_modules and _name_matches(config.exclude_modules, key):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return False
+    assert config.target_modules is not None
+    return _name_matches(config.target_modules, key) and _layer_index_ok(config, key)
+
+
+def pattern_value(patterns: Mapping[str, V], key: str, default: V) -> V:
+    """The value of the first pattern matching `key` as `(.*\\.)?(pattern)$`, else `default`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # full module name in the model
+    r: int
+    alpha: float
+
+
+def find_targets(model: nn.Module, config: LoKrConfig, supported: tuple[type, ...],
+                 skip: tuple[type, ...] = ()) -> list[Target]:
+    """Resolve the config against the model's modules; raise on anything that does not fit.
+
+    `skip` are wrapper types whose insides are not candidates (an injected LoKr layer's base_layer).
+    Errors: a list entry of target_modules that names no module, a regex that matches nothing,
+    a matched module of an unsupported type, a rank/alpha pattern that matches no target,
+    a non-positive rank.
+    """
+    candidates = _candidate_modules(model, skip)
+    targets = [(k, m) for k, m in candidates.items() if is_target(config, k)]
+    if isinstance(config.target_modules, list):
+        unused = [t for t in config.target_modules if not any(k == t or k.endswith("." + t) for k in candidates)]
+        if unused:
+            raise ValueError(f"target_modules {unused} match no module of {type(model).__name__}")
+    if not targets:
+        raise ValueError(f"target_modules {config.target_modules!r} match no module of {type(model).__name__}"
+                         " (after exclude_modules / layers_to_transform)")
+    bad = [(k, type(m).__name__) for k, m in targets if not isinstance(m, supported)]
+    if bad:
+        names = ", ".join(f"{k} ({t})" for k, t in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise TypeError(f"LoKr supports {[c.__name__ for c in supported]}; target_modules also matched {names}{more}")
+    for pattern_name in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(config, pattern_name):
+            if not any(re.match(rf"(.*\.)?({pattern})$", k) for k, _ in targets):
+                raise ValueError(f"{pattern_name} key {pattern!r} matches no targeted module")
+    return [Target(k, pattern_value(config.rank_pattern, k, config.r), pattern_value(config.alpha_pattern, k, config.alpha))
+            for k, _ in targets]
+
+
+def _candidate_modules(model: nn.Module, skip: tuple[type, ...]) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    hidden: list[str] = []
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(h) for h in hidden):
+            continue
+        out[key] = module
+        if skip and isinstance(module, skip):
+            hidden.append(key + ".")
+    return out
