@@ -53,7 +53,8 @@ def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
         return True
     patterns = config.layers_pattern
     if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        # PEFT's rule, extended to a top-level ModuleList ("layers.2.to_q"), which PEFT misses
+        match = re.match(r"(?:^|.*?\.)[^.]*\.(?P<idx>\d+)\.", key)
     else:
         match = None
         for p in [patterns] if isinstance(patterns, str) else patterns:
