@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -44,14 +44,14 @@ class LoKrConfig:
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
-    target_modules: Union[list[str], str, None] = None
-    exclude_modules: Union[list[str], str, None] = None
-    init_weights: Union[bool, Literal["lycoris"]] = True
-    layers_to_transform: Union[list[int], int, None] = None
-    layers_pattern: Union[list[str], str, None] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool | Literal["lycoris"] = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: Union[list[str], None] = None
+    modules_to_save: list[str] | None = None
     full_matrix: bool = False
     inference_mode: bool = False
 

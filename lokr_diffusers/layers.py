@@ -228,7 +228,7 @@ class LoKrLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if a in self.plans and a not in self.merged_adapters]
         if self.training:
-            active = [a for a in active if not (self.module_dropout[a] > 0 and torch.rand(1).item() < self.module_dropout[a])]
+            active = [a for a in active if not self._module_dropped(a)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         direct = not args and not kwargs and not hasattr(self.base_layer, "_hf_hook")
@@ -249,6 +249,10 @@ class LoKrLayer(nn.Module):
         for a in in_bypass:
             result = result + self._bypass(x, a)
         return result
+
+    def _module_dropped(self, adapter_name: str) -> bool:
+        p = self.module_dropout[adapter_name]
+        return p > 0 and torch.rand(1).item() < p
 
     def _choose_bypass(self, adapter_name: str, tokens: int, direct: bool) -> bool:
         if not self._can_bypass():

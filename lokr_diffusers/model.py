@@ -18,9 +18,8 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from . import functional as LF
@@ -64,7 +63,9 @@ class LoKrModel(nn.Module):
     """
 
     prefix: str = "lokr_"
-    layers_mapping: dict[type[nn.Module], type[LoKrLayer]] = {nn.Conv2d: Conv2d, nn.Conv1d: Conv1d, nn.Linear: Linear}
+    layers_mapping: ClassVar[dict[type[nn.Module], type[LoKrLayer]]] = {
+        nn.Conv2d: Conv2d, nn.Conv1d: Conv1d, nn.Linear: Linear,
+    }
 
     def __init__(self, model: nn.Module, config: LoKrConfig | None, adapter_name: str = "default") -> None:
         super().__init__()
@@ -101,7 +102,7 @@ class LoKrModel(nn.Module):
         config = copy.deepcopy(config)
         if config.target_modules is None:
             config.target_modules = default_target_modules(self.model)
-        supported = tuple(self.layers_mapping) + (LoKrLayer,)
+        supported = (*self.layers_mapping, LoKrLayer)
         targets = find_targets(self.model, config, supported, skip=(LoKrLayer, ModulesToSaveWrapper))
         for t in targets:  # r and shapes are checked before anything is touched
             layer = self.model.get_submodule(t.name)
@@ -301,7 +302,8 @@ class LoKrModel(nn.Module):
         return self.model
 
     # --------------------------------------------------------------------------------- state dicts
-    def get_adapter_state_dict(self, adapter_name: str = "default", prefix: str = "base_model.model.") -> dict[str, Tensor]:
+    def get_adapter_state_dict(self, adapter_name: str = "default",
+                               prefix: str = "base_model.model.") -> dict[str, Tensor]:
         """The adapter's tensors in PEFT's saved layout: `{prefix}{module}.lokr_w1` (no adapter name)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")

@@ -116,8 +116,8 @@ def find_targets(model: nn.Module, config: LoKrConfig, supported: tuple[type, ..
         for pattern in getattr(config, pattern_name):
             if not any(re.match(rf"(.*\.)?({pattern})$", k) for k, _ in targets):
                 raise ValueError(f"{pattern_name} key {pattern!r} matches no targeted module")
-    return [Target(k, pattern_value(config.rank_pattern, k, config.r), pattern_value(config.alpha_pattern, k, config.alpha))
-            for k, _ in targets]
+    return [Target(k, pattern_value(config.rank_pattern, k, config.r),
+                   pattern_value(config.alpha_pattern, k, config.alpha)) for k, _ in targets]
 
 
 def _candidate_modules(model: nn.Module, skip: tuple[type, ...]) -> dict[str, nn.Module]:

@@ -31,7 +31,7 @@ def _byte_symbols() -> list[str]:
     extra = [b for b in range(256) if b not in printable]
     codes = printable + [256 + i for i in range(len(extra))]
     order = printable + extra
-    return [chr(c) for _, c in sorted(zip(order, codes))]
+    return [chr(c) for _, c in sorted(zip(order, codes, strict=True))]
 
 
 def write_tokenizer_files(directory: str, words: tuple[str, ...] = WORDS) -> str:

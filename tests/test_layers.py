@@ -77,7 +77,7 @@ def test_gradients_agree_between_paths(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_merge_equals_unmerged_and_unmerge_restores_bits(kind: str) -> None:
-    layer, base, shape = _layer(kind, CONFIGS["lowrank"])
+    layer, _, shape = _layer(kind, CONFIGS["lowrank"])
     x = torch.randn(shape)
     original = layer.base_layer.weight.detach().clone()
     with torch.no_grad():

@@ -18,6 +18,7 @@ All in fp32 with atol 1e-5; every case also checks that ΔW changes the output b
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -131,15 +132,34 @@ def lycoris_factors(lyc: LokrModule) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in lyc.custom_state_dict().items() if k not in SKIP}
 
 
-def make_pair(case: Case, bypass_mode: bool = False) -> tuple[LokrModule, LoKrLayer, nn.Module]:
-    """(LyCORIS module, our layer with the same factors and scale, an untouched copy of the base)."""
+@dataclass(frozen=True)
+class Reference:
+    """LyCORIS' side of a case, computed once: its module, factors, and outputs on `x`."""
+
+    lyc: LokrModule
+    plain: nn.Module  # an untouched copy of the base layer
+    factors: dict[str, Tensor]
+    x: Tensor
+    base_out: Tensor
+    out: Tensor
+
+
+@functools.cache
+def reference(case: Case, bypass_mode: bool = False) -> Reference:
     base = make_base(case)
-    plain, ours_base = copy.deepcopy(base), copy.deepcopy(base)
+    plain = copy.deepcopy(base)
     lyc = make_lycoris(case, base, bypass_mode)
-    layer = LAYER_TYPES[case.kind](ours_base)
-    layer.set_adapter_tensors("default", lycoris_factors(lyc), scale=lyc.scale)
+    x = make_input(case)
+    with torch.no_grad():
+        return Reference(lyc, plain, lycoris_factors(lyc), x, plain(x), lyc(x))
+
+
+def make_layer(case: Case, plain: nn.Module, factors: dict[str, Tensor], scale: float) -> LoKrLayer:
+    """Our layer around a copy of `plain`, holding LyCORIS' tensors and scale as adapter "default"."""
+    layer = LAYER_TYPES[case.kind](copy.deepcopy(plain))
+    layer.set_adapter_tensors("default", {k: v.clone() for k, v in factors.items()}, scale=scale)
     layer.set_adapter("default")
-    return lyc, layer.eval(), plain
+    return layer.eval()
 
 
 def weight_shape(case: Case) -> tuple[int, ...]:
@@ -150,20 +170,20 @@ def weight_shape(case: Case) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_planned_shapes_match_lycoris(case: Case) -> None:
-    lyc = make_lycoris(case, make_base(case))
-    theirs = {k: tuple(v.shape) for k, v in lycoris_factors(lyc).items()}
+    ref = reference(case)
+    theirs = {k: tuple(v.shape) for k, v in ref.factors.items()}
     plan = LF.plan_lokr(weight_shape(case), case.r, case.factor, case.decompose_both, case.use_tucker,
                         case.full_matrix)
     assert plan.shapes() == theirs
-    assert (plan.w1_lowrank, plan.w2_lowrank) == (not lyc.use_w1, not lyc.use_w2)
-    assert plan.tucker == (lyc.tucker and not lyc.use_w2)
-    assert LF.plan_from_tensors(weight_shape(case), lycoris_factors(lyc)) == plan
+    assert (plan.w1_lowrank, plan.w2_lowrank) == (not ref.lyc.use_w1, not ref.lyc.use_w2)
+    assert plan.tucker == (ref.lyc.tucker and not ref.lyc.use_w2)
+    assert LF.plan_from_tensors(weight_shape(case), ref.factors) == plan
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_scale_rules_match_lycoris(case: Case) -> None:
-    lyc = make_lycoris(case, make_base(case))
-    plan = LF.plan_from_tensors(weight_shape(case), lycoris_factors(lyc))
+    lyc = reference(case).lyc
+    plan = LF.plan_from_tensors(weight_shape(case), reference(case).factors)
     assert LF.lycoris_scale(case.alpha, case.r, plan.both_full, rs_lora=case.rs_lora) == pytest.approx(lyc.scale)
     assert LF.consumer_scale(plan, alpha=float(lyc.alpha)) == pytest.approx(lyc.scale)
     if plan.both_full or not case.alpha:
@@ -172,10 +192,10 @@ def test_scale_rules_match_lycoris(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_delta_weight_matches_get_weight(case: Case) -> None:
-    lyc = make_lycoris(case, make_base(case))
+    ref = reference(case)
     with torch.no_grad():
-        theirs = lyc.get_weight(lyc.shape)
-        ours = LF.delta_weight(lycoris_factors(lyc), weight_shape(case), lyc.scale)
+        theirs = ref.lyc.get_weight(ref.lyc.shape)
+        ours = LF.delta_weight(ref.factors, weight_shape(case), ref.lyc.scale)
     assert ours.shape == theirs.shape == weight_shape(case)
     assert theirs.abs().max() > MIN_EFFECT
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
@@ -185,26 +205,29 @@ def test_delta_weight_matches_get_weight(case: Case) -> None:
 @pytest.mark.parametrize("lyc_bypass", [False, True], ids=["lyc_rebuild", "lyc_bypass"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_matches_lycoris(case: Case, lyc_bypass: bool, our_mode: str) -> None:
-    lyc, layer, plain = make_pair(case, bypass_mode=lyc_bypass)
+    ref = reference(case, lyc_bypass)
+    layer = make_layer(case, ref.plain, ref.factors, ref.lyc.scale)
     layer.forward_mode = our_mode
-    x = make_input(case)
     with torch.no_grad():
-        base_out = plain(x)
-        theirs = lyc(x)
-        ours = layer(x)
-    assert (theirs - base_out).abs().max() > MIN_EFFECT
-    assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        ours = layer(ref.x)
+    assert (ref.out - ref.base_out).abs().max() > MIN_EFFECT
+    assert ours.shape == ref.out.shape
+    torch.testing.assert_close(ours, ref.out, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in {"linear_320_default", "conv2d_3x3_tucker",
-                                                                  "conv1d_k3", "linear_large_r_both_full"}],
-                         ids=lambda c: c.id)
+STRENGTH_CASES = [c for c in CASES if c.id in {"linear_320_default", "linear_large_r_both_full", "conv2d_3x3_tucker",
+                                               "conv1d_k3"}]
+
+
 @pytest.mark.parametrize("our_mode", ["merged", "bypass"])
+@pytest.mark.parametrize("case", STRENGTH_CASES, ids=lambda c: c.id)
 def test_strength_matches_lycoris_multiplier(case: Case, our_mode: str) -> None:
     """Our per-adapter strength plays LyCORIS' multiplier: ΔW x is scaled linearly."""
-    lyc, layer, _ = make_pair(case, bypass_mode=our_mode == "bypass")
+    base = make_base(case)
+    plain = copy.deepcopy(base)
+    lyc = make_lycoris(case, base, bypass_mode=our_mode == "bypass")
     lyc.multiplier = 0.5
+    layer = make_layer(case, plain, lycoris_factors(lyc), lyc.scale)
     layer.set_adapter_weight("default", 0.5)
     layer.forward_mode = our_mode
     x = make_input(case)

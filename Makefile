@@ -1,0 +1,30 @@
+# The two Quickstart commands (README): `make demo` and `make test`. Each sets itself up.
+# torch is pinned first so that pip never pulls a multi-GB CUDA build on a CPU machine;
+# override with `make test TORCH=torch==X` elsewhere.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint setup
+
+$(VENV)/.runtime: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	HF_HUB_OFFLINE=1 $(PY) examples/quickstart.py
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check lokr_diffusers tests examples benchmarks
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
