@@ -257,14 +257,25 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float, conv: ConvAr
     """
     w1 = rebuild_w1(f)
     if conv is None:
-        xs = x.reshape(*x.shape[:-1], plan.in_m, plan.in_n)  # (..., in_m, in_n)
-        if plan.w2_lowrank:
-            h = (xs @ f["lokr_w2_b"].t()) @ f["lokr_w2_a"].t()  # (..., in_m, out_k)
-        else:
-            h = xs @ f["lokr_w2"].t()
-        y = torch.matmul(w1, h)  # (..., out_l, out_k)
-        return y.reshape(*x.shape[:-1], plan.out_l * plan.out_k) * scale
+        return _apply_lokr_linear(x, f, plan, w1, scale)
     return _apply_lokr_conv(x, f, plan, w1, scale, conv)
+
+
+def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float) -> Tensor:
+    lead, tokens = x.shape[:-1], x.numel() // (plan.in_m * plan.in_n)
+    x2 = x.reshape(tokens * plan.in_m, plan.in_n)  # one row per (token, input group)
+    if plan.w2_lowrank:
+        # Three tall GEMMs, no transposed copies: W1 mixes the groups while the rank index rides
+        # along, as kron(W1, I_r); w2_a's rows then land in the output's own (out_l, out_k) order.
+        r = plan.rank2
+        h = x2 @ f["lokr_w2_b"].t()  # (T·in_m, r)
+        eye = torch.eye(r, dtype=w1.dtype, device=w1.device)
+        h = h.reshape(tokens, plan.in_m * r) @ torch.kron(w1, eye).t()  # (T, out_l·r)
+        y = h.reshape(tokens * plan.out_l, r) @ f["lokr_w2_a"].t()  # (T·out_l, out_k)
+    else:
+        h = (x2 @ f["lokr_w2"].t()).reshape(tokens, plan.in_m, plan.out_k)  # (T, in_m, out_k)
+        y = torch.matmul(w1, h)  # (T, out_l, out_k)
+    return y.reshape(*lead, plan.out_l * plan.out_k) * scale
 
 
 def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float, conv: ConvArgs) -> Tensor:
@@ -303,6 +314,9 @@ def bypass_cost(plan: LoKrPlan, tokens: int) -> int:
         w2 = rows * r * (plan.in_n + r * k + plan.out_k)
     else:
         w2 = rows * plan.rank2 * (plan.in_n * k + plan.out_k)
+    if not plan.kernel and plan.w2_lowrank:  # linear: kron(W1, I_r) mix, then w2_a per output group
+        return tokens * (plan.in_m * plan.in_n * plan.rank2 + plan.in_m * plan.out_l * plan.rank2**2
+                         + plan.out_l * plan.out_k * plan.rank2)
     return w2 + tokens * plan.out_l * plan.in_m * plan.out_k
 
 

@@ -168,9 +168,11 @@ class LoKrLayer(nn.Module):
         return LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.effective_scale(adapter_name))
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+              keep_original: bool = True) -> None:
         """Add the adapters' ΔW into the base weight (in place). The first merge keeps a CPU copy
-        of the original weight, so that `unmerge` restores it bit for bit."""
+        of the original weight, so that `unmerge` restores it bit for bit (keep_original=False
+        skips the copy, for a merge that is never undone)."""
         names = [a for a in (adapter_names or self._active_adapters) if a in self.plans]
         names = [a for a in names if a not in self.merged_adapters]
         if not names:
@@ -181,7 +183,7 @@ class LoKrLayer(nn.Module):
             new += self.get_delta_weight(a).to(new.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
-        if self._original_weight is None:
+        if self._original_weight is None and keep_original:
             self._original_weight = w.detach().to("cpu", copy=True)
         w.data.copy_(new)
         self.merged_adapters.extend(names)
@@ -191,7 +193,8 @@ class LoKrLayer(nn.Module):
         """Restore the base weight exactly as it was before the first merge."""
         if not self.merged_adapters:
             return
-        assert self._original_weight is not None
+        if self._original_weight is None:
+            raise RuntimeError("this merge was made with keep_original=False and cannot be undone")
         w = self.base_layer.weight
         w.data.copy_(self._original_weight.to(w.device))
         self._original_weight = None

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as LF
@@ -261,15 +262,19 @@ class LoKrModel(nn.Module):
 
     # ------------------------------------------------------------------------------ merge / unload
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them."""
-        layers = list(lokr_layers(self.model))
-        try:
-            for _, layer in layers:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        except ValueError:
-            for _, layer in layers:
-                layer.unmerge()
-            raise
+        """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them.
+        With safe_merge, a non-finite result anywhere leaves every weight as it was."""
+        self._merge(adapter_names, safe_merge, keep_original=True)
+
+    def _merge(self, adapter_names: list[str] | None, safe_merge: bool, keep_original: bool) -> None:
+        layers = [layer for _, layer in lokr_layers(self.model)]
+        if safe_merge:  # check everything before touching anything
+            for layer in layers:
+                for a in adapter_names or layer.active_adapters:
+                    if a in layer.plans and not torch.isfinite(layer.get_delta_weight(a)).all():
+                        raise ValueError(f"adapter {a!r} gives non-finite weights; nothing was merged")
+        for layer in layers:
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, keep_original=keep_original)
 
     def unmerge_adapter(self) -> None:
         for _, layer in lokr_layers(self.model):
@@ -285,7 +290,7 @@ class LoKrModel(nn.Module):
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+            self._merge(adapter_names, safe_merge, keep_original=False)
         for name, module in list(self.model.named_modules()):
             if not isinstance(module, (LoKrLayer, ModulesToSaveWrapper)):
                 continue

@@ -260,3 +260,15 @@ def test_injecting_into_a_lokr_layer_base_is_not_possible() -> None:
     assert all(isinstance(m, LoKrLayer) for n, m in model.model.named_modules() if n.endswith("to_q"))
     model.add_adapter("b", LoKrConfig(target_modules=r".*to_q.*"))  # the base_layer inside is never a target
     assert all(sorted(layer.plans) == ["b", "default"] for _, layer in lokr_layers(model.model))
+
+
+def test_safe_merge_on_the_model_is_all_or_nothing() -> None:
+    model = LoKrModel(_net(), LoKrConfig(target_modules=["to_q", "to_v"], init_weights=False))
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    layer = dict(lokr_layers(model.model))["layers.2.to_v"]
+    with torch.no_grad():
+        layer.lokr_w1["default"].fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(v, before[k]) or torch.isnan(v).any() for k, v in model.model.state_dict().items())
+    assert not any(la.merged for _, la in lokr_layers(model.model))
