@@ -73,6 +73,11 @@ CASES: list[Case] = [
     # r >= max(W2 dims) / 2: both factors full; PEFT (and ours, for configs) still scales alpha / r.
     Case("linear_64x96_bothfull", lambda: [nn.Linear(64, 96)], (3, 64), {"r": 16, "alpha": 8}),
     Case("linear_decompose_both", lambda: [nn.Linear(64, 96)], (3, 64), {"r": 2, "decompose_both": True}),
+    # r exactly max/2 of a factor's dims makes that factor full: W1 (8, 8) full at r=4, W2 (12, 8) full at r=6.
+    Case("linear_w1_rank_boundary", lambda: [nn.Linear(64, 96)], (3, 64), {"r": 4, "decompose_both": True}),
+    Case("linear_w2_rank_boundary", lambda: [nn.Linear(64, 96)], (3, 64), {"r": 6, "alpha": 3}),
+    Case("conv2d_w2_rank_boundary", lambda: [nn.Conv2d(32, 64, 3, padding=1)], (2, 32, 6, 6),
+         {"r": 4, "alpha": 1, "use_effective_conv2d": True}),
     Case("linear_factor4", lambda: [nn.Linear(64, 96)], (3, 64), {"r": 2, "decompose_factor": 4}),
     Case("linear_factor4_decompose_both", lambda: [nn.Linear(320, 320)], (2, 320),
          {"r": 1, "decompose_factor": 4, "decompose_both": True, "alpha": 2}),
