@@ -303,41 +303,55 @@ def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: f
 
 
 # --------------------------------------------------------------------------------- cost model
-def bypass_cost(plan: LoKrPlan, tokens: int) -> int:
-    """Multiply-adds of `apply_lokr` for `tokens` output positions (linear: rows of x)."""
+# Costs in "big-GEMM multiply-adds". The bypass runs skinny GEMMs/convs that are bound by memory,
+# not arithmetic: each activation element they read or write costs about as much as MOVED
+# multiply-adds, and a pass over a weight-sized tensor (kron, add, the kron's backward) about
+# STREAMED. Calibrated on a 2-core CPU in fp32 with benchmarks/bench_layers.py, where the model
+# picks the faster path at every SD1.5 / CLIP shape measured.
+MOVED = 60
+STREAMED = 20
+
+
+def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int) -> tuple[int, int]:
+    """(multiply-adds, activation elements read or written) of `apply_lokr` for `tokens` outputs."""
     k = math.prod(plan.kernel)
-    rows = tokens * plan.in_m  # each of the in_m groups is convolved / multiplied separately
+    r = plan.rank2
+    rows = tokens * plan.in_m  # each input group is multiplied / convolved on its own
+    io = tokens * (plan.in_m * plan.in_n + 2 * plan.out_l * plan.out_k)  # read x, write y, add y
+    if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, kron(W1, I_r) mix, w2_a
+        flops = tokens * r * (plan.in_m * plan.in_n + plan.in_m * plan.out_l * r + plan.out_l * plan.out_k)
+        return flops, io + tokens * r * (plan.in_m + plan.out_l)
     if not plan.w2_lowrank:
-        w2 = rows * plan.out_k * plan.in_n * k
+        flops, inner = rows * plan.out_k * plan.in_n * k, rows * plan.out_k
     elif plan.tucker:
-        r = plan.rank2
-        w2 = rows * r * (plan.in_n + r * k + plan.out_k)
+        flops, inner = rows * r * (plan.in_n + r * k + plan.out_k), rows * (2 * r + plan.out_k)
     else:
-        w2 = rows * plan.rank2 * (plan.in_n * k + plan.out_k)
-    if not plan.kernel and plan.w2_lowrank:  # linear: kron(W1, I_r) mix, then w2_a per output group
-        return tokens * (plan.in_m * plan.in_n * plan.rank2 + plan.in_m * plan.out_l * plan.rank2**2
-                         + plan.out_l * plan.out_k * plan.rank2)
-    return w2 + tokens * plan.out_l * plan.in_m * plan.out_k
+        flops, inner = rows * r * (plan.in_n * k + plan.out_k), rows * (r + plan.out_k)
+    return flops + tokens * plan.out_l * plan.in_m * plan.out_k, io + inner
 
 
-def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> int:
-    """Extra multiply-adds of running one matmul with W + ΔW instead of W alone.
+def bypass_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
+    """Extra cost of applying the factors to x (backward: about twice the forward again)."""
+    flops, traffic = bypass_flops_and_traffic(plan, tokens)
+    return (3 if needs_grad else 1) * (flops + MOVED * traffic)
 
-    Building ΔW is about 2·|W| (kron + add, plus rebuilding W2). When the factors need gradients,
-    backward also forms dL/d(W+ΔW) = gᵀx, a full-size matmul the frozen base layer never pays.
+
+def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
+    """Extra cost of one matmul with W + ΔW instead of W alone.
+
+    Building ΔW and adding it to W are two passes over a weight-sized tensor. When the factors
+    need gradients, backward also forms dL/d(W+ΔW) = gᵀx (a full-size matmul the frozen base
+    never pays) and reduces it back through the kron (about four more passes).
     """
     numel = math.prod(plan.weight_shape)
-    w2_build = plan.out_k * plan.in_n * math.prod(plan.kernel) * max(plan.rank2, 1)
-    build = 2 * numel + w2_build
     if needs_grad:
-        return 2 * build + tokens * numel
-    return build
+        return tokens * numel + 6 * STREAMED * numel
+    return 2 * STREAMED * numel
 
 
 def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:
     """True when applying the factors is cheaper than one matmul with W + ΔW."""
-    factor = 3 if needs_grad else 1  # forward + two backward products
-    return factor * bypass_cost(plan, tokens) < merged_cost(plan, tokens, needs_grad)
+    return bypass_cost(plan, tokens, needs_grad) < merged_cost(plan, tokens, needs_grad)
 
 
 # ---------------------------------------------------------------------------------- scale rules
