@@ -25,6 +25,7 @@ demo: $(VENV)/.runtime
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check lokr_diffusers tests examples benchmarks
+	$(PY) -m mypy lokr_diffusers
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -280,7 +281,7 @@ def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale:
 
 def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float, conv: ConvArgs) -> Tensor:
     nd = len(plan.kernel)
-    op = F.conv1d if nd == 1 else F.conv2d
+    op: Any = F.conv1d if nd == 1 else F.conv2d  # Any: torch's overloads split str / tuple padding
     ones = (1,) * nd
     batch, _, *spatial = x.shape
     xg = x.reshape(batch * plan.in_m, plan.in_n, *spatial)  # (B·in_m, in_n, *S)

@@ -16,10 +16,11 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from . import functional as LF
 from .config import LoKrConfig
@@ -68,15 +69,15 @@ class LoKrLayer(nn.Module):
     # ------------------------------------------------------------------------------------ state
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return cast(Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> Tensor | None:
-        return self.base_layer.bias
+        return cast("Tensor | None", self.base_layer.bias)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return tuple(self.base_layer.weight.shape)
+        return tuple(self.weight.shape)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -106,7 +107,7 @@ class LoKrLayer(nn.Module):
         check_adapter_name(adapter_name)
         plan = LF.plan_lokr(self.weight_shape, r, config.decompose_factor, config.decompose_both,
                             config.use_effective_conv2d, config.full_matrix)
-        w = self.base_layer.weight
+        w = self.weight
         tensors = {n: torch.empty(s, device=w.device, dtype=w.dtype) for n, s in plan.shapes().items()}
         _initialise(tensors, config.init_weights)
         self.set_adapter_tensors(adapter_name, tensors, LF.peft_scale(alpha, r), r=r, alpha=alpha,
@@ -177,7 +178,7 @@ class LoKrLayer(nn.Module):
         names = [a for a in names if a not in self.merged_adapters]
         if not names:
             return
-        w = self.base_layer.weight
+        w = self.weight
         new = w.detach().clone()
         for a in names:
             new += self.get_delta_weight(a).to(new.dtype)
@@ -195,7 +196,7 @@ class LoKrLayer(nn.Module):
             return
         if self._original_weight is None:
             raise RuntimeError("this merge was made with keep_original=False and cannot be undone")
-        w = self.base_layer.weight
+        w = self.weight
         w.data.copy_(self._original_weight.to(w.device))
         self._original_weight = None
         self.merged_adapters = []
@@ -242,11 +243,15 @@ class LoKrLayer(nn.Module):
                 in_bypass.append(a)
             else:
                 in_merge.append(a)
-        w = self.base_layer.weight
+        w = self.weight
         if in_merge:
-            delta = sum(self._masked_delta(a, w) for a in in_merge)
-            result = self._run(x, w + delta, self.base_layer.bias) if direct else \
-                self.base_layer(x, *args, **kwargs) + self._run(x, delta, None)
+            delta = self._masked_delta(in_merge[0], w)
+            for a in in_merge[1:]:
+                delta = delta + self._masked_delta(a, w)
+            if direct:
+                result = self._run(x, w + delta, self.bias)
+            else:  # the base layer must run itself (hooks, extra args): ΔW goes in a second op
+                result = self.base_layer(x, *args, **kwargs) + self._run(x, delta, None)
         else:
             result = self.base_layer(x, *args, **kwargs)
         for a in in_bypass:
@@ -302,19 +307,24 @@ class Linear(LoKrLayer):
 class _Conv(LoKrLayer):
     """LoKr around nn.Conv1d / nn.Conv2d. x: (B, in, *S) -> (B, out, *S')."""
 
+    @property
+    def conv(self) -> _ConvNd:
+        return cast(_ConvNd, self.base_layer)
+
     def _tokens(self, x: Tensor) -> int:
-        stride = math.prod(self.base_layer.stride)
+        stride = math.prod(self.conv.stride)
         return max(1, x.shape[0] * math.prod(x.shape[2:]) // stride)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self.base_layer._conv_forward(x, weight, bias)  # honours padding_mode
+        return cast(Tensor, self.conv._conv_forward(x, weight, bias))  # type: ignore[operator]  # honours padding_mode
 
     def _conv_args(self) -> LF.ConvArgs:
-        b = self.base_layer
-        return LF.ConvArgs(stride=b.stride, padding=b.padding, dilation=b.dilation)
+        b = self.conv
+        padding = b.padding if isinstance(b.padding, str) else tuple(b.padding)
+        return LF.ConvArgs(stride=tuple(b.stride), padding=padding, dilation=tuple(b.dilation))
 
     def _can_bypass(self) -> bool:
-        return self.base_layer.groups == 1 and self.base_layer.padding_mode == "zeros"
+        return self.conv.groups == 1 and self.conv.padding_mode == "zeros"
 
 
 class Conv1d(_Conv):

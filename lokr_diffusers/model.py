@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -107,8 +107,8 @@ class LoKrModel(nn.Module):
         targets = find_targets(self.model, config, supported, skip=(LoKrLayer, ModulesToSaveWrapper))
         for t in targets:  # r and shapes are checked before anything is touched
             layer = self.model.get_submodule(t.name)
-            base = layer.base_layer if isinstance(layer, LoKrLayer) else layer
-            LF.plan_lokr(base.weight.shape, t.r, config.decompose_factor, config.decompose_both,
+            shape = layer.weight_shape if isinstance(layer, LoKrLayer) else tuple(cast(Tensor, layer.weight).shape)
+            LF.plan_lokr(shape, t.r, config.decompose_factor, config.decompose_both,
                          config.use_effective_conv2d, config.full_matrix)
         saved = self._resolve_modules_to_save(config)
         undo: list[tuple[nn.Module, str, nn.Module]] = []

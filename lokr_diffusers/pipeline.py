@@ -22,7 +22,7 @@ def _component(pipe: Any, name: str) -> nn.Module:
         have = [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
         raise ValueError(f"{type(pipe).__name__} has no component {name!r} (it has {have})")
     if isinstance(module, LoKrModel):
-        module = module.model
+        return module.model
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline component {name!r} is a {type(module).__name__}, not a torch module")
     return module
@@ -40,7 +40,7 @@ def add_lokr(pipe: Any, configs: Mapping[str, LoKrConfig], adapter_name: str = "
     if not configs:
         raise ValueError("configs is empty: give at least one of " + ", ".join(COMPONENTS))
     modules = {name: _component(pipe, name) for name in configs}  # every name checked before any change
-    done: list[tuple[nn.Module, bool]] = []
+    done: list[tuple[LoKrModel, bool]] = []
     adapted: dict[str, list[str]] = {}
     try:
         for name, config in configs.items():
