@@ -2,9 +2,13 @@
 
 from .config import LoKrConfig
 from .functional import LoKrPlan, factorization, plan_lokr
+from .hooks import attach as _attach
+from .io import lokr_state_dict
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer
 from .model import LoKrModel, lokr_layers
 from .pipeline import add_lokr
+
+_attach()  # pipe.load_lokr_weights & co., and LoKr files through pipe.load_lora_weights
 
 __version__ = "0.1.0"
 
@@ -19,5 +23,6 @@ __all__ = [
     "add_lokr",
     "factorization",
     "lokr_layers",
+    "lokr_state_dict",
     "plan_lokr",
 ]

@@ -355,6 +355,36 @@ def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:
     return bypass_cost(plan, tokens, needs_grad) < merged_cost(plan, tokens, needs_grad)
 
 
+# ----------------------------------------------------------------------------------------- DoRA
+def dora_on_output_axis(dora_scale: Tensor, weight_shape: Sequence[int]) -> bool:
+    """DoRA's magnitude axis from dora_scale's shape: (out, 1[, 1, 1]) -> per output row (LyCORIS 4
+    default), (1, in[, 1, 1]) -> per input column (A1111's axis). A 1-D vector of length out counts as rows."""
+    if dora_scale.dim() >= 2 and dora_scale.shape[0] == 1 and dora_scale.shape[1] == weight_shape[1] != 1:
+        return False
+    if dora_scale.numel() != weight_shape[0]:
+        raise ValueError(f"dora_scale {tuple(dora_scale.shape)} fits neither axis of weight {tuple(weight_shape)}")
+    return True
+
+
+def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor, strength: float = 1.0) -> Tensor:
+    """The DoRA-adapted weight W'' = W + s·(W' − W), W' = m · (W + ΔW) / (‖W + ΔW‖ + eps).
+
+    The norm runs per output row or per input column, as dora_scale's shape says. This is the
+    consumers' (ComfyUI / A1111) rule for a strength s; LyCORIS' own multiplier differs for s != 1
+    (it scales only the magnitude step, not ΔW), at s = 1 they agree.
+    """
+    merged = weight + delta
+    eps = torch.finfo(merged.dtype).eps
+    if dora_on_output_axis(dora_scale, weight.shape):
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+        norm = norm.reshape(1, -1, *[1] * (merged.dim() - 2))
+    m = dora_scale.reshape(norm.shape).to(merged.dtype)
+    adapted = merged * (m / (norm + eps))
+    return weight + strength * (adapted - weight) if strength != 1.0 else adapted
+
+
 # ---------------------------------------------------------------------------------- scale rules
 def peft_scale(alpha: float, r: int) -> float:
     """PEFT LoKrConfig: alpha / r, always (also when both factors are full)."""

@@ -48,6 +48,7 @@ class LoKrLayer(nn.Module):
         self.base_layer = base_layer
         for name in LF.FACTOR_NAMES:
             setattr(self, name, nn.ParameterDict())
+        self.dora_scale = nn.ParameterDict()  # DoRA magnitudes, (out, 1, ...) or (1, in, ...)
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}  # the producer's scale (alpha / r for a fresh adapter)
@@ -117,15 +118,20 @@ class LoKrLayer(nn.Module):
         self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
 
     def set_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor], scale: float, *,
-                            r: int | None = None, alpha: float | None = None, requires_grad: bool = False) -> None:
+                            r: int | None = None, alpha: float | None = None, requires_grad: bool = False,
+                            dora_scale: Tensor | None = None) -> None:
         """Put an adapter's tensors in place; shapes are read off the tensors and checked first."""
         check_adapter_name(adapter_name)
         plan = LF.plan_from_tensors(self.weight_shape, tensors)
+        if dora_scale is not None:
+            LF.dora_on_output_axis(dora_scale, self.weight_shape)  # raises if it fits no axis
         if not math.isfinite(scale):
             raise ValueError(f"adapter {adapter_name!r}: scale {scale} is not finite")
         self._drop_tensors(adapter_name)
         for name, t in tensors.items():
             getattr(self, name)[adapter_name] = nn.Parameter(t, requires_grad=requires_grad)
+        if dora_scale is not None:
+            self.dora_scale[adapter_name] = nn.Parameter(dora_scale, requires_grad=requires_grad)
         self.plans[adapter_name] = plan
         self.scaling[adapter_name] = float(scale)
         self.r[adapter_name] = r if r is not None else (plan.rank or 1)
@@ -136,7 +142,7 @@ class LoKrLayer(nn.Module):
         self.rank_dropout_scale.setdefault(adapter_name, False)
 
     def _drop_tensors(self, adapter_name: str) -> None:
-        for name in LF.FACTOR_NAMES:
+        for name in (*LF.FACTOR_NAMES, "dora_scale"):
             store = getattr(self, name)
             if adapter_name in store:
                 del store[adapter_name]
@@ -164,9 +170,21 @@ class LoKrLayer(nn.Module):
         self.disable_adapters = not enabled
 
     # ------------------------------------------------------------------------------- ΔW and merge
-    def get_delta_weight(self, adapter_name: str) -> Tensor:
-        """ΔW of one adapter, with its effective scale, shaped like the base weight."""
-        return LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.effective_scale(adapter_name))
+    def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
+        """Factors plus `dora_scale` when the adapter has one (what a file stores)."""
+        out = self.factors(adapter_name)
+        if adapter_name in self.dora_scale:
+            out["dora_scale"] = self.dora_scale[adapter_name]
+        return out
+
+    def get_delta_weight(self, adapter_name: str, base: Tensor | None = None) -> Tensor:
+        """The change one adapter makes to the weight (`base`, default the current base weight),
+        with its user weight: s·scale·W1⊗W2, or for DoRA the change W'' − W."""
+        if adapter_name not in self.dora_scale:
+            return LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.effective_scale(adapter_name))
+        delta = LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.scaling[adapter_name])
+        w = (self.weight if base is None else base).detach().to(delta.dtype)
+        return LF.dora_weight(w, delta, self.dora_scale[adapter_name], self.adapter_weight[adapter_name]) - w
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
@@ -180,8 +198,8 @@ class LoKrLayer(nn.Module):
             return
         w = self.weight
         new = w.detach().clone()
-        for a in names:
-            new += self.get_delta_weight(a).to(new.dtype)
+        for a in names:  # in order, each on the weight so far (DoRA normalises what it is given)
+            new += self.get_delta_weight(a, base=new).to(new.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
         if self._original_weight is None and keep_original:
@@ -263,7 +281,7 @@ class LoKrLayer(nn.Module):
         return p > 0 and torch.rand(1).item() < p
 
     def _choose_bypass(self, adapter_name: str, tokens: int, direct: bool) -> bool:
-        if not self._can_bypass():
+        if not self._can_bypass() or adapter_name in self.dora_scale:  # DoRA needs ‖W + ΔW‖
             return False
         mode = self.forward_mode
         if mode != "auto":

@@ -50,6 +50,47 @@ def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
     return configs
 
 
+def merge_layers(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                 keep_original: bool = True) -> None:
+    """Merge the given (default: each layer's active) adapters into the base weights of every LoKr
+    layer. With safe_merge every ΔW is checked before any weight changes."""
+    layers = [layer for _, layer in lokr_layers(model)]
+    if safe_merge:
+        for layer in layers:
+            for a in adapter_names or layer.active_adapters:
+                if a in layer.plans and not torch.isfinite(layer.get_delta_weight(a)).all():
+                    raise ValueError(f"adapter {a!r} gives non-finite weights; nothing was merged")
+    for layer in layers:
+        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, keep_original=keep_original)
+
+
+def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool = False) -> int:
+    """Put each LoKr layer's base layer back in its slot (and each modules_to_save original).
+
+    keep_merged: leave merged ΔW in the weights (diffusers' fuse-then-unload); otherwise restore
+    them first. only_empty: only layers that hold no adapter any more. Returns how many were removed.
+    """
+    removed = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (LoKrLayer, ModulesToSaveWrapper)):
+            continue
+        if only_empty and (not isinstance(module, LoKrLayer) or module.plans):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, LoKrLayer):
+            if not keep_merged:
+                module.unmerge()
+            module._original_weight = None
+            setattr(parent, child, module.base_layer)
+        else:
+            setattr(parent, child, module.unwrap(keep_merged))
+        removed += 1
+    if not only_empty:
+        adapter_configs(model).clear()
+    return removed
+
+
 class LoKrModel(nn.Module):
     """Low-Rank Kronecker product adapters on `model`.
 
@@ -264,17 +305,7 @@ class LoKrModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them.
         With safe_merge, a non-finite result anywhere leaves every weight as it was."""
-        self._merge(adapter_names, safe_merge, keep_original=True)
-
-    def _merge(self, adapter_names: list[str] | None, safe_merge: bool, keep_original: bool) -> None:
-        layers = [layer for _, layer in lokr_layers(self.model)]
-        if safe_merge:  # check everything before touching anything
-            for layer in layers:
-                for a in adapter_names or layer.active_adapters:
-                    if a in layer.plans and not torch.isfinite(layer.get_delta_weight(a)).all():
-                        raise ValueError(f"adapter {a!r} gives non-finite weights; nothing was merged")
-        for layer in layers:
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, keep_original=keep_original)
+        merge_layers(self.model, adapter_names, safe_merge, keep_original=True)
 
     def unmerge_adapter(self) -> None:
         for _, layer in lokr_layers(self.model):
@@ -290,20 +321,8 @@ class LoKrModel(nn.Module):
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
-            self._merge(adapter_names, safe_merge, keep_original=False)
-        for name, module in list(self.model.named_modules()):
-            if not isinstance(module, (LoKrLayer, ModulesToSaveWrapper)):
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            if isinstance(module, LoKrLayer):
-                if not merge:
-                    module.unmerge()
-                module._original_weight = None
-                setattr(parent, child, module.base_layer)
-            else:
-                setattr(parent, child, module.unwrap(merge))
-        self.peft_config.clear()
+            merge_layers(self.model, adapter_names, safe_merge, keep_original=False)
+        remove_layers(self.model, keep_merged=merge)
         return self.model
 
     # --------------------------------------------------------------------------------- state dicts
@@ -315,7 +334,7 @@ class LoKrModel(nn.Module):
         out: dict[str, Tensor] = {}
         for name, module in self.model.named_modules():
             if isinstance(module, LoKrLayer) and adapter_name in module.plans:
-                for key, t in module.factors(adapter_name).items():
+                for key, t in module.adapter_tensors(adapter_name).items():
                     out[f"{prefix}{name}.{key}"] = t.detach()
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for key, t in module.modules_to_save[adapter_name].state_dict().items():

@@ -33,7 +33,7 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     for key, tensor in state_dict.items():
         path, _, leaf = _strip(key, prefix).rpartition(".")
         layer = modules.get(path)
-        if isinstance(layer, LoKrLayer) and leaf in LF.FACTOR_NAMES and adapter_name in layer.plans:
+        if isinstance(layer, LoKrLayer) and leaf in (*LF.FACTOR_NAMES, "dora_scale") and adapter_name in layer.plans:
             per_layer.setdefault(path, {})[leaf] = tensor
             continue
         owner = next((p for p, m in modules.items() if isinstance(m, ModulesToSaveWrapper)
@@ -52,7 +52,7 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
         layer = modules[path]
         assert isinstance(layer, LoKrLayer)
         try:
-            LF.plan_from_tensors(layer.weight_shape, tensors)
+            LF.plan_from_tensors(layer.weight_shape, {k: v for k, v in tensors.items() if k != "dora_scale"})
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     for path, tensors in per_saved.items():
@@ -63,11 +63,11 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     for path, tensors in per_layer.items():
         layer = modules[path]
         assert isinstance(layer, LoKrLayer)
-        old = layer.factors(adapter_name)
-        ref = next(iter(old.values()))
+        ref = next(iter(layer.factors(adapter_name).values()))
         moved = {n: t.detach().to(device=ref.device, dtype=ref.dtype).clone() for n, t in tensors.items()}
+        dora = moved.pop("dora_scale", None)
         layer.set_adapter_tensors(adapter_name, moved, layer.scaling[adapter_name], r=layer.r[adapter_name],
-                                  alpha=layer.alpha[adapter_name], requires_grad=ref.requires_grad)
+                                  alpha=layer.alpha[adapter_name], requires_grad=ref.requires_grad, dora_scale=dora)
     for path, tensors in per_saved.items():
         wrapper = modules[path]
         assert isinstance(wrapper, ModulesToSaveWrapper)

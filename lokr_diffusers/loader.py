@@ -1,0 +1,306 @@
+"""LoKr on diffusers pipelines: load, weight, fuse, disable, delete and unload adapters by name.
+
+These functions take the pipeline first and are attached to `DiffusionPipeline` as methods on
+`import lokr_diffusers` (see `attach`). A pipeline's LoKr adapters live in its components (unet,
+text_encoder, text_encoder_2), in place: the components keep their classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoKrConfig
+from .formats.names import COMPONENTS, build_index, get_slot
+from .formats.reader import LoadEntry, ParsedFile, parse_file
+from .formats.report import base_hint, unmatched_message
+from .io import lokr_state_dict
+from .layers import Conv1d, Conv2d, Linear, LoKrLayer
+from .model import LoKrModel, adapter_configs, lokr_layers, merge_layers, remove_layers
+
+logger = logging.getLogger(__name__)
+
+WRAPPERS: dict[type[nn.Module], type[LoKrLayer]] = {nn.Linear: Linear, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d}
+PathOrDict = str | os.PathLike[str] | dict[str, Tensor]
+AdapterWeight = float | Mapping[str, float]
+
+
+def components(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's adaptable components by name (a LoKrModel-wrapped one counts as its model)."""
+    out: dict[str, nn.Module] = {}
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, LoKrModel):
+            module = module.model
+        if isinstance(module, nn.Module):
+            out[name] = module
+    return out
+
+
+# ------------------------------------------------------------------------------------------- load
+def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDict, adapter_name: str | None = None,
+                      weight_name: str | None = None, strict: bool = True, **kwargs: Any) -> str:
+    """Load a LoKr file of any known layout into the pipeline as adapter `adapter_name`.
+
+    Args:
+        pretrained_model_name_or_path_or_dict: a .safetensors file, a folder (PEFT layout or one
+            .safetensors), a hub repo id, or a state dict.
+        adapter_name: default "default_N", unique.
+        weight_name: the file inside a folder or repo.
+        strict: unmatched keys raise (default); False warns and loads the rest.
+        kwargs: `subfolder` and hub arguments (revision, token, cache_dir, ...).
+    Returns the adapter name. On any error the pipeline is exactly as before.
+    """
+    subfolder = kwargs.pop("subfolder", None)
+    state_dict, metadata, layout = lokr_state_dict(pretrained_model_name_or_path_or_dict, weight_name, subfolder,
+                                                   **kwargs)
+    comps = components(pipe)
+    if not comps:
+        raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
+    adapter_name = adapter_name or _default_name(comps)
+    taken = {n for m in comps.values() for n in adapter_configs(m)}
+    if adapter_name in taken:
+        raise ValueError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name or delete it first")
+    try:
+        parsed = parse_file(state_dict, metadata, build_index(comps), layout)
+    except ValueError as err:
+        raise ValueError(f"{err}.{base_hint(list(state_dict), comps)}") from None
+    _report(parsed, state_dict, comps, strict)
+    if not parsed.entries and not parsed.lora:
+        raise ValueError(f"no LoKr modules in this file ({len(state_dict)} keys, layout {layout})")
+    with _offloading_paused(pipe):
+        _inject(comps, parsed.entries, adapter_name)
+        if parsed.lora:
+            try:
+                _load_lora_part(pipe, parsed.lora, adapter_name)
+            except Exception:
+                delete_lokr_adapters(pipe, adapter_name)
+                raise
+    logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", adapter_name, len(parsed.entries),
+                parsed.layout, parsed.rule)
+    return adapter_name
+
+
+def _default_name(comps: Mapping[str, nn.Module]) -> str:
+    taken = {n for m in comps.values() for n in adapter_configs(m)}
+    i = len(taken)
+    while f"default_{i}" in taken:
+        i += 1
+    return f"default_{i}"
+
+
+def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping[str, nn.Module],
+            strict: bool) -> None:
+    if parsed.ignored:
+        logger.warning("ignored %d `.scale` keys (ComfyUI ignores them too): %s", len(parsed.ignored),
+                       parsed.ignored[:3])
+    if parsed.unmatched:
+        message = unmatched_message(parsed.unmatched, list(state_dict), comps)
+        if strict:
+            raise ValueError(message + " (strict=False loads the rest)")
+        logger.warning(message)
+
+
+def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapter_name: str) -> None:
+    """Put every entry in place; if anything fails, undo what was done."""
+    done: list[tuple[nn.Module, str, nn.Module, LoKrLayer]] = []  # parent, attr, what was there, layer
+    try:
+        for e in entries:
+            parent, attr = get_slot(comps[e.ref.component], e.ref.path)
+            current = getattr(parent, attr)
+            layer = current if isinstance(current, LoKrLayer) else WRAPPERS[type(current)](current)
+            w = layer.weight
+            dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
+            tensors = {k: v.to(device=w.device, dtype=dtype) for k, v in e.factors.items()}
+            dora = e.dora_scale.to(device=w.device, dtype=dtype) if e.dora_scale is not None else None
+            layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
+                                      dora_scale=dora)
+            if layer is not current:
+                setattr(parent, attr, layer)
+            done.append((parent, attr, current, layer))
+    except Exception:
+        for parent, attr, current, layer in reversed(done):
+            layer.delete_adapter(adapter_name)
+            if layer is not current:
+                setattr(parent, attr, current)
+        raise
+    for name, model in comps.items():
+        paths = [e.ref.path for e in entries if e.ref.component == name]
+        if not paths:
+            continue
+        ranks = [e.plan.rank for e in entries if e.ref.component == name and e.plan.rank]
+        adapter_configs(model)[adapter_name] = LoKrConfig(r=max(ranks, default=1), target_modules=paths,
+                                                          inference_mode=True)
+        active = [*active_adapters(model), adapter_name]
+        for _, layer in lokr_layers(model):
+            layer.set_adapter(active)
+
+
+def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> None:
+    """Plain LoRA modules of a mixed file go to diffusers' own loader, under the same name."""
+    from .hooks import original_load_lora_weights
+
+    original = original_load_lora_weights(pipe)
+    if original is None:
+        raise ValueError(f"this file also holds {len(lora)} plain LoRA keys and {type(pipe).__name__} "
+                         "has no diffusers LoRA loader")
+    with layers_stepped_aside(pipe):
+        original(pipe, lora, adapter_name=adapter_name)
+
+
+@contextmanager
+def layers_stepped_aside(pipe: Any) -> Iterator[None]:
+    """Take LoKr layers out of their slots (base layers back) while another library injects
+    (diffusers/PEFT LoRA cannot wrap a LoKr layer), then put each back around whatever its slot
+    holds now: the base layer itself, or the base layer inside the new LoRA wrapper."""
+    saved: list[tuple[nn.Module, str, LoKrLayer]] = []
+    for model in components(pipe).values():
+        for path, layer in list(lokr_layers(model)):
+            parent_name, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, layer.base_layer)
+            saved.append((model, path.replace(".base_layer", ""), layer))
+    try:
+        yield
+    finally:
+        for model, logical, layer in saved:
+            parent, attr = get_slot(model, logical)
+            layer.base_layer = getattr(parent, attr)
+            setattr(parent, attr, layer)
+
+
+@contextmanager
+def _offloading_paused(pipe: Any) -> Iterator[None]:
+    """Remove accelerate's offload hooks while modules change, and put them back (as diffusers'
+    own LoRA loader does)."""
+    try:
+        from diffusers.loaders.lora_base import _func_optionally_disable_offloading
+    except ImportError:  # another diffusers version: load without touching hooks
+        yield
+        return
+    model_offload, sequential_offload, _ = _func_optionally_disable_offloading(pipe)
+    try:
+        yield
+    finally:
+        if model_offload:
+            pipe.enable_model_cpu_offload()
+        elif sequential_offload:
+            pipe.enable_sequential_cpu_offload()
+
+
+# ------------------------------------------------------------------------------------ adapters
+def active_adapters(model: nn.Module) -> list[str]:
+    """The component's active adapters, in activation order."""
+    out: list[str] = []
+    for _, layer in lokr_layers(model):
+        out += [a for a in layer.active_adapters if a not in out]
+    return out
+
+
+def get_list_lokr_adapters(pipe: Any) -> dict[str, list[str]]:
+    """{component: [adapter names]} for the components holding LoKr adapters."""
+    return {c: list(adapter_configs(m)) for c, m in components(pipe).items() if adapter_configs(m)}
+
+
+def get_active_lokr_adapters(pipe: Any) -> list[str]:
+    out: list[str] = []
+    for model in components(pipe).values():
+        out += [a for a in active_adapters(model) if a not in out]
+    return out
+
+
+def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
+                      adapter_weights: AdapterWeight | Sequence[AdapterWeight] | None = None) -> None:
+    """Activate these adapters (only these) with strengths: one float or {component: float} per
+    adapter, or one for all; a component missing from a dict gets 1.0."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    comps = components(pipe)
+    known = {n for m in comps.values() for n in adapter_configs(m)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown LoKr adapters {unknown}; loaded: {sorted(known)}")
+    if adapter_weights is None or isinstance(adapter_weights, (int, float, Mapping)):
+        weights: list[AdapterWeight] = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+    else:
+        weights = list(adapter_weights)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} adapters but {len(weights)} adapter_weights")
+    for c, model in comps.items():
+        for _, layer in lokr_layers(model):
+            layer.set_adapter(names)
+            for n, w in zip(names, weights, strict=True):
+                if n in layer.plans:
+                    layer.set_adapter_weight(n, float(w.get(c, 1.0) if isinstance(w, Mapping) else w))
+
+
+def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components_: Sequence[str] | None = None,
+              adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
+    """Merge the active (or given) adapters into the weights, times `lokr_scale`. `unfuse_lokr`
+    restores the original weights bit for bit."""
+    for c, model in _selected(pipe, components_).items():
+        layers = [layer for _, layer in lokr_layers(model)]
+        saved = [dict(layer.adapter_weight) for layer in layers]
+        for layer in layers:
+            for a in layer.adapter_weight:
+                layer.adapter_weight[a] *= lokr_scale
+        try:
+            merge_layers(model, adapter_names, safe_fusing, keep_original=True)
+        finally:
+            for layer, w in zip(layers, saved, strict=True):
+                layer.adapter_weight = w
+        logger.info("fused LoKr adapters into %s", c)
+
+
+def unfuse_lokr(pipe: Any, components_: Sequence[str] | None = None) -> None:
+    for model in _selected(pipe, components_).values():
+        for _, layer in lokr_layers(model):
+            layer.unmerge()
+
+
+def enable_lokr(pipe: Any) -> None:
+    for model in components(pipe).values():
+        for _, layer in lokr_layers(model):
+            layer.enable_adapters(True)
+
+
+def disable_lokr(pipe: Any) -> None:
+    for model in components(pipe).values():
+        for _, layer in lokr_layers(model):
+            layer.enable_adapters(False)
+
+
+def delete_lokr_adapters(pipe: Any, adapter_names: str | list[str]) -> None:
+    """Remove adapters everywhere; a layer left with none gives its slot back to the base layer."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for model in components(pipe).values():
+        registry = adapter_configs(model)
+        for _, layer in lokr_layers(model):
+            for n in names:
+                if n in layer.plans:
+                    layer.delete_adapter(n)
+        for n in names:
+            registry.pop(n, None)
+        remove_layers(model, only_empty=True)
+
+
+def unload_lokr_weights(pipe: Any) -> None:
+    """Remove every LoKr layer. Fused adapters stay in the weights (as diffusers' unload_lora_weights
+    after fuse_lora); otherwise the components are exactly as before loading."""
+    for model in components(pipe).values():
+        remove_layers(model, keep_merged=True)
+
+
+def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:
+    comps = components(pipe)
+    if names is None:
+        return comps
+    missing = [n for n in names if n not in comps]
+    if missing:
+        raise ValueError(f"unknown components {missing}; this pipeline has {list(comps)}")
+    return {n: comps[n] for n in names}
