@@ -84,6 +84,8 @@ def group_modules(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, dict[str,
     lora = {k: v for k, v in state_dict.items() if _is_lora_key(k)}
     for module in list(groups):  # alpha / dora_scale of a LoRA module belong to the LoRA part
         if module in lora_modules:
+            if any(leaf in LF.FACTOR_NAMES for leaf in groups[module]):
+                raise ValueError(f"module {module} holds both LoKr and LoRA tensors; a file must give it one")
             for leaf, tensor in groups.pop(module).items():
                 lora[f"{module}.{leaf}"] = tensor
     return groups, lora, other

@@ -1,0 +1,366 @@
+"""pipe.load_lokr_weights & co. on tiny SD1.x / SDXL pipelines.
+
+The source of truth is a pipeline holding LoKr adapters made with add_lokr (random factors, low-rank,
+both-full, Tucker and DoRA layers); tests/writers.py writes them in each layout and the loaded
+pipeline must compute what the source computes. Fused weights are checked against a reference of
+the consumer rule written here from FORMATS.md §2-3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from writers import LAYOUTS, write_adapter
+
+import lokr_diffusers
+from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers
+from lokr_diffusers.tiny import make_sd_pipeline, make_sdxl_pipeline
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+def _pipe(sdxl: bool, seed: int = 0):
+    return make_sdxl_pipeline(seed) if sdxl else make_sd_pipeline(seed)
+
+
+def _source(sdxl: bool, adapter: str = "src", seed: int = 1):
+    """A tiny pipeline with a random LoKr adapter covering every factor kind, DoRA on a few layers."""
+    pipe = _pipe(sdxl)
+    unet = LoKrConfig(r=1, alpha=2.0, target_modules=UNET_TARGETS, use_effective_conv2d=True, init_weights=False,
+                      rank_pattern={"ff.net.2": 16, r"attn2\.to_k": 1}, alpha_pattern={"to_v": 0.5})
+    te = LoKrConfig(r=1, alpha=1.5, init_weights=False, decompose_both=True, rank_pattern={"fc2": 16})
+    configs = {"unet": unet, "text_encoder": te} | ({"text_encoder_2": te} if sdxl else {})
+    add_lokr(pipe, configs, adapter)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for comp in configs:
+            for i, (_, layer) in enumerate(lokr_layers(getattr(pipe, comp))):
+                for t in layer.factors(adapter).values():
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+                if i % 7 == 3:  # DoRA, on the output axis and (every other one) the input axis
+                    w = layer.weight.detach()
+                    norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1)) if i % 14 == 3 else \
+                        w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+                    layer.set_adapter_tensors(adapter, layer.factors(adapter), layer.scaling[adapter],
+                                              dora_scale=norm * 1.3)
+    return pipe
+
+
+def _outputs(pipe) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    dt = pipe.unet.dtype
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dt)
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dt)
+    ids = pipe.tokenizer(["a photo of a cat", "red dog"], padding="max_length", return_tensors="pt").input_ids
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g).to(dt),
+                                   "time_ids": torch.randn(2, 6, generator=g).to(dt)}} if sdxl else {}
+    with torch.no_grad():
+        out = {"unet": pipe.unet(x, torch.tensor([10, 500]), ctx, **extra).sample,
+               "text_encoder": pipe.text_encoder(ids)[0]}
+        if sdxl:
+            out["text_encoder_2"] = pipe.text_encoder_2(ids)[0]
+    return out
+
+
+def _assert_outputs(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sdxl"])
+def source(request: pytest.FixtureRequest):
+    pipe = _source(request.param)
+    return request.param, pipe, _outputs(pipe)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_to_the_same_outputs(source, layout: str) -> None:
+    sdxl, src, expected = source
+    state_dict = write_adapter(src, "src", layout)
+    pipe = _pipe(sdxl)
+    base = _outputs(pipe)
+    name = pipe.load_lokr_weights(state_dict, adapter_name="x")
+    got = _outputs(pipe)
+    if layout == "lycoris":  # SimpleTuner's names cover the UNet only
+        expected = {k: (v if k == "unet" else base[k]) for k, v in expected.items()}
+    _assert_outputs(got, expected)
+    assert name == "x" and (got["unet"] - base["unet"]).abs().max() > 1e-2
+    n_modules = len({k.rsplit(".", 1)[0] for k in state_dict})
+    assert sum(len(list(lokr_layers(m))) for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+               if m is not None) == n_modules
+
+
+def test_path_folder_dict_and_load_lora_weights_agree(source, tmp_path) -> None:
+    sdxl, src, expected = source
+    state_dict = write_adapter(src, "src", "kohya")
+    folder = tmp_path / "lokr"
+    folder.mkdir()
+    save_file(state_dict, folder / "style.safetensors")
+    for arg, kwargs in [(str(folder / "style.safetensors"), {}), (str(folder), {}),
+                        (str(tmp_path), {"weight_name": "style.safetensors", "subfolder": "lokr"}), (state_dict, {})]:
+        pipe = _pipe(sdxl)
+        pipe.load_lokr_weights(arg, **kwargs)
+        _assert_outputs(_outputs(pipe), expected)
+    pipe = _pipe(sdxl)
+    pipe.load_lora_weights(str(folder / "style.safetensors"), adapter_name="via_lora")
+    assert pipe.get_list_lokr_adapters()["unet"] == ["via_lora"]
+    _assert_outputs(_outputs(pipe), expected)
+
+
+def test_peft_saved_adapter_matches_peft(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    pipe = make_sd_pipeline()
+    unet = pipe.unet
+    config = peft.LoKrConfig(r=2, alpha=3, target_modules=["to_q", "to_v", "conv1", "proj_in"], init_weights=False,
+                             use_effective_conv2d=True, rank_pattern={"conv1": 1}, alpha_pattern={"to_v": 5})
+    peft_unet = peft.get_peft_model(make_sd_pipeline().unet, config)
+    peft_unet.save_pretrained(tmp_path / "peft_unet")
+    assert (tmp_path / "peft_unet" / "adapter_config.json").exists()
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = peft_unet(x, t, ctx).sample
+        base = unet(x, t, ctx).sample
+    pipe.load_lokr_weights(str(tmp_path / "peft_unet"), adapter_name="peft")
+    with torch.no_grad():
+        got = pipe.unet(x, t, ctx).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3
+    assert list(pipe.get_list_lokr_adapters()) == ["unet"]
+
+
+def _consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
+    """ComfyUI / A1111 rule from FORMATS.md §1-3, written out independently: scale = alpha / rank
+    when an alpha exists and a factor is low-rank (rank from w2_b, else w1_b), else 1."""
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
+    if "lokr_w2" in tensors:
+        w2 = tensors["lokr_w2"].reshape(out_k, in_n, *w.shape[2:])
+    elif "lokr_t2" in tensors:
+        w2 = torch.einsum("ijkl,ip,jq->pqkl", tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    else:
+        w2 = (tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]).reshape(out_k, in_n, *w.shape[2:])
+    rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else \
+        tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None
+    scale = float(tensors["alpha"]) / rank if "alpha" in tensors and rank else 1.0
+    dw = torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(w.shape) * scale
+    if "dora_scale" not in tensors:
+        return w + strength * dw
+    m, merged = tensors["dora_scale"], w + dw
+    if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
+        norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
+    adapted = merged * m / (norm + torch.finfo(w.dtype).eps)
+    return w + strength * (adapted - w)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_fused_weights_equal_the_consumer_rule(source, strength: float) -> None:
+    sdxl, src, _ = source
+    state_dict = write_adapter(src, "src", "kohya_ldm")
+    pipe = _pipe(sdxl)
+    originals = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", "text_encoder")}
+    pipe.load_lokr_weights(state_dict, adapter_name="x")
+    pipe.fuse_lokr(lokr_scale=strength)
+    checked = 0
+    for comp in ("unet", "text_encoder"):
+        model = getattr(pipe, comp)
+        for path, layer in lokr_layers(model):
+            file_tensors = {k: v for k, v in layer.adapter_tensors("x").items()}
+            alpha = layer.alpha["x"] if not layer.plans["x"].both_full else None
+            if alpha is not None:
+                file_tensors["alpha"] = torch.tensor(alpha)
+            w0 = originals[comp][path + ".weight"]
+            torch.testing.assert_close(layer.weight, _consumer_weight(w0, file_tensors, strength), rtol=1e-5,
+                                       atol=1e-6, msg=path)
+            checked += 1
+    assert checked > 20
+    pipe.unfuse_lokr()
+    pipe.unload_lokr_weights()
+    for comp in ("unet", "text_encoder"):
+        restored = getattr(pipe, comp).state_dict()
+        assert restored.keys() == originals[comp].keys()
+        assert all(torch.equal(restored[k], v) for k, v in originals[comp].items())  # bit for bit
+
+
+def _file_tensors(layer, adapter: str) -> dict[str, torch.Tensor]:
+    """What a consumer-rule file holds for this layer's adapter (alpha omitted when both are full)."""
+    tensors = dict(layer.adapter_tensors(adapter))
+    if not layer.plans[adapter].both_full:
+        tensors["alpha"] = torch.tensor(layer.alpha[adapter])
+    return tensors
+
+
+def _reference(loaded, weights: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Outputs of a fresh pipeline whose weights are W + Σ_a (W'_a − W), each adapter's W'_a by the
+    consumer rule (`_consumer_weight`) at strength weights[a][component]."""
+    fresh = make_sd_pipeline()
+    with torch.no_grad():
+        for comp in ("unet", "text_encoder"):
+            for path, layer in lokr_layers(getattr(loaded, comp)):
+                module = getattr(fresh, comp).get_submodule(path)
+                w0 = module.weight.detach().clone()
+                for a, per_comp in weights.items():
+                    if a in layer.plans:
+                        module.weight += _consumer_weight(w0, _file_tensors(layer, a), per_comp[comp]) - w0
+    return _outputs(fresh)
+
+
+def test_adapter_management() -> None:
+    src_a, src_b = _source(False, "a", seed=1), _source(False, "b", seed=2)
+    pipe = make_sd_pipeline()
+    plain = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = _outputs(pipe)
+    pipe.load_lokr_weights(write_adapter(src_a, "a", "kohya"), adapter_name="a")
+    pipe.load_lokr_weights(write_adapter(src_b, "b", "comfyui"))
+    assert pipe.get_list_lokr_adapters() == {"unet": ["a", "default_1"], "text_encoder": ["a", "default_1"]}
+    assert pipe.get_active_lokr_adapters() == ["a", "default_1"]
+    with pytest.raises(ValueError, match="already loaded"):
+        pipe.load_lokr_weights(write_adapter(src_a, "a", "kohya"), adapter_name="a")
+    one = {"unet": 1.0, "text_encoder": 1.0}
+    _assert_outputs(_outputs(pipe), _reference(pipe, {"a": one, "default_1": one}))
+    pipe.set_lokr_adapters("a")
+    _assert_outputs(_outputs(pipe), _outputs(src_a))
+    mix = [0.5, {"unet": 1.0, "text_encoder": 0.0}]
+    pipe.set_lokr_adapters(["a", "default_1"], adapter_weights=mix)
+    _assert_outputs(_outputs(pipe), _reference(pipe, {"a": {"unet": 0.5, "text_encoder": 0.5},
+                                                      "default_1": {"unet": 1.0, "text_encoder": 0.0}}))
+    pipe.disable_lokr()
+    _assert_outputs(_outputs(pipe), base, atol=0)
+    pipe.enable_lokr()
+    pipe.set_lokr_adapters(["a", "default_1"], adapter_weights=0.0)
+    _assert_outputs(_outputs(pipe), base)
+    pipe.set_lokr_adapters(["a", "default_1"])
+    pipe.delete_lokr_adapters("a")
+    assert pipe.get_list_lokr_adapters() == {"unet": ["default_1"], "text_encoder": ["default_1"]}
+    _assert_outputs(_outputs(pipe), _outputs(src_b))
+    pipe.unload_lokr_weights()
+    assert not pipe.get_list_lokr_adapters()
+    assert pipe.unet.state_dict().keys() == plain.keys()
+    assert all(torch.equal(v, plain[k]) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(ValueError, match="unknown LoKr adapters"):
+        pipe.set_lokr_adapters("a")
+
+
+def _snapshot(pipe) -> dict:
+    return {c: ([(n, type(m)) for n, m in getattr(pipe, c).named_modules()],
+                {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()}) for c in ("unet", "text_encoder")}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[c][0] == b[c][0] and a[c][1].keys() == b[c][1].keys() and
+               all(torch.equal(v, b[c][1][k]) for k, v in a[c][1].items()) for c in a)
+
+
+def test_bad_files_leave_the_pipeline_unchanged(caplog: pytest.LogCaptureFixture) -> None:
+    src = _source(False)
+    good = write_adapter(src, "src", "kohya")
+    pipe = make_sd_pipeline()
+    before = _snapshot(pipe)
+    stray = {**good, "lora_unet_no_such_block_to_q.lokr_w1": torch.ones(2, 2),
+             "lora_unet_no_such_block_to_q.lokr_w2": torch.ones(2, 2)}
+    with pytest.raises(ValueError, match=r"2 of \d+ keys match no module.*no_such_block"):
+        pipe.load_lokr_weights(stray)
+    assert _same(before, _snapshot(pipe))
+    key = next(k for k in good if k.endswith("lokr_w1"))
+    for bad, message in [({**good, key: good[key][:, :1]}, "does not"),
+                         ({**good, key: good[key] * float("nan")}, "NaN"),
+                         ({**good, "lora_unet_conv_in.alpha": torch.tensor(1.0)},
+                          "match no module"),
+                         ({k: v for k, v in good.items() if not k.startswith(key.rsplit(".", 1)[0] + ".lokr_w2")},
+                          "missing W2")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.load_lokr_weights(bad)
+        assert _same(before, _snapshot(pipe)), message
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lokr_weights(stray, strict=False, adapter_name="partial")
+    assert "no_such_block" in caplog.text
+    _assert_outputs(_outputs(pipe), _outputs(src))
+
+
+def test_sdxl_file_into_sd1_says_so() -> None:
+    sdxl_file = write_adapter(_source(True), "src", "kohya_ldm")
+    with pytest.raises(ValueError, match="looks like an SDXL LoKr; the pipeline is"):
+        _with_real_dims(make_sd_pipeline()).load_lokr_weights(sdxl_file)
+
+
+def _with_real_dims(pipe):
+    """The tiny UNet's cross-attention width says nothing about its base; pose as SD1.5."""
+    pipe.unet.register_to_config(cross_attention_dim=768)
+    return pipe
+
+
+def _fold_in(target, loaded, adapter: str) -> None:
+    """Add `adapter`'s weight change (consumer rule) into `target`'s base weights, wherever they sit
+    (inside a PEFT LoRA wrapper too)."""
+    from lokr_diffusers.formats.names import get_slot
+
+    with torch.no_grad():
+        for comp in ("unet", "text_encoder"):
+            for path, layer in lokr_layers(getattr(loaded, comp)):
+                if adapter in layer.plans:
+                    parent, attr = get_slot(getattr(target, comp), path.replace(".base_layer", ""))
+                    module = getattr(parent, attr)
+                    w0 = module.weight.detach().clone()
+                    module.weight += _consumer_weight(w0, _file_tensors(layer, adapter), 1.0) - w0
+
+
+def test_mixed_lora_and_lokr_file_and_coexistence() -> None:
+    pytest.importorskip("peft")
+    lokr = write_adapter(_source(False), "src", "kohya", components=("unet",))
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for name, (i, o, k) in {"lora_unet_down_blocks_1_attentions_0_proj_out": (64, 64, (1, 1)),
+                            "lora_te_text_model_encoder_layers_0_mlp_fc1": (32, 37, ())}.items():
+        lora[f"{name}.lora_down.weight"] = torch.randn(2, i, *k, generator=g) * 0.3
+        lora[f"{name}.lora_up.weight"] = torch.randn(o, 2, *k, generator=g) * 0.3
+        lora[f"{name}.alpha"] = torch.tensor(2.0)
+    only_lora = make_sd_pipeline()
+    only_lora.load_lora_weights(dict(lora), adapter_name="l")
+    lora_out = _outputs(only_lora)
+    assert (lora_out["unet"] - _outputs(make_sd_pipeline())["unet"]).abs().max() > 1e-3
+    mixed = make_sd_pipeline()
+    mixed.load_lokr_weights({**lokr, **lora}, adapter_name="m")
+    _fold_in(only_lora, mixed, "m")  # the reference: LoRA by diffusers/PEFT on base + LoKr's ΔW
+    expected = _outputs(only_lora)
+    _assert_outputs(_outputs(mixed), expected)
+    for order in ("lora_first", "lokr_first"):
+        pipe = make_sd_pipeline()
+        steps = [lambda p: p.load_lora_weights(dict(lora), adapter_name="l"),
+                 lambda p: p.load_lokr_weights(dict(lokr), adapter_name="k")]
+        for step in steps if order == "lora_first" else steps[::-1]:
+            step(pipe)
+        _assert_outputs(_outputs(pipe), expected)
+        pipe.unload_lokr_weights()
+        _assert_outputs(_outputs(pipe), lora_out)
+
+
+def test_loaded_adapter_follows_device_and_dtype() -> None:
+    pipe = make_sd_pipeline()
+    pipe.load_lokr_weights(write_adapter(_source(False), "src", "kohya"))
+    pipe.to(torch.float64)
+    assert all(t.dtype == torch.float64 for _, la in lokr_layers(pipe.unet) for t in la.factors("default_0").values())
+    out = _outputs(pipe)
+    assert out["unet"].dtype == torch.float64
+
+
+def test_hub_repo_id_reads_through_huggingface_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    path = tmp_path / "hub.safetensors"
+    save_file(write_adapter(_source(False), "src", "kohya"), path)
+    calls = []
+
+    def fake_download(repo_id: str, filename: str, subfolder: str | None = None, **kwargs) -> str:
+        calls.append((repo_id, filename, subfolder, kwargs))
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    pipe = make_sd_pipeline()
+    pipe.load_lokr_weights("org/repo", weight_name="char.safetensors", adapter_name="char", revision="main")
+    assert calls == [("org/repo", "char.safetensors", None, {"revision": "main"})]
+    assert os.path.exists(path) and pipe.get_active_lokr_adapters() == ["char"]
+    assert lokr_diffusers.lokr_state_dict(str(path))[2] == "kohya"
