@@ -185,13 +185,14 @@ def _offloading_paused(pipe: Any) -> Iterator[None]:
         yield
         return
     model_offload, sequential_offload, _ = _func_optionally_disable_offloading(pipe)
+    device = getattr(pipe, "_offload_device", None)  # the device offloading was set up for
     try:
         yield
     finally:
         if model_offload:
-            pipe.enable_model_cpu_offload()
+            pipe.enable_model_cpu_offload(device=device)
         elif sequential_offload:
-            pipe.enable_sequential_cpu_offload()
+            pipe.enable_sequential_cpu_offload(device=device)
 
 
 # ------------------------------------------------------------------------------------ adapters

@@ -349,6 +349,31 @@ def test_loaded_adapter_follows_device_and_dtype() -> None:
     assert out["unet"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_model_cpu_offload_before_or_after_loading(when: str) -> None:
+    src = _source(False)
+    pipe = make_sd_pipeline()
+    if when == "before":
+        pipe.enable_model_cpu_offload(device="cpu")
+    pipe.load_lokr_weights(write_adapter(src, "src", "kohya"))
+    if when == "after":
+        pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.unet, "_hf_hook")  # offloading is (still) on
+    _assert_outputs(_outputs(pipe), _outputs(src))
+
+
+def test_other_pipelines_sharing_the_components_have_the_methods() -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    src = _source(False)
+    sd = make_sd_pipeline()
+    for cls in (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline):
+        pipe = cls(**sd.components)
+        pipe.load_lokr_weights(write_adapter(src, "src", "kohya"), adapter_name="x")
+        _assert_outputs(_outputs(pipe), _outputs(src))
+        pipe.unload_lokr_weights()
+
+
 def test_hub_repo_id_reads_through_huggingface_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     path = tmp_path / "hub.safetensors"
     save_file(write_adapter(_source(False), "src", "kohya"), path)
