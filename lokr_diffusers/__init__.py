@@ -1,6 +1,8 @@
 """lokr_diffusers: LoKr (Low-Rank Kronecker product) adapters for diffusers pipelines."""
 
 from .config import LoKrConfig
+from .convert import convert_lokr_file
+from .export import save_lokr_weights
 from .functional import LoKrPlan, factorization, plan_lokr
 from .hooks import attach as _attach
 from .io import lokr_state_dict
@@ -21,8 +23,10 @@ __all__ = [
     "LoKrModel",
     "LoKrPlan",
     "add_lokr",
+    "convert_lokr_file",
     "factorization",
     "lokr_layers",
     "lokr_state_dict",
     "plan_lokr",
+    "save_lokr_weights",
 ]

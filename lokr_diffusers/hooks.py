@@ -30,7 +30,15 @@ METHODS: dict[str, Callable[..., Any]] = {
     "unload_lokr_weights": loader.unload_lokr_weights,
     "get_list_lokr_adapters": loader.get_list_lokr_adapters,
     "get_active_lokr_adapters": loader.get_active_lokr_adapters,
+    "save_lokr_weights": lambda pipe, path, adapter_name="default", format="comfyui", dtype=None, metadata=None,
+    **kw: _export().save_lokr_weights(pipe, path, adapter_name, format, dtype, metadata, **kw),
 }
+
+
+def _export() -> Any:
+    from . import export  # export imports loader: resolve at call time
+
+    return export
 _ORIGINAL = "_lokr_diffusers_original_load_lora_weights"
 
 

@@ -20,7 +20,7 @@ from .config import LoKrConfig
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.reader import LoadEntry, ParsedFile, parse_file
 from .formats.report import base_hint, unmatched_message
-from .io import lokr_state_dict
+from .io import detect_layout, lokr_state_dict
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer
 from .model import LoKrModel, adapter_configs, lokr_layers, merge_layers, remove_layers
 
@@ -44,8 +44,11 @@ def components(pipe: Any) -> dict[str, nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------- load
+OURS_FORMAT, OURS_PREFIX = "lokr_diffusers", "lokr."  # our lossless layout (see export.to_ours)
+
+
 def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDict, adapter_name: str | None = None,
-                      weight_name: str | None = None, strict: bool = True, **kwargs: Any) -> str:
+                      weight_name: str | None = None, strict: bool = True, **kwargs: Any) -> str | list[str]:
     """Load a LoKr file of any known layout into the pipeline as adapter `adapter_name`.
 
     Args:
@@ -55,7 +58,8 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
         weight_name: the file inside a folder or repo.
         strict: unmatched keys raise (default); False warns and loads the rest.
         kwargs: `subfolder` and hub arguments (revision, token, cache_dir, ...).
-    Returns the adapter name. On any error the pipeline is exactly as before.
+    Returns the adapter name (the names, for a file of ours holding several). On any error the
+    pipeline is exactly as before.
     """
     subfolder = kwargs.pop("subfolder", None)
     state_dict, metadata, layout = lokr_state_dict(pretrained_model_name_or_path_or_dict, weight_name, subfolder,
@@ -63,28 +67,53 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     comps = components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
-    adapter_name = adapter_name or _default_name(comps)
+    groups = split_adapters(state_dict, metadata)
+    if len(groups) > 1 and adapter_name is not None:
+        raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name")
+    index = build_index(comps)
     taken = {n for m in comps.values() for n in adapter_configs(m)}
-    if adapter_name in taken:
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name or delete it first")
-    try:
-        parsed = parse_file(state_dict, metadata, build_index(comps), layout)
-    except ValueError as err:
-        raise ValueError(f"{err}.{base_hint(list(state_dict), comps)}") from None
-    _report(parsed, state_dict, comps, strict)
-    if not parsed.entries and not parsed.lora:
-        raise ValueError(f"no LoKr modules in this file ({len(state_dict)} keys, layout {layout})")
+    plans: list[tuple[str, ParsedFile]] = []
+    for stored_name, sd in groups.items():  # everything parsed and checked before anything changes
+        name = adapter_name or stored_name or _default_name(comps)
+        if name in taken:
+            raise ValueError(f"adapter {name!r} is already loaded; pick another adapter_name or delete it first")
+        taken.add(name)
+        try:
+            parsed = parse_file(sd, metadata, index, detect_layout(sd) if stored_name else layout)
+        except ValueError as err:
+            raise ValueError(f"{err}.{base_hint(list(sd), comps)}") from None
+        _report(parsed, sd, comps, strict)
+        if not parsed.entries and not parsed.lora:
+            raise ValueError(f"no LoKr modules in this file ({len(sd)} keys, layout {layout})")
+        plans.append((name, parsed))
+    done: list[str] = []
     with _offloading_paused(pipe):
-        _inject(comps, parsed.entries, adapter_name)
-        if parsed.lora:
-            try:
-                _load_lora_part(pipe, parsed.lora, adapter_name)
-            except Exception:
-                delete_lokr_adapters(pipe, adapter_name)
-                raise
-    logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", adapter_name, len(parsed.entries),
-                parsed.layout, parsed.rule)
-    return adapter_name
+        try:
+            for name, parsed in plans:
+                _inject(comps, parsed.entries, name)
+                done.append(name)
+                if parsed.lora:
+                    _load_lora_part(pipe, parsed.lora, name)
+        except Exception:
+            if done:
+                delete_lokr_adapters(pipe, done)
+            raise
+    for name, parsed in plans:
+        logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", name, len(parsed.entries),
+                    parsed.layout, parsed.rule)
+    return plans[0][0] if len(plans) == 1 else [n for n, _ in plans]
+
+
+def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str | None, dict]:
+    """{adapter name: its keys} for our multi-adapter layout (`lokr.<adapter>.<component>...`),
+    else {None: the whole state dict}."""
+    if metadata.get("format") != OURS_FORMAT and not all(k.startswith(OURS_PREFIX) for k in state_dict):
+        return {None: dict(state_dict)}
+    out: dict[str | None, dict] = {}
+    for key, tensor in state_dict.items():
+        adapter, _, inner = key[len(OURS_PREFIX):].partition(".")
+        out.setdefault(adapter, {})[inner] = tensor
+    return out
 
 
 def _default_name(comps: Mapping[str, nn.Module]) -> str:

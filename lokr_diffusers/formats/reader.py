@@ -23,7 +23,7 @@ from .names import ModuleRef, NameIndex
 
 logger = logging.getLogger(__name__)
 
-LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale")
+LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale")
 LORA_MARKERS: tuple[str, ...] = ("lora_down", "lora_up", "lora_mid", "lora_A", "lora_B")
 PEFT_PREFIX = "base_model.model."
 
@@ -48,7 +48,7 @@ class ParsedFile:
     unmatched: list[str]  # keys no module of the pipeline takes
     ignored: list[str]  # keys read and deliberately not used
     layout: str
-    rule: str  # how the scales were computed: "consumer" (alpha / rank) or "peft" (alpha / r)
+    rule: str  # how scales were read: "consumer" (alpha / rank), "peft" (alpha / r), "exact" (stored)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -109,7 +109,8 @@ def parse_file(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], in
         if "scale" in tensors:
             ignored.append(f"{name}.scale")
         entries.append(_entry(name, found, tensors, factors, index, peft_config, keys))
-    rule = "peft" if peft_config is not None else "consumer"
+    rule = "exact" if any("lokr_scale" in t for t in groups.values()) else \
+        "peft" if peft_config is not None else "consumer"
     return ParsedFile(entries, lora, sorted(unmatched), ignored, layout, rule)
 
 
@@ -149,7 +150,9 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
     except ValueError as err:
         raise ValueError(f"{name} -> {ref.component}.{ref.path}: {err}") from None
     alpha = float(tensors["alpha"]) if "alpha" in tensors else None
-    if peft_config is not None:
+    if "lokr_scale" in tensors:  # our own layout stores the scale itself
+        scale = float(tensors["lokr_scale"])
+    elif peft_config is not None:
         r = pattern_value(peft_config.rank_pattern, ref.path, peft_config.r)
         a = pattern_value(peft_config.alpha_pattern, ref.path, peft_config.alpha)
         scale, alpha = LF.peft_scale(a, r), float(a)

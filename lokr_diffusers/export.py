@@ -1,0 +1,305 @@
+"""Write a LoKr adapter for its consumers: ComfyUI / A1111 (kohya layout), PEFT, diffusers, and our
+own lossless layout. Each writer encodes every layer's scale so that its consumer's rule gives it
+back exactly (FORMATS.md §2, §5). Writes are atomic: a temporary file, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import functional as LF
+from .architectures import BASE_MODEL_VERSION, base_of
+from .formats.ldm import diffusers_to_ldm
+from .loader import OURS_FORMAT, OURS_PREFIX
+from .loader import components as pipeline_components
+from .model import lokr_layers
+
+logger = logging.getLogger(__name__)
+
+FORMAT_ALIASES: dict[str, str] = {"comfyui": "comfyui", "kohya": "comfyui", "a1111": "comfyui", "peft": "peft",
+                                  "diffusers": "diffusers", "lokr_diffusers": "lokr_diffusers"}
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# A1111 applies OpenCLIP attention (SD2 te, SDXL te2) only when q, k, v and out of a layer are all there.
+_ATTN = re.compile(r"^(.*\.self_attn\.)(q_proj|k_proj|v_proj|out_proj)$")
+
+
+@dataclass
+class ExportModule:
+    """One module of one adapter, independent of any layout."""
+
+    component: str
+    path: str
+    factors: dict[str, Tensor]
+    scale: float
+    plan: LF.LoKrPlan
+    weight_shape: tuple[int, ...]
+    dora_scale: Tensor | None
+    r: int
+    alpha: float
+
+
+def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
+    """Every module holding `adapter_name`, tensors detached on the CPU."""
+    out: list[ExportModule] = []
+    for component, model in components.items():
+        for path, layer in lokr_layers(model):
+            if adapter_name not in layer.plans:
+                continue
+            dora = layer.dora_scale[adapter_name] if adapter_name in layer.dora_scale else None
+            out.append(ExportModule(
+                component, path.replace(".base_layer", ""),
+                {k: v.detach().cpu() for k, v in layer.factors(adapter_name).items()}, layer.scaling[adapter_name],
+                layer.plans[adapter_name], layer.weight_shape, None if dora is None else dora.detach().cpu(),
+                layer.r[adapter_name], layer.alpha[adapter_name]))
+    if not out:
+        have = sorted({a for m in components.values() for _, la in lokr_layers(m) for a in la.plans})
+        raise ValueError(f"no LoKr adapter {adapter_name!r} here (adapters: {have})")
+    return out
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+# -------------------------------------------------------------------------------------- comfyui
+def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) -> str:
+    """The most portable kohya name (FORMATS.md §5): SDXL UNet by ldm names, SD1/SD2 UNet by
+    diffusers paths; text encoders always with `text_model.`."""
+    if component == "unet":
+        ldm = diffusers_to_ldm(path, unet_config) if base == "sdxl" else None
+        return "lora_unet_" + (ldm or path).replace(".", "_")
+    te = path if path.startswith("text_model.") else "text_model." + path
+    prefix = {"text_encoder": "lora_te1_" if base == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+    return prefix + te.replace(".", "_")
+
+
+def expand_tucker(f: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Tucker W2 as plain low-rank factors of the same rank (exact): W2[p, (q,k)] =
+    Σ_i w2_a[i, p] · (Σ_j t2[i, j, k] · w2_b[j, q]), so w2_a' = w2_aᵀ and w2_b' = t2 ×_j w2_b."""
+    out = {k: v for k, v in f.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
+    t2, a, b = f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]
+    out["lokr_w2_a"] = a.t().contiguous()  # (out_k, r)
+    out["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t2, b).reshape(t2.shape[0], -1).contiguous()
+    return out
+
+
+def _consumer_tensors(m: ExportModule, keep_tucker: bool) -> dict[str, Tensor]:
+    f = dict(m.factors)
+    if "lokr_t2" in f and not keep_tucker:
+        f = expand_tucker(f)
+    alpha, w1_factor = LF.alpha_for_consumer(m.plan, m.scale)
+    if w1_factor != 1.0:  # both factors full: consumers ignore alpha, the scale goes into W1
+        f["lokr_w1"] = f["lokr_w1"] * w1_factor
+    if alpha is not None:
+        f["alpha"] = torch.tensor(float(alpha))
+    if m.dora_scale is not None:
+        f["dora_scale"] = m.dora_scale
+    return f
+
+
+def _zero_module(weight_shape: tuple[int, ...]) -> dict[str, Tensor]:
+    out_l, out_k = LF.factorization(weight_shape[0])
+    in_m, in_n = LF.factorization(weight_shape[1])
+    return {"lokr_w1": torch.zeros(out_l, in_m), "lokr_w2": torch.zeros(out_k, in_n, *weight_shape[2:])}
+
+
+def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tucker: bool = False,
+               name: str = "lokr") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """kohya / LyCORIS layout that ComfyUI and A1111 load as trained."""
+    sd: dict[str, Tensor] = {}
+    present = {(m.component, m.path): m for m in modules}
+    for m in modules:
+        key = comfyui_module_name(m.component, m.path, unet_config, base)
+        sd.update({f"{key}.{k}": v for k, v in _consumer_tensors(m, keep_tucker).items()})
+    out_axis = [m.path for m in modules if m.dora_scale is not None and LF.dora_on_output_axis(m.dora_scale,
+                                                                                                m.weight_shape)]
+    if out_axis:
+        logger.warning("%d modules have DoRA on the output axis (e.g. %s): ComfyUI applies it, A1111 only applies "
+                       "the input axis", len(out_axis), out_axis[0])
+    openclip = {"text_encoder_2"} if base == "sdxl" else ({"text_encoder"} if base == "sd2" else set())
+    for m in modules:  # complete OpenCLIP attention groups with ΔW = 0 modules
+        match = _ATTN.match(m.path) if m.component in openclip else None
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj") if match else ():
+            path = match.group(1) + proj  # type: ignore[union-attr]
+            if (m.component, path) not in present:
+                key = comfyui_module_name(m.component, path, unet_config, base)
+                sd.update({f"{key}.{k}": v for k, v in _zero_module(m.weight_shape).items()})
+                present[(m.component, path)] = m
+    ranks = [m.plan.rank for m in modules if m.plan.rank]
+    metadata = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps({"algo": "lokr"}),
+        "ss_base_model_version": BASE_MODEL_VERSION[base],
+        "ss_v2": str(base == "sd2"),
+        "ss_network_dim": str(max(ranks, default=1)),
+        "ss_network_alpha": str(max((m.alpha for m in modules), default=1.0)),
+        "ss_output_name": name,
+    }
+    return sd, metadata
+
+
+# ----------------------------------------------------------------------------------------- peft
+def to_peft(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """PEFT's saved layout for ONE component: `base_model.model.<path>.lokr_*` and an
+    adapter_config.json whose rank/alpha patterns make PEFT plan these very shapes and scales."""
+    both = any(m.plan.w1_lowrank for m in modules)
+    tucker = any(m.plan.tucker for m in modules)
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    sd: dict[str, Tensor] = {}
+    for m in modules:
+        r = m.plan.rank2 or m.plan.rank1 or max(m.plan.out_l, m.plan.in_m, m.plan.out_k, m.plan.in_n)
+        want = LF.plan_lokr(m.weight_shape, r, -1, both, tucker)
+        if want != m.plan:
+            raise ValueError(f"{m.component}.{m.path}: PEFT would plan {want.shapes()} for this module, it holds "
+                             f"{m.plan.shapes()}; export format='comfyui' or 'lokr_diffusers' instead")
+        key = re.escape(m.path)
+        rank_pattern[key], alpha_pattern[key] = r, m.scale * r  # PEFT: scale = alpha / r, always
+        for k, v in m.factors.items():
+            if k == "lokr_t2" and len(m.weight_shape) == 3:
+                v = v.unsqueeze(-1)  # PEFT keeps a Conv1d Tucker core as (r, r, k, 1)
+            sd[f"base_model.model.{m.path}.{k}"] = v
+        if m.dora_scale is not None:
+            raise ValueError(f"{m.path}: PEFT's LoKr has no DoRA; export format='comfyui' instead")
+    r0 = max(set(rank_pattern.values()), key=list(rank_pattern.values()).count)
+    config = {"peft_type": "LOKR", "r": r0, "alpha": r0, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "target_modules": sorted(m.path for m in modules), "decompose_both": both, "decompose_factor": -1,
+              "use_effective_conv2d": tucker, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
+              "inference_mode": True, "task_type": None, "base_model_name_or_path": None}
+    return sd, config
+
+
+# --------------------------------------------------------------------------------- diffusers / ours
+def to_diffusers(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """diffusers' single-file layout (`unet.` / `text_encoder.` keys), alphas for the consumer rule."""
+    sd: dict[str, Tensor] = {}
+    for m in modules:
+        sd.update({f"{m.component}.{m.path}.{k}": v for k, v in _consumer_tensors(m, keep_tucker=True).items()})
+    return sd, {"lokr_adapter_metadata": json.dumps(_configs(modules))}
+
+
+def to_ours(per_adapter: Mapping[str, list[ExportModule]]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Lossless: every adapter, its exact scale (`lokr_scale`, fp32 0-d), r / alpha, Tucker, DoRA."""
+    sd: dict[str, Tensor] = {}
+    for adapter, modules in per_adapter.items():
+        for m in modules:
+            key = f"{OURS_PREFIX}{adapter}.{m.component}.{m.path}"
+            sd.update({f"{key}.{k}": v for k, v in m.factors.items()})
+            sd[f"{key}.lokr_scale"] = torch.tensor(m.scale, dtype=torch.float64)
+            sd[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float64)
+            if m.dora_scale is not None:
+                sd[f"{key}.dora_scale"] = m.dora_scale
+    return sd, {"format": OURS_FORMAT, "format_version": "1",
+                "adapters": json.dumps({a: _configs(ms) for a, ms in per_adapter.items()})}
+
+
+def _configs(modules: list[ExportModule]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for m in modules:
+        c = out.setdefault(m.component, {"target_modules": [], "rank_pattern": {}, "alpha_pattern": {}})
+        c["target_modules"].append(m.path)
+        c["rank_pattern"][m.path], c["alpha_pattern"][m.path] = m.r, m.alpha
+    return out
+
+
+# -------------------------------------------------------------------------------------- writing
+def write_safetensors(sd: Mapping[str, Tensor], path: str, metadata: Mapping[str, str]) -> str:
+    """Atomic: write next to `path`, then rename; a failure leaves any old file as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"folder {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".lokr_", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_text(text: str, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".lokr_", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def cast(sd: Mapping[str, Tensor], dtype: torch.dtype | str | None) -> dict[str, Tensor]:
+    """Floating tensors to `dtype` (alpha and scales too, as LyCORIS does; our lokr_scale stays fp64)."""
+    if dtype is None:
+        return dict(sd)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return {k: v if k.endswith(".lokr_scale") else v.to(dt) for k, v in sd.items()}
+
+
+def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: str | list[str] = "default",
+                      format: str = "comfyui", dtype: torch.dtype | str | None = None,
+                      metadata: Mapping[str, str] | None = None, base: str | None = None,
+                      keep_tucker: bool = False) -> str:
+    """Write adapter(s) of a pipeline (or of {component: model}) to `path` in `format`.
+
+    comfyui (alias kohya, a1111): one .safetensors; peft: a folder (one sub-folder per component
+    when several hold the adapter); diffusers: one .safetensors; lokr_diffusers: one .safetensors,
+    several adapters at once (a list, or "all"). Returns the path written.
+    """
+    fmt = FORMAT_ALIASES.get(format)
+    if fmt is None:
+        raise ValueError(f"unknown format {format!r}; use one of {sorted(FORMAT_ALIASES)}")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+    comps = dict(source) if isinstance(source, Mapping) else pipeline_components(source)
+    path = os.fspath(path)
+    if fmt == OURS_FORMAT:
+        names = _adapter_names(comps, adapter_name)
+        sd, meta = to_ours({a: collect(comps, a) for a in names})
+        return write_safetensors(cast(sd, dtype), path, {**meta, **(metadata or {})})
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"format {format!r} holds one adapter; pass its name")
+    modules = collect(comps, adapter_name)
+    if fmt == "comfyui":
+        base = base or base_of(comps)
+        unet_config = getattr(comps.get("unet"), "config", None)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        sd, meta = to_comfyui(modules, base, unet_config, keep_tucker, name=stem)
+        return write_safetensors(cast(sd, dtype), path, {**meta, **(metadata or {})})
+    if fmt == "diffusers":
+        sd, meta = to_diffusers(modules)
+        return write_safetensors(cast(sd, dtype), path, {**meta, **(metadata or {})})
+    return write_peft(modules, path, dtype, metadata)
+
+
+def _adapter_names(comps: Mapping[str, nn.Module], adapter_name: str | list[str]) -> list[str]:
+    if adapter_name == "all":
+        return sorted({a for m in comps.values() for _, la in lokr_layers(m) for a in la.plans})
+    return [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+
+
+def write_peft(modules: list[ExportModule], path: str, dtype: torch.dtype | str | None,
+                metadata: Mapping[str, str] | None) -> str:
+    by_component: dict[str, list[ExportModule]] = {}
+    for m in modules:
+        by_component.setdefault(m.component, []).append(m)
+    written = {c: to_peft(ms) for c, ms in by_component.items()}  # every component checked before writing
+    for component, (sd, config) in written.items():
+        folder = path if len(written) == 1 else os.path.join(path, component)
+        os.makedirs(folder, exist_ok=True)
+        write_safetensors(cast(sd, dtype), os.path.join(folder, "adapter_model.safetensors"), dict(metadata or {}))
+        write_text(json.dumps(config, indent=2, sort_keys=True), os.path.join(folder, "adapter_config.json"))
+    return path
