@@ -35,6 +35,8 @@ def lokr_state_dict(pretrained_model_name_or_path_or_dict: str | os.PathLike[str
     metadata: dict[str, str] = {}
     if isinstance(source, dict):
         state_dict = dict(source)
+    elif (folders := component_folders(os.fspath(source), subfolder)) and weight_name is None:
+        state_dict = _read_component_folders(folders)
     else:
         state_dict, metadata = _read(_resolve(os.fspath(source), weight_name, subfolder, hub_kwargs))
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
@@ -54,6 +56,41 @@ def detect_layout(state_dict: dict[str, Tensor]) -> str:
                   "diffusers" if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) else "unknown")
         votes[layout] = votes.get(layout, 0) + 1
     return max(votes, key=lambda k: votes[k]) if votes else "unknown"
+
+
+COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def component_folders(path: str, subfolder: str | None = None) -> dict[str, str]:
+    """{component: folder} when `path` holds one PEFT adapter folder per pipeline component (what
+    `save_lokr_weights(format="peft")` writes for several components), else {}."""
+    root = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(root) or any(os.path.isfile(os.path.join(root, w)) for w in PEFT_WEIGHTS):
+        return {}
+    return {c: os.path.join(root, c) for c in COMPONENT_FOLDERS
+            if os.path.isfile(os.path.join(root, c, PEFT_WEIGHTS[0])) and os.path.isfile(os.path.join(root, c,
+                                                                                                     PEFT_CONFIG))}
+
+
+def _read_component_folders(folders: dict[str, str]) -> dict[str, Tensor]:
+    """Several PEFT folders as one diffusers-style state dict; each module's scale (PEFT's alpha / r,
+    from its own folder's config and patterns) rides along as `lokr_scale`."""
+    from .config import LoKrConfig
+    from .targeting import pattern_value
+
+    out: dict[str, Tensor] = {}
+    for component, folder in folders.items():
+        sd, metadata = _read(os.path.join(folder, PEFT_WEIGHTS[0]))
+        config = LoKrConfig.from_dict(json.loads(metadata[PEFT_CONFIG_KEY]))
+        for key, tensor in sd.items():
+            if not key.startswith("base_model.model."):
+                raise ValueError(f"{folder}: key {key} is not in PEFT's layout")
+            out[f"{component}.{key[len('base_model.model.'):]}"] = tensor
+            path = key[len("base_model.model."):].rsplit(".", 1)[0]
+            r = pattern_value(config.rank_pattern, path, config.r)
+            alpha = pattern_value(config.alpha_pattern, path, config.alpha)
+            out[f"{component}.{path}.lokr_scale"] = torch.tensor(float(alpha) / r, dtype=torch.float64)
+    return out
 
 
 def _resolve(path: str, weight_name: str | None, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:

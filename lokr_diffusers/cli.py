@@ -1,0 +1,157 @@
+"""`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert and merge LoKr files.
+
+    lokr-diffusers inspect style.safetensors [--json]
+    lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl] [--dtype fp16]
+    lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+EXAMPLES = """examples:
+  lokr-diffusers inspect style.safetensors            what is in a file: layout, base model, ranks, scales
+  lokr-diffusers convert peft_folder style.safetensors --to comfyui --base sd15
+  lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
+"""
+BASE_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lokr-diffusers", description="LoKr adapters for diffusers: inspect, convert "
+                                "and merge LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    i = sub.add_parser("inspect", help="show what a LoKr file holds")
+    i.add_argument("file", help="a .safetensors file, or a PEFT adapter folder")
+    i.add_argument("--base", choices=sorted(BASE_ALIASES), help="base model (default: guessed from the file)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    c = sub.add_parser("convert", help="rewrite a LoKr file in another layout")
+    c.add_argument("input", help="a LoKr file or PEFT folder in any layout this package reads")
+    c.add_argument("output", help="the file (or, for --to peft, the folder) to write")
+    c.add_argument("--to", required=True, choices=["comfyui", "kohya", "a1111", "peft", "diffusers", "lokr_diffusers"])
+    c.add_argument("--base", choices=sorted(BASE_ALIASES), help="base model (default: guessed from the file)")
+    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
+    m = sub.add_parser("merge", help="bake a LoKr into a diffusers model folder")
+    m.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
+    m.add_argument("--lokr", required=True, help="the LoKr file")
+    m.add_argument("--scale", type=float, default=1.0, help="strength (default 1.0)")
+    m.add_argument("--out", required=True, help="folder for the merged pipeline")
+    return p
+
+
+def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
+    """A summary of a LoKr file, as a JSON-ready dict."""
+    from .architectures import meta_components
+    from .convert import guess_base
+    from .formats.names import build_index
+    from .formats.reader import group_modules, parse_file
+    from .io import detect_layout, lokr_state_dict
+    from .loader import split_adapters
+
+    state_dict, metadata, layout = lokr_state_dict(path)
+    base = base or guess_base(state_dict)
+    groups, lora, _ = group_modules(state_dict)
+    info: dict[str, Any] = {
+        "file": path, "layout": layout, "base_model": base or "unknown", "modules": len(groups),
+        "lora_modules": len({k.split(".lora_")[0] for k in lora}), "parameters": sum(t.numel() for t in
+                                                                                    state_dict.values()),
+        "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state_dict.values())),
+        "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in metadata.items()},
+    }
+    adapters: dict[str, Any] = {}
+    if base is not None:
+        index = build_index(meta_components(base))
+        for name, sd in split_adapters(state_dict, metadata).items():
+            parsed = parse_file(sd, metadata, index, detect_layout(sd) if name else layout)
+            adapters[name or "default"] = _summary(parsed)
+    info["adapters"] = adapters
+    return info
+
+
+def _summary(parsed: Any) -> dict[str, Any]:
+    entries = parsed.entries
+    scales = [e.scale for e in entries]
+    example = entries[0] if entries else None
+    return {
+        "scale_rule": parsed.rule,
+        "modules_per_component": dict(Counter(e.ref.component for e in entries)),
+        "ranks": dict(Counter(str(e.plan.rank or "full") for e in entries)),
+        "tucker": sum(e.plan.tucker for e in entries), "dora": sum(e.dora_scale is not None for e in entries),
+        "both_full": sum(e.plan.both_full for e in entries),
+        "alphas": sorted({round(e.alpha, 6) for e in entries if e.alpha is not None}),
+        "scale_min": min(scales, default=None), "scale_max": max(scales, default=None),
+        "example": None if example is None else {
+            "module": f"{example.ref.component}.{example.ref.path}",
+            "factors": {k: list(v.shape) for k, v in example.factors.items()}},
+        "unmatched_keys": len(parsed.unmatched),
+    }
+
+
+def _print_text(info: dict[str, Any]) -> None:
+    print(f"{info['file']}: {info['layout']} layout, base model {info['base_model']}")
+    print(f"  {info['modules']} LoKr modules, {info['lora_modules']} LoRA modules, "
+          f"{info['parameters']:,} parameters, dtypes {info['dtypes']}")
+    for name, a in info["adapters"].items():
+        print(f"  adapter {name!r} (scale rule: {a['scale_rule']})")
+        print(f"    modules per component: {a['modules_per_component']}")
+        print(f"    ranks: {a['ranks']}; Tucker {a['tucker']}, DoRA {a['dora']}, both factors full {a['both_full']}")
+        print(f"    alphas: {a['alphas'][:8]}; scale {a['scale_min']:.6g} .. {a['scale_max']:.6g}")
+        if a["example"]:
+            print(f"    e.g. {a['example']['module']}: {a['example']['factors']}")
+        if a["unmatched_keys"]:
+            print(f"    {a['unmatched_keys']} keys match no module of a {info['base_model']} model")
+    if not info["adapters"]:
+        print("  (pass --base sd15|sd2|sdxl for per-module details)")
+    for k, v in info["metadata"].items():
+        print(f"  metadata {k}: {v}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import torch  # noqa: F401  (diffusers wants it imported first on some setups)
+    from diffusers import DiffusionPipeline
+
+    import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
+
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise FileNotFoundError(f"{args.model} is not a diffusers pipeline folder (no model_index.json)")
+    pipe: Any = DiffusionPipeline.from_pretrained(args.model)
+    name = pipe.load_lokr_weights(args.lokr, adapter_name="merge")
+    pipe.fuse_lokr(lokr_scale=args.scale)
+    pipe.unload_lokr_weights()  # keeps the fused weights
+    pipe.save_pretrained(args.out)
+    print(f"merged {args.lokr} (as {name!r}, scale {args.scale}) into {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "inspect":
+            info = inspect_file(args.file, BASE_ALIASES.get(args.base) if args.base else None)
+            if args.json:
+                print(json.dumps(info, indent=2, default=str))
+            else:
+                _print_text(info)
+        elif args.command == "convert":
+            from .convert import convert_lokr_file
+
+            out = convert_lokr_file(args.input, args.output, to=args.to,
+                                    base=BASE_ALIASES.get(args.base) if args.base else None, dtype=args.dtype)
+            print(f"wrote {out} ({args.to})")
+        else:
+            _merge(args)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        print(f"lokr-diffusers {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The lokr-diffusers command, run as a subprocess on real files; convert checked module by module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from fullsize_files import full_size_file
+from safetensors.torch import load_file, save_file
+
+from lokr_diffusers import functional as LF
+from lokr_diffusers.architectures import meta_components
+from lokr_diffusers.formats.names import build_index
+from lokr_diffusers.formats.reader import parse_file
+from lokr_diffusers.io import lokr_state_dict
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lokr_diffusers", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sd15_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("cli") / "style.safetensors"
+    save_file(full_size_file("sd1", "kohya", every=3), str(path), metadata={"ss_output_name": "style"})
+    return str(path)
+
+
+def _deltas(path: str, base: str) -> dict[tuple[str, str], torch.Tensor | None]:
+    """ΔW per module of a file read against the full-size base (built for modules up to 0.4M
+    weights, to keep the test quick; larger ones are checked by name and scale only)."""
+    from lokr_diffusers.loader import split_adapters
+
+    comps = meta_components(base)
+    sd, meta, layout = lokr_state_dict(path)
+    out = {}
+    for _, part in split_adapters(sd, meta).items():
+        parsed = parse_file(part, meta, build_index(comps), layout)
+        assert not parsed.unmatched
+        for e in parsed.entries:
+            shape = tuple(comps[e.ref.component].get_submodule(e.ref.path).weight.shape)
+            small = torch.Size(shape).numel() <= 400_000
+            out[(e.ref.component, e.ref.path)] = LF.delta_weight(e.factors, shape, e.scale) if small else \
+                torch.tensor(e.scale)
+    return out
+
+
+def test_inspect_text_and_json(sd15_file: str) -> None:
+    text = _cli("inspect", sd15_file)
+    assert text.returncode == 0, text.stderr
+    assert "kohya layout, base model sd1" in text.stdout and "Tucker" in text.stdout
+    info = json.loads(_cli("inspect", sd15_file, "--json").stdout)
+    expected = len({k.rsplit(".", 1)[0] for k in load_file(sd15_file)})
+    assert info["modules"] == expected and info["base_model"] == "sd1" and info["layout"] == "kohya"
+    adapter = info["adapters"]["default"]
+    assert sum(adapter["modules_per_component"].values()) == expected
+    assert adapter["tucker"] > 0 and adapter["scale_min"] == pytest.approx(0.5)  # alpha 2 / rank 4
+    assert info["metadata"]["ss_output_name"] == "style"
+
+
+@pytest.mark.parametrize("to", ["comfyui", "diffusers", "peft", "lokr_diffusers"])
+def test_convert_keeps_every_delta(sd15_file: str, tmp_path, to: str) -> None:
+    out = str(tmp_path / ("out" if to == "peft" else "out.safetensors"))
+    result = _cli("convert", sd15_file, out, "--to", to, "--base", "sd15", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    before, after = _deltas(sd15_file, "sd1"), _deltas(out, "sd1")
+    assert before.keys() == after.keys()
+    assert sum(dw.dim() > 0 for dw in before.values()) >= 15  # te layers, small convs, proj
+    for key, dw in before.items():
+        torch.testing.assert_close(after[key], dw, rtol=1e-5, atol=1e-7, msg=str(key))
+
+
+def test_merge_bakes_the_lokr_into_a_model_folder(tiny_sd_dir: str, tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from test_loader import _assert_outputs, _outputs, _source
+    from writers import write_adapter
+
+    src = _source(False)
+    lokr = str(tmp_path / "tiny.safetensors")
+    save_file(write_adapter(src, "src", "kohya"), lokr)
+    out = str(tmp_path / "merged")
+    result = _cli("merge", "--model", tiny_sd_dir, "--lokr", lokr, "--scale", "1.0", "--out", out)
+    assert result.returncode == 0, result.stderr
+    merged = StableDiffusionPipeline.from_pretrained(out)
+    src.fuse_lokr()  # merged weights: sequential DoRA as the fused pipeline computes it
+    _assert_outputs(_outputs(merged), _outputs(src), atol=1e-4)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["inspect", "no_such_file.safetensors"], "no LoKr file"),
+    (["convert", "no_such_file.safetensors", "x.safetensors", "--to", "comfyui"], "no LoKr file"),
+    (["merge", "--model", ".", "--lokr", "x", "--out", "y"], "not a diffusers pipeline folder"),
+])
+def test_bad_input_exits_non_zero_with_a_message(args: list[str], message: str) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_help() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0 and "inspect" in result.stdout and "examples:" in result.stdout
