@@ -82,7 +82,9 @@ def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) 
     if component == "unet":
         ldm = diffusers_to_ldm(path, unet_config) if base == "sdxl" else None
         return "lora_unet_" + (ldm or path).replace(".", "_")
-    te = path if path.startswith("text_model.") else "text_model." + path
+    # transformers 5's CLIPTextModel lost the `text_model.` level; kohya names keep it (the
+    # projection of CLIPTextModelWithProjection sits outside it, as in transformers 4)
+    te = path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
     prefix = {"text_encoder": "lora_te1_" if base == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
     return prefix + te.replace(".", "_")
 
@@ -217,28 +219,51 @@ def _configs(modules: list[ExportModule]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------- writing
-def write_safetensors(sd: Mapping[str, Tensor], path: str, metadata: Mapping[str, str]) -> str:
-    """Atomic: write next to `path`, then rename; a failure leaves any old file as it was."""
+def _stage(path: str, write: Any) -> str:
+    """Write a temporary file next to `path` with `write(tmp)`; returns the temporary's name."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"folder {directory} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=".lokr_", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
+        write(tmp)
     except BaseException:
-        if os.path.exists(tmp):
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def write_files(files: Mapping[str, Any]) -> None:
+    """Atomic for a set of files {path: writer}: all are staged first, then renamed into place; a
+    failure while staging removes the temporaries and leaves every old file as it was."""
+    staged: dict[str, str] = {}
+    try:
+        for path, write in files.items():
+            staged[path] = _stage(path, write)
+    except BaseException:
+        for tmp in staged.values():
             os.remove(tmp)
         raise
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
+
+
+def _safetensors_writer(sd: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Any:
+    return lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata))
+
+
+def _text_writer(text: str) -> Any:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return write
+
+
+def write_safetensors(sd: Mapping[str, Tensor], path: str, metadata: Mapping[str, str]) -> str:
+    """Atomic: write next to `path`, then rename; a failure leaves any old file as it was."""
+    write_files({path: _safetensors_writer(sd, metadata)})
     return path
-
-
-def write_text(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".lokr_", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def cast(sd: Mapping[str, Tensor], dtype: torch.dtype | str | None) -> dict[str, Tensor]:
@@ -297,9 +322,13 @@ def write_peft(modules: list[ExportModule], path: str, dtype: torch.dtype | str 
     for m in modules:
         by_component.setdefault(m.component, []).append(m)
     written = {c: to_peft(ms) for c, ms in by_component.items()}  # every component checked before writing
+    files: dict[str, Any] = {}
     for component, (sd, config) in written.items():
         folder = path if len(written) == 1 else os.path.join(path, component)
         os.makedirs(folder, exist_ok=True)
-        write_safetensors(cast(sd, dtype), os.path.join(folder, "adapter_model.safetensors"), dict(metadata or {}))
-        write_text(json.dumps(config, indent=2, sort_keys=True), os.path.join(folder, "adapter_config.json"))
+        files[os.path.join(folder, "adapter_model.safetensors")] = _safetensors_writer(cast(sd, dtype),
+                                                                                      dict(metadata or {}))
+        files[os.path.join(folder, "adapter_config.json")] = _text_writer(json.dumps(config, indent=2,
+                                                                                     sort_keys=True))
+    write_files(files)
     return path
