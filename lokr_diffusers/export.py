@@ -106,8 +106,8 @@ def _consumer_tensors(m: ExportModule, keep_tucker: bool) -> dict[str, Tensor]:
     alpha, w1_factor = LF.alpha_for_consumer(m.plan, m.scale)
     if w1_factor != 1.0:  # both factors full: consumers ignore alpha, the scale goes into W1
         f["lokr_w1"] = f["lokr_w1"] * w1_factor
-    if alpha is not None:
-        f["alpha"] = torch.tensor(float(alpha))
+    # Both full: ComfyUI/A1111 ignore alpha, but LyCORIS' loader crashes on a module without one
+    f["alpha"] = torch.tensor(float(alpha if alpha is not None else m.r))
     if m.dora_scale is not None:
         f["dora_scale"] = m.dora_scale
     return f
