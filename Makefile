@@ -21,7 +21,7 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 setup: $(VENV)/.test
 
 demo: $(VENV)/.runtime
-	HF_HUB_OFFLINE=1 $(PY) examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(PY) -m lokr_diffusers demo
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check lokr_diffusers tests examples benchmarks

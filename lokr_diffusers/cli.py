@@ -3,6 +3,7 @@
     lokr-diffusers inspect style.safetensors [--json]
     lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl] [--dtype fp16]
     lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
+    lokr-diffusers demo [--out outputs/demo] [--steps 40]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 EXAMPLES = """examples:
+  lokr-diffusers demo                                  train, export and reload a LoKr on a tiny offline pipeline
   lokr-diffusers inspect style.safetensors            what is in a file: layout, base model, ranks, scales
   lokr-diffusers convert peft_folder style.safetensors --to comfyui --base sd15
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
@@ -38,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["comfyui", "kohya", "a1111", "peft", "diffusers", "lokr_diffusers"])
     c.add_argument("--base", choices=sorted(BASE_ALIASES), help="base model (default: guessed from the file)")
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
+    d = sub.add_parser("demo", help="offline demo: train a LoKr on a tiny pipeline, export, reload, compare")
+    d.add_argument("--out", default="outputs/demo", help="folder for images, loss curve and files")
+    d.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    d.add_argument("--model", default=None, help="a diffusers SD/SDXL folder instead of the tiny built-in one")
+    d.add_argument("--resolution", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("merge", help="bake a LoKr into a diffusers model folder")
     m.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
     m.add_argument("--lokr", required=True, help="the LoKr file")
@@ -145,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             out = convert_lokr_file(args.input, args.output, to=args.to,
                                     base=BASE_ALIASES.get(args.base) if args.base else None, dtype=args.dtype)
             print(f"wrote {out} ({args.to})")
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            paths = run_demo(args.out, args.steps, args.model, args.resolution, args.seed)
+            print("demo done:")
+            for what, path in paths.items():
+                print(f"  {what:12s} {path}")
         else:
             _merge(args)
     except (OSError, ValueError, TypeError, KeyError) as err:

@@ -1,0 +1,101 @@
+"""Command-line arguments of the LoKr training scripts: diffusers' names where one exists
+(train_text_to_image_lora.py, train_dreambooth_lora*.py), LoKr ones beside them."""
+
+from __future__ import annotations
+
+import argparse
+
+UNET_PRESETS: dict[str, list[str]] = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+             "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+}
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True, help="diffusers model folder or hub id")
+    a("--revision", default=None)
+    a("--variant", default=None, help="e.g. fp16, for the model files")
+    a("--sdxl", action="store_true", help="force SDXL handling (default: detected from the model)")
+    if dreambooth:
+        a("--instance_data_dir", required=True, help="folder of images of the subject")
+        a("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
+        a("--class_data_dir", default=None, help="folder of class images (prior preservation)")
+        a("--class_prompt", default=None, help='e.g. "a photo of dog"')
+        a("--with_prior_preservation", action="store_true")
+        a("--prior_loss_weight", type=float, default=1.0)
+        a("--num_class_images", type=int, default=100, help="class images to generate when the folder has fewer")
+    else:
+        a("--train_data_dir", default=None, help="image folder with metadata.jsonl or .txt captions")
+        a("--dataset_name", default=None, help="a `datasets` dataset (needs `pip install datasets`)")
+        a("--dataset_config_name", default=None)
+        a("--image_column", default="image")
+        a("--caption_column", default="text")
+    a("--resolution", type=int, default=512)
+    a("--center_crop", action="store_true")
+    a("--random_flip", action="store_true")
+    a("--train_batch_size", type=int, default=1)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=None, help="overrides num_train_epochs")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    a("--lr_scheduler", default="constant", help="linear, cosine, constant, constant_with_warmup, ...")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--snr_gamma", type=float, default=None, help="Min-SNR weighting, 5.0 is a common value")
+    a("--noise_offset", type=float, default=0.0)
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    a("--seed", type=int, default=0)
+    a("--output_dir", default="lokr-model")
+    a("--logging_dir", default="logs")
+    a("--report_to", default=None, help="tensorboard, wandb, ... (none by default)")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    a("--validation_prompt", default=None)
+    a("--num_validation_images", type=int, default=2)
+    a("--validation_epochs", type=int, default=1)
+    a("--validation_steps", type=int, default=4, help="denoising steps of the validation images")
+    a("--train_text_encoder", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+    # LoKr
+    a("--rank", type=int, default=8)
+    a("--alpha", type=float, default=None, help="default: --rank (scale 1)")
+    a("--decompose_factor", type=int, default=-1)
+    a("--decompose_both", action="store_true")
+    a("--use_effective_conv2d", action="store_true", help="Tucker factors on 3x3 convs")
+    a("--rank_dropout", type=float, default=0.0)
+    a("--module_dropout", type=float, default=0.0)
+    a("--init_weights", default="true", choices=["true", "false", "lycoris"])
+    a("--unet_target_modules", default="attn-ff",
+      help=f"a preset ({', '.join(UNET_PRESETS)}) or a comma-separated list of module names")
+    a("--te_rank", type=int, default=None, help="default: --rank")
+    a("--te_alpha", type=float, default=None, help="default: --te_rank")
+    a("--te_target_modules", default=",".join(TE_TARGETS))
+    a("--export_format", default="comfyui", choices=["comfyui", "peft", "diffusers", "none"],
+      help="the portable file written beside our own layout")
+    return p
+
+
+def parse(description: str, dreambooth: bool, argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser(description, dreambooth).parse_args(argv)
+    args.dreambooth = dreambooth
+    if not dreambooth and not args.train_data_dir and not args.dataset_name:
+        raise SystemExit("error: give --train_data_dir (an image folder) or --dataset_name")
+    if dreambooth and args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
+        raise SystemExit("error: --with_prior_preservation needs --class_data_dir and --class_prompt")
+    return args
+
+
+def unet_targets(value: str) -> list[str]:
+    return UNET_PRESETS[value] if value in UNET_PRESETS else [t.strip() for t in value.split(",") if t.strip()]

@@ -1,0 +1,77 @@
+"""What a training run leaves behind: validation images, the adapter files and a model card."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..export import save_lokr_weights
+
+logger = logging.getLogger(__name__)
+OURS_FILE = "pytorch_lokr_weights.safetensors"
+
+
+def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any) -> str:
+    """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG, log to trackers."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(args.seed)
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    with torch.no_grad():
+        images = [pipe(args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
+                       height=args.resolution, width=args.resolution).images[0]
+                  for _ in range(args.num_validation_images)]
+    pipe.unet.train(was_training)
+    sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+    x = 0
+    for im in images:
+        sheet.paste(im, (x, 0))
+        x += im.width
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:06d}.png")
+    sheet.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    logger.info("validation images: %s", path)
+    return path
+
+
+def save_outputs(pipe: Any, args: Any, sdxl: bool, result: Any) -> dict[str, str]:
+    """Our lossless file, the portable one (--export_format), and README.md."""
+    files = {"lokr": save_lokr_weights(pipe, os.path.join(args.output_dir, OURS_FILE), format="lokr_diffusers")}
+    if args.export_format != "none":
+        suffix = "" if args.export_format == "peft" else ".safetensors"
+        name = os.path.join(args.output_dir, f"lokr_{args.export_format}{suffix}")
+        files[args.export_format] = save_lokr_weights(pipe, name, format=args.export_format,
+                                                      base="sdxl" if sdxl else None)
+    files["model_card"] = write_model_card(args, sdxl, result, files)
+    return files
+
+
+def write_model_card(args: Any, sdxl: bool, result: Any, files: dict[str, str]) -> str:
+    prompt = args.instance_prompt if getattr(args, "dreambooth", False) else args.validation_prompt
+    lines = [
+        "---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
+        "tags: [lokr, lycoris, diffusers, text-to-image" + (", stable-diffusion-xl" if sdxl else "") + "]", "---", "",
+        f"# LoKr fine-tune of {args.pretrained_model_name_or_path}", "",
+        f"Trained with lokr_diffusers for {result.global_step} steps (rank {args.rank}, alpha "
+        f"{args.alpha or args.rank}, UNet targets `{args.unet_target_modules}`"
+        + (f", text encoder rank {args.te_rank or args.rank}" if args.train_text_encoder else "") + ").", "",
+        f"Prompt: `{prompt}`" if prompt else "", "",
+        "## Use", "", "```python", "import lokr_diffusers",
+        f'pipe.load_lokr_weights("{args.output_dir}", weight_name="{OURS_FILE}")', "```", "",
+        "Files: " + ", ".join(f"`{os.path.basename(p)}` ({k})" for k, p in files.items()) + ".",
+        "The ComfyUI / A1111 file loads there as a LoRA/LyCORIS file, with the same weights as trained.", "",
+    ]
+    path = os.path.join(args.output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+    return path
