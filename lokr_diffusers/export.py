@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from .architectures import BASE_MODEL_VERSION, base_of
 from .formats.ldm import diffusers_to_ldm
-from .loader import OURS_FORMAT, OURS_PREFIX
-from .loader import components as pipeline_components
+from .loader import OURS_FORMAT, OURS_PREFIX, pipeline_components
 from .model import lokr_layers
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from . import loader
+from . import export, loader
 from .formats.reader import group_modules
 from .io import lokr_state_dict
 
@@ -21,24 +21,16 @@ logger = logging.getLogger(__name__)
 METHODS: dict[str, Callable[..., Any]] = {
     "load_lokr_weights": loader.load_lokr_weights,
     "set_lokr_adapters": loader.set_lokr_adapters,
-    "fuse_lokr": lambda pipe, lokr_scale=1.0, components=None, adapter_names=None, safe_fusing=False:
-        loader.fuse_lokr(pipe, lokr_scale, components, adapter_names, safe_fusing),
-    "unfuse_lokr": lambda pipe, components=None: loader.unfuse_lokr(pipe, components),
+    "fuse_lokr": loader.fuse_lokr,
+    "unfuse_lokr": loader.unfuse_lokr,
     "enable_lokr": loader.enable_lokr,
     "disable_lokr": loader.disable_lokr,
     "delete_lokr_adapters": loader.delete_lokr_adapters,
     "unload_lokr_weights": loader.unload_lokr_weights,
     "get_list_lokr_adapters": loader.get_list_lokr_adapters,
     "get_active_lokr_adapters": loader.get_active_lokr_adapters,
-    "save_lokr_weights": lambda pipe, path, adapter_name="default", format="comfyui", dtype=None, metadata=None,
-    **kw: _export().save_lokr_weights(pipe, path, adapter_name, format, dtype, metadata, **kw),
+    "save_lokr_weights": export.save_lokr_weights,
 }
-
-
-def _export() -> Any:
-    from . import export  # export imports loader: resolve at call time
-
-    return export
 _ORIGINAL = "_lokr_diffusers_original_load_lora_weights"
 
 

@@ -31,7 +31,7 @@ PathOrDict = str | os.PathLike[str] | dict[str, Tensor]
 AdapterWeight = float | Mapping[str, float]
 
 
-def components(pipe: Any) -> dict[str, nn.Module]:
+def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
     """The pipeline's adaptable components by name (a LoKrModel-wrapped one counts as its model)."""
     out: dict[str, nn.Module] = {}
     for name in COMPONENTS:
@@ -64,7 +64,7 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     subfolder = kwargs.pop("subfolder", None)
     state_dict, metadata, layout = lokr_state_dict(pretrained_model_name_or_path_or_dict, weight_name, subfolder,
                                                    **kwargs)
-    comps = components(pipe)
+    comps = pipeline_components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
     groups = split_adapters(state_dict, metadata)
@@ -189,7 +189,7 @@ def layers_stepped_aside(pipe: Any) -> Iterator[None]:
     (diffusers/PEFT LoRA cannot wrap a LoKr layer), then put each back around whatever its slot
     holds now: the base layer itself, or the base layer inside the new LoRA wrapper."""
     saved: list[tuple[nn.Module, str, LoKrLayer]] = []
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         for path, layer in list(lokr_layers(model)):
             parent_name, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -235,12 +235,12 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def get_list_lokr_adapters(pipe: Any) -> dict[str, list[str]]:
     """{component: [adapter names]} for the components holding LoKr adapters."""
-    return {c: list(adapter_configs(m)) for c, m in components(pipe).items() if adapter_configs(m)}
+    return {c: list(adapter_configs(m)) for c, m in pipeline_components(pipe).items() if adapter_configs(m)}
 
 
 def get_active_lokr_adapters(pipe: Any) -> list[str]:
     out: list[str] = []
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         out += [a for a in active_adapters(model) if a not in out]
     return out
 
@@ -250,7 +250,7 @@ def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
     """Activate these adapters (only these) with strengths: one float or {component: float} per
     adapter, or one for all; a component missing from a dict gets 1.0."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    comps = components(pipe)
+    comps = pipeline_components(pipe)
     known = {n for m in comps.values() for n in adapter_configs(m)}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -269,11 +269,11 @@ def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
                     layer.set_adapter_weight(n, float(w.get(c, 1.0) if isinstance(w, Mapping) else w))
 
 
-def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components_: Sequence[str] | None = None,
+def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | None = None,
               adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
     """Merge the active (or given) adapters into the weights, times `lokr_scale`. `unfuse_lokr`
     restores the original weights bit for bit."""
-    for c, model in _selected(pipe, components_).items():
+    for c, model in _selected(pipe, components).items():
         layers = [layer for _, layer in lokr_layers(model)]
         saved = [dict(layer.adapter_weight) for layer in layers]
         for layer in layers:
@@ -287,20 +287,20 @@ def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components_: Sequence[str] | N
         logger.info("fused LoKr adapters into %s", c)
 
 
-def unfuse_lokr(pipe: Any, components_: Sequence[str] | None = None) -> None:
-    for model in _selected(pipe, components_).values():
+def unfuse_lokr(pipe: Any, components: Sequence[str] | None = None) -> None:
+    for model in _selected(pipe, components).values():
         for _, layer in lokr_layers(model):
             layer.unmerge()
 
 
 def enable_lokr(pipe: Any) -> None:
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         for _, layer in lokr_layers(model):
             layer.enable_adapters(True)
 
 
 def disable_lokr(pipe: Any) -> None:
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         for _, layer in lokr_layers(model):
             layer.enable_adapters(False)
 
@@ -308,7 +308,7 @@ def disable_lokr(pipe: Any) -> None:
 def delete_lokr_adapters(pipe: Any, adapter_names: str | list[str]) -> None:
     """Remove adapters everywhere; a layer left with none gives its slot back to the base layer."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         registry = adapter_configs(model)
         for _, layer in lokr_layers(model):
             for n in names:
@@ -322,12 +322,12 @@ def delete_lokr_adapters(pipe: Any, adapter_names: str | list[str]) -> None:
 def unload_lokr_weights(pipe: Any) -> None:
     """Remove every LoKr layer. Fused adapters stay in the weights (as diffusers' unload_lora_weights
     after fuse_lora); otherwise the components are exactly as before loading."""
-    for model in components(pipe).values():
+    for model in pipeline_components(pipe).values():
         remove_layers(model, keep_merged=True)
 
 
 def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:
-    comps = components(pipe)
+    comps = pipeline_components(pipe)
     if names is None:
         return comps
     missing = [n for n in names if n not in comps]
