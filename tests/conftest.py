@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,3 +24,12 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from lokr_diffusers.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")), sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of tiny ops: one thread avoids OpenMP spin/sync costs (10x+ on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

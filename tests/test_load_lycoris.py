@@ -17,7 +17,7 @@ LyCORIS files are built once per module (about 0.5 s each, ~15 s for all).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -44,13 +44,7 @@ CASES = [pytest.param(kind, v, id=f"{kind}-{v.id}") for kind in KINDS for v in V
 GetFile = Callable[[str, Variant], LycorisFile]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: one thread avoids OpenMP spin/sync costs (10x+ on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 @pytest.fixture(scope="module")

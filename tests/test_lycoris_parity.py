@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -169,13 +168,7 @@ def weight_shape(case: Case) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------ tests
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These ops are tiny: one thread avoids OpenMP sync costs (10x+ on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
