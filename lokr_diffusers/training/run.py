@@ -52,17 +52,23 @@ def _batch(dataset: Any, indices: list[int]) -> dict[str, Any]:
 
 def train(args: Any) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler, DiffusionPipeline
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from ..pipeline import add_lokr
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              cpu=world > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo
                               project_config=ProjectConfiguration(args.output_dir,
                                                                   os.path.join(args.output_dir, args.logging_dir)))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}; "
+                           "use `accelerate launch` or set up accelerate's config for this machine")
+    set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                                   variant=args.variant)
@@ -136,7 +142,7 @@ def train(args: Any) -> TrainResult:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad()
-                losses.append(loss.detach().float().item())
+                losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())  # all ranks
             global_step += 1
             step_loss = sum(losses) / len(losses)
             result.losses.append(step_loss)
