@@ -89,12 +89,9 @@ def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) 
 
 
 def expand_tucker(f: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Tucker W2 as plain low-rank factors of the same rank (exact): W2[p, (q,k)] =
-    Σ_i w2_a[i, p] · (Σ_j t2[i, j, k] · w2_b[j, q]), so w2_a' = w2_aᵀ and w2_b' = t2 ×_j w2_b."""
+    """The factors with a Tucker W2 rewritten as plain low-rank ones of the same rank (exact)."""
     out = {k: v for k, v in f.items() if k not in ("lokr_t2", "lokr_w2_a", "lokr_w2_b")}
-    t2, a, b = f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]
-    out["lokr_w2_a"] = a.t().contiguous()  # (out_k, r)
-    out["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t2, b).reshape(t2.shape[0], -1).contiguous()
+    out["lokr_w2_a"], out["lokr_w2_b"] = LF.tucker_to_lowrank(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
     return out
 
 

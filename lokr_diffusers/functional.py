@@ -224,6 +224,13 @@ def rebuild_w2(f: Factors, out_k: int, in_n: int, kernel: Sequence[int]) -> Tens
     return (f["lokr_w2_a"] @ f["lokr_w2_b"].reshape(f["lokr_w2_b"].shape[0], -1)).reshape(shape)
 
 
+def tucker_to_lowrank(t2: Tensor, w2_a: Tensor, w2_b: Tensor) -> tuple[Tensor, Tensor]:
+    """A Tucker W2 as plain low-rank factors of the same rank, exactly: W2[p, (q,k)] =
+    Σ_i w2_a[i, p] · (Σ_j t2[i, j, k] · w2_b[j, q]). Returns (w2_a' (out_k, r), w2_b' (r, in_n·prod(k)))."""
+    b = torch.einsum("ij...,jq->iq...", t2, w2_b).reshape(t2.shape[0], -1)
+    return w2_a.t().contiguous(), b.contiguous()
+
+
 def make_kron(w1: Tensor, w2: Tensor) -> Tensor:
     """kron(W1, W2) with W1 unsqueezed to W2's rank: (out_l·out_k, in_m·in_n, *kernel)."""
     w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))

@@ -192,3 +192,14 @@ def test_alpha_for_consumer_round_trips(plan: LF.LoKrPlan, scale: float) -> None
 def test_cost_model_choices(shape: tuple[int, ...], tokens: int, needs_grad: bool, bypass: bool) -> None:
     plan = LF.plan_lokr(shape, 8, use_tucker=True)
     assert LF.prefer_bypass(plan, tokens, needs_grad) is bypass
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (40, 30, 5)])
+def test_tucker_to_lowrank_is_exact(shape: tuple[int, ...]) -> None:
+    plan = LF.plan_lokr(shape, 2, use_tucker=True)
+    assert plan.tucker
+    f = _random_factors(plan, seed=4)
+    a, b = LF.tucker_to_lowrank(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    plain = {"lokr_w1": f["lokr_w1"], "lokr_w2_a": a, "lokr_w2_b": b}
+    assert LF.plan_from_tensors(shape, plain).rank2 == plan.rank2 and not LF.plan_from_tensors(shape, plain).tucker
+    torch.testing.assert_close(LF.delta_weight(plain, shape), LF.delta_weight(f, shape), rtol=1e-12, atol=1e-12)
