@@ -1,6 +1,7 @@
 """The offline demo (`lokr-diffusers demo`): train a LoKr on a tiny pipeline built in code (or a real
 one with --model), export the ComfyUI file, load it back with `pipe.load_lokr_weights`, and write
-before/after images and a loss curve."""
+before/after images and a loss curve. The tiny model has random weights: its images are noise, the
+demo shows the mechanics (and the loss curve the learning); with --model the images mean something."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def loss_curve_png(losses: list[float], path: str, title: str = "training loss")
     return path
 
 
+def comparison_png(images: dict[str, Any], path: str, size: int = 192) -> str:
+    """Labelled images side by side (e.g. a training image, before, after)."""
+    from PIL import Image, ImageDraw
+
+    sheet = Image.new("RGB", (len(images) * (size + 8) + 8, size + 30), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, image) in enumerate(images.items()):
+        x = 8 + i * (size + 8)
+        sheet.paste(image.convert("RGB").resize((size, size)), (x, 22))
+        draw.text((x, 5), label, fill="black")
+    sheet.save(path)
+    return path
+
+
 def _generate(pipe: Any, prompt: str, resolution: int, seed: int) -> Any:
     return pipe(prompt, num_inference_steps=8, height=resolution, width=resolution,
                 generator=torch.Generator().manual_seed(seed)).images[0]
@@ -71,12 +86,23 @@ def run_demo(out: str = "outputs/demo", steps: int = 40, model: str | None = Non
         before = _generate(base, prompt, resolution, seed)
         base.load_lokr_weights(result.files["comfyui"], adapter_name="demo")
         after = _generate(base, prompt, resolution, seed)
+        from PIL import Image
+
+        sample = Image.open(os.path.join(data, sorted(f for f in os.listdir(data) if f.endswith(".png"))[0]))
+        sample.load()
     paths = {"before": os.path.join(out, "before.png"), "after": os.path.join(out, "after.png"),
-             "loss_curve": os.path.join(out, "loss_curve.png"), **result.files}
+             "loss_curve": os.path.join(out, "loss_curve.png"), "comparison": os.path.join(out, "comparison.png"),
+             **result.files}
     before.resize((256, 256)).save(paths["before"])
     after.resize((256, 256)).save(paths["after"])
     loss_curve_png(result.losses, paths["loss_curve"])
+    comparison_png({"a training image": sample, "before (base)": before, "after (LoKr reloaded)": after},
+                   paths["comparison"])
+    import numpy as np
+
+    change = float(np.abs(np.asarray(after, dtype=np.float32) - np.asarray(before, dtype=np.float32)).mean())
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump({"steps": result.global_step, "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                   "mean_pixel_change_after_vs_before": round(change, 3),
                    "seconds": round(time.perf_counter() - t0, 1), "files": paths}, fh, indent=2)
     return paths

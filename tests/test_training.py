@@ -93,7 +93,7 @@ def test_demo_writes_its_files(tmp_path) -> None:
     from lokr_diffusers.demo import run_demo
 
     paths = run_demo(str(tmp_path / "demo"), steps=4)
-    for key in ("before", "after", "loss_curve", "lokr", "comfyui", "model_card"):
+    for key in ("before", "after", "loss_curve", "comparison", "lokr", "comfyui", "model_card"):
         assert os.path.getsize(paths[key]) > 0, key
     summary = json.load(open(tmp_path / "demo" / "summary.json", encoding="utf-8"))
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and summary["mean_pixel_change_after_vs_before"] > 0
