@@ -246,6 +246,28 @@ def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float = 1.0) ->
     return dw * scale if scale != 1.0 else dw
 
 
+def add_delta(weight: Tensor, f: Factors, scale: float = 1.0, inplace: bool = False) -> Tensor:
+    """weight + scale · W1 ⊗ W2 in one pass, without materialising the kron: W viewed as
+    (out_l, out_k, in_m, in_n, *kernel) gets W1[i, :, j, :] · W2[:, p, :, q] by a broadcast addcmul.
+    Falls back to delta_weight when shapes or dtypes do not allow the view."""
+    w1 = rebuild_w1(f)
+    out_dim, in_dim, *kernel = weight.shape
+    out_l, in_m = w1.shape
+    out_k, in_n = out_dim // out_l, in_dim // in_m
+    w2 = rebuild_w2(f, out_k, in_n, kernel)
+    if not weight.is_contiguous() or w1.dtype != weight.dtype or w2.dtype != weight.dtype:
+        delta = delta_weight(f, weight.shape, scale).to(weight.dtype)
+        return weight.add_(delta) if inplace else weight + delta
+    ones = [1] * len(kernel)
+    view = weight.view(out_l, out_k, in_m, in_n, *kernel)
+    a = w1.reshape(out_l, 1, in_m, 1, *ones)
+    b = w2.reshape(1, out_k, 1, in_n, *kernel)
+    if inplace:
+        view.addcmul_(a, b, value=scale)
+        return weight
+    return torch.addcmul(view, a, b, value=scale).view(weight.shape)
+
+
 # ------------------------------------------------------------------------ apply without building ΔW
 @dataclass(frozen=True)
 class ConvArgs:

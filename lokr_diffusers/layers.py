@@ -197,14 +197,18 @@ class LoKrLayer(nn.Module):
         if not names:
             return
         w = self.weight
-        new = w.detach().clone()
-        for a in names:  # in order, each on the weight so far (DoRA normalises what it is given)
-            new += self.get_delta_weight(a, base=new).to(new.dtype)
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
+        target = w.detach().clone() if safe_merge else w.data  # safe: build aside, check, then copy
         if self._original_weight is None and keep_original:
             self._original_weight = w.detach().to("cpu", copy=True)
-        w.data.copy_(new)
+        for a in names:  # in order, each on the weight so far (DoRA normalises what it is given)
+            if a in self.dora_scale:
+                target += self.get_delta_weight(a, base=target).to(target.dtype)
+            else:
+                LF.add_delta(target, self.factors(a), self.effective_scale(a), inplace=True)
+        if safe_merge:
+            if not torch.isfinite(target).all():
+                raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
+            w.data.copy_(target)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -232,6 +236,9 @@ class LoKrLayer(nn.Module):
 
     def _can_bypass(self) -> bool:
         return True
+
+    def _rank_dropping(self, adapter_name: str) -> bool:
+        return self.training and self.rank_dropout[adapter_name] > 0
 
     def _rank_mask(self, adapter_name: str, like: Tensor) -> Tensor | None:
         """(out,) keep-mask of rank dropout for this call, or None outside training."""
@@ -262,7 +269,13 @@ class LoKrLayer(nn.Module):
             else:
                 in_merge.append(a)
         w = self.weight
-        if in_merge:
+        plain = direct and not any(a in self.dora_scale or self._rank_dropping(a) for a in in_merge)
+        if in_merge and plain:  # W + Σ ΔW built in one pass per adapter, then one op
+            w_eff = w
+            for a in in_merge:
+                w_eff = LF.add_delta(w_eff, self.factors(a), self.effective_scale(a), inplace=w_eff is not w)
+            result = self._run(x, w_eff, self.bias)
+        elif in_merge:
             delta = self._masked_delta(in_merge[0], w)
             for a in in_merge[1:]:
                 delta = delta + self._masked_delta(a, w)

@@ -203,3 +203,15 @@ def test_tucker_to_lowrank_is_exact(shape: tuple[int, ...]) -> None:
     plain = {"lokr_w1": f["lokr_w1"], "lokr_w2_a": a, "lokr_w2_b": b}
     assert LF.plan_from_tensors(shape, plain).rank2 == plan.rank2 and not LF.plan_from_tensors(shape, plain).tucker
     torch.testing.assert_close(LF.delta_weight(plain, shape), LF.delta_weight(f, shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "r", "factor", "both", "tucker", "full"), CASES)
+def test_add_delta_equals_weight_plus_kron(shape, r, factor, both, tucker, full) -> None:
+    plan = LF.plan_lokr(shape, r, factor, both, tucker, full)
+    f = _random_factors(plan, seed=5)
+    w = torch.randn(shape, dtype=torch.float64)
+    expected = w + LF.delta_weight(f, shape, 0.3)
+    torch.testing.assert_close(LF.add_delta(w, f, 0.3), expected, rtol=1e-12, atol=1e-12)
+    w2 = w.clone()
+    assert LF.add_delta(w2, f, 0.3, inplace=True) is w2
+    torch.testing.assert_close(w2, expected, rtol=1e-12, atol=1e-12)
