@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from . import export
-from .architectures import BASES, meta_components
-from .formats.names import build_index
+from .architectures import BASES, CROSS_ATTENTION_DIM, meta_components
+from .formats.names import build_index, weight_of
 from .formats.reader import LoadEntry, parse_file
 from .formats.report import guess_file_base
 from .io import detect_layout, lokr_state_dict
@@ -34,7 +34,7 @@ def guess_base(state_dict: dict[str, Tensor]) -> str | None:
             in_m = state_dict[key].shape[-1]
             w2 = state_dict.get(f"{module}.lokr_w2_b", state_dict.get(f"{module}.lokr_w2"))
             if w2 is not None and w2.dim() == 2:
-                return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(in_m * w2.shape[-1])
+                return CROSS_ATTENTION_DIM.get(in_m * w2.shape[-1])
     return None
 
 
@@ -44,7 +44,7 @@ def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[expo
         module = comps[e.ref.component].get_submodule(e.ref.path)
         r = e.plan.rank or 1
         out.append(export.ExportModule(e.ref.component, e.ref.path, dict(e.factors), e.scale, e.plan,
-                                       tuple(export.weight_of(module).shape), e.dora_scale, r,
+                                       tuple(weight_of(module).shape), e.dora_scale, r,
                                        e.alpha if e.alpha is not None else e.scale * r))
     return out
 

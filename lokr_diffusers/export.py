@@ -68,12 +68,6 @@ def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[Expo
     return out
 
 
-def weight_of(module: nn.Module) -> Tensor:
-    w = module.weight
-    assert isinstance(w, Tensor)
-    return w
-
-
 # -------------------------------------------------------------------------------------- comfyui
 def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) -> str:
     """The most portable kohya name (FORMATS.md §5): SDXL UNet by ldm names, SD1/SD2 UNet by

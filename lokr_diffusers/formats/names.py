@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..layers import LoKrLayer
 
@@ -75,6 +75,13 @@ def get_slot(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     while not isinstance(child, (LoKrLayer, *ADAPTABLE)) and isinstance(getattr(child, "base_layer", None), nn.Module):
         parent, attr, child = child, "base_layer", getattr(child, "base_layer")  # noqa: B009
     return parent, attr
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """A module's `weight`, typed as a Tensor."""
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
 
 
 def _u(path: str) -> str:

@@ -12,14 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as LF
 from ..config import LoKrConfig
 from ..io import PEFT_CONFIG_KEY
 from ..layers import LoKrLayer
 from ..targeting import pattern_value
-from .names import ModuleRef, NameIndex
+from .names import ModuleRef, NameIndex, weight_of
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
         if not torch.isfinite(t).all():
             raise ValueError(f"{name}.{leaf}: holds NaN or infinite values")
     module = index.modules[ref.component][ref.path]
-    shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(_weight(module).shape)
+    shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
     try:
         plan = LF.plan_from_tensors(shape, factors)
         if "dora_scale" in tensors:
@@ -159,12 +159,6 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
     else:
         scale = LF.consumer_scale(plan, alpha)
     return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys)
-
-
-def _weight(module: nn.Module) -> Tensor:
-    w = module.weight
-    assert isinstance(w, Tensor)
-    return w
 
 
 def _peft_config(metadata: Mapping[str, str]) -> LoKrConfig | None:

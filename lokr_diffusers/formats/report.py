@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from ..architectures import CROSS_ATTENTION_DIM
+
 BASES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-CROSS_ATTENTION_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SDXL_NAMES = re.compile(r"lora_te2_|text_encoder_2\.|clip_g|label_emb|add_embedding|transformer_blocks[._][1-9]\b")
 _SD12_NAMES = re.compile(r"down_blocks[._]0[._]attentions|input_blocks[._]1[._]1[._]|down_blocks[._]3[._]")
 
