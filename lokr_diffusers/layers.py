@@ -80,6 +80,13 @@ class LoKrLayer(nn.Module):
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
+    def base_weight(self) -> Tensor:
+        """The base weight without this layer's fused adapters (the W the adapters are relative to),
+        detached, on the weight's device."""
+        if self.merged_adapters and self._original_weight is not None:
+            return self._original_weight.to(self.weight.device)
+        return self.weight.detach()
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
