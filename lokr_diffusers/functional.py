@@ -268,6 +268,27 @@ def add_delta(weight: Tensor, f: Factors, scale: float = 1.0, inplace: bool = Fa
     return torch.addcmul(view, a, b, value=scale).view(weight.shape)
 
 
+def adapt_weight(weight: Tensor, f: Factors, scale: float, dora_scale: Tensor | None = None,
+                 strength: float = 1.0, inplace: bool = False) -> Tensor:
+    """The weight after one adapter at `strength`: W + strength·scale·(W1 ⊗ W2), or for DoRA
+    W + strength·(m·(W + ΔW)/‖W + ΔW‖ − W) with ΔW = scale·(W1 ⊗ W2), normalised in the wider of the
+    two dtypes (fp16 weights are not normalised in fp16). In place only for the plain rule."""
+    if dora_scale is None:
+        return add_delta(weight, f, scale * strength, inplace=inplace)
+    delta = delta_weight(f, weight.shape, scale)
+    dt = torch.promote_types(weight.dtype, delta.dtype)
+    return dora_weight(weight.to(dt), delta.to(dt), dora_scale, strength).to(weight.dtype)
+
+
+def fold(weight: Tensor, adapters: Sequence[tuple[Factors, float, Tensor | None, float]]) -> Tensor:
+    """A new tensor: `weight` with (factors, scale, dora_scale, strength) adapters applied in order
+    by `adapt_weight` (order matters only for DoRA, which normalises the weight it is given)."""
+    out = weight.clone()
+    for f, scale, dora, strength in adapters:
+        out = adapt_weight(out, f, scale, dora, strength, inplace=True)
+    return out
+
+
 # ------------------------------------------------------------------------ apply without building ΔW
 @dataclass(frozen=True)
 class ConvArgs:

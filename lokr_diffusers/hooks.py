@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from . import export, loader
+from . import export, loader, saving
 from .formats.reader import group_modules
 from .io import lokr_state_dict
 
@@ -73,6 +73,7 @@ def attach() -> None:
 
     for name, fn in METHODS.items():
         setattr(DiffusionPipeline, name, fn)
+    saving.attach()
     for mixin_name in ("StableDiffusionLoraLoaderMixin", "StableDiffusionXLLoraLoaderMixin"):
         mixin = getattr(lora_pipeline, mixin_name, None)
         method = getattr(mixin, "load_lora_weights", None)

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import functional as LF
+from . import state as S
 from .config import LoKrConfig
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,11 @@ def check_adapter_name(name: str) -> None:
 
 
 class LoKrLayer(nn.Module):
-    """Base of the LoKr wrappers. Subclasses say how the base op runs with a given weight."""
+    """Base of the LoKr wrappers. Subclasses say how the base op runs with a given weight.
+
+    The adapter state (active adapters, weights, enabled, fused) is one `state.LayerState`; every
+    operation below is a transition of it, and `commit` makes the base weight follow it.
+    """
 
     adapter_layer_names: tuple[str, ...] = LF.FACTOR_NAMES
     other_param_names: tuple[str, ...] = ("r", "alpha", "scaling", "rank_dropout", "module_dropout")
@@ -52,20 +58,21 @@ class LoKrLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}  # the producer's scale (alpha / r for a fresh adapter)
-        self.adapter_weight: dict[str, float] = {}  # the user's strength, default 1.0
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.plans: dict[str, LF.LoKrPlan] = {}
-        self._active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
         self.forward_mode: ForwardMode = "auto"
-        self._original_weight: Tensor | None = None  # CPU copy taken at the first merge
+        self.state = S.LayerState()
+        self.version = 0  # bumped by every commit
+        self._applied: S.Pairs = ()  # state.applied(), cached for forward
+        self._call_scale = 1.0  # diffusers' cross_attention_kwargs["scale"] during one call (scaling.py)
+        self._fused_base: Tensor | None = None  # CPU copy of the weight without our fused adapters
+        self._frozen: dict[str, _Frozen] = {}  # what each fused adapter was fused with
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
                               config)
-            self._active_adapters = [adapter_name]
+            self.set_adapter([adapter_name])
 
     # ------------------------------------------------------------------------------------ state
     @property
@@ -83,21 +90,35 @@ class LoKrLayer(nn.Module):
     def base_weight(self) -> Tensor:
         """The base weight without this layer's fused adapters (the W the adapters are relative to),
         detached, on the weight's device."""
-        if self.merged_adapters and self._original_weight is not None:
-            return self._original_weight.to(self.weight.device)
+        if self.state.physical():
+            return self._recover_base(self.state.physical()).clone()
         return self.weight.detach()
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
+        return list(self.state.active)
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self.state.fused_names)
 
     @property
     def merged(self) -> bool:
-        return bool(self.merged_adapters)
+        return bool(self.state.fused)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not self.state.enabled
+
+    @property
+    def adapter_weight(self) -> dict[str, float]:
+        """Each adapter's user strength (read-only copy; change it with set_adapter_weight)."""
+        return {a: self.state.weight(a) for a in self.state.adapters}
 
     def adapter_names(self) -> list[str]:
         return list(self.plans)
@@ -106,8 +127,49 @@ class LoKrLayer(nn.Module):
         """The adapter's stored tensors by name ("lokr_w1", ...)."""
         return {n: getattr(self, n)[adapter_name] for n in LF.FACTOR_NAMES if adapter_name in getattr(self, n)}
 
+    def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
+        """Factors plus `dora_scale` when the adapter has one (what a file stores)."""
+        out = self.factors(adapter_name)
+        if adapter_name in self.dora_scale:
+            out["dora_scale"] = self.dora_scale[adapter_name]
+        return out
+
     def effective_scale(self, adapter_name: str) -> float:
-        return self.scaling[adapter_name] * self.adapter_weight[adapter_name]
+        return self.scaling[adapter_name] * self.state.weight(adapter_name)
+
+    # ---------------------------------------------------------------------------------- transitions
+    def commit(self, new: S.LayerState, safe: bool = False, keep_original: bool = True) -> None:
+        """Take `new` as the layer's state; the base weight is rebuilt when the fused part changes.
+        safe: a non-finite new weight raises and nothing changes."""
+        old_phys, new_phys = self.state.physical(), new.physical()
+        if old_phys != new_phys:
+            self._set_physical(old_phys, new, safe, keep_original)
+        self.state = new
+        self._applied = new.applied()
+        self.version += 1
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make these adapters the active ones (those the layer has; others are ignored here)."""
+        self.commit(S.activate(self.state, [adapter_names] if isinstance(adapter_names, str) else adapter_names))
+
+    def set_adapter_weight(self, adapter_name: str, weight: float) -> None:
+        self.commit(S.set_weight(self.state, adapter_name, weight))
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.commit(S.enable(self.state, enabled))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+              keep_original: bool = True, scale: float = 1.0) -> None:
+        """Fuse the active (or given) adapters into the base weight at scale · their weight.
+        `unmerge` restores the weight bit for bit (keep_original=False: a fuse never undone, no copy)."""
+        self.commit(S.fuse(self.state, adapter_names, scale), safe=safe_merge, keep_original=keep_original)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every fused adapter out of the base weight (exactly as it was, if nothing else
+        changed the weight since; otherwise only our part is taken out)."""
+        self.commit(S.unfuse(self.state))
 
     # ---------------------------------------------------------------------------- create adapters
     def update_layer(self, adapter_name: str, r: int, alpha: float, config: LoKrConfig) -> None:
@@ -132,8 +194,8 @@ class LoKrLayer(nn.Module):
         plan = LF.plan_from_tensors(self.weight_shape, tensors)
         if dora_scale is not None:
             LF.dora_on_output_axis(dora_scale, self.weight_shape)  # raises if it fits no axis
-        if not math.isfinite(scale):
-            raise ValueError(f"adapter {adapter_name!r}: scale {scale} is not finite")
+        S.check_strength(scale, f"scale of adapter {adapter_name!r}")
+        new_state = S.add(self.state, adapter_name)  # raises if it is fused
         self._drop_tensors(adapter_name)
         for name, t in tensors.items():
             getattr(self, name)[adapter_name] = nn.Parameter(t, requires_grad=requires_grad)
@@ -143,10 +205,10 @@ class LoKrLayer(nn.Module):
         self.scaling[adapter_name] = float(scale)
         self.r[adapter_name] = r if r is not None else (plan.rank or 1)
         self.alpha[adapter_name] = alpha if alpha is not None else scale * self.r[adapter_name]
-        self.adapter_weight.setdefault(adapter_name, 1.0)
         self.rank_dropout.setdefault(adapter_name, 0.0)
         self.module_dropout.setdefault(adapter_name, 0.0)
         self.rank_dropout_scale.setdefault(adapter_name, False)
+        self.commit(new_state)
 
     def _drop_tensors(self, adapter_name: str) -> None:
         for name in (*LF.FACTOR_NAMES, "dora_scale"):
@@ -155,80 +217,79 @@ class LoKrLayer(nn.Module):
                 del store[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter; if it was fused, its delta leaves the weight (the others stay fused)."""
         if adapter_name not in self.plans:
             raise KeyError(f"adapter {adapter_name!r} not in this layer (has {self.adapter_names()})")
-        if adapter_name in self.merged_adapters:
-            self.unmerge()
+        self.commit(S.remove(self.state, adapter_name))
         self._drop_tensors(adapter_name)
-        for d in (self.r, self.alpha, self.scaling, self.adapter_weight, self.rank_dropout, self.module_dropout,
+        for d in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout,
                   self.rank_dropout_scale, self.plans):
             d.pop(adapter_name, None)
-        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make these adapters the active ones (those the layer has; others are ignored here)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._active_adapters = [n for n in names if n in self.plans]
+    # ----------------------------------------------------------------------------- fused weights
+    def _freeze(self, adapter_name: str) -> _Frozen:
+        dora = self.dora_scale[adapter_name].detach().clone() if adapter_name in self.dora_scale else None
+        return _Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()},
+                       self.scaling[adapter_name], dora)
 
-    def set_adapter_weight(self, adapter_name: str, weight: float) -> None:
-        self.adapter_weight[adapter_name] = float(weight)
+    def _fold(self, base: Tensor, pairs: S.Pairs, frozen: dict[str, _Frozen]) -> Tensor:
+        """base with the fused adapters `pairs` applied in order (the one way fused weights are made)."""
+        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs])
 
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
+    def _recover_base(self, pairs: S.Pairs) -> Tensor:
+        """The weight without the fused `pairs`: the saved copy, plus whatever else changed the
+        weight since our fuse (another library's fused LoRA), which is kept."""
+        if self._fused_base is None:
+            raise RuntimeError("this layer was fused with keep_original=False and cannot be unfused")
+        w = self.weight.detach()
+        base = self._fused_base.to(device=w.device, dtype=w.dtype)
+        after = self._fold(base, pairs, self._frozen)
+        if not torch.equal(after, w):
+            logger.debug("weight changed since the fuse; keeping the foreign change")
+            base = base + (w - after)
+        return base
 
-    # ------------------------------------------------------------------------------- ΔW and merge
-    def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
-        """Factors plus `dora_scale` when the adapter has one (what a file stores)."""
-        out = self.factors(adapter_name)
-        if adapter_name in self.dora_scale:
-            out["dora_scale"] = self.dora_scale[adapter_name]
-        return out
-
-    def get_delta_weight(self, adapter_name: str, base: Tensor | None = None) -> Tensor:
-        """The change one adapter makes to the weight (`base`, default the current base weight),
-        with its user weight: s·scale·W1⊗W2, or for DoRA the change W'' − W."""
-        if adapter_name not in self.dora_scale:
-            return LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.effective_scale(adapter_name))
-        delta = LF.delta_weight(self.factors(adapter_name), self.weight_shape, self.scaling[adapter_name])
-        w = (self.weight if base is None else base).detach().to(delta.dtype)
-        return LF.dora_weight(w, delta, self.dora_scale[adapter_name], self.adapter_weight[adapter_name]) - w
+    def _target(self, old: S.Pairs, pairs: S.Pairs) -> tuple[Tensor, Tensor, dict[str, _Frozen]]:
+        """(weight without our fused adapters, weight with `pairs` fused, what each is fused with)."""
+        frozen = {a: self._frozen.get(a) or self._freeze(a) for a, _ in pairs}
+        base = self._recover_base(old) if old else self.weight.detach()
+        return base, (self._fold(base, pairs, frozen) if pairs else base), frozen
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
-              keep_original: bool = True) -> None:
-        """Add the adapters' ΔW into the base weight (in place). The first merge keeps a CPU copy
-        of the original weight, so that `unmerge` restores it bit for bit (keep_original=False
-        skips the copy, for a merge that is never undone)."""
-        names = [a for a in (adapter_names or self._active_adapters) if a in self.plans]
-        names = [a for a in names if a not in self.merged_adapters]
-        if not names:
-            return
-        w = self.weight
-        target = w.detach().clone() if safe_merge else w.data  # safe: build aside, check, then copy
-        if self._original_weight is None and keep_original:
-            self._original_weight = w.detach().to("cpu", copy=True)
-        for a in names:  # in order, each on the weight so far (DoRA normalises what it is given)
-            if a in self.dora_scale:
-                target += self.get_delta_weight(a, base=target).to(target.dtype)
-            else:
-                LF.add_delta(target, self.factors(a), self.effective_scale(a), inplace=True)
-        if safe_merge:
+    def check_commit(self, new: S.LayerState) -> None:
+        """Raise what commit(new, safe=True) would raise about non-finite weights; change nothing."""
+        old, pairs = self.state.physical(), new.physical()
+        if old != pairs:
+            _, target, _ = self._target(old, pairs)
             if not torch.isfinite(target).all():
-                raise ValueError(f"merging adapters {names} gives non-finite weights; they were not merged")
-            w.data.copy_(target)
-        self.merged_adapters.extend(names)
+                names = [a for a, _ in pairs if a not in dict(old)]
+                raise ValueError(f"fusing adapters {names} gives non-finite weights; nothing was fused")
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight exactly as it was before the first merge."""
-        if not self.merged_adapters:
-            return
-        if self._original_weight is None:
-            raise RuntimeError("this merge was made with keep_original=False and cannot be undone")
+    def _set_physical(self, old: S.Pairs, new: S.LayerState, safe: bool, keep_original: bool) -> None:
+        """Rebuild the base weight for new.physical() from the weight without our fused adapters."""
+        pairs = new.physical()
+        base, target, frozen = self._target(old, pairs)
+        if safe and not torch.isfinite(target).all():
+            names = [a for a, _ in pairs if a not in dict(old)]
+            raise ValueError(f"fusing adapters {names} gives non-finite weights; nothing was fused")
+        self._fused_base = base.to("cpu", copy=not old) if pairs and keep_original else None
+        self.weight.data.copy_(target)
+        self._frozen = frozen
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:  # type: ignore[override]
+        """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
+        weight is what the cast base plus the same fuse gives (and unfusing restores the cast base)."""
+        pairs = self.state.physical()
         w = self.weight
-        w.data.copy_(self._original_weight.to(w.device))
-        self._original_weight = None
-        self.merged_adapters = []
+        probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None
+        if probe is None or probe.dtype == w.dtype:
+            return cast(LoKrLayer, super()._apply(fn, recurse))
+        saved = self.state
+        self.commit(S.unfuse(saved))
+        super()._apply(fn, recurse)
+        self.commit(saved)
+        return self
 
     # ------------------------------------------------------------------------------------ forward
     def _tokens(self, x: Tensor) -> int:
@@ -244,9 +305,6 @@ class LoKrLayer(nn.Module):
     def _can_bypass(self) -> bool:
         return True
 
-    def _rank_dropping(self, adapter_name: str) -> bool:
-        return self.training and self.rank_dropout[adapter_name] > 0
-
     def _rank_mask(self, adapter_name: str, like: Tensor) -> Tensor | None:
         """(out,) keep-mask of rank dropout for this call, or None outside training."""
         p = self.rank_dropout[adapter_name]
@@ -258,50 +316,90 @@ class LoKrLayer(nn.Module):
         return keep
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self._active_adapters if a in self.plans and a not in self.merged_adapters]
+        applied = self._applied
         if self.training:
-            active = [a for a in active if not self._module_dropped(a)]
-        if not active:
+            self._check_fused_frozen()
+            applied = tuple(p for p in applied if not self._module_dropped(p[0]))
+        if not applied:
             return self.base_layer(x, *args, **kwargs)
+        if self._call_scale != 1.0:
+            applied = tuple((a, s * self._call_scale) for a, s in applied)
         direct = not args and not kwargs and not hasattr(self.base_layer, "_hf_hook")
+        if any(a in self.dora_scale for a, _ in applied):
+            return self._forward_in_order(x, applied, direct, args, kwargs)
         tokens = self._tokens(x)
-        in_merge, in_bypass = [], []
-        for a in active:
-            if self._choose_bypass(a, tokens, direct):
-                in_bypass.append(a)
-            else:
-                in_merge.append(a)
+        in_merge = [(a, s) for a, s in applied if not self._choose_bypass(a, tokens, direct)]
+        in_bypass = [(a, s) for a, s in applied if (a, s) not in in_merge]
         w = self.weight
-        plain = direct and not any(a in self.dora_scale or self._rank_dropping(a) for a in in_merge)
-        if in_merge and plain:  # W + Σ ΔW built in one pass per adapter, then one op
-            w_eff = w
-            for a in in_merge:
-                w_eff = LF.add_delta(w_eff, self.factors(a), self.effective_scale(a), inplace=w_eff is not w)
+        if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
+            w_eff = w  # W + Σ ΔW built in one pass per adapter, then one op
+            for a, s in in_merge:
+                w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
             result = self._run(x, w_eff, self.bias)
         elif in_merge:
-            delta = self._masked_delta(in_merge[0], w)
-            for a in in_merge[1:]:
-                delta = delta + self._masked_delta(a, w)
+            delta = sum((self._contribution(a, s, w) for a, s in in_merge[1:]), self._contribution(*in_merge[0], w))
             if direct:
                 result = self._run(x, w + delta, self.bias)
             else:  # the base layer must run itself (hooks, extra args): ΔW goes in a second op
                 result = self.base_layer(x, *args, **kwargs) + self._run(x, delta, None)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        for a in in_bypass:
-            result = result + self._bypass(x, a)
+        for a, s in in_bypass:
+            result = result + self._bypass(x, a, s)
         return result
+
+    def _forward_in_order(self, x: Tensor, applied: S.Pairs, direct: bool, args: tuple, kwargs: dict) -> Tensor:
+        """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""
+        w = self.weight
+        w_eff = w
+        for a, s in applied:
+            w_eff = w_eff + self._contribution(a, s, w_eff)
+        if direct:
+            return self._run(x, w_eff, self.bias)
+        return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - w, None)
+
+    def _contribution(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
+        """What one adapter adds to the weight `w` at `strength`, rank-dropout mask applied."""
+        f, scale = self.factors(adapter_name), self.scaling[adapter_name]
+        dora = self.dora_scale[adapter_name] if adapter_name in self.dora_scale else None
+        if dora is None:
+            delta = LF.delta_weight(f, self.weight_shape, scale * strength).to(w.dtype)
+        else:
+            delta = LF.adapt_weight(w, f, scale, dora, strength) - w
+        mask = self._rank_mask(adapter_name, delta)
+        if mask is not None:
+            delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
+        return delta
+
+    def get_delta_weight(self, adapter_name: str, base: Tensor | None = None) -> Tensor:
+        """The change one adapter makes to the weight (`base`, default the base weight) at its
+        user weight: s·scale·W1⊗W2, or for DoRA the change W'' − W."""
+        w = (self.base_weight() if base is None else base).detach()
+        dora = self.dora_scale[adapter_name] if adapter_name in self.dora_scale else None
+        f, scale, s = self.factors(adapter_name), self.scaling[adapter_name], self.state.weight(adapter_name)
+        if dora is None:
+            return LF.delta_weight(f, self.weight_shape, scale * s)
+        return LF.adapt_weight(w, f, scale, dora, s) - w
+
+    def _rank_mask_on(self, adapter_name: str) -> bool:
+        return self.training and self.rank_dropout[adapter_name] > 0
 
     def _module_dropped(self, adapter_name: str) -> bool:
         p = self.module_dropout[adapter_name]
         return p > 0 and torch.rand(1).item() < p
 
+    def _check_fused_frozen(self) -> None:
+        """Training through a fused adapter cannot reach its factors: say so instead of a backward error."""
+        if not self.state.fused or not torch.is_grad_enabled():
+            return
+        for a in self.state.fused_names:
+            if any(t.requires_grad for t in self.factors(a).values()):
+                raise RuntimeError(f"adapter {a!r} is fused into the base weights, so training cannot reach its "
+                                   "factors; unfuse it first (pipe.unfuse_lokr() / model.unmerge_adapter()) or "
+                                   "freeze it (requires_grad_(False))")
+
     def _choose_bypass(self, adapter_name: str, tokens: int, direct: bool) -> bool:
-        if not self._can_bypass() or adapter_name in self.dora_scale:  # DoRA needs ‖W + ΔW‖
+        if not self._can_bypass():
             return False
         mode = self.forward_mode
         if mode != "auto":
@@ -311,16 +409,9 @@ class LoKrLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
         return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
 
-    def _masked_delta(self, adapter_name: str, w: Tensor) -> Tensor:
-        delta = self.get_delta_weight(adapter_name).to(w.dtype)
-        mask = self._rank_mask(adapter_name, delta)
-        if mask is not None:
-            delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
-        return delta
-
-    def _bypass(self, x: Tensor, adapter_name: str) -> Tensor:
+    def _bypass(self, x: Tensor, adapter_name: str, strength: float) -> Tensor:
         f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
-        y = LF.apply_lokr(x, f, self.plans[adapter_name], self.effective_scale(adapter_name), self._conv_args())
+        y = LF.apply_lokr(x, f, self.plans[adapter_name], self.scaling[adapter_name] * strength, self._conv_args())
         mask = self._rank_mask(adapter_name, y)
         if mask is not None:
             shape = [1] * y.dim()
@@ -329,7 +420,21 @@ class LoKrLayer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names()}, active={self._active_adapters}, merged={self.merged_adapters}"
+        st = self.state
+        return f"adapters={list(st.adapters)}, active={list(st.active)}, fused={list(st.fused)}, enabled={st.enabled}"
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """A fused adapter's tensors and scale as they were at the fuse (small: the factors only)."""
+
+    factors: dict[str, Tensor]
+    scale: float
+    dora: Tensor | None
+
+    def on(self, device: torch.device) -> tuple[dict[str, Tensor], float, Tensor | None]:
+        dora = None if self.dora is None else self.dora.to(device)
+        return {k: v.to(device) for k, v in self.factors.items()}, self.scale, dora
 
 
 class Linear(LoKrLayer):

@@ -16,13 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import scaling
+from . import state as S
 from .config import LoKrConfig
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.reader import LoadEntry, ParsedFile, parse_file
 from .formats.report import base_hint, unmatched_message
 from .io import detect_layout, lokr_state_dict
-from .layers import Conv1d, Conv2d, Linear, LoKrLayer
-from .model import LoKrModel, adapter_configs, lokr_layers, merge_layers, remove_layers
+from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
+from .model import LoKrModel, adapter_configs, commit_all, lokr_layers, remove_layers, set_enabled
+from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +64,37 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     Returns the adapter name (the names, for a file of ours holding several). On any error the
     pipeline is exactly as before.
     """
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     subfolder = kwargs.pop("subfolder", None)
     state_dict, metadata, layout = lokr_state_dict(pretrained_model_name_or_path_or_dict, weight_name, subfolder,
                                                    **kwargs)
     comps = pipeline_components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
+    plans = _plan_load(state_dict, metadata, layout, comps, adapter_name, strict)
+    with _offloading_paused(pipe), all_or_nothing(comps.values(), [pipe]):
+        for name, parsed in plans:
+            _inject(comps, parsed.entries, name)
+            if parsed.lora:
+                _load_lora_part(pipe, parsed.lora, name)
+        attach_call_scale(pipe, comps)
+    for name, parsed in plans:
+        logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", name, len(parsed.entries),
+                    parsed.layout, parsed.rule)
+    return plans[0][0] if len(plans) == 1 else [n for n, _ in plans]
+
+
+def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: str, comps: dict[str, nn.Module],
+               adapter_name: str | None, strict: bool) -> list[tuple[str, ParsedFile]]:
+    """Name, parse and check every adapter of the file against the pipeline; nothing changes here."""
     groups = split_adapters(state_dict, metadata)
     if len(groups) > 1 and adapter_name is not None:
         raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name")
     index = build_index(comps)
     taken = {n for m in comps.values() for n in adapter_configs(m)}
     plans: list[tuple[str, ParsedFile]] = []
-    for stored_name, sd in groups.items():  # everything parsed and checked before anything changes
+    for stored_name, sd in groups.items():
         name = adapter_name or stored_name or _default_name(comps)
         if name in taken:
             raise ValueError(f"adapter {name!r} is already loaded; pick another adapter_name or delete it first")
@@ -83,25 +104,19 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
         except ValueError as err:
             raise ValueError(f"{err}.{base_hint(list(sd), comps)}") from None
         _report(parsed, sd, comps, strict)
-        if not parsed.entries and not parsed.lora:
-            raise ValueError(f"no LoKr modules in this file ({len(sd)} keys, layout {layout})")
+        if not parsed.entries:
+            what = f"only {len(parsed.lora)} plain LoRA keys: load it with pipe.load_lora_weights" if parsed.lora \
+                else f"{len(sd)} keys, layout {layout}"
+            raise ValueError(f"no LoKr modules in this file ({what})")
         plans.append((name, parsed))
-    done: list[str] = []
-    with _offloading_paused(pipe):
-        try:
-            for name, parsed in plans:
-                _inject(comps, parsed.entries, name)
-                done.append(name)
-                if parsed.lora:
-                    _load_lora_part(pipe, parsed.lora, name)
-        except Exception:
-            if done:
-                delete_lokr_adapters(pipe, done)
-            raise
-    for name, parsed in plans:
-        logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", name, len(parsed.entries),
-                    parsed.layout, parsed.rule)
-    return plans[0][0] if len(plans) == 1 else [n for n, _ in plans]
+    return plans
+
+
+def attach_call_scale(pipe: Any, comps: Mapping[str, nn.Module]) -> None:
+    """diffusers' per-call scale reaches the LoKr layers of these components (scaling.py)."""
+    for model in comps.values():
+        scaling.install(model)
+    scaling.wrap_encode_prompt(pipe, {c: m for c, m in comps.items() if c.startswith("text_encoder")})
 
 
 def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str | None, dict]:
@@ -137,28 +152,20 @@ def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping
 
 
 def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapter_name: str) -> None:
-    """Put every entry in place; if anything fails, undo what was done."""
-    done: list[tuple[nn.Module, str, nn.Module, LoKrLayer]] = []  # parent, attr, what was there, layer
-    try:
-        for e in entries:
-            parent, attr = get_slot(comps[e.ref.component], e.ref.path)
-            current = getattr(parent, attr)
-            layer = current if isinstance(current, LoKrLayer) else WRAPPERS[type(current)](current)
-            w = layer.weight
-            dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
-            tensors = {k: v.to(device=w.device, dtype=dtype) for k, v in e.factors.items()}
-            dora = e.dora_scale.to(device=w.device, dtype=dtype) if e.dora_scale is not None else None
-            layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
-                                      dora_scale=dora)
-            if layer is not current:
-                setattr(parent, attr, layer)
-            done.append((parent, attr, current, layer))
-    except Exception:
-        for parent, attr, current, layer in reversed(done):
-            layer.delete_adapter(adapter_name)
-            if layer is not current:
-                setattr(parent, attr, current)
-        raise
+    """Put every entry in place, register the adapter and activate it beside the active ones (the
+    caller rolls back on error)."""
+    for e in entries:
+        parent, attr = get_slot(comps[e.ref.component], e.ref.path)
+        current = getattr(parent, attr)
+        layer = current if isinstance(current, LoKrLayer) else WRAPPERS[type(current)](current)
+        w = layer.weight
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
+        tensors = {k: v.to(device=w.device, dtype=dtype) for k, v in e.factors.items()}
+        dora = e.dora_scale.to(device=w.device, dtype=dtype) if e.dora_scale is not None else None
+        layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
+                                  dora_scale=dora)
+        if layer is not current:
+            setattr(parent, attr, layer)
     for name, model in comps.items():
         paths = [e.ref.path for e in entries if e.ref.component == name]
         if not paths:
@@ -225,6 +232,8 @@ def _offloading_paused(pipe: Any) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ adapters
+# Every function below is a transition of the layers' states (state.py, docs/adapters.md): the
+# arguments are checked and every layer's new state is computed before any layer changes.
 def active_adapters(model: nn.Module) -> list[str]:
     """The component's active adapters, in activation order."""
     out: list[str] = []
@@ -245,70 +254,102 @@ def get_active_lokr_adapters(pipe: Any) -> list[str]:
     return out
 
 
-def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
-                      adapter_weights: AdapterWeight | Sequence[AdapterWeight] | None = None) -> None:
-    """Activate these adapters (only these) with strengths: one float or {component: float} per
-    adapter, or one for all; a component missing from a dict gets 1.0."""
+def _names(adapter_names: str | Sequence[str], comps: Mapping[str, nn.Module], what: str) -> list[str]:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    comps = pipeline_components(pipe)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what}: adapter names must be strings, got {names!r}")
     known = {n for m in comps.values() for n in adapter_configs(m)}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown LoKr adapters {unknown}; loaded: {sorted(known)}")
+        raise ValueError(f"{what}: unknown LoKr adapters {unknown}; loaded: {sorted(known)}")
+    return names
+
+
+def _component_weights(names: list[str], adapter_weights: Any, comps: Mapping[str, nn.Module]
+                       ) -> dict[str, dict[str, float]]:
+    """{component: {adapter: weight}} from one float, a {component: float} dict, or a list of
+    either (one per adapter); a component missing from a dict gets 1.0. Every value is checked."""
     if adapter_weights is None or isinstance(adapter_weights, (int, float, Mapping)):
-        weights: list[AdapterWeight] = [1.0 if adapter_weights is None else adapter_weights] * len(names)
-    else:
+        weights: list[Any] = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+    elif isinstance(adapter_weights, (list, tuple)):
         weights = list(adapter_weights)
+    else:
+        raise TypeError(f"adapter_weights must be a number, a {{component: number}} dict or a list of them, "
+                        f"got {type(adapter_weights).__name__}")
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} adapters but {len(weights)} adapter_weights")
+    out: dict[str, dict[str, float]] = {c: {} for c in comps}
+    for n, w in zip(names, weights, strict=True):
+        if isinstance(w, Mapping):
+            unknown = [c for c in w if c not in comps]
+            if unknown:
+                raise ValueError(f"adapter_weights for {n!r} name components {unknown}; "
+                                 f"this pipeline has {list(comps)}")
+            for c in comps:
+                out[c][n] = S.check_strength(w.get(c, 1.0), f"adapter_weights[{n!r}][{c!r}]")
+        else:
+            for c in comps:
+                out[c][n] = S.check_strength(w, f"adapter_weights for {n!r}")
+    return out
+
+
+def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
+                      adapter_weights: AdapterWeight | Sequence[AdapterWeight] | None = None) -> None:
+    """Activate these adapters (only these) with strengths: one float or {component: float} per
+    adapter, or one for all; a component missing from a dict gets 1.0. Fused adapters keep the
+    strength they were fused at until unfused."""
+    comps = pipeline_components(pipe)
+    names = _names(adapter_names, comps, "set_lokr_adapters")
+    per_component = _component_weights(names, adapter_weights, comps)
+    changes = []
     for c, model in comps.items():
         for _, layer in lokr_layers(model):
-            layer.set_adapter(names)
-            for n, w in zip(names, weights, strict=True):
+            new = S.activate(layer.state, names)
+            for n, w in per_component[c].items():
                 if n in layer.plans:
-                    layer.set_adapter_weight(n, float(w.get(c, 1.0) if isinstance(w, Mapping) else w))
+                    new = S.set_weight(new, n, w)
+            changes.append((layer, new))
+    commit_all(changes)
 
 
 def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | None = None,
               adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
-    """Merge the active (or given) adapters into the weights, times `lokr_scale`. `unfuse_lokr`
-    restores the original weights bit for bit."""
-    for c, model in _selected(pipe, components).items():
-        layers = [layer for _, layer in lokr_layers(model)]
-        saved = [dict(layer.adapter_weight) for layer in layers]
-        for layer in layers:
-            for a in layer.adapter_weight:
-                layer.adapter_weight[a] *= lokr_scale
-        try:
-            merge_layers(model, adapter_names, safe_fusing, keep_original=True)
-        finally:
-            for layer, w in zip(layers, saved, strict=True):
-                layer.adapter_weight = w
-        logger.info("fused LoKr adapters into %s", c)
+    """Fuse the active (or given) adapters into the weights at lokr_scale · their weight.
+    `unfuse_lokr` restores the original weights bit for bit. All-or-nothing: an adapter already
+    fused at another strength, or (safe_fusing) a non-finite weight anywhere, changes nothing."""
+    lokr_scale = S.check_strength(lokr_scale, "lokr_scale")
+    selected = _selected(pipe, components)
+    if adapter_names is not None:
+        adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")
+    changes = [(layer, S.fuse(layer.state, adapter_names, lokr_scale))
+               for model in selected.values() for _, layer in lokr_layers(model)]
+    commit_all(changes, safe=safe_fusing)
+    logger.info("fused LoKr adapters into %s", list(selected))
 
 
 def unfuse_lokr(pipe: Any, components: Sequence[str] | None = None) -> None:
-    for model in _selected(pipe, components).values():
-        for _, layer in lokr_layers(model):
-            layer.unmerge()
+    """Take every fused adapter out of the weights of these (default: all) components."""
+    commit_all([(layer, S.unfuse(layer.state)) for model in _selected(pipe, components).values()
+                for _, layer in lokr_layers(model)])
 
 
 def enable_lokr(pipe: Any) -> None:
     for model in pipeline_components(pipe).values():
-        for _, layer in lokr_layers(model):
-            layer.enable_adapters(True)
+        set_enabled(model, True)
 
 
 def disable_lokr(pipe: Any) -> None:
+    """The pipeline computes without LoKr (fused adapters leave the weights) until enable_lokr."""
     for model in pipeline_components(pipe).values():
-        for _, layer in lokr_layers(model):
-            layer.enable_adapters(False)
+        set_enabled(model, False)
 
 
 def delete_lokr_adapters(pipe: Any, adapter_names: str | list[str]) -> None:
-    """Remove adapters everywhere; a layer left with none gives its slot back to the base layer."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    for model in pipeline_components(pipe).values():
+    """Remove adapters everywhere; a fused one leaves the weights (the others stay fused at their
+    strengths); a layer left with none gives its slot back to the base layer."""
+    comps = pipeline_components(pipe)
+    names = _names(adapter_names, comps, "delete_lokr_adapters")
+    for model in comps.values():
         registry = adapter_configs(model)
         for _, layer in lokr_layers(model):
             for n in names:
@@ -324,12 +365,16 @@ def unload_lokr_weights(pipe: Any) -> None:
     after fuse_lora); otherwise the components are exactly as before loading."""
     for model in pipeline_components(pipe).values():
         remove_layers(model, keep_merged=True)
+        scaling.uninstall(model)
+    scaling.unwrap_encode_prompt(pipe)
 
 
 def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:
     comps = pipeline_components(pipe)
     if names is None:
         return comps
+    if isinstance(names, str):
+        names = [names]
     missing = [n for n in names if n not in comps]
     if missing:
         raise ValueError(f"unknown components {missing}; this pipeline has {list(comps)}")

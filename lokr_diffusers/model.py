@@ -20,14 +20,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
-import torch
 from torch import Tensor, nn
 
 from . import functional as LF
+from . import scaling
+from . import state as S
 from .config import LoKrConfig
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import Target, default_target_modules, find_targets
+from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +52,48 @@ def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
     return configs
 
 
+def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False,
+               keep_original: bool = True) -> None:
+    """Move each layer to its new state, all or nothing: with `safe`, every layer's new weight is
+    checked first; if any commit fails, the layers already moved go back to their old states."""
+    if safe:
+        for layer, new in changes:
+            layer.check_commit(new)
+    done: list[tuple[LoKrLayer, S.LayerState]] = []
+    try:
+        for layer, new in changes:
+            old = layer.state
+            layer.commit(new, keep_original=keep_original)
+            done.append((layer, old))
+    except BaseException:
+        for layer, old in reversed(done):
+            layer.commit(old)
+        raise
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Enable or disable every LoKr layer and modules_to_save copy of `model`."""
+    changes = [(layer, S.enable(layer.state, enabled)) for _, layer in lokr_layers(model)]
+    commit_all(changes)
+    for _, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.enable_adapters(enabled)
+
+
 def merge_layers(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False,
-                 keep_original: bool = True) -> None:
-    """Merge the given (default: each layer's active) adapters into the base weights of every LoKr
-    layer. With safe_merge every ΔW is checked before any weight changes."""
-    layers = [layer for _, layer in lokr_layers(model)]
-    if safe_merge:
-        for layer in layers:
-            for a in adapter_names or layer.active_adapters:
-                if a in layer.plans and not torch.isfinite(layer.get_delta_weight(a)).all():
-                    raise ValueError(f"adapter {a!r} gives non-finite weights; nothing was merged")
-    for layer in layers:
-        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, keep_original=keep_original)
+                 keep_original: bool = True, scale: float = 1.0) -> None:
+    """Fuse the given (default: each layer's active) adapters at scale · weight into the base weights
+    of every LoKr layer. All-or-nothing; with safe_merge a non-finite weight anywhere raises first."""
+    changes = [(layer, S.fuse(layer.state, adapter_names, scale)) for _, layer in lokr_layers(model)]
+    commit_all(changes, safe=safe_merge, keep_original=keep_original)
 
 
 def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool = False) -> int:
     """Put each LoKr layer's base layer back in its slot (and each modules_to_save original).
 
-    keep_merged: leave merged ΔW in the weights (diffusers' fuse-then-unload); otherwise restore
-    them first. only_empty: only layers that hold no adapter any more. Returns how many were removed.
+    keep_merged: leave fused adapters in the weights (diffusers' fuse-then-unload; also when they are
+    disabled); otherwise take them out first. only_empty: only layers that hold no adapter any more.
+    Returns how many were removed.
     """
     removed = 0
     for name, module in list(model.named_modules()):
@@ -79,9 +104,8 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, LoKrLayer):
-            if not keep_merged:
-                module.unmerge()
-            module._original_weight = None
+            module.commit(S.enable(module.state, True) if keep_merged else S.unfuse(module.state))
+            module._fused_base = None
             setattr(parent, child, module.base_layer)
         else:
             setattr(parent, child, module.unwrap(keep_merged))
@@ -152,27 +176,15 @@ class LoKrModel(nn.Module):
             LF.plan_lokr(shape, t.r, config.decompose_factor, config.decompose_both,
                          config.use_effective_conv2d, config.full_matrix)
         saved = self._resolve_modules_to_save(config)
-        undo: list[tuple[nn.Module, str, nn.Module]] = []
-        try:
+        with all_or_nothing([self.model]):
             for t in targets:
                 parent, _, child = t.name.rpartition(".")
                 parent_module = self.model.get_submodule(parent)
-                target = getattr(parent_module, child)
-                self._create_and_replace(config, adapter_name, target, child, parent_module, t)
-                undo.append((parent_module, child, target))
+                self._create_and_replace(config, adapter_name, getattr(parent_module, child), child, parent_module, t)
             for name in saved:
-                self._wrap_module_to_save(name, adapter_name, undo)
-        except Exception:
-            for parent_module, child, original in reversed(undo):
-                current = getattr(parent_module, child)
-                if isinstance(current, (LoKrLayer, ModulesToSaveWrapper)) and current is not original:
-                    setattr(parent_module, child, original)
-                if isinstance(original, LoKrLayer) and adapter_name in original.plans:
-                    original.delete_adapter(adapter_name)
-                if isinstance(original, ModulesToSaveWrapper) and adapter_name in original.modules_to_save:
-                    del original.modules_to_save[adapter_name]
-            raise
+                self._wrap_module_to_save(name, adapter_name)
         self.peft_config[adapter_name] = config
+        scaling.install(self.model)
         if len(self.peft_config) == 1:
             self.set_adapter(adapter_name)
         else:
@@ -209,7 +221,7 @@ class LoKrModel(nn.Module):
             raise ValueError(f"modules_to_save {missing} match no module of {type(self.model).__name__}")
         return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
-    def _wrap_module_to_save(self, name: str, adapter_name: str, undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    def _wrap_module_to_save(self, name: str, adapter_name: str) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         current = getattr(parent, child)
@@ -217,7 +229,6 @@ class LoKrModel(nn.Module):
             current.add(adapter_name)
         else:
             setattr(parent, child, ModulesToSaveWrapper(current, adapter_name))
-        undo.append((parent, child, current))
 
     def add_adapter(self, adapter_name: str, config: LoKrConfig) -> None:
         """Add another adapter (inactive until `set_adapter`)."""
@@ -247,32 +258,36 @@ class LoKrModel(nn.Module):
         self._mark_only_adapters_as_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter everywhere; where it was fused, its delta leaves the weights and the
+        other fused adapters stay fused at their strengths."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
         for _, module in self.model.named_modules():
             if isinstance(module, LoKrLayer) and adapter_name in module.plans:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                del module.modules_to_save[adapter_name]
+                module.delete(adapter_name)
         del self.peft_config[adapter_name]
 
     def set_adapter_weight(self, adapter_name: str, weight: float) -> None:
         """A strength multiplier on top of the adapter's own scale (1.0 = as trained)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        S.check_strength(weight, f"weight of adapter {adapter_name!r}")
         for _, layer in lokr_layers(self.model):
             if adapter_name in layer.plans:
                 layer.set_adapter_weight(adapter_name, weight)
 
     def enable_adapter_layers(self) -> None:
-        for _, layer in lokr_layers(self.model):
-            layer.enable_adapters(True)
+        set_enabled(self.model, True)
 
     def disable_adapter_layers(self) -> None:
-        for _, layer in lokr_layers(self.model):
-            layer.enable_adapters(False)
+        """The base model's output (fused adapters are taken out of the weights until enabled again)."""
+        set_enabled(self.model, False)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model inside this context (merged adapters are unmerged)."""
+        """Run the base model inside this context; on exit every layer is as it was before."""
         self.disable_adapter_layers()
         try:
             yield
@@ -305,11 +320,14 @@ class LoKrModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them.
         With safe_merge, a non-finite result anywhere leaves every weight as it was."""
+        if adapter_names is not None:
+            unknown = [n for n in adapter_names if n not in self.peft_config]
+            if unknown:
+                raise ValueError(f"unknown adapters {unknown}; this model has {list(self.peft_config)}")
         merge_layers(self.model, adapter_names, safe_merge, keep_original=True)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in lokr_layers(self.model):
-            layer.unmerge()
+        commit_all([(layer, S.unfuse(layer.state)) for _, layer in lokr_layers(self.model)])
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge, remove every LoKr layer and return the plain model."""

@@ -17,17 +17,27 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self._active: list[str] = []
+        self._enabled = True
         self.add(adapter_name)
         self._active = [adapter_name]
 
     def add(self, adapter_name: str) -> None:
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
+    def delete(self, adapter_name: str) -> None:
+        del self.modules_to_save[adapter_name]
+        self._active = [a for a in self._active if a != adapter_name]
+
     def set_adapter(self, adapter_names: Iterable[str]) -> None:
         self._active = [a for a in adapter_names if a in self.modules_to_save]
 
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabled: the original module runs (as the LoKr layers run their base layers)."""
+        self._enabled = bool(enabled)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.modules_to_save[self._active[0]] if self._active else self.original_module
+        active = self._active if self._enabled else []
+        module = self.modules_to_save[active[0]] if active else self.original_module
         return module(*args, **kwargs)
 
     def unwrap(self, merge: bool) -> nn.Module:

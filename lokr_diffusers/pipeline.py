@@ -9,14 +9,18 @@ from typing import Any
 from torch import nn
 
 from .config import LoKrConfig
-from .model import LoKrModel, lokr_layers
+from .formats.names import COMPONENTS
+from .loader import attach_call_scale
+from .model import LoKrModel
+from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
-
 
 def _component(pipe: Any, name: str) -> nn.Module:
+    if name not in COMPONENTS:
+        raise ValueError(f"add_lokr adapts the components {list(COMPONENTS)}, which the pipeline's LoKr methods "
+                         f"manage; got {name!r} (for another module use LoKrModel(pipe.{name}, config) directly)")
     module = getattr(pipe, name, None)
     if module is None:
         have = [c for c in COMPONENTS if getattr(pipe, c, None) is not None]
@@ -33,27 +37,19 @@ def add_lokr(pipe: Any, configs: Mapping[str, LoKrConfig], adapter_name: str = "
 
     Example: `add_lokr(pipe, {"unet": cfg_unet, "text_encoder": cfg_te, "text_encoder_2": cfg_te})`.
     The components are adapted in place and keep their classes (pipe.unet stays a
-    UNet2DConditionModel), so the pipeline, offloading and saving keep working.
-    All-or-nothing: if any component fails, the ones already done are rolled back.
-    Returns {component: [adapted module names]}.
+    UNet2DConditionModel), so the pipeline, offloading and saving keep working. As with PEFT, the
+    base parameters of each adapted component are frozen and the new adapter's are trainable.
+    All-or-nothing: if any component fails, every component is exactly as before (modules,
+    adapters, requires_grad flags). Returns {component: [adapted module names]}.
     """
-    if not configs:
-        raise ValueError("configs is empty: give at least one of " + ", ".join(COMPONENTS))
+    if not isinstance(configs, Mapping) or not configs:
+        raise ValueError("configs must be a non-empty {component: LoKrConfig} dict, e.g. "
+                         "{'unet': LoKrConfig(...), 'text_encoder': LoKrConfig(...)}")
     modules = {name: _component(pipe, name) for name in configs}  # every name checked before any change
-    done: list[tuple[LoKrModel, bool]] = []
     adapted: dict[str, list[str]] = {}
-    try:
+    with all_or_nothing(modules.values(), [pipe]):
         for name, config in configs.items():
-            fresh = not any(True for _ in lokr_layers(modules[name]))
-            wrapper = LoKrModel(modules[name], None)
-            adapted[name] = wrapper.inject_adapter(config, adapter_name)
-            done.append((wrapper, fresh))
-    except Exception:
-        for wrapper, fresh in reversed(done):
-            if fresh:
-                wrapper.unload()
-            else:
-                wrapper.delete_adapter(adapter_name)
-        raise
+            adapted[name] = LoKrModel(modules[name], None).inject_adapter(config, adapter_name)
+        attach_call_scale(pipe, modules)
     logger.info("LoKr adapter %r added to %s", adapter_name, {k: len(v) for k, v in adapted.items()})
     return adapted

@@ -197,17 +197,18 @@ def _file_tensors(layer, adapter: str) -> dict[str, torch.Tensor]:
 
 
 def _reference(loaded, weights: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
-    """Outputs of a fresh pipeline whose weights are W + Σ_a (W'_a − W), each adapter's W'_a by the
-    consumer rule (`_consumer_weight`) at strength weights[a][component]."""
+    """Outputs of a fresh pipeline whose weights have the adapters applied one after the other, in
+    the order of `weights`, each by the consumer rule (`_consumer_weight`, which for DoRA normalises
+    the weight so far, as ComfyUI applies patches) at strength weights[a][component]."""
     fresh = make_sd_pipeline()
     with torch.no_grad():
         for comp in ("unet", "text_encoder"):
             for path, layer in lokr_layers(getattr(loaded, comp)):
                 module = getattr(fresh, comp).get_submodule(path)
-                w0 = module.weight.detach().clone()
                 for a, per_comp in weights.items():
                     if a in layer.plans:
-                        module.weight += _consumer_weight(w0, _file_tensors(layer, a), per_comp[comp]) - w0
+                        w = module.weight.detach().clone()
+                        module.weight.copy_(_consumer_weight(w, _file_tensors(layer, a), per_comp[comp]))
     return _outputs(fresh)
 
 

@@ -76,12 +76,14 @@ def test_add_lokr_is_atomic(tiny_sdxl_dir: str) -> None:
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     before = _run(pipe)
     modules_before = [(n, type(m)) for n, m in pipe.unet.named_modules()]
+    flags_before = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     good, good_te = LoKrConfig(target_modules=["to_q"]), LoKrConfig(target_modules=["q_proj"])
     bad = LoKrConfig(target_modules=["q_proj", "no_such_layer"])
     with pytest.raises(ValueError, match="no_such_layer"):
         add_lokr(pipe, {"unet": good, "text_encoder": good_te, "text_encoder_2": bad})
-    with pytest.raises(ValueError, match="has no component 'transformer'"):
-        add_lokr(pipe, {"unet": good, "transformer": good})
+    with pytest.raises(ValueError, match="got 'vae'"):
+        add_lokr(pipe, {"unet": good, "vae": good})
     assert [(n, type(m)) for n, m in pipe.unet.named_modules()] == modules_before
+    assert all(p.requires_grad == flags_before[n] for n, p in pipe.unet.named_parameters())
     assert not list(lokr_layers(pipe.text_encoder)) and not list(lokr_layers(pipe.text_encoder_2))
     assert np.array_equal(_run(pipe), before)

@@ -1,0 +1,113 @@
+"""diffusers' per-call LoRA scale, for LoKr: `pipe(..., cross_attention_kwargs={"scale": s})`.
+
+diffusers scales every unfused LoRA by s for one call: the denoiser through the kwarg its forward
+takes (`cross_attention_kwargs`, `joint_attention_kwargs` or `attention_kwargs`), the text encoders
+through `encode_prompt(lora_scale=s)`. LoKr means the same (docs/adapters.md, "call scale"): a
+forward pre-hook on each component holding LoKr layers reads the kwarg, and the pipeline's
+`encode_prompt` is wrapped on the instance (not the class) to scale its text encoders. Fused
+adapters are in the weights and are not scaled, as with LoRA.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from .layers import LoKrLayer
+
+SCALE_KWARGS: tuple[str, ...] = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+_HOOKS = "_lokr_scale_hooks"
+_WRAPPED = "_lokr_wraps_encode_prompt"
+
+
+def _check(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"the LoRA/LoKr call scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+@contextmanager
+def call_scale(models: Iterable[nn.Module], scale: float) -> Iterator[None]:
+    """Scale the unfused LoKr adapters of `models` by `scale` inside the block."""
+    scale = _check(scale)
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoKrLayer)] if scale != 1.0 else []
+    saved = [layer._call_scale for layer in layers]
+    for layer in layers:
+        layer._call_scale = layer._call_scale * scale
+    try:
+        yield
+    finally:
+        for layer, s in zip(layers, saved, strict=True):
+            layer._call_scale = s
+
+
+def _scale_from(kwargs: dict[str, Any]) -> float:
+    for name in SCALE_KWARGS:
+        value = kwargs.get(name)
+        if isinstance(value, dict) and "scale" in value:
+            return _check(value["scale"])
+    return 1.0
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    scale = _scale_from(kwargs)
+    stack = module.__dict__.setdefault("_lokr_scale_stack", [])
+    context = call_scale([module], scale)
+    context.__enter__()
+    stack.append(context)
+
+
+def _post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    stack = module.__dict__.get("_lokr_scale_stack")
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def install(model: nn.Module) -> None:
+    """Let `model`'s forward kwargs scale its LoKr layers (once per model; a no-op if its forward
+    takes none of SCALE_KWARGS)."""
+    if _HOOKS in model.__dict__:
+        return
+    params = inspect.signature(model.forward).parameters
+    if not any(name in params for name in SCALE_KWARGS):
+        return
+    model.__dict__[_HOOKS] = (model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                              model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
+
+
+def uninstall(model: nn.Module) -> None:
+    for handle in model.__dict__.pop(_HOOKS, ()):
+        handle.remove()
+
+
+def wrap_encode_prompt(pipe: Any, text_encoders: dict[str, nn.Module]) -> None:
+    """Make `pipe.encode_prompt(..., lora_scale=s)` scale the LoKr layers of the pipeline's text
+    encoders, as diffusers does for LoRA (the wrapper sits on the instance; `unwrap_encode_prompt`
+    removes it)."""
+    method = getattr(type(pipe), "encode_prompt", None)
+    if method is None or _WRAPPED in vars(pipe) or "lora_scale" not in inspect.signature(method).parameters:
+        return
+    signature = inspect.signature(method)
+    names = tuple(text_encoders)
+
+    @functools.wraps(method)
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(pipe, *args, **kwargs)
+        scale = bound.arguments.get("lora_scale")
+        models = [m for n in names if isinstance(m := getattr(pipe, n, None), nn.Module)]
+        with call_scale(models, 1.0 if scale is None else scale):
+            return method(pipe, *args, **kwargs)
+
+    object.__setattr__(pipe, "encode_prompt", encode_prompt)
+    object.__setattr__(pipe, _WRAPPED, True)
+
+
+def unwrap_encode_prompt(pipe: Any) -> None:
+    for name in ("encode_prompt", _WRAPPED):
+        vars(pipe).pop(name, None)
