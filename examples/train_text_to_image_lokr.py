@@ -12,11 +12,10 @@ multi-GPU. Writes pytorch_lokr_weights.safetensors (our layout), a ComfyUI/A1111
 
 import logging
 
-from lokr_diffusers.training.args import parse
-from lokr_diffusers.training.run import train
+from lokr_diffusers.training.run import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(parse(__doc__.splitlines()[0], dreambooth=False))
+    result = main(__doc__.splitlines()[0], dreambooth=False)  # bad input: one line `error: ...`, exit code 2
     if result.files:
         print(f"done: {result.global_step} steps; files: {result.files}")

@@ -1,5 +1,5 @@
 """The text-to-image example script end to end in subprocesses (CPU): exact resume after an
-interruption, and a 2-process torchrun (gloo) run.
+interruption, a SIGKILL in the middle of writing a checkpoint, and a 2-process torchrun (gloo) run.
 
 Resume: the cosine schedule's length is --max_train_steps, so an interrupted run must be started
 with the full --max_train_steps and stopped from outside, as a crash or a preemption stops it:
@@ -149,6 +149,61 @@ def test_resume_after_interruption_is_exact(tiny_sd_dir: str, data_dir: str, tmp
     assert not diff, (f"interrupted + resumed run differs from the uninterrupted one in {len(diff)} tensors "
                       f"(max |diff| {_max_diff(final_b, final_a):.3g}), e.g. {diff[:3]}")
     assert [r for r in _losses(b) if r["step"] > 3][-3:] == _losses(a)[3:]
+
+
+KILL_IN_SAVE = '''\
+"""Test-only launcher: run a training script unchanged, SIGKILLed from inside the save of
+checkpoint-<LOKR_TEST_KILL_STEP>, once its optimizer.pt is on disk (before state.json and the rename)."""
+import os, runpy, signal, sys
+
+from lokr_diffusers.training import checkpoint
+
+_fsync_file = checkpoint._fsync_file
+
+
+def fsync_then_die(path):
+    _fsync_file(path)
+    folder = os.path.basename(os.path.dirname(path))
+    if folder.startswith(f".checkpoint-{os.environ['LOKR_TEST_KILL_STEP']}.tmp-") and path.endswith("optimizer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+checkpoint._fsync_file = fsync_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_sigkill_while_writing_a_checkpoint(tiny_sd_dir: str, data_dir: str, tmp_path: Path) -> None:
+    """Killed while checkpoint-2 is half written, with --checkpoints_total_limit 1: checkpoint-1 is still
+    there and complete, `latest` resumes from it (not from the half-written folder), the resumed run
+    finishes and the leftovers are gone."""
+    from lokr_diffusers.training import checkpoint
+
+    out = tmp_path / "out"
+    launcher = tmp_path / "kill_in_save.py"
+    launcher.write_text(KILL_IN_SAVE, encoding="utf-8")
+    args = ["--pretrained_model_name_or_path", tiny_sd_dir, "--train_data_dir", data_dir, "--resolution",
+            str(RESOLUTION), "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "1", "--rank", "2", "--export_format", "none", "--output_dir", str(out)]
+    with open(tmp_path / "killed.log", "w", encoding="utf-8") as fh:
+        rc = subprocess.run([sys.executable, str(launcher), EXAMPLE, *args], cwd=ROOT,
+                            env=_env(LOKR_TEST_KILL_STEP="2"), stdout=fh, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    assert rc == -signal.SIGKILL, (rc, (tmp_path / "killed.log").read_text(encoding="utf-8")[-4000:])
+    names = sorted(os.listdir(out))
+    half = [n for n in names if n.startswith(".checkpoint-2.tmp-")]
+    assert [n for n in names if not n.startswith(".")] == ["checkpoint-1", "loss.jsonl"] and len(half) == 1, names
+    assert sorted(os.listdir(out / half[0])) == ["adapter.safetensors", "optimizer.pt"]  # killed mid-save
+    assert _checkpoint_done(out / "checkpoint-1", 1)
+    assert checkpoint.latest(str(out)) == str(out / "checkpoint-1")
+
+    log = _run([sys.executable, EXAMPLE, *args, "--resume_from_checkpoint", "latest"], tmp_path / "resumed.log", _env())
+    assert "ignoring 1 unfinished checkpoint folder" in log and "checkpoint-1 at step 1" in log, log[-4000:]
+    assert "done: 3 steps" in log
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-3", "loss.jsonl", OURS]  # limit 1, no leftovers
+    assert _checkpoint_done(out / "checkpoint-3", 3)
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3]  # step 2 of the killed run dropped from the log
 
 
 RANK_DUMP = '''\

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from .errors import TrainingInputError
 
 UNET_PRESETS: dict[str, list[str]] = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -16,7 +19,13 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    a = p.add_argument
+    _model_and_data(p.add_argument, dreambooth)
+    _training(p.add_argument)
+    _lokr(p.add_argument)
+    return p
+
+
+def _model_and_data(a: Any, dreambooth: bool) -> None:
     a("--pretrained_model_name_or_path", required=True, help="diffusers model folder or hub id")
     a("--revision", default=None)
     a("--variant", default=None, help="e.g. fp16, for the model files")
@@ -28,13 +37,17 @@ def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
         a("--class_prompt", default=None, help='e.g. "a photo of dog"')
         a("--with_prior_preservation", action="store_true")
         a("--prior_loss_weight", type=float, default=1.0)
-        a("--num_class_images", type=int, default=100, help="class images to generate when the folder has fewer")
+        a("--num_class_images", type=int, default=100,
+          help="class images wanted (not generated here: put them in --class_data_dir)")
     else:
         a("--train_data_dir", default=None, help="image folder with metadata.jsonl or .txt captions")
         a("--dataset_name", default=None, help="a `datasets` dataset (needs `pip install datasets`)")
         a("--dataset_config_name", default=None)
         a("--image_column", default="image")
         a("--caption_column", default="text")
+
+
+def _training(a: Any) -> None:
     a("--resolution", type=int, default=512)
     a("--center_crop", action="store_true")
     a("--random_flip", action="store_true")
@@ -59,8 +72,8 @@ def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
     a("--output_dir", default="lokr-model")
     a("--logging_dir", default="logs")
     a("--report_to", default=None, help="tensorboard, wandb, ... (none by default)")
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
+    a("--checkpointing_steps", type=int, default=500, help="steps between checkpoints; 0: none")
+    a("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     a("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
     a("--validation_prompt", default=None)
     a("--num_validation_images", type=int, default=2)
@@ -68,7 +81,9 @@ def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
     a("--validation_steps", type=int, default=4, help="denoising steps of the validation images")
     a("--train_text_encoder", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
-    # LoKr
+
+
+def _lokr(a: Any) -> None:
     a("--rank", type=int, default=8)
     a("--alpha", type=float, default=None, help="default: --rank (scale 1)")
     a("--decompose_factor", type=int, default=-1)
@@ -84,17 +99,25 @@ def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
     a("--te_target_modules", default=",".join(TE_TARGETS))
     a("--export_format", default="comfyui", choices=["comfyui", "peft", "diffusers", "none"],
       help="the portable file written beside our own layout")
-    return p
+
+
+def parse_with(parser: argparse.ArgumentParser, dreambooth: bool,
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check (`checks.check_args`); bad input exits as argparse does: usage, one line
+    `error: ...`, exit code 2."""
+    from .checks import check_args
+
+    args = parser.parse_args(argv)
+    args.dreambooth = dreambooth
+    try:
+        check_args(args)
+    except TrainingInputError as e:
+        parser.error(str(e))
+    return args
 
 
 def parse(description: str, dreambooth: bool, argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser(description, dreambooth).parse_args(argv)
-    args.dreambooth = dreambooth
-    if not dreambooth and not args.train_data_dir and not args.dataset_name:
-        raise SystemExit("error: give --train_data_dir (an image folder) or --dataset_name")
-    if dreambooth and args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
-        raise SystemExit("error: --with_prior_preservation needs --class_data_dir and --class_prompt")
-    return args
+    return parse_with(build_parser(description, dreambooth), dreambooth, argv)
 
 
 def unet_targets(value: str) -> list[str]:

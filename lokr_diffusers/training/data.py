@@ -1,4 +1,5 @@
-"""Training data: image folders with captions, the train-time transform, datasets and collation.
+"""Training data: image sources (folders are read and checked in `folders`), the train-time
+transform, datasets and collation.
 
 The transform mirrors diffusers' training examples (torchvision `Resize` + `CenterCrop`/`RandomCrop`
 + `RandomHorizontalFlip` + `ToTensor` + `Normalize([0.5], [0.5])`) with PIL and torch only, and
@@ -23,10 +24,12 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from .errors import TrainingInputError
+from .folders import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: the folder readers' old home
+from .folders import METADATA_FILE, _caption_text
+from .folders import load_image_folder as load_image_folder
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-METADATA_FILE = "metadata.jsonl"
+logger = logging.getLogger(__name__)
 
 # What a pair's image may be: a path, a PIL image, or a `datasets` undecoded image {"bytes", "path"}.
 ImageSource = Any
@@ -44,91 +47,7 @@ class Transformed(NamedTuple):
     crop_top_left: tuple[int, int]  # (y, x) of the crop in the resized (and possibly flipped) image
 
 
-# ---------------------------------------------------------------------------------------------- folders
-
-def _caption_text(value: Any, where: str) -> str:
-    """A caption as a string: str as is, None as "", a list of strings as its first (as diffusers does
-    outside training's random pick, kept deterministic here)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return value[0]
-    raise ValueError(f"{where}: caption must be a string or a list of strings, got {type(value).__name__}")
-
-
-def _read_metadata(folder: str, caption_column: str, image_column: str) -> dict[str, str]:
-    """{relative posix path: caption} from `metadata.jsonl` (empty when there is none)."""
-    path = os.path.join(folder, METADATA_FILE)
-    if not os.path.isfile(path):
-        return {}
-    captions: dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or image_column not in row or caption_column not in row:
-                raise ValueError(f"{where}: expected a JSON object with keys {image_column!r} and {caption_column!r}")
-            rel = os.path.normpath(str(row[image_column])).replace(os.sep, "/")
-            if not os.path.isfile(os.path.join(folder, rel)):
-                raise FileNotFoundError(f"{where}: {image_column}={row[image_column]!r} names a missing file")
-            if rel in captions:
-                raise ValueError(f"{where}: {rel!r} is listed twice")
-            captions[rel] = _caption_text(row[caption_column], where)
-    return captions
-
-
-def _image_files(folder: str) -> list[str]:
-    """Relative posix paths of the images under `folder` (recursive, hidden folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
-    return found
-
-
-def _txt_caption(path: str) -> str:
-    txt = os.path.splitext(path)[0] + ".txt"
-    if not os.path.isfile(txt):
-        return ""
-    with open(txt, encoding="utf-8") as fh:
-        return fh.read().strip()
-
-
-def load_image_folder(folder: str, caption_column: str = "text",
-                      image_column: str = "file_name") -> list[tuple[str, str]]:
-    """(image path, caption) pairs of an image folder, sorted by relative path.
-
-    Each image's caption comes from `metadata.jsonl` (the diffusers / HF `imagefolder` convention: one
-    JSON object per line with `image_column` and `caption_column`), else from a `.txt` file beside it
-    with the same stem, else "". Raises FileNotFoundError for a missing folder or a metadata line naming
-    a missing file, ValueError for a folder without images or a malformed metadata line.
-    """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder!r}")
-    captions = _read_metadata(folder, caption_column, image_column)
-    files = sorted(set(_image_files(folder)) | set(captions))
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
-    unlisted = [f for f in files if f not in captions]
-    if captions and unlisted:
-        logger.warning("%d image(s) in %s are not in %s; using .txt captions or '' for them (first: %s)",
-                       len(unlisted), folder, METADATA_FILE, unlisted[0])
-    pairs = []
-    for rel in files:
-        path = os.path.join(folder, *rel.split("/"))
-        pairs.append((path, captions[rel] if rel in captions else _txt_caption(path)))
-    logger.info("%s: %d images, %d with captions", folder, len(pairs), sum(bool(c) for _, c in pairs))
-    return pairs
-
+# ---------------------------------------------------------------------------------------------- sources
 
 def load_hf_dataset(dataset_name: str, dataset_config_name: str | None, split: str, image_column: str,
                     caption_column: str, cache_dir: str | None) -> list[tuple[Any, str]]:
@@ -141,7 +60,8 @@ def load_hf_dataset(dataset_name: str, dataset_config_name: str | None, split: s
     ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
     for col in (image_column, caption_column):
         if col not in ds.column_names:
-            raise ValueError(f"{dataset_name}: no column {col!r}; columns are {ds.column_names}")
+            raise TrainingInputError(f"--dataset_name {dataset_name}: no column {col!r}; columns are "
+                                     f"{ds.column_names} (choose with --image_column / --caption_column)")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     captions = [_caption_text(c, f"{dataset_name} row {i}") for i, c in enumerate(ds[caption_column])]
@@ -178,6 +98,16 @@ def center_crop_top_left(h: int, w: int, resolution: int) -> tuple[int, int]:
     return round((h - resolution) / 2.0), round((w - resolution) / 2.0)  # half-to-even, as torchvision
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. 16/32-bit integer images ("I;16", "I") are scaled to 8 bits first:
+    PIL's own conversion clips them (a 16-bit PNG would come out white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        high = image.getextrema()[1]
+        peak = 65535.0 if image.mode.startswith("I;16") or (isinstance(high, (int, float)) and high > 255) else 255.0
+        image = image.convert("I").point(lambda v: v * (255.0 / peak)).convert("L")
+    return image.convert("RGB")
+
+
 def _to_tensor(image: Image.Image) -> Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1] (ToTensor then Normalize([0.5], [0.5]))."""
     w, h = image.size
@@ -200,7 +130,7 @@ class ImageTransform:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> Transformed:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         original = (image.height, image.width)
         h, w = _resized_size(*original, self.resolution)
         image = image.resize((w, h), Image.Resampling.BILINEAR)  # PIL's bilinear is antialiased, as torchvision's

@@ -148,6 +148,26 @@ def write_log(path: str, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def trim_log(path: str, step: int) -> None:
+    """Keep the loss log's records up to `step` (where a resumed run starts again), dropping the steps
+    an interrupted run logged after its last checkpoint and a line a crash cut short; atomic."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
+
+
 def epochs_needed(steps: int, per_epoch: int) -> int:
     return math.ceil(steps / per_epoch)
 

@@ -1,15 +1,28 @@
-"""`train(args)`: load the model, add LoKr, train on accelerate, checkpoint, validate, export."""
+"""`train(args)`: check the data, load the model, add LoKr, train on accelerate, checkpoint, validate,
+export. `main()` is the scripts' entry point: bad input exits like argparse (one line, code 2).
+
+Order matters for failures: the arguments are checked at parsing, the data folders are read and every
+image decoded before the model loads, the pipeline and a checkpoint to resume from are checked before
+the first step; the output folder is created only after all of that, so a run refused for its input
+leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import checkpoint
+from .args import build_parser, parse_with
+from .checks import check_not_fused, check_pipeline
+from .errors import TrainingInputError
 from .loop import (
     ADAPTER,
     TrainResult,
@@ -21,6 +34,7 @@ from .loop import (
     steps_per_epoch,
     total_steps,
     trainable_parameters,
+    trim_log,
     write_log,
 )
 from .output import save_outputs, save_validation_images
@@ -29,35 +43,64 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _dataset(args: Any) -> Any:
-    from .data import CaptionedImageDataset, DreamBoothDataset, load_hf_dataset, load_image_folder
+def main(description: str, dreambooth: bool, argv: list[str] | None = None) -> TrainResult:
+    """Parse, check and train; a TrainingInputError (bad argument, data or checkpoint, all raised
+    before the first step) exits as argparse does: `error: ...` and exit code 2, no traceback."""
+    parser: argparse.ArgumentParser = build_parser(description, dreambooth)
+    args = parse_with(parser, dreambooth, argv)
+    try:
+        return train(args)
+    except TrainingInputError as e:
+        parser.error(str(e))
+
+
+def build_dataset(args: Any) -> Any:
+    """The training dataset, its folders read and every image decoded (bad ones skipped with a
+    warning, an error when none is good); text-to-image data must have captions."""
+    from .data import CaptionedImageDataset, DreamBoothDataset, load_hf_dataset
+    from .folders import check_images, load_image_folder, require_captions
+
+    def folder(name: str) -> list[tuple[Any, str]]:
+        where = f"--{name} {getattr(args, name)}"
+        return check_images(load_image_folder(getattr(args, name), argument=f"--{name}"), where)
 
     if args.dreambooth:
-        instance = load_image_folder(args.instance_data_dir)
-        cls = load_image_folder(args.class_data_dir) if args.with_prior_preservation else None
-        return DreamBoothDataset(instance, args.instance_prompt, cls, args.class_prompt, args.resolution,
-                                 center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
-    pairs = load_image_folder(args.train_data_dir) if args.train_data_dir else load_hf_dataset(
-        args.dataset_name, args.dataset_config_name, "train", args.image_column, args.caption_column, None)
+        cls = folder("class_data_dir") if args.with_prior_preservation else None
+        return DreamBoothDataset(folder("instance_data_dir"), args.instance_prompt, cls, args.class_prompt,
+                                 args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+                                 seed=args.seed)
+    if args.train_data_dir:
+        pairs = folder("train_data_dir")
+        require_captions(pairs, f"--train_data_dir {args.train_data_dir}")
+    else:
+        pairs = load_hf_dataset(args.dataset_name, args.dataset_config_name, "train", args.image_column,
+                                args.caption_column, None)
+        require_captions(pairs, f"--dataset_name {args.dataset_name}", f"fill its {args.caption_column!r} column "
+                                "or name the caption column with --caption_column")
     return CaptionedImageDataset(pairs, args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                                  seed=args.seed)
 
 
-def _batch(dataset: Any, indices: list[int]) -> dict[str, Any]:
-    """Collate; DreamBooth items give instance examples, then class examples (the batch's halves)."""
-    from .data import collate
+@dataclass
+class Session:
+    """What the loop works with, once set up."""
 
-    return collate([dataset[i] for i in indices])
+    accelerator: Any
+    pipe: Any
+    sdxl: bool
+    weight_dtype: torch.dtype
+    noise_scheduler: Any
+    raw: dict[str, nn.Module]  # the components that train, unwrapped
+    models: tuple[Any, ...]  # the same, as accelerate prepared them
+    parts: SimpleNamespace  # the pipeline's parts the loss reads, with the prepared models in place
+    params: dict[str, list[nn.Parameter]]
+    optimizer: Any
+    lr_scheduler: Any
 
 
-def train(args: Any) -> TrainResult:
+def _accelerator(args: Any) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from ..pipeline import add_lokr
+    from accelerate.utils import ProjectConfiguration
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -68,18 +111,39 @@ def train(args: Any) -> TrainResult:
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}; "
                            "use `accelerate launch` or set up accelerate's config for this machine")
-    set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
-    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
-    pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                  variant=args.variant)
+    return accelerator
+
+
+def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -> tuple[Any, bool]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                      variant=args.variant)
+    except (OSError, ValueError) as e:
+        raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot "
+                                 f"load it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    check_pipeline(pipe, args)
     pipe.set_progress_bar_config(disable=True)
-    sdxl = args.sdxl or getattr(pipe, "text_encoder_2", None) is not None
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    names = ["unet"] + ([c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
-                        if args.train_text_encoder else [])
     for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, c, None) is not None:
-            getattr(pipe, c).requires_grad_(False).to(accelerator.device, torch.float32 if c == "vae" else weight_dtype)
+            getattr(pipe, c).requires_grad_(False).to(device, torch.float32 if c == "vae" else weight_dtype)
+    return pipe, args.sdxl or getattr(pipe, "text_encoder_2", None) is not None
+
+
+def _setup(args: Any, steps: int) -> Session:
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from ..pipeline import add_lokr
+
+    accelerator = _accelerator(args)
+    set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
+    pipe, sdxl = _load_pipeline(args, accelerator.device, weight_dtype)
+    names = ["unet"] + ([c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+                        if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, sdxl), ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
     for ps in params.values():
@@ -91,9 +155,7 @@ def train(args: Any) -> TrainResult:
     groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
     optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    dataset = _dataset(args)
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    steps = total_steps(len(dataset), args, procs)
+    procs = accelerator.num_processes
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * procs,
                                  num_training_steps=steps * procs)
     raw = {c: getattr(pipe, c) for c in names}
@@ -104,65 +166,103 @@ def train(args: Any) -> TrainResult:
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    global_step = 0
-    if args.resume_from_checkpoint:
-        folder = checkpoint.resolve(args.output_dir, args.resume_from_checkpoint)
-        if folder is None:
-            logger.warning("no checkpoint in %s; starting from scratch", args.output_dir)
-        else:
-            global_step = checkpoint.load(folder, raw, ADAPTER, optimizer, lr_scheduler)
-            logger.info("resumed from %s at step %d", folder, global_step)
+    return Session(accelerator, pipe, sdxl, weight_dtype, DDPMScheduler.from_config(pipe.scheduler.config), raw,
+                   models, parts, params, optimizer, lr_scheduler)
+
+
+def _resume(args: Any, s: Session) -> int:
+    """The step to start from: 0, or the resumed checkpoint's (CheckpointError if it does not fit)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    folder = checkpoint.resolve(args.output_dir, args.resume_from_checkpoint)
+    if folder is None:
+        logger.warning("no complete checkpoint in %s; starting from scratch", args.output_dir)
+        return 0
+    step = checkpoint.load(folder, s.raw, ADAPTER, s.optimizer, s.lr_scheduler)
+    logger.info("resumed from %s at step %d", folder, step)
+    return step
+
+
+def train(args: Any) -> TrainResult:
+    dataset = build_dataset(args)
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = total_steps(len(dataset), args, procs)
+    s = _setup(args, steps)
+    global_step = _resume(args, s)
+    check_not_fused(s.raw, ADAPTER)
+    accelerator = s.accelerator
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.resume_from_checkpoint:
+            trim_log(loss_log_path(args.output_dir), global_step)
         accelerator.init_trackers("lokr", config={k: v for k, v in vars(args).items()
                                                   if isinstance(v, (int, float, str, bool))})
     result = TrainResult(args.output_dir, global_step)
+    result.global_step = _loop(args, s, dataset, steps, global_step, result)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        check_not_fused(s.raw, ADAPTER)
+        result.files = save_outputs(s.pipe, args, s.sdxl, result)
+    accelerator.end_training()
+    return result
+
+
+def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, result: TrainResult) -> int:
+    """Optimizer steps from `global_step` to `steps`, with logs, checkpoints and validation; the last step."""
+    from tqdm.auto import tqdm
+
+    accelerator = s.accelerator
+    procs, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = steps_per_epoch(len(dataset), args, procs)
-    prior = bool(getattr(args, "with_prior_preservation", False))
     progress = tqdm(total=steps, initial=global_step, desc="training LoKr",
                     disable=not accelerator.is_local_main_process)
-    for m in models:
+    for m in s.models:
         m.train()
     while global_step < steps:
         epoch, offset = divmod(global_step, per_epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         micro = batches_for_epoch(len(dataset), epoch, args.seed, args.train_batch_size, procs, rank)
-        for s in range(offset, per_epoch):
-            losses = []
-            for k in range(args.gradient_accumulation_steps):
-                batch = _batch(dataset, micro[(s * args.gradient_accumulation_steps + k) % len(micro)])
-                with accelerator.accumulate(*models):
-                    g = step_generator(args.seed, global_step, k, rank)
-                    loss = diffusion_loss(parts, noise_scheduler, batch, args, sdxl, g, weight_dtype,
-                                          accelerator.device, prior_weight=args.prior_loss_weight if prior else None)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_([p for ps in params.values() for p in ps], args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())  # all ranks
+        for index in range(offset, per_epoch):
+            step_loss = _optimizer_step(args, s, dataset, micro, index, global_step)
             global_step += 1
-            step_loss = sum(losses) / len(losses)
             result.losses.append(step_loss)
-            lr = lr_scheduler.get_last_lr()[0]
+            lr = s.lr_scheduler.get_last_lr()[0]
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": step_loss, "lr": lr}, step=global_step)
             if accelerator.is_main_process:
                 write_log(loss_log_path(args.output_dir), {"step": global_step, "loss": step_loss, "lr": lr})
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    checkpoint.save(args.output_dir, global_step, raw, ADAPTER, optimizer, lr_scheduler,
+                    check_not_fused(s.raw, ADAPTER)
+                    checkpoint.save(args.output_dir, global_step, s.raw, ADAPTER, s.optimizer, s.lr_scheduler,
                                     args.checkpoints_total_limit)
             if global_step >= steps:
                 break
         if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            save_validation_images(pipe, args, global_step, accelerator)
+            save_validation_images(s.pipe, args, global_step, accelerator)
     progress.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        result.files = save_outputs(pipe, args, sdxl, result)
-    result.global_step = global_step
-    accelerator.end_training()
-    return result
+    return global_step
+
+
+def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]], index: int, step: int) -> float:
+    """One optimizer step (its accumulated micro-steps); the mean loss over micro-steps and processes."""
+    from .data import collate
+
+    accelerator = s.accelerator
+    prior = args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None
+    losses = []
+    for k in range(args.gradient_accumulation_steps):
+        batch = collate([dataset[i] for i in micro[(index * args.gradient_accumulation_steps + k) % len(micro)]])
+        with accelerator.accumulate(*s.models):
+            g = step_generator(args.seed, step, k, accelerator.process_index)
+            loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
+                                  accelerator.device, prior_weight=prior)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_([p for ps in s.params.values() for p in ps], args.max_grad_norm)
+            s.optimizer.step()
+            s.lr_scheduler.step()
+            s.optimizer.zero_grad()
+        losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())  # all ranks
+    return sum(losses) / len(losses)
