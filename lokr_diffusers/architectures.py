@@ -26,6 +26,9 @@ _OPENCLIP_H: dict[str, Any] = dict(hidden_size=1024, intermediate_size=4096, num
 _OPENCLIP_G: dict[str, Any] = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                    num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
 CROSS_ATTENTION_DIM: dict[int, str] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# text-encoder widths that name a base (768 is CLIP-L: SD1's encoder and SDXL's first one alike)
+TEXT_ENCODER_WIDTH: dict[int, str] = {1024: "sd2", 1280: "sdxl"}
+BASE_NAMES: dict[str, str] = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd1/2": "SD1.x/SD2.x"}
 BASE_MODEL_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import typing
 from collections import Counter
 from typing import Any
 
@@ -23,13 +25,48 @@ EXAMPLES = """examples:
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
 """
 BASE_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
+PROG = "lokr-diffusers"
+
+
+class UsageError(Exception):
+    """A bad command line, reported as one line by `main` (argparse would print the usage too)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # argparse names the type in its message
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite_float.__name__ = "finite number"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lokr-diffusers", description="LoKr adapters for diffusers: inspect, convert "
-                                "and merge LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _Parser(prog=PROG, description="LoKr adapters for diffusers: inspect, convert "
+                "and merge LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback (for bug reports)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     i = sub.add_parser("inspect", help="show what a LoKr file holds")
     i.add_argument("file", help="a .safetensors file, or a PEFT adapter folder")
     i.add_argument("--base", choices=sorted(BASE_ALIASES), help="base model (default: guessed from the file)")
@@ -42,43 +79,42 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
     d = sub.add_parser("demo", help="offline demo: train a LoKr on a tiny pipeline, export, reload, compare")
     d.add_argument("--out", default="outputs/demo", help="folder for images, loss curve and files")
-    d.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    d.add_argument("--steps", type=_positive_int, default=40, help="training steps (default 40)")
     d.add_argument("--model", default=None, help="a diffusers SD/SDXL folder instead of the tiny built-in one")
-    d.add_argument("--resolution", type=int, default=64)
+    d.add_argument("--resolution", type=_positive_int, default=64)
     d.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("merge", help="bake a LoKr into a diffusers model folder")
     m.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
     m.add_argument("--lokr", required=True, help="the LoKr file")
-    m.add_argument("--scale", type=float, default=1.0, help="strength (default 1.0)")
+    m.add_argument("--scale", type=_finite_float, default=1.0, help="strength (default 1.0)")
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
     return p
 
 
 def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
     """A summary of a LoKr file, as a JSON-ready dict."""
-    from .architectures import meta_components
-    from .convert import guess_base
-    from .formats.names import build_index
-    from .formats.reader import group_modules, parse_file
-    from .io import detect_layout, lokr_state_dict
-    from .loader import split_adapters
+    from .convert import guess_base, parse_for_base
+    from .formats.reader import check_tensors, group_modules, lora_module_count
+    from .io import INTERNAL_KEYS, lokr_state_dict
 
     state_dict, metadata, layout = lokr_state_dict(path)
+    try:
+        check_tensors(state_dict)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{path}: {err}") from None
     base = base or guess_base(state_dict)
     groups, lora, _ = group_modules(state_dict)
     info: dict[str, Any] = {
         "file": path, "layout": layout, "base_model": base or "unknown", "modules": len(groups),
-        "lora_modules": len({k.split(".lora_")[0] for k in lora}), "parameters": sum(t.numel() for t in
-                                                                                    state_dict.values()),
+        "lora_modules": lora_module_count(lora), "parameters": sum(t.numel() for t in state_dict.values()),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state_dict.values())),
-        "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in metadata.items()},
+        "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in metadata.items()
+                     if k not in INTERNAL_KEYS},
     }
     adapters: dict[str, Any] = {}
-    if base is not None:
-        index = build_index(meta_components(base))
-        for name, sd in split_adapters(state_dict, metadata).items():
-            parsed = parse_file(sd, metadata, index, detect_layout(sd) if name else layout)
-            adapters[name or "default"] = _summary(parsed)
+    if base is not None and groups:
+        _, parsed = parse_for_base(path, state_dict, metadata, layout, base, strict=False)
+        adapters = {name: _summary(p) for name, p in parsed.items()}
     info["adapters"] = adapters
     return info
 
@@ -115,7 +151,9 @@ def _print_text(info: dict[str, Any]) -> None:
             print(f"    e.g. {a['example']['module']}: {a['example']['factors']}")
         if a["unmatched_keys"]:
             print(f"    {a['unmatched_keys']} keys match no module of a {info['base_model']} model")
-    if not info["adapters"]:
+    if not info["modules"] and info["lora_modules"]:
+        print("  no LoKr modules: a LoRA file, load it with pipe.load_lora_weights")
+    elif not info["adapters"]:
         print("  (pass --base sd15|sd2|sdxl for per-module details)")
     for k, v in info["metadata"].items():
         print(f"  metadata {k}: {v}")
@@ -127,8 +165,17 @@ def _merge(args: argparse.Namespace) -> None:
 
     import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 
+    from .convert import check_output_path
+    from .io import lokr_state_dict
+
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"--model: no such file or folder: {args.model}")
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise FileNotFoundError(f"{args.model} is not a diffusers pipeline folder (no model_index.json)")
+        raise FileNotFoundError(f"--model: {args.model} is not a diffusers pipeline folder (no model_index.json)")
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise ValueError("--out must differ from --model (the model's files are read while the merge is written)")
+    check_output_path(args.out, folder=True)
+    lokr_state_dict(args.lokr)  # a bad --lokr fails here, before the model is loaded
     pipe: Any = DiffusionPipeline.from_pretrained(args.model)
     name = pipe.load_lokr_weights(args.lokr, adapter_name="merge")
     pipe.fuse_lokr(lokr_scale=args.scale)
@@ -137,33 +184,62 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged {args.lokr} (as {name!r}, scale {args.scale}) into {args.out}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "inspect":
+        info = inspect_file(args.file, BASE_ALIASES.get(args.base) if args.base else None)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            _print_text(info)
+    elif args.command == "convert":
+        from .convert import convert_lokr_file
+
+        out = convert_lokr_file(args.input, args.output, to=args.to,
+                                base=BASE_ALIASES.get(args.base) if args.base else None, dtype=args.dtype)
+        print(f"wrote {out} ({args.to})")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        paths = run_demo(args.out, args.steps, args.model, args.resolution, args.seed)
+        print("demo done:")
+        for what, path in paths.items():
+            print(f"  {what:12s} {path}")
+    else:
+        _merge(args)
+
+
+EXPECTED_ERRORS = (OSError, ValueError, TypeError, KeyError, UsageError)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an error: its message, and for an unexpected kind its class and what to do."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if not isinstance(err, EXPECTED_ERRORS):
+        text = f"unexpected {type(err).__name__}: {text} (rerun with --traceback and report it, please)"
+    elif isinstance(err, KeyError):
+        text = f"missing key {text}"
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the command; every error is one line on stderr (`lokr-diffusers <cmd>: error: ...`), exit code 2."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as err:
+        print(f"{err.prog}: error: {describe_error(err)}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "inspect":
-            info = inspect_file(args.file, BASE_ALIASES.get(args.base) if args.base else None)
-            if args.json:
-                print(json.dumps(info, indent=2, default=str))
-            else:
-                _print_text(info)
-        elif args.command == "convert":
-            from .convert import convert_lokr_file
-
-            out = convert_lokr_file(args.input, args.output, to=args.to,
-                                    base=BASE_ALIASES.get(args.base) if args.base else None, dtype=args.dtype)
-            print(f"wrote {out} ({args.to})")
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            paths = run_demo(args.out, args.steps, args.model, args.resolution, args.seed)
-            print("demo done:")
-            for what, path in paths.items():
-                print(f"  {what:12s} {path}")
-        else:
-            _merge(args)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        print(f"lokr-diffusers {args.command}: error: {err}", file=sys.stderr)
+        _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.traceback:
+            raise
+        print(f"{PROG} {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,37 +5,46 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+import tempfile
 
 import torch
 from torch import Tensor, nn
 
 from . import export
-from .architectures import BASES, CROSS_ATTENTION_DIM, meta_components
+from .architectures import BASE_NAMES, BASES, meta_components
 from .formats.names import build_index, weight_of
-from .formats.reader import LoadEntry, parse_file
-from .formats.report import guess_file_base
+from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_file
+from .formats.report import base_hint, file_base, unmatched_message
 from .io import detect_layout, lokr_state_dict
 from .loader import split_adapters
 
 logger = logging.getLogger(__name__)
 
-_TO_K = re.compile(r"attn2[._]to_k")
-
 
 def guess_base(state_dict: dict[str, Tensor]) -> str | None:
-    """"sd1" | "sd2" | "sdxl" from names, then the cross-attention width read off an attn2.to_k's factors."""
-    names = list(state_dict)
-    if guess_file_base(names) == "sdxl":
-        return "sdxl"
-    for key in names:
-        if _TO_K.search(key) and key.endswith((".lokr_w1", ".lokr_w1_b")):
-            module = key.rsplit(".", 1)[0]
-            in_m = state_dict[key].shape[-1]
-            w2 = state_dict.get(f"{module}.lokr_w2_b", state_dict.get(f"{module}.lokr_w2"))
-            if w2 is not None and w2.dim() == 2:
-                return CROSS_ATTENTION_DIM.get(in_m * w2.shape[-1])
-    return None
+    """"sd1" | "sd2" | "sdxl" from the file's structure (names, then widths read off the factors:
+    see formats.report), None when it does not say or says "SD1.x or SD2.x"."""
+    base = file_base(state_dict).base
+    return base if base in BASES else None
+
+
+def check_output_path(dst: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a missing or read-only parent
+    folder, a folder where a file is wanted (or a file where a folder is wanted)."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {dst}: the folder {parent} does not exist; create it first")
+    try:  # a real probe (os.access says yes to root and on read-only mounts); unnamed, so nothing is left behind
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write {dst}: the folder {parent} is not writable ({err.strerror or err}); "
+                              "choose a folder you can write to") from None
+    if folder and os.path.lexists(dst) and not os.path.isdir(dst):
+        raise NotADirectoryError(f"cannot write {dst}: it is an existing file and this output is a folder")
+    if not folder and os.path.isdir(dst):
+        raise IsADirectoryError(f"cannot write {dst}: it is an existing folder; give a file path such as "
+                                f"{os.path.join(dst, 'lokr.safetensors')}")
 
 
 def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[export.ExportModule]:
@@ -49,28 +58,60 @@ def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[expo
     return out
 
 
+def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> str:
+    fmt = export.FORMAT_ALIASES.get(to) if isinstance(to, str) else None
+    if fmt is None:
+        raise ValueError(f"to={to!r}: unknown format; use one of {sorted(export.FORMAT_ALIASES)}")
+    if base is not None and base not in BASES:
+        raise ValueError(f"base={base!r}: unknown base model; use one of {BASES}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and \
+            dtype not in export.DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {sorted(export.DTYPES)}, a floating torch dtype or None")
+    return fmt
+
+
+def parse_for_base(src: str, state_dict: dict[str, Tensor], metadata: dict[str, str], layout: str, base: str,
+                   strict: bool = True) -> tuple[dict[str, nn.Module], dict[str, ParsedFile]]:
+    """Every adapter of the file parsed against the full-size `base`; a mismatch says which base the
+    file is for."""
+    comps = meta_components(base)
+    index = build_index(comps)
+    parsed: dict[str, ParsedFile] = {}
+    for name, sd in split_adapters(state_dict, metadata).items():
+        try:
+            p = parse_file(sd, metadata, index, detect_layout(sd) if name else layout)
+        except ValueError as err:
+            where = "" if src in str(err) else f"{src}: "
+            raise ValueError(f"{where}{err}.{base_hint(sd, comps)}") from None
+        if p.unmatched and strict:
+            raise ValueError(f"{src} (checked against a full-size {BASE_NAMES[base]}): "
+                             f"{unmatched_message(p.unmatched, sd, comps)}")
+        parsed[name or "default"] = p
+    return comps, parsed
+
+
 def convert_lokr_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "comfyui",
                       base: str | None = None, dtype: torch.dtype | str | None = None, strict: bool = True) -> str:
     """Read `src` (any layout we load) and write it to `dst` in format `to` for base `base`
     ("sd1" | "sd2" | "sdxl", guessed from the file when None)."""
+    fmt = _check_args(to, base, dtype)
+    dst = os.fspath(dst)
+    check_output_path(dst, folder=fmt == "peft")
     state_dict, metadata, layout = lokr_state_dict(src)
+    try:
+        check_holds_lokr(state_dict)
+    except ValueError as err:
+        raise ValueError(f"{os.fspath(src)}: {err}") from None
     base = base or guess_base(state_dict)
     if base not in BASES:
-        raise ValueError(f"cannot tell which base model {src} is for; pass base= one of {BASES}")
-    comps = meta_components(base)
-    index = build_index(comps)
+        raise ValueError(f"cannot tell which base model {src} is for; pass base= one of {BASES} (--base on the "
+                         "command line)")
+    comps, parsed = parse_for_base(os.fspath(src), state_dict, metadata, layout, base, strict)
     per_adapter: dict[str, list[export.ExportModule]] = {}
-    for name, sd in split_adapters(state_dict, metadata).items():
-        parsed = parse_file(sd, metadata, index, detect_layout(sd) if name else layout)
-        if parsed.unmatched and strict:
-            raise ValueError(f"{len(parsed.unmatched)} keys match no module of a {base} model: {parsed.unmatched[:5]}")
-        if parsed.lora:
-            logger.warning("%d plain LoRA keys are not converted", len(parsed.lora))
-        per_adapter[name or "default"] = _modules(parsed.entries, comps)
-    fmt = export.FORMAT_ALIASES.get(to)
-    if fmt is None:
-        raise ValueError(f"unknown format {to!r}; use one of {sorted(export.FORMAT_ALIASES)}")
-    dst = os.fspath(dst)
+    for name, p in parsed.items():
+        if p.lora:
+            logger.warning("%d plain LoRA keys are not converted", len(p.lora))
+        per_adapter[name] = _modules(p.entries, comps)
     if fmt == export.OURS_FORMAT:
         sd_out, meta = export.to_ours(per_adapter)
         return export.write_safetensors(export.cast(sd_out, dtype), dst, meta)

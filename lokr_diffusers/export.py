@@ -1,6 +1,7 @@
 """Write a LoKr adapter for its consumers: ComfyUI / A1111 (kohya layout), PEFT, diffusers, and our
 own lossless layout. Each writer encodes every layer's scale so that its consumer's rule gives it
-back exactly (FORMATS.md §2, §5). Writes are atomic: a temporary file, then a rename.
+back exactly (docs: FORMATS §2, §5), and output-axis DoRA so that ComfyUI's rule gives back the trained
+weight (§3). Writes are all-or-nothing (atomic.py).
 """
 
 from __future__ import annotations
@@ -9,17 +10,16 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import functional as LF
 from .architectures import BASE_MODEL_VERSION, base_of
+from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
 from .formats.ldm import diffusers_to_ldm
 from .loader import OURS_FORMAT, OURS_PREFIX, pipeline_components
 from .model import lokr_layers
@@ -29,14 +29,27 @@ logger = logging.getLogger(__name__)
 FORMAT_ALIASES: dict[str, str] = {"comfyui": "comfyui", "kohya": "comfyui", "a1111": "comfyui", "peft": "peft",
                                   "diffusers": "diffusers", "lokr_diffusers": "lokr_diffusers"}
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# metadata of a ComfyUI file whose output-axis dora_scale is written for ComfyUI's rule (see _comfyui_dora)
+DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"
 
 # A1111 applies OpenCLIP attention (SD2 te, SDXL te2) only when q, k, v and out of a layer are all there.
 _ATTN = re.compile(r"^(.*\.self_attn\.)(q_proj|k_proj|v_proj|out_proj)$")
 
 
+@dataclass(frozen=True)
+class RowNorms:
+    """Per output row (shape (out,)): `base` = ‖W‖ + eps as ComfyUI computes it (fp32, eps of fp32), and
+    `adapted` = ‖W + ΔW‖ + eps as training computed it (eps of that dtype). W is the base weight without
+    fused adapters, ΔW the adapter's own delta at strength 1."""
+
+    base: Tensor
+    adapted: Tensor
+
+
 @dataclass
 class ExportModule:
-    """One module of one adapter, independent of any layout."""
+    """One module of one adapter, independent of any layout. `row_norms` is needed only to write
+    output-axis DoRA for ComfyUI (None where no base weight is at hand, e.g. convert_lokr_file)."""
 
     component: str
     path: str
@@ -47,6 +60,7 @@ class ExportModule:
     dora_scale: Tensor | None
     r: int
     alpha: float
+    row_norms: RowNorms | None = None
 
 
 def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
@@ -56,16 +70,29 @@ def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[Expo
         for path, layer in lokr_layers(model):
             if adapter_name not in layer.plans:
                 continue
-            dora = layer.dora_scale[adapter_name] if adapter_name in layer.dora_scale else None
+            dora = layer.dora_scale[adapter_name].detach().cpu() if adapter_name in layer.dora_scale else None
+            norms = _row_norms(layer, adapter_name) if dora is not None and \
+                LF.dora_on_output_axis(dora, layer.weight_shape) else None
             out.append(ExportModule(
                 component, path.replace(".base_layer", ""),
                 {k: v.detach().cpu() for k, v in layer.factors(adapter_name).items()}, layer.scaling[adapter_name],
-                layer.plans[adapter_name], layer.weight_shape, None if dora is None else dora.detach().cpu(),
-                layer.r[adapter_name], layer.alpha[adapter_name]))
+                layer.plans[adapter_name], layer.weight_shape, dora, layer.r[adapter_name],
+                layer.alpha[adapter_name], norms))
     if not out:
         have = sorted({a for m in components.values() for _, la in lokr_layers(m) for a in la.plans})
-        raise ValueError(f"no LoKr adapter {adapter_name!r} here (adapters: {have})")
+        raise ValueError(f"adapter_name {adapter_name!r}: no LoKr adapter of that name here (adapters: {have})")
     return out
+
+
+@torch.no_grad()
+def _row_norms(layer: Any, adapter_name: str) -> RowNorms | None:
+    """RowNorms of one layer, computed as the layer's DoRA forward does (None on the meta device)."""
+    w = layer.base_weight()
+    if w.is_meta:
+        return None
+    delta = LF.delta_weight(layer.factors(adapter_name), layer.weight_shape, layer.scaling[adapter_name])
+    base, adapted = LF.dora_row_norms(w, delta)
+    return RowNorms(base.cpu(), adapted.cpu())
 
 
 # -------------------------------------------------------------------------------------- comfyui
@@ -89,7 +116,7 @@ def expand_tucker(f: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _consumer_tensors(m: ExportModule, keep_tucker: bool) -> dict[str, Tensor]:
+def _consumer_tensors(m: ExportModule, keep_tucker: bool, comfyui: bool = False) -> dict[str, Tensor]:
     f = dict(m.factors)
     if "lokr_t2" in f and not keep_tucker:
         f = expand_tucker(f)
@@ -99,8 +126,46 @@ def _consumer_tensors(m: ExportModule, keep_tucker: bool) -> dict[str, Tensor]:
     # Both full: ComfyUI/A1111 ignore alpha, but LyCORIS' loader crashes on a module without one
     f["alpha"] = torch.tensor(float(alpha if alpha is not None else m.r))
     if m.dora_scale is not None:
-        f["dora_scale"] = m.dora_scale
+        f["dora_scale"] = _comfyui_dora(m) if comfyui else m.dora_scale
     return f
+
+
+def _on_output_axis(m: ExportModule) -> bool:
+    return m.dora_scale is not None and LF.dora_on_output_axis(m.dora_scale, m.weight_shape)
+
+
+def _comfyui_dora(m: ExportModule) -> Tensor:
+    """dora_scale for ComfyUI's rule. Trained (LyCORIS): W' = m · (W + ΔW) / (‖W + ΔW‖ + eps) per row.
+    ComfyUI on the output axis: W' = m' · (W + ΔW) / (‖W‖ + eps); so m' = m · (‖W‖ + eps) / (‖W + ΔW‖ + eps)
+    gives the trained W', and W + s·(W' − W) at every strength s. The input axis is the same in both."""
+    assert m.dora_scale is not None
+    if not _on_output_axis(m):
+        return m.dora_scale
+    assert m.row_norms is not None  # to_comfyui refuses modules without them
+    ratio = m.row_norms.base.double() / m.row_norms.adapted.double()  # (out,)
+    row = (-1, *[1] * (len(m.weight_shape) - 1))  # (out, 1[, 1, 1]): a 1-D one broadcasts wrongly in ComfyUI
+    return (m.dora_scale.double().reshape(row) * ratio.reshape(row)).to(m.dora_scale.dtype)
+
+
+def _check_comfyui_dora(modules: list[ExportModule]) -> list[ExportModule]:
+    """The output-axis DoRA modules; raises if one has no base-weight norms to rescale its dora_scale."""
+    out_axis = [m for m in modules if _on_output_axis(m)]
+    blind = [m for m in out_axis if m.row_norms is None]
+    if blind:
+        raise ValueError(
+            f"{len(blind)} modules have DoRA on the output axis (e.g. {blind[0].component}.{blind[0].path}): a "
+            "ComfyUI file needs the base model's weights to rescale their dora_scale for ComfyUI's rule (it divides "
+            "by the norm of the original weight, not of the adapted one), and none are available here (e.g. "
+            "convert_lokr_file works without model weights). Load the file into a pipeline of its base model "
+            "(pipe.load_lokr_weights(...)), then pipe.save_lokr_weights(path, format='comfyui'); or write "
+            "format='lokr_diffusers' or 'diffusers', which keep DoRA as trained.")
+    if out_axis:
+        logger.warning(
+            "%d modules have DoRA on the output axis (e.g. %s): their dora_scale is rescaled for ComfyUI's rule, "
+            "so ComfyUI reproduces the trained weight; A1111 only applies input-axis DoRA, so these modules will "
+            "differ in A1111 (and readers that use LyCORIS' rule, LyCORIS itself included, will read them "
+            "differently too)", len(out_axis), f"{out_axis[0].component}.{out_axis[0].path}")
+    return out_axis
 
 
 def _zero_module(weight_shape: tuple[int, ...]) -> dict[str, Tensor]:
@@ -111,17 +176,15 @@ def _zero_module(weight_shape: tuple[int, ...]) -> dict[str, Tensor]:
 
 def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tucker: bool = False,
                name: str = "lokr") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """kohya / LyCORIS layout that ComfyUI and A1111 load as trained."""
+    """kohya / LyCORIS layout that ComfyUI loads as trained (A1111 too, except output-axis DoRA).
+    `keep_tucker=True` keeps Tucker cores (`lokr_t2`): ComfyUI 0.3.64 fails on them (kron on a
+    non-contiguous einsum result), so the default rewrites them as plain low-rank factors (exact)."""
+    out_axis = _check_comfyui_dora(modules)
     sd: dict[str, Tensor] = {}
     present = {(m.component, m.path): m for m in modules}
     for m in modules:
         key = comfyui_module_name(m.component, m.path, unet_config, base)
-        sd.update({f"{key}.{k}": v for k, v in _consumer_tensors(m, keep_tucker).items()})
-    out_axis = [m.path for m in modules if m.dora_scale is not None and LF.dora_on_output_axis(m.dora_scale,
-                                                                                                m.weight_shape)]
-    if out_axis:
-        logger.warning("%d modules have DoRA on the output axis (e.g. %s): ComfyUI applies it, A1111 only applies "
-                       "the input axis", len(out_axis), out_axis[0])
+        sd.update({f"{key}.{k}": v for k, v in _consumer_tensors(m, keep_tucker, comfyui=True).items()})
     openclip = {"text_encoder_2"} if base == "sdxl" else ({"text_encoder"} if base == "sd2" else set())
     for m in modules:  # complete OpenCLIP attention groups with ΔW = 0 modules
         match = _ATTN.match(m.path) if m.component in openclip else None
@@ -141,6 +204,8 @@ def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tu
         "ss_network_alpha": str(max((m.alpha for m in modules), default=1.0)),
         "ss_output_name": name,
     }
+    if out_axis:
+        metadata[DORA_RULE_KEY] = DORA_RULE_COMFYUI
     return sd, metadata
 
 
@@ -209,58 +274,22 @@ def _configs(modules: list[ExportModule]) -> dict[str, dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------- writing
-def _stage(path: str, write: Any) -> str:
-    """Write a temporary file next to `path` with `write(tmp)`; returns the temporary's name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".lokr_", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-    except BaseException:
-        os.remove(tmp)
-        raise
-    return tmp
-
-
-def write_files(files: Mapping[str, Any]) -> None:
-    """Atomic for a set of files {path: writer}: all are staged first, then renamed into place; a
-    failure while staging removes the temporaries and leaves every old file as it was."""
-    staged: dict[str, str] = {}
-    try:
-        for path, write in files.items():
-            staged[path] = _stage(path, write)
-    except BaseException:
-        for tmp in staged.values():
-            os.remove(tmp)
-        raise
-    for path, tmp in staged.items():
-        os.replace(tmp, path)
-
-
-def _safetensors_writer(sd: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Any:
-    return lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=dict(metadata))
-
-
-def _text_writer(text: str) -> Any:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    return write
-
-
-def write_safetensors(sd: Mapping[str, Tensor], path: str, metadata: Mapping[str, str]) -> str:
-    """Atomic: write next to `path`, then rename; a failure leaves any old file as it was."""
-    write_files({path: _safetensors_writer(sd, metadata)})
-    return path
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """"fp16" | "bf16" | "fp32" | a floating torch dtype | None (keep); anything else is refused."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, a floating torch dtype or None, got {dtype!r}")
 
 
 def cast(sd: Mapping[str, Tensor], dtype: torch.dtype | str | None) -> dict[str, Tensor]:
     """Floating tensors to `dtype` (alpha and scales too, as LyCORIS does; our lokr_scale stays fp64)."""
-    if dtype is None:
+    dt = resolve_dtype(dtype)
+    if dt is None:
         return dict(sd)
-    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     return {k: v if k.endswith(".lokr_scale") else v.to(dt) for k, v in sd.items()}
 
 
@@ -273,12 +302,21 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
     comfyui (alias kohya, a1111): one .safetensors; peft: a folder (one sub-folder per component
     when several hold the adapter); diffusers: one .safetensors; lokr_diffusers: one .safetensors,
     several adapters at once (a list, or "all"). Returns the path written.
+
+    All-or-nothing: arguments are checked before anything is written, and a failed save (a full
+    disk, a read-only folder, Ctrl-C) leaves every file and folder as it was, with no temporaries.
+    Output-axis DoRA is written for ComfyUI's rule (ComfyUI reproduces the trained weight; A1111
+    only applies input-axis DoRA). `keep_tucker=True` keeps Tucker cores (`lokr_t2`) instead of
+    rewriting them as plain low-rank factors: such files fail to load in ComfyUI 0.3.64 (kron on a
+    non-contiguous einsum result), so use it only for readers that take Tucker cores (LyCORIS, ours).
     """
-    fmt = FORMAT_ALIASES.get(format)
+    fmt = FORMAT_ALIASES.get(format) if isinstance(format, str) else None
     if fmt is None:
-        raise ValueError(f"unknown format {format!r}; use one of {sorted(FORMAT_ALIASES)}")
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch dtype, got {dtype!r}")
+        raise ValueError(f"format {format!r} is unknown; use one of {sorted(FORMAT_ALIASES)}")
+    resolve_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file or folder path (str or os.PathLike), got {type(path).__name__}")
+    _check_metadata(metadata)
     comps = dict(source) if isinstance(source, Mapping) else pipeline_components(source)
     path = os.fspath(path)
     if fmt == OURS_FORMAT:
@@ -286,7 +324,8 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
         sd, meta = to_ours({a: collect(comps, a) for a in names})
         return write_safetensors(cast(sd, dtype), path, {**meta, **(metadata or {})})
     if not isinstance(adapter_name, str):
-        raise ValueError(f"format {format!r} holds one adapter; pass its name")
+        raise ValueError(f"adapter_name {adapter_name!r}: format {format!r} holds one adapter; pass its name "
+                         "(several adapters go in one file with format='lokr_diffusers')")
     modules = collect(comps, adapter_name)
     if fmt == "comfyui":
         base = base or base_of(comps)
@@ -300,25 +339,44 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
     return write_peft(modules, path, dtype, metadata)
 
 
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata[{k!r}]: safetensors metadata holds strings only, got {type(v).__name__}")
+
+
 def _adapter_names(comps: Mapping[str, nn.Module], adapter_name: str | list[str]) -> list[str]:
     if adapter_name == "all":
-        return sorted({a for m in comps.values() for _, la in lokr_layers(m) for a in la.plans})
-    return [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = sorted({a for m in comps.values() for _, la in lokr_layers(m) for a in la.plans})
+    else:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise ValueError(f"adapter_name {adapter_name!r}: no adapter to save")
+    if any(not isinstance(n, str) for n in names):
+        raise ValueError(f"adapter_name {adapter_name!r}: adapter names are strings")
+    return names
 
 
 def write_peft(modules: list[ExportModule], path: str, dtype: torch.dtype | str | None,
-                metadata: Mapping[str, str] | None) -> str:
+               metadata: Mapping[str, str] | None) -> str:
+    """PEFT folder(s): `path` itself for one component, `path/<component>` for several. Folders that do
+    not exist are created (and removed again if the save fails)."""
     by_component: dict[str, list[ExportModule]] = {}
     for m in modules:
         by_component.setdefault(m.component, []).append(m)
     written = {c: to_peft(ms) for c, ms in by_component.items()}  # every component checked before writing
-    files: dict[str, Any] = {}
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"format 'peft' writes a folder and {path} is an existing file; give a folder path")
+    files: dict[str, Writer] = {}
     for component, (sd, config) in written.items():
         folder = path if len(written) == 1 else os.path.join(path, component)
-        os.makedirs(folder, exist_ok=True)
-        files[os.path.join(folder, "adapter_model.safetensors")] = _safetensors_writer(cast(sd, dtype),
-                                                                                      dict(metadata or {}))
-        files[os.path.join(folder, "adapter_config.json")] = _text_writer(json.dumps(config, indent=2,
-                                                                                     sort_keys=True))
-    write_files(files)
+        files[os.path.join(folder, "adapter_model.safetensors")] = safetensors_writer(cast(sd, dtype),
+                                                                                     dict(metadata or {}))
+        files[os.path.join(folder, "adapter_config.json")] = text_writer(json.dumps(config, indent=2,
+                                                                                    sort_keys=True))
+    write_files(files, make_dirs=True)
     return path

@@ -435,6 +435,18 @@ def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor, strength: flo
     return weight + strength * (adapted - weight) if strength != 1.0 else adapted
 
 
+def dora_row_norms(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per output row, shape (out,): (‖W‖ + eps as ComfyUI computes it, fp32; ‖W + ΔW‖ + eps as
+    training computes it, in the wider dtype). ComfyUI divides an output-axis DoRA by the first where
+    training divides by the second, so dora_scale · first / second is what a ComfyUI file must hold
+    to give the trained weight at every strength (and a reader multiplies by the inverse)."""
+    dt = torch.promote_types(weight.dtype, delta.dtype)
+    merged = weight.to(dt) + delta.to(dt)
+    adapted = merged.reshape(merged.shape[0], -1).norm(dim=1) + torch.finfo(dt).eps
+    base = weight.float().reshape(weight.shape[0], -1).norm(dim=1) + torch.finfo(torch.float32).eps
+    return base, adapted
+
+
 # ---------------------------------------------------------------------------------- scale rules
 def peft_scale(alpha: float, r: int) -> float:
     """PEFT LoKrConfig: alpha / r, always (also when both factors are full)."""

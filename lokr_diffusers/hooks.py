@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 from . import export, loader, saving
 from .formats.reader import group_modules
-from .io import lokr_state_dict
+from .io import InvalidFileError, lokr_state_dict, looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,15 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def load_lora_weights(self: Any, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
                           **kwargs: Any) -> Any:
+        source = pretrained_model_name_or_path_or_dict
         try:
-            state_dict, _, _ = lokr_state_dict(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"),
-                                               kwargs.get("subfolder"))
+            state_dict, _, _ = lokr_state_dict(source, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        except InvalidFileError:  # a damaged file: say so, whoever would have read it
+            raise
+        except FileNotFoundError:
+            if isinstance(source, (str, os.PathLike)) and looks_local(os.fspath(source)):
+                raise  # a local path that does not exist is not a hub repo id
+            state_dict = {}
         except (OSError, ValueError, TypeError):  # not ours to judge: diffusers reports its own way
             state_dict = {}
         if state_dict and is_lokr_state_dict(state_dict):

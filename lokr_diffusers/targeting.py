@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from .config import LoKrConfig
+from .config import LoKrConfig, compile_pattern
 
 V = TypeVar("V")
 
@@ -41,9 +41,9 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return list(DEFAULT_TARGET_MODULES[name])
 
 
-def _name_matches(rule: list[str] | str, key: str) -> bool:
+def _name_matches(rule: list[str] | str, key: str, field_name: str) -> bool:
     if isinstance(rule, str):
-        return re.fullmatch(rule, key) is not None
+        return compile_pattern(field_name, rule).fullmatch(key) is not None
     return any(key == t or key.endswith("." + t) for t in rule)
 
 
@@ -58,7 +58,7 @@ def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
     else:
         match = None
         for p in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            match = compile_pattern("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", p).match(key)
             if match:
                 break
     return match is not None and int(match.group("idx")) in indices  # type: ignore[operator]
@@ -66,18 +66,26 @@ def _layer_index_ok(config: LoKrConfig, key: str) -> bool:
 
 def is_target(config: LoKrConfig, key: str) -> bool:
     """Does the module named `key` match the config (targets, excludes, layer indices)?"""
-    if config.exclude_modules and _name_matches(config.exclude_modules, key):
+    if config.exclude_modules and _name_matches(config.exclude_modules, key, "exclude_modules"):
         return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+    if config.modules_to_save and any(compile_pattern("modules_to_save", rf"(^|.*\.){m}($|\..*)", m).match(key)
+                                      for m in config.modules_to_save):
         return False
     assert config.target_modules is not None
-    return _name_matches(config.target_modules, key) and _layer_index_ok(config, key)
+    return _name_matches(config.target_modules, key, "target_modules") and _layer_index_ok(config, key)
 
 
-def pattern_value(patterns: Mapping[str, V], key: str, default: V) -> V:
+def pattern_regex(field_name: str, pattern: str) -> re.Pattern[str]:
+    """A rank_pattern / alpha_pattern key as the regex `(.*\\.)?(pattern)$` (ValueError naming
+    the field and the key when it is not a valid regex)."""
+    return compile_pattern(field_name, rf"(.*\.)?({pattern})$", pattern)
+
+
+def pattern_value(patterns: Mapping[str, V], key: str, default: V, field_name: str = "rank_pattern/alpha_pattern"
+                  ) -> V:
     """The value of the first pattern matching `key` as `(.*\\.)?(pattern)$`, else `default`."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if pattern_regex(field_name, pattern).match(key):
             return value
     return default
 
@@ -114,10 +122,10 @@ def find_targets(model: nn.Module, config: LoKrConfig, supported: tuple[type, ..
         raise TypeError(f"LoKr supports {[c.__name__ for c in supported]}; target_modules also matched {names}{more}")
     for pattern_name in ("rank_pattern", "alpha_pattern"):
         for pattern in getattr(config, pattern_name):
-            if not any(re.match(rf"(.*\.)?({pattern})$", k) for k, _ in targets):
+            if not any(pattern_regex(pattern_name, pattern).match(k) for k, _ in targets):
                 raise ValueError(f"{pattern_name} key {pattern!r} matches no targeted module")
-    return [Target(k, pattern_value(config.rank_pattern, k, config.r),
-                   pattern_value(config.alpha_pattern, k, config.alpha)) for k, _ in targets]
+    return [Target(k, pattern_value(config.rank_pattern, k, config.r, "rank_pattern"),
+                   pattern_value(config.alpha_pattern, k, config.alpha, "alpha_pattern")) for k, _ in targets]
 
 
 def _candidate_modules(model: nn.Module, skip: tuple[type, ...]) -> dict[str, nn.Module]:

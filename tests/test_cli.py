@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lokr_diffusers import functional as LF
 from lokr_diffusers.architectures import meta_components
+from lokr_diffusers.cli import main
 from lokr_diffusers.formats.names import build_index
 from lokr_diffusers.formats.reader import parse_file
 from lokr_diffusers.io import lokr_state_dict
@@ -93,15 +94,31 @@ def test_merge_bakes_the_lokr_into_a_model_folder(tiny_sd_dir: str, tmp_path) ->
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["inspect", "no_such_file.safetensors"], "no LoKr file"),
-    (["convert", "no_such_file.safetensors", "x.safetensors", "--to", "comfyui"], "no LoKr file"),
+    (["inspect", "no_such_file.safetensors"], "no such file or folder: no_such_file.safetensors"),
+    (["convert", "no_such_file.safetensors", "x.safetensors", "--to", "comfyui"],
+     "no such file or folder: no_such_file.safetensors"),
     (["merge", "--model", ".", "--lokr", "x", "--out", "y"], "not a diffusers pipeline folder"),
 ])
-def test_bad_input_exits_non_zero_with_a_message(args: list[str], message: str) -> None:
-    result = _cli(*args)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2  # in-process: quick (tests/test_reliability_files.py has the catalogue)
+    err = capsys.readouterr().err
+    assert err.startswith(f"lokr-diffusers {args[0]}: error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_help() -> None:
     result = _cli("--help")
     assert result.returncode == 0 and "inspect" in result.stdout and "examples:" in result.stdout
+
+
+def test_help_in_process_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", "--help"]) == 0
+    assert "--to" in capsys.readouterr().out
+
+
+def test_inspect_a_lora_file_says_what_it_is(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "lora.safetensors")
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4), "lora_unet_conv_in.lora_up.weight":
+               torch.ones(4, 2)}, path)
+    assert main(["inspect", path, "--base", "sd15"]) == 0
+    out = capsys.readouterr().out
+    assert "0 LoKr modules, 1 LoRA modules" in out and "load it with pipe.load_lora_weights" in out

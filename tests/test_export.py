@@ -2,7 +2,9 @@
 here from FORMATS.md, never from the package's reader or its name maps:
 
 - the ComfyUI and A1111 consumer rules (§1-3: kron with the conv unsqueeze, Tucker, alpha / rank, DoRA
-  axis) applied to an exported file give back every module's ΔW / DoRA weight as the pipeline holds it;
+  axis, ComfyUI's output-axis DoRA normalised by ‖W‖) applied to an exported file give back every module's
+  ΔW / DoRA weight as the pipeline holds it, and as LyCORIS' rule (written here too) trains it, at several
+  strengths;
 - the kohya names (§4-5) come from the pipeline's own modules through an ldm table written here in the
   style of diffusers' / kohya's conversion scripts (`_ldm_prefixes`), itself checked against diffusers'
   single-file converter; a few names are written out by hand;
@@ -61,11 +63,12 @@ def _layer(model: nn.Module, suffix: str):
     return next(la for p, la in lokr_layers(model) if p.endswith(suffix))
 
 
-def _source(sdxl: bool, extras: bool = True, te: bool = True):
+def _source(sdxl: bool, extras: bool = True, te: bool = True, dora_out: bool = True):
     """A tiny pipeline holding adapter "src" with random factors: low-rank W2, both factors full with a
     PEFT scale alpha/r != 1 (ff.net.2: 2/16, k_proj: 1.5/4, downsampler 3x3 conv: 2/8 with a 4-D W2),
     Tucker 3x3 convs, decompose_both W1 (text encoders), rank/alpha patterns. `extras` (what PEFT cannot
-    hold): DoRA on both axes, a W1-only-low-rank layer and one whose W1 and W2 ranks differ."""
+    hold): DoRA on both axes (input axis only without `dora_out`), a W1-only-low-rank layer and one whose W1
+    and W2 ranks differ."""
     pipe = _pipe(sdxl)
     unet = LoKrConfig(r=1, alpha=2.0, target_modules=UNET_TARGETS, use_effective_conv2d=True, init_weights=False,
                       rank_pattern={"ff.net.2": 16, r"attn2\.to_k": 1, "time_emb_proj": 2, "downsamplers.0.conv": 8,
@@ -92,24 +95,27 @@ def _source(sdxl: bool, extras: bool = True, te: bool = True):
             for i, (_, layer) in enumerate(lokr_layers(getattr(pipe, comp))):
                 if i % 7 == 3:  # DoRA, output axis (i % 14 == 3) or input axis, magnitudes 1.3x the base norms
                     w = layer.weight.detach()
-                    norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1)) if i % 14 == 3 else \
-                        w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+                    if i % 14 == 3 and dora_out:
+                        norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+                    else:
+                        norm = w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
                     layer.set_adapter_tensors(A, layer.factors(A), layer.scaling[A], r=layer.r[A], alpha=layer.alpha[A],
                                               dora_scale=norm * 1.3)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def sources() -> Callable[[str, bool], tuple]:
-    """(kind, extras) -> (pipeline, inputs, its outputs), built once per module."""
+def sources() -> Callable[..., tuple]:
+    """(kind, extras, dora_out=True) -> (pipeline, inputs, its outputs), built once per module."""
     cache: dict = {}
 
-    def get(kind: str, extras: bool) -> tuple:
-        if (kind, extras) not in cache:
-            pipe = _source(kind == "sdxl", extras)
+    def get(kind: str, extras: bool, dora_out: bool = True) -> tuple:
+        key = kind, extras, dora_out
+        if key not in cache:
+            pipe = _source(kind == "sdxl", extras, dora_out=dora_out)
             inputs = make_inputs(pipe)
-            cache[kind, extras] = pipe, inputs, pipeline_outputs(pipe, inputs)
-        return cache[kind, extras]
+            cache[key] = pipe, inputs, pipeline_outputs(pipe, inputs)
+        return cache[key]
 
     return get
 
@@ -195,36 +201,59 @@ def _delta(w: Tensor, t: dict[str, Tensor]) -> Tensor:
     return torch.kron(w1, w2.contiguous()).reshape(w.shape) * scale
 
 
-def _dora(w: Tensor, merged: Tensor, m: Tensor, out_axis: bool, eps: float) -> Tensor:
-    if out_axis:
-        norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
-    else:
-        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
-    return merged * (m / (norm + eps))
+def _row_norm(w: Tensor) -> Tensor:
+    """‖·‖ per output row, shaped (out, 1[, 1, 1])."""
+    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
 
 
-def comfyui_weight(w: Tensor, t: dict[str, Tensor]) -> Tensor | None:
-    """ComfyUI: DoRA on the axis dora_scale.shape[0] names. (Its output-axis branch divides by ||W||, an
-    upstream bug, FORMATS §3; this is the intended ||W + ΔW||, LyCORIS' rule.)"""
+def _column_norm(w: Tensor) -> Tensor:
+    """‖·‖ per input column, shaped (1, in[, 1, 1])."""
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+
+
+def _at_strength(w: Tensor, adapted: Tensor, strength: float) -> Tensor:
+    """Every consumer's DoRA at strength s: W + s·(W' − W)."""
+    return w + strength * (adapted - w)
+
+
+def comfyui_weight(w: Tensor, t: dict[str, Tensor], strength: float = 1.0) -> Tensor | None:
+    """ComfyUI's weight_decompose (fp32): the axis is the output one iff dora_scale.shape[0] == out. Output
+    axis: W' = m · (W + ΔW) / (‖W‖ + eps), the norm of the ORIGINAL weight per row; input axis:
+    W' = m · (W + ΔW) / (‖W + ΔW‖ + eps) per column; eps = finfo(fp32).eps."""
     merged = w + _delta(w, t)
     if "dora_scale" not in t:
-        return merged
-    m = t["dora_scale"]
-    return _dora(w, merged, m, m.shape[0] == w.shape[0], torch.finfo(w.dtype).eps)
+        return w + strength * (merged - w)
+    m, eps = t["dora_scale"], torch.finfo(torch.float32).eps
+    norm = _row_norm(w) if m.shape[0] == w.shape[0] else _column_norm(merged)
+    return _at_strength(w, merged * (m / (norm + eps)), strength)
 
 
-def a1111_weight(w: Tensor, t: dict[str, Tensor]) -> Tensor | None:
-    """A1111: honours `.scale`, DoRA only on the input axis (None where it cannot apply the module)."""
+def a1111_weight(w: Tensor, t: dict[str, Tensor], strength: float = 1.0) -> Tensor | None:
+    """A1111: honours `.scale`, DoRA only on the input axis, no eps (None where it cannot apply the module)."""
     if "scale" in t:
         raise AssertionError("a portable export writes no .scale key (FORMATS §5)")
     merged = w + _delta(w, t)
     if "dora_scale" not in t:
-        return merged
+        return w + strength * (merged - w)
     if tuple(t["dora_scale"].shape) != (1, w.shape[1], *[1] * (w.dim() - 2)):
         return None
-    return _dora(w, merged, t["dora_scale"], False, 0.0)
+    return _at_strength(w, merged * (t["dora_scale"] / _column_norm(merged)), strength)
 
 
+def trained_weight(w: Tensor, factors: dict[str, Tensor], scale: float, dora_scale: Tensor | None,
+                   strength: float = 1.0) -> Tensor:
+    """The weight as trained (LyCORIS' rule, FORMATS §3): ΔW = scale · W1 ⊗ W2 from the layer's own factors;
+    DoRA W' = m · (W + ΔW) / (‖W + ΔW‖ + eps) per output row or input column (dora_scale's shape says
+    which), eps = finfo(dtype).eps; at strength s, W + s·(W' − W)."""
+    merged = w + _delta(w, factors) * scale  # no alpha key: _delta's consumer scale is 1
+    if dora_scale is None:
+        return w + strength * (merged - w)
+    out_axis = dora_scale.shape[0] == w.shape[0] and dora_scale.numel() == w.shape[0]
+    norm = _row_norm(merged) if out_axis else _column_norm(merged)
+    return _at_strength(w, merged * (dora_scale.reshape(norm.shape) / (norm + torch.finfo(w.dtype).eps)), strength)
+
+
+STRENGTHS = (1.0, 0.5, 1.7)
 CONSUMERS = {"comfyui": comfyui_weight, "a1111": a1111_weight}
 
 
@@ -239,6 +268,35 @@ def _modules(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
 def _metadata(path: str) -> dict[str, str]:
     with safe_open(path, "pt") as fh:
         return dict(fh.metadata() or {})
+
+
+def _check_module_layout(name: str, t: dict[str, Tensor], layer, keep_tucker: bool) -> list[str]:
+    """FORMATS §5 for one module of a ComfyUI file; returns the source's kinds it covers."""
+    plan, factors = layer.plans[A], layer.factors(A)
+    allowed = FACTOR_KEYS | {"alpha", "dora_scale"} | ({"lokr_t2"} if keep_tucker else set())
+    assert set(t) <= allowed, f"{name}: unexpected {sorted(set(t) - allowed)}"
+    assert ("lokr_w1" in t) != ({"lokr_w1_a", "lokr_w1_b"} <= set(t)), f"{name}: no single W1 form"
+    assert ("lokr_w2" in t) != ({"lokr_w2_a", "lokr_w2_b"} <= set(t)), f"{name}: no single W2 form"
+    # every module has an alpha: consumers ignore it when both factors are full (the scale is baked
+    # into W1), and LyCORIS' loader crashes on a module without one
+    assert "alpha" in t and t["alpha"].dim() == 0, f"{name}: no 0-d alpha"
+    kinds = []
+    if "lokr_t2" in factors:
+        kinds.append("tucker")
+        r = factors["lokr_t2"].shape[0]
+        if keep_tucker:
+            assert torch.equal(t["lokr_t2"], factors["lokr_t2"]), name
+        else:  # expanded to LyCORIS' non-Tucker conv layout, same rank
+            assert t["lokr_w2_a"].shape == (plan.out_k, r) and t["lokr_w2_b"].shape == (r, plan.in_n * 9), name
+    kinds += ["both_full_scaled"] if plan.both_full and abs(layer.scaling[A] - 1) > 0.1 else []  # baked into W1
+    kinds += ["both_full_conv"] if plan.both_full and layer.weight.dim() == 4 else []
+    kinds += ["w1_only_lowrank"] if plan.w1_lowrank and not plan.w2_lowrank else []
+    kinds += ["both_lowrank"] if plan.w1_lowrank and plan.w2_lowrank else []
+    if "dora_scale" in t:
+        assert t["dora_scale"].dim() == layer.weight.dim(), f"{name}: dora_scale must be 2-D / 4-D"
+        out_axis = t["dora_scale"].shape[0] == layer.weight.shape[0]
+        kinds.append("dora_in" if not out_axis else "dora_out_conv" if layer.weight.dim() == 4 else "dora_out_linear")
+    return kinds
 
 
 # --------------------------------------------------------------------------------- 1. comfyui file
@@ -261,45 +319,32 @@ def test_comfyui_export_equals_the_consumer_rules(kind: str, keep_tucker: bool, 
     assert sorted(names[m] for m in modules) == sorted(held), "file modules != modules holding the adapter"
 
     kinds = dict.fromkeys(("tucker", "both_full_scaled", "both_full_conv", "w1_only_lowrank", "both_lowrank",
-                           "dora_in", "dora_out"), 0)
+                           "dora_in", "dora_out_linear", "dora_out_conv"), 0)
     expected: dict[str, Tensor] = {}
     for name, t in modules.items():
         layer = held[names[name]]
-        plan, factors = layer.plans[A], layer.factors(A)
-        allowed = FACTOR_KEYS | {"alpha", "dora_scale"} | ({"lokr_t2"} if keep_tucker else set())
-        assert set(t) <= allowed, f"{name}: unexpected {sorted(set(t) - allowed)}"
-        assert ("lokr_w1" in t) != ({"lokr_w1_a", "lokr_w1_b"} <= set(t)), f"{name}: no single W1 form"
-        assert ("lokr_w2" in t) != ({"lokr_w2_a", "lokr_w2_b"} <= set(t)), f"{name}: no single W2 form"
-        # every module has an alpha: consumers ignore it when both factors are full (the scale is baked
-        # into W1), and LyCORIS' loader crashes on a module without one
-        assert "alpha" in t, f"{name}: no alpha"
-        assert "alpha" not in t or t["alpha"].dim() == 0, f"{name}: alpha not 0-d"
-        if "lokr_t2" in factors:
-            kinds["tucker"] += 1
-            r = factors["lokr_t2"].shape[0]
-            if keep_tucker:
-                assert torch.equal(t["lokr_t2"], factors["lokr_t2"]), name
-            else:  # expanded to LyCORIS' non-Tucker conv layout, same rank
-                assert t["lokr_w2_a"].shape == (plan.out_k, r) and t["lokr_w2_b"].shape == (r, plan.in_n * 9), name
-        kinds["both_full_scaled"] += plan.both_full and abs(layer.scaling[A] - 1) > 0.1  # baked into lokr_w1
-        kinds["both_full_conv"] += plan.both_full and layer.weight.dim() == 4
-        kinds["w1_only_lowrank"] += plan.w1_lowrank and not plan.w2_lowrank
-        kinds["both_lowrank"] += plan.w1_lowrank and plan.w2_lowrank
-        if "dora_scale" in t:
-            assert t["dora_scale"].dim() == layer.weight.dim(), f"{name}: dora_scale must be 2-D / 4-D"
-            kinds["dora_out" if t["dora_scale"].shape[0] == layer.weight.shape[0] else "dora_in"] += 1
+        factors = {k: v.detach() for k, v in layer.factors(A).items()}
+        dora = layer.dora_scale[A].detach() if A in layer.dora_scale else None
+        for k in _check_module_layout(name, t, layer, keep_tucker):
+            kinds[k] += 1
         w0 = fresh[names[name][0]].get_submodule(names[name][1]).weight.detach()
         for consumer, rule in CONSUMERS.items():
-            w = rule(w0, t)
-            if w is None:
-                continue
+            for s in STRENGTHS:
+                w = rule(w0, t, s)
+                if w is None:
+                    continue
+                want = trained_weight(w0, factors, layer.scaling[A], dora, s)
+                torch.testing.assert_close(w, want, **W_TOL, msg=f"{consumer} at strength {s}: {name}")
+                if s == 1.0:
+                    expected[f"{consumer}:{name}"] = w
             if "dora_scale" not in t:
-                torch.testing.assert_close(w - w0, layer.get_delta_weight(A).detach(), **W_TOL,
+                torch.testing.assert_close(rule(w0, t) - w0, layer.get_delta_weight(A).detach(), **W_TOL,
                                            msg=f"{consumer}: {name}")
-            expected[f"{consumer}:{name}"] = w
     assert all(kinds.values()), f"the source lacks a case: {kinds}"
-    assert sum(k.startswith("a1111:") for k in expected) == len(modules) - kinds["dora_out"]
-    assert "output axis" in caplog.text  # A1111 cannot apply those: the export says so
+    assert sum(k.startswith("a1111:") for k in expected) == \
+        len(modules) - kinds["dora_out_linear"] - kinds["dora_out_conv"]
+    assert "output axis" in caplog.text and "A1111" in caplog.text  # A1111 cannot apply those: the export says so
+    assert _metadata(path).get("lokr_dora_rule") == "comfyui"  # readers can tell ComfyUI's dora_scale
 
     src.fuse_lokr(adapter_names=[A])
     for key, w in expected.items():
@@ -423,13 +468,15 @@ ROUND_TRIPS = [  # (format, kwargs, extras in the source)
     ("comfyui", {}, True), ("comfyui", {"keep_tucker": True}, True), ("diffusers", {}, True),
     ("lokr_diffusers", {}, True), ("peft", {}, False),
 ]  # the aliases kohya / a1111 write the very same file (test_method_and_aliases_write_the_same_file)
+# A ComfyUI file holds output-axis DoRA rescaled for ComfyUI's rule, which our reader (LyCORIS' rule) does not
+# undo yet: its round trip is test_comfyui_output_axis_dora_round_trip; the others here keep that DoRA.
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 @pytest.mark.parametrize("fmt,kwargs,extras", ROUND_TRIPS,
                          ids=[f + ("-keep_tucker" if kw else "") for f, kw, _ in ROUND_TRIPS])
 def test_round_trip(sources, tmp_path, kind: str, fmt: str, kwargs: dict, extras: bool) -> None:
-    src, inputs, expected = sources(kind, extras)
+    src, inputs, expected = sources(kind, extras, dora_out=fmt != "comfyui")
     path = str(tmp_path / ("out" if fmt == "peft" else "out.safetensors"))
     assert save_lokr_weights(src, path, adapter_name=A, format=fmt, **kwargs) == path
     if fmt == "peft":
@@ -440,6 +487,16 @@ def test_round_trip(sources, tmp_path, kind: str, fmt: str, kwargs: dict, extras
     got = pipeline_outputs(pipe, inputs)
     for k in expected:
         assert (expected[k] - base[k]).abs().max() > 1e-2, f"{k}: the adapter must change the output"
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=ATOL, msg=k)
+
+
+def test_comfyui_output_axis_dora_round_trip(sources, tmp_path) -> None:
+    src, inputs, expected = sources("sd1", True)
+    path = save_lokr_weights(src, str(tmp_path / "out.safetensors"), adapter_name=A)
+    pipe = _pipe(False)
+    pipe.load_lokr_weights(path)
+    got = pipeline_outputs(pipe, inputs)
+    for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=ATOL, msg=k)
 
 
@@ -497,7 +554,8 @@ def test_lycoris_loads_the_comfyui_export(tmp_path, kind: str) -> None:
     paths (no `text_model.`): the SDXL UNet's ldm names and the `text_model` level are renamed here,
     through the test's own map; SD1 UNet names are read as written. LyCORIS re-plans each module from
     (rank, factor, decompose_both) and needs an alpha everywhere, so the source has no both-full layers
-    and DoRA on LyCORIS' default output axis only."""
+    and DoRA on LyCORIS' default output axis only. That DoRA is written for ComfyUI's rule (‖W‖, not
+    ‖W + ΔW‖): the test turns it back into LyCORIS' magnitude, m = m' · (‖W + ΔW‖ + eps) / (‖W‖ + eps)."""
     kohya = importlib.reload(pytest.importorskip("lycoris.kohya"))  # apply_preset mutates class state
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
     kohya.LycorisNetworkKohya.apply_preset(LYCORIS_PRESET)  # its `full` preset crashes on diffusers' UNet
@@ -526,9 +584,14 @@ def test_lycoris_loads_the_comfyui_export(tmp_path, kind: str) -> None:
     prefix = {"unet": "lora_unet_"} | ({"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"} if sdxl
                                        else {"text_encoder": "lora_te_"})
     renamed = {}
+    eps = torch.finfo(torch.float32).eps
     for key, v in sd.items():
         module, suffix = key.split(".", 1)
         comp, p = names[module]
+        if suffix == "dora_scale":
+            w0 = comps[comp].get_submodule(p).weight.detach()
+            assert v.shape[0] == w0.shape[0], f"{key}: the source has output-axis DoRA only"
+            v = v * (_row_norm(w0 + _delta(w0, _modules(sd)[module])) + eps) / (_row_norm(w0) + eps)
         renamed[f"{prefix[comp]}{p.replace('.', '_')}.{suffix}"] = v
     if not sdxl:
         assert {k for k in sd if k.startswith("lora_unet_")} == {k for k in renamed if k.startswith("lora_unet_")}
@@ -555,7 +618,7 @@ DTYPES = [("comfyui", "fp16", torch.float16), ("comfyui", torch.float16, torch.f
 
 @pytest.mark.parametrize("fmt,dtype,want", DTYPES, ids=[f"{f}-{d}" for f, d, _ in DTYPES])
 def test_dtype(sources, tmp_path, fmt: str, dtype, want: torch.dtype) -> None:
-    src, inputs, expected = sources("sd1", fmt != "peft")
+    src, inputs, expected = sources("sd1", fmt != "peft", dora_out=fmt != "comfyui")  # see ROUND_TRIPS
     ext = "" if fmt == "peft" else ".safetensors"
     ref = save_lokr_weights(src, str(tmp_path / f"ref{ext}"), adapter_name=A, format=fmt)
     path = save_lokr_weights(src, str(tmp_path / f"half{ext}"), adapter_name=A, format=fmt, dtype=dtype)
@@ -621,7 +684,7 @@ def test_failed_save_leaves_existing_files_untouched(sources, tmp_path, monkeypa
         save_file({"old": torch.ones(2)}, str(target), metadata={"old": "yes"})
     before = _listing(tmp_path)
     if fail_on:
-        monkeypatch.setattr(lokr_diffusers.export, "save_file", _breaking_save(fail_on))
+        monkeypatch.setattr(lokr_diffusers.atomic, "save_file", _breaking_save(fail_on))
     with pytest.raises(error):
         save_lokr_weights(src, str(target), **{"adapter_name": A, **kwargs})
     after = _listing(tmp_path)
@@ -633,6 +696,90 @@ def test_save_into_a_missing_folder_fails_cleanly(sources, tmp_path) -> None:
     with pytest.raises(OSError):
         save_lokr_weights(sources("sd1", True)[0], str(tmp_path / "missing" / "x.safetensors"), adapter_name=A)
     assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------- 6. output-axis DoRA for ComfyUI
+def _dora_out_source() -> tuple:
+    """SD1 pipeline, adapter "src" with output-axis DoRA on Linear and Conv2d layers (magnitudes 1.2x
+    and 0.8x the base row norms), and adapter "other" on the same layers, fused into the weights."""
+    pipe = _pipe(False)
+    targets = ["to_q", "to_out.0", "conv1", "conv_shortcut"]
+    add_lokr(pipe, {"unet": LoKrConfig(r=2, alpha=3.0, target_modules=targets, init_weights=False)}, A)
+    add_lokr(pipe, {"unet": LoKrConfig(r=2, target_modules=targets, init_weights=False)}, "other")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(lokr_layers(pipe.unet)):
+            for t in [*layer.factors(A).values(), *layer.factors("other").values()]:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            rows = _row_norm(layer.weight.detach()) * (1.2 if i % 2 else 0.8)
+            layer.set_adapter_tensors(A, layer.factors(A), layer.scaling[A], r=layer.r[A], alpha=layer.alpha[A],
+                                      dora_scale=rows)
+    pipe.fuse_lokr(adapter_names=["other"])
+    return pipe
+
+
+def test_comfyui_dora_is_relative_to_the_base_weight_without_fused_adapters(tmp_path) -> None:
+    """ComfyUI applies the file to the base model: the rescaled dora_scale must use W without "other"."""
+    src = _dora_out_source()
+    path = save_lokr_weights(src, str(tmp_path / "dora.safetensors"), adapter_name=A)
+    fresh = _comps(_pipe(False))
+    names = _name_map(fresh, "sd1")
+    kinds = {2: 0, 4: 0}
+    for name, t in _modules(load_file(path)).items():
+        comp, p = names[name]
+        layer = _layer(src.unet, p)
+        w0 = fresh[comp].get_submodule(p).weight.detach()
+        assert not torch.equal(layer.weight.detach(), w0), f"{name}: 'other' must be fused here"
+        assert t["dora_scale"].shape == (w0.shape[0], *[1] * (w0.dim() - 1)), name
+        kinds[w0.dim()] += 1
+        factors = {k: v.detach() for k, v in layer.factors(A).items()}
+        for s in STRENGTHS:
+            want = trained_weight(w0, factors, layer.scaling[A], layer.dora_scale[A].detach(), s)
+            torch.testing.assert_close(comfyui_weight(w0, t, s), want, **W_TOL, msg=f"{name} at {s}")
+    assert kinds[2] and kinds[4], kinds
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "lokr_diffusers"])
+def test_trained_dora_scale_is_kept_outside_comfyui(sources, tmp_path, fmt: str) -> None:
+    """Our reader applies LyCORIS' rule to these layouts: the trained magnitudes go in unchanged."""
+    src = sources("sd1", True)[0]
+    sd = load_file(save_lokr_weights(src, str(tmp_path / "f.safetensors"), adapter_name=A, format=fmt))
+    held = {p.replace(".base_layer", ""): la for p, la in lokr_layers(src.unet) if A in la.dora_scale}
+    assert any(la.dora_scale[A].shape[0] == la.weight.shape[0] for la in held.values()), "no output-axis DoRA"
+    prefix = "unet." if fmt == "diffusers" else f"lokr.{A}.unet."
+    for p, la in held.items():
+        assert torch.equal(sd[f"{prefix}{p}.dora_scale"], la.dora_scale[A].detach()), p
+    assert "lokr_dora_rule" not in _metadata(str(tmp_path / "f.safetensors"))
+
+
+def _full_size_dora_file(path, dora_shape: tuple[int, ...]) -> None:
+    """A diffusers-layout file for full-size SDXL: one 640x640 attention module with DoRA."""
+    g = torch.Generator().manual_seed(9)
+    module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {"lokr_w1": torch.randn(20, 20, generator=g), "lokr_w2_a": torch.randn(32, 2, generator=g),
+               "lokr_w2_b": torch.randn(2, 32, generator=g), "alpha": torch.tensor(2.0),
+               "dora_scale": torch.rand(dora_shape, generator=g) + 0.5}
+    save_file({f"{module}.{k}": v for k, v in tensors.items()}, str(path))
+
+
+def test_convert_refuses_output_axis_dora_to_comfyui(tmp_path) -> None:
+    """convert_lokr_file has no base weights (meta-device model): output-axis DoRA to ComfyUI is refused with
+    what to do instead, and nothing is written; other formats and input-axis DoRA convert."""
+    src = tmp_path / "in.safetensors"
+    _full_size_dora_file(src, (640, 1))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=r"base model's weights.*save_lokr_weights") as err:
+        lokr_diffusers.convert_lokr_file(str(src), str(tmp_path / "out.safetensors"), to="comfyui", base="sdxl")
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == before
+    dst = lokr_diffusers.convert_lokr_file(str(src), str(tmp_path / "d.safetensors"), to="diffusers", base="sdxl")
+    assert torch.equal(next(v for k, v in load_file(dst).items() if k.endswith(".dora_scale")),
+                       load_file(str(src))["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.dora_scale"])
+    _full_size_dora_file(src, (1, 640))  # input axis: ComfyUI's rule is LyCORIS' there, nothing to rescale
+    dst = lokr_diffusers.convert_lokr_file(str(src), str(tmp_path / "in_axis.safetensors"), to="comfyui", base="sdxl")
+    got = next(v for k, v in load_file(dst).items() if k.endswith(".dora_scale"))
+    assert torch.equal(got, load_file(str(src))["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+                                                ".dora_scale"])
 
 
 # --------------------------------------------------------------------------- convert_lokr_file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from .. import functional as LF
 from ..config import LoKrConfig
-from ..io import PEFT_CONFIG_KEY
+from ..io import PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY
 from ..layers import LoKrLayer
 from ..targeting import pattern_value
 from .names import ModuleRef, NameIndex, weight_of
@@ -26,6 +27,19 @@ logger = logging.getLogger(__name__)
 LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale")
 LORA_MARKERS: tuple[str, ...] = ("lora_down", "lora_up", "lora_mid", "lora_A", "lora_B")
 PEFT_PREFIX = "base_model.model."
+NUMBER_LEAVES: tuple[str, ...] = ("alpha", "scale", "lokr_scale")
+# what each tensor must look like (factors of a Linear are 2-D; a conv's W2 and Tucker core carry the kernel)
+EXPECTED_SHAPE: dict[str, tuple[int, int, str]] = {  # leaf: (min dims, max dims, in words)
+    "lokr_w1": (2, 2, "2-D (out_l, in_m)"),
+    "lokr_w1_a": (2, 2, "2-D (out_l, r)"),
+    "lokr_w1_b": (2, 2, "2-D (r, in_m)"),
+    "lokr_w2": (2, 4, "2-D (out_k, in_n), or 3-D/4-D (out_k, in_n, kh[, kw]) for a conv"),
+    "lokr_w2_a": (2, 2, "2-D (out_k, r), or (r, out_k) beside lokr_t2"),
+    "lokr_w2_b": (2, 2, "2-D (r, in_n), or (r, in_n·kh·kw) for a conv"),
+    "lokr_t2": (3, 4, "3-D/4-D (r, r, kh[, kw])"),
+    "lokr_t1": (3, 4, "3-D/4-D (r, r, kh[, kw])"),
+    "dora_scale": (1, 4, "(out, 1[, 1, 1]) or (1, in[, 1, 1])"),
+}
 
 
 @dataclass
@@ -93,8 +107,26 @@ def group_modules(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, dict[str,
 
 def parse_file(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index: NameIndex,
                layout: str) -> ParsedFile:
-    """Match, validate and scale every LoKr module of the file; raise on a module that does not fit."""
+    """Match, validate and scale every LoKr module of the file; raise on a module that does not fit.
+
+    Every tensor is checked first (dtype, dimensions, NaN/Inf; ValueError/TypeError naming the key);
+    a file with LoRA modules only is refused (see `check_holds_lokr`). Errors name the file when
+    `metadata` says which it was (io.SOURCE_KEY).
+    """
+    source = metadata.get(SOURCE_KEY)
+    try:
+        return _parse(state_dict, metadata, index, layout)
+    except (ValueError, TypeError) as err:
+        if source is None or source in str(err):
+            raise
+        raise type(err)(f"{source}: {err}") from None
+
+
+def _parse(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index: NameIndex,
+           layout: str) -> ParsedFile:
+    check_tensors(state_dict)
     groups, lora, unmatched = group_modules(state_dict)
+    _refuse_lora_only(groups, lora)
     peft_config = _peft_config(metadata)
     refs = _resolve_names(list(groups), index)
     entries: list[LoadEntry] = []
@@ -109,9 +141,69 @@ def parse_file(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], in
         if "scale" in tensors:
             ignored.append(f"{name}.scale")
         entries.append(_entry(name, found, tensors, factors, index, peft_config, keys))
+    _warn_non_positive_alpha(entries)
+    if metadata.get(DORA_RULE_KEY) == DORA_RULE_COMFYUI:
+        for e in entries:
+            _undo_comfyui_dora(e, index)
     rule = "exact" if any("lokr_scale" in t for t in groups.values()) else \
-        "peft" if peft_config is not None else "consumer"
+        "peft" if peft_config is not None and any("alpha" not in t for t in groups.values()) else "consumer"
     return ParsedFile(entries, lora, sorted(unmatched), ignored, layout, rule)
+
+
+def check_tensors(state_dict: Mapping[str, Tensor]) -> None:
+    """Refuse, naming the key: non-tensors, LoKr tensors of a non-float dtype (an integer alpha is
+    allowed: consumers read it as a number), factors of the wrong number of dimensions, an alpha /
+    scale that is not one number, and NaN or Inf in any floating tensor (LoRA part included)."""
+    for key, t in state_dict.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{key}: holds a {type(t).__name__}, not a tensor")
+        leaf = key.rpartition(".")[2]
+        split = split_key(key)
+        leaf = split[1] if split is not None else leaf
+        lokr = split is not None and not _is_lora_key(key)
+        integer_ok = leaf in NUMBER_LEAVES and not t.is_complex() and t.dtype != torch.bool
+        if lokr and not torch.is_floating_point(t) and not integer_ok:
+            raise TypeError(f"{key}: dtype {t.dtype} is not a floating-point type; LoKr tensors are float16, "
+                            "bfloat16, float32 or float64 (the file is damaged or not a LoKr file)")
+        if lokr and leaf in NUMBER_LEAVES and t.numel() != 1:
+            raise ValueError(f"{key}: {leaf} must be one number (a 0-d tensor), got shape {tuple(t.shape)}")
+        if lokr and leaf in EXPECTED_SHAPE:
+            lo, hi, words = EXPECTED_SHAPE[leaf]
+            if not lo <= t.dim() <= hi:
+                raise ValueError(f"{key}: a {t.dim()}-D tensor of shape {tuple(t.shape)}; {leaf} must be {words}")
+        finite = torch.isfinite(t.float() if t.element_size() == 1 else t) if torch.is_floating_point(t) else None
+        if finite is not None and not bool(finite.all()):  # (fp8 has no isfinite of its own)
+            bad = int((~finite).sum())
+            raise ValueError(f"{key}: holds NaN or infinite values ({bad} of {t.numel()}); the file is damaged "
+                             "(a diverged training run?) and would make NaN images")
+
+
+def lora_module_count(lora: Mapping[str, Tensor]) -> int:
+    """How many modules a plain-LoRA key set covers."""
+    return len({k.split(".lora_")[0] for k in lora if ".lora_" in k})
+
+
+def _refuse_lora_only(groups: Mapping[str, object], lora: Mapping[str, Tensor]) -> None:
+    if not groups and lora:
+        raise ValueError(f"this file holds no LoKr modules, only {lora_module_count(lora)} LoRA modules: "
+                         "load it with pipe.load_lora_weights")
+
+
+def check_holds_lokr(state_dict: Mapping[str, Tensor]) -> None:
+    """ValueError when the file holds LoRA modules and no LoKr module (a LoRA given to
+    `load_lokr_weights` must not load as an invisible adapter). `parse_file` calls it too."""
+    groups, lora, _ = group_modules(state_dict)
+    _refuse_lora_only(groups, lora)
+
+
+def _warn_non_positive_alpha(entries: list[LoadEntry]) -> None:
+    """alpha <= 0 means what ComfyUI and A1111 compute (alpha / rank, literally): 0 is no change,
+    negative is the change reversed. Loaded so, with a warning."""
+    odd = [(e.keys[0].rpartition(".")[0], e.alpha) for e in entries
+           if e.alpha is not None and e.alpha <= 0 and e.scale <= 0]
+    if odd:
+        logger.warning("%d modules have alpha <= 0 (e.g. %s alpha %s): loaded as ComfyUI/A1111 do, scale = alpha / "
+                       "rank (alpha 0: no effect; negative: the change is reversed)", len(odd), odd[0][0], odd[0][1])
 
 
 def _resolve_names(names: list[str], index: NameIndex) -> dict[str, ModuleRef]:
@@ -136,36 +228,81 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
            peft_config: LoKrConfig | None, keys: list[str]) -> LoadEntry:
     if "lokr_t1" in tensors:
         raise ValueError(f"{name}: lokr_t1 (a Tucker W1) is written by no known trainer and is not supported")
-    for leaf, t in tensors.items():
-        if not torch.is_floating_point(t):
-            raise TypeError(f"{name}.{leaf}: dtype {t.dtype} is not floating point")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}.{leaf}: holds NaN or infinite values")
     module = index.modules[ref.component][ref.path]
     shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
     try:
         plan = LF.plan_from_tensors(shape, factors)
         if "dora_scale" in tensors:
             LF.dora_on_output_axis(tensors["dora_scale"], shape)
-    except ValueError as err:
+    except (ValueError, IndexError) as err:
         raise ValueError(f"{name} -> {ref.component}.{ref.path}: {err}") from None
     alpha = float(tensors["alpha"]) if "alpha" in tensors else None
-    if "lokr_scale" in tensors:  # our own layout stores the scale itself
+    # The file's own tensors win over any config or metadata: ComfyUI and A1111 read only the
+    # tensors, so a file must mean the same here as there. lokr_scale (our lossless layout) is the
+    # scale itself; an alpha tensor gives the consumers' alpha / rank; PEFT's adapter_config.json
+    # (alpha / r with its patterns) only speaks for modules that carry neither.
+    if "lokr_scale" in tensors:
         scale = float(tensors["lokr_scale"])
+    elif alpha is not None:
+        scale = LF.consumer_scale(plan, alpha)
+        if peft_config is not None:
+            _warn_if_config_disagrees(name, peft_config, ref.path, scale)
     elif peft_config is not None:
-        r = pattern_value(peft_config.rank_pattern, ref.path, peft_config.r)
-        a = pattern_value(peft_config.alpha_pattern, ref.path, peft_config.alpha)
+        r = pattern_value(peft_config.rank_pattern, ref.path, peft_config.r, "rank_pattern")
+        a = pattern_value(peft_config.alpha_pattern, ref.path, peft_config.alpha, "alpha_pattern")
         scale, alpha = LF.peft_scale(a, r), float(a)
     else:
         scale = LF.consumer_scale(plan, alpha)
     return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys)
 
 
+DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"  # written by export.to_comfyui
+
+
+def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
+    """Our ComfyUI export rescales an output-axis dora_scale for ComfyUI's rule (m' = m·‖W‖/‖W + ΔW‖,
+    docs/formats.md); reading it back takes the trained m from the module's own base weight."""
+    module = index.modules[e.ref.component][e.ref.path]
+    shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
+    if e.dora_scale is None or not LF.dora_on_output_axis(e.dora_scale, shape):
+        return
+    w = module.base_weight() if isinstance(module, LoKrLayer) else weight_of(module).detach()
+    if w.is_meta:
+        raise ValueError(f"{e.ref.component}.{e.ref.path}: this file's output-axis dora_scale is written for "
+                         "ComfyUI's rule (metadata lokr_dora_rule=comfyui); reading it back needs the base "
+                         "model's weights: load it into a pipeline with pipe.load_lokr_weights")
+    wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in e.factors.items()}  # as the loader keeps them
+    factors = {k: v.to(device=w.device, dtype=wide[k]) for k, v in e.factors.items()}
+    with torch.no_grad():
+        base, adapted = LF.dora_row_norms(w, LF.delta_weight(factors, shape, e.scale))
+    ratio = (adapted.double() / base.double()).cpu().reshape(e.dora_scale.shape)
+    e.dora_scale = (e.dora_scale.double() * ratio).to(e.dora_scale.dtype)
+
+
+def _warn_if_config_disagrees(name: str, config: LoKrConfig, path: str, scale: float) -> None:
+    r = pattern_value(config.rank_pattern, path, config.r, "rank_pattern")
+    a = pattern_value(config.alpha_pattern, path, config.alpha, "alpha_pattern")
+    if not math.isclose(LF.peft_scale(a, r), scale, rel_tol=1e-6):
+        logger.warning("%s: its alpha tensor gives scale %.6g, adapter_config.json would give %.6g (alpha %s / r %s); "
+                       "the file's own alpha tensor is used, as ComfyUI and A1111 use it", name, scale,
+                       LF.peft_scale(a, r), a, r)
+
+
 def _peft_config(metadata: Mapping[str, str]) -> LoKrConfig | None:
+    """The PEFT config that `io` read from the adapter_config.json beside the weights, if any."""
     raw = metadata.get(PEFT_CONFIG_KEY)
     if raw is None:
         return None
-    data = json.loads(raw)
+    where = metadata.get(PEFT_CONFIG_PATH_KEY, f"metadata {PEFT_CONFIG_KEY!r}")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: holds a JSON {type(data).__name__}, not an object")
     if str(data.get("peft_type", "LOKR")).upper() != "LOKR":
-        raise ValueError(f"adapter_config.json is for peft_type {data.get('peft_type')!r}, not LOKR")
-    return LoKrConfig.from_dict(data)
+        raise ValueError(f"{where}: is for peft_type {data.get('peft_type')!r}, not LOKR")
+    try:
+        return LoKrConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
