@@ -24,7 +24,15 @@ from .formats.reader import LoadEntry, ParsedFile, parse_file
 from .formats.report import base_hint, unmatched_message
 from .io import detect_layout, lokr_state_dict
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
-from .model import LoKrModel, adapter_configs, commit_all, lokr_layers, remove_layers, set_enabled
+from .model import (
+    LoKrModel,
+    adapter_configs,
+    commit_all,
+    component_enabled,
+    lokr_layers,
+    remove_layers,
+    set_enabled,
+)
 from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
@@ -102,7 +110,7 @@ def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: 
         try:
             parsed = parse_file(sd, metadata, index, detect_layout(sd) if stored_name else layout)
         except ValueError as err:
-            raise ValueError(f"{err}.{base_hint(list(sd), comps)}") from None
+            raise ValueError(f"{err}.{base_hint(sd, comps)}") from None
         _report(parsed, sd, comps, strict)
         if not parsed.entries:
             what = f"only {len(parsed.lora)} plain LoRA keys: load it with pipe.load_lora_weights" if parsed.lora \
@@ -145,7 +153,7 @@ def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping
         logger.warning("ignored %d `.scale` keys (ComfyUI ignores them too): %s", len(parsed.ignored),
                        parsed.ignored[:3])
     if parsed.unmatched:
-        message = unmatched_message(parsed.unmatched, list(state_dict), comps)
+        message = unmatched_message(parsed.unmatched, state_dict, comps)
         if strict:
             raise ValueError(message + " (strict=False loads the rest)")
         logger.warning(message)
@@ -157,7 +165,11 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
     for e in entries:
         parent, attr = get_slot(comps[e.ref.component], e.ref.path)
         current = getattr(parent, attr)
-        layer = current if isinstance(current, LoKrLayer) else WRAPPERS[type(current)](current)
+        if isinstance(current, LoKrLayer):
+            layer = current
+        else:
+            layer = WRAPPERS[type(current)](current)
+            layer.enable_adapters(component_enabled(comps[e.ref.component]))
         w = layer.weight
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
         tensors = {k: v.to(device=w.device, dtype=dtype) for k, v in e.factors.items()}

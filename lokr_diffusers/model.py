@@ -71,10 +71,20 @@ def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False
         raise
 
 
+ENABLED_ATTR = "_lokr_enabled"
+
+
+def component_enabled(model: nn.Module) -> bool:
+    """Whether LoKr is enabled on this component (layers added later follow it)."""
+    return bool(model.__dict__.get(ENABLED_ATTR, True))
+
+
 def set_enabled(model: nn.Module, enabled: bool) -> None:
-    """Enable or disable every LoKr layer and modules_to_save copy of `model`."""
+    """Enable or disable every LoKr layer and modules_to_save copy of `model`; layers added to it
+    later (a new adapter loaded while disabled) start in the same state."""
     changes = [(layer, S.enable(layer.state, enabled)) for _, layer in lokr_layers(model)]
     commit_all(changes)
+    model.__dict__[ENABLED_ATTR] = bool(enabled)
     for _, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             module.enable_adapters(enabled)
@@ -112,6 +122,7 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         removed += 1
     if not only_empty:
         adapter_configs(model).clear()
+        model.__dict__.pop(ENABLED_ATTR, None)
     return removed
 
 
@@ -208,7 +219,9 @@ class LoKrModel(nn.Module):
                            alpha: float) -> LoKrLayer:
         for base_type, layer_type in self.layers_mapping.items():
             if type(target) is base_type or isinstance(target, base_type):
-                return layer_type(target, adapter_name, config, r=r, alpha=alpha)
+                layer = layer_type(target, adapter_name, config, r=r, alpha=alpha)
+                layer.enable_adapters(component_enabled(self.model))
+                return layer
         raise TypeError(f"LoKr cannot wrap {type(target).__name__}; supported: {list(self.layers_mapping)}")
 
     def _resolve_modules_to_save(self, config: LoKrConfig) -> list[str]:

@@ -86,6 +86,6 @@ def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 def attach() -> None:
     from diffusers import DiffusionPipeline
 
-    if not hasattr(DiffusionPipeline.save_pretrained, _MARK):
-        DiffusionPipeline.save_pretrained = wrap(DiffusionPipeline.save_pretrained)  # type: ignore[method-assign]
+    if not hasattr(DiffusionPipeline.save_pretrained, _MARK):  # type: ignore[attr-defined]
+        DiffusionPipeline.save_pretrained = wrap(DiffusionPipeline.save_pretrained)  # type: ignore[attr-defined]
 

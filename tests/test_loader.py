@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from references import consumer_weight as _consumer_weight
 from safetensors.torch import save_file
 from writers import LAYOUTS, write_adapter
 
@@ -131,32 +132,6 @@ def test_peft_saved_adapter_matches_peft(tmp_path) -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - base).abs().max() > 1e-3
     assert list(pipe.get_list_lokr_adapters()) == ["unet"]
-
-
-def _consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
-    """ComfyUI / A1111 rule from FORMATS.md §1-3, written out independently: scale = alpha / rank
-    when an alpha exists and a factor is low-rank (rank from w2_b, else w1_b), else 1."""
-    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
-    out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
-    if "lokr_w2" in tensors:
-        w2 = tensors["lokr_w2"].reshape(out_k, in_n, *w.shape[2:])
-    elif "lokr_t2" in tensors:
-        w2 = torch.einsum("ijkl,ip,jq->pqkl", tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
-    else:
-        w2 = (tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]).reshape(out_k, in_n, *w.shape[2:])
-    rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else \
-        tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None
-    scale = float(tensors["alpha"]) / rank if "alpha" in tensors and rank else 1.0
-    dw = torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(w.shape) * scale
-    if "dora_scale" not in tensors:
-        return w + strength * dw
-    m, merged = tensors["dora_scale"], w + dw
-    if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
-        norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
-    else:
-        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
-    adapted = merged * m / (norm + torch.finfo(w.dtype).eps)
-    return w + strength * (adapted - w)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])

@@ -1,0 +1,38 @@
+"""Independent references for tests: the consumers' (ComfyUI / A1111) LoKr rule and a LoRA's delta,
+written from the formulas (docs/formats.md), never from the package's own code."""
+
+from __future__ import annotations
+
+import torch
+
+
+def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
+    """ComfyUI / A1111 rule from FORMATS.md §1-3, written out independently: scale = alpha / rank
+    when an alpha exists and a factor is low-rank (rank from w2_b, else w1_b), else 1."""
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
+    if "lokr_w2" in tensors:
+        w2 = tensors["lokr_w2"].reshape(out_k, in_n, *w.shape[2:])
+    elif "lokr_t2" in tensors:
+        w2 = torch.einsum("ijkl,ip,jq->pqkl", tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    else:
+        w2 = (tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]).reshape(out_k, in_n, *w.shape[2:])
+    rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else \
+        tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None
+    scale = float(tensors["alpha"]) / rank if "alpha" in tensors and rank else 1.0
+    dw = torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(w.shape) * scale
+    if "dora_scale" not in tensors:
+        return w + strength * dw
+    m, merged = tensors["dora_scale"], w + dw
+    if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
+        norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
+    adapted = merged * m / (norm + torch.finfo(w.dtype).eps)
+    return w + strength * (adapted - w)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """kohya LoRA: ΔW = (alpha / rank) · up @ down (linear layers)."""
+    rank = down.shape[0]
+    return (up @ down) * ((alpha / rank) if alpha is not None else 1.0)
