@@ -65,6 +65,18 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_lora_weights
 
 
+def _stepping_aside(original: Callable[..., Any]) -> Callable[..., Any]:
+    """diffusers' LoRA unloading walks every module with a `base_layer` as if it were PEFT's: let it
+    see only its own layers (LoKr layers step aside and come back around what is left)."""
+    @functools.wraps(original)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with loader.layers_stepped_aside(self):
+            return original(self, *args, **kwargs)
+
+    setattr(method, _ORIGINAL, original)
+    return method
+
+
 def original_load_lora_weights(pipe: Any) -> Callable[..., Any] | None:
     """diffusers' own load_lora_weights of this pipeline's class (without our routing), if any."""
     method = getattr(type(pipe), "load_lora_weights", None)
@@ -86,3 +98,10 @@ def attach() -> None:
         method = getattr(mixin, "load_lora_weights", None)
         if mixin is not None and method is not None and not hasattr(method, _ORIGINAL):
             mixin.load_lora_weights = _routing(method)
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    for owner, name in ((LoraBaseMixin, "unload_lora_weights"), (PeftAdapterMixin, "unload_lora")):
+        method = getattr(owner, name, None)
+        if method is not None and not hasattr(method, _ORIGINAL):
+            setattr(owner, name, _stepping_aside(method))

@@ -172,8 +172,9 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
             layer.enable_adapters(component_enabled(comps[e.ref.component]))
         w = layer.weight
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
-        tensors = {k: v.to(device=w.device, dtype=dtype) for k, v in e.factors.items()}
-        dora = e.dora_scale.to(device=w.device, dtype=dtype) if e.dora_scale is not None else None
+        # copies: the layer must never share storage with the caller's state dict
+        tensors = {k: v.to(device=w.device, dtype=dtype, copy=True) for k, v in e.factors.items()}
+        dora = e.dora_scale.to(device=w.device, dtype=dtype, copy=True) if e.dora_scale is not None else None
         layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
                                   dora_scale=dora)
         if layer is not current:
@@ -203,12 +204,14 @@ def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> No
 
 
 @contextmanager
-def layers_stepped_aside(pipe: Any) -> Iterator[None]:
-    """Take LoKr layers out of their slots (base layers back) while another library injects
-    (diffusers/PEFT LoRA cannot wrap a LoKr layer), then put each back around whatever its slot
-    holds now: the base layer itself, or the base layer inside the new LoRA wrapper."""
+def layers_stepped_aside(pipe_or_model: Any) -> Iterator[None]:
+    """Take LoKr layers out of their slots (base layers back) while another library changes the
+    module tree (diffusers/PEFT LoRA cannot wrap a LoKr layer, and its unload would take any module
+    with a `base_layer` for its own), then put each back around whatever its slot holds now: the
+    base layer itself, or the base layer inside a new LoRA wrapper."""
+    models = [pipe_or_model] if isinstance(pipe_or_model, nn.Module) else pipeline_components(pipe_or_model).values()
     saved: list[tuple[nn.Module, str, LoKrLayer]] = []
-    for model in pipeline_components(pipe).values():
+    for model in models:
         for path, layer in list(lokr_layers(model)):
             parent_name, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
