@@ -16,7 +16,6 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -26,6 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 from . import functional as LF
 from . import state as S
 from .config import LoKrConfig
+from .fusing import Frozen, FusedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class LoKrLayer(nn.Module):
         self.version = 0  # bumped by every commit
         self._applied: S.Pairs = ()  # state.applied(), cached for forward
         self._call_scale = 1.0  # diffusers' cross_attention_kwargs["scale"] during one call (scaling.py)
-        self._fused_base: Tensor | None = None  # CPU copy of the weight without our fused adapters
-        self._frozen: dict[str, _Frozen] = {}  # what each fused adapter was fused with
+        self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
                               config)
@@ -91,7 +90,7 @@ class LoKrLayer(nn.Module):
         """The base weight without this layer's fused adapters (the W the adapters are relative to),
         detached, on the weight's device."""
         if self.state.physical():
-            return self._recover_base(self.state.physical()).clone()
+            return self._fused.recover(self.weight, self.state.physical()).clone()
         return self.weight.detach()
 
     @property
@@ -143,7 +142,7 @@ class LoKrLayer(nn.Module):
         safe: a non-finite new weight raises and nothing changes."""
         old_phys, new_phys = self.state.physical(), new.physical()
         if old_phys != new_phys:
-            self._set_physical(old_phys, new, safe, keep_original)
+            self._fused.move(self.weight, old_phys, new_phys, self._freeze, safe, keep_original)
         self.state = new
         self._applied = new.applied()
         self.version += 1
@@ -227,55 +226,16 @@ class LoKrLayer(nn.Module):
             d.pop(adapter_name, None)
 
     # ----------------------------------------------------------------------------- fused weights
-    def _freeze(self, adapter_name: str) -> _Frozen:
+    def _freeze(self, adapter_name: str) -> Frozen:
         dora = self.dora_scale[adapter_name].detach().clone() if adapter_name in self.dora_scale else None
-        return _Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()},
-                       self.scaling[adapter_name], dora)
+        return Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()},
+                      self.scaling[adapter_name], dora)
 
-    def _fold(self, base: Tensor, pairs: S.Pairs, frozen: dict[str, _Frozen]) -> Tensor:
-        """base with the fused adapters `pairs` applied in order (the one way fused weights are made)."""
-        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs])
-
-    def _recover_base(self, pairs: S.Pairs) -> Tensor:
-        """The weight without the fused `pairs`: the saved copy, plus whatever else changed the
-        weight since our fuse (another library's fused LoRA), which is kept."""
-        if self._fused_base is None:
-            raise RuntimeError("this layer was fused with keep_original=False and cannot be unfused")
-        w = self.weight.detach()
-        base = self._fused_base.to(device=w.device, dtype=w.dtype)
-        after = self._fold(base, pairs, self._frozen)
-        if not torch.equal(after, w):
-            logger.debug("weight changed since the fuse; keeping the foreign change")
-            base = base + (w - after)
-        return base
-
-    def _target(self, old: S.Pairs, pairs: S.Pairs) -> tuple[Tensor, Tensor, dict[str, _Frozen]]:
-        """(weight without our fused adapters, weight with `pairs` fused, what each is fused with)."""
-        frozen = {a: self._frozen.get(a) or self._freeze(a) for a, _ in pairs}
-        base = self._recover_base(old) if old else self.weight.detach()
-        return base, (self._fold(base, pairs, frozen) if pairs else base), frozen
-
-    @torch.no_grad()
     def check_commit(self, new: S.LayerState) -> None:
         """Raise what commit(new, safe=True) would raise about non-finite weights; change nothing."""
         old, pairs = self.state.physical(), new.physical()
         if old != pairs:
-            _, target, _ = self._target(old, pairs)
-            if not torch.isfinite(target).all():
-                names = [a for a, _ in pairs if a not in dict(old)]
-                raise ValueError(f"fusing adapters {names} gives non-finite weights; nothing was fused")
-
-    @torch.no_grad()
-    def _set_physical(self, old: S.Pairs, new: S.LayerState, safe: bool, keep_original: bool) -> None:
-        """Rebuild the base weight for new.physical() from the weight without our fused adapters."""
-        pairs = new.physical()
-        base, target, frozen = self._target(old, pairs)
-        if safe and not torch.isfinite(target).all():
-            names = [a for a, _ in pairs if a not in dict(old)]
-            raise ValueError(f"fusing adapters {names} gives non-finite weights; nothing was fused")
-        self._fused_base = base.to("cpu", copy=not old) if pairs and keep_original else None
-        self.weight.data.copy_(target)
-        self._frozen = frozen
+            self._fused.check(self.weight, old, pairs, self._freeze)
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:  # type: ignore[override]
         """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
@@ -422,19 +382,6 @@ class LoKrLayer(nn.Module):
     def extra_repr(self) -> str:
         st = self.state
         return f"adapters={list(st.adapters)}, active={list(st.active)}, fused={list(st.fused)}, enabled={st.enabled}"
-
-
-@dataclass(frozen=True)
-class _Frozen:
-    """A fused adapter's tensors and scale as they were at the fuse (small: the factors only)."""
-
-    factors: dict[str, Tensor]
-    scale: float
-    dora: Tensor | None
-
-    def on(self, device: torch.device) -> tuple[dict[str, Tensor], float, Tensor | None]:
-        dora = None if self.dora is None else self.dora.to(device)
-        return {k: v.to(device) for k, v in self.factors.items()}, self.scale, dora
 
 
 class Linear(LoKrLayer):

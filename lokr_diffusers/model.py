@@ -26,6 +26,7 @@ from . import functional as LF
 from . import scaling
 from . import state as S
 from .config import LoKrConfig
+from .fusing import FusedWeight
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import Target, default_target_modules, find_targets
@@ -115,7 +116,7 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, LoKrLayer):
             module.commit(S.enable(module.state, True) if keep_merged else S.unfuse(module.state))
-            module._fused_base = None
+            module._fused = FusedWeight()  # a fuse kept in the weights is not undone any more
             setattr(parent, child, module.base_layer)
         else:
             setattr(parent, child, module.unwrap(keep_merged))

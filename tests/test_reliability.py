@@ -376,3 +376,27 @@ def test_fused_and_trainable_adapter_refuses_training_with_a_message(base) -> No
 
 def test_the_catalogue_is_big_enough() -> None:
     assert len(MISUSE) >= 50
+
+
+class _JointModel(torch.nn.Module):
+    """A denoiser-like module whose forward takes joint_attention_kwargs (SD3 / Flux style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, joint_attention_kwargs: dict | None = None) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_joint_attention_kwargs_scale_reaches_lokr() -> None:
+    torch.manual_seed(0)
+    model = _JointModel()
+    LoKrModel(model, LoKrConfig(r=2, target_modules=["proj"], init_weights=False))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        full, plain = model(x), model.proj.base_layer(x)
+        half = model(x, joint_attention_kwargs={"scale": 0.5})
+        again = model(x)
+    torch.testing.assert_close(half, plain + 0.5 * (full - plain))
+    torch.testing.assert_close(again, full, rtol=0, atol=0)  # one call only

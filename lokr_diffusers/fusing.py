@@ -1,0 +1,91 @@
+"""What a layer's base weight holds for a list of fused adapters, and the weight without them.
+
+A layer's fused adapters live in its base weight (docs/adapters.md: W_phys = fold(W, fused)). To
+change that list, the weight without our adapters is needed: a CPU copy of it is taken at the first
+fuse, and each fused adapter keeps the tensors it was fused with (`Frozen`: the factors only, small),
+so the fused weight can be rebuilt exactly. If something else changed the weight since (a LoRA fused
+by diffusers after us), that change is kept: W = copy + (weight now − what we wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import functional as LF
+from .state import Pairs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A fused adapter's tensors and scale as they were at the fuse."""
+
+    factors: dict[str, Tensor]
+    scale: float
+    dora: Tensor | None
+
+    def on(self, device: torch.device) -> tuple[dict[str, Tensor], float, Tensor | None]:
+        dora = None if self.dora is None else self.dora.to(device)
+        return {k: v.to(device) for k, v in self.factors.items()}, self.scale, dora
+
+
+@dataclass
+class FusedWeight:
+    """The copy of the weight without our fused adapters (None when nothing is fused, or after a fuse
+    with keep_original=False) and what each fused adapter was fused with."""
+
+    base: Tensor | None = None
+    frozen: dict[str, Frozen] = field(default_factory=dict)
+
+    @staticmethod
+    def fold(base: Tensor, pairs: Pairs, frozen: dict[str, Frozen]) -> Tensor:
+        """`base` with the adapters `pairs` applied in order: the one way fused weights are made."""
+        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs])
+
+    def recover(self, weight: Tensor, pairs: Pairs) -> Tensor:
+        """The weight without our fused `pairs` (may be the saved copy itself: do not modify it)."""
+        if self.base is None:
+            raise RuntimeError("this layer was fused with keep_original=False and cannot be unfused")
+        w = weight.detach()
+        base = self.base.to(device=w.device, dtype=w.dtype)
+        after = self.fold(base, pairs, self.frozen)
+        if not torch.equal(after, w):
+            logger.debug("weight changed since the fuse; keeping the foreign change")
+            base = base + (w - after)
+        return base
+
+    def target(self, weight: Tensor, old: Pairs, pairs: Pairs,
+               freeze: Callable[[str], Frozen]) -> tuple[Tensor, Tensor, dict[str, Frozen]]:
+        """(weight without our adapters, weight with `pairs` fused, what each is fused with)."""
+        frozen = {a: self.frozen.get(a) or freeze(a) for a, _ in pairs}
+        base = self.recover(weight, old) if old else weight.detach()
+        return base, (self.fold(base, pairs, frozen) if pairs else base), frozen
+
+    @torch.no_grad()
+    def check(self, weight: Tensor, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen]) -> None:
+        """Raise if fusing `pairs` (instead of `old`) gives non-finite weights; change nothing."""
+        _, target, _ = self.target(weight, old, pairs, freeze)
+        _check_finite(target, old, pairs)
+
+    @torch.no_grad()
+    def move(self, weight: Tensor, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen], safe: bool,
+             keep_original: bool) -> None:
+        """Rebuild `weight` in place for the fused list `pairs` (it held `old`)."""
+        base, target, frozen = self.target(weight, old, pairs, freeze)
+        if safe:
+            _check_finite(target, old, pairs)
+        self.base = base.to("cpu", copy=not old) if pairs and keep_original else None
+        weight.data.copy_(target)
+        self.frozen = frozen
+
+
+def _check_finite(target: Tensor, old: Pairs, pairs: Pairs) -> None:
+    if not torch.isfinite(target).all():
+        names = [a for a, _ in pairs if a not in dict(old)]
+        raise ValueError(f"fusing adapters {names} gives non-finite weights; nothing was fused")
