@@ -51,7 +51,7 @@ def write_files(files: Mapping[str, Writer], make_dirs: bool = False) -> None:
             _remove_quietly(folder, is_dir=True)
         raise
     for folder in {os.path.dirname(p) for p in [*targets, *created]}:
-        _sync_dir(folder)
+        sync_dir(folder)
 
 
 def write_safetensors(sd: Mapping[str, Tensor], path: str, metadata: Mapping[str, str]) -> str:
@@ -189,7 +189,7 @@ def _remove_quietly(path: str, is_dir: bool = False) -> None:
         logger.warning("could not remove %s: %s", path, err)
 
 
-def _sync_dir(folder: str) -> None:
+def sync_dir(folder: str) -> None:
     """fsync a folder so that renames in it survive a crash (where the OS allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import sync_dir
 from ..model import lokr_layers
 from .errors import CheckpointError
 
@@ -85,7 +86,7 @@ def _write(folder: str, step: int, components: dict[str, nn.Module], adapter: st
     with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
         json.dump(record, fh)
     _fsync_file(os.path.join(folder, STATE_FILE))
-    _fsync_dir(folder)
+    sync_dir(folder)
 
 
 def _publish(tmp: str, final: str) -> None:
@@ -101,7 +102,7 @@ def _publish(tmp: str, final: str) -> None:
         if aside is not None:
             os.replace(aside, final)
         raise
-    _fsync_dir(parent)
+    sync_dir(parent)
     if aside is not None:
         _remove_tree(aside)
 
@@ -120,7 +121,7 @@ def prune(output_dir: str, limit: int, keep: str) -> list[str]:
         _remove_tree(hidden)
         logger.info("removed %s (--checkpoints_total_limit %d)", name, limit)
     if doomed:
-        _fsync_dir(output_dir)
+        sync_dir(output_dir)
     return doomed
 
 
@@ -149,20 +150,6 @@ def clean_leftovers(output_dir: str) -> None:
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames and new entries in `path` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: str) -> None:
