@@ -124,7 +124,7 @@ def attach_call_scale(pipe: Any, comps: Mapping[str, nn.Module]) -> None:
     """diffusers' per-call scale reaches the LoKr layers of these components (scaling.py)."""
     for model in comps.values():
         scaling.install(model)
-    scaling.wrap_encode_prompt(pipe, {c: m for c, m in comps.items() if c.startswith("text_encoder")})
+    scaling.wrap_encode_prompt(pipe)
 
 
 def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str | None, dict]:
@@ -381,7 +381,6 @@ def unload_lokr_weights(pipe: Any) -> None:
     for model in pipeline_components(pipe).values():
         remove_layers(model, keep_merged=True)
         scaling.uninstall(model)
-    scaling.unwrap_encode_prompt(pipe)
 
 
 def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:

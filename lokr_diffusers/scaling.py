@@ -3,8 +3,8 @@
 diffusers scales every unfused LoRA by s for one call: the denoiser through the kwarg its forward
 takes (`cross_attention_kwargs`, `joint_attention_kwargs` or `attention_kwargs`), the text encoders
 through `encode_prompt(lora_scale=s)`. LoKr means the same (docs/adapters.md, "call scale"): a
-forward pre-hook on each component holding LoKr layers reads the kwarg, and the pipeline's
-`encode_prompt` is wrapped on the instance (not the class) to scale its text encoders. Fused
+forward pre-hook on each component holding LoKr layers reads the kwarg, and the `encode_prompt` of a
+pipeline class that LoKr was loaded into is wrapped to scale its text encoders. Fused
 adapters are in the weights and are not scaled, as with LoRA.
 """
 
@@ -23,7 +23,8 @@ from .layers import LoKrLayer
 
 SCALE_KWARGS: tuple[str, ...] = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 _HOOKS = "_lokr_scale_hooks"
-_WRAPPED = "_lokr_wraps_encode_prompt"
+_WRAPPED = "_lokr_diffusers_original_encode_prompt"
+TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def _check(scale: Any) -> float:
@@ -86,28 +87,23 @@ def uninstall(model: nn.Module) -> None:
         handle.remove()
 
 
-def wrap_encode_prompt(pipe: Any, text_encoders: dict[str, nn.Module]) -> None:
-    """Make `pipe.encode_prompt(..., lora_scale=s)` scale the LoKr layers of the pipeline's text
-    encoders, as diffusers does for LoRA (the wrapper sits on the instance; `unwrap_encode_prompt`
-    removes it)."""
-    method = getattr(type(pipe), "encode_prompt", None)
-    if method is None or _WRAPPED in vars(pipe) or "lora_scale" not in inspect.signature(method).parameters:
+def wrap_encode_prompt(pipe: Any) -> None:
+    """Make `encode_prompt(..., lora_scale=s)` of the pipeline's class scale the LoKr layers of the
+    text encoders for that call, as diffusers does for LoRA. Done once per class, on the class (so a
+    copied pipeline behaves the same); diffusers' method is kept on the wrapper as
+    `_lokr_diffusers_original_encode_prompt`."""
+    cls = type(pipe)
+    method = getattr(cls, "encode_prompt", None)
+    if method is None or hasattr(method, _WRAPPED) or "lora_scale" not in inspect.signature(method).parameters:
         return
     signature = inspect.signature(method)
-    names = tuple(text_encoders)
 
     @functools.wraps(method)
-    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(pipe, *args, **kwargs)
-        scale = bound.arguments.get("lora_scale")
-        models = [m for n in names if isinstance(m := getattr(pipe, n, None), nn.Module)]
+    def encode_prompt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scale = signature.bind(self, *args, **kwargs).arguments.get("lora_scale")
+        models = [m for n in TEXT_ENCODERS if isinstance(m := getattr(self, n, None), nn.Module)]
         with call_scale(models, 1.0 if scale is None else scale):
-            return method(pipe, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
-    object.__setattr__(pipe, "encode_prompt", encode_prompt)
-    object.__setattr__(pipe, _WRAPPED, True)
-
-
-def unwrap_encode_prompt(pipe: Any) -> None:
-    for name in ("encode_prompt", _WRAPPED):
-        vars(pipe).pop(name, None)
+    setattr(encode_prompt, _WRAPPED, method)
+    setattr(cls, "encode_prompt", encode_prompt)  # noqa: B010  (mypy: `type` has no such attribute)

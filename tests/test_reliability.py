@@ -400,3 +400,12 @@ def test_joint_attention_kwargs_scale_reaches_lokr() -> None:
         again = model(x)
     torch.testing.assert_close(half, plain + 0.5 * (full - plain))
     torch.testing.assert_close(again, full, rtol=0, atol=0)  # one call only
+
+
+def test_a_copied_pipeline_scales_its_own_text_encoder(base) -> None:
+    pipe = _fresh(base, "a")
+    copied = copy.deepcopy(pipe)
+    ref = _fresh(base, "a")
+    ref.set_lokr_adapters("a", 0.5)
+    del pipe  # the copy must not reach back into the original
+    _close(_outputs(copied, call_scale=0.5), _outputs(ref))
