@@ -97,7 +97,7 @@ def _row_norms(layer: Any, adapter_name: str) -> RowNorms | None:
 
 # -------------------------------------------------------------------------------------- comfyui
 def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) -> str:
-    """The most portable kohya name (FORMATS.md §5): SDXL UNet by ldm names, SD1/SD2 UNet by
+    """The most portable kohya name (docs/formats.md §5): SDXL UNet by ldm names, SD1/SD2 UNet by
     diffusers paths; text encoders always with `text_model.`."""
     if component == "unet":
         ldm = diffusers_to_ldm(path, unet_config) if base == "sdxl" else None

@@ -1,10 +1,12 @@
 """LoKr layers: a wrapper around an nn.Linear / nn.Conv1d / nn.Conv2d `base_layer`.
 
-    y = base_layer(x) + Σ_a  w_a · scale_a · (W1_a ⊗ W2_a) x        over the active adapters a
+    y = op(x, fold(W_phys, applied))     W_phys: the base weight with the fused adapters in it
+    plain adapters: fold(W, applied) = W + Σ_a w_a · scale_a · (W1_a ⊗ W2_a)   (DoRA: docs/adapters.md)
 
-Adapters live in ParameterDicts keyed by adapter name, named like PEFT's (`lokr_w1["default"]`).
-The math is in `functional`; this module only holds parameters and picks, per call and per
-adapter, the cheaper of two equal computations (DESIGN.md):
+Adapters live in ParameterDicts keyed by adapter name, named like PEFT's (`lokr_w1["default"]`);
+what is active, fused or disabled is one `state.LayerState` (docs/adapters.md). The math is in
+`functional`; this module holds parameters and picks, per call and per adapter, the cheaper of two
+equal computations:
 - "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference);
 - "bypass": apply the factors to x without building ΔW (cheap when ΔW dwarfs the activations,
   and in training, where W + ΔW would cost a full-size weight-gradient matmul).

@@ -1,5 +1,5 @@
 """Export (`save_lokr_weights`, `pipe.save_lokr_weights`, `convert_lokr_file`) against references written
-here from FORMATS.md, never from the package's reader or its name maps:
+here from docs/formats.md, never from the package's reader or its name maps:
 
 - the ComfyUI and A1111 consumer rules (§1-3: kron with the conv unsqueeze, Tucker, alpha / rank, DoRA
   axis, ComfyUI's output-axis DoRA normalised by ‖W‖) applied to an exported file give back every module's
