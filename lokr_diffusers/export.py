@@ -1,6 +1,6 @@
 """Write a LoKr adapter for its consumers: ComfyUI / A1111 (kohya layout), PEFT, diffusers, and our
 own lossless layout. Each writer encodes every layer's scale so that its consumer's rule gives it
-back exactly (docs: FORMATS §2, §5), and output-axis DoRA so that ComfyUI's rule gives back the trained
+back exactly (docs: docs/formats.md §2, §5), and output-axis DoRA so that ComfyUI's rule gives back the trained
 weight (§3). Writes are all-or-nothing (atomic.py).
 """
 
