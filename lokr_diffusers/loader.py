@@ -200,7 +200,11 @@ def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> No
         raise ValueError(f"this file also holds {len(lora)} plain LoRA keys and {type(pipe).__name__} "
                          "has no diffusers LoRA loader")
     with layers_stepped_aside(pipe):
-        original(pipe, lora, adapter_name=adapter_name)
+        try:
+            original(pipe, lora, adapter_name=adapter_name)
+        except Exception as err:  # diffusers' own message, under ours: the whole load is undone
+            raise ValueError(f"the {len(lora)} plain LoRA keys of this file did not load in diffusers, so nothing "
+                             f"was loaded: {type(err).__name__}: {err}") from err
 
 
 @contextmanager
