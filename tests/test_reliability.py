@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +131,14 @@ def _mixed_file_with_bad_lora() -> dict[str, torch.Tensor]:
     return {**lokr_files()["c"], **bad}
 
 
+def _corrupt_file() -> str:
+    """A .safetensors whose header is garbage."""
+    fd, path = tempfile.mkstemp(suffix=".safetensors")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    return path
+
+
 def _second_component_fails(pipe) -> None:
     add_lokr(pipe, {"unet": LoKrConfig(target_modules=["to_q"]), "text_encoder": LoKrConfig(target_modules=["nope"])},
              "x")
@@ -179,6 +189,10 @@ MISUSE: list[tuple[str, tuple[str, ...], Callable[[Any], Any], type[BaseExceptio
     ("load-lora-only", (), lambda p: p.load_lokr_weights(dict(lora_file())), ValueError, "load_lora_weights"),
     ("load-mixed-bad-lora-part", ("a",), lambda p: p.load_lokr_weights(_mixed_file_with_bad_lora(), adapter_name="m"),
      ValueError, "size mismatch for mid_block.attentions.0.transformer_blocks.0.attn1.to_k"),
+    ("load-lora-weights-path-typo", ("a",), lambda p: p.load_lora_weights("./styel.safetensors"), FileNotFoundError,
+     "no such file or folder: ./styel.safetensors"),
+    ("load-lora-weights-corrupt", ("a",), lambda p: p.load_lora_weights(_corrupt_file()), ValueError,
+     "not a valid safetensors file"),
     ("load-unknown-kwarg", (), lambda p: p.load_lokr_weights(lokr_files()["a"], adapter="x"), TypeError, "adapter"),
     ("add-vae", (), lambda p: add_lokr(p, {"vae": LoKrConfig(target_modules=["conv_in"])}), ValueError, "got 'vae'"),
     ("add-missing-te2", (), lambda p: add_lokr(p, {"text_encoder_2": LoKrConfig()}), ValueError,
