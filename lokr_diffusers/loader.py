@@ -309,6 +309,10 @@ def _component_weights(names: list[str], adapter_weights: Any, comps: Mapping[st
         else:
             for c in comps:
                 out[c][n] = S.check_strength(w, f"adapter_weights for {n!r}")
+    negative = sorted({n for per in out.values() for n, w in per.items() if w < 0})
+    if negative:
+        logger.warning("negative weights for adapters %s: they are subtracted, as ComfyUI and A1111 do with a "
+                       "negative strength", negative)
     return out
 
 
@@ -337,6 +341,8 @@ def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | No
     `unfuse_lokr` restores the original weights bit for bit. All-or-nothing: an adapter already
     fused at another strength, or (safe_fusing) a non-finite weight anywhere, changes nothing."""
     lokr_scale = S.check_strength(lokr_scale, "lokr_scale")
+    if lokr_scale < 0:
+        logger.warning("lokr_scale %g is negative: the adapters are subtracted from the weights", lokr_scale)
     selected = _selected(pipe, components)
     if adapter_names is not None:
         adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")

@@ -424,3 +424,21 @@ def test_a_copied_pipeline_scales_its_own_text_encoder(base) -> None:
     ref.set_lokr_adapters("a", 0.5)
     del pipe  # the copy must not reach back into the original
     _close(_outputs(copied, call_scale=0.5), _outputs(ref))
+
+
+@pytest.mark.parametrize("call", ["weights", "fuse"])
+def test_negative_strengths_mean_what_consumers_compute_with_a_warning(base, caplog, call: str) -> None:
+    pipe, plus = _fresh(base, "a"), _fresh(base, "a")
+    w0 = {n: p.detach().clone() for n, p in _fresh(base).unet.named_parameters()}
+    with caplog.at_level("WARNING", logger="lokr_diffusers"):
+        pipe.set_lokr_adapters("a", -1.0) if call == "weights" else pipe.fuse_lokr(lokr_scale=-1.0)
+    assert "subtracted" in caplog.text
+    if call == "weights":
+        pipe.fuse_lokr()
+    plus.fuse_lokr()
+    got, ref = dict(pipe.unet.named_parameters()), dict(plus.unet.named_parameters())
+    for path in UNET:  # source "a" has no DoRA: W − ΔW mirrors W + ΔW around W
+        n = path + ".base_layer.weight"
+        w = w0[path + ".weight"]
+        assert (ref[n] - w).abs().max() > 1e-3
+        torch.testing.assert_close(got[n] - w, -(ref[n] - w), rtol=0, atol=1e-6)
