@@ -290,8 +290,10 @@ class LoKrLayer(nn.Module):
         if any(a in self.dora_scale for a, _ in applied):
             return self._forward_in_order(x, applied, direct, args, kwargs)
         tokens = self._tokens(x)
-        in_merge = [(a, s) for a, s in applied if not self._choose_bypass(a, tokens, direct)]
-        in_bypass = [(a, s) for a, s in applied if (a, s) not in in_merge]
+        in_merge: list[tuple[str, float]] = []
+        in_bypass: list[tuple[str, float]] = []
+        for a, s in applied:
+            (in_bypass if self._choose_bypass(a, tokens, direct) else in_merge).append((a, s))
         w = self.weight
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
             w_eff = w  # W + Σ ΔW built in one pass per adapter, then one op
@@ -320,14 +322,18 @@ class LoKrLayer(nn.Module):
             return self._run(x, w_eff, self.bias)
         return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - w, None)
 
-    def _contribution(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
-        """What one adapter adds to the weight `w` at `strength`, rank-dropout mask applied."""
+    def _delta(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
+        """What one adapter at `strength` adds to the weight `w`: strength·scale·W1⊗W2, or for DoRA
+        the change W'' − W (DoRA normalises the weight it is given), in the factors' dtype for a
+        plain adapter and in w's for DoRA."""
         f, scale = self.factors(adapter_name), self.scaling[adapter_name]
-        dora = self.dora_scale[adapter_name] if adapter_name in self.dora_scale else None
-        if dora is None:
-            delta = LF.delta_weight(f, self.weight_shape, scale * strength).to(w.dtype)
-        else:
-            delta = LF.adapt_weight(w, f, scale, dora, strength) - w
+        if adapter_name not in self.dora_scale:
+            return LF.delta_weight(f, self.weight_shape, scale * strength)
+        return LF.adapt_weight(w, f, scale, self.dora_scale[adapter_name], strength) - w
+
+    def _contribution(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
+        """`_delta` in w's dtype, with this call's rank-dropout mask on its output rows."""
+        delta = self._delta(adapter_name, strength, w).to(w.dtype)
         mask = self._rank_mask(adapter_name, delta)
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
@@ -336,12 +342,9 @@ class LoKrLayer(nn.Module):
     def get_delta_weight(self, adapter_name: str, base: Tensor | None = None) -> Tensor:
         """The change one adapter makes to the weight (`base`, default the base weight) at its
         user weight: s·scale·W1⊗W2, or for DoRA the change W'' − W."""
-        w = (self.base_weight() if base is None else base).detach()
-        dora = self.dora_scale[adapter_name] if adapter_name in self.dora_scale else None
-        f, scale, s = self.factors(adapter_name), self.scaling[adapter_name], self.state.weight(adapter_name)
-        if dora is None:
-            return LF.delta_weight(f, self.weight_shape, scale * s)
-        return LF.adapt_weight(w, f, scale, dora, s) - w
+        w = self.weight if base is None and adapter_name not in self.dora_scale else \
+            (self.base_weight() if base is None else base)
+        return self._delta(adapter_name, self.state.weight(adapter_name), w.detach())
 
     def _rank_mask_on(self, adapter_name: str) -> bool:
         return self.training and self.rank_dropout[adapter_name] > 0
