@@ -97,9 +97,14 @@ def _outputs(pipe, call_scale: float | None = None) -> tuple[torch.Tensor, torch
     return u, t
 
 
-def _close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float = 1e-5) -> None:
+def assert_outputs_close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float = 1e-5) -> None:
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.double(), y.double(), rtol=0, atol=atol)
+
+
+def assert_outputs_differ(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+    """The two states compute visibly different outputs (so a comparison with either can fail)."""
+    assert max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------- misuse
@@ -252,10 +257,10 @@ def test_fused_scale_survives_deleting_another_adapter(base) -> None:
     pipe.delete_lokr_adapters("b")
     ref = _fresh(base, "a")
     ref.set_lokr_adapters("a", 0.5)
-    _close(_outputs(pipe), _outputs(ref))
+    assert_outputs_close(_outputs(pipe), _outputs(ref))
     assert pipe.get_list_lokr_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
     pipe.unfuse_lokr()  # a runs unfused at its weight (1.0) again
-    _close(_outputs(pipe), _outputs(_fresh(base, "a")))
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base, "a")))
 
 
 def test_disable_enable_keeps_a_merged_lokr_model_merged(base) -> None:
@@ -266,9 +271,9 @@ def test_disable_enable_keeps_a_merged_lokr_model_merged(base) -> None:
     unfused = _outputs(pipe)
     model.merge_adapter()
     with model.disable_adapter():
-        _close(_outputs(pipe), _outputs(_fresh(base)), atol=0)
+        assert_outputs_close(_outputs(pipe), _outputs(_fresh(base)), atol=0)
     assert all(la.merged for _, la in lokr_layers(pipe.unet))
-    _close(_outputs(pipe), unfused)
+    assert_outputs_close(_outputs(pipe), unfused)
     model.unmerge_adapter()
     base_now = {n.replace(".base_layer", ""): p for n, p in pipe.unet.named_parameters() if "lokr_" not in n}
     assert all(torch.equal(base_now[n], w) for n, w in w0.items())  # bit for bit
@@ -281,11 +286,11 @@ def test_lokr_and_lora_fused_together_unfuse_in_either_order(base) -> None:
         both = _outputs(pipe)
         pipe.fuse_lokr()
         pipe.fuse_lora()
-        _close(_outputs(pipe), both)
+        assert_outputs_close(_outputs(pipe), both)
         steps = [pipe.unfuse_lokr, pipe.unfuse_lora]
         for step in steps if order == "lokr_first" else steps[::-1]:
             step()
-        _close(_outputs(pipe), both)
+        assert_outputs_close(_outputs(pipe), both)
         pipe.unload_lokr_weights()
         pipe.unload_lora_weights()
         now = dict(pipe.unet.named_parameters())
@@ -299,7 +304,7 @@ def test_two_dora_adapters_forward_equals_fused(base) -> None:
     assert "b" in layer.dora_scale and "c" in layer.dora_scale
     unfused = _outputs(pipe)
     pipe.fuse_lokr()
-    _close(_outputs(pipe), unfused)  # was 0.46 off: forward summed, fuse applied one after the other
+    assert_outputs_close(_outputs(pipe), unfused)  # was 0.46 off: forward summed, fuse applied one after the other
 
 
 def test_modules_to_save_follow_disable(base) -> None:
@@ -309,9 +314,10 @@ def test_modules_to_save_follow_disable(base) -> None:
     with torch.no_grad():
         wrapper.modules_to_save["default"].weight.mul_(3.0)
     changed = _outputs(pipe)[1]
+    assert_outputs_differ((changed,), (_outputs(_fresh(base))[1],))
     with model.disable_adapter():
-        _close((_outputs(pipe)[1],), (_outputs(_fresh(base))[1],), atol=0)
-    _close((_outputs(pipe)[1],), (changed,))
+        assert_outputs_close((_outputs(pipe)[1],), (_outputs(_fresh(base))[1],), atol=0)
+    assert_outputs_close((_outputs(pipe)[1],), (changed,))
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.3, -1.0])
@@ -319,10 +325,11 @@ def test_call_scale_scales_unfused_lokr_like_lora(base, scale: float) -> None:
     pipe = _fresh(base, "a")
     ref = _fresh(base, "a")
     ref.set_lokr_adapters("a", scale)
-    _close(_outputs(pipe, call_scale=scale), _outputs(ref))
-    _close(_outputs(pipe), _outputs(_fresh(base, "a")))  # the scale lasts one call
+    assert_outputs_differ(_outputs(ref), _outputs(pipe))
+    assert_outputs_close(_outputs(pipe, call_scale=scale), _outputs(ref))
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base, "a")))  # the scale lasts one call
     pipe.fuse_lokr()
-    _close(_outputs(pipe, call_scale=scale), _outputs(_fresh(base, "a")))  # fused: not scaled, as LoRA
+    assert_outputs_close(_outputs(pipe, call_scale=scale), _outputs(_fresh(base, "a")))  # fused: not scaled, as LoRA
 
 
 def test_pipeline_call_with_cross_attention_scale(base) -> None:
@@ -339,7 +346,7 @@ def test_unload_lora_weights_keeps_lokr(base) -> None:
     pipe = _fresh(base, "a", "lora")
     pipe.unload_lora_weights()  # crashed: diffusers took every module with a base_layer for PEFT's
     assert pipe.get_list_adapters() == {}
-    _close(_outputs(pipe), _outputs(_fresh(base, "a")))
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base, "a")))
 
 
 @pytest.mark.parametrize("form", ["seed", "in_place", "fused"])
@@ -359,14 +366,14 @@ def test_save_pretrained_with_lokr_loads_again(base, tmp_path, form: str) -> Non
     assert side.exists() == (form != "fused")  # fused adapters are in the saved weights
     if side.exists():
         loaded.load_lokr_weights(str(tmp_path / "p"), weight_name="lokr_adapters.safetensors")
-    _close(_outputs(loaded), expected)
+    assert_outputs_close(_outputs(loaded), expected)
 
 
 def test_dtype_round_trip_while_fused_restores_the_base(base) -> None:
     pipe = _fresh(base, "a", "fused")
     w0 = {n: p.detach().clone() for n, p in _fresh(base).unet.named_parameters()}
     pipe.to(torch.float64)
-    _close(_outputs(pipe), _outputs(_fresh(base, "a", "fused")))
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base, "a", "fused")))
     pipe.to(torch.float32)
     pipe.unfuse_lokr()
     pipe.unload_lokr_weights()
@@ -376,10 +383,11 @@ def test_dtype_round_trip_while_fused_restores_the_base(base) -> None:
 def test_loading_while_disabled_stays_disabled(base) -> None:
     pipe = _fresh(base, "a", "disabled")
     pipe.load_lokr_weights(lokr_files()["b"], adapter_name="b")
-    _close(_outputs(pipe), _outputs(_fresh(base)), atol=0)
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base)), atol=0)
     pipe.enable_lokr()
     ref = _fresh(base, "a", "b")
-    _close(_outputs(pipe), _outputs(ref))
+    assert_outputs_differ(_outputs(ref), _outputs(_fresh(base)))
+    assert_outputs_close(_outputs(pipe), _outputs(ref))
 
 
 def test_fused_and_trainable_adapter_refuses_training_with_a_message(base) -> None:
@@ -423,7 +431,8 @@ def test_a_copied_pipeline_scales_its_own_text_encoder(base) -> None:
     ref = _fresh(base, "a")
     ref.set_lokr_adapters("a", 0.5)
     del pipe  # the copy must not reach back into the original
-    _close(_outputs(copied, call_scale=0.5), _outputs(ref))
+    assert_outputs_differ(_outputs(ref), _outputs(copied))
+    assert_outputs_close(_outputs(copied, call_scale=0.5), _outputs(ref))
 
 
 @pytest.mark.parametrize("call", ["weights", "fuse"])
