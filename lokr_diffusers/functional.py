@@ -280,10 +280,12 @@ def adapt_weight(weight: Tensor, f: Factors, scale: float, dora_scale: Tensor | 
     return dora_weight(weight.to(dt), delta.to(dt), dora_scale, strength).to(weight.dtype)
 
 
-def fold(weight: Tensor, adapters: Sequence[tuple[Factors, float, Tensor | None, float]]) -> Tensor:
-    """A new tensor: `weight` with (factors, scale, dora_scale, strength) adapters applied in order
-    by `adapt_weight` (order matters only for DoRA, which normalises the weight it is given)."""
-    out = weight.clone()
+def fold(weight: Tensor, adapters: Sequence[tuple[Factors, float, Tensor | None, float]],
+         inplace: bool = False) -> Tensor:
+    """`weight` with (factors, scale, dora_scale, strength) adapters applied in order by
+    `adapt_weight` (order matters only for DoRA, which normalises the weight it is given). A new
+    tensor, or with inplace=True `weight` itself where the rules allow (a DoRA step makes a new one)."""
+    out = weight if inplace else weight.clone()
     for f, scale, dora, strength in adapters:
         out = adapt_weight(out, f, scale, dora, strength, inplace=True)
     return out

@@ -4,7 +4,10 @@ A layer's fused adapters live in its base weight (docs/adapters.md: W_phys = fol
 change that list, the weight without our adapters is needed: a CPU copy of it is taken at the first
 fuse, and each fused adapter keeps the tensors it was fused with (`Frozen`: the factors only, small),
 so the fused weight can be rebuilt exactly. If something else changed the weight since (a LoRA fused
-by diffusers after us), that change is kept: W = copy + (weight now − what we wrote).
+by diffusers after us), that change is kept: W = copy + (weight now − what we wrote). Whether it
+changed is first asked of a fingerprint of what we wrote (each output row times a fixed random vector:
+one read of the weight, any change to a row moves its number); only a different fingerprint pays for
+rebuilding what we wrote and comparing it exactly.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ class FusedWeight:
 
     base: Tensor | None = None
     frozen: dict[str, Frozen] = field(default_factory=dict)
+    written: Tensor | None = None  # fingerprint of the weight as we last wrote it, (out,)
 
     @staticmethod
-    def fold(base: Tensor, pairs: Pairs, frozen: dict[str, Frozen]) -> Tensor:
+    def fold(base: Tensor, pairs: Pairs, frozen: dict[str, Frozen], inplace: bool = False) -> Tensor:
         """`base` with the adapters `pairs` applied in order: the one way fused weights are made."""
-        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs])
+        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs], inplace=inplace)
 
     def recover(self, weight: Tensor, pairs: Pairs) -> Tensor:
         """The weight without our fused `pairs` (may be the saved copy itself: do not modify it)."""
@@ -54,6 +58,8 @@ class FusedWeight:
             raise RuntimeError("this layer was fused with keep_original=False and cannot be unfused")
         w = weight.detach()
         base = self.base.to(device=w.device, dtype=w.dtype)
+        if self.written is not None and torch.equal(_fingerprint(w), self.written):
+            return base  # untouched since we wrote it
         after = self.fold(base, pairs, self.frozen)
         if not torch.equal(after, w):
             logger.debug("weight changed since the fuse; keeping the foreign change")
@@ -77,12 +83,26 @@ class FusedWeight:
     def move(self, weight: Tensor, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen], safe: bool,
              keep_original: bool) -> None:
         """Rebuild `weight` in place for the fused list `pairs` (it held `old`)."""
-        base, target, frozen = self.target(weight, old, pairs, freeze)
-        if safe:
-            _check_finite(target, old, pairs)
-        self.base = base.to("cpu", copy=not old) if pairs and keep_original else None
-        weight.data.copy_(target)
+        if not old and not safe:  # the first fuse: keep the copy, then fold into the weight itself
+            frozen = {a: freeze(a) for a, _ in pairs}
+            self.base = weight.detach().to("cpu", copy=True) if keep_original else None
+            target = self.fold(weight.data, pairs, frozen, inplace=True)
+        else:
+            base, target, frozen = self.target(weight, old, pairs, freeze)
+            if safe:
+                _check_finite(target, old, pairs)
+            self.base = base.to("cpu", copy=not old) if pairs and keep_original else None
+        if target is not weight.data:
+            weight.data.copy_(target)
         self.frozen = frozen
+        self.written = _fingerprint(weight.detach()) if pairs else None
+
+
+def _fingerprint(w: Tensor) -> Tensor:
+    """(out,): each output row of `w` times one fixed random vector (a matrix-vector product)."""
+    rows = w.reshape(w.shape[0], -1)
+    probe = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0)).to(rows.device, rows.dtype)
+    return rows @ probe
 
 
 def _check_finite(target: Tensor, old: Pairs, pairs: Pairs) -> None:
