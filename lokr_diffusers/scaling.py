@@ -19,12 +19,13 @@ from typing import Any
 
 from torch import nn
 
+from .formats.names import COMPONENTS
 from .layers import LoKrLayer
 
 SCALE_KWARGS: tuple[str, ...] = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 _HOOKS = "_lokr_scale_hooks"
 _WRAPPED = "_lokr_diffusers_original_encode_prompt"
-TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("text_encoder"))
 
 
 def _check(scale: Any) -> float:
