@@ -1,7 +1,7 @@
 """Write a LoKr adapter for its consumers: ComfyUI / A1111 (kohya layout), PEFT, diffusers, and our
 own lossless layout. Each writer encodes every layer's scale so that its consumer's rule gives it
-back exactly (docs: docs/formats.md §2, §5), and output-axis DoRA so that ComfyUI's rule gives back the trained
-weight (§3). Writes are all-or-nothing (atomic.py).
+back exactly (docs/formats.md §Scale rules, §Portable export), and output-axis DoRA so that ComfyUI's
+rule gives back the trained weight (docs/formats.md §DoRA). Writes are all-or-nothing (atomic.py).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _row_norms(layer: Any, adapter_name: str) -> RowNorms | None:
 
 # -------------------------------------------------------------------------------------- comfyui
 def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) -> str:
-    """The most portable kohya name (docs/formats.md §5): SDXL UNet by ldm names, SD1/SD2 UNet by
+    """The most portable kohya name (docs/formats.md §Portable export): SDXL UNet by ldm names, SD1/SD2 UNet by
     diffusers paths; text encoders always with `text_model.`."""
     if component == "unet":
         ldm = diffusers_to_ldm(path, unet_config) if base == "sdxl" else None

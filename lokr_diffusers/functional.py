@@ -5,7 +5,7 @@ A LoKr adapter on a layer with weight W of shape (out, in, *kernel) adds
     ΔW = scale · (W1 ⊗ W2)        W1: (out_l, in_m)    W2: (out_k, in_n, *kernel)
 
 with out = out_l·out_k and in = in_m·in_n (for a grouped conv, in = in_channels // groups).
-Each factor is stored either full or low-rank (see docs/formats.md §1 and `plan_lokr`):
+Each factor is stored either full or low-rank (see docs/formats.md §The math and `plan_lokr`):
 
     W1 = lokr_w1                       | lokr_w1_a (out_l, r) @ lokr_w1_b (r, in_m)
     W2 = lokr_w2                       | lokr_w2_a (out_k, r) @ lokr_w2_b (r, in_n·prod(kernel))

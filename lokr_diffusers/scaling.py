@@ -2,7 +2,7 @@
 
 diffusers scales every unfused LoRA by s for one call: the denoiser through the kwarg its forward
 takes (`cross_attention_kwargs`, `joint_attention_kwargs` or `attention_kwargs`), the text encoders
-through `encode_prompt(lora_scale=s)`. LoKr means the same (docs/adapters.md, "call scale"): a
+through `encode_prompt(lora_scale=s)`. LoKr means the same (docs/adapters.md §What a layer computes): a
 forward pre-hook on each component holding LoKr layers reads the kwarg, and the `encode_prompt` of a
 pipeline class that LoKr was loaded into is wrapped to scale its text encoders. Fused
 adapters are in the weights and are not scaled, as with LoRA.

@@ -6,7 +6,7 @@ UNet and text encoder(s), randomises its factors (LyCORIS initialises so that Δ
 `net.save_weights` and runs the patched copies on fixed inputs. The pipeline itself is left
 untouched (LyCORIS monkey-patches `forward` of the modules it adapts, hence the copies).
 
-Facts this relies on (docs/formats.md §7, re-checked here):
+Facts this relies on (docs/formats.md §Oracles in tests, re-checked here):
 - LyCORIS' default preset `full` crashes on diffusers' UNet2DConditionModel ("duplicated lora name:
   lora_unet_time_embedding_linear_1"), so a preset .toml without `TimestepEmbedding` is written;
 - `apply_preset` changes class-level state: `lycoris.kohya` is reloaded before each network;
@@ -211,7 +211,7 @@ def pipeline_outputs(pipe: Any, inputs: Inputs) -> dict[str, Tensor]:
 
 
 def consumer_scale(tensors: dict[str, Tensor]) -> float:
-    """ComfyUI / A1111 rule (docs/formats.md §2), on one module's tensors (suffix -> tensor)."""
+    """ComfyUI / A1111 rule (docs/formats.md §Scale rules), on one module's tensors (suffix -> tensor)."""
     if "lokr_w2_b" in tensors:
         rank = tensors["lokr_w2_b"].shape[0]
     elif "lokr_w1_b" in tensors:

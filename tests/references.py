@@ -7,8 +7,9 @@ import torch
 
 
 def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
-    """ComfyUI / A1111 rule from docs/formats.md §1-3, written out independently: scale = alpha / rank
-    when an alpha exists and a factor is low-rank (rank from w2_b, else w1_b), else 1."""
+    """ComfyUI / A1111 rule from docs/formats.md §The math, §Scale rules, §DoRA, written out
+    independently: scale = alpha / rank when an alpha exists and a factor is low-rank (rank from w2_b, else
+    w1_b), else 1."""
     w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
     out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
     if "lokr_w2" in tensors:

@@ -1,13 +1,14 @@
 """Export (`save_lokr_weights`, `pipe.save_lokr_weights`, `convert_lokr_file`) against references written
 here from docs/formats.md, never from the package's reader or its name maps:
 
-- the ComfyUI and A1111 consumer rules (§1-3: kron with the conv unsqueeze, Tucker, alpha / rank, DoRA
-  axis, ComfyUI's output-axis DoRA normalised by ‖W‖) applied to an exported file give back every module's
-  ΔW / DoRA weight as the pipeline holds it, and as LyCORIS' rule (written here too) trains it, at several
-  strengths;
-- the kohya names (§4-5) come from the pipeline's own modules through an ldm table written here in the
-  style of diffusers' / kohya's conversion scripts (`_ldm_prefixes`), itself checked against diffusers'
-  single-file converter; a few names are written out by hand;
+- the ComfyUI and A1111 consumer rules (docs/formats.md §The math, §Scale rules, §DoRA: kron with the conv
+  unsqueeze, Tucker, alpha / rank, DoRA axis, ComfyUI's output-axis DoRA normalised by ‖W‖) applied to an
+  exported file give back every module's ΔW / DoRA weight as the pipeline holds it, and as LyCORIS' rule
+  (written here too) trains it, at several strengths;
+- the kohya names (docs/formats.md §Key layouts, §Portable export) come from the pipeline's own modules
+  through an ldm table written here in the style of diffusers' / kohya's conversion scripts
+  (`_ldm_prefixes`), itself checked against diffusers' single-file converter; a few names are written out
+  by hand;
 - round trips through every format, PEFT 0.21.2 and LyCORIS 4.1.3 loading the files, dtype, atomic writes.
 """
 
@@ -37,7 +38,7 @@ ATOL = 1e-5  # outputs, fp32 end to end
 W_TOL = dict(rtol=1e-6, atol=1e-6)  # weights
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                 "conv", "time_emb_proj", "conv_shortcut", "linear_1"]
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # docs/formats.md §5
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # docs/formats.md §Portable export
 FACTOR_KEYS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
 
 
@@ -166,7 +167,8 @@ def _ldm(path: str, table: list[tuple[str, str, bool]]) -> str:
 
 
 def _name_map(comps: dict[str, nn.Module], base: str) -> dict[str, tuple[str, str]]:
-    """docs/formats.md §5 kohya name -> (component, module path) for every Linear / Conv2d; fails on a clash."""
+    """Kohya name (docs/formats.md §Portable export) -> (component, module path) for every Linear / Conv2d;
+    fails on a clash."""
     table = _ldm_prefixes(comps["unet"].config)
     te_prefix = {"text_encoder": "lora_te1_" if base == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}
     out: dict[str, tuple[str, str]] = {}
@@ -184,7 +186,7 @@ def _name_map(comps: dict[str, nn.Module], base: str) -> dict[str, tuple[str, st
     return out
 
 
-# ------------------------------------------------------------------ consumer rules (docs/formats.md §1-3)
+# ---------------------------------------------- consumer rules (docs/formats.md §The math, §Scale rules, §DoRA)
 def _delta(w: Tensor, t: dict[str, Tensor]) -> Tensor:
     """scale · kron(W1, W2) as ComfyUI's lokr.py / A1111's network_lokr.py build it."""
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
@@ -231,7 +233,7 @@ def comfyui_weight(w: Tensor, t: dict[str, Tensor], strength: float = 1.0) -> Te
 def a1111_weight(w: Tensor, t: dict[str, Tensor], strength: float = 1.0) -> Tensor | None:
     """A1111: honours `.scale`, DoRA only on the input axis, no eps (None where it cannot apply the module)."""
     if "scale" in t:
-        raise AssertionError("a portable export writes no .scale key (docs/formats.md §5)")
+        raise AssertionError("a portable export writes no .scale key (docs/formats.md §Portable export)")
     merged = w + _delta(w, t)
     if "dora_scale" not in t:
         return w + strength * (merged - w)
@@ -242,7 +244,7 @@ def a1111_weight(w: Tensor, t: dict[str, Tensor], strength: float = 1.0) -> Tens
 
 def trained_weight(w: Tensor, factors: dict[str, Tensor], scale: float, dora_scale: Tensor | None,
                    strength: float = 1.0) -> Tensor:
-    """The weight as trained (LyCORIS' rule, docs/formats.md §3): ΔW = scale · W1 ⊗ W2 from the layer's own factors;
+    """The weight as trained (LyCORIS' rule, docs/formats.md §DoRA): ΔW = scale · W1 ⊗ W2 from the layer's own factors;
     DoRA W' = m · (W + ΔW) / (‖W + ΔW‖ + eps) per output row or input column (dora_scale's shape says
     which), eps = finfo(dtype).eps; at strength s, W + s·(W' − W)."""
     merged = w + _delta(w, factors) * scale  # no alpha key: _delta's consumer scale is 1
@@ -271,7 +273,7 @@ def _metadata(path: str) -> dict[str, str]:
 
 
 def _check_module_layout(name: str, t: dict[str, Tensor], layer, keep_tucker: bool) -> list[str]:
-    """docs/formats.md §5 for one module of a ComfyUI file; returns the source's kinds it covers."""
+    """docs/formats.md §Portable export for one module of a ComfyUI file; returns the source's kinds it covers."""
     plan, factors = layer.plans[A], layer.factors(A)
     allowed = FACTOR_KEYS | {"alpha", "dora_scale"} | ({"lokr_t2"} if keep_tucker else set())
     assert set(t) <= allowed, f"{name}: unexpected {sorted(set(t) - allowed)}"
@@ -315,7 +317,7 @@ def test_comfyui_export_equals_the_consumer_rules(kind: str, keep_tucker: bool, 
     names = _name_map(fresh, kind)
     held = {(c, p.replace(".base_layer", "")): la
             for c in fresh for p, la in lokr_layers(getattr(src, c)) if A in la.plans}
-    assert set(modules) <= set(names), f"not docs/formats.md §5 names: {sorted(set(modules) - set(names))[:5]}"
+    assert set(modules) <= set(names), f"not docs/formats.md names: {sorted(set(modules) - set(names))[:5]}"
     assert sorted(names[m] for m in modules) == sorted(held), "file modules != modules holding the adapter"
 
     kinds = dict.fromkeys(("tucker", "both_full_scaled", "both_full_conv", "w1_only_lowrank", "both_lowrank",
@@ -352,7 +354,9 @@ def test_comfyui_export_equals_the_consumer_rules(kind: str, keep_tucker: bool, 
         torch.testing.assert_close(held[names[name]].weight.detach(), w, **W_TOL, msg=key)
 
 
-HAND_NAMES = [  # (kind, component, module path, kohya name), from docs/formats.md §4-5 and the ldm layout by hand
+# (kind, component, module path, kohya name), from docs/formats.md §Key layouts, §Portable export and the ldm
+# layout by hand
+HAND_NAMES = [
     ("sdxl", "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
     ("sdxl", "unet", "down_blocks.0.resnets.0.conv1", "lora_unet_input_blocks_1_0_in_layers_2"),
@@ -406,7 +410,8 @@ def test_comfyui_metadata(sources, tmp_path, kind: str, base: str | None, v2: st
 
 
 def test_openclip_attention_groups_are_completed(tmp_path) -> None:
-    """A1111 applies an OpenCLIP attention (SDXL te2) only with q, k, v and out all present (docs/formats.md §4)."""
+    """A1111 applies an OpenCLIP attention (SDXL te2) only with q, k, v and out all present
+    (docs/formats.md §Key layouts)."""
     pipe = _pipe(True)
     config = LoKrConfig(r=1, init_weights=False, target_modules=["layers.0.self_attn.q_proj"])
     add_lokr(pipe, {"text_encoder_2": config}, A)
@@ -439,7 +444,7 @@ def test_full_size_names(arch: str, base: str) -> None:
     got = {ref: comfyui_module_name(ref[0], ref[1], comps["unet"].config, base) for ref in expected}
     assert len(set(got.values())) == len(got)
     wrong = [(ref, got[ref], expected[ref]) for ref in expected if got[ref] != expected[ref]]
-    assert not wrong, f"{len(wrong)} of {len(got)} names differ from docs/formats.md §5, e.g. {wrong[:3]}"
+    assert not wrong, f"{len(wrong)} of {len(got)} names differ from docs/formats.md, e.g. {wrong[:3]}"
     te_layer = re.compile(r"^lora_te[12]?_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])$")
     unet = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d"
                       if base == "sdxl" else
@@ -542,7 +547,8 @@ def test_peft_loads_the_peft_export(sources, tmp_path, kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ 4. LyCORIS
-LYCORIS_PRESET = {  # docs/formats.md §7: no TimestepEmbedding module target (duplicated names with unet_target_name)
+# docs/formats.md §Oracles in tests: no TimestepEmbedding module target (duplicated names with unet_target_name)
+LYCORIS_PRESET = {
     "enable_conv": True, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
     "unet_target_name": ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
     "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"], "text_encoder_target_name": []}
@@ -630,7 +636,7 @@ def test_dtype(sources, tmp_path, fmt: str, dtype, want: torch.dtype) -> None:
             if k.endswith(".lokr_scale"):  # our lossless layout keeps the scale in fp64 (export.cast's docs)
                 assert v.dtype == torch.float64 and torch.equal(v, full[k]), k
                 continue
-            assert v.dtype == want, f"{k}: {v.dtype}"  # alpha too, as LyCORIS does (docs/formats.md §4)
+            assert v.dtype == want, f"{k}: {v.dtype}"  # alpha too, as LyCORIS does (docs/formats.md §Key layouts)
             assert torch.equal(v, full[k].to(want)), k
     if dtype == "fp16":
         pipe = _pipe(False)
@@ -785,7 +791,8 @@ def test_convert_refuses_output_axis_dora_to_comfyui(tmp_path) -> None:
 # --------------------------------------------------------------------------- convert_lokr_file
 def test_convert_diffusers_file_to_comfyui_for_full_size_sdxl(tmp_path) -> None:
     """A hand-made diffusers-layout file for full-size SDXL (a few modules, small factors) converted to the
-    portable layout: ldm / te2 names (docs/formats.md §5), the same ΔW by the consumer rule, Tucker expanded."""
+    portable layout: ldm / te2 names (docs/formats.md §Portable export), the same ΔW by the consumer rule,
+    Tucker expanded."""
     g = torch.Generator().manual_seed(7)
     r = lambda *s: torch.randn(s, generator=g)  # noqa: E731
     mods = {  # module: (weight shape, tensors)

@@ -1,7 +1,7 @@
 """Key coverage on full-size architectures (built on the meta device: no memory, no time).
 
 For SD1.5, SD2.1 and SDXL, a file naming every Linear / Conv1d / Conv2d of the UNet and text
-encoder(s) in each layout (names written by tests/writers.py from docs/formats.md §4) must map 100% of
+encoder(s) in each layout (names written by tests/writers.py from docs/formats.md §Key layouts) must map 100% of
 its modules, each to the module it names.
 """
 

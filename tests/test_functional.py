@@ -1,4 +1,4 @@
-"""The LoKr math against independent references written here from docs/formats.md §1-2.
+"""The LoKr math against independent references written here from docs/formats.md §The math, §Scale rules.
 
 - ΔW: kron written as an einsum over explicit indices (ΔW[(i,p),(j,q)] = W1[i,j]·W2[p,q]).
 - Tucker: W2[p,q] = Σ_ij t2[i,j]·w2_a[i,p]·w2_b[j,q], by explicit loops.
@@ -23,7 +23,7 @@ from lokr_diffusers import functional as LF
      (128, 8, (8, 16)), (250, 8, (5, 50)), (360, 16, (15, 24))],
 )
 def test_factorization_examples(dim: int, factor: int, expected: tuple[int, int]) -> None:
-    # values from docs/formats.md §1; (64, 16) is the swapped case. (LyCORIS' docstring table says
+    # values from docs/formats.md §The math; (64, 16) is the swapped case. (LyCORIS' docstring table says
     # 360, 16 -> (12, 30), but its code walks to (15, 24): the code is what files were made with.)
     assert LF.factorization(dim, factor) == expected
 

@@ -120,7 +120,7 @@ def test_load_lycoris_directory_and_weight_name(lycoris_file: GetFile, kind: str
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lycoris_naming_facts(lycoris_file: GetFile, kind: str) -> None:
-    """What LyCORIS 4.1.3 + transformers 5 write (the loader must accept exactly this; docs/formats.md §4).
+    """What LyCORIS 4.1.3 + transformers 5 write (the loader must accept exactly this; docs/formats.md §Key layouts).
     Runs without the loader: a canary for upstream naming changes."""
     lf = lycoris_file(kind, VARIANTS[VARIANT_IDS.index("default")])
     unet = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"

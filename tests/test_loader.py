@@ -3,7 +3,7 @@
 The source of truth is a pipeline holding LoKr adapters made with add_lokr (random factors, low-rank,
 both-full, Tucker and DoRA layers); tests/writers.py writes them in each layout and the loaded
 pipeline must compute what the source computes. Fused weights are checked against a reference of
-the consumer rule written here from docs/formats.md §2-3.
+the consumer rule written here from docs/formats.md §Scale rules, §DoRA.
 """
 
 from __future__ import annotations

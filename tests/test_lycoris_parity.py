@@ -7,9 +7,10 @@ give the same tensors and LyCORIS' scale to our layer, and compare:
 
 - planned shapes: `functional.plan_lokr(...).shapes()` == LyCORIS' parameter shapes;
 - scale rules: `lycoris_scale` == lyc.scale, and the consumer rule applied to the alpha LyCORIS
-  saves (`consumer_scale`) gives the same scale back (docs/formats.md §2);
+  saves (`consumer_scale`) gives the same scale back (docs/formats.md §Scale rules);
 - ΔW: `functional.delta_weight` == `lyc.get_weight(lyc.shape)` (which applies scale once; its
-  merge_to / get_diff_weight apply it twice, docs/formats.md §6-7, so they are not used);
+  merge_to / get_diff_weight apply it twice, docs/formats.md §What the others do, §Oracles in tests,
+  so they are not used);
 - forward: our layer in "merged", "bypass" and "auto" mode == LyCORIS' rebuild and bypass forward.
 
 All in fp32 with atol 1e-5; every case also checks that ΔW changes the output by a clear margin.

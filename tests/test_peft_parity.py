@@ -6,7 +6,7 @@ PEFT's saved state-dict layout, and both are run in fp32 eval mode. Ours must gi
 in each forward mode ("merged", "bypass", "auto"), and also the output of LyCORIS' rebuild
 (`lycoris.functional.lokr.kron_weight`) applied to the same tensors and PEFT's per-layer scale.
 
-Where PEFT deviates from LyCORIS (docs/formats.md §1) we follow LyCORIS, and the tests say so:
+Where PEFT deviates from LyCORIS (docs/formats.md §The math) we follow LyCORIS, and the tests say so:
 - PEFT's `factorization` does not swap in the factor > 0 branch (64, 16 -> (16, 4), not (4, 16));
 - PEFT's Conv1d Tucker core is (r, r, k, 1), LyCORIS' (r, r, k); ours plans the latter, loads both;
 - PEFT's Conv1d with a full 3-D W2 calls torch.kron on a 2-D W1, which torch unsqueezes at the

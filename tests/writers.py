@@ -1,4 +1,4 @@
-"""Test-side writers: a pipeline's LoKr adapter written out in each key layout of docs/formats.md §4.
+"""Test-side writers: a pipeline's LoKr adapter written out in each key layout of docs/formats.md §Key layouts.
 
 Written here from the layout tables, independently of the package's reader, so that loading what
 these write checks the reader's name maps and scale rules. Scales are encoded for the consumer rule

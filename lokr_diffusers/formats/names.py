@@ -2,7 +2,7 @@
 
 No incoming name is ever rewritten (`_` -> `.` guessing breaks on `to_q`, `proj_in`, ...): we list,
 for each adaptable module of each component, the names it has in each layout, and look incoming
-names up. The layouts (docs/formats.md §4), as templates over a module's diffusers path `p`, its ldm
+names up. The layouts (docs/formats.md §Key layouts), as templates over a module's diffusers path `p`, its ldm
 path `l` (UNet only), and `u(x)` = x with dots turned into underscores:
 
 | layout    | unet                                   | text encoder(s)                                    |

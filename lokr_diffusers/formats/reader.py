@@ -261,7 +261,7 @@ DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"  # written by exp
 
 def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
     """Our ComfyUI export rescales an output-axis dora_scale for ComfyUI's rule (m' = m·‖W‖/‖W + ΔW‖,
-    docs/formats.md); reading it back takes the trained m from the module's own base weight."""
+    docs/formats.md §DoRA); reading it back takes the trained m from the module's own base weight."""
     module = index.modules[e.ref.component][e.ref.path]
     shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
     if e.dora_scale is None or not LF.dora_on_output_axis(e.dora_scale, shape):
