@@ -1,18 +1,36 @@
-"""lokr_diffusers: LoKr (Low-Rank Kronecker product) adapters for diffusers pipelines."""
+"""lokr_diffusers: LoKr (Low-Rank Kronecker product) adapters for diffusers pipelines.
 
-from .config import LoKrConfig
-from .convert import convert_lokr_file
-from .export import save_lokr_weights
-from .functional import LoKrPlan, factorization, plan_lokr
-from .hooks import attach as _attach
-from .io import lokr_state_dict
-from .layers import Conv1d, Conv2d, Linear, LoKrLayer
-from .model import LoKrModel, lokr_layers
-from .pipeline import add_lokr
+`import lokr_diffusers` is cheap: it imports neither torch nor diffusers. The names below load their
+module on first use (PEP 562), and the diffusers integration (hooks.py: pipeline methods such as
+`pipe.load_lokr_weights`, LoKr files through `pipe.load_lora_weights`, diffusers' adapter methods
+acting on LoKr adapters) attaches itself when diffusers is imported. `detach()` undoes it.
+"""
 
-_attach()  # pipe.load_lokr_weights & co., and LoKr files through pipe.load_lora_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .hooks import attach, detach
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LoKrConfig": "config",
+    "convert_lokr_file": "convert",
+    "save_lokr_weights": "export",
+    "LoKrPlan": "functional",
+    "factorization": "functional",
+    "plan_lokr": "functional",
+    "lokr_state_dict": "io",
+    "Conv1d": "layers",
+    "Conv2d": "layers",
+    "Linear": "layers",
+    "LoKrLayer": "layers",
+    "LoKrModel": "model",
+    "lokr_layers": "model",
+    "add_lokr": "pipeline",
+}
 
 __all__ = [
     "Conv1d",
@@ -23,10 +41,38 @@ __all__ = [
     "LoKrModel",
     "LoKrPlan",
     "add_lokr",
+    "attach",
     "convert_lokr_file",
+    "detach",
     "factorization",
     "lokr_layers",
     "lokr_state_dict",
     "plan_lokr",
     "save_lokr_weights",
 ]
+
+if TYPE_CHECKING:
+    from .config import LoKrConfig
+    from .convert import convert_lokr_file
+    from .export import save_lokr_weights
+    from .functional import LoKrPlan, factorization, plan_lokr
+    from .io import lokr_state_dict
+    from .layers import Conv1d, Conv2d, Linear, LoKrLayer
+    from .model import LoKrModel, lokr_layers
+    from .pipeline import add_lokr
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lokr_diffusers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+attach()  # now if diffusers is imported, else when it is (patches.when_imported)

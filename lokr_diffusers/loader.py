@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import functional as LF
 from . import scaling
 from . import state as S
+from . import weights as W
 from .config import LoKrConfig
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.reader import LoadEntry, ParsedFile, parse_file
 from .formats.report import base_hint, unmatched_message
 from .io import detect_layout, lokr_state_dict
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
+from .logs import pipeline_disable, progress, warn_once
 from .model import (
     LoKrModel,
     adapter_configs,
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 WRAPPERS: dict[type[nn.Module], type[LoKrLayer]] = {nn.Linear: Linear, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d}
 PathOrDict = str | os.PathLike[str] | dict[str, Tensor]
-AdapterWeight = float | Mapping[str, float]
+AdapterWeight = float | Mapping[str, Any]
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
@@ -59,7 +62,8 @@ OURS_FORMAT, OURS_PREFIX = "lokr_diffusers", "lokr."  # our lossless layout (see
 
 
 def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDict, adapter_name: str | None = None,
-                      weight_name: str | None = None, strict: bool = True, **kwargs: Any) -> str | list[str]:
+                      weight_name: str | None = None, strict: bool = True, hotswap: bool = False,
+                      **kwargs: Any) -> str | list[str]:
     """Load a LoKr file of any known layout into the pipeline as adapter `adapter_name`.
 
     Args:
@@ -68,6 +72,9 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
         adapter_name: default "default_N", unique.
         weight_name: the file inside a folder or repo.
         strict: unmatched keys raise (default); False warns and loads the rest.
+        hotswap: replace the tensors of the loaded adapter `adapter_name` in place by the file's
+            (same modules, same shapes; diffusers' `hotswap=True`): a compiled model sees new values,
+            no new parameters.
         kwargs: `subfolder` and hub arguments (revision, token, cache_dir, ...).
     Returns the adapter name (the names, for a file of ours holding several). On any error the
     pipeline is exactly as before.
@@ -80,10 +87,15 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     comps = pipeline_components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
-    plans = _plan_load(state_dict, metadata, layout, comps, adapter_name, strict)
+    plans = _plan_load(state_dict, metadata, layout, comps, adapter_name, strict, _lora_names(pipe), hotswap)
+    if hotswap:
+        name, parsed = plans[0]
+        _hotswap(comps, parsed.entries, name)
+        logger.info("hot-swapped LoKr %r: %d modules", name, len(parsed.entries))
+        return name
     with _offloading_paused(pipe), all_or_nothing(comps.values(), [pipe]):
         for name, parsed in plans:
-            _inject(comps, parsed.entries, name)
+            _inject(comps, parsed.entries, name, pipeline_disable(pipe))
             if parsed.lora:
                 _load_lora_part(pipe, parsed.lora, name)
         attach_call_scale(pipe, comps)
@@ -94,18 +106,26 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
 
 
 def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: str, comps: dict[str, nn.Module],
-               adapter_name: str | None, strict: bool) -> list[tuple[str, ParsedFile]]:
+               adapter_name: str | None, strict: bool, lora_names: Sequence[str] = (), hotswap: bool = False
+               ) -> list[tuple[str, ParsedFile]]:
     """Name, parse and check every adapter of the file against the pipeline; nothing changes here."""
     groups = split_adapters(state_dict, metadata)
-    if len(groups) > 1 and adapter_name is not None:
-        raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name")
+    if len(groups) > 1 and (adapter_name is not None or hotswap):
+        raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name "
+                         "and hotswap")
     index = build_index(comps)
-    taken = {n for m in comps.values() for n in adapter_configs(m)}
+    lokr = {n for m in comps.values() for n in adapter_configs(m)}
+    taken = lokr | set(lora_names)
+    if hotswap and adapter_name not in lokr:
+        raise ValueError(f"hotswap=True replaces a loaded LoKr adapter: pass its adapter_name (loaded: "
+                         f"{sorted(lokr)})")
     plans: list[tuple[str, ParsedFile]] = []
     for stored_name, sd in groups.items():
-        name = adapter_name or stored_name or _default_name(comps)
-        if name in taken:
-            raise ValueError(f"adapter {name!r} is already loaded; pick another adapter_name or delete it first")
+        name = adapter_name or stored_name or default_name(taken)
+        if name in taken and not hotswap:
+            what = "a LoRA adapter" if name in lora_names else "an adapter"
+            raise ValueError(f"{what} named {name!r} is already loaded; pick another adapter_name or delete it "
+                             "first")
         taken.add(name)
         try:
             parsed = parse_file(sd, metadata, index, detect_layout(sd) if stored_name else layout)
@@ -139,12 +159,18 @@ def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]
     return out
 
 
-def _default_name(comps: Mapping[str, nn.Module]) -> str:
-    taken = {n for m in comps.values() for n in adapter_configs(m)}
+def default_name(taken: set[str] | Sequence[str]) -> str:
+    """diffusers' naming ("default_<number of adapters>"), skipping names in use by LoKr or LoRA."""
     i = len(taken)
     while f"default_{i}" in taken:
         i += 1
     return f"default_{i}"
+
+
+def _lora_names(pipe: Any) -> list[str]:
+    from .diffusers_api import lora_adapters
+
+    return [n for names in lora_adapters(pipe).values() for n in names]
 
 
 def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping[str, nn.Module],
@@ -159,10 +185,11 @@ def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping
         logger.warning(message)
 
 
-def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapter_name: str) -> None:
+def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapter_name: str,
+            disable: bool | None = None) -> None:
     """Put every entry in place, register the adapter and activate it beside the active ones (the
     caller rolls back on error)."""
-    for e in entries:
+    for e in progress(entries, desc=f"loading LoKr {adapter_name!r}", disable=disable):
         parent, attr = get_slot(comps[e.ref.component], e.ref.path)
         current = getattr(parent, attr)
         if isinstance(current, LoKrLayer):
@@ -189,6 +216,41 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
         active = [*active_adapters(model), adapter_name]
         for _, layer in lokr_layers(model):
             layer.set_adapter(active)
+
+
+def _hotswap(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapter_name: str) -> None:
+    """Copy the file's tensors into the loaded adapter's, in place. Checked first: the file covers
+    exactly the adapter's modules, each tensor matches in name and shape, nothing is fused."""
+    held = {(c, path.replace(".base_layer", "")) for c, m in comps.items() for path, layer in lokr_layers(m)
+            if adapter_name in layer.plans}
+    given = {(e.ref.component, e.ref.path) for e in entries}
+    if held != given:
+        extra, missing = sorted(given - held)[:3], sorted(held - given)[:3]
+        raise ValueError(f"hotswap of {adapter_name!r} needs a file for the same modules: the file adds {extra} and "
+                         f"lacks {missing} (a different set of modules cannot be swapped in place; load it as a new "
+                         "adapter)")
+    plan: list[tuple[LoKrLayer, LoadEntry]] = []
+    for e in entries:
+        parent, attr = get_slot(comps[e.ref.component], e.ref.path)
+        layer = getattr(parent, attr)
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is fused; unfuse it before a hotswap")
+        now = layer.adapter_tensors(adapter_name)
+        new = {**e.factors, **({"dora_scale": e.dora_scale} if e.dora_scale is not None else {})}
+        shapes_now = {k: tuple(v.shape) for k, v in now.items()}
+        shapes_new = {k: tuple(v.shape) for k, v in new.items()}
+        if shapes_now != shapes_new:
+            raise ValueError(f"hotswap of {adapter_name!r}: {e.ref.component}.{e.ref.path} holds {shapes_now}, the "
+                             f"file {shapes_new}; LoKr tensors can only be swapped in place at equal shapes")
+        plan.append((layer, e))
+    with torch.no_grad():
+        for layer, e in plan:
+            new = {**e.factors, **({"dora_scale": e.dora_scale} if e.dora_scale is not None else {})}
+            for k, t in layer.adapter_tensors(adapter_name).items():
+                t.copy_(new[k])
+            layer.scaling[adapter_name] = float(e.scale)
+            layer.alpha[adapter_name] = e.alpha if e.alpha is not None else e.scale * layer.r[adapter_name]
+            layer.commit(layer.state)  # same state: bumps the version, so anything cached is rebuilt
 
 
 def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> None:
@@ -285,11 +347,12 @@ def _names(adapter_names: str | Sequence[str], comps: Mapping[str, nn.Module], w
 
 
 def _component_weights(names: list[str], adapter_weights: Any, comps: Mapping[str, nn.Module]
-                       ) -> dict[str, dict[str, float]]:
-    """{component: {adapter: weight}} from one float, a {component: float} dict, or a list of
-    either (one per adapter); a component missing from a dict gets 1.0. Every value is checked."""
+                       ) -> dict[str, dict[str, W.Spec]]:
+    """{component: {adapter: weight spec}} from one value, a {component: value} dict, or a list of
+    either (one per adapter); a value is a number or per-block / per-module weights (weights.py); a
+    component missing from a dict gets 1.0. Every value is checked."""
     if adapter_weights is None or isinstance(adapter_weights, (int, float, Mapping)):
-        weights: list[Any] = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        weights: list[Any] = [adapter_weights] * len(names)
     elif isinstance(adapter_weights, (list, tuple)):
         weights = list(adapter_weights)
     else:
@@ -297,42 +360,48 @@ def _component_weights(names: list[str], adapter_weights: Any, comps: Mapping[st
                         f"got {type(adapter_weights).__name__}")
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} adapters but {len(weights)} adapter_weights")
-    out: dict[str, dict[str, float]] = {c: {} for c in comps}
+    out: dict[str, dict[str, W.Spec]] = {c: {} for c in comps}
     for n, w in zip(names, weights, strict=True):
         if isinstance(w, Mapping):
             unknown = [c for c in w if c not in comps]
             if unknown:
                 raise ValueError(f"adapter_weights for {n!r} name components {unknown}; "
                                  f"this pipeline has {list(comps)}")
-            for c in comps:
-                out[c][n] = S.check_strength(w.get(c, 1.0), f"adapter_weights[{n!r}][{c!r}]")
+            for c, model in comps.items():
+                out[c][n] = W.expand(model, w.get(c), f"adapter_weights[{n!r}][{c!r}]")
         else:
-            for c in comps:
-                out[c][n] = S.check_strength(w, f"adapter_weights for {n!r}")
-    negative = sorted({n for per in out.values() for n, w in per.items() if w < 0})
+            for c, model in comps.items():
+                out[c][n] = W.expand(model, w, f"adapter_weights for {n!r}")
+    negative = sorted({n for per in out.values() for n, spec in per.items() if W.is_negative(spec)})
     if negative:
-        logger.warning("negative weights for adapters %s: they are subtracted, as ComfyUI and A1111 do with a "
-                       "negative strength", negative)
+        warn_once(logger, f"negative weights for adapters {negative}: they are subtracted, as ComfyUI and A1111 do "
+                          "with a negative strength")
     return out
+
+
+def plan_set_adapters(comps: Mapping[str, nn.Module], names: list[str],
+                      per_component: Mapping[str, Mapping[str, W.Spec]]) -> list[tuple[LoKrLayer, S.LayerState]]:
+    """Every layer's new state when only `names` are active, at these weights (nothing changes)."""
+    changes = []
+    for c, model in comps.items():
+        for path, layer in lokr_layers(model):
+            new = S.activate(layer.state, names)
+            for n, spec in per_component.get(c, {}).items():
+                if n in layer.plans:
+                    new = S.set_weight(new, n, W.for_layer(spec, path))
+            changes.append((layer, new))
+    return changes
 
 
 def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
                       adapter_weights: AdapterWeight | Sequence[AdapterWeight] | None = None) -> None:
-    """Activate these adapters (only these) with strengths: one float or {component: float} per
-    adapter, or one for all; a component missing from a dict gets 1.0. Fused adapters keep the
-    strength they were fused at until unfused."""
+    """Activate these adapters (only these) with strengths: per adapter one number, or a
+    {component: number or per-block dict} dict (diffusers' forms, weights.py), or one for all; a
+    component missing from a dict gets 1.0. Fused adapters keep the strength they were fused at
+    until unfused."""
     comps = pipeline_components(pipe)
     names = _names(adapter_names, comps, "set_lokr_adapters")
-    per_component = _component_weights(names, adapter_weights, comps)
-    changes = []
-    for c, model in comps.items():
-        for _, layer in lokr_layers(model):
-            new = S.activate(layer.state, names)
-            for n, w in per_component[c].items():
-                if n in layer.plans:
-                    new = S.set_weight(new, n, w)
-            changes.append((layer, new))
-    commit_all(changes)
+    commit_all(plan_set_adapters(comps, names, _component_weights(names, adapter_weights, comps)))
 
 
 def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | None = None,
@@ -348,14 +417,14 @@ def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | No
         adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")
     changes = [(layer, S.fuse(layer.state, adapter_names, lokr_scale))
                for model in selected.values() for _, layer in lokr_layers(model)]
-    commit_all(changes, safe=safe_fusing)
+    commit_all(changes, safe=safe_fusing, desc="fusing LoKr", disable=pipeline_disable(pipe))
     logger.info("fused LoKr adapters into %s", list(selected))
 
 
 def unfuse_lokr(pipe: Any, components: Sequence[str] | None = None) -> None:
     """Take every fused adapter out of the weights of these (default: all) components."""
     commit_all([(layer, S.unfuse(layer.state)) for model in _selected(pipe, components).values()
-                for _, layer in lokr_layers(model)])
+                for _, layer in lokr_layers(model)], desc="unfusing LoKr", disable=pipeline_disable(pipe))
 
 
 def enable_lokr(pipe: Any) -> None:
@@ -375,22 +444,49 @@ def delete_lokr_adapters(pipe: Any, adapter_names: str | list[str]) -> None:
     comps = pipeline_components(pipe)
     names = _names(adapter_names, comps, "delete_lokr_adapters")
     for model in comps.values():
-        registry = adapter_configs(model)
-        for _, layer in lokr_layers(model):
-            for n in names:
-                if n in layer.plans:
-                    layer.delete_adapter(n)
+        delete_from_model(model, names)
+
+
+def delete_from_model(model: nn.Module, names: Sequence[str]) -> None:
+    registry = adapter_configs(model)
+    for _, layer in lokr_layers(model):
         for n in names:
-            registry.pop(n, None)
-        remove_layers(model, only_empty=True)
+            if n in layer.plans:
+                layer.delete_adapter(n)
+    for n in names:
+        registry.pop(n, None)
+    remove_layers(model, only_empty=True)
 
 
 def unload_lokr_weights(pipe: Any) -> None:
     """Remove every LoKr layer. Fused adapters stay in the weights (as diffusers' unload_lora_weights
     after fuse_lora); otherwise the components are exactly as before loading."""
     for model in pipeline_components(pipe).values():
-        remove_layers(model, keep_merged=True)
-        scaling.uninstall(model)
+        unload_from_model(model)
+
+
+def unload_from_model(model: nn.Module) -> None:
+    remove_layers(model, keep_merged=True)
+    scaling.uninstall(model)
+
+
+def set_lokr_device(pipe: Any, adapter_names: str | list[str], device: torch.device | str | int) -> None:
+    """Move these adapters' tensors to `device` (diffusers' set_lora_device): e.g. park adapters not
+    in use on the CPU. A layer whose active adapter sits on another device than its input fails in
+    forward, as with LoRA; move it back before use. Fused adapters are in the weights already."""
+    comps = pipeline_components(pipe)
+    names = _names(adapter_names, comps, "set_lokr_device")
+    for model in comps.values():
+        for _, layer in lokr_layers(model):
+            for n in names:
+                for store in (*(getattr(layer, f) for f in LF.FACTOR_NAMES), layer.dora_scale):
+                    if n in store:
+                        p = store[n]
+                        moved = p.data.to(device)
+                        if torch._has_compatible_shallow_copy_type(p.data, moved):
+                            p.data = moved  # the same Parameter: an optimizer holding it keeps it
+                        else:  # e.g. to or from "meta"
+                            store[n] = nn.Parameter(moved, requires_grad=p.requires_grad)
 
 
 def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:

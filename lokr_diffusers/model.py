@@ -28,6 +28,7 @@ from . import state as S
 from .config import LoKrConfig
 from .fusing import FusedWeight
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
+from .logs import progress
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import Target, default_target_modules, find_targets
 from .transaction import all_or_nothing
@@ -54,15 +55,17 @@ def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
 
 
 def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False,
-               keep_original: bool = True) -> None:
+               keep_original: bool = True, desc: str = "", disable: bool | None = None) -> None:
     """Move each layer to its new state, all or nothing: with `safe`, every layer's new weight is
-    checked first; if any commit fails, the layers already moved go back to their old states."""
+    checked first; if any commit fails, the layers already moved go back to their old states.
+    A progress bar (logs.progress) when many layers change their weights (`desc`, `disable`)."""
     if safe:
         for layer, new in changes:
             layer.check_commit(new)
     done: list[tuple[LoKrLayer, S.LayerState]] = []
+    moving = sum(layer.state.physical() != new.physical() for layer, new in changes)
     try:
-        for layer, new in changes:
+        for layer, new in progress(changes, desc=desc or "LoKr weights", disable=disable if moving else True):
             old = layer.state
             layer.commit(new, keep_original=keep_original)
             done.append((layer, old))

@@ -19,14 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import export
+from . import export, patches
 from .loader import layers_stepped_aside, pipeline_components
 from .model import LoKrModel, lokr_layers
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS_FILE = "lokr_adapters.safetensors"
-_MARK = "_lokr_diffusers_original_save_pretrained"
 
 
 def unfused_modules(pipe: Any) -> dict[str, list[export.ExportModule]]:
@@ -79,13 +78,5 @@ def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
                         list(side), os.fspath(save_directory), ADAPTERS_FILE)
         return result
 
-    setattr(save_pretrained, _MARK, original)
-    return save_pretrained
-
-
-def attach() -> None:
-    from diffusers import DiffusionPipeline
-
-    if not hasattr(DiffusionPipeline.save_pretrained, _MARK):  # type: ignore[attr-defined]
-        DiffusionPipeline.save_pretrained = wrap(DiffusionPipeline.save_pretrained)  # type: ignore[attr-defined]
+    return patches.wraps(save_pretrained, original)
 

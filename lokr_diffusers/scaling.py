@@ -19,12 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from . import patches
 from .formats.names import COMPONENTS
 from .layers import LoKrLayer
 
 SCALE_KWARGS: tuple[str, ...] = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 _HOOKS = "_lokr_scale_hooks"
-_WRAPPED = "_lokr_diffusers_original_encode_prompt"
 TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("text_encoder"))
 
 
@@ -91,12 +91,16 @@ def uninstall(model: nn.Module) -> None:
 def wrap_encode_prompt(pipe: Any) -> None:
     """Make `encode_prompt(..., lora_scale=s)` of the pipeline's class scale the LoKr layers of the
     text encoders for that call, as diffusers does for LoRA. Done once per class, on the class (so a
-    copied pipeline behaves the same); diffusers' method is kept on the wrapper as
-    `_lokr_diffusers_original_encode_prompt`."""
+    copied pipeline behaves the same), through the patch registry (patches.py: `detach()` undoes it)."""
     cls = type(pipe)
     method = getattr(cls, "encode_prompt", None)
-    if method is None or hasattr(method, _WRAPPED) or "lora_scale" not in inspect.signature(method).parameters:
+    if method is None or hasattr(method, patches.ORIGINAL) or \
+            "lora_scale" not in inspect.signature(method).parameters:
         return
+    patches.patch(cls, "encode_prompt", _scaled_encode_prompt)
+
+
+def _scaled_encode_prompt(method: Any) -> Any:
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -106,5 +110,4 @@ def wrap_encode_prompt(pipe: Any) -> None:
         with call_scale(models, 1.0 if scale is None else scale):
             return method(self, *args, **kwargs)
 
-    setattr(encode_prompt, _WRAPPED, method)
-    setattr(cls, "encode_prompt", encode_prompt)  # noqa: B010  (mypy: `type` has no such attribute)
+    return patches.wraps(encode_prompt, method)

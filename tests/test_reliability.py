@@ -342,11 +342,11 @@ def test_pipeline_call_with_cross_attention_scale(base) -> None:
     assert abs(got - want).max() < 1e-5
 
 
-def test_unload_lora_weights_keeps_lokr(base) -> None:
+def test_unload_lora_weights_unloads_lora_and_lokr(base) -> None:
     pipe = _fresh(base, "a", "lora")
     pipe.unload_lora_weights()  # crashed: diffusers took every module with a base_layer for PEFT's
-    assert pipe.get_list_adapters() == {}
-    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base, "a")))
+    assert pipe.get_list_adapters() == {} and pipe.get_list_lokr_adapters() == {}
+    assert_outputs_close(_outputs(pipe), _outputs(_fresh(base)))
 
 
 @pytest.mark.parametrize("form", ["seed", "in_place", "fused"])
