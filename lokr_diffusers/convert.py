@@ -17,6 +17,7 @@ from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_file
 from .formats.report import base_hint, file_base, unmatched_message
 from .io import detect_layout, lokr_state_dict
 from .loader import split_adapters
+from .logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def check_output_path(dst: str, folder: bool = False) -> None:
 
 def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[export.ExportModule]:
     out = []
-    for e in entries:
+    for e in progress(entries, desc="converting LoKr"):
         module = comps[e.ref.component].get_submodule(e.ref.path)
         r = e.plan.rank or 1
         out.append(export.ExportModule(e.ref.component, e.ref.path, dict(e.factors), e.scale, e.plan,

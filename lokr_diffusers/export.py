@@ -22,6 +22,7 @@ from .architectures import BASE_MODEL_VERSION, base_of
 from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
 from .formats.ldm import diffusers_to_ldm
 from .loader import OURS_FORMAT, OURS_PREFIX, pipeline_components
+from .logs import progress
 from .model import lokr_layers
 
 logger = logging.getLogger(__name__)
@@ -66,18 +67,17 @@ class ExportModule:
 def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
     """Every module holding `adapter_name`, tensors detached on the CPU."""
     out: list[ExportModule] = []
-    for component, model in components.items():
-        for path, layer in lokr_layers(model):
-            if adapter_name not in layer.plans:
-                continue
-            dora = layer.dora_scale[adapter_name].detach().cpu() if adapter_name in layer.dora_scale else None
-            norms = _row_norms(layer, adapter_name) if dora is not None and \
-                LF.dora_on_output_axis(dora, layer.weight_shape) else None
-            out.append(ExportModule(
-                component, path.replace(".base_layer", ""),
-                {k: v.detach().cpu() for k, v in layer.factors(adapter_name).items()}, layer.scaling[adapter_name],
-                layer.plans[adapter_name], layer.weight_shape, dora, layer.r[adapter_name],
-                layer.alpha[adapter_name], norms))
+    held = [(c, path, layer) for c, model in components.items() for path, layer in lokr_layers(model)
+            if adapter_name in layer.plans]
+    for component, path, layer in progress(held, desc=f"exporting LoKr {adapter_name!r}"):
+        dora = layer.dora_scale[adapter_name].detach().cpu() if adapter_name in layer.dora_scale else None
+        norms = _row_norms(layer, adapter_name) if dora is not None and \
+            LF.dora_on_output_axis(dora, layer.weight_shape) else None
+        out.append(ExportModule(
+            component, path.replace(".base_layer", ""),
+            {k: v.detach().cpu() for k, v in layer.factors(adapter_name).items()}, layer.scaling[adapter_name],
+            layer.plans[adapter_name], layer.weight_shape, dora, layer.r[adapter_name],
+            layer.alpha[adapter_name], norms))
     if not out:
         have = sorted({a for m in components.values() for _, la in lokr_layers(m) for a in la.plans})
         raise ValueError(f"adapter_name {adapter_name!r}: no LoKr adapter of that name here (adapters: {have})")

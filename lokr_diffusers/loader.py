@@ -411,7 +411,7 @@ def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | No
     fused at another strength, or (safe_fusing) a non-finite weight anywhere, changes nothing."""
     lokr_scale = S.check_strength(lokr_scale, "lokr_scale")
     if lokr_scale < 0:
-        logger.warning("lokr_scale %g is negative: the adapters are subtracted from the weights", lokr_scale)
+        warn_once(logger, f"lokr_scale {lokr_scale:g} is negative: the adapters are subtracted from the weights")
     selected = _selected(pipe, components)
     if adapter_names is not None:
         adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")

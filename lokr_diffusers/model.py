@@ -192,7 +192,7 @@ class LoKrModel(nn.Module):
                          config.use_effective_conv2d, config.full_matrix)
         saved = self._resolve_modules_to_save(config)
         with all_or_nothing([self.model]):
-            for t in targets:
+            for t in progress(targets, desc=f"adding LoKr {adapter_name!r}"):
                 parent, _, child = t.name.rpartition(".")
                 parent_module = self.model.get_submodule(parent)
                 self._create_and_replace(config, adapter_name, getattr(parent_module, child), child, parent_module, t)
