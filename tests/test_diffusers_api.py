@@ -305,3 +305,76 @@ def test_detach_and_attach_again() -> None:
     assert hasattr(DiffusionPipeline, "load_lokr_weights")
     assert patches.original(LoraBaseMixin.set_adapters) is patches.original(wrapped)
     assert len(patches.patched()) == len(set(patches.patched()))
+
+
+def _mixed_file() -> dict[str, torch.Tensor]:
+    """LoKr "a" on the modules the LoRA file leaves free, plus the LoRA file: one adapter, two kinds."""
+    lora = lora_file()
+    lora_modules = {k.split(".")[0] for k in lora}
+    lokr = {k: v for k, v in lokr_files()["a"].items() if k.split(".")[0] not in lora_modules}
+    assert lokr and len(lokr) < len(lokr_files()["a"])
+    return {**lokr, **lora}
+
+
+def test_a_mixed_file_is_one_adapter_of_both_kinds(base) -> None:
+    pipe, expected = _copy(base), _copy(base)
+    for p in (pipe, expected):
+        p.load_lora_weights(_mixed_file(), adapter_name="mix")
+    start = outputs(pipe)
+    assert pipe.get_list_adapters() == {"unet": ["mix"], "text_encoder": ["mix"]}
+    assert pipe.get_active_adapters() == ["mix"]
+    pipe.set_adapters("mix", 0.5)
+    expected.set_lokr_adapters("mix", 0.5)
+    own(expected, "set_adapters", "mix", 0.5)
+    assert_differ(outputs(pipe), start)
+    assert_close(outputs(pipe), outputs(expected))
+    pipe.delete_adapters("mix")
+    assert not any(pipe.get_list_adapters().values())
+    assert_close(outputs(pipe), outputs(_copy(base)))
+
+
+def test_sdxl_pipeline_methods_match_the_lokr_methods() -> None:
+    """The SDXL mixin (three components, its own fuse_lora defaults) drives LoKr the same way."""
+    from writers import write_adapter
+
+    from lokr_diffusers import LoKrConfig, add_lokr
+    from lokr_diffusers.tiny import make_sdxl_pipeline
+
+    src = make_sdxl_pipeline(0)
+    add_lokr(src, {c: LoKrConfig(r=2, init_weights=False) for c in ("unet", "text_encoder", "text_encoder_2")}, "x")
+    sd = write_adapter(src, "x", "kohya")
+    g = torch.Generator().manual_seed(0)
+    sample = (torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 6, 64, generator=g))
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+
+    def out(p):
+        with torch.no_grad():
+            u = p.unet(sample[0], torch.tensor([5]), sample[1], added_cond_kwargs=cond).sample
+            e = p.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=False)
+        return (u, e[0], e[2])
+
+    def pair():
+        a, b = make_sdxl_pipeline(0), make_sdxl_pipeline(0)
+        for p in (a, b):
+            p.load_lora_weights(dict(sd), adapter_name="x")
+        return a, b
+
+    base = out(make_sdxl_pipeline(0))
+    a, b = pair()
+    assert a.get_list_adapters() == {c: ["x"] for c in ("unet", "text_encoder", "text_encoder_2")}
+    assert_differ(out(a), base)
+    a.set_adapters("x", {"unet": 0.5, "text_encoder_2": 0.25})
+    b.set_lokr_adapters("x", {"unet": 0.5, "text_encoder": 1.0, "text_encoder_2": 0.25})
+    assert_close(out(a), out(b))
+    a.fuse_lora(lora_scale=0.5)  # SDXL's default components: unet, text_encoder, text_encoder_2
+    b.fuse_lokr(lokr_scale=0.5)
+    assert_close(out(a), out(b))
+    a.unfuse_lora()
+    b.unfuse_lokr()
+    a.disable_lora()
+    assert_close(out(a), base)
+    a.enable_lora()
+    assert_close(out(a), out(b))
+    a.unload_lora_weights()
+    assert_close(out(a), base, atol=0)
+    assert a.get_list_adapters() == {}
