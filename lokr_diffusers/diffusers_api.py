@@ -33,22 +33,6 @@ Method = Callable[..., Any]
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _peft_backend() -> bool:
-    try:
-        from diffusers.utils import USE_PEFT_BACKEND
-    except ImportError:
-        return False
-    return bool(USE_PEFT_BACKEND)
-
-
-def lora_adapters(pipe: Any) -> dict[str, list[str]]:
-    """diffusers' own get_list_adapters (LoRA only), {} without the PEFT backend."""
-    method = getattr(type(pipe), "get_list_adapters", None)
-    if method is None or not _peft_backend():
-        return {}
-    return {c: list(names) for c, names in patches.original(method)(pipe).items()}
-
-
 def _model_lora(model: nn.Module) -> list[str]:
     if not getattr(model, "_hf_peft_config_loaded", False):
         return []
@@ -109,7 +93,7 @@ def get_list_adapters(original: Method) -> Method:
         lokr = loader.get_list_lokr_adapters(self)
         if not lokr:
             return original(self)
-        out = lora_adapters(self)
+        out = loader.lora_adapters(self)
         for c, names in lokr.items():
             out[c] = [*out.get(c, []), *[n for n in names if n not in out.get(c, [])]]
         return out
@@ -123,7 +107,7 @@ def get_active_adapters(original: Method) -> Method:
         lokr = loader.get_active_lokr_adapters(self)
         if not loader.get_list_lokr_adapters(self):
             return original(self)
-        lora = original(self) if any(lora_adapters(self).values()) else []
+        lora = original(self) if any(loader.lora_adapters(self).values()) else []
         return [*lora, *[n for n in lokr if n not in lora]]
 
     return patches.wraps(get_active_adapters, original)
@@ -138,10 +122,10 @@ def set_adapters(original: Method) -> Method:
             return original(self, adapter_names, adapter_weights)
         names = _as_list(adapter_names, "set_adapters")
         weights = _per_adapter(names, adapter_weights)
-        lora_lists = lora_adapters(self)
+        lora_lists = loader.lora_adapters(self)
         ours, theirs = _split(names, lokr, [n for v in lora_lists.values() for n in v])
         kept = [(n, w) for n, w in zip(names, weights, strict=True) if n in ours]
-        per_component = loader._component_weights([n for n, _ in kept], [_only(w, comps) for _, w in kept], comps)
+        per_component = loader.component_weights([n for n, _ in kept], [_only(w, comps) for _, w in kept], comps)
         changes = loader.plan_set_adapters(comps, ours, per_component)
 
         def lora_part() -> Any:
@@ -164,7 +148,7 @@ def set_adapters(original: Method) -> Method:
 
 def _only(weight: Any, comps: Mapping[str, nn.Module]) -> Any:
     """A {component: value} weight without the components that hold no LoKr layer (diffusers warns
-    about those and ignores them; loader._component_weights would refuse them)."""
+    about those and ignores them; loader.component_weights would refuse them)."""
     if isinstance(weight, Mapping):
         return {c: v for c, v in weight.items() if c in comps}
     return weight
@@ -186,7 +170,7 @@ def fuse_lora(original: Method) -> Method:
             if c not in loadable:
                 raise ValueError(f"{c} is not found in self._lora_loadable_modules={loadable}.")
         scale = S.check_strength(lora_scale, "lora_scale")
-        lora_lists = lora_adapters(self)
+        lora_lists = loader.lora_adapters(self)
         if adapter_names is None:
             ours: list[str] | None = None
             theirs: list[str] | None = None
@@ -248,7 +232,7 @@ def _pipeline_switch(enabled: bool) -> Callable[[Method], Method]:
             if not _lokr_names(comps) or patches.is_bypassed():
                 return original(self)
             result = None
-            if any(lora_adapters(self).values()):
+            if any(loader.lora_adapters(self).values()):
                 with patches.bypassed():
                     result = original(self)
             for model in comps.values():
@@ -272,7 +256,7 @@ def delete_adapters(original: Method) -> Method:
         if not lokr or patches.is_bypassed():
             return original(self, adapter_names)
         names = _as_list(adapter_names, "delete_adapters")
-        ours, theirs = _split(names, lokr, [n for v in lora_adapters(self).values() for n in v])
+        ours, theirs = _split(names, lokr, [n for v in loader.lora_adapters(self).values() for n in v])
         result = None
         if theirs:
             with patches.bypassed():
@@ -295,7 +279,7 @@ def unload_lora_weights(original: Method) -> Method:
         comps = loader.pipeline_components(self)
         has_lokr = any(True for m in comps.values() for _ in lokr_layers(m)) or _lokr_names(comps)
         result = None
-        if not has_lokr or any(lora_adapters(self).values()):
+        if not has_lokr or any(loader.lora_adapters(self).values()):
             with loader.layers_stepped_aside(self), patches.bypassed():
                 result = original(self, *args, **kwargs)
         if has_lokr:
@@ -313,7 +297,7 @@ def set_lora_device(original: Method) -> Method:
         if not lokr or patches.is_bypassed():
             return original(self, adapter_names, device)
         names = _as_list(adapter_names, "set_lora_device")
-        ours, theirs = _split(names, lokr, [n for v in lora_adapters(self).values() for n in v])
+        ours, theirs = _split(names, lokr, [n for v in loader.lora_adapters(self).values() for n in v])
         result = None
         if theirs:
             with patches.bypassed():

@@ -74,20 +74,12 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
             return loader.load_lokr_weights(self, state_dict, adapter_name=adapter_name, hotswap=hotswap, **keep)
         lokr = loader.get_list_lokr_adapters(self)
         if adapter_name is None and lokr and not hotswap:  # diffusers would count only its own adapters
-            from .diffusers_api import lora_adapters
-
-            taken = {n for names in (*lokr.values(), *lora_adapters(self).values()) for n in names}
+            taken = {n for names in (*lokr.values(), *loader.lora_adapters(self).values()) for n in names}
             adapter_name = loader.default_name(taken)
         with loader.layers_stepped_aside(self):
             return original(self, source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
 
     return patches.wraps(load_lora_weights, original)
-
-
-def original_load_lora_weights(pipe: Any) -> Callable[..., Any] | None:
-    """diffusers' own load_lora_weights of this pipeline's class (without our routing), if any."""
-    method = getattr(type(pipe), "load_lora_weights", None)
-    return None if method is None else patches.original(method)
 
 
 def _method(name: str) -> Callable[..., Any]:

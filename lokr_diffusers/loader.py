@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as LF
-from . import scaling
+from . import patches, scaling
 from . import state as S
 from . import weights as W
 from .config import LoKrConfig
@@ -168,9 +168,23 @@ def default_name(taken: set[str] | Sequence[str]) -> str:
 
 
 def _lora_names(pipe: Any) -> list[str]:
-    from .diffusers_api import lora_adapters
-
     return [n for names in lora_adapters(pipe).values() for n in names]
+
+
+def _peft_backend() -> bool:
+    try:
+        from diffusers.utils import USE_PEFT_BACKEND
+    except ImportError:
+        return False
+    return bool(USE_PEFT_BACKEND)
+
+
+def lora_adapters(pipe: Any) -> dict[str, list[str]]:
+    """diffusers' own get_list_adapters (LoRA only), {} without the PEFT backend."""
+    method = getattr(type(pipe), "get_list_adapters", None)
+    if method is None or not _peft_backend():
+        return {}
+    return {c: list(names) for c, names in patches.original(method)(pipe).items()}
 
 
 def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping[str, nn.Module],
@@ -255,9 +269,8 @@ def _hotswap(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapt
 
 def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> None:
     """Plain LoRA modules of a mixed file go to diffusers' own loader, under the same name."""
-    from .hooks import original_load_lora_weights
-
-    original = original_load_lora_weights(pipe)
+    method = getattr(type(pipe), "load_lora_weights", None)
+    original = None if method is None else patches.original(method)  # diffusers' own, without our routing
     if original is None:
         raise ValueError(f"this file also holds {len(lora)} plain LoRA keys and {type(pipe).__name__} "
                          "has no diffusers LoRA loader")
@@ -346,7 +359,7 @@ def _names(adapter_names: str | Sequence[str], comps: Mapping[str, nn.Module], w
     return names
 
 
-def _component_weights(names: list[str], adapter_weights: Any, comps: Mapping[str, nn.Module]
+def component_weights(names: list[str], adapter_weights: Any, comps: Mapping[str, nn.Module]
                        ) -> dict[str, dict[str, W.Spec]]:
     """{component: {adapter: weight spec}} from one value, a {component: value} dict, or a list of
     either (one per adapter); a value is a number or per-block / per-module weights (weights.py); a
@@ -401,7 +414,7 @@ def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
     until unfused."""
     comps = pipeline_components(pipe)
     names = _names(adapter_names, comps, "set_lokr_adapters")
-    commit_all(plan_set_adapters(comps, names, _component_weights(names, adapter_weights, comps)))
+    commit_all(plan_set_adapters(comps, names, component_weights(names, adapter_weights, comps)))
 
 
 def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | None = None,
