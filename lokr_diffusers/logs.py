@@ -133,3 +133,8 @@ def pipeline_disable(pipe: Any) -> bool | None:
     """The pipeline's `set_progress_bar_config(disable=...)`, if it set one."""
     config = getattr(pipe, "_progress_bar_config", None)
     return config.get("disable") if isinstance(config, dict) else None
+
+
+def reset_warnings() -> None:
+    """Forget which warnings were said (each is said again once): for tests and long sessions."""
+    _warned.clear()

@@ -33,3 +33,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _warnings_said_afresh() -> None:
+    """logs.warn_once says each warning once per process; every test starts with none said."""
+    from lokr_diffusers import logs
+
+    logs.reset_warnings()
