@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -122,6 +123,11 @@ class AdapterStateMachine(RuleBasedStateMachine):
     @rule(scale=st.sampled_from([1.0, 0.5, -1.0]), data=st.data())
     def fuse(self, scale: float, data: st.DataObject) -> None:
         given = data.draw(st.none() | st.lists(st.sampled_from(sorted(self.model.weights)), unique=True, min_size=1))
+        self._fuse_lokr(lambda: self.pipe.fuse_lokr(lokr_scale=scale, adapter_names=given), given, scale)
+
+    def _fuse_lokr(self, call: Callable[[], object], given: list[str] | None, scale: float) -> bool:
+        """Run a call that fuses the given (None: the active) LoKr adapters at `scale`; the model
+        follows, or the call must raise (an adapter fused at another strength) and change nothing."""
         names = self.model.active if given is None else given
         fused = dict(self.model.fused)
         new = [(a, {c: scale * self.model.weights[a][c] for c in COMPS}) for a in names]
@@ -129,12 +135,13 @@ class AdapterStateMachine(RuleBasedStateMachine):
         if clash:
             before = {c: {k: v.clone() for k, v in ws.items()} for c, ws in self._base_weights().items()}
             with pytest.raises(ValueError, match="already fused"):
-                self.pipe.fuse_lokr(lokr_scale=scale, adapter_names=given)
+                call()
             self._assert_same(before)
-            return
-        self.pipe.fuse_lokr(lokr_scale=scale, adapter_names=given)
+            return False
+        call()
         self.model.fused += [(a, s) for a, s in new if a not in fused]
         self.model.touched = self.model.touched or bool(new)
+        return True
 
     @rule()
     def unfuse(self) -> None:
@@ -158,6 +165,9 @@ class AdapterStateMachine(RuleBasedStateMachine):
     @rule()
     def unload(self) -> None:
         self.pipe.unload_lokr_weights()
+        self._lokr_unloaded()
+
+    def _lokr_unloaded(self) -> None:
         self.model.baked += self.model.fused
         self.model.weights, self.model.active, self.model.fused, self.model.enabled = {}, [], [], True
 
@@ -176,22 +186,25 @@ class AdapterStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.lora == "loaded")
     @rule(scale=st.sampled_from([1.0, 0.5]))
     def fuse_lora(self, scale: float) -> None:
-        self.pipe.fuse_lora(lora_scale=scale)
-        self.model.lora, self.model.lora_scale, self.model.touched = "fused", self.model.lora_scale * scale, True
+        """diffusers' fuse_lora also fuses the active LoKr adapters at lora_scale (diffusers_api.py)."""
+        if self._fuse_lokr(lambda: self.pipe.fuse_lora(lora_scale=scale), None, scale):
+            self.model.lora, self.model.lora_scale, self.model.touched = "fused", self.model.lora_scale * scale, True
 
     @precondition(lambda self: self.model.lora == "fused")
     @rule()
     def unfuse_lora(self) -> None:
-        self.pipe.unfuse_lora()
+        self.pipe.unfuse_lora()  # and every fused LoKr adapter
         self.model.lora = "loaded"
+        self.model.fused = []
 
     @precondition(lambda self: self.model.lora != "none")
     @rule()
     def unload_lora(self) -> None:
-        self.pipe.unload_lora_weights()  # a fused LoRA stays in the weights (diffusers)
+        self.pipe.unload_lora_weights()  # LoRA and LoKr; fused adapters stay in the weights (diffusers)
         if self.model.lora == "fused":
             self.model.lora_baked += self.model.lora_scale
         self.model.lora, self.model.lora_scale = "none", 1.0
+        self._lokr_unloaded()
 
     # ------------------------------------------------------------------------------- invariants
     def _base_weights(self) -> dict[str, dict[str, torch.Tensor]]:
