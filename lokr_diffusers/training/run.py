@@ -111,6 +111,10 @@ def _accelerator(args: Any) -> Any:
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}; "
                            "use `accelerate launch` or set up accelerate's config for this machine")
+    # as diffusers' training scripts do: the main process tells what it does, the others only errors
+    from .. import logs
+
+    (logs.set_verbosity_info if accelerator.is_local_main_process else logs.set_verbosity_error)()
     return accelerator
 
 
