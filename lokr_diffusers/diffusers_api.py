@@ -26,7 +26,7 @@ from . import loader, patches
 from . import state as S
 from . import weights as W
 from .logs import pipeline_disable
-from .model import adapter_configs, commit_all, lokr_layers, set_enabled
+from .model import commit_all, lokr_layers, registered_adapters, set_enabled
 
 logger = logging.getLogger(__name__)
 Method = Callable[..., Any]
@@ -42,7 +42,7 @@ def _model_lora(model: nn.Module) -> list[str]:
 def _lokr_names(comps: Mapping[str, nn.Module]) -> list[str]:
     out: list[str] = []
     for model in comps.values():
-        out += [n for n in adapter_configs(model) if n not in out]
+        out += [n for n in registered_adapters(model) if n not in out]
     return out
 
 
@@ -328,7 +328,7 @@ PIPELINE_METHODS: dict[str, Callable[[Method], Method]] = {
 def _model_call(original: Method, name: str, lokr_part: Callable[..., Any], *, needs_lora: bool = True) -> Method:
     @functools.wraps(original)
     def method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if patches.is_bypassed() or not adapter_configs(self):
+        if patches.is_bypassed() or not registered_adapters(self):
             return original(self, *args, **kwargs)
         return lokr_part(self, original, *args, **kwargs)
 
@@ -341,7 +341,7 @@ def _model_set_adapters(model: nn.Module, original: Method, adapter_names: str |
     names = _as_list(adapter_names, "set_adapters")
     per = _per_adapter(names, weights)
     lora = _model_lora(model)
-    ours, theirs = _split(names, list(adapter_configs(model)), lora)
+    ours, theirs = _split(names, registered_adapters(model), lora)
     specs = {n: W.expand(model, w, f"weights for {n!r}") for n, w in zip(names, per, strict=True) if n in ours}
     changes = loader.plan_set_adapters({"model": model}, ours, {"model": specs})
 
@@ -357,7 +357,7 @@ def _model_set_adapters(model: nn.Module, original: Method, adapter_names: str |
 def _model_set_adapter(model: nn.Module, original: Method, adapter_name: str | list[str]) -> Any:
     names = _as_list(adapter_name, "set_adapter")
     lora = _model_lora(model)
-    ours, theirs = _split(names, list(adapter_configs(model)), lora)
+    ours, theirs = _split(names, registered_adapters(model), lora)
     changes = [(layer, S.activate(layer.state, ours)) for _, layer in lokr_layers(model)]
 
     def lora_part() -> Any:
@@ -383,7 +383,7 @@ def _model_switch(enabled: bool) -> Callable[..., Any]:
 
 def _model_delete(model: nn.Module, original: Method, adapter_names: str | list[str]) -> Any:
     names = _as_list(adapter_names, "delete_adapters")
-    ours, theirs = _split(names, list(adapter_configs(model)), _model_lora(model))
+    ours, theirs = _split(names, registered_adapters(model), _model_lora(model))
     result = None
     if theirs:
         with patches.bypassed():
@@ -405,7 +405,7 @@ def _model_fuse(model: nn.Module, original: Method, lora_scale: float = 1.0, saf
     ours: list[str] | None = None
     theirs: list[str] | None = None
     if adapter_names is not None:
-        ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), list(adapter_configs(model)), lora)
+        ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), registered_adapters(model), lora)
     changes = [] if ours == [] else [(layer, S.fuse(layer.state, ours, scale)) for _, layer in lokr_layers(model)]
     if safe_fusing:
         for layer, new in changes:

@@ -33,6 +33,7 @@ from .model import (
     commit_all,
     component_enabled,
     lokr_layers,
+    registered_adapters,
     remove_layers,
     set_enabled,
 )
@@ -114,7 +115,7 @@ def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: 
         raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name "
                          "and hotswap")
     index = build_index(comps)
-    lokr = {n for m in comps.values() for n in adapter_configs(m)}
+    lokr = {n for m in comps.values() for n in registered_adapters(m)}
     taken = lokr | set(lora_names)
     if hotswap and adapter_name not in lokr:
         raise ValueError(f"hotswap=True replaces a loaded LoKr adapter: pass its adapter_name (loaded: "
@@ -338,7 +339,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def get_list_lokr_adapters(pipe: Any) -> dict[str, list[str]]:
     """{component: [adapter names]} for the components holding LoKr adapters."""
-    return {c: list(adapter_configs(m)) for c, m in pipeline_components(pipe).items() if adapter_configs(m)}
+    return {c: registered_adapters(m) for c, m in pipeline_components(pipe).items() if registered_adapters(m)}
 
 
 def get_active_lokr_adapters(pipe: Any) -> list[str]:
@@ -352,7 +353,7 @@ def _names(adapter_names: str | Sequence[str], comps: Mapping[str, nn.Module], w
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if not all(isinstance(n, str) for n in names):
         raise TypeError(f"{what}: adapter names must be strings, got {names!r}")
-    known = {n for m in comps.values() for n in adapter_configs(m)}
+    known = {n for m in comps.values() for n in registered_adapters(m)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"{what}: unknown LoKr adapters {unknown}; loaded: {sorted(known)}")

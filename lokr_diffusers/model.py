@@ -45,6 +45,11 @@ def lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
             yield name, module
 
 
+def registered_adapters(model: nn.Module) -> list[str]:
+    """The LoKr adapters registered on the model (read only: a model never touched gets no registry)."""
+    return list(model.__dict__.get(CONFIGS_ATTR) or ())
+
+
 def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
     """The {adapter_name: LoKrConfig} registry kept on the model (created empty if absent)."""
     configs = model.__dict__.get(CONFIGS_ATTR)
