@@ -378,3 +378,19 @@ def test_sdxl_pipeline_methods_match_the_lokr_methods() -> None:
     a.unload_lora_weights()
     assert_close(out(a), base, atol=0)
     assert a.get_list_adapters() == {}
+
+
+def test_lora_only_pipelines_take_diffusers_path_untouched(base) -> None:
+    pipe, ref = _copy(base), _copy(base)
+    for p in (pipe, ref):
+        p.load_lora_weights(dict(lora_file()), adapter_name="lora")
+    pipe.set_adapters("lora", 0.5)
+    own(ref, "set_adapters", "lora", 0.5)
+    pipe.fuse_lora(lora_scale=0.7)
+    own(ref, "fuse_lora", components=["unet", "text_encoder"], lora_scale=0.7)
+    pipe.unet.disable_adapters()
+    own(ref, "disable_adapters", component="unet")
+    assert pipe.get_list_adapters() == own(ref, "get_list_adapters") == {"unet": ["lora"], "text_encoder": ["lora"]}
+    assert_close(outputs(pipe), outputs(ref), atol=0)
+    touched = {c: [k for k in vars(getattr(pipe, c)) if "lokr" in k] for c in COMPS}
+    assert touched == {c: [] for c in COMPS}
