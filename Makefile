@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup wheel-test compat-test
 
 $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,12 @@ lint: $(VENV)/.test
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Packaging checks (CI runs both after `make test`; each builds its own throwaway venv):
+# wheel-test: build the wheel, install it into an empty venv, run it. compat-test: the oldest declared
+# diffusers against the compatibility tests (DIFFUSERS=X for another version; docs/compatibility.md).
+wheel-test:
+	TORCH="$(TORCH)" .ci/wheel.sh
+
+compat-test:
+	TORCH="$(TORCH)" .ci/compat.sh
