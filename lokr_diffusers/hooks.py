@@ -99,8 +99,9 @@ def _replace(new: Callable[..., Any], current: Any) -> Callable[..., Any]:
 
 
 def _on_pipeline_utils(module: ModuleType) -> None:
-    from . import saving
+    from . import compat, saving
 
+    compat.check_diffusers_version()  # a warning, once, for a diffusers version not known to work
     pipeline = module.DiffusionPipeline
     for name in PIPELINE_METHODS:
         patches.patch(pipeline, name, functools.partial(_replace, _method(name)))
