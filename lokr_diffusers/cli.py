@@ -3,7 +3,7 @@
     lokr-diffusers inspect style.safetensors [--json]
     lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl] [--dtype fp16]
     lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
-    lokr-diffusers demo [--out outputs/demo] [--steps 40]
+    lokr-diffusers demo [--out outputs/demo] [--steps 100]
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
     d = sub.add_parser("demo", help="offline demo: train a LoKr on a tiny pipeline, export, reload, compare")
     d.add_argument("--out", default="outputs/demo", help="folder for images, loss curve and files")
-    d.add_argument("--steps", type=_positive_int, default=40, help="training steps (default 40)")
+    d.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 100)")
     d.add_argument("--model", default=None, help="a diffusers SD/SDXL folder instead of the tiny built-in one")
-    d.add_argument("--resolution", type=_positive_int, default=64)
+    d.add_argument("--resolution", type=_positive_int, default=None,
+                   help="image size (default 48 for the tiny model, the model's own with --model)")
     d.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("merge", help="bake a LoKr into a diffusers model folder")
     m.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
@@ -201,9 +202,8 @@ def _run(args: argparse.Namespace) -> None:
         from .demo import run_demo
 
         paths = run_demo(args.out, args.steps, args.model, args.resolution, args.seed)
-        print("demo done:")
-        for what, path in paths.items():
-            print(f"  {what:12s} {path}")
+        with open(paths["summary_text"], encoding="utf-8") as fh:
+            print(fh.read(), end="")
     else:
         _merge(args)
 
