@@ -81,6 +81,18 @@ def _undoing(changes: list[tuple[Any, S.LayerState]], run: Callable[[], Any], di
         raise
 
 
+def _components(pipe: Any, components: list[str] | None, comps: Mapping[str, nn.Module]) -> list[str]:
+    """fuse_lora / unfuse_lora's `components`, checked as diffusers checks them."""
+    out = list(components or [])
+    if not out:
+        raise ValueError("`components` cannot be an empty list.")
+    loadable = list(getattr(pipe, "_lora_loadable_modules", comps))
+    for c in out:
+        if c not in loadable:
+            raise ValueError(f"{c} is not found in self._lora_loadable_modules={loadable}.")
+    return out
+
+
 def _merged_names(pipe: Any) -> set[str]:
     return {n for m in loader.pipeline_components(pipe).values() for _, layer in lokr_layers(m)
             for n in layer.merged_adapters}
@@ -162,13 +174,7 @@ def fuse_lora(original: Method) -> Method:
         lokr = _lokr_names(comps)
         if not lokr or patches.is_bypassed():
             return original(self, components, lora_scale, safe_fusing, adapter_names, **kwargs)
-        components = list(components or [])
-        if not components:
-            raise ValueError("`components` cannot be an empty list.")
-        loadable = list(getattr(self, "_lora_loadable_modules", comps))
-        for c in components:
-            if c not in loadable:
-                raise ValueError(f"{c} is not found in self._lora_loadable_modules={loadable}.")
+        components = _components(self, components, comps)
         scale = S.check_strength(lora_scale, "lora_scale")
         lora_lists = loader.lora_adapters(self)
         if adapter_names is None:
@@ -203,13 +209,7 @@ def unfuse_lora(original: Method) -> Method:
         comps = loader.pipeline_components(self)
         if not _lokr_names(comps) or patches.is_bypassed():
             return original(self, components, **kwargs)
-        components = list(components or [])
-        if not components:
-            raise ValueError("`components` cannot be an empty list.")
-        loadable = list(getattr(self, "_lora_loadable_modules", comps))
-        for c in components:
-            if c not in loadable:
-                raise ValueError(f"{c} is not found in self._lora_loadable_modules={loadable}.")
+        components = _components(self, components, comps)
         changes = [(layer, S.unfuse(layer.state)) for c in components if c in comps
                    for _, layer in lokr_layers(comps[c])]
 
