@@ -394,3 +394,17 @@ def test_lora_only_pipelines_take_diffusers_path_untouched(base) -> None:
     assert_close(outputs(pipe), outputs(ref), atol=0)
     touched = {c: [k for k in vars(getattr(pipe, c)) if "lokr" in k] for c in COMPS}
     assert touched == {c: [] for c in COMPS}
+
+
+def test_enable_lora_hotswap_then_both_kinds_load_and_swap(base) -> None:
+    """diffusers' enable_lora_hotswap (called before the first load, as diffusers asks) leaves LoKr
+    loading and LoKr hot-swapping as they are."""
+    other = _source("a", 11)
+    pipe, expected = _copy(base), _copy(base)
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(dict(lokr_files()["a"]), adapter_name="kr")
+    pipe.load_lora_weights(dict(lora_file()), adapter_name="lora")
+    pipe.load_lora_weights(dict(other), adapter_name="kr", hotswap=True)
+    expected.load_lora_weights(dict(other), adapter_name="kr")
+    expected.load_lora_weights(dict(lora_file()), adapter_name="lora")
+    assert_close(outputs(pipe), outputs(expected))
