@@ -9,6 +9,7 @@ acting on LoKr adapters) attaches itself when diffusers is imported. `detach()` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .hooks import attach, detach
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule: lokr_diffusers.logs, ...
         raise AttributeError(f"module 'lokr_diffusers' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
