@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import functional as LF
+from . import reuse
 from . import state as S
 from .config import LoKrConfig
 from .fusing import Frozen, FusedWeight
@@ -70,6 +71,7 @@ class LoKrLayer(nn.Module):
         self._applied: S.Pairs = ()  # state.applied(), cached for forward
         self._call_scale = 1.0  # diffusers' cross_attention_kwargs["scale"] during one call (scaling.py)
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
+        self._kept: tuple[tuple, Tensor] | None = None  # (key, W + ΔW) reused at inference (reuse.py)
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
                               config)
@@ -148,6 +150,7 @@ class LoKrLayer(nn.Module):
         self.state = new
         self._applied = new.applied()
         self.version += 1
+        self._kept = None
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make these adapters the active ones (those the layer has; others are ignored here)."""
@@ -242,6 +245,7 @@ class LoKrLayer(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:  # type: ignore[override]
         """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
         weight is what the cast base plus the same fuse gives (and unfusing restores the cast base)."""
+        self._kept = None
         pairs = self.state.physical()
         w = self.weight
         probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None
@@ -252,6 +256,10 @@ class LoKrLayer(nn.Module):
         super()._apply(fn, recurse)
         self.commit(saved)
         return self
+
+    def train(self, mode: bool = True) -> LoKrLayer:
+        self._kept = None
+        return cast(LoKrLayer, super().train(mode))
 
     # ------------------------------------------------------------------------------------ forward
     def _tokens(self, x: Tensor) -> int:
@@ -287,6 +295,11 @@ class LoKrLayer(nn.Module):
         if self._call_scale != 1.0:
             applied = tuple((a, s * self._call_scale) for a, s in applied)
         direct = not args and not kwargs and not hasattr(self.base_layer, "_hf_hook")
+        if direct and not self.training and self.forward_mode != "bypass" and reuse.enabled() and \
+                not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            w_eff = self._reused_weight(applied)
+            if w_eff is not None:
+                return self._run(x, w_eff, self.bias)
         if any(a in self.dora_scale for a, _ in applied):
             return self._forward_in_order(x, applied, direct, args, kwargs)
         tokens = self._tokens(x)
@@ -311,6 +324,30 @@ class LoKrLayer(nn.Module):
         for a, s in in_bypass:
             result = result + self._bypass(x, a, s)
         return result
+
+    def _reused_weight(self, applied: S.Pairs) -> Tensor | None:
+        """W + ΔW for these strengths, kept from an earlier call while its key holds (reuse.py);
+        None when a tensor carries no version counter (inference mode)."""
+        w = self.weight
+        tensors = [w, *(t for a, _ in applied for t in self.adapter_tensors(a).values())]
+        if any(t.is_inference() for t in tensors):
+            return None
+        key = (self.version, applied, tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        kept = self._kept
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        self._kept = None
+        if any(a in self.dora_scale for a, _ in applied):
+            w_eff = w
+            for a, s in applied:  # in order, as fuse does
+                w_eff = w_eff + self._contribution(a, s, w_eff)
+        else:
+            w_eff = w
+            for a, s in applied:
+                w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
+        if reuse.admit(w_eff):
+            self._kept = (key, w_eff)
+        return w_eff
 
     def _forward_in_order(self, x: Tensor, applied: S.Pairs, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""

@@ -1,0 +1,184 @@
+"""reuse.py: W + ΔW kept across inference calls. Every change must show in the very next forward
+(checked against W + ΔW built here from functional.delta_weight, independent of the layer's paths),
+nothing kept outside no-grad eval, nothing in state_dict, the budget counted and released, and a
+reused call runs as many aten ops as the bare layer (a dispatch-mode counter, deterministic)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lokr_diffusers import LoKrConfig, LoKrModel, reuse
+from lokr_diffusers import functional as LF
+from lokr_diffusers.scaling import call_scale
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    with OpCounter() as counter:
+        fn()
+    return len(counter.ops)
+
+
+@pytest.fixture(autouse=True)
+def _default_budget():
+    reuse.set_budget(reuse.DEFAULT_BUDGET)
+    yield
+    reuse.set_budget(reuse.DEFAULT_BUDGET)
+
+
+def _model(kind: str = "linear") -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        base = nn.Sequential(nn.Linear(32, 48))
+        cfg = LoKrConfig(r=4, alpha=3, target_modules=["0"], init_weights=False)
+    else:
+        base = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+        cfg = LoKrConfig(r=4, alpha=3, target_modules=["0"], init_weights=False, use_effective_conv2d=True)
+    model = LoKrModel(base, cfg, "a")
+    model.eval()
+    return model
+
+
+def _x(kind: str = "linear") -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 5, 32, generator=g) if kind == "linear" else torch.randn(1, 16, 6, 6, generator=g)
+
+
+def expected(model: nn.Module, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The base op with W + strength·scale·W1⊗W2 built here."""
+    layer = model.model[0]
+    w = layer.weight.detach()
+    delta = LF.delta_weight(layer.factors("a"), tuple(w.shape), layer.scaling["a"] * strength).to(w.dtype)
+    if w.dim() == 2:
+        return nn.functional.linear(x.to(w.dtype), w + delta, layer.bias)
+    return nn.functional.conv2d(x.to(w.dtype), w + delta, layer.bias, padding=1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_reused_then_each_change_shows_in_the_next_forward(kind: str) -> None:
+    model, x = _model(kind), _x(kind)
+    layer = model.model[0]
+    with torch.no_grad():
+        first = model(x)
+        assert layer._kept is not None  # kept after the first call
+        torch.testing.assert_close(first, expected(model, x), rtol=1e-5, atol=1e-6)
+        kept = layer._kept[1]
+        model(x)
+        assert layer._kept[1] is kept  # reused, not rebuilt
+
+        changes: list[tuple[str, Callable[[], None], float]] = [
+            ("factor in place", lambda: next(iter(layer.factors("a").values())).mul_(1.5), 1.0),
+            ("base weight in place", lambda: layer.weight.add_(0.01), 1.0),
+            ("weight storage swapped", lambda: setattr(layer.weight, "data", layer.weight.data.clone() * 0.9), 1.0),
+            ("adapter weight", lambda: layer.set_adapter_weight("a", 0.5), 0.5),
+            ("dtype move", lambda: model.double(), 0.5),
+        ]
+        for what, change, strength in changes:
+            change()
+            got = model(x.to(layer.weight.dtype))
+            tol = 1e-12 if layer.weight.dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(got, expected(model, x, strength), rtol=tol, atol=tol, msg=what)
+        with call_scale([model], 0.25):
+            torch.testing.assert_close(model(x.double()), expected(model, x, 0.5 * 0.25), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model(x.double()), expected(model, x, 0.5), rtol=1e-12, atol=1e-12)
+        layer.enable_adapters(False)
+        torch.testing.assert_close(model(x.double()), expected(model, x, 0.0), rtol=1e-12, atol=1e-12)
+        layer.enable_adapters(True)
+        model.merge_adapter()
+        assert layer._kept is None
+        torch.testing.assert_close(model(x.double()), expected(model, x, 0.0), rtol=1e-9, atol=1e-9)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x.double()), expected(model, x, 0.5), rtol=1e-12, atol=1e-12)
+
+
+def test_an_optimizer_step_shows_in_the_next_forward() -> None:
+    model, x = _model(), _x()
+    layer = model.model[0]
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lokr_" in n], lr=0.5)
+    with torch.no_grad():
+        model(x)
+    model.train()
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(model, x), rtol=1e-5, atol=1e-6)
+    assert layer._kept is not None
+
+
+def test_not_kept_in_training_with_grad_or_in_state_dict() -> None:
+    model, x = _model(), _x()
+    layer = model.model[0]
+    model(x)  # grad enabled
+    assert layer._kept is None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert layer._kept is None
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert layer._kept is not None
+    assert all(v.data_ptr() != layer._kept[1].data_ptr() for v in model.state_dict().values())
+    assert len(model.state_dict()) == len(_model().state_dict())
+    model.train()
+    assert layer._kept is None  # train() frees it
+
+
+def test_inference_mode_builds_each_call_and_is_right() -> None:
+    model, x = _model(), _x()
+    with torch.inference_mode():
+        out = model(x)
+    torch.testing.assert_close(out, expected(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_budget_counts_and_releases() -> None:
+    gc.collect()
+    start = reuse.used("cpu")
+    model, x = _model(), _x()
+    nbytes = 48 * 32 * 4
+    with torch.no_grad():
+        model(x)
+    assert reuse.used("cpu") == start + nbytes
+    del model
+    gc.collect()
+    assert reuse.used("cpu") == start
+    reuse.set_budget(nbytes - 1)
+    model = _model()
+    with torch.no_grad():
+        out = model(x)
+    assert model.model[0]._kept is None and reuse.used("cpu") == start
+    torch.testing.assert_close(out, expected(model, x), rtol=1e-5, atol=1e-6)
+    reuse.set_budget(0)
+    assert not reuse.enabled()
+    with pytest.raises(ValueError, match="budget"):
+        reuse.set_budget(-1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_reused_call_runs_the_bare_layers_op_count(kind: str, one_thread: None) -> None:
+    model, x = _model(kind), _x(kind)
+    bare = model.model[0].base_layer
+    with torch.no_grad():
+        model(x)  # warm-up: builds and keeps W + ΔW
+        n_bare = count_ops(lambda: bare(x))
+        n_ours = count_ops(lambda: model(x))
+        reuse.set_budget(0)
+        n_unkept = count_ops(lambda: model(x))
+    assert n_ours <= n_bare + 1, (n_ours, n_bare)
+    assert n_unkept > n_ours  # the counter can tell the two apart
