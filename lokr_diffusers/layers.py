@@ -33,6 +33,7 @@ from .fusing import Frozen, FusedWeight
 logger = logging.getLogger(__name__)
 
 ForwardMode = Literal["auto", "merged", "bypass"]
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d)  # base layers whose op `_run` reproduces exactly
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -71,7 +72,8 @@ class LoKrLayer(nn.Module):
         self._applied: S.Pairs = ()  # state.applied(), cached for forward
         self._call_scale = 1.0  # diffusers' cross_attention_kwargs["scale"] during one call (scaling.py)
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
-        self._kept: tuple[tuple, Tensor] | None = None  # (key, W + ΔW) reused at inference (reuse.py)
+        self._kept: tuple[tuple | None, Tensor, list[Tensor]] | None = None  # W + ΔW reused (reuse.py)
+        self._tensor_list: tuple[tuple, list[Tensor]] | None = None
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
                               config)
@@ -151,6 +153,7 @@ class LoKrLayer(nn.Module):
         self._applied = new.applied()
         self.version += 1
         self._kept = None
+        self._tensor_list = None
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make these adapters the active ones (those the layer has; others are ignored here)."""
@@ -245,7 +248,7 @@ class LoKrLayer(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:  # type: ignore[override]
         """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
         weight is what the cast base plus the same fuse gives (and unfusing restores the cast base)."""
-        self._kept = None
+        self._kept = self._tensor_list = None
         pairs = self.state.physical()
         w = self.weight
         probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None
@@ -286,15 +289,29 @@ class LoKrLayer(nn.Module):
         return keep
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        kept = self._kept
+        if kept is not None and not args and not kwargs and not torch.is_grad_enabled() and not self.training \
+                and self._call_scale == 1.0 and self.forward_mode != "bypass" and reuse.enabled() \
+                and not torch.compiler.is_compiling():
+            # the denoising loop's path: nothing changed since W + ΔW was built (reuse.py)
+            base = cast(nn.Module, self._modules["base_layer"])
+            tensors = self._tensor_list[1] if self._tensor_list is not None else ()
+            if "_hf_hook" not in base.__dict__ and \
+                    kept[0] == (self.version, self._applied, tuple([(t._version, t.data_ptr()) for t in tensors])):
+                return self._run(x, kept[1], base._parameters.get("bias"))
         applied = self._applied
         if self.training:
             self._check_fused_frozen()
             applied = tuple(p for p in applied if not self._module_dropped(p[0]))
-        if not applied:
-            return self.base_layer(x, *args, **kwargs)
+        if not applied:  # fused, disabled or nothing active: the base op, without a second module call
+            base = cast(nn.Module, self._modules["base_layer"])
+            if args or kwargs or "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or \
+                    base._forward_hooks or base._forward_pre_hooks or type(base) not in _PLAIN:
+                return base(x, *args, **kwargs)
+            return self._run(x, cast(Tensor, base._parameters["weight"]), base._parameters.get("bias"))
         if self._call_scale != 1.0:
             applied = tuple((a, s * self._call_scale) for a, s in applied)
-        direct = not args and not kwargs and not hasattr(self.base_layer, "_hf_hook")
+        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__  # accelerate's hook
         if direct and not self.training and self.forward_mode != "bypass" and reuse.enabled() and \
                 not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             w_eff = self._reused_weight(applied)
@@ -326,17 +343,19 @@ class LoKrLayer(nn.Module):
         return result
 
     def _reused_weight(self, applied: S.Pairs) -> Tensor | None:
-        """W + ΔW for these strengths, kept from an earlier call while its key holds (reuse.py);
-        None when a tensor carries no version counter (inference mode)."""
-        w = self.weight
-        tensors = [w, *(t for a, _ in applied for t in self.adapter_tensors(a).values())]
-        if any(t.is_inference() for t in tensors):
-            return None
-        key = (self.version, applied, tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        """W + ΔW for these strengths, kept from an earlier call while its key holds (reuse.py):
+        the state version, the strengths, and each tensor's in-place version and storage. The kept
+        entry holds the tensors it was built from, so no storage it names can be freed and reused."""
+        tensors = self._tensors_of(applied)
+        try:
+            key = (self.version, applied, tuple([(t._version, t.data_ptr()) for t in tensors]))
+        except RuntimeError:  # an inference-mode tensor: no version counter, nothing to key on
+            key = None
         kept = self._kept
         if kept is not None and kept[0] == key:
             return kept[1]
         self._kept = None
+        w = self.weight
         if any(a in self.dora_scale for a, _ in applied):
             w_eff = w
             for a, s in applied:  # in order, as fuse does
@@ -345,9 +364,19 @@ class LoKrLayer(nn.Module):
             w_eff = w
             for a, s in applied:
                 w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
-        if reuse.admit(w_eff):
-            self._kept = (key, w_eff)
+        if key is not None and reuse.admit(w_eff):
+            self._kept = (key, w_eff, [t.detach() for t in tensors])
         return w_eff
+
+    def _tensors_of(self, applied: S.Pairs) -> list[Tensor]:
+        """The base weight and the applied adapters' tensors (looked up once per state version)."""
+        names = tuple(a for a, _ in applied)
+        cached = self._tensor_list
+        if cached is not None and cached[0] == (self.version, names):
+            return cached[1]
+        tensors = [self.weight, *(t for a in names for t in self.adapter_tensors(a).values())]
+        self._tensor_list = ((self.version, names), tensors)
+        return tensors
 
     def _forward_in_order(self, x: Tensor, applied: S.Pairs, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""

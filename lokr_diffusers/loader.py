@@ -501,6 +501,7 @@ def set_lokr_device(pipe: Any, adapter_names: str | list[str], device: torch.dev
                             p.data = moved  # the same Parameter: an optimizer holding it keeps it
                         else:  # e.g. to or from "meta"
                             store[n] = nn.Parameter(moved, requires_grad=p.requires_grad)
+            layer.commit(layer.state)  # same state, new version: what a forward kept is rebuilt
 
 
 def _selected(pipe: Any, names: Sequence[str] | None) -> dict[str, nn.Module]:

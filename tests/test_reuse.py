@@ -5,6 +5,7 @@ reused call runs as many aten ops as the bare layer (a dispatch-mode counter, de
 
 from __future__ import annotations
 
+import copy
 import gc
 from collections.abc import Callable
 
@@ -182,3 +183,31 @@ def test_a_reused_call_runs_the_bare_layers_op_count(kind: str, one_thread: None
         n_unkept = count_ops(lambda: model(x))
     assert n_ours <= n_bare + 1, (n_ours, n_bare)
     assert n_unkept > n_ours  # the counter can tell the two apart
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("state", ["fused", "disabled", "none active"])
+def test_a_lean_layer_runs_the_bare_op_count(kind: str, state: str, one_thread: None) -> None:
+    """Fused, disabled or without active adapters: the bare op, no second module call."""
+    model, x = _model(kind), _x(kind)
+    layer = model.model[0]
+    reference = copy.deepcopy(layer.base_layer)
+    {"fused": lambda: model.merge_adapter(), "disabled": lambda: layer.enable_adapters(False),
+     "none active": lambda: layer.set_adapter([])}[state]()
+    with torch.no_grad():
+        n_bare = count_ops(lambda: reference(x))
+        n_ours = count_ops(lambda: model(x))
+        if state != "fused":
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert n_ours <= n_bare + 1, (n_ours, n_bare)
+
+
+def test_hooks_on_the_base_layer_still_run_when_lean() -> None:
+    model, x = _model(), _x()
+    layer = model.model[0]
+    layer.enable_adapters(False)
+    seen: list[str] = []
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: seen.append("hook"))
+    model(x)
+    handle.remove()
+    assert seen == ["hook"]

@@ -1,0 +1,101 @@
+"""The launch-bound proxy of a GPU denoising loop, on a CPU: 200 tiny Linear(64, 64) layers on a
+(1, 16, 64) input, where per-call overhead, not arithmetic, decides. Per layer and call, in one
+process, interleaved, medians of --repeats: the bare model, LoKr unfused (W + ΔW reused across calls,
+and rebuilt each call with reuse off), LoKr fused, and PEFT's LoKr; inference (no grad, eval) and a
+training step (forward + backward; the bare model trains its weights, the adapters their factors).
+
+    python benchmarks/bench_proxy.py [--layers 200] [--repeats 30] [--threads 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lokr_diffusers import LoKrConfig, LoKrModel, reuse
+
+
+def _time(fn: Callable[[], object], inner: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(args.layers)])
+    x = torch.randn(1, 16, 64)
+    cfg = LoKrConfig(r=8, alpha=8, target_modules=[str(i) for i in range(args.layers)], init_weights=False)
+    ours = LoKrModel(copy.deepcopy(base), cfg, "a")
+    fused = LoKrModel(copy.deepcopy(base), cfg, "a")
+    fused.merge_adapter()
+    models: dict[str, nn.Module] = {"bare": base, "ours (reuse)": ours, "ours (no reuse)": ours, "ours fused": fused}
+    try:
+        from peft import LoKrConfig as PeftLoKrConfig
+        from peft import get_peft_model
+
+        peft_cfg = PeftLoKrConfig(r=8, alpha=8, target_modules=[str(i) for i in range(args.layers)],
+                                  init_weights=False)
+        models["PEFT 0.21 LoKr"] = get_peft_model(copy.deepcopy(base), peft_cfg)
+    except ImportError:
+        pass
+
+    def infer(name: str, m: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            reuse.set_budget(0 if name == "ours (no reuse)" else reuse.DEFAULT_BUDGET)
+            with torch.no_grad():
+                return m(x)
+        return run
+
+    def train(m: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            m(x).square().mean().backward()
+            return None
+        return run
+
+    for m in models.values():
+        m.eval()
+    results: dict[str, dict[str, list[float]]] = {n: {"inference": [], "training": []} for n in models}
+    for _ in range(args.repeats):  # interleaved: each implementation sees the same machine state
+        for name, m in models.items():
+            m.eval()
+            results[name]["inference"].append(_time(infer(name, m), args.inner))
+            if name in ("ours (no reuse)", "ours fused"):
+                continue  # a training step has no reuse; a fused adapter cannot train
+            m.train()
+            results[name]["training"].append(_time(train(m), args.inner))
+    reuse.set_budget(reuse.DEFAULT_BUDGET)
+    med = {n: {k: statistics.median(v) for k, v in r.items() if v} for n, r in results.items()}
+    per_layer = 1e6 / args.layers
+    print(f"{args.layers} x Linear(64, 64), input (1, 16, 64), {args.threads} thread(s), median of {args.repeats}")
+    print(f"{'':18s} {'inference µs/layer':>20s} {'ratio':>7s} {'training µs/layer':>19s} {'ratio':>7s}")
+    for name, r in med.items():
+        inf = r["inference"] * per_layer
+        line = f"{name:18s} {inf:20.1f} {r['inference'] / med['bare']['inference']:7.2f}"
+        if "training" in r:
+            line += f" {r['training'] * per_layer:19.1f} {r['training'] / med['bare']['training']:7.2f}"
+        print(line)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"layers": args.layers, "threads": args.threads, "median_s": med}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
