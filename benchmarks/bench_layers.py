@@ -2,8 +2,9 @@
 PEFT 0.21.2 and LyCORIS 4.1.3 (rebuild and bypass), at SD1.5 / CLIP-L shapes, batch 2 (CFG).
 
 All implementations run interleaved in one process; each number is a median ratio over repeats,
-so a noisy shared machine shifts them together. Inference = no_grad forward; training = forward
-+ backward with a frozen base, trainable factors and an input that requires grad.
+so a noisy shared machine shifts them together. Inference = no_grad forward (in train mode, so W + ΔW
+is built each call, except `ours_reuse`, in eval mode, which keeps it across calls as a denoising loop
+does); training = forward + backward with a frozen base, trainable factors and an input that requires grad.
 
     python benchmarks/bench_layers.py [--repeats 7] [--threads 2] [--only attn] [--json out.json]
 """
@@ -60,6 +61,8 @@ def implementations(make: Callable[[], nn.Module]) -> dict[str, nn.Module]:
         ours.set_forward_mode(mode)
         _randomise(ours)
         out[f"ours_{mode}"] = ours
+    reused = copy.deepcopy(out["ours_auto"]).eval()  # eval + no_grad: W + ΔW kept across calls (reuse.py)
+    out["ours_reuse"] = reused
     try:
         from peft import LoKrConfig as PeftConfig
         from peft import get_peft_model
