@@ -256,13 +256,8 @@ def delete_adapters(original: Method) -> Method:
         if not lokr or patches.is_bypassed():
             return original(self, adapter_names)
         names = _as_list(adapter_names, "delete_adapters")
-        ours, theirs = _split(names, lokr, [n for v in loader.lora_adapters(self).values() for n in v])
-        result = None
-        if theirs:
-            with patches.bypassed():
-                result = original(self, theirs)
-        if ours:
-            loader.delete_lokr_adapters(self, ours)
+        lora = [n for v in loader.lora_adapters(self).values() for n in v]
+        result = _delete(original, self, names, lokr, lora, lambda ours: loader.delete_lokr_adapters(self, ours))
         merged = getattr(self, "_merged_adapters", None)
         if merged:
             self._merged_adapters = {n for n in merged if n not in names} | _merged_names(self)
@@ -383,13 +378,20 @@ def _model_switch(enabled: bool) -> Callable[..., Any]:
 
 def _model_delete(model: nn.Module, original: Method, adapter_names: str | list[str]) -> Any:
     names = _as_list(adapter_names, "delete_adapters")
-    ours, theirs = _split(names, registered_adapters(model), _model_lora(model))
+    return _delete(original, model, names, registered_adapters(model), _model_lora(model),
+                   lambda ours: loader.delete_from_model(model, ours))
+
+
+def _delete(original: Method, target: Any, names: list[str], lokr: Sequence[str], lora: Sequence[str],
+            delete_lokr: Callable[[list[str]], None]) -> Any:
+    """delete_adapters on a pipeline or a model: LoRA names through diffusers, then the LoKr ones."""
+    ours, theirs = _split(names, lokr, lora)
     result = None
     if theirs:
         with patches.bypassed():
-            result = original(model, theirs)
+            result = original(target, theirs)
     if ours:
-        loader.delete_from_model(model, ours)
+        delete_lokr(ours)
     return result
 
 

@@ -326,10 +326,7 @@ class LoKrLayer(nn.Module):
             (in_bypass if self._choose_bypass(a, tokens, direct) else in_merge).append((a, s))
         w = self.weight
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
-            w_eff = w  # W + Σ ΔW built in one pass per adapter, then one op
-            for a, s in in_merge:
-                w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
-            result = self._run(x, w_eff, self.bias)
+            result = self._run(x, self._adapted_weight(tuple(in_merge)), self.bias)  # W + Σ ΔW, then one op
         elif in_merge:
             delta = sum((self._contribution(a, s, w) for a, s in in_merge[1:]), self._contribution(*in_merge[0], w))
             if direct:
@@ -355,15 +352,7 @@ class LoKrLayer(nn.Module):
         if kept is not None and kept[0] == key:
             return kept[1]
         self._kept = None
-        w = self.weight
-        if any(a in self.dora_scale for a, _ in applied):
-            w_eff = w
-            for a, s in applied:  # in order, as fuse does
-                w_eff = w_eff + self._contribution(a, s, w_eff)
-        else:
-            w_eff = w
-            for a, s in applied:
-                w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
+        w_eff = self._adapted_weight(applied)
         if key is not None and reuse.admit(w_eff):
             self._kept = (key, w_eff, [t.detach() for t in tensors])
         return w_eff
@@ -380,13 +369,24 @@ class LoKrLayer(nn.Module):
 
     def _forward_in_order(self, x: Tensor, applied: S.Pairs, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""
-        w = self.weight
-        w_eff = w
-        for a, s in applied:
-            w_eff = w_eff + self._contribution(a, s, w_eff)
+        w_eff = self._adapted_weight(applied)
         if direct:
             return self._run(x, w_eff, self.bias)
-        return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - w, None)
+        return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - self.weight, None)
+
+    def _adapted_weight(self, applied: S.Pairs) -> Tensor:
+        """W + the applied adapters' changes, a new tensor: with a DoRA adapter, adapter by adapter in
+        order (each normalises the weight it is given, as fuse does); otherwise one pass per adapter
+        (functional.add_delta, no kron materialised)."""
+        w = self.weight
+        w_eff = w
+        if any(a in self.dora_scale for a, _ in applied):
+            for a, s in applied:
+                w_eff = w_eff + self._contribution(a, s, w_eff)
+            return w_eff
+        for a, s in applied:
+            w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
+        return w_eff
 
     def _delta(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
         """What one adapter at `strength` adds to the weight `w`: strength·scale·W1⊗W2, or for DoRA

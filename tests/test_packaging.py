@@ -228,7 +228,7 @@ def _resolve(module: str, qualname: str):
     return obj
 
 
-def _accepts(fn, positional: int, keywords: tuple[str, ...] = (), forwards: bool = False) -> None:
+def assert_accepts(fn, positional: int, keywords: tuple[str, ...] = (), forwards: bool = False) -> None:
     signature = inspect.signature(fn)
     try:
         signature.bind_partial(*[None] * positional, **dict.fromkeys(keywords))
@@ -242,7 +242,7 @@ def _accepts(fn, positional: int, keywords: tuple[str, ...] = (), forwards: bool
 
 @pytest.mark.parametrize("touch", DIFFUSERS_API, ids=[t.qualname for t in DIFFUSERS_API])
 def test_diffusers_api_we_touch(touch):
-    _accepts(_resolve(touch.module, touch.qualname), touch.positional, touch.keywords, touch.forwards)
+    assert_accepts(_resolve(touch.module, touch.qualname), touch.positional, touch.keywords, touch.forwards)
 
 
 def _named(fn, skip: int) -> list[str]:
@@ -277,7 +277,15 @@ def test_unet_block_weights_expander_is_where_weights_py_reads_it():
     """weights.py expands {'down': ..., 'mid': ..., 'up': ...} with diffusers' own function, called (unet, [dict])."""
     from diffusers.loaders.peft import _SET_ADAPTER_SCALE_FN_MAPPING
 
-    _accepts(_SET_ADAPTER_SCALE_FN_MAPPING["UNet2DConditionModel"], 2)
+    assert_accepts(_SET_ADAPTER_SCALE_FN_MAPPING["UNet2DConditionModel"], 2)
+    from lokr_diffusers import weights
+    from lokr_diffusers.tiny import make_sd_pipeline
+
+    unet = make_sd_pipeline().unet  # the expansion reaches every transformer block by its module prefix
+    spec = weights.expand(unet, {"down": 0.25, "mid": 0.5, "up": 0.75}, "test")
+    assert isinstance(spec, dict) and spec["mid_block.attentions.0"] == 0.5
+    assert {k: v for k, v in spec.items() if k.startswith("down_blocks.")} and \
+        all(v == 0.25 for k, v in spec.items() if k.startswith("down_blocks."))
 
 
 def _diffusers_imports() -> list[tuple[str, str, str]]:
