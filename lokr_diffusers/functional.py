@@ -237,16 +237,22 @@ def make_kron(w1: Tensor, w2: Tensor) -> Tensor:
     return torch.kron(w1, w2.contiguous())  # kron of a non-contiguous tensor fails in torch
 
 
-def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float = 1.0) -> Tensor:
+def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float | Tensor = 1.0) -> Tensor:
     """ΔW = scale · W1 ⊗ W2, shaped like the layer's weight (out, in // groups, *kernel)."""
     w1 = rebuild_w1(f)
     out_dim, in_dim, *kernel = weight_shape
     out_k, in_n = out_dim // w1.shape[0], in_dim // w1.shape[1]
     dw = make_kron(w1, rebuild_w2(f, out_k, in_n, kernel))
-    return dw * scale if scale != 1.0 else dw
+    return _times(dw, scale)
 
 
-def add_delta(weight: Tensor, f: Factors, scale: float = 1.0, inplace: bool = False) -> Tensor:
+def _times(t: Tensor, scale: float | Tensor) -> Tensor:
+    """t · scale; no op for the float 1 (a tensor scale, as under torch.compile, always multiplies:
+    testing its value would be a data-dependent branch)."""
+    return t * scale if isinstance(scale, Tensor) or scale != 1.0 else t
+
+
+def add_delta(weight: Tensor, f: Factors, scale: float | Tensor = 1.0, inplace: bool = False) -> Tensor:
     """weight + scale · W1 ⊗ W2 in one pass, without materialising the kron: W viewed as
     (out_l, out_k, in_m, in_n, *kernel) gets W1[i, :, j, :] · W2[:, p, :, q] by a broadcast addcmul.
     Falls back to delta_weight when shapes or dtypes do not allow the view."""
@@ -262,14 +268,16 @@ def add_delta(weight: Tensor, f: Factors, scale: float = 1.0, inplace: bool = Fa
     view = weight.view(out_l, out_k, in_m, in_n, *kernel)
     a = w1.reshape(out_l, 1, in_m, 1, *ones)
     b = w2.reshape(1, out_k, 1, in_n, *kernel)
+    if isinstance(scale, Tensor):  # addcmul's value must be a number: scale the small factor instead
+        a, scale = a * scale.to(a.dtype), 1.0
     if inplace:
         view.addcmul_(a, b, value=scale)
         return weight
     return torch.addcmul(view, a, b, value=scale).view(weight.shape)
 
 
-def adapt_weight(weight: Tensor, f: Factors, scale: float, dora_scale: Tensor | None = None,
-                 strength: float = 1.0, inplace: bool = False) -> Tensor:
+def adapt_weight(weight: Tensor, f: Factors, scale: float | Tensor, dora_scale: Tensor | None = None,
+                 strength: float | Tensor = 1.0, inplace: bool = False) -> Tensor:
     """The weight after one adapter at `strength`: W + strength·scale·(W1 ⊗ W2), or for DoRA
     W + strength·(m·(W + ΔW)/‖W + ΔW‖ − W) with ΔW = scale·(W1 ⊗ W2), normalised in the wider of the
     two dtypes (fp16 weights are not normalised in fp16). In place only for the plain rule."""
@@ -301,7 +309,7 @@ class ConvArgs:
     dilation: tuple[int, ...]
 
 
-def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float, conv: ConvArgs | None = None) -> Tensor:
+def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, conv: ConvArgs | None = None) -> Tensor:
     """ΔW·x without building ΔW (the vec trick): returns the adapter's output only.
 
     Linear: x (..., in_m·in_n) -> X (..., in_m, in_n); ΔW x = scale · flatten(W1 · X · W2ᵀ).
@@ -314,7 +322,7 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float, conv: ConvAr
     return _apply_lokr_conv(x, f, plan, w1, scale, conv)
 
 
-def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float) -> Tensor:
+def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float | Tensor) -> Tensor:
     lead, tokens = x.shape[:-1], x.numel() // (plan.in_m * plan.in_n)
     x2 = x.reshape(tokens * plan.in_m, plan.in_n)  # one row per (token, input group)
     if plan.w2_lowrank:
@@ -331,7 +339,8 @@ def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale:
     return y.reshape(*lead, plan.out_l * plan.out_k) * scale
 
 
-def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float, conv: ConvArgs) -> Tensor:
+def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float | Tensor,
+                     conv: ConvArgs) -> Tensor:
     nd = len(plan.kernel)
     op: Any = F.conv1d if nd == 1 else F.conv2d  # Any: torch's overloads split str / tuple padding
     ones = (1,) * nd
@@ -418,7 +427,7 @@ def dora_on_output_axis(dora_scale: Tensor, weight_shape: Sequence[int]) -> bool
     return True
 
 
-def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor, strength: float = 1.0) -> Tensor:
+def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor, strength: float | Tensor = 1.0) -> Tensor:
     """The DoRA-adapted weight W'' = W + s·(W' − W), W' = m · (W + ΔW) / (‖W + ΔW‖ + eps).
 
     The norm runs per output row or per input column, as dora_scale's shape says. This is the
@@ -434,7 +443,9 @@ def dora_weight(weight: Tensor, delta: Tensor, dora_scale: Tensor, strength: flo
         norm = norm.reshape(1, -1, *[1] * (merged.dim() - 2))
     m = dora_scale.reshape(norm.shape).to(merged.dtype)
     adapted = merged * (m / (norm + eps))
-    return weight + strength * (adapted - weight) if strength != 1.0 else adapted
+    if isinstance(strength, Tensor) or strength != 1.0:
+        return weight + strength * (adapted - weight)
+    return adapted
 
 
 def dora_row_norms(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:

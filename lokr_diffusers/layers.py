@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 ForwardMode = Literal["auto", "merged", "bypass"]
 _PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d)  # base layers whose op `_run` reproduces exactly
+Strengths = tuple[tuple[str, "float | Tensor"], ...]  # (adapter, strength): floats, or tensors when traced
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -71,6 +72,11 @@ class LoKrLayer(nn.Module):
         self.version = 0  # bumped by every commit
         self._applied: S.Pairs = ()  # state.applied(), cached for forward
         self._call_scale = 1.0  # diffusers' cross_attention_kwargs["scale"] during one call (scaling.py)
+        # The same numbers as 0-dim tensors on the weight's device, for torch.compile: a traced forward
+        # reads (scale, weight) per applied adapter and the call scale from tensors, so changing them
+        # recompiles nothing (a Python float would be a guarded constant). Rebuilt on every commit.
+        self._traced: dict[str, tuple[Tensor, Tensor]] = {}
+        self._call_t = torch.ones(())
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
         self._kept: tuple[tuple | None, Tensor, list[Tensor]] | None = None  # W + ΔW reused (reuse.py)
         self._tensor_list: tuple[tuple, list[Tensor]] | None = None
@@ -154,6 +160,25 @@ class LoKrLayer(nn.Module):
         self.version += 1
         self._kept = None
         self._tensor_list = None
+        self._sync_traced()
+
+    def _sync_traced(self) -> None:
+        """`_traced` for the applied adapters, in order; new tensors (never in-place: a tensor made
+        under inference_mode could not be updated or saved for backward outside it)."""
+        w = self.weight
+        if w.device.type == "meta":
+            self._traced = {}
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self._traced = {a: (torch.full((), self.scaling[a], device=w.device),
+                                torch.full((), s, device=w.device)) for a, s in self._applied}
+            self._call_t = torch.full((), self._call_scale, device=w.device)
+
+    def set_call_scale(self, scale: float) -> None:
+        """diffusers' per-call LoRA scale (scaling.call_scale), as a float and for traced forwards."""
+        self._call_scale = scale
+        with torch.inference_mode(False), torch.no_grad():
+            self._call_t = torch.full((), scale, device=self.weight.device)
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make these adapters the active ones (those the layer has; others are ignored here)."""
@@ -253,7 +278,9 @@ class LoKrLayer(nn.Module):
         w = self.weight
         probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None
         if probe is None or probe.dtype == w.dtype:
-            return cast(LoKrLayer, super()._apply(fn, recurse))
+            super()._apply(fn, recurse)
+            self._sync_traced()
+            return self
         saved = self.state
         self.commit(S.unfuse(saved))
         super()._apply(fn, recurse)
@@ -289,10 +316,11 @@ class LoKrLayer(nn.Module):
         return keep
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, args, kwargs)
         kept = self._kept
         if kept is not None and not args and not kwargs and not torch.is_grad_enabled() and not self.training \
-                and self._call_scale == 1.0 and self.forward_mode != "bypass" and reuse.enabled() \
-                and not torch.compiler.is_compiling():
+                and self._call_scale == 1.0 and self.forward_mode != "bypass" and reuse.enabled():
             # the denoising loop's path: nothing changed since W + ΔW was built (reuse.py)
             base = cast(nn.Module, self._modules["base_layer"])
             tensors = self._tensor_list[1] if self._tensor_list is not None else ()
@@ -303,25 +331,47 @@ class LoKrLayer(nn.Module):
         if self.training:
             self._check_fused_frozen()
             applied = tuple(p for p in applied if not self._module_dropped(p[0]))
-        if not applied:  # fused, disabled or nothing active: the base op, without a second module call
-            base = cast(nn.Module, self._modules["base_layer"])
-            if args or kwargs or "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or \
-                    base._forward_hooks or base._forward_pre_hooks or type(base) not in _PLAIN:
-                return base(x, *args, **kwargs)
-            return self._run(x, cast(Tensor, base._parameters["weight"]), base._parameters.get("bias"))
+        if not applied:  # fused, disabled or nothing active
+            return self._base(x, args, kwargs)
         if self._call_scale != 1.0:
             applied = tuple((a, s * self._call_scale) for a, s in applied)
         direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__  # accelerate's hook
         if direct and not self.training and self.forward_mode != "bypass" and reuse.enabled() and \
-                not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                not torch.is_grad_enabled():
             w_eff = self._reused_weight(applied)
             if w_eff is not None:
                 return self._run(x, w_eff, self.bias)
+        return self._forward_applied(x, applied, direct, args, kwargs)
+
+    def _forward_traced(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """forward under torch.compile: the same paths without reuse, with each adapter's scale and
+        strength and the call scale read from tensors (`_traced`), so that changing them, or the
+        factors' values, recompiles nothing (docs/performance.md §torch.compile)."""
+        names = tuple(self._traced)
+        if self.training:
+            self._check_fused_frozen()
+            names = tuple(a for a in names if not self._module_dropped(a))
+        if not names:
+            return self._base(x, args, kwargs)
+        applied = tuple((a, self._traced[a][1] * self._call_t) for a in names)
+        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__
+        return self._forward_applied(x, applied, direct, args, kwargs)
+
+    def _base(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The base op alone, without a second module call where nothing else needs one."""
+        base = cast(nn.Module, self._modules["base_layer"])
+        if args or kwargs or "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or \
+                base._forward_hooks or base._forward_pre_hooks or type(base) not in _PLAIN:
+            return cast(Tensor, base(x, *args, **kwargs))
+        return self._run(x, cast(Tensor, base._parameters["weight"]), base._parameters.get("bias"))
+
+    def _forward_applied(self, x: Tensor, applied: Strengths, direct: bool, args: tuple, kwargs: dict) -> Tensor:
+        """The applied adapters at these strengths: each merged into W or applied to x (bypass)."""
         if any(a in self.dora_scale for a, _ in applied):
             return self._forward_in_order(x, applied, direct, args, kwargs)
         tokens = self._tokens(x)
-        in_merge: list[tuple[str, float]] = []
-        in_bypass: list[tuple[str, float]] = []
+        in_merge: list[tuple[str, float | Tensor]] = []
+        in_bypass: list[tuple[str, float | Tensor]] = []
         for a, s in applied:
             (in_bypass if self._choose_bypass(a, tokens, direct) else in_merge).append((a, s))
         w = self.weight
@@ -338,6 +388,12 @@ class LoKrLayer(nn.Module):
         for a, s in in_bypass:
             result = result + self._bypass(x, a, s)
         return result
+
+    def _scale_of(self, adapter_name: str, strength: float | Tensor) -> float | Tensor:
+        """scale · strength: floats in eager, tensors when traced (`_forward_traced`)."""
+        if isinstance(strength, Tensor):
+            return self._traced[adapter_name][0] * strength
+        return self.scaling[adapter_name] * strength
 
     def _reused_weight(self, applied: S.Pairs) -> Tensor | None:
         """W + ΔW for these strengths, kept from an earlier call while its key holds (reuse.py):
@@ -367,14 +423,14 @@ class LoKrLayer(nn.Module):
         self._tensor_list = ((self.version, names), tensors)
         return tensors
 
-    def _forward_in_order(self, x: Tensor, applied: S.Pairs, direct: bool, args: tuple, kwargs: dict) -> Tensor:
+    def _forward_in_order(self, x: Tensor, applied: Strengths, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""
         w_eff = self._adapted_weight(applied)
         if direct:
             return self._run(x, w_eff, self.bias)
         return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - self.weight, None)
 
-    def _adapted_weight(self, applied: S.Pairs) -> Tensor:
+    def _adapted_weight(self, applied: Strengths) -> Tensor:
         """W + the applied adapters' changes, a new tensor: with a DoRA adapter, adapter by adapter in
         order (each normalises the weight it is given, as fuse does); otherwise one pass per adapter
         (functional.add_delta, no kron materialised)."""
@@ -385,19 +441,20 @@ class LoKrLayer(nn.Module):
                 w_eff = w_eff + self._contribution(a, s, w_eff)
             return w_eff
         for a, s in applied:
-            w_eff = LF.add_delta(w_eff, self.factors(a), self.scaling[a] * s, inplace=w_eff is not w)
+            w_eff = LF.add_delta(w_eff, self.factors(a), self._scale_of(a, s), inplace=w_eff is not w)
         return w_eff
 
-    def _delta(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
+    def _delta(self, adapter_name: str, strength: float | Tensor, w: Tensor) -> Tensor:
         """What one adapter at `strength` adds to the weight `w`: strength·scale·W1⊗W2, or for DoRA
         the change W'' − W (DoRA normalises the weight it is given), in the factors' dtype for a
         plain adapter and in w's for DoRA."""
-        f, scale = self.factors(adapter_name), self.scaling[adapter_name]
+        f = self.factors(adapter_name)
+        scale = self._traced[adapter_name][0] if isinstance(strength, Tensor) else self.scaling[adapter_name]
         if adapter_name not in self.dora_scale:
             return LF.delta_weight(f, self.weight_shape, scale * strength)
         return LF.adapt_weight(w, f, scale, self.dora_scale[adapter_name], strength) - w
 
-    def _contribution(self, adapter_name: str, strength: float, w: Tensor) -> Tensor:
+    def _contribution(self, adapter_name: str, strength: float | Tensor, w: Tensor) -> Tensor:
         """`_delta` in w's dtype, with this call's rank-dropout mask on its output rows."""
         delta = self._delta(adapter_name, strength, w).to(w.dtype)
         mask = self._rank_mask(adapter_name, delta)
@@ -440,9 +497,9 @@ class LoKrLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
         return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
 
-    def _bypass(self, x: Tensor, adapter_name: str, strength: float) -> Tensor:
+    def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
         f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
-        y = LF.apply_lokr(x, f, self.plans[adapter_name], self.scaling[adapter_name] * strength, self._conv_args())
+        y = LF.apply_lokr(x, f, self.plans[adapter_name], self._scale_of(adapter_name, strength), self._conv_args())
         mask = self._rank_mask(adapter_name, y)
         if mask is not None:
             shape = [1] * y.dim()

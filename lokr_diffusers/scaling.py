@@ -29,24 +29,36 @@ TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("te
 
 
 def _check(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # abs(s) < inf, not math.isfinite: under torch.compile a scale that changed between calls is a
+    # symbolic float, which a comparison keeps symbolic (no recompilation per value) and isfinite cannot take
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) < math.inf:
         raise ValueError(f"the LoRA/LoKr call scale must be a finite number, got {scale!r}")
-    return float(scale)
+    return scale
+
+
+def _scale_layers(models: Iterable[nn.Module], scale: float) -> list[tuple[LoKrLayer, float]]:
+    """Multiply the call scale of the LoKr layers of `models` by `scale`; returns what to restore.
+    Plain lists and calls, no context-manager object: the hooks below run inside torch.compile."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoKrLayer)] if scale != 1.0 else []
+    saved = [(layer, layer._call_scale) for layer in layers]
+    for layer, s in saved:
+        layer.set_call_scale(s * scale)
+    return saved
+
+
+def _restore(saved: list[tuple[LoKrLayer, float]]) -> None:
+    for layer, s in saved:
+        layer.set_call_scale(s)
 
 
 @contextmanager
 def call_scale(models: Iterable[nn.Module], scale: float) -> Iterator[None]:
     """Scale the unfused LoKr adapters of `models` by `scale` inside the block."""
-    scale = _check(scale)
-    layers = [m for model in models for m in model.modules() if isinstance(m, LoKrLayer)] if scale != 1.0 else []
-    saved = [layer._call_scale for layer in layers]
-    for layer in layers:
-        layer._call_scale = layer._call_scale * scale
+    saved = _scale_layers(models, _check(scale))
     try:
         yield
     finally:
-        for layer, s in zip(layers, saved, strict=True):
-            layer._call_scale = s
+        _restore(saved)
 
 
 def _scale_from(kwargs: dict[str, Any]) -> float:
@@ -58,17 +70,13 @@ def _scale_from(kwargs: dict[str, Any]) -> float:
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    scale = _scale_from(kwargs)
-    stack = module.__dict__.setdefault("_lokr_scale_stack", [])
-    context = call_scale([module], scale)
-    context.__enter__()
-    stack.append(context)
+    module.__dict__.setdefault("_lokr_scale_stack", []).append(_scale_layers([module], _scale_from(kwargs)))
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
     stack = module.__dict__.get("_lokr_scale_stack")
     if stack:
-        stack.pop().__exit__(None, None, None)
+        _restore(stack.pop())
 
 
 def install(model: nn.Module) -> None:

@@ -1,0 +1,242 @@
+"""torch.compile with LoKr (issue 10 item 4): `fullgraph=True` traces the adapted model, and changing
+what does not change shapes (factor values, an adapter's weight or scale, diffusers' call scale, a
+hotswap of equal shapes) recompiles nothing, while the compiled model still sees every change.
+
+Dynamo's guards do not depend on the backend, so the cheap "eager" backend counts recompilations;
+"aot_eager" runs backward through the traced graph. Each change is checked twice: the compiled
+output equals the eager output after it (so the change reached the graph), and the compiled model
+was not recompiled (`torch.compiler.set_stance("fail_on_recompile")` raises if it would be).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from lokr_diffusers import LoKrConfig, LoKrModel
+from lokr_diffusers.layers import LoKrLayer
+from lokr_diffusers.model import lokr_layers
+from lokr_diffusers.scaling import call_scale
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Block(nn.Module):
+    """A Linear, a 3x3 Conv2d (Tucker factors) and a Conv1d: each layer type the injector makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 64)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = self.conv(img)  # (B, 8, 6, 6)
+        h = self.conv1d(h.flatten(2)).mean(-1)  # (B, 8)
+        return self.proj(x).mean(1) + h.sum(-1, keepdim=True)  # (B, 64)
+
+
+def _model(names: tuple[str, ...] = ("a",), dora: bool = False) -> LoKrModel:
+    torch.manual_seed(0)
+    base = Block()
+    cfg = LoKrConfig(r=4, alpha=2, target_modules=["proj", "conv", "conv1d"], init_weights=False,
+                     use_effective_conv2d=True, decompose_factor=2)
+    model = LoKrModel(base, cfg, names[0])
+    for n in names[1:]:
+        model.add_adapter(n, cfg)
+    if dora:
+        for _, layer in lokr_layers(model):
+            layer.dora_scale[names[0]] = nn.Parameter(layer.weight.detach().flatten(1).norm(dim=1).view(
+                -1, *[1] * (layer.weight.dim() - 1)) * 1.1)
+            layer.commit(layer.state)
+    return model
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 5, 32, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+
+
+def graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def assert_same_without_recompiling(model: nn.Module, compiled: Callable, change: Callable[[], object]) -> None:
+    """The compiled model's output, after `change`, equals eager's and differs from before it, with no
+    new graph."""
+    x, img = _inputs()
+    with torch.no_grad():
+        before = compiled(x, img)
+        n = graphs()
+        change()
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            after = compiled(x, img)
+        finally:
+            torch.compiler.set_stance("default")
+        expected = model(x, img)
+    assert graphs() == n
+    assert not torch.equal(before, after), "the change did not change the output: the test cannot see it"
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def _layers(model: nn.Module) -> list[LoKrLayer]:
+    return [layer for _, layer in lokr_layers(model)]
+
+
+def _scale_factors(model: nn.Module) -> None:
+    for layer in _layers(model):
+        for t in layer.factors("a").values():
+            t.mul_(1.5)
+
+
+CHANGES: dict[str, Callable[[LoKrModel], object]] = {
+    "factor values in place (an optimizer step)": _scale_factors,
+    "adapter weight": lambda m: m.set_adapter_weight("a", 0.3),
+    "adapter scale (a hotswap with another alpha)": lambda m: [
+        (layer.scaling.__setitem__("a", layer.scaling["a"] * 3), layer.commit(layer.state)) for layer in _layers(m)],
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("mode", ["auto", "merged", "bypass"])
+def test_change_reaches_compiled_model_without_recompiling(change: str, mode: str) -> None:
+    model = _model().eval()
+    model.set_forward_mode(mode)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert_same_without_recompiling(model, compiled, lambda: CHANGES[change](model))
+
+
+def test_call_scale_reaches_compiled_model_without_recompiling() -> None:
+    model = _model().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        n = graphs()
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            with call_scale([model], 0.25):
+                scaled = compiled(x, img)
+            plain = compiled(x, img)
+        finally:
+            torch.compiler.set_stance("default")
+        with call_scale([model], 0.25):
+            expected = model(x, img)
+        assert graphs() == n
+        torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain, model(x, img), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(scaled, plain)
+
+
+def test_two_adapters_and_dora_compile_fullgraph() -> None:
+    model = _model(("a", "b"), dora=True).eval()
+    model.set_adapter(["a", "b"])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, img), model(x, img), rtol=1e-5, atol=1e-5)
+    assert_same_without_recompiling(model, compiled, lambda: [layer.set_adapter_weight("b", -0.7)
+                                                              for layer in _layers(model)])
+
+
+def test_fused_and_disabled_compile_fullgraph() -> None:
+    model = _model().eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        unfused = compiled(x, img)
+        model.merge_adapter()
+        torch.testing.assert_close(compiled(x, img), unfused, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(compiled(x, img), model.model(x, img), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "merged", "bypass"])
+def test_training_step_compiles_fullgraph_with_the_same_gradients(mode: str) -> None:
+    model = _model().train()
+    model.set_forward_mode(mode)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, img = _inputs()
+    compiled(x, img).square().mean().backward()
+    ref(x, img).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    # an optimizer step changes factor values in place: the next compiled step must not recompile
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    n = graphs()
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        compiled(x, img).square().mean().backward()
+    finally:
+        torch.compiler.set_stance("default")
+    assert graphs() == n
+
+
+def test_device_move_keeps_traced_numbers_with_the_weight() -> None:
+    model = _model()
+    model.to(torch.float64)
+    for layer in _layers(model):
+        assert {t.device for pair in layer._traced.values() for t in pair} == {layer.weight.device}
+        assert layer._call_t.device == layer.weight.device
+
+
+def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() -> None:
+    """`pipe.unet.compile(fullgraph=True)` with a loaded LoKr file: diffusers' set_adapters, a hotswap
+    of another file of equal shapes and the call scale reach the compiled UNet without recompiling
+    (the call scale after its first change: Dynamo then makes the number symbolic, as for any
+    float argument)."""
+    from state_sources import _source, base_pipe, lokr_files
+
+    pipe, ref = base_pipe(), base_pipe()
+    for p in (pipe, ref):
+        p.load_lora_weights(dict(lokr_files()["a"]), adapter_name="kr")
+    unet = pipe.unet.eval()
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 10]), torch.randn(2, 77, 32, generator=g))
+
+    def run(model: nn.Module, scale: float) -> torch.Tensor:
+        return model(*args, cross_attention_kwargs={"scale": scale}).sample
+
+    steps: list[tuple[str, Callable[[object], object], float]] = [
+        ("set_adapters", lambda p: p.set_adapters(["kr"], [0.5]), 1.0),
+        ("hotswap", lambda p: p.load_lora_weights(dict(_source("a", 11)), adapter_name="kr", hotswap=True), 1.0),
+        ("call scale", lambda p: None, 0.5),
+    ]
+    with torch.no_grad():
+        unet.compile(fullgraph=True, backend="eager")
+        run(unet, 1.0)
+        run(unet, 0.3)  # the one recompilation: the call scale becomes a symbolic float
+        before = run(unet, 1.0)
+        n = graphs()
+        for name, change, scale in steps:
+            change(pipe)
+            change(ref)
+            torch.compiler.set_stance("fail_on_recompile")
+            try:
+                out = run(unet, scale)
+            finally:
+                torch.compiler.set_stance("default")
+            assert not torch.equal(out, before), name
+            torch.testing.assert_close(out, run(ref.unet, scale), rtol=1e-5, atol=1e-5, msg=name)
+            before = out
+    assert graphs() == n
