@@ -279,6 +279,7 @@ class LoKrLayer(nn.Module):
         probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None
         if probe is None or probe.dtype == w.dtype:
             super()._apply(fn, recurse)
+            self._fused.follow(self.weight)
             self._sync_traced()
             return self
         saved = self.state
@@ -495,6 +496,8 @@ class LoKrLayer(nn.Module):
         if not direct:  # no cheap W + ΔW path: ΔW would cost a second full matmul
             return True
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
+        if not needs_grad and torch.compiler.is_compiling():
+            return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
         return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
 
     def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
