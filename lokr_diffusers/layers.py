@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import functional as LF
-from . import reuse
+from . import paths, reuse
 from . import state as S
 from .config import LoKrConfig
 from .fusing import Frozen, FusedWeight
@@ -374,7 +374,7 @@ class LoKrLayer(nn.Module):
         in_merge: list[tuple[str, float | Tensor]] = []
         in_bypass: list[tuple[str, float | Tensor]] = []
         for a, s in applied:
-            (in_bypass if self._choose_bypass(a, tokens, direct) else in_merge).append((a, s))
+            (in_bypass if self._choose_bypass(a, x, tokens, direct) else in_merge).append((a, s))
         w = self.weight
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
             result = self._run(x, self._adapted_weight(tuple(in_merge)), self.bias)  # W + Σ ΔW, then one op
@@ -487,7 +487,7 @@ class LoKrLayer(nn.Module):
                                    "factors; unfuse it first (pipe.unfuse_lokr() / model.unmerge_adapter()) or "
                                    "freeze it (requires_grad_(False))")
 
-    def _choose_bypass(self, adapter_name: str, tokens: int, direct: bool) -> bool:
+    def _choose_bypass(self, adapter_name: str, x: Tensor, tokens: int, direct: bool) -> bool:
         if not self._can_bypass():
             return False
         mode = self.forward_mode
@@ -498,7 +498,36 @@ class LoKrLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
         if not needs_grad and torch.compiler.is_compiling():
             return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
+        device = self.weight.device
+        if paths.path_choice(device.type) == "measure" and not self._rank_mask_on(adapter_name) and \
+                paths.can_measure(device):
+            key = (type(self), self.weight_shape, self._conv_args(), self.plans[adapter_name], tuple(x.shape),
+                   x.dtype, self.weight.dtype, device, torch.is_autocast_enabled(device.type),
+                   torch.get_autocast_dtype(device.type), needs_grad, x.requires_grad)
+            return paths.measured(key, lambda: self._measure_bypass(x, adapter_name, needs_grad))
         return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
+
+    def _measure_bypass(self, x: Tensor, adapter_name: str, needs_grad: bool) -> bool:
+        """Time this adapter's two paths on x (paths.py): the op with W + ΔW, or the base op plus the
+        factors applied to x; in training with backward to the factors (and x). Gradients are returned,
+        never accumulated into .grad; no random numbers are drawn (no rank dropout here)."""
+        xs = x.detach().requires_grad_(needs_grad and x.requires_grad)
+        wanted = [t for t in self.factors(adapter_name).values() if t.requires_grad]
+        wanted += [xs] if xs.requires_grad else []
+        one = ((adapter_name, 1.0),)
+
+        def run(y: Tensor) -> None:
+            if needs_grad:
+                torch.autograd.grad(y.float().sum(), wanted)
+
+        def merged() -> None:
+            run(self._run(xs, self._adapted_weight(one), self.bias))
+
+        def bypass() -> None:
+            run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0))
+
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            return paths.bypass_is_faster(bypass, merged, self.weight.device)
 
     def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
         f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
