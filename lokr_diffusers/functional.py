@@ -308,6 +308,8 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float, conv: ConvAr
     Linear: x (..., in_m·in_n) -> X (..., in_m, in_n); ΔW x = scale · flatten(W1 · X · W2ᵀ).
     Conv: the in_m channel groups fold into the batch, W2 (or w2_b, t2, w2_a) convolves each,
     then W1 mixes the groups: x (B, in_m·in_n, *S) -> (B, out_l·out_k, *S').
+    With a gradient wanted (grad mode on, x or a factor requiring grad) the Linear case runs as one
+    autograd Function (`_LinearBypass`); otherwise, and for convs, as plain ops.
     """
     if conv is None:
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in f.values())):
