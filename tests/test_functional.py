@@ -265,6 +265,21 @@ def test_linear_bypass_function_gradcheck(kind: str, lead: tuple[int, ...], scal
             assert torch.autograd.gradcheck(fn, (x, *f.values())), (frozen, x_grad)
 
 
+def test_linear_bypass_function_takes_a_non_contiguous_or_empty_input() -> None:
+    plan = LINEAR_PLANS["low_low"]
+    _, f = _linear_case(plan, (1,))
+    f = {n: t.requires_grad_() for n, t in f.items()}
+    x = torch.randn(plan.in_m * plan.in_n, 7, dtype=torch.float64).t().requires_grad_()  # (7, in), strided
+    assert not x.is_contiguous()
+    assert torch.autograd.gradcheck(lambda x, *ts: LF.apply_lokr(x, dict(zip(f, ts, strict=True)), plan, 0.3),
+                                    (x, *f.values()))
+    empty = torch.randn(0, plan.in_m * plan.in_n, dtype=torch.float64, requires_grad=True)
+    y = LF.apply_lokr(empty, f, plan, 0.3)
+    y.sum().backward()
+    assert y.shape == (0, plan.out_l * plan.out_k) and empty.grad is not None and empty.grad.shape == empty.shape
+    assert all(t.grad is not None and not t.grad.any() for t in f.values())
+
+
 def _plain(x: torch.Tensor, f: dict[str, torch.Tensor], plan: LF.LoKrPlan, scale: float) -> torch.Tensor:
     """The no-grad path's ops, differentiated by autograd op by op."""
     return LF._apply_lokr_linear(x, f, plan, LF.rebuild_w1(f), scale)
