@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 FACTOR_NAMES: tuple[str, ...] = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -315,11 +316,14 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, con
     Linear: x (..., in_m·in_n) -> X (..., in_m, in_n); ΔW x = scale · flatten(W1 · X · W2ᵀ).
     Conv: the in_m channel groups fold into the batch, W2 (or w2_b, t2, w2_a) convolves each,
     then W1 mixes the groups: x (B, in_m·in_n, *S) -> (B, out_l·out_k, *S').
+    With a gradient wanted (grad mode on, x or a factor requiring grad) the Linear case runs as one
+    autograd Function (`_LinearBypass`); otherwise, and for convs, as plain ops.
     """
-    w1 = rebuild_w1(f)
     if conv is None:
-        return _apply_lokr_linear(x, f, plan, w1, scale)
-    return _apply_lokr_conv(x, f, plan, w1, scale, conv)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in f.values())):
+            return _apply_lokr_linear_fn(x, f, scale)
+        return _apply_lokr_linear(x, f, plan, rebuild_w1(f), scale)
+    return _apply_lokr_conv(x, f, plan, rebuild_w1(f), scale, conv)
 
 
 def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float | Tensor) -> Tensor:
@@ -337,6 +341,116 @@ def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale:
         h = (x2 @ f["lokr_w2"].t()).reshape(tokens, plan.in_m, plan.out_k)  # (T, in_m, out_k)
         y = torch.matmul(w1, h)  # (T, out_l, out_k)
     return y.reshape(*lead, plan.out_l * plan.out_k) * scale
+
+
+def _apply_lokr_linear_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tensor:
+    """`_apply_lokr_linear` through `_LinearBypass` (for training: fewer ops, lean saved tensors).
+
+    Under autocast the inputs are cast here, as autocast would cast them for each matmul (floating
+    tensors but float64), and the Function runs with autocast off, so its backward sees one dtype;
+    the casts are recorded outside, so the factors' gradients come back in their own dtype."""
+    if isinstance(scale, Tensor):  # traced (torch.compile): the Function's scale must be a number
+        return _apply_lokr_linear_fn(x, f, 1.0) * scale
+    tensors = [x, *(f.get(n) for n in _LINEAR_NAMES)]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                   for t in tensors]
+        with torch.autocast(device_type, enabled=False):
+            return _LinearBypass.apply(*tensors, scale)  # type: ignore[no-any-return]
+    return _LinearBypass.apply(*tensors, scale)  # type: ignore[no-any-return]
+
+
+_LINEAR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+class _LinearBypass(torch.autograd.Function):
+    """y = scale · flatten(W1 · X · W2ᵀ) per token, X (in_m, in_n) the token's input, as one node.
+
+    Forward: A = X W2ᵀ (X w2_bᵀ for a low-rank W2) is one tall GEMM over all (token, input group)
+    rows; W1 mixes the groups by one bmm against W1 expanded over the tokens (a stride-0 view, no
+    copy); a low-rank W2 ends with a tall GEMM by w2_a. The scale rides on a tiny tensor, the W2
+    factor on the output side of A's GEMM (w2, or w2_a), so every other gradient carries it for free
+    and that factor's own gradient takes it back through addmm's alpha. Saved: only what the wanted
+    gradients read (`needs_input_grad`), never a weight-sized tensor. Backward is once-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor | None, w1_a: Tensor | None, w1_b: Tensor | None,
+                w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, scale: float) -> Tensor:
+        need = ctx.needs_input_grad
+        lowrank1, lowrank2 = w1 is None, w2 is None
+        w1f = cast(Tensor, w1_a) @ cast(Tensor, w1_b) if lowrank1 else cast(Tensor, w1)  # (out_l, in_m)
+        out_l, in_m = w1f.shape
+        first = cast(Tensor, w2_b if lowrank2 else w2)  # (c, in_n), c = r (low-rank W2) or out_k
+        if not lowrank2 and scale != 1.0:
+            first = first * scale
+        c, in_n = first.shape
+        tokens = x.numel() // (in_m * in_n)
+        x2 = x.reshape(tokens * in_m, in_n)  # one row per (token, input group)
+        a3 = (x2 @ first.t()).view(tokens, in_m, c)
+        w1e = w1f.expand(tokens, out_l, in_m)
+        y = b3 = torch.bmm(w1e, a3)  # (T, out_l, c)
+        last = None
+        if lowrank2:
+            last = cast(Tensor, w2_a) if scale == 1.0 else cast(Tensor, w2_a) * scale  # (out_k, r)
+            y = b3.view(tokens * out_l, c) @ last.t()  # (T·out_l, out_k)
+        grad_w1 = need[1] or need[2] or need[3]
+        grad_w2 = need[6] if lowrank2 else need[4]  # w2_b or w2: the factor next to X
+        grad_a = need[0] or grad_w2  # these need dL/dA
+        rescale = scale != 1.0 and (need[5] if lowrank2 else need[4])  # addmm's shape argument
+        ctx.dims = (tokens, out_l, in_m, c, y.shape[-1])
+        ctx.lowrank, ctx.scale, ctx.x_shape = (lowrank1, lowrank2), scale, x.shape
+        ctx.save_for_backward(
+            x2 if grad_w2 else None,  # dW2 = dAᵀ X
+            first if need[0] or (rescale and not lowrank2) else None,  # dX = dA · W2
+            a3 if grad_w1 else None,  # dW1 = Σ_t dB_t A_tᵀ
+            w1e if grad_a else None,  # dA_t = W1ᵀ dB_t
+            w1_a if lowrank1 and need[3] else None,
+            w1_b if lowrank1 and need[2] else None,
+            b3 if lowrank2 and need[5] else None,  # dw2_a = dYᵀ B
+            last if lowrank2 and (grad_a or grad_w1 or rescale) else None,  # dB = dY · w2_a
+        )
+        return y.view(*x.shape[:-1], out_l * y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        need = ctx.needs_input_grad
+        x2, first, a3, w1e, w1_a, w1_b, b3, last = ctx.saved_tensors
+        tokens, out_l, in_m, c, out_k = ctx.dims
+        lowrank1, lowrank2 = ctx.lowrank
+        scale = ctx.scale
+        gx = gw1 = gw1_a = gw1_b = gw2 = gw2_a = gw2_b = None
+        gy = gy.contiguous()  # a loss like y.sum() sends a stride-0 grad: bmm on it is ~25x slower
+        if lowrank2:
+            g2 = gy.view(tokens * out_l, out_k)
+            if need[5]:  # dw2_a = scale · dYᵀ B
+                b2 = b3.view(tokens * out_l, c)
+                gw2_a = g2.t() @ b2 if scale == 1.0 else torch.addmm(last, g2.t(), b2, beta=0, alpha=scale)
+            if w1e is None and a3 is None:
+                return None, None, None, None, None, gw2_a, None, None
+            gb3 = (g2 @ last).view(tokens, out_l, c)  # dL/dB
+        else:
+            gb3 = gy.view(tokens, out_l, c)
+        if a3 is not None:  # dW1 = Σ_t dB_t A_tᵀ (the scale is in dB or in A already)
+            g_w1 = torch.bmm(gb3, a3.transpose(1, 2)).sum(0)  # (out_l, in_m)
+            if not lowrank1:
+                gw1 = g_w1
+            if need[2]:
+                gw1_a = g_w1 @ w1_b.t()
+            if need[3]:
+                gw1_b = w1_a.t() @ g_w1
+        if w1e is not None:
+            ga = torch.bmm(w1e.transpose(1, 2), gb3).view(tokens * in_m, c)  # dL/dA
+            if need[0]:
+                gx = (ga @ first).view(ctx.x_shape)
+            if lowrank2 and need[6]:
+                gw2_b = ga.t() @ x2
+            elif not lowrank2 and need[4]:  # A = X (scale·w2)ᵀ: dw2 = scale · dAᵀ X
+                gw2 = ga.t() @ x2 if scale == 1.0 else torch.addmm(first, ga.t(), x2, beta=0, alpha=scale)
+        return gx, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
 
 
 def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float | Tensor,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -215,3 +216,170 @@ def test_add_delta_equals_weight_plus_kron(shape, r, factor, both, tucker, full)
     w2 = w.clone()
     assert LF.add_delta(w2, f, 0.3, inplace=True) is w2
     torch.testing.assert_close(w2, expected, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------- the Linear bypass in training (one autograd Function)
+# Every factor combination (W1 full / low-rank x W2 full / low-rank), by hand so that W1 low-rank with W2
+# full is there too (plan_lokr never makes it); small dims, unequal, so no axis can stand for another.
+LINEAR_PLANS = {
+    "full_full": LF.LoKrPlan(3, 4, 2, 5, (), rank1=0, rank2=0, tucker=False),
+    "full_low": LF.LoKrPlan(3, 4, 2, 5, (), rank1=0, rank2=2, tucker=False),
+    "low_full": LF.LoKrPlan(3, 4, 2, 5, (), rank1=2, rank2=0, tucker=False),
+    "low_low": LF.LoKrPlan(3, 4, 2, 5, (), rank1=1, rank2=3, tucker=False),
+}
+LEADS = [(3,), (2, 3), (2, 1, 4)]
+
+
+def _linear_case(plan: LF.LoKrPlan, lead: tuple[int, ...], dtype: torch.dtype = torch.float64, seed: int = 0,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    f = {n: torch.randn(s, generator=g, dtype=dtype) for n, s in plan.shapes().items()}
+    return torch.randn(*lead, plan.in_m * plan.in_n, generator=g, dtype=dtype), f
+
+
+def _frozen_sets(plan: LF.LoKrPlan) -> list[tuple[str, ...]]:
+    """Nothing frozen, each factor frozen alone, every factor frozen but one, every factor frozen."""
+    names = tuple(plan.shapes())
+    return [(), *((n,) for n in names), *(tuple(m for m in names if m != n) for n in names), names]
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_linear_bypass_function_gradcheck(kind: str, lead: tuple[int, ...], scale: float) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, f0 = _linear_case(plan, lead)
+    names = list(f0)
+
+    def fn(x: torch.Tensor, *ts: torch.Tensor) -> torch.Tensor:
+        y = LF.apply_lokr(x, dict(zip(names, ts, strict=True)), plan, scale)
+        assert type(y.grad_fn).__name__ == "_LinearBypassBackward"  # the Function, not the plain ops
+        return y
+
+    for frozen in _frozen_sets(plan):
+        for x_grad in (True, False):
+            if not x_grad and len(frozen) == len(f0):
+                continue  # nothing needs a gradient: the plain path runs
+            x = x0.clone().requires_grad_(x_grad)
+            f = {n: t.clone().requires_grad_(n not in frozen) for n, t in f0.items()}
+            assert torch.autograd.gradcheck(fn, (x, *f.values())), (frozen, x_grad)
+
+
+def test_linear_bypass_function_takes_a_non_contiguous_or_empty_input() -> None:
+    plan = LINEAR_PLANS["low_low"]
+    _, f = _linear_case(plan, (1,))
+    f = {n: t.requires_grad_() for n, t in f.items()}
+    x = torch.randn(plan.in_m * plan.in_n, 7, dtype=torch.float64).t().requires_grad_()  # (7, in), strided
+    assert not x.is_contiguous()
+    assert torch.autograd.gradcheck(lambda x, *ts: LF.apply_lokr(x, dict(zip(f, ts, strict=True)), plan, 0.3),
+                                    (x, *f.values()))
+    empty = torch.randn(0, plan.in_m * plan.in_n, dtype=torch.float64, requires_grad=True)
+    y = LF.apply_lokr(empty, f, plan, 0.3)
+    y.sum().backward()
+    assert y.shape == (0, plan.out_l * plan.out_k) and empty.grad is not None and empty.grad.shape == empty.shape
+    assert all(t.grad is not None and not t.grad.any() for t in f.values())
+
+
+def _plain(x: torch.Tensor, f: dict[str, torch.Tensor], plan: LF.LoKrPlan, scale: float) -> torch.Tensor:
+    """The no-grad path's ops, differentiated by autograd op by op."""
+    return LF._apply_lokr_linear(x, f, plan, LF.rebuild_w1(f), scale)
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_linear_bypass_function_equals_plain_path(kind: str, lead: tuple[int, ...], scale: float) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, f0 = _linear_case(plan, lead, torch.float32, seed=3)
+    gy = torch.randn(*lead, plan.out_l * plan.out_k, generator=torch.Generator().manual_seed(4))
+    for frozen in _frozen_sets(plan)[:-1]:
+        got, want = {}, {}
+        for path, out in (("fn", got), ("plain", want)):
+            x = x0.clone().requires_grad_(True)
+            f = {n: t.clone().requires_grad_(n not in frozen) for n, t in f0.items()}
+            y = LF.apply_lokr(x, f, plan, scale) if path == "fn" else _plain(x, f, plan, scale)
+            y.backward(gy)
+            out.update({"y": y.detach(), "x": x.grad}, **{n: t.grad for n, t in f.items()})
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if value is None:
+                assert got[name] is None, (name, frozen)  # a frozen factor gets no gradient
+            else:
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], keep: list[torch.Tensor]) -> int:
+    """Bytes of the storages autograd saves while `fn` runs, other than those of `keep` (the inputs)."""
+    held = {t.untyped_storage().data_ptr() for t in keep}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in held:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+def test_linear_bypass_function_saves_only_what_backward_needs(kind: str) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, f0 = _linear_case(plan, (64,), torch.float32)
+    factor_bytes = sum(t.numel() * 4 for t in f0.values())
+    a_bytes = 64 * plan.in_m * (plan.rank2 or plan.out_k) * 4  # A = X W2ᵀ, (T, in_m, r or out_k)
+    assert a_bytes > 4 * factor_bytes
+
+    def run(x_grad: bool, trainable: tuple[str, ...], scale: float = 0.5) -> int:
+        x = x0.clone().requires_grad_(x_grad)
+        f = {n: t.clone().requires_grad_(n in trainable) for n, t in f0.items()}
+        return _saved_bytes(lambda: LF.apply_lokr(x, f, plan, scale), [x, *f.values()])
+
+    names = tuple(f0)
+    w1_names = tuple(n for n in names if n.startswith("lokr_w1"))
+    assert run(True, names) >= a_bytes  # W1's gradient reads A (the counter sees intermediates)
+    assert run(True, ()) <= factor_bytes  # only x trains: no activation-sized tensor kept
+    assert run(False, tuple(n for n in names if n not in w1_names and n != "lokr_w2_a")) <= factor_bytes
+
+
+def test_apply_lokr_runs_the_plain_path_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = LINEAR_PLANS["low_low"]
+    x, f = _linear_case(plan, (2, 3))
+    f = {n: t.requires_grad_() for n, t in f.items()}
+    want = _plain(x, f, plan, 0.5).detach()
+
+    def refuse(*args: object) -> torch.Tensor:
+        raise AssertionError("the Function ran without gradients")
+
+    monkeypatch.setattr(LF._LinearBypass, "apply", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(LF.apply_lokr(x, f, plan, 0.5), want, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(LF.apply_lokr(x, f, plan, 0.5), want, rtol=0, atol=0)
+    frozen = {n: t.detach() for n, t in f.items()}
+    torch.testing.assert_close(LF.apply_lokr(x, frozen, plan, 0.5), want, rtol=0, atol=0)  # nothing to train
+    with pytest.raises(AssertionError, match="without gradients"):
+        LF.apply_lokr(x, f, plan, 0.5)  # the counter-check: with a gradient wanted, the Function runs
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+def test_linear_bypass_function_under_bf16_autocast_matches_plain_path(kind: str) -> None:
+    """On CPU, autocast runs the plain path's matmuls in bf16: the Function does too, and hands back
+    gradients in the factors' and x's own dtype (fp32)."""
+    plan = LINEAR_PLANS[kind]
+    x0, f0 = _linear_case(plan, (4, 3), torch.float32, seed=6)
+    results = {}
+    for path in ("fn", "plain"):
+        x = x0.clone().requires_grad_(True)
+        f = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = LF.apply_lokr(x, f, plan, 0.7) if path == "fn" else _plain(x, f, plan, 0.7)
+        y.float().square().sum().backward()
+        results[path] = {"y": y, "x": x.grad, **{n: t.grad for n, t in f.items()}}
+    for name, want in results["plain"].items():
+        got = results["fn"][name]
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item(),
+                                   msg=name)

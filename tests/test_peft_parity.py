@@ -22,7 +22,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import peft
 import pytest
@@ -196,6 +196,31 @@ def test_forward_matches_peft_and_lycoris(case: Case) -> None:
         assert not torch.allclose(y_peft, y_lyco, atol=ATOL, rtol=0)
     else:
         _assert_ours_matches(ours, x, y_peft, "vs PEFT")
+
+
+LINEAR_CASES = [c for c in CASES if all(isinstance(m, nn.Linear) for m in c.make()) and not c.peft_deviates]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[c.id for c in LINEAR_CASES])
+@pytest.mark.parametrize("mode", ["bypass", "auto"])
+def test_training_step_gradients_match_peft(case: Case, mode: str) -> None:
+    """A forward + backward (input requiring grad, trainable factors) gives PEFT's output, input
+    gradient and factor gradients: the Linear bypass runs as one autograd Function in training."""
+    _, peft_model, ours, x = _build(case)
+    ours.set_adapter_state_dict(_peft_sd(peft_model), "default")
+    ours.set_forward_mode(mode)
+    grads: dict[str, dict[str, Tensor]] = {}
+    for name, model in (("peft", peft_model), ("ours", ours)):
+        xg = x.clone().requires_grad_(True)
+        y = model(xg)
+        y.square().sum().backward()
+        lokr = {k.split("layers.", 1)[1]: t.grad for k, t in model.named_parameters() if ".lokr_" in k}
+        assert lokr and all(g is not None for g in lokr.values()), name
+        grads[name] = {"y": y.detach(), "x": cast(Tensor, xg.grad), **lokr}
+    assert grads["ours"].keys() == grads["peft"].keys()
+    for key, want in grads["peft"].items():
+        torch.testing.assert_close(grads["ours"][key], want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
