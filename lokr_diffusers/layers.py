@@ -79,6 +79,8 @@ class LoKrLayer(nn.Module):
         self._call_t = torch.ones(())
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
         self._kept: tuple[tuple | None, Tensor, list[Tensor]] | None = None  # W + ΔW reused (reuse.py)
+        self._kept_t: Tensor | None = None  # W + ΔW stored by a compiled graph (reuse.py)
+        self._frozen = True  # _adapters_frozen(), kept for traced code
         self._tensor_list: tuple[tuple, list[Tensor]] | None = None
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
@@ -165,6 +167,10 @@ class LoKrLayer(nn.Module):
     def _sync_traced(self) -> None:
         """`_traced` for the applied adapters, in order; new tensors (never in-place: a tensor made
         under inference_mode could not be updated or saved for backward outside it)."""
+        reuse.forget_traced()
+        reuse.TRACED.layers.add(self)
+        reuse.watch_optimizers()
+        self._frozen = self._adapters_frozen()
         w = self.weight
         if w.device.type == "meta":
             self._traced = {}
@@ -174,9 +180,16 @@ class LoKrLayer(nn.Module):
                                 torch.full((), s, device=w.device)) for a, s in self._applied}
             self._call_t = torch.full((), self._call_scale, device=w.device)
 
+    def _adapters_frozen(self) -> bool:
+        """No applied adapter's tensor requires grad: a compiled graph may keep W + ΔW (reuse.py). Read
+        as a plain bool in traced code (one cheap guard, not one per factor); refreshed on every
+        commit and on train() / eval()."""
+        return not any(t.requires_grad for a, _ in self._applied for t in self.adapter_tensors(a).values())
+
     def set_call_scale(self, scale: float) -> None:
         """diffusers' per-call LoRA scale (scaling.call_scale), as a float and for traced forwards."""
         self._call_scale = scale
+        self._kept_t = None  # every layer of the model gets a new call scale: no partial drop
         with torch.inference_mode(False), torch.no_grad():
             self._call_t = torch.full((), scale, device=self.weight.device)
 
@@ -288,8 +301,14 @@ class LoKrLayer(nn.Module):
         self.commit(saved)
         return self
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # copies into the tensors in place
+        reuse.forget_traced()
+
     def train(self, mode: bool = True) -> LoKrLayer:
         self._kept = None
+        reuse.forget_traced()
+        self._frozen = self._adapters_frozen()
         return cast(LoKrLayer, super().train(mode))
 
     # ------------------------------------------------------------------------------------ forward
@@ -354,9 +373,18 @@ class LoKrLayer(nn.Module):
             names = tuple(a for a in names if not self._module_dropped(a))
         if not names:
             return self._base(x, args, kwargs)
-        applied = tuple((a, self._traced[a][1] * self._call_t) for a in names)
         direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__
-        return self._forward_applied(x, applied, direct, args, kwargs)
+        if direct and not self.training and not torch.is_grad_enabled() and self._frozen and \
+                self.forward_mode != "bypass" and reuse.enabled():
+            kept = self._kept_t  # frozen adapters: W + ΔW built once by the graph, then reused (reuse.py)
+            if kept is None:
+                kept = self._kept_t = self._adapted_weight(self._traced_strengths(names))
+                reuse.TRACED.holding = True
+            return self._run(x, kept, self.bias)
+        return self._forward_applied(x, self._traced_strengths(names), direct, args, kwargs)
+
+    def _traced_strengths(self, names: tuple[str, ...]) -> Strengths:
+        return tuple((a, self._traced[a][1] * self._call_t) for a in names)
 
     def _base(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """The base op alone, without a second module call where nothing else needs one."""

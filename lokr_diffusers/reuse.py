@@ -15,6 +15,17 @@ Memory: one weight-sized tensor per adapted layer, counted per device against a 
 (default 4 GiB per device; `set_budget(bytes)`, 0 turns reuse off, None lifts the limit). A layer
 that would exceed it builds W + ΔW each call as before. Freed as soon as the layer's key changes, on
 `train()`, on a dtype/device move, or with the layer. docs/performance.md §Reuse in the denoising loop.
+
+Under torch.compile the key cannot be checked inside the graph, so a compiled layer keeps its
+W + ΔW (`_kept_t`, built and stored by the graph itself: Dynamo replays the attribute store) only
+for adapters whose factors are frozen (trainable ones see in-place updates such as EMA copies) and
+drops it on every commit, device/dtype move, `train()` / `eval()`, call-scale change,
+`load_state_dict` and optimizer step (torch's global step hook), of every layer at once
+(`forget_traced`): one layer dropping alone would be a new guard combination, a recompilation.
+Dynamo then runs two graphs, one that builds and stores, one that reuses. Those weights are not
+counted against the budget (a compiled graph cannot count); 0 still turns them off. Changing a
+frozen factor's values in place by hand (not through `load_lokr_weights(hotswap=True)`,
+`set_adapter_tensors` or an optimizer) needs `forget()` for a compiled model to see it.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import defaultdict
+from typing import Any
 
 from torch import Tensor
 
@@ -67,3 +79,43 @@ def admit(t: Tensor) -> bool:
 def _release(device: str, nbytes: int) -> None:
     with _lock:
         _used[device] -= nbytes
+
+
+class _Traced:
+    """The layers that may hold a W + ΔW stored by a compiled graph, and whether any does now (set
+    inside the graph, so that dropping them costs nothing while none does)."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.layers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+TRACED = _Traced()
+_hooked = False
+
+
+def watch_optimizers() -> None:
+    """Drop compiled graphs' kept weights after every optimizer step (an in-place change to base
+    weights or factors); registered once, when the first LoKr layer is made."""
+    global _hooked
+    if not _hooked:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda optimizer, args, kwargs: forget_traced())
+        _hooked = True
+
+
+def forget_traced() -> None:
+    """Drop every W + ΔW a compiled graph stored (all layers at once: see the module docstring)."""
+    if TRACED.holding:
+        for layer in list(TRACED.layers):
+            layer._kept_t = None
+        TRACED.holding = False
+
+
+def forget() -> None:
+    """Drop every kept W + ΔW, eager and compiled (after changing factor values by hand under
+    torch.compile; eager reuse notices such changes by itself)."""
+    forget_traced()
+    for layer in list(TRACED.layers):
+        layer._kept = None

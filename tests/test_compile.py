@@ -226,17 +226,142 @@ def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() 
         unet.compile(fullgraph=True, backend="eager")
         run(unet, 1.0)
         run(unet, 0.3)  # the one recompilation: the call scale becomes a symbolic float
-        before = run(unet, 1.0)
+        for _ in range(2):  # W + ΔW built and stored by one graph, reused by another (reuse.py)
+            before = run(unet, 1.0)
+        assert any(la._kept_t is not None for _, la in lokr_layers(unet))
         n = graphs()
         for name, change, scale in steps:
             change(pipe)
             change(ref)
             torch.compiler.set_stance("fail_on_recompile")
             try:
-                out = run(unet, scale)
+                outs = [run(unet, scale) for _ in range(2)]  # the first call builds, the second reuses
             finally:
                 torch.compiler.set_stance("default")
-            assert not torch.equal(out, before), name
-            torch.testing.assert_close(out, run(ref.unet, scale), rtol=1e-5, atol=1e-5, msg=name)
-            before = out
+            assert not torch.equal(outs[0], before), name
+            expected = run(ref.unet, scale)
+            for out in outs:
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=name)
+            before = outs[1]
     assert graphs() == n
+
+
+def _frozen() -> LoKrModel:
+    """Frozen factors, then eval(): whether a layer's adapters are frozen is read at each commit and
+    train() / eval() (reuse.py), as when adapters are loaded for inference."""
+    model = _model()
+    for _, layer in lokr_layers(model):
+        for t in layer.factors("a").values():
+            t.requires_grad_(False)
+    return model.eval()
+
+
+def test_compiled_inference_reuses_frozen_adapters_at_the_bare_op_count() -> None:
+    """Frozen adapters at inference: the first compiled call builds W + ΔW and stores it, the next
+    runs a graph with the bare model's ops (graph nodes counted); two graphs in all."""
+    model = _frozen()
+    bare = copy.deepcopy(model.model)  # the same block with each LoKr layer replaced by its base layer
+    for name, layer in lokr_layers(bare):
+        setattr(bare, name, layer.base_layer)
+    seen: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: object) -> Callable:
+        seen.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=record)
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        compiled(x, img)
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            out = compiled(x, img)
+        finally:
+            torch.compiler.set_stance("default")
+        torch.testing.assert_close(out, model(x, img), rtol=1e-5, atol=1e-5)
+        torch.compile(bare, fullgraph=True, backend=record)(x, img)
+    assert len(seen) == 3  # build, reuse, bare
+    assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+    build, reused, bare_graph = (_ops(gm) for gm in seen)
+    assert reused == bare_graph, (reused, bare_graph)
+    assert len(build) > len(bare_graph)  # the counter can tell building from reusing
+
+
+def _ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The graph's calls, by target name (placeholders, attribute reads and the output left out)."""
+    return [str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method", "call_module")]
+
+
+@pytest.mark.parametrize("change", ["adapter weight", "adapter scale (a hotswap with another alpha)"])
+def test_compiled_reuse_sees_every_change_without_recompiling(change: str) -> None:
+    model = _frozen()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        compiled(x, img)  # now reusing
+    assert_same_without_recompiling(model, compiled, lambda: CHANGES[change](model))
+    with torch.no_grad():
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            again = compiled(x, img)  # reusing what the previous call rebuilt
+        finally:
+            torch.compiler.set_stance("default")
+        torch.testing.assert_close(again, model(x, img), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_reuse_and_hand_edits_of_frozen_factors_need_forget() -> None:
+    """The documented limit (reuse.py): an in-place edit of a frozen factor outside the library is
+    seen by eager reuse by itself and by a compiled model after reuse.forget()."""
+    from lokr_diffusers import reuse
+
+    model = _frozen()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        stale = compiled(x, img)
+        _scale_factors(model)
+        assert torch.equal(compiled(x, img), stale)
+        reuse.forget()
+        torch.testing.assert_close(compiled(x, img), model(x, img), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x, img), stale)
+
+
+def test_an_optimizer_step_or_load_state_dict_drops_compiled_kept_weights() -> None:
+    model = _frozen()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    base = [p for n, p in model.named_parameters() if "base_layer" in n]
+    opt = torch.optim.SGD(base, lr=0.1)
+    for p in base:
+        p.grad = torch.ones_like(p)
+    for act in (opt.step, lambda: model.load_state_dict({k: v * 1.1 for k, v in model.state_dict().items()})):
+        with torch.no_grad():
+            compiled(x, img)
+            stale = compiled(x, img)
+        assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+        act()
+        assert all(layer._kept_t is None for _, layer in lokr_layers(model))
+        with torch.no_grad():
+            now = compiled(x, img)
+            torch.testing.assert_close(now, model(x, img), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(now, stale)
+
+
+def test_training_after_compiled_reuse_does_not_use_the_kept_weight() -> None:
+    model = _frozen()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        compiled(x, img)
+    model.train()
+    assert all(layer._kept_t is None for _, layer in lokr_layers(model))
+    for _, layer in lokr_layers(model):
+        for t in layer.factors("a").values():
+            t.requires_grad_(True)
+    compiled(x, img).square().mean().backward()
+    assert all(t.grad is not None for _, la in lokr_layers(model) for t in la.factors("a").values())
