@@ -1,8 +1,9 @@
-"""Load / fuse / unfuse time on a full-size SD1.5 UNet + text encoder (random weights, CPU, fp32):
-a rank-8 LoKr on every attention/ff/proj module with lokr_diffusers, against a rank-8 LoRA on the
-same modules with diffusers' own loader (PEFT backend), in one process. Medians of --repeats.
+"""Load / fuse / unfuse time on a full-size SD1.5 UNet + text encoder (random weights): a rank-8 LoKr
+on every attention/ff/proj module with lokr_diffusers, against a rank-8 LoRA on the same modules with
+diffusers' own loader (PEFT backend), in one process. Medians of --repeats. Also checks that unfusing
+the LoKr gives the base weights back bit for bit.
 
-    python benchmarks/bench_load_fuse.py [--repeats 3] [--threads 2]
+    python benchmarks/bench_load_fuse.py [--repeats 3] [--threads 2] [--device cuda] [--dtype fp16]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
            "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def _pipeline():
+def _pipeline(device: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     from lokr_diffusers.architectures import meta_components
@@ -32,6 +33,7 @@ def _pipeline():
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0, 0.02)
+        m.to(device=device, dtype=dtype)
     return StableDiffusionPipeline(unet=comps["unet"], text_encoder=comps["text_encoder"], vae=None, tokenizer=None,
                                    scheduler=None, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -63,9 +65,13 @@ def _files(pipe, folder: str) -> tuple[str, str, int]:
     return paths[0], paths[1], n
 
 
-def _time(fn: Callable[[], object]) -> float:
+def _time(fn: Callable[[], object], device: str) -> float:
+    """Wall time of fn, the device's queue drained before and after (GPU work counts)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -73,26 +79,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 
-    pipe = _pipeline()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = _pipeline(args.device, dtype)
+    exact = True
     times: dict[str, list[float]] = {k: [] for k in ("lokr load", "lokr fuse", "lokr unfuse", "lokr unload",
                                                      "lora load", "lora fuse", "lora unfuse", "lora unload")}
     with tempfile.TemporaryDirectory() as tmp:
         lokr_file, lora_file, n = _files(pipe, tmp)
+        dev = args.device
         for _ in range(args.repeats):
-            times["lokr load"].append(_time(lambda: pipe.load_lokr_weights(lokr_file, adapter_name="k")))
-            times["lokr fuse"].append(_time(pipe.fuse_lokr))
-            times["lokr unfuse"].append(_time(pipe.unfuse_lokr))
-            times["lokr unload"].append(_time(pipe.unload_lokr_weights))
-            times["lora load"].append(_time(lambda: pipe.load_lora_weights(lora_file, adapter_name="l")))
-            times["lora fuse"].append(_time(pipe.fuse_lora))
-            times["lora unfuse"].append(_time(pipe.unfuse_lora))
-            times["lora unload"].append(_time(pipe.unload_lora_weights))
+            # diffusers' LoRA unfuse subtracts (not bit-exact): take the weights as each round starts
+            before = {k: p.detach().clone() for k, p in pipe.unet.named_parameters()}
+            times["lokr load"].append(_time(lambda: pipe.load_lokr_weights(lokr_file, adapter_name="k"), dev))
+            times["lokr fuse"].append(_time(pipe.fuse_lokr, dev))
+            times["lokr unfuse"].append(_time(pipe.unfuse_lokr, dev))
+            times["lokr unload"].append(_time(pipe.unload_lokr_weights, dev))
+            after = dict(pipe.unet.named_parameters())
+            exact = exact and all(torch.equal(after[k], v) for k, v in before.items())
+            times["lora load"].append(_time(lambda: pipe.load_lora_weights(lora_file, adapter_name="l"), dev))
+            times["lora fuse"].append(_time(pipe.fuse_lora, dev))
+            times["lora unfuse"].append(_time(pipe.unfuse_lora, dev))
+            times["lora unload"].append(_time(pipe.unload_lora_weights, dev))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"SD1.5 UNet + CLIP-L, {n} modules, rank 8, fp32, {args.threads} threads, median of {args.repeats}:")
+    where = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"SD1.5 UNet + CLIP-L, {n} modules, rank 8, {args.dtype}, {where}, median of {args.repeats}; "
+          f"LoKr unfuse bit-exact: {exact}")
     for op in ("load", "fuse", "unfuse", "unload"):
         ratio = med[f"lokr {op}"] / med[f"lora {op}"]
         print(f"  {op:7s} LoKr (lokr_diffusers) {med[f'lokr {op}']:.2f} s   LoRA (diffusers) "
