@@ -377,7 +377,7 @@ class LoKrLayer(nn.Module):
             (in_bypass if self._choose_bypass(a, x, tokens, direct) else in_merge).append((a, s))
         w = self.weight
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
-            result = self._run(x, self._adapted_weight(tuple(in_merge)), self.bias)  # W + Σ ΔW, then one op
+            result = self._run_merged(x, tuple(in_merge))  # W + Σ ΔW, then one op
         elif in_merge:
             delta = sum((self._contribution(a, s, w) for a, s in in_merge[1:]), self._contribution(*in_merge[0], w))
             if direct:
@@ -389,6 +389,10 @@ class LoKrLayer(nn.Module):
         for a, s in in_bypass:
             result = result + self._bypass(x, a, s)
         return result
+
+    def _run_merged(self, x: Tensor, applied: Strengths) -> Tensor:
+        """The base op with W + the applied adapters' changes (no DoRA, no rank dropout)."""
+        return self._run(x, self._adapted_weight(applied), self.bias)
 
     def _scale_of(self, adapter_name: str, strength: float | Tensor) -> float | Tensor:
         """scale · strength: floats in eager, tensors when traced (`_forward_traced`)."""
@@ -521,7 +525,7 @@ class LoKrLayer(nn.Module):
                 torch.autograd.grad(y.float().sum(), wanted)
 
         def merged() -> None:
-            run(self._run(xs, self._adapted_weight(one), self.bias))
+            run(self._run_merged(xs, one))
 
         def bypass() -> None:
             run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0))
@@ -552,6 +556,19 @@ class Linear(LoKrLayer):
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
+
+    def _run_merged(self, x: Tensor, applied: Strengths) -> Tensor:
+        """With a gradient wanted and one adapter: one autograd Function (functional.apply_merged_linear:
+        its backward forms no weight-sized gradient unless W itself trains); otherwise W + ΔW, then the op."""
+        w, b = self.weight, self.bias
+        if len(applied) == 1 and torch.is_grad_enabled() and w.is_contiguous():
+            (a, s), = applied
+            f = self.factors(a)
+            if x.requires_grad or w.requires_grad or any(t.requires_grad for t in f.values()) or \
+                    (b is not None and b.requires_grad):
+                f = {n: t.to(w.dtype) for n, t in f.items()}
+                return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s))
+        return super()._run_merged(x, applied)
 
 
 class _Conv(LoKrLayer):
