@@ -621,14 +621,18 @@ MOVED = 60
 STREAMED = 20
 
 
-def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int) -> tuple[int, int]:
-    """(multiply-adds, activation elements read or written) of `apply_lokr` for `tokens` outputs."""
+def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int, needs_grad: bool = False) -> tuple[int, int]:
+    """(multiply-adds, activation elements read or written) of `apply_lokr` for `tokens` outputs
+    (needs_grad: as `_LinearBypass` runs it)."""
     k = math.prod(plan.kernel)
     r = plan.rank2
     rows = tokens * plan.in_m  # each input group is multiplied / convolved on its own
     io = tokens * (plan.in_m * plan.in_n + 2 * plan.out_l * plan.out_k)  # read x, write y, add y
-    if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, kron(W1, I_r) mix, w2_a
-        flops = tokens * r * (plan.in_m * plan.in_n + plan.in_m * plan.out_l * r + plan.out_l * plan.out_k)
+    if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, the W1 mix, w2_a
+        # without gradients W1 mixes as kron(W1, I_r) (r times the multiply-adds, one GEMM);
+        # `_LinearBypass` mixes by a bmm against W1 expanded over the tokens
+        mix = plan.in_m * plan.out_l * (1 if needs_grad else r)
+        flops = tokens * r * (plan.in_m * plan.in_n + mix + plan.out_l * plan.out_k)
         return flops, io + tokens * r * (plan.in_m + plan.out_l)
     if not plan.w2_lowrank:
         flops, inner = rows * plan.out_k * plan.in_n * k, rows * plan.out_k
@@ -641,21 +645,32 @@ def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int) -> tuple[int, int]:
 
 def bypass_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
     """Extra cost of applying the factors to x (backward: about twice the forward again)."""
-    flops, traffic = bypass_flops_and_traffic(plan, tokens)
+    flops, traffic = bypass_flops_and_traffic(plan, tokens, needs_grad)
     return (3 if needs_grad else 1) * (flops + MOVED * traffic)
 
 
 def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
     """Extra cost of one matmul with W + ΔW instead of W alone.
 
-    Building ΔW and adding it to W are two passes over a weight-sized tensor. When the factors
-    need gradients, backward also forms dL/d(W+ΔW) = gᵀx (a full-size matmul the frozen base
-    never pays) and reduces it back through the kron (about four more passes).
+    Building ΔW and adding it to W: two passes over a weight-sized tensor. With gradients:
+    - a conv forms dL/d(W+ΔW) = gᵀx (a full-size matmul the frozen base never pays) and reduces it
+      back through the kron (about four more passes);
+    - a linear layer runs `_LinearMerged`: dx costs what the bare layer's does, and the factors'
+      gradients are the vec trick's small GEMMs, C = G W2 and B = W1 X (T·out_l·in_n·out_k and
+      T·out_l·in_m·in_n multiply-adds, then as many again to contract them with X and G), bound by
+      their traffic: g and x read twice, C and B written and read, the per-token (out_l, in_m)
+      products written and summed.
     """
     numel = math.prod(plan.weight_shape)
-    if needs_grad:
+    build = 2 * STREAMED * numel
+    if not needs_grad:
+        return build
+    if plan.kernel:
         return tokens * numel + 6 * STREAMED * numel
-    return 2 * STREAMED * numel
+    out_l, in_m, out_k, in_n = plan.out_l, plan.in_m, plan.out_k, plan.in_n
+    flops = 2 * tokens * out_l * in_n * (out_k + in_m)
+    traffic = tokens * (2 * out_l * out_k + 2 * in_m * in_n + 4 * out_l * in_n + 2 * out_l * in_m)
+    return build + flops + MOVED * traffic
 
 
 def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:
