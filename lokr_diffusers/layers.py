@@ -7,9 +7,10 @@ Adapters live in ParameterDicts keyed by adapter name, named like PEFT's (`lokr_
 what is active, fused or disabled is one `state.LayerState` (docs/adapters.md). The math is in
 `functional`; this module holds parameters and picks, per call and per adapter, the cheaper of two
 equal computations:
-- "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference);
+- "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference; a Linear in
+  training runs it as one autograd Function whose backward forms no full-size weight gradient);
 - "bypass": apply the factors to x without building ΔW (cheap when ΔW dwarfs the activations,
-  and in training, where W + ΔW would cost a full-size weight-gradient matmul).
+  and for a conv in training, where W + ΔW would cost a full-size weight-gradient matmul).
 """
 
 from __future__ import annotations
