@@ -453,6 +453,139 @@ class _LinearBypass(torch.autograd.Function):
         return gx, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
 
 
+def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors,
+                        scale: float | Tensor) -> Tensor:
+    """F.linear(x, W + scale · W1 ⊗ W2, bias) for training, as one autograd Function (`_LinearMerged`).
+
+    Forward builds W + ΔW in one pass (add_delta's addcmul view, no kron) and runs one linear;
+    backward forms dx from that weight and the factors' gradients by the vec trick, never the
+    full-size dL/d(W + ΔW) = gᵀx. W must be contiguous (the view). Under autocast the inputs are
+    cast here, as autocast casts a linear's (floating tensors but float64), and the Function runs
+    with autocast off; the casts are recorded outside, so gradients come back in each tensor's dtype.
+    A tensor scale (torch.compile) multiplies W1's small factor before the Function (its value must
+    not be a number the graph guards on), so the Function's own scale is then 1."""
+    w1 = f.get("lokr_w1")
+    w1_a = f.get("lokr_w1_a")
+    if isinstance(scale, Tensor):  # W + ΔW is not linear in the scale: fold it into W1's factor
+        if w1 is not None:
+            w1 = w1 * scale.to(w1.dtype)
+        else:
+            w1_a = cast(Tensor, w1_a) * scale.to(cast(Tensor, w1_a).dtype)
+        scale = 1.0
+    tensors = [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"), f.get("lokr_w2_a"),
+               f.get("lokr_w2_b")]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                   for t in tensors]
+        with torch.autocast(device_type, enabled=False):
+            return _LinearMerged.apply(*tensors, scale)  # type: ignore[no-any-return]
+    return _LinearMerged.apply(*tensors, scale)  # type: ignore[no-any-return]
+
+
+class _LinearMerged(torch.autograd.Function):
+    """y = x · (W + scale · W1 ⊗ W2)ᵀ + b as one node: the merged path in training.
+
+    With X_t (in_m, in_n) a token's input and G_t (out_l, out_k) its output gradient, the factors'
+    gradients need only small contractions (no (out, in) gᵀx):
+        dW1 = scale · Σ_t G_t W2 X_tᵀ      C = G W2: one tall GEMM (T·out_l, out_k)·(out_k, in_n),
+                                           then a bmm against Xᵀ summed over the tokens
+        dW2 = scale · Σ_t G_tᵀ W1 X_t      B = W1 X_t: one bmm (W1 expanded, a view), then one GEMM
+                                           contracting (token, out_l) rows
+    and a low-rank factor takes its two halves from these by two small GEMMs. The scale rides in
+    the GEMMs' alpha (beta = 0 with any tensor of the output's shape: its values are not read).
+    dx = g · (W + ΔW), from the weight forward built: one GEMM, as the bare layer's backward.
+
+    Saved, by `needs_input_grad`: W + ΔW only when x wants a gradient (one weight-sized tensor per
+    layer, as PEFT keeps ΔW for its second linear and F.linear(x, W + ΔW) keeps W + ΔW; rebuilding
+    it in backward instead would cost two more ops and a pass over the weight), x only when a
+    factor or W wants a gradient, and the small factors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1: Tensor | None,
+                w1_a: Tensor | None, w1_b: Tensor | None, w2: Tensor | None, w2_a: Tensor | None,
+                w2_b: Tensor | None, scale: float) -> Tensor:
+        need = ctx.needs_input_grad
+        lowrank1, lowrank2 = w1 is None, w2 is None
+        w1f = cast(Tensor, w1_a) @ cast(Tensor, w1_b) if lowrank1 else cast(Tensor, w1)  # (out_l, in_m)
+        w2f = cast(Tensor, w2_a) @ cast(Tensor, w2_b) if lowrank2 else cast(Tensor, w2)  # (out_k, in_n)
+        out_l, in_m = w1f.shape
+        out_k, in_n = w2f.shape
+        out_dim, in_dim = weight.shape
+        # W viewed (out_l, out_k, in_m, in_n) + W1[l, m] · W2[k, n]: W2 as (out_k, 1, in_n) broadcasts
+        # as (1, out_k, 1, in_n), one view fewer than spelling the leading 1 out
+        w_eff = torch.addcmul(weight.view(out_l, out_k, in_m, in_n), w1f.view(out_l, 1, in_m, 1),
+                              w2f.view(out_k, 1, in_n), value=scale).view(out_dim, in_dim)
+        x2 = x.reshape(-1, in_dim)  # (T, in): a view unless x is strided
+        # F.linear's own kernel for a >2-D input (addmm on the flattened rows): the same numbers
+        y = x2 @ w_eff.t() if bias is None else torch.addmm(bias, x2, w_eff.t())
+        grad_w1 = need[3] or need[4] or need[5]
+        grad_w2 = need[6] or need[7] or need[8]
+        ctx.dims = (out_l, in_m, out_k, in_n)
+        ctx.lowrank, ctx.scale, ctx.x_shape = (lowrank1, lowrank2), scale, x.shape
+        ctx.save_for_backward(
+            w_eff if need[0] else None,  # dx = g (W + ΔW)
+            x2 if need[1] or grad_w1 or grad_w2 else None,
+            w1f if grad_w2 or (grad_w1 and scale != 1.0) else None,  # B = W1 X; baddbmm's shape argument
+            w2f if grad_w1 or grad_w2 else None,  # C = G W2; addmm's shape argument
+            w1_a if lowrank1 and need[5] else None,
+            w1_b if lowrank1 and need[4] else None,
+            w2_a if lowrank2 and need[8] else None,
+            w2_b if lowrank2 and need[7] else None,
+        )
+        return y.view(*x.shape[:-1], out_dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        need = ctx.needs_input_grad
+        w_eff, x2, w1f, w2f, w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        out_l, in_m, out_k, in_n = ctx.dims
+        lowrank1, lowrank2 = ctx.lowrank
+        scale = ctx.scale
+        gx = gw = gb = gw1 = gw1_a = gw1_b = gw2 = gw2_a = gw2_b = None
+        # no .contiguous(): every GEMM below takes gy through mm, which copes with the stride-0
+        # gradient of a loss like y.sum(); the bmms run on tensors made here
+        g2 = gy.reshape(-1, out_l * out_k)  # (T, out)
+        if need[0]:
+            gx = (g2 @ w_eff).view(ctx.x_shape)
+        if need[1]:
+            gw = g2.t() @ x2
+        if need[2]:
+            gb = g2.sum(0)
+        grad_w1 = need[3] or need[4] or need[5]
+        grad_w2 = need[6] or need[7] or need[8]
+        if grad_w1 or grad_w2:
+            tokens = x2.shape[0]
+            gk = gy.reshape(tokens * out_l, out_k)  # one row per (token, output group)
+            x3 = x2.view(tokens, in_m, in_n)
+            if grad_w1:  # dW1 = scale · Σ_t (G_t W2) X_tᵀ
+                c3 = (gk @ w2f).view(tokens, out_l, in_n)
+                if scale == 1.0:
+                    per_token = torch.bmm(c3, x3.transpose(1, 2))
+                else:
+                    per_token = torch.baddbmm(w1f, c3, x3.transpose(1, 2), beta=0, alpha=scale)
+                g_w1 = per_token.sum(0)  # (out_l, in_m)
+                if not lowrank1:
+                    gw1 = g_w1
+                if need[4]:
+                    gw1_a = g_w1 @ w1_b.t()
+                if need[5]:
+                    gw1_b = w1_a.t() @ g_w1
+            if grad_w2:  # dW2 = scale · Σ_(t, l) G[t, l]ᵀ (W1 X_t)[l]
+                b2 = torch.bmm(w1f.expand(tokens, out_l, in_m), x3).view(tokens * out_l, in_n)
+                g_w2 = gk.t() @ b2 if scale == 1.0 else torch.addmm(w2f, gk.t(), b2, beta=0, alpha=scale)
+                if not lowrank2:
+                    gw2 = g_w2
+                if need[7]:
+                    gw2_a = g_w2 @ w2_b.t()
+                if need[8]:
+                    gw2_b = w2_a.t() @ g_w2
+        return gx, gw, gb, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
+
+
 def _apply_lokr_conv(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale: float | Tensor,
                      conv: ConvArgs) -> Tensor:
     nd = len(plan.kernel)
@@ -488,14 +621,18 @@ MOVED = 60
 STREAMED = 20
 
 
-def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int) -> tuple[int, int]:
-    """(multiply-adds, activation elements read or written) of `apply_lokr` for `tokens` outputs."""
+def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int, needs_grad: bool = False) -> tuple[int, int]:
+    """(multiply-adds, activation elements read or written) of `apply_lokr` for `tokens` outputs
+    (needs_grad: as `_LinearBypass` runs it)."""
     k = math.prod(plan.kernel)
     r = plan.rank2
     rows = tokens * plan.in_m  # each input group is multiplied / convolved on its own
     io = tokens * (plan.in_m * plan.in_n + 2 * plan.out_l * plan.out_k)  # read x, write y, add y
-    if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, kron(W1, I_r) mix, w2_a
-        flops = tokens * r * (plan.in_m * plan.in_n + plan.in_m * plan.out_l * r + plan.out_l * plan.out_k)
+    if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, the W1 mix, w2_a
+        # without gradients W1 mixes as kron(W1, I_r) (r times the multiply-adds, one GEMM);
+        # `_LinearBypass` mixes by a bmm against W1 expanded over the tokens
+        mix = plan.in_m * plan.out_l * (1 if needs_grad else r)
+        flops = tokens * r * (plan.in_m * plan.in_n + mix + plan.out_l * plan.out_k)
         return flops, io + tokens * r * (plan.in_m + plan.out_l)
     if not plan.w2_lowrank:
         flops, inner = rows * plan.out_k * plan.in_n * k, rows * plan.out_k
@@ -508,21 +645,32 @@ def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int) -> tuple[int, int]:
 
 def bypass_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
     """Extra cost of applying the factors to x (backward: about twice the forward again)."""
-    flops, traffic = bypass_flops_and_traffic(plan, tokens)
+    flops, traffic = bypass_flops_and_traffic(plan, tokens, needs_grad)
     return (3 if needs_grad else 1) * (flops + MOVED * traffic)
 
 
 def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
     """Extra cost of one matmul with W + ΔW instead of W alone.
 
-    Building ΔW and adding it to W are two passes over a weight-sized tensor. When the factors
-    need gradients, backward also forms dL/d(W+ΔW) = gᵀx (a full-size matmul the frozen base
-    never pays) and reduces it back through the kron (about four more passes).
+    Building ΔW and adding it to W: two passes over a weight-sized tensor. With gradients:
+    - a conv forms dL/d(W+ΔW) = gᵀx (a full-size matmul the frozen base never pays) and reduces it
+      back through the kron (about four more passes);
+    - a linear layer runs `_LinearMerged`: dx costs what the bare layer's does, and the factors'
+      gradients are the vec trick's small GEMMs, C = G W2 and B = W1 X (T·out_l·in_n·out_k and
+      T·out_l·in_m·in_n multiply-adds, then as many again to contract them with X and G), bound by
+      their traffic: g and x read twice, C and B written and read, the per-token (out_l, in_m)
+      products written and summed.
     """
     numel = math.prod(plan.weight_shape)
-    if needs_grad:
+    build = 2 * STREAMED * numel
+    if not needs_grad:
+        return build
+    if plan.kernel:
         return tokens * numel + 6 * STREAMED * numel
-    return 2 * STREAMED * numel
+    out_l, in_m, out_k, in_n = plan.out_l, plan.in_m, plan.out_k, plan.in_n
+    flops = 2 * tokens * out_l * in_n * (out_k + in_m)
+    traffic = tokens * (2 * out_l * out_k + 2 * in_m * in_n + 4 * out_l * in_n + 2 * out_l * in_m)
+    return build + flops + MOVED * traffic
 
 
 def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:

@@ -7,9 +7,10 @@ Adapters live in ParameterDicts keyed by adapter name, named like PEFT's (`lokr_
 what is active, fused or disabled is one `state.LayerState` (docs/adapters.md). The math is in
 `functional`; this module holds parameters and picks, per call and per adapter, the cheaper of two
 equal computations:
-- "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference);
+- "merged": one matmul/conv with W + ΔW (cheap for many tokens, and at inference; a Linear in
+  training runs it as one autograd Function whose backward forms no full-size weight gradient);
 - "bypass": apply the factors to x without building ΔW (cheap when ΔW dwarfs the activations,
-  and in training, where W + ΔW would cost a full-size weight-gradient matmul).
+  and for a conv in training, where W + ΔW would cost a full-size weight-gradient matmul).
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ class LoKrLayer(nn.Module):
             (in_bypass if self._choose_bypass(a, x, tokens, direct) else in_merge).append((a, s))
         w = self.weight
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
-            result = self._run(x, self._adapted_weight(tuple(in_merge)), self.bias)  # W + Σ ΔW, then one op
+            result = self._run_merged(x, tuple(in_merge))  # W + Σ ΔW, then one op
         elif in_merge:
             delta = sum((self._contribution(a, s, w) for a, s in in_merge[1:]), self._contribution(*in_merge[0], w))
             if direct:
@@ -417,6 +418,10 @@ class LoKrLayer(nn.Module):
         for a, s in in_bypass:
             result = result + self._bypass(x, a, s)
         return result
+
+    def _run_merged(self, x: Tensor, applied: Strengths) -> Tensor:
+        """The base op with W + the applied adapters' changes (no DoRA, no rank dropout)."""
+        return self._run(x, self._adapted_weight(applied), self.bias)
 
     def _scale_of(self, adapter_name: str, strength: float | Tensor) -> float | Tensor:
         """scale · strength: floats in eager, tensors when traced (`_forward_traced`)."""
@@ -549,7 +554,7 @@ class LoKrLayer(nn.Module):
                 torch.autograd.grad(y.float().sum(), wanted)
 
         def merged() -> None:
-            run(self._run(xs, self._adapted_weight(one), self.bias))
+            run(self._run_merged(xs, one))
 
         def bypass() -> None:
             run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0))
@@ -580,6 +585,19 @@ class Linear(LoKrLayer):
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
+
+    def _run_merged(self, x: Tensor, applied: Strengths) -> Tensor:
+        """With a gradient wanted and one adapter: one autograd Function (functional.apply_merged_linear:
+        its backward forms no weight-sized gradient unless W itself trains); otherwise W + ΔW, then the op."""
+        w, b = self.weight, self.bias
+        if len(applied) == 1 and torch.is_grad_enabled() and w.is_contiguous():
+            (a, s), = applied
+            f = self.factors(a)
+            if x.requires_grad or w.requires_grad or any(t.requires_grad for t in f.values()) or \
+                    (b is not None and b.requires_grad):
+                f = {n: t.to(w.dtype) for n, t in f.items()}
+                return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s))
+        return super()._run_merged(x, applied)
 
 
 class _Conv(LoKrLayer):

@@ -383,3 +383,135 @@ def test_linear_bypass_function_under_bf16_autocast_matches_plain_path(kind: str
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item(),
                                    msg=name)
+
+
+# ------------------------------------------------------------- the merged Linear Function (training)
+def _merged_case(plan: LF.LoKrPlan, lead: tuple[int, ...], dtype: torch.dtype = torch.float64, seed: int = 0,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """x, W (out, in), bias (out,) and factors for `plan`."""
+    x, f = _linear_case(plan, lead, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    out_dim, in_dim = plan.weight_shape
+    return x, torch.randn(out_dim, in_dim, generator=g, dtype=dtype), torch.randn(out_dim, generator=g,
+                                                                                 dtype=dtype), f
+
+
+def _merged_plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, f: dict[str, torch.Tensor],
+                  scale: float | torch.Tensor) -> torch.Tensor:
+    """The merged path as plain autograd ops: W + ΔW by add_delta, then F.linear."""
+    return torch.nn.functional.linear(x, LF.add_delta(w, f, scale), b)
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_linear_merged_function_gradcheck(kind: str, lead: tuple[int, ...], scale: float) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, w0, b0, f0 = _merged_case(plan, lead)
+    names = list(f0)
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *ts: torch.Tensor) -> torch.Tensor:
+        y = LF.apply_merged_linear(x, w, b, dict(zip(names, ts, strict=True)), scale)
+        assert type(y.grad_fn).__name__ == "_LinearMergedBackward"
+        return y
+
+    cases = 0
+    for i, frozen in enumerate(_frozen_sets(plan)):
+        for x_grad in (True, False):
+            # the bias: absent, frozen or trainable, in turn; the base weight trains in one case in four
+            bias_mode, w_grad = (i + x_grad) % 3, (i + x_grad) % 4 == 0
+            if not x_grad and not w_grad and bias_mode != 2 and len(frozen) == len(f0):
+                continue  # nothing needs a gradient
+            x = x0.clone().requires_grad_(x_grad)
+            w = w0.clone().requires_grad_(w_grad)
+            b = None if bias_mode == 0 else b0.clone().requires_grad_(bias_mode == 2)
+            f = {n: t.clone().requires_grad_(n not in frozen) for n, t in f0.items()}
+            assert torch.autograd.gradcheck(fn, (x, w, b, *f.values())), (frozen, x_grad, bias_mode, w_grad)
+            cases += 1
+    assert cases >= 2 * len(f0)
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_linear_merged_function_equals_plain_path(kind: str, lead: tuple[int, ...], scale: float) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, w0, b0, f0 = _merged_case(plan, lead, torch.float32, seed=3)
+    gy = torch.randn(*lead, plan.out_l * plan.out_k, generator=torch.Generator().manual_seed(4))
+    for frozen in _frozen_sets(plan)[:-1]:
+        got, want = {}, {}
+        for path, out in (("fn", got), ("plain", want)):
+            x = x0.clone().requires_grad_(True)
+            f = {n: t.clone().requires_grad_(n not in frozen) for n, t in f0.items()}
+            run = LF.apply_merged_linear if path == "fn" else _merged_plain
+            y = run(x, w0, b0, f, scale)
+            y.backward(gy)
+            out.update({"y": y.detach(), "x": x.grad}, **{n: t.grad for n, t in f.items()})
+        assert got.keys() == want.keys()
+        torch.testing.assert_close(got["y"], want["y"], rtol=0, atol=0)  # the same W + ΔW and kernel
+        for name, value in want.items():
+            if value is None:
+                assert got[name] is None, (name, frozen)  # a frozen factor gets no gradient
+            else:
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+def test_linear_merged_function_under_bf16_autocast_matches_plain_path(kind: str) -> None:
+    """Under CPU autocast the Function runs in bf16, as F.linear would, and hands back gradients in
+    each tensor's own dtype (fp32)."""
+    plan = LINEAR_PLANS[kind]
+    x0, w0, b0, f0 = _merged_case(plan, (4, 3), torch.float32, seed=6)
+    results = {}
+    for path in ("fn", "plain"):
+        x = x0.clone().requires_grad_(True)
+        f = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run = LF.apply_merged_linear if path == "fn" else _merged_plain
+            y = run(x, w0, b0, f, 0.7)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        results[path] = {"y": y, "x": x.grad, **{n: t.grad for n, t in f.items()}}
+    for name, want in results["plain"].items():
+        got = results["fn"][name]
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item(),
+                                   msg=name)
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+def test_linear_merged_function_saves_a_weight_sized_tensor_only_for_dx(kind: str) -> None:
+    plan = LINEAR_PLANS[kind]
+    x0, w0, b0, f0 = _merged_case(plan, (64,), torch.float32)
+    factor_bytes = sum(t.numel() * 4 for t in f0.values())
+    w_bytes = w0.numel() * 4
+    assert w_bytes > 2 * factor_bytes
+
+    def run(x_grad: bool, trainable: bool) -> int:
+        x = x0.clone().requires_grad_(x_grad)
+        f = {n: t.clone().requires_grad_(trainable) for n, t in f0.items()}
+        return _saved_bytes(lambda: LF.apply_merged_linear(x, w0, b0, f, 0.5), [x, w0, b0, *f.values()])
+
+    assert w_bytes <= run(True, True) <= w_bytes + 2 * factor_bytes  # W + ΔW for dx, W1 and W2 rebuilt
+    assert run(False, True) <= 2 * factor_bytes  # factors only: x (an input) and small tensors
+    assert run(True, False) == w_bytes  # only x trains: W + ΔW alone
+
+
+def test_linear_merged_function_compiles_fullgraph_with_a_tensor_scale() -> None:
+    """torch.compile(fullgraph, aot_eager) of the Function with a traced tensor scale (as a compiled
+    layer passes it): output and gradients equal eager's plain path."""
+    plan = LINEAR_PLANS["low_low"]
+    x0, w0, b0, f0 = _merged_case(plan, (2, 3), torch.float32, seed=8)
+    scale = torch.tensor(0.6)
+    torch._dynamo.reset()
+    compiled = torch.compile(LF.apply_merged_linear, fullgraph=True, backend="aot_eager")
+    results = {}
+    for path in ("compiled", "plain"):
+        x = x0.clone().requires_grad_(True)
+        f = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
+        y = (compiled if path == "compiled" else _merged_plain)(x, w0, b0, f, scale)
+        y.square().sum().backward()
+        results[path] = {"y": y.detach(), "x": x.grad, **{n: t.grad for n, t in f.items()}}
+    torch._dynamo.reset()
+    for name, want in results["plain"].items():
+        torch.testing.assert_close(results["compiled"][name], want, rtol=1e-5, atol=1e-5, msg=name)
