@@ -5,6 +5,11 @@ and rebuilt each call with reuse off), LoKr fused, and PEFT's LoKr; inference (n
 training step (forward + backward; the bare model trains its weights, the adapters their factors).
 
     python benchmarks/bench_proxy.py [--layers 200] [--repeats 30] [--threads 1] [--json out.json]
+        [--compile [--compile-layers 50]]
+
+--compile adds inference under torch.compile(fullgraph=True) (inductor): the bare model against LoKr
+unfused with frozen adapters (W + ΔW kept inside the graph, docs/performance.md §torch.compile), on
+--compile-layers layers (compiling 200 takes minutes on a small CPU).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-layers", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,9 +99,39 @@ def main() -> None:
         if "training" in r:
             line += f" {r['training'] * per_layer:19.1f} {r['training'] / med['bare']['training']:7.2f}"
         print(line)
+    out: dict[str, object] = {"layers": args.layers, "threads": args.threads, "median_s": med}
+    if args.compile:
+        out["compiled"] = _compiled(args, x)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"layers": args.layers, "threads": args.threads, "median_s": med}, fh, indent=1)
+            json.dump(out, fh, indent=1)
+
+
+def _compiled(args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
+    """Compiled inference, bare against LoKr with frozen adapters; medians per layer and call."""
+    n = args.compile_layers
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(n)])
+    cfg = LoKrConfig(r=8, alpha=8, target_modules=[str(i) for i in range(n)], init_weights=False)
+    ours = LoKrModel(copy.deepcopy(base), cfg, "a")
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lokr_" not in name)  # frozen adapters, as loaded for inference
+    models = {"compiled bare": torch.compile(base.eval(), fullgraph=True),
+              "compiled ours (frozen, kept in the graph)": torch.compile(ours.eval(), fullgraph=True)}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            for _ in range(3):  # compile, then the build graph, then the reuse graph
+                m(x)
+        for _ in range(args.repeats):
+            for name, m in models.items():
+                times[name].append(_time(lambda m=m: m(x), args.inner))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bare = med["compiled bare"]
+    print(f"torch.compile (inductor), {n} x Linear(64, 64), inference, median of {args.repeats}")
+    for name, t in med.items():
+        print(f"{name:42s} {t * 1e6 / n:8.1f} µs/layer {t / bare:7.2f}")
+    return med
 
 
 if __name__ == "__main__":

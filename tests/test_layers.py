@@ -228,3 +228,25 @@ def test_fp16_base_with_fp32_adapter_under_autocast_free_cast() -> None:
         assert out.dtype == torch.bfloat16
         ref = _reference(layer, base, x.float(), ["default"])
         torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(("autocast", "weight_dtype", "uses_function"),
+                         [(False, torch.float32, True), (True, torch.float32, False), (False, torch.bfloat16, False)])
+def test_merged_training_function_only_where_it_is_not_slower(monkeypatch: pytest.MonkeyPatch, autocast: bool,
+                                                              weight_dtype: torch.dtype, uses_function: bool) -> None:
+    """The merged training Function runs in fp32; on the CPU in bf16 / fp16 (weights or autocast) the
+    plain W + ΔW op runs (the Function's small batched matmuls are slower there); both give the same
+    numbers (tests/test_functional.py)."""
+    from lokr_diffusers import LoKrModel
+
+    calls: list[int] = []
+    real = LF.apply_merged_linear
+    monkeypatch.setattr(LF, "apply_merged_linear", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    model = LoKrModel(nn.Sequential(nn.Linear(32, 32)).to(weight_dtype),
+                      LoKrConfig(r=4, alpha=4, target_modules=["0"], init_weights=False), "a")
+    model.set_forward_mode("merged")
+    x = torch.randn(2, 8, 32, dtype=weight_dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    y.float().sum().backward()
+    assert bool(calls) is uses_function
