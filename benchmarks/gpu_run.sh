@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 10's GPU measurements in one prepared call of about 8 minutes (the device tool allows 10 per
+# command and 15 per session). From the repository root, after ../shared/tools/device_prep.sh (which
+# fetches diffusers / PEFT / LyCORIS wheels into .whl/ and prints the install prefix):
+#
+#   run(carry=[".whl"], command='<prefix printed by device_prep.sh> bash benchmarks/gpu_run.sh')
+#
+# Writes under $OUT (the device tool's folder that comes back): unet.{json,txt} (every eager row),
+# unet_compiled.{json,txt} (the compiled SD1.5 row; SDXL's 722-layer inductor compile would not fit),
+# load_fuse.txt (fp16 load / fuse / unfuse against diffusers' LoRA) and env.txt.
+# `bash benchmarks/gpu_run.sh --cpu` runs the same steps on tiny models on the CPU (a dry run).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if [ "${1:-}" = "--cpu" ]; then
+  unet=(--tiny --device cpu --repeats 1 --warmup 1); compiled_backend=(--compile-backend eager); fuse=()
+else
+  unet=(--device cuda --repeats 10); compiled_backend=(); fuse=(--device cuda --dtype fp16 --repeats 3)
+fi
+python3 - > "$OUT/env.txt" 2>&1 <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+PY
+timeout 330 python3 benchmarks/bench_unet.py "${unet[@]}" --no-compile --json "$OUT/unet.json" 2>&1 \
+  | grep -v "it/s" | tee "$OUT/unet.txt" | grep "^|"
+timeout 150 python3 benchmarks/bench_unet.py "${unet[@]}" "${compiled_backend[@]}" --only "SD1.5 inference compiled" \
+  --json "$OUT/unet_compiled.json" 2>&1 | grep -v "it/s" | tee "$OUT/unet_compiled.txt" | grep "^|"
+if [ "${1:-}" != "--cpu" ]; then
+  timeout 100 python3 benchmarks/bench_load_fuse.py "${fuse[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/load_fuse.txt" \
+    | grep -A4 "^SD1.5"
+fi
