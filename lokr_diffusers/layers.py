@@ -302,6 +302,13 @@ class LoKrLayer(nn.Module):
         self.commit(saved)
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """copy.deepcopy / unpickling: a copy keeps no reused weight (reuse.py) and is one of the layers
+        that forget_traced() reaches."""
+        super().__setstate__(state)
+        self._kept = self._kept_t = None
+        reuse.TRACED.layers.add(self)
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # copies into the tensors in place
         reuse.forget_traced()

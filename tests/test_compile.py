@@ -365,3 +365,17 @@ def test_training_after_compiled_reuse_does_not_use_the_kept_weight() -> None:
             t.requires_grad_(True)
     compiled(x, img).square().mean().backward()
     assert all(t.grad is not None for _, la in lokr_layers(model) for t in la.factors("a").values())
+
+
+def test_a_deep_copy_holds_no_kept_weight_and_is_reached_by_forget() -> None:
+    from lokr_diffusers import reuse
+
+    model = _frozen()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        compiled(x, img)
+    assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+    twin = copy.deepcopy(model)
+    assert all(layer._kept_t is None and layer in reuse.TRACED.layers for _, layer in lokr_layers(twin))
