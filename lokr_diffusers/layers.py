@@ -566,7 +566,10 @@ class LoKrLayer(nn.Module):
         def bypass() -> None:
             run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0))
 
-        with torch.enable_grad() if needs_grad else torch.no_grad():
+        # identity saved-tensor hooks on top: an active torch.utils.checkpoint must not see the timed
+        # graphs (it counts the tensors a forward saves and compares them with its recomputation)
+        with torch.enable_grad() if needs_grad else torch.no_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(_same, _same):
             return paths.bypass_is_faster(bypass, merged, self.weight.device)
 
     def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
@@ -605,6 +608,10 @@ class Linear(LoKrLayer):
                 f = {n: t.to(w.dtype) for n, t in f.items()}
                 return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s))
         return super()._run_merged(x, applied)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _cpu_low_precision(w: Tensor) -> bool:

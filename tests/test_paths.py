@@ -134,3 +134,24 @@ def test_bypass_is_faster_compares_medians() -> None:
 
     assert paths.bypass_is_faster(lambda: None, lambda: time.sleep(0.002), torch.device("cpu"))
     assert not paths.bypass_is_faster(lambda: time.sleep(0.002), lambda: None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_measuring_inside_gradient_checkpointing(calls: list[bool], use_reentrant: bool) -> None:
+    """The first call measures inside torch.utils.checkpoint (as in training with gradient
+    checkpointing): the timed graphs stay out of checkpoint's saved-tensor bookkeeping, and the
+    gradients are those of the cost model's choice."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    expected = _step(_model(), x)
+    paths.set_path_choice("measure", "cpu")
+    model = _model()
+    out = checkpoint(model.model, x, use_reentrant=use_reentrant)
+    out.square().mean().backward()
+    assert calls, "nothing was measured: the test cannot see the measurement"
+    torch.testing.assert_close(out.detach(), expected[0], rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected[1].keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected[1][n], rtol=1e-4, atol=1e-6, msg=n)
