@@ -223,6 +223,9 @@ def _training_counts(kind: str, mode: str) -> tuple[int, int]:
     elif kind == "linear320":  # SD1.5's attention width: W1 (16, 16) full, W2 low-rank (20, 8) @ (8, 20)
         base, x = nn.Sequential(nn.Linear(320, 320)), torch.randn(2, 1024, 320, requires_grad=True)
         cfg = LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False)
+    elif kind == "linear1280_both":  # decompose_both: W1 (32, 32) low-rank as well, W2 (40, 40) low-rank
+        base, x = nn.Sequential(nn.Linear(1280, 1280)), torch.randn(2, 64, 1280, requires_grad=True)
+        cfg = LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, decompose_both=True)
     else:
         base, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)), torch.randn(1, 32, 8, 8, requires_grad=True)
         cfg = LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, use_effective_conv2d=True)
@@ -240,7 +243,7 @@ def _training_counts(kind: str, mode: str) -> tuple[int, int]:
 
 
 # issue 10's targets for a training step: Linear <= bare + 24 ops, Tucker Conv2d <= bare + 36
-LIMITS = {"linear": 24, "linear320": 24, "conv": 36}
+LIMITS = {"linear": 24, "linear320": 24, "linear1280_both": 24, "conv": 36}
 
 
 # linear320 bypass is not listed: the bypass Function there costs bare + 32 (the base layer's own
@@ -250,5 +253,14 @@ LIMITS = {"linear": 24, "linear320": 24, "conv": 36}
                                             ("linear320", "auto"), ("linear320", "merged"),
                                             ("conv", "auto"), ("conv", "merged"), ("conv", "bypass")])
 def test_training_step_op_count(kind: str, mode: str, one_thread: None) -> None:
+    n_bare, n_ours = _training_counts(kind, mode)
+    assert n_ours <= n_bare + LIMITS[kind], (n_ours, n_bare)
+
+
+# Still open (issue 10): strict, so that reaching the target fails here and the case moves up
+@pytest.mark.xfail(strict=True, reason="issue 10, open: the Linear bypass at SD shapes costs bare + 32, a "
+                                       "low-rank W1 (decompose_both) merged bare + 30")
+@pytest.mark.parametrize(("kind", "mode"), [("linear320", "bypass"), ("linear1280_both", "merged")])
+def test_training_step_op_count_open(kind: str, mode: str, one_thread: None) -> None:
     n_bare, n_ours = _training_counts(kind, mode)
     assert n_ours <= n_bare + LIMITS[kind], (n_ours, n_bare)
