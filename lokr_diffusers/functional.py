@@ -344,22 +344,32 @@ def _apply_lokr_linear(x: Tensor, f: Factors, plan: LoKrPlan, w1: Tensor, scale:
 
 
 def _apply_lokr_linear_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tensor:
-    """`_apply_lokr_linear` through `_LinearBypass` (for training: fewer ops, lean saved tensors).
-
-    Under autocast the inputs are cast here, as autocast would cast them for each matmul (floating
-    tensors but float64), and the Function runs with autocast off, so its backward sees one dtype;
-    the casts are recorded outside, so the factors' gradients come back in their own dtype."""
+    """`_apply_lokr_linear` through `_LinearBypass` (for training: fewer ops, lean saved tensors;
+    autocast as `_apply_cast` says)."""
     if isinstance(scale, Tensor):  # traced (torch.compile): the Function's scale must be a number
         return _apply_lokr_linear_fn(x, f, 1.0) * scale
-    tensors = [x, *(f.get(n) for n in _LINEAR_NAMES)]
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                   for t in tensors]
-        with torch.autocast(device_type, enabled=False):
-            return _LinearBypass.apply(*tensors, scale)  # type: ignore[no-any-return]
-    return _LinearBypass.apply(*tensors, scale)  # type: ignore[no-any-return]
+    return _apply_cast(_LinearBypass, [x, *(f.get(n) for n in _LINEAR_NAMES)], scale)
+
+
+def _apply_cast(function: type[torch.autograd.Function], tensors: list[Tensor | None], scale: float) -> Tensor:
+    """function.apply(*tensors, scale); under autocast the tensors are cast first, as autocast would
+    cast them for each matmul (floating tensors but float64), and the Function runs with autocast off,
+    so its backward sees one dtype; the casts are recorded outside, so gradients come back in each
+    tensor's own dtype."""
+    device_type = cast(Tensor, tensors[0]).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return cast(Tensor, function.apply(*tensors, scale))
+    dt = torch.get_autocast_dtype(device_type)
+    tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+               for t in tensors]
+    with torch.autocast(device_type, enabled=False):
+        return cast(Tensor, function.apply(*tensors, scale))
+
+
+def _halves(g: Tensor, a: Tensor | None, b: Tensor | None, need_a: bool, need_b: bool
+            ) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of a (m, r) and b (r, n) from g = dL/d(a @ b) (m, n), those wanted only."""
+    return (g @ cast(Tensor, b).t() if need_a else None, cast(Tensor, a).t() @ g if need_b else None)
 
 
 _LINEAR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -438,10 +448,7 @@ class _LinearBypass(torch.autograd.Function):
             g_w1 = torch.bmm(gb3, a3.transpose(1, 2)).sum(0)  # (out_l, in_m)
             if not lowrank1:
                 gw1 = g_w1
-            if need[2]:
-                gw1_a = g_w1 @ w1_b.t()
-            if need[3]:
-                gw1_b = w1_a.t() @ g_w1
+            gw1_a, gw1_b = _halves(g_w1, w1_a, w1_b, need[2], need[3])
         if w1e is not None:
             ga = torch.bmm(w1e.transpose(1, 2), gb3).view(tokens * in_m, c)  # dL/dA
             if need[0]:
@@ -472,16 +479,8 @@ def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Facto
         else:
             w1_a = cast(Tensor, w1_a) * scale.to(cast(Tensor, w1_a).dtype)
         scale = 1.0
-    tensors = [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"), f.get("lokr_w2_a"),
-               f.get("lokr_w2_b")]
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                   for t in tensors]
-        with torch.autocast(device_type, enabled=False):
-            return _LinearMerged.apply(*tensors, scale)  # type: ignore[no-any-return]
-    return _LinearMerged.apply(*tensors, scale)  # type: ignore[no-any-return]
+    return _apply_cast(_LinearMerged, [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"),
+                                       f.get("lokr_w2_a"), f.get("lokr_w2_b")], scale)
 
 
 class _LinearMerged(torch.autograd.Function):
@@ -570,19 +569,13 @@ class _LinearMerged(torch.autograd.Function):
                 g_w1 = per_token.sum(0)  # (out_l, in_m)
                 if not lowrank1:
                     gw1 = g_w1
-                if need[4]:
-                    gw1_a = g_w1 @ w1_b.t()
-                if need[5]:
-                    gw1_b = w1_a.t() @ g_w1
+                gw1_a, gw1_b = _halves(g_w1, w1_a, w1_b, need[4], need[5])
             if grad_w2:  # dW2 = scale · Σ_(t, l) G[t, l]ᵀ (W1 X_t)[l]
                 b2 = torch.bmm(w1f.expand(tokens, out_l, in_m), x3).view(tokens * out_l, in_n)
                 g_w2 = gk.t() @ b2 if scale == 1.0 else torch.addmm(w2f, gk.t(), b2, beta=0, alpha=scale)
                 if not lowrank2:
                     gw2 = g_w2
-                if need[7]:
-                    gw2_a = g_w2 @ w2_b.t()
-                if need[8]:
-                    gw2_b = w2_a.t() @ g_w2
+                gw2_a, gw2_b = _halves(g_w2, w2_a, w2_b, need[7], need[8])
         return gx, gw, gb, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
 
 

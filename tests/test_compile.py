@@ -246,6 +246,17 @@ def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() 
     assert graphs() == n
 
 
+def _reusing(model: nn.Module, backend: str = "eager") -> Callable:
+    """model compiled with fullgraph=True after two calls without grad: the one that builds and stores
+    W + ΔW, and the one that reuses it (two graphs)."""
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x, img = _inputs()
+    with torch.no_grad():
+        compiled(x, img)
+        compiled(x, img)
+    return compiled
+
+
 def _frozen() -> LoKrModel:
     """Frozen factors, then eval(): whether a layer's adapters are frozen is read at each commit and
     train() / eval() (reuse.py), as when adapters are loaded for inference."""
@@ -353,11 +364,7 @@ def test_an_optimizer_step_or_load_state_dict_drops_compiled_kept_weights() -> N
 
 def test_training_after_compiled_reuse_does_not_use_the_kept_weight() -> None:
     model = _frozen()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x, img = _inputs()
-    with torch.no_grad():
-        compiled(x, img)
-        compiled(x, img)
+    compiled, (x, img) = _reusing(model, "aot_eager"), _inputs()
     model.train()
     assert all(layer._kept_t is None for _, layer in lokr_layers(model))
     for _, layer in lokr_layers(model):
@@ -371,11 +378,7 @@ def test_a_deep_copy_holds_no_kept_weight_and_is_reached_by_forget() -> None:
     from lokr_diffusers import reuse
 
     model = _frozen()
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    x, img = _inputs()
-    with torch.no_grad():
-        compiled(x, img)
-        compiled(x, img)
+    _reusing(model)
     assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
     twin = copy.deepcopy(model)
     assert all(layer._kept_t is None and layer in reuse.TRACED.layers for _, layer in lokr_layers(twin))
