@@ -348,7 +348,30 @@ def _apply_lokr_linear_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tenso
     autocast as `_apply_cast` says)."""
     if isinstance(scale, Tensor):  # traced (torch.compile): the Function's scale must be a number
         return _apply_lokr_linear_fn(x, f, 1.0) * scale
-    return _apply_cast(_LinearBypass, [x, *(f.get(n) for n in _LINEAR_NAMES)], scale)
+    return _apply_cast(_LinearBypass, [x, None, None, *(f.get(n) for n in _LINEAR_NAMES)], scale)
+
+
+def apply_bypass_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors,
+                        scale: float | Tensor) -> Tensor:
+    """F.linear(x, W, bias) + scale · ΔW x for training, as one autograd Function (`_LinearBypass`
+    with the base op inside): the adapter's output is accumulated into the base output's buffer and
+    its input gradient into the base's, so neither the forward nor the backward adds two full-size
+    tensors. A tensor scale (torch.compile) multiplies W1's small factor first, as in
+    `apply_merged_linear`."""
+    w1, w1_a, scale = _fold_scale(f, scale)
+    return _apply_cast(_LinearBypass, [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"),
+                                       f.get("lokr_w2_a"), f.get("lokr_w2_b")], scale)
+
+
+def _fold_scale(f: Factors, scale: float | Tensor) -> tuple[Tensor | None, Tensor | None, float]:
+    """(W1 or None, w1_a or None, the Function's scale): a tensor scale (its value must not be a
+    number the graph guards on) multiplies W1's small factor, and the Function's scale is then 1."""
+    w1, w1_a = f.get("lokr_w1"), f.get("lokr_w1_a")
+    if not isinstance(scale, Tensor):
+        return w1, w1_a, scale
+    if w1 is not None:
+        return w1 * scale.to(w1.dtype), w1_a, 1.0
+    return w1, cast(Tensor, w1_a) * scale.to(cast(Tensor, w1_a).dtype), 1.0
 
 
 def _apply_cast(function: type[torch.autograd.Function], tensors: list[Tensor | None], scale: float) -> Tensor:
@@ -376,19 +399,24 @@ _LINEAR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "l
 
 
 class _LinearBypass(torch.autograd.Function):
-    """y = scale · flatten(W1 · X · W2ᵀ) per token, X (in_m, in_n) the token's input, as one node.
+    """y = [x Wᵀ + b] + scale · flatten(W1 · X · W2ᵀ) per token, X (in_m, in_n) the token's input, as
+    one node; the bracket only when W is given (`apply_bypass_linear`), else the adapter alone.
 
     Forward: A = X W2ᵀ (X w2_bᵀ for a low-rank W2) is one tall GEMM over all (token, input group)
     rows; W1 mixes the groups by one bmm against W1 expanded over the tokens (a stride-0 view, no
-    copy); a low-rank W2 ends with a tall GEMM by w2_a. The scale rides on a tiny tensor, the W2
-    factor on the output side of A's GEMM (w2, or w2_a), so every other gradient carries it for free
-    and that factor's own gradient takes it back through addmm's alpha. Saved: only what the wanted
-    gradients read (`needs_input_grad`), never a weight-sized tensor. Backward is once-differentiable.
+    copy); a low-rank W2 ends with a tall GEMM by w2_a. With W, the last product accumulates into
+    the base output (baddbmm / addmm_), and backward the adapter's dx into the base's dx = g W.
+    The scale rides on a tiny tensor, the W2 factor on the output side of A's GEMM (w2, or w2_a),
+    so every other gradient carries it for free and that factor's own gradient takes it back
+    through addmm's alpha. Saved: only what the wanted gradients read (`needs_input_grad`), never
+    a weight-sized tensor but W itself when x wants a gradient. Backward is once-differentiable.
+    Inputs are numbered as `_LinearMerged`'s: x, W, b, w1, w1_a, w1_b, w2, w2_a, w2_b.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor | None, w1_a: Tensor | None, w1_b: Tensor | None,
-                w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, scale: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, w1: Tensor | None,
+                w1_a: Tensor | None, w1_b: Tensor | None, w2: Tensor | None, w2_a: Tensor | None,
+                w2_b: Tensor | None, scale: float) -> Tensor:
         need = ctx.needs_input_grad
         lowrank1, lowrank2 = w1 is None, w2 is None
         w1f = cast(Tensor, w1_a) @ cast(Tensor, w1_b) if lowrank1 else cast(Tensor, w1)  # (out_l, in_m)
@@ -401,46 +429,60 @@ class _LinearBypass(torch.autograd.Function):
         x2 = x.reshape(tokens * in_m, in_n)  # one row per (token, input group)
         a3 = (x2 @ first.t()).view(tokens, in_m, c)
         w1e = w1f.expand(tokens, out_l, in_m)
-        y = b3 = torch.bmm(w1e, a3)  # (T, out_l, c)
+        base = None
+        if weight is not None:  # F.linear's own kernel on the flattened rows: (T, out)
+            xf = x2.view(tokens, in_m * in_n)
+            base = xf @ weight.t() if bias is None else torch.addmm(bias, xf, weight.t())
         last = None
         if lowrank2:
+            b3 = torch.bmm(w1e, a3)  # (T, out_l, r)
             last = cast(Tensor, w2_a) if scale == 1.0 else cast(Tensor, w2_a) * scale  # (out_k, r)
-            y = b3.view(tokens * out_l, c) @ last.t()  # (T·out_l, out_k)
-        grad_w1 = need[1] or need[2] or need[3]
-        grad_w2 = need[6] if lowrank2 else need[4]  # w2_b or w2: the factor next to X
+            b2 = b3.view(tokens * out_l, c)
+            # (T·out_l, out_k): the rows of (T, out) in the same order, so the base buffer takes it
+            y = b2 @ last.t() if base is None else base.view(tokens * out_l, -1).addmm_(b2, last.t())
+        else:
+            b2 = None
+            y = torch.bmm(w1e, a3) if base is None else torch.baddbmm(base.view(tokens, out_l, c), w1e, a3)
+        grad_w1 = need[3] or need[4] or need[5]
+        grad_w2 = need[8] if lowrank2 else need[6]  # w2_b or w2: the factor next to X
         grad_a = need[0] or grad_w2  # these need dL/dA
-        rescale = scale != 1.0 and (need[5] if lowrank2 else need[4])  # addmm's shape argument
-        ctx.dims = (tokens, out_l, in_m, c, y.shape[-1])
+        rescale = scale != 1.0 and (need[7] if lowrank2 else need[6])  # addmm's shape argument
+        ctx.dims = (tokens, out_l, in_m, c, c if last is None else last.shape[0])  # ..., out_k
         ctx.lowrank, ctx.scale, ctx.x_shape = (lowrank1, lowrank2), scale, x.shape
         ctx.save_for_backward(
-            x2 if grad_w2 else None,  # dW2 = dAᵀ X
+            x2 if grad_w2 or need[1] else None,  # dW2 = dAᵀ X; dW = gᵀ x
             first if need[0] or (rescale and not lowrank2) else None,  # dX = dA · W2
             a3 if grad_w1 else None,  # dW1 = Σ_t dB_t A_tᵀ
             w1e if grad_a else None,  # dA_t = W1ᵀ dB_t
-            w1_a if lowrank1 and need[3] else None,
-            w1_b if lowrank1 and need[2] else None,
-            b3 if lowrank2 and need[5] else None,  # dw2_a = dYᵀ B
+            w1_a if lowrank1 and need[5] else None,
+            w1_b if lowrank1 and need[4] else None,
+            b2 if lowrank2 and need[7] else None,  # dw2_a = dYᵀ B, B as (T·out_l, r)
             last if lowrank2 and (grad_a or grad_w1 or rescale) else None,  # dB = dY · w2_a
+            weight if need[0] else None,  # the base's dx = g W
         )
-        return y.view(*x.shape[:-1], out_l * y.shape[-1])
+        return y.view(*x.shape[:-1], out_l * ctx.dims[4])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         need = ctx.needs_input_grad
-        x2, first, a3, w1e, w1_a, w1_b, b3, last = ctx.saved_tensors
+        x2, first, a3, w1e, w1_a, w1_b, b2, last, weight = ctx.saved_tensors
         tokens, out_l, in_m, c, out_k = ctx.dims
         lowrank1, lowrank2 = ctx.lowrank
         scale = ctx.scale
-        gx = gw1 = gw1_a = gw1_b = gw2 = gw2_a = gw2_b = None
+        gx = gw = gb = gw1 = gw1_a = gw1_b = gw2 = gw2_a = gw2_b = None
         gy = gy.contiguous()  # a loss like y.sum() sends a stride-0 grad: bmm on it is ~25x slower
+        if need[1] or need[2] or weight is not None:
+            g_flat = gy.view(tokens, out_l * out_k)
+            gw = g_flat.t() @ x2.view(tokens, -1) if need[1] else None
+            gb = g_flat.sum(0) if need[2] else None
+            gx = g_flat @ weight if weight is not None else None  # (T, in): the base's dx
         if lowrank2:
             g2 = gy.view(tokens * out_l, out_k)
-            if need[5]:  # dw2_a = scale · dYᵀ B
-                b2 = b3.view(tokens * out_l, c)
+            if need[7]:  # dw2_a = scale · dYᵀ B
                 gw2_a = g2.t() @ b2 if scale == 1.0 else torch.addmm(last, g2.t(), b2, beta=0, alpha=scale)
             if w1e is None and a3 is None:
-                return None, None, None, None, None, gw2_a, None, None
+                return gx, gw, gb, None, None, None, None, gw2_a, None, None
             gb3 = (g2 @ last).view(tokens, out_l, c)  # dL/dB
         else:
             gb3 = gy.view(tokens, out_l, c)
@@ -448,16 +490,16 @@ class _LinearBypass(torch.autograd.Function):
             g_w1 = torch.bmm(gb3, a3.transpose(1, 2)).sum(0)  # (out_l, in_m)
             if not lowrank1:
                 gw1 = g_w1
-            gw1_a, gw1_b = _halves(g_w1, w1_a, w1_b, need[2], need[3])
+            gw1_a, gw1_b = _halves(g_w1, w1_a, w1_b, need[4], need[5])
         if w1e is not None:
             ga = torch.bmm(w1e.transpose(1, 2), gb3).view(tokens * in_m, c)  # dL/dA
-            if need[0]:
-                gx = (ga @ first).view(ctx.x_shape)
-            if lowrank2 and need[6]:
+            if need[0]:  # dX = dA · W2, into the base's dx where there is one
+                gx = (ga @ first if gx is None else gx.view(tokens * in_m, -1).addmm_(ga, first)).view(ctx.x_shape)
+            if lowrank2 and need[8]:
                 gw2_b = ga.t() @ x2
-            elif not lowrank2 and need[4]:  # A = X (scale·w2)ᵀ: dw2 = scale · dAᵀ X
+            elif not lowrank2 and need[6]:  # A = X (scale·w2)ᵀ: dw2 = scale · dAᵀ X
                 gw2 = ga.t() @ x2 if scale == 1.0 else torch.addmm(first, ga.t(), x2, beta=0, alpha=scale)
-        return gx, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
+        return gx, gw, gb, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
 
 
 def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors,
@@ -471,14 +513,7 @@ def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Facto
     with autocast off; the casts are recorded outside, so gradients come back in each tensor's dtype.
     A tensor scale (torch.compile) multiplies W1's small factor before the Function (its value must
     not be a number the graph guards on), so the Function's own scale is then 1."""
-    w1 = f.get("lokr_w1")
-    w1_a = f.get("lokr_w1_a")
-    if isinstance(scale, Tensor):  # W + ΔW is not linear in the scale: fold it into W1's factor
-        if w1 is not None:
-            w1 = w1 * scale.to(w1.dtype)
-        else:
-            w1_a = cast(Tensor, w1_a) * scale.to(cast(Tensor, w1_a).dtype)
-        scale = 1.0
+    w1, w1_a, scale = _fold_scale(f, scale)  # W + ΔW is not linear in the scale: fold it into W1's factor
     return _apply_cast(_LinearMerged, [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"),
                                        f.get("lokr_w2_a"), f.get("lokr_w2_b")], scale)
 

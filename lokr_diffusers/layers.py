@@ -420,6 +420,8 @@ class LoKrLayer(nn.Module):
                 result = self._run(x, w + delta, self.bias)
             else:  # the base layer must run itself (hooks, extra args): ΔW goes in a second op
                 result = self.base_layer(x, *args, **kwargs) + self._run(x, delta, None)
+        elif direct and len(in_bypass) == 1 and (joint := self._with_bypass(x, *in_bypass[0])) is not None:
+            return joint  # the base op and the adapter as one node (Linear, training)
         else:
             result = self.base_layer(x, *args, **kwargs)
         for a, s in in_bypass:
@@ -564,13 +566,20 @@ class LoKrLayer(nn.Module):
             run(self._run_merged(xs, one))
 
         def bypass() -> None:
-            run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0))
+            joint = self._with_bypass(xs, adapter_name, 1.0)
+            run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0) if joint is None
+                else joint)
 
         # identity saved-tensor hooks on top: an active torch.utils.checkpoint must not see the timed
         # graphs (it counts the tensors a forward saves and compares them with its recomputation)
         with torch.enable_grad() if needs_grad else torch.no_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(_same, _same):
             return paths.bypass_is_faster(bypass, merged, self.weight.device)
+
+    def _with_bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor | None:
+        """The base op plus one adapter applied to x as a single node, where the layer has one
+        (Linear in training); None: run them apart."""
+        return None
 
     def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
         f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
@@ -608,6 +617,19 @@ class Linear(LoKrLayer):
                 f = {n: t.to(w.dtype) for n, t in f.items()}
                 return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s))
         return super()._run_merged(x, applied)
+
+    def _with_bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor | None:
+        """With a gradient wanted: F.linear and the factors as one autograd Function
+        (functional.apply_bypass_linear: no full-size sum of outputs, nor of input gradients)."""
+        if not torch.is_grad_enabled() or self._rank_mask_on(adapter_name):
+            return None
+        w, b = self.weight, self.bias
+        f = self.factors(adapter_name)
+        if not (x.requires_grad or w.requires_grad or any(t.requires_grad for t in f.values()) or
+                (b is not None and b.requires_grad)):
+            return None
+        f = {n: t.to(x.dtype) for n, t in f.items()}
+        return LF.apply_bypass_linear(x, w, b, f, self._scale_of(adapter_name, strength))
 
 
 def _same(t: Tensor) -> Tensor:

@@ -408,17 +408,24 @@ def _merged_plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, f: d
     return torch.nn.functional.linear(x, LF.add_delta(w, f, scale), b)
 
 
+# the two training Functions that run the base op too: (function, its autograd node's name)
+JOINT = {"merged": (LF.apply_merged_linear, "_LinearMergedBackward"),
+         "bypass": (LF.apply_bypass_linear, "_LinearBypassBackward")}
+
+
+@pytest.mark.parametrize("joint", list(JOINT))
 @pytest.mark.parametrize("kind", list(LINEAR_PLANS))
 @pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_linear_merged_function_gradcheck(kind: str, lead: tuple[int, ...], scale: float) -> None:
+def test_linear_joint_function_gradcheck(joint: str, kind: str, lead: tuple[int, ...], scale: float) -> None:
     plan = LINEAR_PLANS[kind]
     x0, w0, b0, f0 = _merged_case(plan, lead)
     names = list(f0)
+    apply, node = JOINT[joint]
 
     def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *ts: torch.Tensor) -> torch.Tensor:
-        y = LF.apply_merged_linear(x, w, b, dict(zip(names, ts, strict=True)), scale)
-        assert type(y.grad_fn).__name__ == "_LinearMergedBackward"
+        y = apply(x, w, b, dict(zip(names, ts, strict=True)), scale)
+        assert type(y.grad_fn).__name__ == node
         return y
 
     cases = 0
@@ -463,7 +470,32 @@ def test_linear_merged_function_equals_plain_path(kind: str, lead: tuple[int, ..
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_PLANS))
-def test_linear_merged_function_under_bf16_autocast_matches_plain_path(kind: str) -> None:
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_linear_bypass_with_base_equals_base_plus_plain_path(kind: str, lead: tuple[int, ...], scale: float) -> None:
+    """apply_bypass_linear = F.linear(x, W, b) + the no-grad path's ops, values and every gradient."""
+    plan = LINEAR_PLANS[kind]
+    x0, w0, b0, f0 = _merged_case(plan, lead, torch.float32, seed=3)
+    gy = torch.randn(*lead, plan.out_l * plan.out_k, generator=torch.Generator().manual_seed(4))
+    for frozen in _frozen_sets(plan):
+        got, want = {}, {}
+        for path, out in (("fn", got), ("plain", want)):
+            x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+            f = {n: t.clone().requires_grad_(n not in frozen) for n, t in f0.items()}
+            y = LF.apply_bypass_linear(x, w, b, f, scale) if path == "fn" else \
+                torch.nn.functional.linear(x, w, b) + _plain(x, f, plan, scale)
+            y.backward(gy)
+            out.update({"y": y.detach(), "x": x.grad, "w": w.grad, "b": b.grad}, **{n: t.grad for n, t in f.items()})
+        for name, value in want.items():
+            if value is None:
+                assert got[name] is None, (name, frozen)
+            else:
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+
+
+@pytest.mark.parametrize("joint", list(JOINT))
+@pytest.mark.parametrize("kind", list(LINEAR_PLANS))
+def test_linear_joint_function_under_bf16_autocast_matches_plain_path(joint: str, kind: str) -> None:
     """Under CPU autocast the Function runs in bf16, as F.linear would, and hands back gradients in
     each tensor's own dtype (fp32)."""
     plan = LINEAR_PLANS[kind]
@@ -473,7 +505,7 @@ def test_linear_merged_function_under_bf16_autocast_matches_plain_path(kind: str
         x = x0.clone().requires_grad_(True)
         f = {n: t.clone().requires_grad_(True) for n, t in f0.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            run = LF.apply_merged_linear if path == "fn" else _merged_plain
+            run = JOINT[joint][0] if path == "fn" else _merged_plain
             y = run(x, w0, b0, f, 0.7)
         assert y.dtype == torch.bfloat16
         y.float().square().sum().backward()
@@ -499,14 +531,15 @@ def test_linear_merged_function_saves_a_weight_sized_tensor_only_for_dx(kind: st
     assert run(True, False) == w_bytes  # only x trains: W + ΔW alone
 
 
-def test_linear_merged_function_compiles_fullgraph_with_a_tensor_scale() -> None:
+@pytest.mark.parametrize("joint", list(JOINT))
+def test_linear_joint_function_compiles_fullgraph_with_a_tensor_scale(joint: str) -> None:
     """torch.compile(fullgraph, aot_eager) of the Function with a traced tensor scale (as a compiled
     layer passes it): output and gradients equal eager's plain path."""
     plan = LINEAR_PLANS["low_low"]
     x0, w0, b0, f0 = _merged_case(plan, (2, 3), torch.float32, seed=8)
     scale = torch.tensor(0.6)
     torch._dynamo.reset()
-    compiled = torch.compile(LF.apply_merged_linear, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(JOINT[joint][0], fullgraph=True, backend="aot_eager")
     results = {}
     for path in ("compiled", "plain"):
         x = x0.clone().requires_grad_(True)

@@ -92,8 +92,9 @@ def test_the_measured_answer_is_the_path_taken(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(paths, "bypass_is_faster", lambda *a: answer)
     layer = dict(lokr_layers(_model()))["model.0"]
     taken: list[str] = []
-    real_bypass, real_merged = layer._bypass, layer._run_merged
+    real_bypass, real_joint, real_merged = layer._bypass, layer._with_bypass, layer._run_merged
     monkeypatch.setattr(layer, "_bypass", lambda *a: (taken.append("bypass"), real_bypass(*a))[1])
+    monkeypatch.setattr(layer, "_with_bypass", lambda *a: (taken.append("bypass"), real_joint(*a))[1])
     monkeypatch.setattr(layer, "_run_merged", lambda *a: (taken.append("merged"), real_merged(*a))[1])
     layer(torch.randn(2, 5, 32)).sum().backward()
     assert taken == ["bypass" if answer else "merged"]
