@@ -235,6 +235,7 @@ def test_spot_names(name: str, case: Expected) -> None:
     target = found[1]
     assert target.name == target_name
     assert [(p.path, p.start, p.stop, p.src_start) for p in target.pieces] == pieces
+    assert target.is_rename == (len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][3] == 0)
 
 
 # (b) ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ The layouts (docs/formats.md §Key layouts), with `u(x)` = x with dots turned in
 
 | layout    | module name                | who writes it                                          |
 |-----------|----------------------------|--------------------------------------------------------|
-| kohya     | lora_unet_{u(o)}           | kohya sd-scripts, musubi-tuner, LyCORIS' kohya wrapper |
+| kohya     | lora_unet_{u(o)}           | kohya sd-scripts (Flux.1), LyCORIS' kohya wrapper      |
 | comfyui   | diffusion_model.{o}        | ComfyUI, BFL, ai-toolkit for Flux.2                    |
 | aitoolkit | diffusion_model.{p}        | ai-toolkit (Z-Image, ...)                              |
 | lycoris   | lycoris_{u(p)}             | SimpleTuner (LyCORIS standalone)                       |
