@@ -1,0 +1,230 @@
+"""Name maps for the DiT transformers: Flux.1, SD3.x, Flux.2 / Klein and Z-Image.
+
+Built forward from the model's own Linears and the tables in formats/dit_tables.py; incoming names are
+looked up, never parsed (`to_q`, `add_q_proj`, `adaLN_modulation` contain `_`). Two kinds of target:
+
+- a diffusers module path `p` (one Linear, its own rows), named in the diffusers-path layouts;
+- an original name `o` (BFL / Stability / Tongyi layout), whose rows may be pieces of several diffusers
+  Linears: `double_blocks.0.img_attn.qkv` is rows [0, d) of attn.to_q, [d, 2d) of to_k, [2d, 3d) of to_v.
+
+The layouts (docs/formats.md §Key layouts), with `u(x)` = x with dots turned into underscores:
+
+| layout    | module name                | who writes it                                          |
+|-----------|----------------------------|--------------------------------------------------------|
+| kohya     | lora_unet_{u(o)}           | kohya sd-scripts (Flux.1), LyCORIS' kohya wrapper      |
+| comfyui   | diffusion_model.{o}        | ComfyUI, BFL, ai-toolkit for Flux.2                    |
+| aitoolkit | diffusion_model.{p}        | ai-toolkit (Z-Image, ...)                              |
+| lycoris   | lycoris_{u(p)}             | SimpleTuner (LyCORIS standalone)                       |
+| diffusers | transformer.{p}            | diffusers / PEFT                                       |
+
+Where the original and the diffusers path coincide (most of Z-Image), `diffusion_model.x` names one
+module in both layouts and is kept under the first (comfyui). After diffusers' `fuse_qkv_projections()`
+the fused `to_qkv` / `to_added_qkv` take the place of to_q/k/v (which the processors then skip): a `qkv`
+original maps 1:1 onto them, and to_q/k/v are left without an original name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .dit_tables import FAMILIES, FUSED_BY_DIFFUSERS, Family, Rule
+
+logger = logging.getLogger(__name__)
+
+# (layout, template): {p} the name, {u} the name with dots turned into underscores.
+ORIGINAL_LAYOUTS: tuple[tuple[str, str], ...] = (("comfyui", "diffusion_model.{p}"), ("kohya", "lora_unet_{u}"))
+DIFFUSERS_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("aitoolkit", "diffusion_model.{p}"), ("lycoris", "lycoris_{u}"), ("diffusers", "transformer.{p}"))
+LAYOUTS: tuple[str, ...] = tuple(name for name, _ in ORIGINAL_LAYOUTS + DIFFUSERS_LAYOUTS)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of a target's weight are rows [src_start, src_start + stop - start) of `path`."""
+
+    path: str
+    start: int
+    stop: int
+    src_start: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one module name in a file addresses: a weight of (out_features, in_features) made of pieces."""
+
+    name: str  # the original name, or the diffusers path for a diffusers-path layout
+    in_features: int
+    pieces: tuple[Piece, ...]  # in row order, covering [0, out_features) once
+
+    @property
+    def out_features(self) -> int:
+        return self.pieces[-1].stop
+
+    @property
+    def is_rename(self) -> bool:
+        """One diffusers Linear, all its rows in their own order."""
+        (p, *rest) = self.pieces
+        return not rest and p.start == 0 and p.src_start == 0
+
+
+@dataclass
+class DitNameMap:
+    """Every name of every Linear of one DiT transformer. Build it with `dit_name_map(model)`."""
+
+    family: str
+    linears: dict[str, tuple[int, int]]  # diffusers path -> (out_features, in_features), every Linear
+    originals: dict[str, Target]  # original name -> its target
+    names: dict[str, tuple[str, Target]] = field(default_factory=dict)  # file module name -> (layout, target)
+    ambiguous: set[str] = field(default_factory=set)
+    covering: dict[str, str] = field(default_factory=dict)  # diffusers path -> the original holding its rows
+
+    @property
+    def unnamed(self) -> list[str]:
+        """Linears no original name covers (to_q/k/v beside a diffusers-fused to_qkv, unknown modules)."""
+        return [p for p in self.linears if p not in self.covering]
+
+    def lookup(self, name: str) -> tuple[str, Target] | None:
+        """(layout, target) for a module name as a file gives it (no `.lokr_w1` suffix), or None."""
+        if name in self.ambiguous:
+            raise ValueError(f"module name {name!r} fits more than one module of this {self.family} transformer")
+        return self.names.get(name)
+
+    def names_of(self, path: str) -> dict[str, str]:
+        """layout -> the module name under which a file reaches the diffusers Linear `path` (its own name
+        in the diffusers-path layouts; in the original ones, the original that holds its rows)."""
+        out = {layout: _form(t, path) for layout, t in DIFFUSERS_LAYOUTS}
+        if path in self.covering:
+            out.update({layout: _form(t, self.covering[path]) for layout, t in ORIGINAL_LAYOUTS})
+        return out
+
+
+def _u(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _form(template: str, name: str) -> str:
+    return template.format(p=name, u=_u(name))
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The table for a diffusers transformer (by class name, subclasses included), or None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return None
+
+
+def iter_linears(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
+    """(path, Linear) for every Linear, at its logical path: a wrapper holding a `base_layer` (a LoKr or
+    PEFT layer) is seen through and its own inner modules (lora_A, ...) are not listed."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        inner = child
+        while not isinstance(inner, nn.Linear) and isinstance(getattr(inner, "base_layer", None), nn.Module):
+            inner = getattr(inner, "base_layer")  # noqa: B009  (typed as Module, not Tensor | Module)
+        if isinstance(inner, nn.Linear):
+            yield path, inner
+        elif inner is child:
+            yield from iter_linears(child, path)
+
+
+def _indices(rule: Rule, config: Mapping[str, object]) -> list[int | None]:
+    if rule.blocks is None:
+        return [None]
+    n = config[rule.blocks]
+    assert isinstance(n, int), f"config[{rule.blocks!r}] = {n!r} is not a block count"
+    keep = {"all": range(n), "last": range(n - 1, n), "not_last": range(n - 1)}[rule.only]
+    return list(keep)
+
+
+def _fuse(parts: list[str], model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Replace to_q/k/v (add_q/k/v_proj) by diffusers' fused to_qkv (to_added_qkv) where the attention
+    module has fused its projections: the processor then calls only the fused Linear."""
+    out = list(parts)
+    for leaves, fused in FUSED_BY_DIFFUSERS.items():
+        for j in range(len(out) - len(leaves) + 1):
+            parent = out[j].rpartition(".")[0]
+            if out[j:j + len(leaves)] != [f"{parent}.{leaf}" for leaf in leaves]:
+                continue
+            if getattr(model.get_submodule(parent), "fused_projections", False) and f"{parent}.{fused}" in linears:
+                out[j:j + len(leaves)] = [f"{parent}.{fused}"]
+                break
+    return out
+
+
+def _pieces(name: str, parts: list[str], swap: bool, linears: Mapping[str, tuple[int, int]]) -> Target:
+    ins = {linears[p][1] for p in parts}
+    if len(ins) != 1:
+        raise ValueError(f"{name}: its diffusers parts {parts} differ in in_features {sorted(ins)}")
+    if swap:  # original (shift, scale) rows = diffusers (scale, shift) rows; `(h,)` halves of one Linear
+        (path,) = parts
+        h, odd = divmod(linears[path][0], 2)
+        if odd:
+            raise ValueError(f"{name}: {path} has an odd number of rows; it cannot hold (shift, scale)")
+        return Target(name, ins.pop(), (Piece(path, 0, h, h), Piece(path, h, 2 * h, 0)))
+    pieces, start = [], 0
+    for path in parts:  # row order = the order of the parts in the table
+        pieces.append(Piece(path, start, start + linears[path][0]))
+        start += linears[path][0]
+    return Target(name, ins.pop(), tuple(pieces))
+
+
+def _originals(family: Family, model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> dict[str, Target]:
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"{type(model).__name__} has no diffusers config mapping")
+    out: dict[str, Target] = {}
+    for rule in family.rules:
+        for i in _indices(rule, config):
+            name = rule.original.format(i=i)
+            parts = [p.format(i=i) for p in rule.parts]
+            present = [p in linears for p in parts]
+            if not any(present):
+                continue  # the model does not have this module (no guidance embedder, SD3's last block, ...)
+            if not all(present):
+                missing = [p for p in parts if p not in linears]
+                raise ValueError(f"{name}: the {family.name} transformer lacks {missing} of {parts}")
+            if family.fusable:
+                parts = _fuse(parts, model, linears)
+            out[name] = _pieces(name, parts, rule.swap, linears)
+    return out
+
+
+def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
+    if name in names.names and names.names[name][1] != target:
+        names.ambiguous.add(name)
+    names.names.setdefault(name, (layout, target))
+
+
+def dit_name_map(model: nn.Module) -> DitNameMap:
+    """The name map of a diffusers Flux / Flux.2 / SD3 / Z-Image transformer (any size, any device).
+
+    Raises:
+        TypeError: not one of the four transformer classes (or no config).
+        ValueError: the model's Linears do not fit the table (a part missing, in_features that differ).
+    """
+    family = family_of(model)
+    if family is None:
+        raise TypeError(f"{type(model).__name__} is not one of {sorted(FAMILIES)}")
+    linears = {p: (m.out_features, m.in_features) for p, m in iter_linears(model)}
+    result = DitNameMap(family.name, linears, _originals(family, model, linears))
+    for original, target in result.originals.items():
+        for piece in target.pieces:
+            result.covering[piece.path] = original
+        for layout, template in ORIGINAL_LAYOUTS:
+            _add(result, layout, _form(template, original), target)
+    for path, (out, in_) in linears.items():
+        own = Target(path, in_, (Piece(path, 0, out),))
+        for layout, template in DIFFUSERS_LAYOUTS:
+            _add(result, layout, _form(template, path), own)
+    if result.unnamed:
+        logger.debug("%d %s Linears have no original name: %s", len(result.unnamed), family.name, result.unnamed)
+    return result

@@ -1,0 +1,461 @@
+"""lokr_diffusers.formats.dit: every Linear of the full-size DiT transformers named in every layout, and
+the original (BFL / Stability / Tongyi) row order held to diffusers' own single-file converters.
+
+Oracles: the expected names and row ranges below are written by hand from the converters' and
+ComfyUI's facts (docs in formats/dit_tables.py), the fused sizes from the configs; the converters
+themselves (convert_*_checkpoint_to_diffusers) split what our map concatenates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    ZImageTransformer2DModel,
+)
+from diffusers.loaders.single_file_utils import (
+    convert_flux2_transformer_checkpoint_to_diffusers,
+    convert_flux_transformer_checkpoint_to_diffusers,
+    convert_sd3_transformer_checkpoint_to_diffusers,
+    convert_z_image_transformer_checkpoint_to_diffusers,
+)
+from fullsize_dit import FULL, meta_transformer
+from torch import Tensor, nn
+
+from lokr_diffusers.formats.dit import LAYOUTS, DitNameMap, dit_name_map
+
+Converter = Callable[..., dict[str, Tensor]]
+CONVERTERS: dict[type[nn.Module], Converter] = {
+    FluxTransformer2DModel: convert_flux_transformer_checkpoint_to_diffusers,
+    SD3Transformer2DModel: convert_sd3_transformer_checkpoint_to_diffusers,
+    Flux2Transformer2DModel: convert_flux2_transformer_checkpoint_to_diffusers,
+    ZImageTransformer2DModel: convert_z_image_transformer_checkpoint_to_diffusers,
+}
+
+
+@functools.cache
+def name_map(name: str) -> DitNameMap:
+    return dit_name_map(meta_transformer(name))
+
+
+def linear_paths(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def hidden(model: nn.Module) -> int:
+    c = model.config
+    return int(c["dim"]) if "dim" in c else int(c["num_attention_heads"] * c["attention_head_dim"])
+
+
+# (a) ------------------------------------------------------------------------------------------------
+
+# Original modules per model, counted by hand from the tables of the converters:
+# Flux.1: 10 top (img_in, txt_in, time_in x2, vector_in x2, guidance_in x2, final_layer x2; schnell has
+# no guidance_in), 10 per double block, 3 per single block. SD3.5: 7 top, 10 per block, 7 in the
+# last (context pre-only: no context proj / mlp), 2 more (attn2 qkv, proj) per dual-attention block.
+# Flux.2 Klein: 9 top (img_in, txt_in, time_in x2, 3 global modulations, final_layer x2), 8 per
+# double, 2 per single block. Z-Image: 6 top, 6 per layer and noise refiner, 5 per context refiner.
+ORIGINAL_COUNTS = {
+    "flux1-dev": 10 + 10 * 19 + 3 * 38,
+    "flux1-schnell": 8 + 10 * 19 + 3 * 38,
+    "sd35-medium": 7 + 10 * 23 + 7 + 2 * 13,
+    "sd35-large": 7 + 10 * 37 + 7,
+    "flux2-klein-4b": 9 + 8 * 5 + 2 * 20,
+    "flux2-klein-9b": 9 + 8 * 8 + 2 * 24,
+    "zimage-turbo": 6 + 6 * 30 + 6 * 2 + 5 * 2,
+}
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_every_linear_has_a_name_in_every_layout(name: str) -> None:
+    model, nm = meta_transformer(name), name_map(name)
+    assert len(nm.originals) == ORIGINAL_COUNTS[name]
+    assert not nm.ambiguous
+    linears = linear_paths(model)
+    assert set(nm.linears) == set(linears)
+    for path in linears:
+        forms = nm.names_of(path)
+        assert set(forms) == set(LAYOUTS), path
+        for layout, module_name in forms.items():
+            found = nm.lookup(module_name)
+            assert found is not None, (layout, module_name)
+            assert path in {p.path for p in found[1].pieces}, (layout, module_name, found)
+
+
+# (layout name, expected target name, [(diffusers path, start, stop, src_start)]) per model, by hand
+# from the converters (row sizes from the configs: Flux.1 3072, Klein 4B 3072, 9B 4096, SD3.5-medium
+# 1536, large 2432, Z-Image 3840); None: the name must not resolve.
+Expected = tuple[str, str | None, list[tuple[str, int, int, int]]]
+SPOT: dict[str, list[Expected]] = {
+    "flux1-dev": [
+        ("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv", [
+            ("transformer_blocks.0.attn.to_q", 0, 3072, 0), ("transformer_blocks.0.attn.to_k", 3072, 6144, 0),
+            ("transformer_blocks.0.attn.to_v", 6144, 9216, 0)]),
+        ("diffusion_model.double_blocks.18.txt_attn.qkv", "double_blocks.18.txt_attn.qkv", [
+            ("transformer_blocks.18.attn.add_q_proj", 0, 3072, 0),
+            ("transformer_blocks.18.attn.add_k_proj", 3072, 6144, 0),
+            ("transformer_blocks.18.attn.add_v_proj", 6144, 9216, 0)]),
+        ("diffusion_model.single_blocks.37.linear1", "single_blocks.37.linear1", [
+            ("single_transformer_blocks.37.attn.to_q", 0, 3072, 0),
+            ("single_transformer_blocks.37.attn.to_k", 3072, 6144, 0),
+            ("single_transformer_blocks.37.attn.to_v", 6144, 9216, 0),
+            ("single_transformer_blocks.37.proj_mlp", 9216, 21504, 0)]),
+        ("lora_unet_single_blocks_0_linear2", "single_blocks.0.linear2",
+         [("single_transformer_blocks.0.proj_out", 0, 3072, 0)]),
+        ("lora_unet_single_blocks_5_modulation_lin", "single_blocks.5.modulation.lin",
+         [("single_transformer_blocks.5.norm.linear", 0, 9216, 0)]),
+        ("lora_unet_double_blocks_3_img_mod_lin", "double_blocks.3.img_mod.lin",
+         [("transformer_blocks.3.norm1.linear", 0, 18432, 0)]),
+        ("diffusion_model.double_blocks.3.txt_mlp.2", "double_blocks.3.txt_mlp.2",
+         [("transformer_blocks.3.ff_context.net.2", 0, 3072, 0)]),
+        ("lora_unet_final_layer_adaLN_modulation_1", "final_layer.adaLN_modulation.1",
+         [("norm_out.linear", 0, 3072, 3072), ("norm_out.linear", 3072, 6144, 0)]),
+        ("lora_unet_guidance_in_out_layer", "guidance_in.out_layer",
+         [("time_text_embed.guidance_embedder.linear_2", 0, 3072, 0)]),
+        ("lora_unet_vector_in_in_layer", "vector_in.in_layer",
+         [("time_text_embed.text_embedder.linear_1", 0, 3072, 0)]),
+        ("diffusion_model.img_in", "img_in", [("x_embedder", 0, 3072, 0)]),
+        ("transformer.single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_mlp",
+         [("single_transformer_blocks.0.proj_mlp", 0, 12288, 0)]),
+        ("lycoris_transformer_blocks_18_attn_add_q_proj", "transformer_blocks.18.attn.add_q_proj",
+         [("transformer_blocks.18.attn.add_q_proj", 0, 3072, 0)]),
+        ("diffusion_model.transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff.net.2",
+         [("transformer_blocks.0.ff.net.2", 0, 3072, 0)]),
+        ("transformer.norm_out.linear", "norm_out.linear", [("norm_out.linear", 0, 6144, 0)]),
+        ("lora_unet_double_blocks_19_img_attn_qkv", None, []),
+    ],
+    "flux1-schnell": [("lora_unet_guidance_in_in_layer", None, []),
+                      ("lora_unet_time_in_in_layer", "time_in.in_layer",
+                       [("time_text_embed.timestep_embedder.linear_1", 0, 3072, 0)])],
+    "sd35-medium": [
+        ("lora_unet_joint_blocks_0_x_block_attn_qkv", "joint_blocks.0.x_block.attn.qkv", [
+            ("transformer_blocks.0.attn.to_q", 0, 1536, 0), ("transformer_blocks.0.attn.to_k", 1536, 3072, 0),
+            ("transformer_blocks.0.attn.to_v", 3072, 4608, 0)]),
+        ("lora_unet_joint_blocks_12_x_block_attn2_qkv", "joint_blocks.12.x_block.attn2.qkv", [
+            ("transformer_blocks.12.attn2.to_q", 0, 1536, 0), ("transformer_blocks.12.attn2.to_k", 1536, 3072, 0),
+            ("transformer_blocks.12.attn2.to_v", 3072, 4608, 0)]),
+        ("diffusion_model.joint_blocks.12.x_block.adaLN_modulation.1", "joint_blocks.12.x_block.adaLN_modulation.1",
+         [("transformer_blocks.12.norm1.linear", 0, 9 * 1536, 0)]),
+        ("lora_unet_joint_blocks_13_x_block_attn2_qkv", None, []),
+        ("diffusion_model.joint_blocks.22.context_block.adaLN_modulation.1",
+         "joint_blocks.22.context_block.adaLN_modulation.1",
+         [("transformer_blocks.22.norm1_context.linear", 0, 6 * 1536, 0)]),
+        ("diffusion_model.joint_blocks.23.context_block.adaLN_modulation.1",
+         "joint_blocks.23.context_block.adaLN_modulation.1",
+         [("transformer_blocks.23.norm1_context.linear", 0, 1536, 1536),
+          ("transformer_blocks.23.norm1_context.linear", 1536, 3072, 0)]),
+        ("diffusion_model.joint_blocks.23.context_block.attn.proj", None, []),
+        ("lora_unet_joint_blocks_23_context_block_mlp_fc1", None, []),
+        ("lora_unet_joint_blocks_23_context_block_attn_qkv", "joint_blocks.23.context_block.attn.qkv", [
+            ("transformer_blocks.23.attn.add_q_proj", 0, 1536, 0),
+            ("transformer_blocks.23.attn.add_k_proj", 1536, 3072, 0),
+            ("transformer_blocks.23.attn.add_v_proj", 3072, 4608, 0)]),
+        ("lora_unet_joint_blocks_4_context_block_mlp_fc2", "joint_blocks.4.context_block.mlp.fc2",
+         [("transformer_blocks.4.ff_context.net.2", 0, 1536, 0)]),
+        ("lora_unet_y_embedder_mlp_0", "y_embedder.mlp.0", [("time_text_embed.text_embedder.linear_1", 0, 1536, 0)]),
+        ("lora_unet_t_embedder_mlp_2", "t_embedder.mlp.2",
+         [("time_text_embed.timestep_embedder.linear_2", 0, 1536, 0)]),
+        ("diffusion_model.context_embedder", "context_embedder", [("context_embedder", 0, 1536, 0)]),
+        ("lora_unet_final_layer_linear", "final_layer.linear", [("proj_out", 0, 64, 0)]),
+    ],
+    "sd35-large": [
+        ("lora_unet_joint_blocks_37_x_block_mlp_fc2", "joint_blocks.37.x_block.mlp.fc2",
+         [("transformer_blocks.37.ff.net.2", 0, 2432, 0)]),
+        ("diffusion_model.joint_blocks.0.x_block.attn.proj", "joint_blocks.0.x_block.attn.proj",
+         [("transformer_blocks.0.attn.to_out.0", 0, 2432, 0)]),
+        ("lora_unet_joint_blocks_0_x_block_attn2_qkv", None, []),
+    ],
+    "flux2-klein-4b": [
+        ("diffusion_model.single_blocks.19.linear1", "single_blocks.19.linear1",
+         [("single_transformer_blocks.19.attn.to_qkv_mlp_proj", 0, 9 * 3072, 0)]),
+        ("lora_unet_single_blocks_0_linear2", "single_blocks.0.linear2",
+         [("single_transformer_blocks.0.attn.to_out", 0, 3072, 0)]),
+        ("diffusion_model.double_stream_modulation_img.lin", "double_stream_modulation_img.lin",
+         [("double_stream_modulation_img.linear", 0, 6 * 3072, 0)]),
+        ("diffusion_model.single_stream_modulation.lin", "single_stream_modulation.lin",
+         [("single_stream_modulation.linear", 0, 3 * 3072, 0)]),
+        ("diffusion_model.double_blocks.4.img_mlp.0", "double_blocks.4.img_mlp.0",
+         [("transformer_blocks.4.ff.linear_in", 0, 6 * 3072, 0)]),
+        ("lora_unet_time_in_out_layer", "time_in.out_layer",
+         [("time_guidance_embed.timestep_embedder.linear_2", 0, 3072, 0)]),
+        ("diffusion_model.final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
+         [("norm_out.linear", 0, 3072, 3072), ("norm_out.linear", 3072, 6144, 0)]),
+        ("lora_unet_guidance_in_in_layer", None, []),
+        ("lora_unet_double_blocks_3_img_mod_lin", None, []),
+    ],
+    "flux2-klein-9b": [
+        ("lora_unet_double_blocks_7_txt_attn_qkv", "double_blocks.7.txt_attn.qkv", [
+            ("transformer_blocks.7.attn.add_q_proj", 0, 4096, 0),
+            ("transformer_blocks.7.attn.add_k_proj", 4096, 8192, 0),
+            ("transformer_blocks.7.attn.add_v_proj", 8192, 12288, 0)]),
+        ("diffusion_model.txt_in", "txt_in", [("context_embedder", 0, 4096, 0)]),
+    ],
+    "zimage-turbo": [
+        ("diffusion_model.layers.29.attention.qkv", "layers.29.attention.qkv", [
+            ("layers.29.attention.to_q", 0, 3840, 0), ("layers.29.attention.to_k", 3840, 7680, 0),
+            ("layers.29.attention.to_v", 7680, 11520, 0)]),
+        ("lora_unet_noise_refiner_1_attention_qkv", "noise_refiner.1.attention.qkv", [
+            ("noise_refiner.1.attention.to_q", 0, 3840, 0), ("noise_refiner.1.attention.to_k", 3840, 7680, 0),
+            ("noise_refiner.1.attention.to_v", 7680, 11520, 0)]),
+        ("diffusion_model.layers.0.attention.out", "layers.0.attention.out",
+         [("layers.0.attention.to_out.0", 0, 3840, 0)]),
+        ("diffusion_model.x_embedder", "x_embedder", [("all_x_embedder.2-1", 0, 3840, 0)]),
+        ("lora_unet_final_layer_adaLN_modulation_1", "final_layer.adaLN_modulation.1",
+         [("all_final_layer.2-1.adaLN_modulation.1", 0, 3840, 0)]),
+        ("lora_unet_context_refiner_1_feed_forward_w2", "context_refiner.1.feed_forward.w2",
+         [("context_refiner.1.feed_forward.w2", 0, 3840, 0)]),
+        ("diffusion_model.layers.3.adaLN_modulation.0", "layers.3.adaLN_modulation.0",
+         [("layers.3.adaLN_modulation.0", 0, 4 * 3840, 0)]),
+        ("diffusion_model.context_refiner.0.adaLN_modulation.0", None, []),
+        ("diffusion_model.all_x_embedder.2-1", "all_x_embedder.2-1", [("all_x_embedder.2-1", 0, 3840, 0)]),
+        ("lycoris_all_final_layer_2-1_linear", "all_final_layer.2-1.linear",
+         [("all_final_layer.2-1.linear", 0, 64, 0)]),
+        ("transformer.cap_embedder.1", "cap_embedder.1", [("cap_embedder.1", 0, 3840, 0)]),
+        ("lora_unet_cap_embedder_1", "cap_embedder.1", [("cap_embedder.1", 0, 3840, 0)]),
+    ],
+}
+
+
+@pytest.mark.parametrize(("name", "case"), [(n, c) for n, cases in SPOT.items() for c in cases],
+                         ids=lambda v: v if isinstance(v, str) else v[0])
+def test_spot_names(name: str, case: Expected) -> None:
+    module_name, target_name, pieces = case
+    found = name_map(name).lookup(module_name)
+    if target_name is None:
+        assert found is None
+        return
+    assert found is not None
+    target = found[1]
+    assert target.name == target_name
+    assert [(p.path, p.start, p.stop, p.src_start) for p in target.pieces] == pieces
+    assert target.is_rename == (len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][3] == 0)
+
+
+# (b) ------------------------------------------------------------------------------------------------
+
+def expected_rows(name: str, original: str, d: int) -> int | None:
+    """Rows of an original module made of several pieces, from the config; None for a 1:1 rename."""
+    if original.endswith(".qkv"):
+        return 3 * d
+    if original.endswith(".linear1") and name.startswith("flux1"):
+        return 3 * d + 4 * d  # q, k, v + the MLP's input (mlp_ratio 4)
+    if original == "final_layer.adaLN_modulation.1" and not name.startswith("zimage"):
+        return 2 * d  # (shift, scale)
+    if original.endswith("context_block.adaLN_modulation.1") and original.startswith(f"joint_blocks.{_last(name)}."):
+        return 2 * d
+    return None
+
+
+def _last(name: str) -> int:
+    return int(FULL[name][1]["num_layers"]) - 1
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_fused_pieces_cover_the_rows_once(name: str) -> None:
+    model, nm = meta_transformer(name), name_map(name)
+    linears, d = linear_paths(model), hidden(model)
+    seen: set[str] = set()
+    for original, target in nm.originals.items():
+        rows = expected_rows(name, original, d)
+        assert (len(target.pieces) > 1) == (rows is not None), original
+        if rows is not None:
+            assert target.out_features == rows, original
+        start = 0
+        own: dict[str, list[tuple[int, int]]] = {}
+        for piece in target.pieces:
+            assert piece.start == start and piece.stop > piece.start, (original, piece)
+            start = piece.stop
+            assert linears[piece.path].in_features == target.in_features, (original, piece)
+            own.setdefault(piece.path, []).append((piece.src_start, piece.src_start + piece.rows))
+        for path, spans in own.items():  # each diffusers Linear's rows, once each
+            end = 0
+            for a, b in sorted(spans):
+                assert a == end, (original, path, spans)
+                end = b
+            assert end == linears[path].out_features, (original, path)
+            assert path not in seen, f"{path} is in two originals"
+            seen.add(path)
+    assert seen == set(linears)
+
+
+# (c) ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FULL)
+def test_underscored_names_are_unique(name: str) -> None:
+    nm = name_map(name)
+    kohya = {"lora_unet_" + o.replace(".", "_") for o in nm.originals}
+    lycoris = {"lycoris_" + p.replace(".", "_") for p in nm.linears}
+    assert len(kohya) == len(nm.originals)
+    assert len(lycoris) == len(nm.linears)
+    assert all(nm.lookup(k) is not None for k in kohya | lycoris)
+
+
+# (d) ------------------------------------------------------------------------------------------------
+
+def required_extras(model: nn.Module) -> dict[str, Tensor]:
+    """Non-Linear keys the pop-based converters (Flux.1, SD3) insist on, under their original names
+    (read off the converters); values are never compared."""
+    c, z = model.config, torch.zeros(1)
+    out: dict[str, Tensor] = {}
+    if isinstance(model, FluxTransformer2DModel):
+        for n in ("query_norm", "key_norm"):
+            out.update({f"double_blocks.{i}.{s}.norm.{n}.scale": z for i in range(c["num_layers"])
+                        for s in ("img_attn", "txt_attn")})
+            out.update({f"single_blocks.{i}.norm.{n}.scale": z for i in range(c["num_single_layers"])})
+    if isinstance(model, SD3Transformer2DModel):
+        out.update({"pos_embed": z, "x_embedder.proj.weight": z, "x_embedder.proj.bias": z})
+        if c["qk_norm"]:
+            for i in range(c["num_layers"]):
+                for where in ["x_block.attn", "context_block.attn"] + (
+                        ["x_block.attn2"] if i in c["dual_attention_layers"] else []):
+                    out.update({f"joint_blocks.{i}.{where}.{ln}.weight": z for ln in ("ln_q", "ln_k")})
+    return out
+
+
+def original_checkpoint(nm: DitNameMap, tensors: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The original-layout checkpoint the map describes: each original's weight (and bias) is the rows
+    of its pieces' diffusers tensors, concatenated in the map's order."""
+    ckpt: dict[str, Tensor] = {}
+    for original, target in nm.originals.items():
+        for suffix in tensors[target.pieces[0].path]:
+            ckpt[f"{original}.{suffix}"] = torch.cat(
+                [tensors[p.path][suffix][p.src_start:p.src_start + p.rows] for p in target.pieces])
+    return ckpt
+
+
+def check_converter_splits_back(model: nn.Module, tensors: dict[str, dict[str, Tensor]]) -> None:
+    """diffusers' converter turns our original-layout checkpoint back into exactly `tensors`."""
+    nm = dit_name_map(model)
+    ckpt = {**original_checkpoint(nm, tensors), **required_extras(model)}
+    given = set(ckpt)
+    converted = CONVERTERS[type(model)](ckpt)
+    for path, params in tensors.items():
+        for suffix, value in params.items():
+            key = f"{path}.{suffix}"
+            assert key in converted, key
+            assert torch.equal(converted[key], value), key
+    model_keys = set(model.state_dict())
+    assert set(converted) <= model_keys, sorted(set(converted) - model_keys)[:5]  # nothing left unrenamed
+    if isinstance(model, (FluxTransformer2DModel, SD3Transformer2DModel)):
+        assert not ckpt, f"the converter did not use {sorted(ckpt)[:5]} of {len(given)} keys"
+
+
+def fingerprints(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """One column per Linear parameter, each row a distinct number: (out, 1) weights, (out,) biases.
+    The converters only cut and reorder rows, so the columns show where every row went (full size, KBs)."""
+    out: dict[str, dict[str, Tensor]] = {}
+    n = 0
+    for path, m in linear_paths(model).items():
+        out[path] = {"weight": torch.arange(n, n + m.out_features, dtype=torch.float64)[:, None]}
+        n += m.out_features
+        if m.bias is not None:
+            out[path]["bias"] = torch.arange(n, n + m.out_features, dtype=torch.float64) + 0.5
+            n += m.out_features
+    return out
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_size_rows_go_where_diffusers_converter_puts_them(name: str) -> None:
+    model = meta_transformer(name)
+    check_converter_splits_back(model, fingerprints(model))
+
+
+TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "sd3": (SD3Transformer2DModel, dict(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")),
+    "flux2": (Flux2Transformer2DModel, dict(
+        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True)),
+    "zimage": (ZImageTransformer2DModel, dict(
+        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=12,
+        axes_dims=[4, 6, 6], axes_lens=[16, 16, 16])),
+    # Flux.1's converter hard-codes inner_dim 3072 and mlp_ratio 4: its tiny model is checked below.
+    "flux": (FluxTransformer2DModel, dict(
+        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+}
+
+
+def tiny(name: str) -> nn.Module:
+    cls, config = TINY[name]
+    torch.manual_seed(0)
+    return cls(**config)
+
+
+def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    return {p: {k: v.detach() for k, v in m.named_parameters()} for p, m in linear_paths(model).items()}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux2", "zimage"])
+def test_tiny_fused_weights_split_back_by_diffusers_converter(name: str) -> None:
+    model = tiny(name)
+    check_converter_splits_back(model, weights(model))
+
+
+def test_tiny_flux_fused_weights_follow_the_documented_order() -> None:
+    """Flux.1 at d = 16: linear1 rows are q, k, v then the MLP input (4d), qkv rows q, k, v, and the final
+    adaLN (shift, scale) is diffusers' (scale, shift) (ComfyUI flux_to_diffusers, diffusers' converter)."""
+    model = tiny("flux")
+    w = weights(model)
+    ckpt = original_checkpoint(dit_name_map(model), w)
+    s, d = "single_transformer_blocks.1.", 16
+    linear1 = ckpt["single_blocks.1.linear1.weight"]
+    assert linear1.shape == (7 * d, d)
+    for i, part in enumerate(["attn.to_q", "attn.to_k", "attn.to_v"]):
+        assert torch.equal(linear1[i * d:(i + 1) * d], w[s + part]["weight"])
+    assert torch.equal(linear1[3 * d:], w[s + "proj_mlp"]["weight"])
+    qkv = ckpt["double_blocks.0.txt_attn.qkv.bias"]
+    assert torch.equal(qkv, torch.cat([w[f"transformer_blocks.0.attn.add_{x}_proj"]["bias"] for x in "qkv"]))
+    scale, shift = w["norm_out.linear"]["weight"].chunk(2)
+    assert torch.equal(ckpt["final_layer.adaLN_modulation.1.weight"], torch.cat([shift, scale]))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "flux2"])
+def test_diffusers_fused_projections_map_one_to_one(name: str) -> None:
+    """After fuse_qkv_projections() a qkv original is the fused Linear itself, whose weight diffusers built
+    by concatenating to_q, to_k, to_v: the same rows our unfused map gives the original."""
+    model = tiny(name)
+    before = original_checkpoint(dit_name_map(model), weights(model))
+    model.fuse_qkv_projections()  # type: ignore[operator]
+    nm = dit_name_map(model)
+    fused = {o: t for o, t in nm.originals.items() if o.endswith(".qkv") or o.endswith(".linear1")}
+    assert fused
+    for original, target in fused.items():
+        leaves = [p.path.rpartition(".")[2] for p in target.pieces]
+        assert leaves in (["to_qkv"], ["to_added_qkv"], ["to_qkv", "proj_mlp"], ["to_qkv_mlp_proj"]), leaves
+        w = torch.cat([model.get_submodule(p.path).weight[p.src_start:p.src_start + p.rows] for p in target.pieces])
+        assert torch.equal(w, before[f"{original}.weight"]), original
+    assert nm.unnamed and all(p.rpartition(".")[2] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                       "add_v_proj") for p in nm.unnamed)
+    assert all(set(nm.names_of(p)) == set(LAYOUTS) for p in nm.linears if p not in nm.unnamed)
+
+
+def test_wrapped_linears_keep_their_slot() -> None:
+    """A LoKr / PEFT layer around a Linear is seen through: same path, its own Linears not listed."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base_layer, self.lora_A = base, nn.Linear(base.in_features, 2)
+
+    model = tiny("flux2")
+    before = dit_name_map(model)
+    attn = model.get_submodule("transformer_blocks.0.attn")
+    attn.to_k = Wrapper(attn.to_k)
+    after = dit_name_map(model)
+    assert after.linears == before.linears
+    assert after.originals == before.originals
+
+
+def test_other_models_are_refused() -> None:
+    with pytest.raises(TypeError, match="not one of"):
+        dit_name_map(nn.Linear(2, 2))
