@@ -656,6 +656,8 @@ def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int, needs_grad: bool = Fal
     r = plan.rank2
     rows = tokens * plan.in_m  # each input group is multiplied / convolved on its own
     io = tokens * (plan.in_m * plan.in_n + 2 * plan.out_l * plan.out_k)  # read x, write y, add y
+    if not plan.kernel and needs_grad:  # `_LinearBypass` with the base op: y accumulates in its buffer
+        io = tokens * (plan.in_m * plan.in_n + plan.out_l * plan.out_k)
     if not plan.kernel and plan.w2_lowrank:  # linear: w2_b, the W1 mix, w2_a
         # without gradients W1 mixes as kron(W1, I_r) (r times the multiply-adds, one GEMM);
         # `_LinearBypass` mixes by a bmm against W1 expanded over the tokens
