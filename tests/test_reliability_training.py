@@ -488,7 +488,7 @@ def test_resume_from_another_adapter_trains_nothing(tmp_path: Path, tiny_sd_dir:
     c = Ctx(tmp_path, tiny_sd_dir, Path())
     _folder(Path(c.data()))
     pipe = DiffusionPipeline.from_pretrained(tiny_sd_dir)
-    add_lokr(pipe, lokr_configs(parse("t", False, c.base("--rank", "4")), False), ADAPTER)
+    add_lokr(pipe, lokr_configs(parse("t", False, c.base("--rank", "4")), ["unet"]), ADAPTER)
     optimizer = torch.optim.AdamW(trainable_parameters(pipe, ["unet"]))
     checkpoint.save(str(c.out), 1, {"unet": pipe.unet}, ADAPTER, optimizer,
                     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))

@@ -17,19 +17,59 @@ UNET_PRESETS: dict[str, list[str]] = {
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-def build_parser(description: str, dreambooth: bool) -> argparse.ArgumentParser:
+# Flux.1 / SD3 transformer targets (diffusers' --lora_layers names; the single blocks' proj_mlp / proj_out
+# are Flux's, the others both models')
+TRANSFORMER_PRESETS: dict[str, list[str]] = {
+    "attn": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+             "attn.add_v_proj", "attn.to_add_out"],
+    "attn-ff": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2", "proj_mlp", "proj_out"],
+}
+# what --weighting_scheme and --max_sequence_length default to, as in diffusers' Flux / SD3 scripts
+FLOW_DEFAULTS: dict[str, dict[str, Any]] = {"flux": {"weighting_scheme": "none", "max_sequence_length": 512},
+                                            "sd3": {"weighting_scheme": "logit_normal", "max_sequence_length": 77}}
+
+
+def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argparse.ArgumentParser:
+    """family: "sd" (SD1.x/2.x/SDXL, the UNet scripts), "flux" or "sd3" (flow matching, a transformer)."""
     p = argparse.ArgumentParser(description=description)
-    _model_and_data(p.add_argument, dreambooth)
+    _model_and_data(p.add_argument, dreambooth, family)
     _training(p.add_argument)
-    _lokr(p.add_argument)
+    if family != "sd":
+        _flow(p.add_argument, family)
+    _lokr(p.add_argument, family)
+    p.set_defaults(family=family)
     return p
 
 
-def _model_and_data(a: Any, dreambooth: bool) -> None:
+def _flow(a: Any, family: str) -> None:
+    """diffusers' train_dreambooth_lora_flux.py / _sd3.py names and defaults."""
+    from .flow import WEIGHTING_SCHEMES
+
+    d = FLOW_DEFAULTS[family]
+    a("--weighting_scheme", default=d["weighting_scheme"], choices=list(WEIGHTING_SCHEMES),
+      help="timestep density / loss weighting (SD3 paper): none = uniform")
+    a("--logit_mean", type=float, default=0.0, help="for --weighting_scheme logit_normal")
+    a("--logit_std", type=float, default=1.0, help="for --weighting_scheme logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="for --weighting_scheme mode")
+    a("--max_sequence_length", type=int, default=d["max_sequence_length"], help="T5 tokens per prompt")
+    if family == "flux":
+        a("--guidance_scale", type=float, default=3.5,
+          help="the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused by FLUX.1-schnell")
+    else:
+        a("--precondition_outputs", type=int, default=1, choices=[0, 1],
+          help="1: the loss compares the denoised latents x_σ - σ·v with x (diffusers' default); 0: v with ε - x")
+        a("--no_t5", action="store_true",
+          help="load the pipeline without T5 (text_encoder_3=None, zeros in its place), as diffusers allows for SD3")
+
+
+def _model_and_data(a: Any, dreambooth: bool, family: str) -> None:
     a("--pretrained_model_name_or_path", required=True, help="diffusers model folder or hub id")
     a("--revision", default=None)
     a("--variant", default=None, help="e.g. fp16, for the model files")
-    a("--sdxl", action="store_true", help="force SDXL handling (default: detected from the model)")
+    if family == "sd":
+        a("--sdxl", action="store_true", help="force SDXL handling (default: detected from the model)")
     if dreambooth:
         a("--instance_data_dir", required=True, help="folder of images of the subject")
         a("--instance_prompt", required=True, help='e.g. "a photo of sks dog"')
@@ -83,7 +123,7 @@ def _training(a: Any) -> None:
     a("--dataloader_num_workers", type=int, default=0)
 
 
-def _lokr(a: Any) -> None:
+def _lokr(a: Any, family: str) -> None:
     a("--rank", type=int, default=8)
     a("--alpha", type=float, default=None, help="default: --rank (scale 1)")
     a("--decompose_factor", type=int, default=-1)
@@ -92,8 +132,13 @@ def _lokr(a: Any) -> None:
     a("--rank_dropout", type=float, default=0.0)
     a("--module_dropout", type=float, default=0.0)
     a("--init_weights", default="true", choices=["true", "false", "lycoris"])
-    a("--unet_target_modules", default="attn-ff",
-      help=f"a preset ({', '.join(UNET_PRESETS)}) or a comma-separated list of module names")
+    if family == "sd":
+        a("--unet_target_modules", default="attn-ff",
+          help=f"a preset ({', '.join(UNET_PRESETS)}) or a comma-separated list of module names")
+    else:
+        a("--lora_layers", default="attn-ff",
+          help=f"the transformer's targets: a preset ({', '.join(TRANSFORMER_PRESETS)}) or a comma-separated list "
+               "of module names (diffusers' argument name)")
     a("--te_rank", type=int, default=None, help="default: --rank")
     a("--te_alpha", type=float, default=None, help="default: --te_rank")
     a("--te_target_modules", default=",".join(TE_TARGETS))
@@ -116,9 +161,18 @@ def parse_with(parser: argparse.ArgumentParser, dreambooth: bool,
     return args
 
 
-def parse(description: str, dreambooth: bool, argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_with(build_parser(description, dreambooth), dreambooth, argv)
+def parse(description: str, dreambooth: bool, argv: list[str] | None = None, family: str = "sd") -> argparse.Namespace:
+    return parse_with(build_parser(description, dreambooth, family), dreambooth, argv)
 
 
 def unet_targets(value: str) -> list[str]:
     return UNET_PRESETS[value] if value in UNET_PRESETS else [t.strip() for t in value.split(",") if t.strip()]
+
+
+def denoiser_targets(args: Any) -> list[str]:
+    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (Flux / SD3)."""
+    if getattr(args, "family", "sd") == "sd":
+        return unet_targets(args.unet_target_modules)
+    value = args.lora_layers
+    return TRANSFORMER_PRESETS[value] if value in TRANSFORMER_PRESETS else \
+        [t.strip() for t in value.split(",") if t.strip()]

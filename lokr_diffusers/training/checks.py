@@ -91,13 +91,15 @@ def check_numbers(args: Any, rules: Iterable[Rule] = RULES) -> None:
 def check_names(args: Any) -> None:
     from diffusers.optimization import SchedulerType
 
-    from .args import unet_targets
+    from .args import denoiser_targets
 
     schedules = [s.value for s in SchedulerType]
     if args.lr_scheduler not in schedules:
         raise _fail(f"--lr_scheduler {args.lr_scheduler!r}: unknown; choose one of {', '.join(schedules)}")
-    if not unet_targets(args.unet_target_modules):
-        raise _fail("--unet_target_modules is empty; give a preset (attn, attn-ff, full) or module names")
+    if not denoiser_targets(args):
+        raise _fail("--unet_target_modules is empty; give a preset (attn, attn-ff, full) or module names"
+                    if getattr(args, "family", "sd") == "sd" else
+                    "--lora_layers is empty; give a preset (attn, attn-ff) or module names")
     if args.train_text_encoder and not [t for t in args.te_target_modules.split(",") if t.strip()]:
         raise _fail("--te_target_modules is empty; give module names such as q_proj,k_proj,v_proj,out_proj")
     if getattr(args, "dreambooth", False) and not args.instance_prompt.strip():
@@ -166,26 +168,35 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
     """(the step resolutions come in, the least resolution) for this pipeline: the VAE shrinks images by
     2^(VAE levels - 1) (8 for SD and SDXL) and the UNet its latents by 2^(UNet levels - 1), which must
     leave at least one latent pixel at the UNet's lowest level (64 px for SD1.x/2.x, 32 px for SDXL);
-    the pipelines take multiples of 8."""
+    a transformer patchifies 2x2 latent pixels (Flux packs them, SD3's patch_size is 2), so its images
+    come in multiples of 2 · the VAE's factor (16 px for both); the pipelines take multiples of 8."""
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if getattr(pipe, "unet", None) is None:
+        patch = getattr(pipe.transformer.config, "patch_size", 2) or 2
+        step = max(8, vae_factor * patch)
+        return step, step
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     step = max(8, vae_factor)
     return step, max(step, vae_factor * unet_factor)
 
 
 def check_pipeline(pipe: Any, args: Any) -> None:
-    """The loaded pipeline is a Stable Diffusion one that can train at --resolution."""
+    """The loaded pipeline is one of the script's family that can train at --resolution."""
+    from .family import FAMILIES
+    from .flow import flow_family
+
+    family = FAMILIES[getattr(args, "family", "sd")]
     name = args.pretrained_model_name_or_path
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
-    if missing:
-        raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__} without {', '.join(missing)}; "
-                    "give a Stable Diffusion 1.x/2.x or XL pipeline")
-    if args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
+    missing = [c for c in family.required if getattr(pipe, c, None) is None]
+    if missing or (family.name != "sd" and flow_family(pipe) != family.name):
+        what = f"without {', '.join(missing)}" if missing else f"with a {type(pipe.transformer).__name__}"
+        raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__} {what}; give {family.label}")
+    if family.name == "sd" and args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
         raise _fail(f"--sdxl: {name} has no text_encoder_2, so it is not an SDXL pipeline; leave --sdxl out")
     step, least = min_resolution(pipe)
     if args.resolution % step or args.resolution < least:
         raise _fail(f"--resolution {args.resolution}: {name} needs a multiple of {step} of at least {least} "
-                    f"(its VAE and UNet halve the image {int(math.log2(least))} times)")
+                    f"(its VAE and {family.denoiser} halve the image {int(math.log2(least))} times)")
 
 
 def check_not_fused(components: dict[str, nn.Module], adapter: str) -> None:

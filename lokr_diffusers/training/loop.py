@@ -1,4 +1,5 @@
-"""The LoKr fine-tuning loop for SD1.x/2.x and SDXL on accelerate (the scripts in examples/ call it).
+"""The LoKr fine-tuning loop on accelerate (the scripts in examples/ call it): SD1.x/2.x and SDXL here,
+Flux.1 and SD3.x through flow.py.
 
 Determinism, for exact resume: the order of examples in epoch e is a permutation drawn from
 (seed, e); the noise, timesteps and VAE sample of optimizer step s come from a generator seeded
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import LoKrConfig
 from ..model import lokr_layers
-from .args import unet_targets
+from .args import denoiser_targets
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -35,20 +36,19 @@ class TrainResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def lokr_configs(args: Any, sdxl: bool) -> dict[str, LoKrConfig]:
-    """Separate configs for the UNet and the text encoder(s), from the command line."""
+def lokr_configs(args: Any, components: list[str]) -> dict[str, LoKrConfig]:
+    """Separate configs for the denoiser (the first component) and the text encoders (the rest),
+    from the command line."""
     init = {"true": True, "false": False, "lycoris": "lycoris"}[str(args.init_weights).lower()]
     common = dict(rank_dropout=args.rank_dropout, module_dropout=args.module_dropout, init_weights=init,
                   decompose_factor=args.decompose_factor, decompose_both=args.decompose_both)
-    configs = {"unet": LoKrConfig(r=args.rank, alpha=args.alpha or args.rank, target_modules=unet_targets(
-        args.unet_target_modules), use_effective_conv2d=args.use_effective_conv2d, **common)}
-    if args.train_text_encoder:
-        te_rank = args.te_rank or args.rank
-        te = LoKrConfig(r=te_rank, alpha=args.te_alpha or te_rank,
-                        target_modules=[t for t in args.te_target_modules.split(",") if t], **common)
-        configs["text_encoder"] = te
-        if sdxl:
-            configs["text_encoder_2"] = te
+    denoiser, *encoders = components
+    configs = {denoiser: LoKrConfig(r=args.rank, alpha=args.alpha or args.rank, target_modules=denoiser_targets(
+        args), use_effective_conv2d=args.use_effective_conv2d, **common)}
+    te_rank = args.te_rank or args.rank
+    for c in encoders:
+        configs[c] = LoKrConfig(r=te_rank, alpha=args.te_alpha or te_rank,
+                                target_modules=[t for t in args.te_target_modules.split(",") if t], **common)
     return configs
 
 

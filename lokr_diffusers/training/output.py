@@ -14,18 +14,19 @@ logger = logging.getLogger(__name__)
 OURS_FILE = "pytorch_lokr_weights.safetensors"
 
 
-def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any) -> str:
+def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, denoiser: str = "unet") -> str:
     """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG, log to trackers."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(args.seed)
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    model = getattr(pipe, denoiser)
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         images = [pipe(args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
                        height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
-    pipe.unet.train(was_training)
+    model.train(was_training)
     sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height))
     x = 0
     for im in images:
@@ -44,7 +45,7 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any) ->
     return path
 
 
-def save_outputs(pipe: Any, args: Any, sdxl: bool, result: Any) -> dict[str, str]:
+def save_outputs(pipe: Any, args: Any, sdxl: bool, result: Any, family: Any = None) -> dict[str, str]:
     """Our lossless file, the portable one (--export_format), and README.md."""
     files = {"lokr": save_lokr_weights(pipe, os.path.join(args.output_dir, OURS_FILE), format="lokr_diffusers")}
     if args.export_format != "none":
@@ -52,18 +53,24 @@ def save_outputs(pipe: Any, args: Any, sdxl: bool, result: Any) -> dict[str, str
         name = os.path.join(args.output_dir, f"lokr_{args.export_format}{suffix}")
         files[args.export_format] = save_lokr_weights(pipe, name, format=args.export_format,
                                                       base="sdxl" if sdxl else None)
-    files["model_card"] = write_model_card(args, sdxl, result, files)
+    files["model_card"] = write_model_card(args, sdxl, result, files, getattr(family, "name", "sd"))
     return files
 
 
-def write_model_card(args: Any, sdxl: bool, result: Any, files: dict[str, str]) -> str:
+TAGS = {"sd": "stable-diffusion", "flux": "flux", "sd3": "sd3"}
+
+
+def write_model_card(args: Any, sdxl: bool, result: Any, files: dict[str, str], family: str = "sd") -> str:
     prompt = args.instance_prompt if getattr(args, "dreambooth", False) else args.validation_prompt
+    tag = "stable-diffusion-xl" if sdxl else TAGS[family]
+    targets = (f"UNet targets `{args.unet_target_modules}`" if family == "sd" else
+               f"transformer targets `{args.lora_layers}`")
     lines = [
         "---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
-        "tags: [lokr, lycoris, diffusers, text-to-image" + (", stable-diffusion-xl" if sdxl else "") + "]", "---", "",
+        f"tags: [lokr, lycoris, diffusers, text-to-image, {tag}]", "---", "",
         f"# LoKr fine-tune of {args.pretrained_model_name_or_path}", "",
         f"Trained with lokr_diffusers for {result.global_step} steps (rank {args.rank}, alpha "
-        f"{args.alpha or args.rank}, UNet targets `{args.unet_target_modules}`"
+        f"{args.alpha or args.rank}, {targets}"
         + (f", text encoder rank {args.te_rank or args.rank}" if args.train_text_encoder else "") + ").", "",
         f"Prompt: `{prompt}`" if prompt else "", "",
         "## Use", "", "```python", "import lokr_diffusers",

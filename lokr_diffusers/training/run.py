@@ -23,6 +23,8 @@ from . import checkpoint
 from .args import build_parser, parse_with
 from .checks import check_not_fused, check_pipeline
 from .errors import TrainingInputError
+from .family import FAMILIES, MOVED, Family
+from .flow import flow_loss
 from .loop import (
     ADAPTER,
     TrainResult,
@@ -43,10 +45,11 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def main(description: str, dreambooth: bool, argv: list[str] | None = None) -> TrainResult:
+def main(description: str, dreambooth: bool, argv: list[str] | None = None, family: str = "sd") -> TrainResult:
     """Parse, check and train; a TrainingInputError (bad argument, data or checkpoint, all raised
-    before the first step) exits as argparse does: `error: ...` and exit code 2, no traceback."""
-    parser: argparse.ArgumentParser = build_parser(description, dreambooth)
+    before the first step) exits as argparse does: `error: ...` and exit code 2, no traceback.
+    family: "sd" (SD1.x/2.x/SDXL), "flux" or "sd3" (training/family.py)."""
+    parser: argparse.ArgumentParser = build_parser(description, dreambooth, family)
     args = parse_with(parser, dreambooth, argv)
     try:
         return train(args)
@@ -87,6 +90,7 @@ class Session:
 
     accelerator: Any
     pipe: Any
+    family: Family
     sdxl: bool
     weight_dtype: torch.dtype
     noise_scheduler: Any
@@ -121,23 +125,25 @@ def _accelerator(args: Any) -> Any:
 def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -> tuple[Any, bool]:
     from diffusers import DiffusionPipeline
 
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if getattr(args, "no_t5", False) else {}
     try:
         pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                      variant=args.variant)
+                                                      variant=args.variant, **without_t5)
     except (OSError, ValueError) as e:
         raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot "
                                  f"load it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     check_pipeline(pipe, args)
     pipe.set_progress_bar_config(disable=True)
-    for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for c in MOVED:
         if getattr(pipe, c, None) is not None:
             getattr(pipe, c).requires_grad_(False).to(device, torch.float32 if c == "vae" else weight_dtype)
-    return pipe, args.sdxl or getattr(pipe, "text_encoder_2", None) is not None
+    sdxl = args.family == "sd" and (args.sdxl or getattr(pipe, "text_encoder_2", None) is not None)
+    return pipe, sdxl
 
 
 def _setup(args: Any, steps: int) -> Session:
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
 
     from ..pipeline import add_lokr
@@ -145,17 +151,18 @@ def _setup(args: Any, steps: int) -> Session:
     accelerator = _accelerator(args)
     set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
+    family = FAMILIES[args.family]
     pipe, sdxl = _load_pipeline(args, accelerator.device, weight_dtype)
-    names = ["unet"] + ([c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
-                        if args.train_text_encoder else [])
-    add_lokr(pipe, lokr_configs(args, sdxl), ADAPTER)
+    names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
+                                 if args.train_text_encoder else [])
+    add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
     for ps in params.values():
         for p in ps:
             p.data = p.data.float()  # adapters train in fp32 whatever the base runs in
     if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    groups = [{"params": params["unet"], "lr": args.learning_rate}]
+        getattr(pipe, family.denoiser).enable_gradient_checkpointing()
+    groups = [{"params": params[family.denoiser], "lr": args.learning_rate}]
     groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
     optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -165,13 +172,15 @@ def _setup(args: Any, steps: int) -> Session:
     raw = {c: getattr(pipe, c) for c in names}
     models = accelerator.prepare(*raw.values())
     models = models if isinstance(models, tuple) else (models,)
-    parts = SimpleNamespace(**{c: getattr(pipe, c) for c in ("vae", "tokenizer", "tokenizer_2", "text_encoder",
-                                                              "text_encoder_2") if hasattr(pipe, c)})
+    parts = SimpleNamespace(**{c: getattr(pipe, c) for c in ("vae", "tokenizer", "tokenizer_2", "tokenizer_3",
+                                                              "text_encoder", "text_encoder_2", "text_encoder_3",
+                                                              "transformer") if hasattr(pipe, c)})
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    return Session(accelerator, pipe, sdxl, weight_dtype, DDPMScheduler.from_config(pipe.scheduler.config), raw,
-                   models, parts, params, optimizer, lr_scheduler)
+    scheduler_cls = DDPMScheduler if family.name == "sd" else FlowMatchEulerDiscreteScheduler
+    return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
+                   raw, models, parts, params, optimizer, lr_scheduler)
 
 
 def _resume(args: Any, s: Session) -> int:
@@ -206,7 +215,7 @@ def train(args: Any) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_not_fused(s.raw, ADAPTER)
-        result.files = save_outputs(s.pipe, args, s.sdxl, result)
+        result.files = save_outputs(s.pipe, args, s.sdxl, result, s.family)
     accelerator.end_training()
     return result
 
@@ -244,7 +253,7 @@ def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, res
             if global_step >= steps:
                 break
         if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            save_validation_images(s.pipe, args, global_step, accelerator)
+            save_validation_images(s.pipe, args, global_step, accelerator, s.family.denoiser)
     progress.close()
     return global_step
 
@@ -260,8 +269,12 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
         batch = collate([dataset[i] for i in micro[(index * args.gradient_accumulation_steps + k) % len(micro)]])
         with accelerator.accumulate(*s.models):
             g = step_generator(args.seed, step, k, accelerator.process_index)
-            loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
-                                  accelerator.device, prior_weight=prior)
+            if s.family.name == "sd":
+                loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
+                                      accelerator.device, prior_weight=prior)
+            else:
+                loss = flow_loss(s.parts, s.noise_scheduler, batch, args, s.family.name, g, s.weight_dtype,
+                                 accelerator.device, prior_weight=prior)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for ps in s.params.values() for p in ps], args.max_grad_norm)
