@@ -266,7 +266,9 @@ def make_sd3_pipeline(seed: int = 0, t5: bool = True) -> StableDiffusion3Pipelin
 def make_flux2_klein_pipeline(seed: int = 0) -> Flux2KleinPipeline:
     """Flux.2 Klein-shaped (4B layout): 2 double + 2 single blocks, 2 heads of 8 (four rope axes of 2), no
     guidance embedding (Klein's), a 27-layer Qwen3ForCausalLM whose hidden states 9, 18 and 27 are stacked
-    into the text states (B, L, 48): the pipeline runs with its default `text_encoder_out_layers`."""
+    into the text states (B, L, 48): the pipeline runs with its default `text_encoder_out_layers`.
+    `is_distilled=False` (the base model's): guidance_scale > 1 runs classifier-free guidance. The call takes
+    `image` first: pass the prompt by keyword, `pipe(prompt=...)`."""
     tokenizer = make_qwen_tokenizer()
     text_encoder = make_qwen3_causal_lm(tokenizer, layers=max(KLEIN_TEXT_LAYERS), seed=seed + 1)
     torch.manual_seed(seed)
