@@ -6,7 +6,9 @@ so a noisy shared machine shifts them together. Inference = no_grad forward (in 
 is built each call, except `ours_reuse`, in eval mode, which keeps it across calls as a denoising loop
 does); training = forward + backward with a frozen base, trainable factors and an input that requires grad.
 
-    python benchmarks/bench_layers.py [--repeats 7] [--threads 2] [--only attn] [--json out.json]
+    python benchmarks/bench_layers.py [--repeats 7] [--threads 2] [--only attn] [--json out.json] [--dit]
+
+--dit adds FLUX.1's shapes (3072-wide attention and 12288-wide mlp at 4096 tokens, batch 1).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ SHAPES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("xattn k 768->320 N=154", lambda: nn.Linear(768, 320), (2, 77, 768)),
     ("te mlp 768->3072 N=154", lambda: nn.Linear(768, 3072), (2, 77, 768)),
     ("conv3x3 320 32x32 Tucker", lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 32, 32)),
+]
+# FLUX.1 at 1024x1024: 4096 image tokens (+ 512 T5 tokens in the joint attention), batch 1 (guidance-
+# distilled: no CFG batch); diffusers splits BFL's fused qkv / linear1 into these Linears. --dit adds them
+# (seconds per call on a CPU).
+DIT_SHAPES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+    ("flux attn 3072 N=4096", lambda: nn.Linear(3072, 3072), (1, 4096, 3072)),
+    ("flux mlp 3072->12288 N=4096", lambda: nn.Linear(3072, 12288), (1, 4096, 3072)),
+    ("flux txt attn 3072 N=512", lambda: nn.Linear(3072, 3072), (1, 512, 3072)),
 ]
 
 
@@ -118,10 +128,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="", help="run the shapes whose name contains this")
     parser.add_argument("--json", help="also write the ratios here")
+    parser.add_argument("--dit", action="store_true", help="add the FLUX.1 shapes (3072-wide, 4096 tokens)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for name, make, shape in SHAPES:
+    for name, make, shape in SHAPES + (DIT_SHAPES if args.dit else []):
         if args.only and args.only not in name:
             continue
         ratios = measure(implementations(make), shape, args.repeats)
