@@ -412,7 +412,10 @@ def _model_fuse(model: nn.Module, original: Method, lora_scale: float = 1.0, saf
     theirs: list[str] | None = None
     if adapter_names is not None:
         ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), registered_adapters(model), lora)
-    changes = [] if ours == [] else [(layer, S.fuse(layer.state, ours, scale)) for _, layer in lokr_layers(model)]
+    named = [] if ours == [] else [(path, layer, S.fuse(layer.state, ours, scale))
+                                   for path, layer in lokr_layers(model)]
+    check_quantized(named, requantize=False)  # a quantized base refuses, named (pipe.fuse_lokr(requantize=True))
+    changes = [(layer, new) for _, layer, new in named]
     if safe_fusing:
         for layer, new in changes:
             layer.check_commit(new)

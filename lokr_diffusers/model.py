@@ -150,6 +150,7 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         if isinstance(module, LoKrLayer):
             module.commit(S.enable(module.state, True) if keep_merged else S.unfuse(module.state))
             module._fused = FusedWeight()  # a fuse kept in the weights is not undone any more
+            module._qfused = quantized.QuantizedFuse()  # nor a requantized one: its original is let go
             setattr(parent, child, module.base_layer)
         else:
             setattr(parent, child, module.unwrap(keep_merged))

@@ -326,6 +326,24 @@ def test_requantized_fuse_follows_disable_enable_and_delete() -> None:
         layer.merge()
 
 
+def test_merge_and_unload_leaves_the_requantized_weight_and_unload_the_original() -> None:
+    _, lokr, layer, w_ref = _adapted("torchao_int8")
+    target = w_ref + _delta(layer)
+    with pytest.raises(Q.QuantizedWeightError, match="requantize=True"):
+        lokr.merge_and_unload()
+    plain = lokr.merge_and_unload(requantize=True)
+    base = plain[0]
+    assert not isinstance(base, LoKrLayer) and Q.quantization_of(base) == "torchao Int8Tensor"
+    err = (_reference_weight("torchao_int8", base) - target).abs()
+    assert bool((err <= _requant_bound("torchao_int8", target)).all())
+    model2, lokr2, layer2, _ = _adapted("gguf_q8_0")
+    original, packed = layer2.base_layer.weight, _packed(layer2.base_layer)
+    lokr2.merge_adapter(requantize=True)
+    lokr2.unload()  # without merging: the fuse is taken out, the original quantized weight comes back
+    assert model2[0].weight is original
+    assert all(torch.equal(a, b) for a, b in zip(_packed(model2[0]), packed, strict=True))
+
+
 def test_unfuse_refuses_when_someone_else_rewrote_the_quantized_weight() -> None:
     _, lokr, layer, _ = _adapted("fp8")
     lokr.merge_adapter(requantize=True)
@@ -383,6 +401,8 @@ def test_pipeline_fuse_names_the_module_and_is_all_or_nothing() -> None:
     assert all(torch.equal(layers[n].weight, w) for n, w in plain_before.items())
     with pytest.raises(Q.QuantizedWeightError, match=f"unet.{name}"):
         pipe.fuse_lora(components=["unet"], adapter_names=["a"])  # diffusers' own method, on a LoKr adapter
+    with pytest.raises(Q.QuantizedWeightError, match=name):
+        pipe.unet.fuse_lora(adapter_names=["a"])  # the model-level method
     pipe.fuse_lokr(requantize=True)
     assert all(layer.merged for layer in layers.values())
     assert quant.base_layer.weight.dtype == torch.float8_e4m3fn
