@@ -336,6 +336,7 @@ class LoKrLayer(nn.Module):
         if probe is None or probe.dtype == w.dtype:
             super()._apply(fn, recurse)
             self._fused.follow(self.weight)
+            self._qfused.follow(fn)
             self._sync_traced()
             return self
         saved, allowed = self.state, self._qfused.allowed

@@ -286,6 +286,11 @@ class QuantizedFuse:
     allowed: bool = False
     error: float | None = None  # max |dequantized new weight − exact target| of the last requantize
 
+    def follow(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """The layer moved (Module.to, offloading): the original kept aside moves with it."""
+        if self.original is not None:
+            self.original = fn(self.original)
+
     def current_base(self, layer: nn.Module, fused: bool) -> Tensor:
         """The weight without our fused adapters, as floats of the weight's compute precision."""
         w = self.original if fused and self.original is not None else None
@@ -314,7 +319,8 @@ class QuantizedFuse:
     def _check_untouched(self, layer: nn.Module, where: str) -> None:
         w = layer.weight
         assert isinstance(w, Tensor)
-        if self.written is None or not torch.equal(_fingerprint(dequantize(layer)), self.written):
+        if self.written is None or \
+                not torch.equal(_fingerprint(dequantize(layer)).to(self.written.device), self.written):
             raise QuantizedWeightError(f"the quantized weight of {where} changed since LoKr fused into it "
                                        "(something else wrote it); unfusing would discard that change, so "
                                        "nothing was changed")
