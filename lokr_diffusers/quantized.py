@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 FP8: tuple[torch.dtype, ...] = tuple(getattr(torch, n) for n in (
     "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
+_WIDE = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 _BNB_LAYERS = {"Linear4bit": "bnb4", "LinearNF4": "bnb4", "LinearFP4": "bnb4", "Linear8bitLt": "bnb8"}
 
 
@@ -57,6 +58,8 @@ def _kind(layer: nn.Module, weight: Tensor | None = None) -> tuple[str, str] | N
         return None
     t = type(w)
     if t is nn.Parameter or t is Tensor:
+        if w.dtype in _WIDE:  # the common case, one set lookup (forward asks on every call)
+            return None
         if w.dtype in FP8:
             return "fp8", _fp8_words(layer, w)
         if w.dtype.is_floating_point:
