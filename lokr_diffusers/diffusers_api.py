@@ -26,7 +26,7 @@ from . import loader, patches
 from . import state as S
 from . import weights as W
 from .logs import pipeline_disable
-from .model import commit_all, lokr_layers, registered_adapters, set_enabled
+from .model import check_quantized, commit_all, lokr_layers, registered_adapters, report_requantized, set_enabled
 
 logger = logging.getLogger(__name__)
 Method = Callable[..., Any]
@@ -70,10 +70,10 @@ def _per_adapter(names: list[str], weights: Any) -> list[Any]:
 
 
 def _undoing(changes: list[tuple[Any, S.LayerState]], run: Callable[[], Any], disable: bool | None = None,
-             desc: str = "") -> Any:
+             desc: str = "", requantize: bool = False) -> Any:
     """Commit the LoKr changes, then run diffusers' part; if that raises, the LoKr layers go back."""
     old = [(layer, layer.state) for layer, _ in changes]
-    commit_all(changes, desc=desc, disable=disable)
+    commit_all(changes, desc=desc, disable=disable, requantize=requantize)
     try:
         return run()
     except BaseException:
@@ -174,6 +174,7 @@ def fuse_lora(original: Method) -> Method:
         lokr = _lokr_names(comps)
         if not lokr or patches.is_bypassed():
             return original(self, components, lora_scale, safe_fusing, adapter_names, **kwargs)
+        requantize = bool(kwargs.pop("requantize", False))  # ours: quantized bases (quantized.py)
         components = _components(self, components, comps)
         scale = S.check_strength(lora_scale, "lora_scale")
         lora_lists = loader.lora_adapters(self)
@@ -183,12 +184,13 @@ def fuse_lora(original: Method) -> Method:
         else:
             ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), lokr, [n for v in lora_lists.values()
                                                                                 for n in v])
-        selected = [comps[c] for c in components if c in comps]
-        changes = [] if ours == [] else [(layer, S.fuse(layer.state, ours, scale))
-                                         for m in selected for _, layer in lokr_layers(m)]
+        named = [] if ours == [] else [(f"{c}.{path}", layer, S.fuse(layer.state, ours, scale))
+                                       for c in components if c in comps for path, layer in lokr_layers(comps[c])]
+        check_quantized(named, requantize)
+        changes = [(layer, new) for _, layer, new in named]
         for layer, new in changes:  # safe_fusing: every LoKr weight checked before anything changes
             if safe_fusing:
-                layer.check_commit(new)
+                layer.check_commit(new, requantize)
 
         def lora_part() -> Any:
             if theirs == [] or not any(lora_lists.values()):
@@ -196,7 +198,9 @@ def fuse_lora(original: Method) -> Method:
             with patches.bypassed():
                 return original(self, components, lora_scale, safe_fusing, theirs, **kwargs)
 
-        result = _undoing(changes, lora_part, pipeline_disable(self), "fusing LoKr")
+        result = _undoing(changes, lora_part, pipeline_disable(self), "fusing LoKr", requantize)
+        if requantize:
+            report_requantized(named)
         self._merged_adapters = set(getattr(self, "_merged_adapters", set())) | _merged_names(self)
         return result
 
@@ -408,7 +412,10 @@ def _model_fuse(model: nn.Module, original: Method, lora_scale: float = 1.0, saf
     theirs: list[str] | None = None
     if adapter_names is not None:
         ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), registered_adapters(model), lora)
-    changes = [] if ours == [] else [(layer, S.fuse(layer.state, ours, scale)) for _, layer in lokr_layers(model)]
+    named = [] if ours == [] else [(path, layer, S.fuse(layer.state, ours, scale))
+                                   for path, layer in lokr_layers(model)]
+    check_quantized(named, requantize=False)  # a quantized base refuses, named (pipe.fuse_lokr(requantize=True))
+    changes = [(layer, new) for _, layer, new in named]
     if safe_fusing:
         for layer, new in changes:
             layer.check_commit(new)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import functional as LF
-from . import paths, reuse
+from . import paths, quantized, reuse
 from . import state as S
 from .config import LoKrConfig
 from .fusing import Frozen, FusedWeight
@@ -79,6 +79,7 @@ class LoKrLayer(nn.Module):
         self._traced: dict[str, tuple[Tensor, Tensor]] = {}
         self._call_t = torch.ones(())
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
+        self._qfused = quantized.QuantizedFuse()  # the same for a quantized base, fused by requantizing
         self._kept: tuple[tuple | None, Tensor, list[Tensor]] | None = None  # W + ΔW reused (reuse.py)
         self._kept_t: Tensor | None = None  # W + ΔW stored by a compiled graph (reuse.py)
         self._frozen = True  # _adapters_frozen(), kept for traced code
@@ -99,11 +100,27 @@ class LoKrLayer(nn.Module):
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
+        """The weight's logical shape (a quantized weight's packed storage may have another)."""
+        w = self.weight
+        if type(w) is nn.Parameter or type(w) is Tensor:
+            return tuple(w.shape)
+        return quantized.logical_shape(self.base_layer)
+
+    @property
+    def quantization(self) -> str | None:
+        """What quantizes the base layer's weight, in words, or None (docs/adapters.md §Quantized base layers)."""
+        return quantized.quantization_of(self.base_layer)
+
+    @property
+    def requantization_error(self) -> float | None:
+        """Max |dequantized weight − exact W + ΔW| left by the last requantizing fuse, while one holds."""
+        return self._qfused.error
 
     def base_weight(self) -> Tensor:
         """The base weight without this layer's fused adapters (the W the adapters are relative to),
-        detached, on the weight's device."""
+        detached, on the weight's device; a quantized weight dequantized."""
+        if self.quantization is not None:
+            return self._qfused.current_base(self.base_layer, bool(self.state.physical()))
         if self.state.physical():
             return self._fused.recover(self.weight, self.state.physical()).clone()
         return self.weight.detach()
@@ -152,12 +169,20 @@ class LoKrLayer(nn.Module):
         return self.scaling[adapter_name] * self.state.weight(adapter_name)
 
     # ---------------------------------------------------------------------------------- transitions
-    def commit(self, new: S.LayerState, safe: bool = False, keep_original: bool = True) -> None:
+    def commit(self, new: S.LayerState, safe: bool = False, keep_original: bool = True,
+               requantize: bool = False) -> None:
         """Take `new` as the layer's state; the base weight is rebuilt when the fused part changes.
-        safe: a non-finite new weight raises and nothing changes."""
+        safe: a non-finite new weight raises and nothing changes. A quantized base weight is never
+        written: fusing into it raises unless `requantize` (quantized.py)."""
         old_phys, new_phys = self.state.physical(), new.physical()
         if old_phys != new_phys:
-            self._fused.move(self.weight, old_phys, new_phys, self._freeze, safe, keep_original)
+            if self._on_quantized():
+                self._qfused.move(self.base_layer, self._describe(), old_phys, new_phys, self._freeze, safe,
+                                  keep_original, requantize)
+            else:
+                self._fused.move(self.weight, old_phys, new_phys, self._freeze, safe, keep_original)
+        if not new.fused:
+            self._qfused.allowed = False
         self.state = new
         self._applied = new.applied()
         self.version += 1
@@ -206,10 +231,12 @@ class LoKrLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
-              keep_original: bool = True, scale: float = 1.0) -> None:
+              keep_original: bool = True, scale: float = 1.0, requantize: bool = False) -> None:
         """Fuse the active (or given) adapters into the base weight at scale · their weight.
-        `unmerge` restores the weight bit for bit (keep_original=False: a fuse never undone, no copy)."""
-        self.commit(S.fuse(self.state, adapter_names, scale), safe=safe_merge, keep_original=keep_original)
+        `unmerge` restores the weight bit for bit (keep_original=False: a fuse never undone, no copy).
+        A quantized base refuses unless `requantize` (docs/adapters.md §Quantized base layers)."""
+        self.commit(S.fuse(self.state, adapter_names, scale), safe=safe_merge, keep_original=keep_original,
+                    requantize=requantize)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -224,7 +251,8 @@ class LoKrLayer(nn.Module):
         plan = LF.plan_lokr(self.weight_shape, r, config.decompose_factor, config.decompose_both,
                             config.use_effective_conv2d, config.full_matrix)
         w = self.weight
-        tensors = {n: torch.empty(s, device=w.device, dtype=w.dtype) for n, s in plan.shapes().items()}
+        dtype = w.dtype if self.quantization is None else torch.float32  # beside a quantized base: fp32 factors
+        tensors = {n: torch.empty(s, device=w.device, dtype=dtype) for n, s in plan.shapes().items()}
         _initialise(tensors, config.init_weights)
         self.set_adapter_tensors(adapter_name, tensors, LF.peft_scale(alpha, r), r=r, alpha=alpha,
                                  requires_grad=not config.inference_mode)
@@ -278,11 +306,25 @@ class LoKrLayer(nn.Module):
         return Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()},
                       self.scaling[adapter_name], dora)
 
-    def check_commit(self, new: S.LayerState) -> None:
-        """Raise what commit(new, safe=True) would raise about non-finite weights; change nothing."""
+    def check_commit(self, new: S.LayerState, requantize: bool = False, safe: bool = True, where: str = "") -> None:
+        """Raise what commit(new, safe) would raise about non-finite weights (with `safe`) and about
+        quantized weights; change nothing. `where`: the layer's name for the message."""
         old, pairs = self.state.physical(), new.physical()
-        if old != pairs:
+        if old == pairs:
+            return
+        if self._on_quantized():
+            self._qfused.check(self.base_layer, where or self._describe(), old, pairs, self._freeze, requantize, safe)
+        elif safe:
             self._fused.check(self.weight, old, pairs, self._freeze)
+
+    def _on_quantized(self) -> bool:
+        """The base weight is quantized, or holds a requantized fuse of ours."""
+        q = self._qfused
+        return q.original is not None or q.written is not None or self.quantization is not None
+
+    def _describe(self) -> str:
+        base = self.base_layer
+        return f"a {type(base).__name__} {'x'.join(map(str, self.weight_shape))}"
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoKrLayer:  # type: ignore[override]
         """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
@@ -294,12 +336,13 @@ class LoKrLayer(nn.Module):
         if probe is None or probe.dtype == w.dtype:
             super()._apply(fn, recurse)
             self._fused.follow(self.weight)
+            self._qfused.follow(fn)
             self._sync_traced()
             return self
-        saved = self.state
+        saved, allowed = self.state, self._qfused.allowed
         self.commit(S.unfuse(saved))
         super()._apply(fn, recurse)
-        self.commit(saved)
+        self.commit(saved, requantize=allowed)
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -363,7 +406,9 @@ class LoKrLayer(nn.Module):
             return self._base(x, args, kwargs)
         if self._call_scale != 1.0:
             applied = tuple((a, s * self._call_scale) for a, s in applied)
-        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__  # accelerate's hook
+        # accelerate's hook, or a quantized weight (the base layer dequantizes it itself): never W + ΔW in one op
+        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__ and \
+            quantized.quantization_of(self.base_layer) is None
         if direct and not self.training and self.forward_mode != "bypass" and reuse.enabled() and \
                 not torch.is_grad_enabled():
             w_eff = self._reused_weight(applied)
@@ -381,7 +426,8 @@ class LoKrLayer(nn.Module):
             names = tuple(a for a in names if not self._module_dropped(a))
         if not names:
             return self._base(x, args, kwargs)
-        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__
+        direct = not args and not kwargs and "_hf_hook" not in self.base_layer.__dict__ and \
+            quantized.quantization_of(self.base_layer) is None
         if direct and not self.training and not torch.is_grad_enabled() and self._frozen and \
                 self.forward_mode != "bypass" and reuse.enabled():
             kept = self._kept_t  # frozen adapters: W + ΔW built once by the graph, then reused (reuse.py)
@@ -400,7 +446,10 @@ class LoKrLayer(nn.Module):
         if args or kwargs or "_hf_hook" in base.__dict__ or "forward" in base.__dict__ or \
                 base._forward_hooks or base._forward_pre_hooks or type(base) not in _PLAIN:
             return cast(Tensor, base(x, *args, **kwargs))
-        return self._run(x, cast(Tensor, base._parameters["weight"]), base._parameters.get("bias"))
+        w, b = cast(Tensor, base._parameters["weight"]), cast("Tensor | None", base._parameters.get("bias"))
+        if w.dtype in quantized.FP8:  # fp8 storage with nothing to cast it up: cast up to x's dtype for the op
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return self._run(x, w, b)
 
     def _forward_applied(self, x: Tensor, applied: Strengths, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """The applied adapters at these strengths: each merged into W or applied to x (bypass)."""
@@ -411,7 +460,7 @@ class LoKrLayer(nn.Module):
         in_bypass: list[tuple[str, float | Tensor]] = []
         for a, s in applied:
             (in_bypass if self._choose_bypass(a, x, tokens, direct) else in_merge).append((a, s))
-        w = self.weight
+        w = self.weight if direct or self.quantization is None else x  # quantized: ΔW in x's dtype (dtype only)
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
             result = self._run_merged(x, tuple(in_merge))  # W + Σ ΔW, then one op
         elif in_merge:
@@ -423,7 +472,7 @@ class LoKrLayer(nn.Module):
         elif direct and len(in_bypass) == 1 and (joint := self._with_bypass(x, *in_bypass[0])) is not None:
             return joint  # the base op and the adapter as one node (Linear, training)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._base(x, args, kwargs)
         for a, s in in_bypass:
             result = result + self._bypass(x, a, s)
         return result
@@ -467,17 +516,19 @@ class LoKrLayer(nn.Module):
         return tensors
 
     def _forward_in_order(self, x: Tensor, applied: Strengths, direct: bool, args: tuple, kwargs: dict) -> Tensor:
-        """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does)."""
-        w_eff = self._adapted_weight(applied)
+        """With a DoRA adapter active: build W' adapter by adapter, in order (as fuse does). Over a
+        quantized base, from its dequantized weight, W' − W beside the base op."""
+        w = self.weight if self.quantization is None else quantized.dequantize(self.base_layer, dtype=x.dtype)
+        w_eff = self._adapted_weight(applied, w)
         if direct:
             return self._run(x, w_eff, self.bias)
-        return self.base_layer(x, *args, **kwargs) + self._run(x, w_eff - self.weight, None)
+        return self._base(x, args, kwargs) + self._run(x, w_eff - w, None)
 
-    def _adapted_weight(self, applied: Strengths) -> Tensor:
-        """W + the applied adapters' changes, a new tensor: with a DoRA adapter, adapter by adapter in
-        order (each normalises the weight it is given, as fuse does); otherwise one pass per adapter
-        (functional.add_delta, no kron materialised)."""
-        w = self.weight
+    def _adapted_weight(self, applied: Strengths, w: Tensor | None = None) -> Tensor:
+        """W (default the base weight) + the applied adapters' changes, a new tensor: with a DoRA
+        adapter, adapter by adapter in order (each normalises the weight it is given, as fuse does);
+        otherwise one pass per adapter (functional.add_delta, no kron materialised)."""
+        w = self.weight if w is None else w
         w_eff = w
         if any(a in self.dora_scale for a, _ in applied):
             for a, s in applied:
@@ -532,6 +583,8 @@ class LoKrLayer(nn.Module):
     def _choose_bypass(self, adapter_name: str, x: Tensor, tokens: int, direct: bool) -> bool:
         if not self._can_bypass():
             return False
+        if not direct and self.quantization is not None:
+            return True  # a quantized weight is never combined with ΔW, whatever the forward mode
         mode = self.forward_mode
         if mode != "auto":
             return mode == "bypass"

@@ -30,11 +30,13 @@ from .logs import pipeline_disable, progress, warn_once
 from .model import (
     LoKrModel,
     adapter_configs,
+    check_quantized,
     commit_all,
     component_enabled,
     lokr_layers,
     registered_adapters,
     remove_layers,
+    report_requantized,
     set_enabled,
 )
 from .transaction import all_or_nothing
@@ -42,6 +44,15 @@ from .transaction import all_or_nothing
 logger = logging.getLogger(__name__)
 
 WRAPPERS: dict[type[nn.Module], type[LoKrLayer]] = {nn.Linear: Linear, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d}
+
+
+def wrapper_for(module: nn.Module) -> type[LoKrLayer]:
+    """The LoKr layer class for a module: by its type, or a base type of it (diffusers' GGUFLinear and
+    bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses)."""
+    found = WRAPPERS.get(type(module))
+    if found is None:
+        found = next(w for t, w in WRAPPERS.items() if isinstance(module, t))
+    return found
 PathOrDict = str | os.PathLike[str] | dict[str, Tensor]
 AdapterWeight = float | Mapping[str, Any]
 
@@ -210,7 +221,7 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
         if isinstance(current, LoKrLayer):
             layer = current
         else:
-            layer = WRAPPERS[type(current)](current)
+            layer = wrapper_for(current)(current)
             layer.enable_adapters(component_enabled(comps[e.ref.component]))
         w = layer.weight
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
@@ -419,19 +430,25 @@ def set_lokr_adapters(pipe: Any, adapter_names: str | list[str],
 
 
 def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | None = None,
-              adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
+              adapter_names: list[str] | None = None, safe_fusing: bool = False, requantize: bool = False) -> None:
     """Fuse the active (or given) adapters into the weights at lokr_scale · their weight.
     `unfuse_lokr` restores the original weights bit for bit. All-or-nothing: an adapter already
-    fused at another strength, or (safe_fusing) a non-finite weight anywhere, changes nothing."""
+    fused at another strength, or (safe_fusing) a non-finite weight anywhere, changes nothing.
+    A quantized weight (GGUF, torchao, bitsandbytes, fp8 storage) refuses unless `requantize`:
+    dequantize, add, quantize again, with rounding error (docs/adapters.md §Quantized base layers)."""
     lokr_scale = S.check_strength(lokr_scale, "lokr_scale")
     if lokr_scale < 0:
         warn_once(logger, f"lokr_scale {lokr_scale:g} is negative: the adapters are subtracted from the weights")
     selected = _selected(pipe, components)
     if adapter_names is not None:
         adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")
-    changes = [(layer, S.fuse(layer.state, adapter_names, lokr_scale))
-               for model in selected.values() for _, layer in lokr_layers(model)]
-    commit_all(changes, safe=safe_fusing, desc="fusing LoKr", disable=pipeline_disable(pipe))
+    named = [(f"{c}.{path}", layer, S.fuse(layer.state, adapter_names, lokr_scale))
+             for c, model in selected.items() for path, layer in lokr_layers(model)]
+    check_quantized(named, requantize)
+    commit_all([(layer, new) for _, layer, new in named], safe=safe_fusing, desc="fusing LoKr",
+               disable=pipeline_disable(pipe), requantize=requantize)
+    if requantize:
+        report_requantized(named)
     logger.info("fused LoKr adapters into %s", list(selected))
 
 

@@ -18,12 +18,12 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from . import functional as LF
-from . import scaling
+from . import quantized, scaling
 from . import state as S
 from .config import LoKrConfig
 from .fusing import FusedWeight
@@ -60,19 +60,21 @@ def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
 
 
 def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False,
-               keep_original: bool = True, desc: str = "", disable: bool | None = None) -> None:
+               keep_original: bool = True, desc: str = "", disable: bool | None = None,
+               requantize: bool = False) -> None:
     """Move each layer to its new state, all or nothing: with `safe`, every layer's new weight is
     checked first; if any commit fails, the layers already moved go back to their old states.
-    A progress bar (logs.progress) when many layers change their weights (`desc`, `disable`)."""
+    A progress bar (logs.progress) when many layers change their weights (`desc`, `disable`).
+    requantize: fusing into a quantized base weight dequantizes, adds and requantizes (quantized.py)."""
     if safe:
         for layer, new in changes:
-            layer.check_commit(new)
+            layer.check_commit(new, requantize)
     done: list[tuple[LoKrLayer, S.LayerState]] = []
     moving = sum(layer.state.physical() != new.physical() for layer, new in changes)
     try:
         for layer, new in progress(changes, desc=desc or "LoKr weights", disable=disable if moving else True):
             old = layer.state
-            layer.commit(new, keep_original=keep_original)
+            layer.commit(new, keep_original=keep_original, requantize=requantize)
             done.append((layer, old))
     except BaseException:
         for layer, old in reversed(done):
@@ -99,12 +101,35 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
             module.enable_adapters(enabled)
 
 
+def check_quantized(named: list[tuple[str, LoKrLayer, S.LayerState]], requantize: bool) -> None:
+    """Before any layer changes: refuse, naming the module, a change that would write into a
+    quantized base weight without `requantize`, or that its quantizer cannot requantize."""
+    for name, layer, new in named:
+        layer.check_commit(new, requantize, safe=False, where=name)
+
+
+def report_requantized(named: list[tuple[str, LoKrLayer, S.LayerState]]) -> None:
+    """One warning for a fuse that requantized quantized weights: how many, and the largest error."""
+    errors = [(layer.requantization_error, name) for name, layer, _ in named
+              if layer.requantization_error is not None]
+    if errors:
+        worst, where = max(errors)
+        logger.warning("LoKr fused into %d quantized weights by requantizing them; the largest max abs error "
+                       "introduced is %.3g (%s). Unfusing puts the original quantized weights back exactly",
+                       len(errors), worst, where)
+
+
 def merge_layers(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False,
-                 keep_original: bool = True, scale: float = 1.0) -> None:
+                 keep_original: bool = True, scale: float = 1.0, requantize: bool = False) -> None:
     """Fuse the given (default: each layer's active) adapters at scale · weight into the base weights
-    of every LoKr layer. All-or-nothing; with safe_merge a non-finite weight anywhere raises first."""
-    changes = [(layer, S.fuse(layer.state, adapter_names, scale)) for _, layer in lokr_layers(model)]
-    commit_all(changes, safe=safe_merge, keep_original=keep_original)
+    of every LoKr layer. All-or-nothing; with safe_merge a non-finite weight anywhere raises first.
+    A quantized base weight refuses unless `requantize` (docs/adapters.md §Quantized base layers)."""
+    named = [(name, layer, S.fuse(layer.state, adapter_names, scale)) for name, layer in lokr_layers(model)]
+    check_quantized(named, requantize)
+    commit_all([(layer, new) for _, layer, new in named], safe=safe_merge, keep_original=keep_original,
+               requantize=requantize)
+    if requantize:
+        report_requantized(named)
 
 
 def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool = False) -> int:
@@ -125,6 +150,7 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         if isinstance(module, LoKrLayer):
             module.commit(S.enable(module.state, True) if keep_merged else S.unfuse(module.state))
             module._fused = FusedWeight()  # a fuse kept in the weights is not undone any more
+            module._qfused = quantized.QuantizedFuse()  # nor a requantized one: its original is let go
             setattr(parent, child, module.base_layer)
         else:
             setattr(parent, child, module.unwrap(keep_merged))
@@ -192,7 +218,7 @@ class LoKrModel(nn.Module):
         targets = find_targets(self.model, config, supported, skip=(LoKrLayer, ModulesToSaveWrapper))
         for t in targets:  # r and shapes are checked before anything is touched
             layer = self.model.get_submodule(t.name)
-            shape = layer.weight_shape if isinstance(layer, LoKrLayer) else tuple(cast(Tensor, layer.weight).shape)
+            shape = layer.weight_shape if isinstance(layer, LoKrLayer) else quantized.logical_shape(layer)
             LF.plan_lokr(shape, t.r, config.decompose_factor, config.decompose_both,
                          config.use_effective_conv2d, config.full_matrix)
         saved = self._resolve_modules_to_save(config)
@@ -339,29 +365,33 @@ class LoKrModel(nn.Module):
                     sub.requires_grad_(a in active and not self.peft_config[a].inference_mode)
 
     # ------------------------------------------------------------------------------ merge / unload
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                      requantize: bool = False) -> None:
         """Fold the active (or given) adapters into the base weights; `unmerge_adapter` restores them.
-        With safe_merge, a non-finite result anywhere leaves every weight as it was."""
+        With safe_merge, a non-finite result anywhere leaves every weight as it was. A quantized base
+        weight refuses unless `requantize` (docs/adapters.md §Quantized base layers)."""
         if adapter_names is not None:
             unknown = [n for n in adapter_names if n not in self.peft_config]
             if unknown:
                 raise ValueError(f"unknown adapters {unknown}; this model has {list(self.peft_config)}")
-        merge_layers(self.model, adapter_names, safe_merge, keep_original=True)
+        merge_layers(self.model, adapter_names, safe_merge, keep_original=True, requantize=requantize)
 
     def unmerge_adapter(self) -> None:
         commit_all([(layer, S.unfuse(layer.state)) for _, layer in lokr_layers(self.model)])
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, remove every LoKr layer and return the plain model."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         requantize: bool = False) -> nn.Module:
+        """Merge, remove every LoKr layer and return the plain model (quantized bases: `requantize`)."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, requantize=requantize)
 
     def unload(self) -> nn.Module:
         """Remove every LoKr layer without merging and return the plain model."""
         return self._unload(merge=False)
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                requantize: bool = False) -> nn.Module:
         if merge:
-            merge_layers(self.model, adapter_names, safe_merge, keep_original=False)
+            merge_layers(self.model, adapter_names, safe_merge, keep_original=False, requantize=requantize)
         remove_layers(self.model, keep_merged=merge)
         return self.model
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as LF
+from .. import quantized
 from ..config import LoKrConfig
 from ..io import PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY
 from ..layers import LoKrLayer
@@ -229,7 +230,7 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
     if "lokr_t1" in tensors:
         raise ValueError(f"{name}: lokr_t1 (a Tucker W1) is written by no known trainer and is not supported")
     module = index.modules[ref.component][ref.path]
-    shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
+    shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
     try:
         plan = LF.plan_from_tensors(shape, factors)
         if "dora_scale" in tensors:
@@ -263,10 +264,11 @@ def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
     """Our ComfyUI export rescales an output-axis dora_scale for ComfyUI's rule (m' = m·‖W‖/‖W + ΔW‖,
     docs/formats.md §DoRA); reading it back takes the trained m from the module's own base weight."""
     module = index.modules[e.ref.component][e.ref.path]
-    shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
+    shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
     if e.dora_scale is None or not LF.dora_on_output_axis(e.dora_scale, shape):
         return
-    w = module.base_weight() if isinstance(module, LoKrLayer) else weight_of(module).detach()
+    w = module.base_weight() if isinstance(module, LoKrLayer) else \
+        weight_of(module).detach() if quantized.quantization_of(module) is None else quantized.dequantize(module)
     if w.is_meta:
         raise ValueError(f"{e.ref.component}.{e.ref.path}: this file's output-axis dora_scale is written for "
                          "ComfyUI's rule (metadata lokr_dora_rule=comfyui); reading it back needs the base "
