@@ -204,6 +204,7 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
             disable: bool | None = None) -> None:
     """Put every entry in place, register the adapter and activate it beside the active ones (the
     caller rolls back on error)."""
+    shared: dict[int, dict[str, Tensor]] = {}  # id(entry.factors) -> Parameters, for a fused module's pieces
     for e in progress(entries, desc=f"loading LoKr {adapter_name!r}", disable=disable):
         parent, attr = get_slot(comps[e.ref.component], e.ref.path)
         current = getattr(parent, attr)
@@ -214,11 +215,16 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
             layer.enable_adapters(component_enabled(comps[e.ref.component]))
         w = layer.weight
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
-        # copies: the layer must never share storage with the caller's state dict
-        tensors = {k: v.to(device=w.device, dtype=dtype, copy=True) for k, v in e.factors.items()}
+        tensors = shared.get(id(e.factors)) if e.rows is not None else None
+        if tensors is None or any(t.device != w.device for t in tensors.values()):
+            # copies: the layer must never share storage with the caller's state dict; Parameters, so that
+            # the pieces of a fused module (formats/fused.py) register the same ones (one set of factors)
+            tensors = {k: nn.Parameter(v.to(device=w.device, dtype=dtype, copy=True), requires_grad=False)
+                       for k, v in e.factors.items()}
+            shared[id(e.factors)] = tensors
         dora = e.dora_scale.to(device=w.device, dtype=dtype, copy=True) if e.dora_scale is not None else None
-        layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
-                                  dora_scale=dora)
+        layer.set_adapter_tensors(adapter_name, dict(tensors), e.scale, r=e.plan.rank or None, alpha=e.alpha,
+                                  dora_scale=dora, rows=e.rows, origin=e.origin)
         if layer is not current:
             setattr(parent, attr, layer)
     for name, model in comps.items():
