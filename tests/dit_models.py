@@ -35,11 +35,11 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 
-def tiny(name: str, seed: int = 0) -> nn.Module:
+def tiny(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     """The tiny transformer `name` (a key of TINY) with random weights, fp32, eval mode."""
     cls, config = TINY[name]
     torch.manual_seed(seed)
-    model = cls(**config)
+    model = cls(**{**config, **overrides})
     with torch.no_grad():  # some layers start at zero (adaLN, final projections): give every weight a value
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)

@@ -145,8 +145,9 @@ _FAMILY_SIGNS: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = (
 )
 
 
-def file_family(keys: KeysOrStateDict) -> tuple[str | None, list[str]]:
-    """(family, evidence) of a file by its module names: "flux" | "flux2" | "sd3" | "zimage" | "sd" | None."""
+def file_family(keys: KeysOrStateDict) -> tuple[frozenset[str], list[str]]:
+    """(the families a file can be for by its module names, evidence); all of FAMILY_NAMES when no name
+    says anything. FLUX.1 and FLUX.2 share most original names: a file may fit both."""
     candidates = frozenset(FAMILY_NAMES)
     evidence: list[str] = []
     for pattern, families, words in _FAMILY_SIGNS:
@@ -154,7 +155,7 @@ def file_family(keys: KeysOrStateDict) -> tuple[str | None, list[str]]:
         if hit is not None and candidates & families:
             candidates &= families
             evidence.append(f"{words} ({hit.rpartition('.')[0] or hit})")
-    return (next(iter(candidates)) if len(candidates) == 1 else None), evidence
+    return candidates, evidence
 
 
 def pipeline_family(comps: Mapping[str, nn.Module]) -> str | None:
@@ -170,12 +171,13 @@ def pipeline_family(comps: Mapping[str, nn.Module]) -> str | None:
 
 def family_hint(keys: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
     """A sentence naming the model family a file is for when it is not the pipeline's, or ''."""
-    family, evidence = file_family(list(keys))
+    families, evidence = file_family(list(keys))
     pipe = pipeline_family(comps)
-    if family is None or pipe is None or family == pipe:
+    if not evidence or pipe is None or pipe in families or len(families) > 2:
         return ""
-    return (f" This file looks like a {FAMILY_NAMES[family]} LoKr (it has {'; '.join(evidence[:2])}); the pipeline "
-            f"is {FAMILY_NAMES[pipe]}. Load it into a {FAMILY_NAMES[family]} pipeline.")
+    name = " / ".join(FAMILY_NAMES[f] for f in sorted(families))
+    return (f" This file looks like a {name} LoKr (it has {'; '.join(evidence[:2])}); the pipeline "
+            f"is {FAMILY_NAMES[pipe]}. Load it into a {name} pipeline.")
 
 
 def base_hint(keys_or_state_dict: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
