@@ -40,7 +40,8 @@ Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end ro
 # Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
 # final_layer.adaLN_modulation.1 is (shift, scale), diffusers' norm_out.linear (scale, shift).
 FLUX: dict[str, Blocks] = {
-    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None), ("transformer_blocks.0.attn.to_k", 0, None),
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
                                      ("transformer_blocks.0.attn.to_v", 0, None)],
     "double_blocks.1.txt_attn.qkv": [("transformer_blocks.1.attn.add_q_proj", 0, None),
                                      ("transformer_blocks.1.attn.add_k_proj", 0, None),
@@ -72,7 +73,8 @@ SD3: dict[str, Blocks] = {
 }
 # Flux.2 Klein tiny: d = 16; single blocks are fused in diffusers too (linear1 = attn.to_qkv_mlp_proj).
 FLUX2: dict[str, Blocks] = {
-    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None), ("transformer_blocks.0.attn.to_k", 0, None),
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
                                      ("transformer_blocks.0.attn.to_v", 0, None)],
     "single_blocks.1.linear1": [("single_transformer_blocks.1.attn.to_qkv_mlp_proj", 0, None)],
     "double_blocks.1.txt_mlp.0": [("transformer_blocks.1.ff_context.linear_in", 0, None)],
@@ -364,7 +366,7 @@ def test_unknown_keys_strict_and_not() -> None:
     sd, modules = original_file(base, "flux", "comfyui", seed=70)
     extra = {"diffusion_model.double_blocks.7.img_attn.qkv.lokr_w1": torch.ones(3, 4),
              "diffusion_model.double_blocks.7.img_attn.qkv.lokr_w2": torch.ones(16, 4)}
-    with pytest.raises(ValueError, match="double_blocks.7"):
+    with pytest.raises(ValueError, match=r"double_blocks\.7"):
         pipe.load_lokr_weights({**sd, **extra})
     assert not pipe.get_list_lokr_adapters()
     pipe.load_lokr_weights({**sd, **extra}, strict=False)
