@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lokr_diffusers import functional as LF
 from lokr_diffusers.layers import Linear
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 DT = torch.float64
 
 

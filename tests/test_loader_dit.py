@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
                               "zimage": ZImagePipeline}
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
