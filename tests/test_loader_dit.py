@@ -13,6 +13,7 @@ the package for names, rows or ΔW.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
@@ -26,12 +27,16 @@ from diffusers import (
     ZImagePipeline,
 )
 from dit_models import run, tiny
+from fullsize_dit import FULL, meta_transformer
 from references import consumer_weight, fused_consumer_weights
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrModel
+from lokr_diffusers.formats.dit import dit_name_map
+from lokr_diffusers.formats.names import build_index
+from lokr_diffusers.formats.reader import parse_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
@@ -403,3 +408,41 @@ def test_one_module_named_twice_is_refused() -> None:
     to_q = {k: v for k, v in one.items() if k.startswith("transformer.transformer_blocks.0.attn.to_q.")}
     with pytest.raises(ValueError, match="both reach"):
         pipe.load_lokr_weights({**sd, **to_q})
+
+
+# ------------------------------------------------------------------- full-size files, parsed on meta models
+FULL_LAYOUTS = {**ORIGINAL_LAYOUTS, **DIFFUSERS_LAYOUTS}
+
+
+@functools.cache
+def full_index(name: str) -> Any:
+    return build_index({"transformer": meta_transformer(name)})
+
+
+def zero_factors(out: int, in_: int) -> dict[str, Tensor]:
+    out_l, in_m = (2 if out % 2 == 0 else 1), (2 if in_ % 2 == 0 else 1)
+    return {"lokr_w1": torch.zeros(out_l, in_m), "lokr_w2_a": torch.zeros(out // out_l, 1),
+            "lokr_w2_b": torch.zeros(1, in_ // in_m), "alpha": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize("name", FULL)
+@pytest.mark.parametrize("layout", FULL_LAYOUTS)
+def test_full_size_file_resolves_every_key(name: str, layout: str) -> None:
+    """A file naming every module of a full-size transformer in one layout: every key is used, and the
+    entries cover each Linear once (a fused original's pieces tile its modules' rows)."""
+    model = meta_transformer(name)
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layout in ORIGINAL_LAYOUTS:  # the originals (counted by hand in test_formats_dit.py), their fused shapes
+        targets = {o: (t.out_features, t.in_features) for o, t in dit_name_map(model).originals.items()}
+    else:
+        targets = {p: (m.out_features, m.in_features) for p, m in linears.items()}
+    template = FULL_LAYOUTS[layout]
+    sd = {f"{name_in(template, t)}.{k}": v for t, shape in targets.items() for k, v in zero_factors(*shape).items()}
+    parsed = parse_file(sd, {}, full_index(name), layout)
+    assert not parsed.unmatched
+    covered = [e.ref.path for e in parsed.entries]
+    assert sorted(covered) == sorted(linears)
+    for e in parsed.entries:
+        if e.rows is not None:
+            assert e.rows.out == linears[e.ref.path].out_features
+            assert layout in ORIGINAL_LAYOUTS and e.origin is not None
