@@ -62,3 +62,29 @@ def split_dora(dora: Tensor, target: Target, rows: Mapping[str, LF.Rows], factor
         ratio = (sq.sqrt() + eps) / (fused + eps)
         out[path] = (m * ratio.reshape(m.shape)).to(dora.dtype)
     return out
+
+
+# ------------------------------------------------------------------------------- saving the pieces
+# Our lossless layout (export.to_ours, loader.split_adapters) and PEFT-layout state dicts keep a piece layer's
+# rows as two integer tensors beside its factors; the pieces of one fused module hold one set of factors,
+# written once (safetensors refuses tensors that share memory): the other pieces name the one that holds
+# them in the metadata key SHARED_KEY ({"<adapter>.<component>.<path>": "<component>.<path holding them>"}).
+ROW_LEAVES: tuple[str, ...] = ("lokr_rows", "lokr_height")
+SHARED_KEY = "lokr_shared"
+
+
+def rows_to_tensors(rows: LF.Rows) -> dict[str, Tensor]:
+    """{"lokr_rows": int64 (pieces, 2) of (start, stop), "lokr_height": int64 0-d}."""
+    return {"lokr_rows": torch.tensor(rows.pieces, dtype=torch.int64).reshape(-1, 2),
+            "lokr_height": torch.tensor(rows.height, dtype=torch.int64)}
+
+
+def rows_from_tensors(pieces: Tensor, height: Tensor, where: str) -> LF.Rows:
+    """The Rows that `rows_to_tensors` wrote (ValueError naming `where` if they are not such)."""
+    if pieces.dim() != 2 or pieces.shape[1] != 2 or height.numel() != 1 or pieces.is_floating_point():
+        raise ValueError(f"{where}: lokr_rows must be an integer (pieces, 2) tensor and lokr_height one integer, "
+                         f"got shapes {tuple(pieces.shape)} and {tuple(height.shape)}")
+    try:
+        return LF.Rows(tuple((int(a), int(b)) for a, b in pieces.tolist()), int(height))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None

@@ -119,6 +119,7 @@ class NameIndex:
     modules: dict[str, dict[str, nn.Module]]  # component -> path -> module
     ambiguous: set[str]
     unused: dict[ModuleRef, str] = field(default_factory=dict)
+    origins: dict[ModuleRef, str] = field(default_factory=dict)  # DiT module -> the original holding its rows
 
     def lookup(self, name: str) -> tuple[str, ModuleRef | FusedRef] | None:
         if name in self.ambiguous:
@@ -166,6 +167,7 @@ def _add_dit(index: NameIndex, model: nn.Module) -> None:
             FusedRef("transformer", target)
         _add(index, name, layout, ref)
     index.ambiguous |= nm.ambiguous
+    index.origins.update({ModuleRef("transformer", p): o for p, o in nm.covering.items()})
     for path in index.modules["transformer"]:
         if path not in nm.linears:
             for layout, name in transformer_forms(path):

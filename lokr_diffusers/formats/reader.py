@@ -20,12 +20,13 @@ from ..config import LoKrConfig
 from ..io import PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY
 from ..layers import LoKrLayer
 from ..targeting import pattern_value
-from .fused import layer_rows, split_dora
+from .fused import ROW_LEAVES, layer_rows, rows_from_tensors, split_dora
 from .names import FusedRef, ModuleRef, NameIndex, weight_of
 
 logger = logging.getLogger(__name__)
 
-LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale")
+LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale",
+                                  *ROW_LEAVES)
 LORA_MARKERS: tuple[str, ...] = ("lora_down", "lora_up", "lora_mid", "lora_A", "lora_B")
 PEFT_PREFIX = "base_model.model."
 NUMBER_LEAVES: tuple[str, ...] = ("alpha", "scale", "lokr_scale")
@@ -170,7 +171,7 @@ def check_tensors(state_dict: Mapping[str, Tensor]) -> None:
         split = split_key(key)
         leaf = split[1] if split is not None else leaf
         lokr = split is not None and not _is_lora_key(key)
-        integer_ok = leaf in NUMBER_LEAVES and not t.is_complex() and t.dtype != torch.bool
+        integer_ok = leaf in (*NUMBER_LEAVES, *ROW_LEAVES) and not t.is_complex() and t.dtype != torch.bool
         if lokr and not torch.is_floating_point(t) and not integer_ok:
             raise TypeError(f"{key}: dtype {t.dtype} is not a floating-point type; LoKr tensors are float16, "
                             "bfloat16, float32 or float64 (the file is damaged or not a LoKr file)")
@@ -241,14 +242,22 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
         raise ValueError(f"{name} -> {ref.component}.{ref.path}: {index.unused[ref]}")
     module = index.modules[ref.component][ref.path]
     shape = module.weight_shape if isinstance(module, LoKrLayer) else tuple(weight_of(module).shape)
+    rows = None
+    if "lokr_rows" in tensors or "lokr_height" in tensors:  # a piece of a fused module, as we save it
+        if "lokr_rows" not in tensors or "lokr_height" not in tensors:
+            raise ValueError(f"{name}: lokr_rows and lokr_height go together")
+        rows = rows_from_tensors(tensors["lokr_rows"], tensors["lokr_height"], name)
+        if rows.out != shape[0]:
+            raise ValueError(f"{name}: lokr_rows give {rows.out} rows; {ref.component}.{ref.path} has {shape[0]}")
     try:
-        plan = LF.plan_from_tensors(shape, factors)
+        plan = LF.plan_from_tensors(shape if rows is None else (rows.height, *shape[1:]), factors)
         if "dora_scale" in tensors:
             LF.dora_on_output_axis(tensors["dora_scale"], shape)
     except (ValueError, IndexError) as err:
         raise ValueError(f"{name} -> {ref.component}.{ref.path}: {err}") from None
     scale, alpha = _scale(name, plan, tensors, ref.path, peft_config)
-    return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys)
+    return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys, rows=rows,
+                     origin=index.origins.get(ref) if rows is not None else None)
 
 
 def _fused_entries(name: str, ref: FusedRef, tensors: dict[str, Tensor], factors: dict[str, Tensor],
