@@ -573,36 +573,9 @@ class LoKrLayer(nn.Module):
                    self.rows.get(adapter_name), tuple(x.shape),
                    x.dtype, self.weight.dtype, device, torch.is_autocast_enabled(device.type),
                    torch.get_autocast_dtype(device.type), needs_grad, x.requires_grad)
-            return paths.measured(key, lambda: self._measure_bypass(x, adapter_name, needs_grad))
+            return paths.measured(key, lambda: paths.measure_layer(self, x, adapter_name, needs_grad))
         return LF.prefer_bypass(LF.restricted_plan(self.plans[adapter_name], self.rows.get(adapter_name)), tokens,
                                 needs_grad)
-
-    def _measure_bypass(self, x: Tensor, adapter_name: str, needs_grad: bool) -> bool:
-        """Time this adapter's two paths on x (paths.py): the op with W + ΔW, or the base op plus the
-        factors applied to x; in training with backward to the factors (and x). Gradients are returned,
-        never accumulated into .grad; no random numbers are drawn (no rank dropout here)."""
-        xs = x.detach().requires_grad_(needs_grad and x.requires_grad)
-        wanted = [t for t in self.factors(adapter_name).values() if t.requires_grad]
-        wanted += [xs] if xs.requires_grad else []
-        one = ((adapter_name, 1.0),)
-
-        def run(y: Tensor) -> None:
-            if needs_grad:
-                torch.autograd.grad(y.float().sum(), wanted)
-
-        def merged() -> None:
-            run(self._run_merged(xs, one))
-
-        def bypass() -> None:
-            joint = self._with_bypass(xs, adapter_name, 1.0)
-            run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0) if joint is None
-                else joint)
-
-        # identity saved-tensor hooks on top: an active torch.utils.checkpoint must not see the timed
-        # graphs (it counts the tensors a forward saves and compares them with its recomputation)
-        with torch.enable_grad() if needs_grad else torch.no_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(_same, _same):
-            return paths.bypass_is_faster(bypass, merged, self.weight.device)
 
     def _with_bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor | None:
         """The base op plus one adapter applied to x as a single node, where the layer has one
@@ -665,10 +638,6 @@ class Linear(LoKrLayer):
             return None
         f = {n: t.to(x.dtype) for n, t in f.items()}
         return LF.apply_bypass_linear(x, w, b, f, self._scale_of(adapter_name, strength), self.rows.get(adapter_name))
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
 
 
 def _cpu_low_precision(w: Tensor) -> bool:

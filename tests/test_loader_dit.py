@@ -238,6 +238,19 @@ def test_original_layout_gives_comfyuis_weights(family: str, layout: str, aligne
                                                  strict=True))
 
 
+def test_two_fused_adapters_add_up() -> None:
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd_a, modules_a = original_file(base, "flux", "comfyui", aligned=False, seed=1)
+    sd_b, modules_b = original_file(base, "flux", "kohya", aligned=True, seed=2)
+    pipe.load_lokr_weights(sd_a, adapter_name="a")
+    pipe.load_lokr_weights(sd_b, adapter_name="b")
+    want = comfyui_model(comfyui_model(base, "flux", modules_a), "flux", modules_b)
+    assert_close(run(pipe.transformer, "flux"), run(want, "flux"))
+    pipe.delete_lokr_adapters("a")
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules_b), "flux"))
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_scale_rules_on_fused_modules(style: str) -> None:
     pipe = bare_pipeline("flux")
