@@ -332,6 +332,30 @@ def test_peft_folder_matches_peft(family: str, tmp_path: Any) -> None:
     assert_close(run(pipe.transformer, family), want)
 
 
+@pytest.mark.parametrize("dim", [1, 4], ids=["w2 low-rank", "full matrix"])
+def test_simpletuner_lycoris_file_matches_lycoris(dim: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleTuner's layout is LyCORIS' standalone wrapper (`lycoris_` + the diffusers path): a LyCORIS LoKr
+    on Flux.1's blocks, saved by LyCORIS, gives LyCORIS' own outputs here."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["FluxTransformerBlock", "FluxSingleTransformerBlock"])
+    model = tiny("flux")
+    base = copy.deepcopy(model)
+    net = create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2, algo="lokr", factor=4)
+    net.apply_to()
+    with torch.no_grad():  # LyCORIS starts at ΔW = 0
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    want = run(model, "flux")
+    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
+    pipe = bare_pipeline("flux", base)
+    pipe.load_lokr_weights(str(tmp_path / "lycoris.safetensors"))
+    assert_close(run(pipe.transformer, "flux"), want)
+
+
 # ------------------------------------------------------------------------------- load_lora_weights
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_lora_weights_routes_lokr_files(family: str, tmp_path: Any) -> None:
