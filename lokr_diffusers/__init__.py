@@ -31,6 +31,7 @@ _EXPORTS = {
     "LoKrModel": "model",
     "lokr_layers": "model",
     "add_lokr": "pipeline",
+    "dit_target_modules": "targeting",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "attach",
     "convert_lokr_file",
     "detach",
+    "dit_target_modules",
     "factorization",
     "lokr_layers",
     "lokr_state_dict",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from .layers import Conv1d, Conv2d, Linear, LoKrLayer
     from .model import LoKrModel, lokr_layers
     from .pipeline import add_lokr
+    from .targeting import dit_target_modules
 
 
 def __getattr__(name: str) -> Any:

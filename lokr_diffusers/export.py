@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import functional as LF
 from .architectures import BASE_MODEL_VERSION, base_of
 from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
+from .formats.fused import SHARED_KEY, rows_to_tensors
 from .formats.ldm import diffusers_to_ldm
 from .loader import OURS_FORMAT, OURS_PREFIX, pipeline_components
 from .logs import progress
@@ -62,6 +63,9 @@ class ExportModule:
     r: int
     alpha: float
     row_norms: RowNorms | None = None
+    rows: LF.Rows | None = None  # the layer holds these rows of the adapter's fused weight (plan is the fused one)
+    origin: str | None = None  # the fused original module's name
+    shares: int | None = None  # storage of the factors, the same for the pieces of one fused module
 
 
 def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
@@ -73,11 +77,14 @@ def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[Expo
         dora = layer.dora_scale[adapter_name].detach().cpu() if adapter_name in layer.dora_scale else None
         norms = _row_norms(layer, adapter_name) if dora is not None and \
             LF.dora_on_output_axis(dora, layer.weight_shape) else None
+        factors = layer.factors(adapter_name)
+        rows = layer.rows.get(adapter_name)
         out.append(ExportModule(
             component, path.replace(".base_layer", ""),
-            {k: v.detach().cpu() for k, v in layer.factors(adapter_name).items()}, layer.scaling[adapter_name],
+            {k: v.detach().cpu() for k, v in factors.items()}, layer.scaling[adapter_name],
             layer.plans[adapter_name], layer.weight_shape, dora, layer.r[adapter_name],
-            layer.alpha[adapter_name], norms))
+            layer.alpha[adapter_name], norms, rows, layer.origins.get(adapter_name),
+            next(iter(factors.values())).data_ptr() if rows is not None else None))
     if not out:
         have = sorted({a for m in components.values() for _, la in lokr_layers(m) for a in la.plans})
         raise ValueError(f"adapter_name {adapter_name!r}: no LoKr adapter of that name here (adapters: {have})")
@@ -90,7 +97,8 @@ def _row_norms(layer: Any, adapter_name: str) -> RowNorms | None:
     w = layer.base_weight()
     if w.is_meta:
         return None
-    delta = LF.delta_weight(layer.factors(adapter_name), layer.weight_shape, layer.scaling[adapter_name])
+    delta = LF.delta_weight(layer.factors(adapter_name), layer.weight_shape, layer.scaling[adapter_name],
+                            layer.rows.get(adapter_name))
     base, adapted = LF.dora_row_norms(w, delta)
     return RowNorms(base.cpu(), adapted.cpu())
 
@@ -250,18 +258,41 @@ def to_diffusers(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[s
 
 
 def to_ours(per_adapter: Mapping[str, list[ExportModule]]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Lossless: every adapter, its exact scale (`lokr_scale`, fp32 0-d), r / alpha, Tucker, DoRA."""
+    """Lossless: every adapter, its exact scale (`lokr_scale`, fp32 0-d), r / alpha, Tucker, DoRA, and the
+    row pieces of a fused module: each piece's rows, the shared factors written once (formats/fused.py)."""
     sd: dict[str, Tensor] = {}
+    shared: dict[str, str] = {}
     for adapter, modules in per_adapter.items():
+        holders: dict[tuple[str, str, int | None], str] = {}  # (component, original, storage) -> its holder
         for m in modules:
             key = f"{OURS_PREFIX}{adapter}.{m.component}.{m.path}"
-            sd.update({f"{key}.{k}": v for k, v in m.factors.items()})
+            if m.rows is not None:
+                sd.update({f"{key}.{k}": v for k, v in rows_to_tensors(m.rows).items()})
+                holder = holders.setdefault((m.component, m.origin or m.path, m.shares), f"{m.component}.{m.path}")
+                if holder != f"{m.component}.{m.path}":
+                    shared[f"{adapter}.{m.component}.{m.path}"] = holder
+            if f"{adapter}.{m.component}.{m.path}" not in shared:
+                sd.update({f"{key}.{k}": v for k, v in m.factors.items()})
             sd[f"{key}.lokr_scale"] = torch.tensor(m.scale, dtype=torch.float64)
             sd[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float64)
             if m.dora_scale is not None:
                 sd[f"{key}.dora_scale"] = m.dora_scale
-    return sd, {"format": OURS_FORMAT, "format_version": "1",
-                "adapters": json.dumps({a: _configs(ms) for a, ms in per_adapter.items()})}
+    meta = {"format": OURS_FORMAT, "format_version": "1",
+            "adapters": json.dumps({a: _configs(ms) for a, ms in per_adapter.items()})}
+    if shared:
+        meta[SHARED_KEY] = json.dumps(shared)
+    return sd, meta
+
+
+def refuse_rows(modules: list[ExportModule], fmt: str) -> None:
+    """The consumer layouts have no form yet for an adapter held as rows of a fused original module (a
+    DiT file's `qkv` split over to_q / to_k / to_v): say so instead of writing a file that means otherwise."""
+    pieces = [m for m in modules if m.rows is not None]
+    if pieces:
+        m = pieces[0]
+        raise ValueError(f"{m.component}.{m.path} holds rows {m.rows.pieces if m.rows else ()} of the fused module "
+                         f"{m.origin!r} ({len(pieces)} such modules): format {fmt!r} cannot write them yet; "
+                         "save it with format='lokr_diffusers' (or pipe.save_pretrained), which keeps them")
 
 
 def _configs(modules: list[ExportModule]) -> dict[str, dict[str, Any]]:
@@ -327,6 +358,7 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
         raise ValueError(f"adapter_name {adapter_name!r}: format {format!r} holds one adapter; pass its name "
                          "(several adapters go in one file with format='lokr_diffusers')")
     modules = collect(comps, adapter_name)
+    refuse_rows(modules, fmt)
     if fmt == "comfyui":
         base = base or base_of(comps)
         unet_config = getattr(comps.get("unet"), "config", None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -200,6 +200,102 @@ def _dims(t: Tensor, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+# ------------------------------------------------------------------------------------- row pieces
+@dataclass(frozen=True)
+class Rows:
+    """A layer that holds only some rows of the weight an adapter was made for: a fused original module
+    (Flux's `qkv`, `linear1`) split over diffusers' separate Linears (docs/formats.md §DiT models).
+
+    The adapter's kron(W1, W2) is the fused weight, `height` = out_l·out_k rows; the layer's weight is
+    rows pieces[0] of it, then pieces[1], ... (one piece for a to_q of a fused qkv; two for an adaLN
+    projection whose (shift, scale) halves are swapped between the layouts). Exact: no refactorisation.
+    """
+
+    pieces: tuple[tuple[int, int], ...]  # (start, stop) row ranges of the fused weight, in the layer's row order
+    height: int
+
+    def __post_init__(self) -> None:
+        if not self.pieces or any(not 0 <= a < b <= self.height for a, b in self.pieces):
+            raise ValueError(f"row pieces {self.pieces} must be non-empty ranges within 0..{self.height}")
+
+    @property
+    def out(self) -> int:
+        """The layer's rows."""
+        return sum(b - a for a, b in self.pieces)
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a `Rows` restriction is computed: block l of kron(W1, W2) is rows [l·out_k, (l+1)·out_k), one row
+    of W1 times W2. `blocks` are the W1 row ranges [l0, l1) kept (l0 = start // out_k, l1 = ceil(stop / out_k)
+    per piece, contiguous ranges merged); the result of the restricted factors has rows·out_k rows, of which
+    `keep` (row ranges, in the layer's order) are the layer's, or all of them (None) when every piece
+    starts and stops on a block edge."""
+
+    blocks: tuple[tuple[int, int], ...]
+    keep: tuple[tuple[int, int], ...] | None
+
+    @property
+    def rows(self) -> int:
+        """W1 rows kept (the restricted out_l)."""
+        return sum(b - a for a, b in self.blocks)
+
+
+def row_blocks(rows: Rows, out_k: int) -> RowBlocks:
+    """The W1 row blocks that cover `rows`, and the rows to keep of what they give (see RowBlocks)."""
+    blocks: list[tuple[int, int]] = []
+    keep: list[tuple[int, int]] = []
+    offset, aligned = 0, True
+    for a, b in rows.pieces:
+        l0, l1 = a // out_k, -(-b // out_k)
+        aligned = aligned and a % out_k == 0 and b % out_k == 0
+        keep.append((offset + a - l0 * out_k, offset + b - l0 * out_k))
+        offset += (l1 - l0) * out_k
+        if blocks and blocks[-1][1] == l0:  # contiguous with the previous piece's blocks: one range
+            blocks[-1] = (blocks[-1][0], l1)
+        else:
+            blocks.append((l0, l1))
+    return RowBlocks(tuple(blocks), None if aligned else tuple(keep))
+
+
+def w2_rows(f: Factors) -> int:
+    """out_k, W2's rows, from the stored tensors (Tucker's w2_a is (r, out_k))."""
+    if "lokr_w2" in f:
+        return int(f["lokr_w2"].shape[0])
+    return int(f["lokr_w2_a"].shape[1 if "lokr_t2" in f else 0])
+
+
+def restrict_rows(f: Factors, blocks: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
+    """The factors with W1 (or a low-rank W1's w1_a) cut to the rows `blocks`: their kron is those
+    row blocks of the full one. A slice of a Parameter, so gradients reach the shared factor."""
+    name = "lokr_w1" if "lokr_w1" in f else "lokr_w1_a"
+    t = f[name]
+    part = t[blocks[0][0]:blocks[0][1]] if len(blocks) == 1 else torch.cat([t[a:b] for a, b in blocks])
+    return {**f, name: part}
+
+
+def take_rows(t: Tensor, keep: Sequence[tuple[int, int]] | None, dim: int) -> Tensor:
+    """The row ranges `keep` of `t` along `dim`, concatenated (t itself for None)."""
+    if keep is None:
+        return t
+    parts = [t.narrow(dim, a, b - a) for a, b in keep]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def restricted_plan(plan: LoKrPlan, rows: Rows | None) -> LoKrPlan:
+    """The plan of what a layer holding `rows` computes (out_l cut to the kept blocks): for the cost
+    model and the vec trick; `plan` is the fused weight's."""
+    if rows is None:
+        return plan
+    return replace(plan, out_l=row_blocks(rows, plan.out_k).rows)
+
+
+def rows_aligned(rows: Rows, out_k: int) -> bool:
+    """Every piece starts and stops on a W1 block edge: the layer's ΔW is itself a Kronecker product
+    (W1's kept rows ⊗ W2), so every path of an unfused layer runs on the restricted factors."""
+    return row_blocks(rows, out_k).keep is None
+
+
 # ------------------------------------------------------------------------------------ rebuild ΔW
 def rebuild_w1(f: Factors) -> Tensor:
     """W1 (out_l, in_m)."""
@@ -238,8 +334,15 @@ def make_kron(w1: Tensor, w2: Tensor) -> Tensor:
     return torch.kron(w1, w2.contiguous())  # kron of a non-contiguous tensor fails in torch
 
 
-def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float | Tensor = 1.0) -> Tensor:
-    """ΔW = scale · W1 ⊗ W2, shaped like the layer's weight (out, in // groups, *kernel)."""
+def delta_weight(f: Factors, weight_shape: Sequence[int], scale: float | Tensor = 1.0,
+                 rows: Rows | None = None) -> Tensor:
+    """ΔW = scale · W1 ⊗ W2, shaped like the layer's weight (out, in // groups, *kernel). With `rows`,
+    the layer's rows of the fused ΔW: only W1's row blocks that cover them are built, then sliced."""
+    if rows is not None:
+        out_k = w2_rows(f)
+        rb = row_blocks(rows, out_k)
+        ext = delta_weight(restrict_rows(f, rb.blocks), (rb.rows * out_k, *weight_shape[1:]), scale)
+        return take_rows(ext, rb.keep, 0)
     w1 = rebuild_w1(f)
     out_dim, in_dim, *kernel = weight_shape
     out_k, in_n = out_dim // w1.shape[0], in_dim // w1.shape[1]
@@ -253,10 +356,18 @@ def _times(t: Tensor, scale: float | Tensor) -> Tensor:
     return t * scale if isinstance(scale, Tensor) or scale != 1.0 else t
 
 
-def add_delta(weight: Tensor, f: Factors, scale: float | Tensor = 1.0, inplace: bool = False) -> Tensor:
+def add_delta(weight: Tensor, f: Factors, scale: float | Tensor = 1.0, inplace: bool = False,
+              rows: Rows | None = None) -> Tensor:
     """weight + scale · W1 ⊗ W2 in one pass, without materialising the kron: W viewed as
     (out_l, out_k, in_m, in_n, *kernel) gets W1[i, :, j, :] · W2[:, p, :, q] by a broadcast addcmul.
-    Falls back to delta_weight when shapes or dtypes do not allow the view."""
+    Falls back to delta_weight when shapes or dtypes do not allow the view. With `rows` on block
+    edges, the same pass with W1's kept rows; otherwise ΔW of the kept blocks, sliced, then added."""
+    if rows is not None:
+        rb = row_blocks(rows, w2_rows(f))
+        if rb.keep is None:
+            return add_delta(weight, restrict_rows(f, rb.blocks), scale, inplace)
+        delta = delta_weight(f, weight.shape, scale, rows).to(weight.dtype)
+        return weight.add_(delta) if inplace else weight + delta
     w1 = rebuild_w1(f)
     out_dim, in_dim, *kernel = weight.shape
     out_l, in_m = w1.shape
@@ -278,25 +389,26 @@ def add_delta(weight: Tensor, f: Factors, scale: float | Tensor = 1.0, inplace: 
 
 
 def adapt_weight(weight: Tensor, f: Factors, scale: float | Tensor, dora_scale: Tensor | None = None,
-                 strength: float | Tensor = 1.0, inplace: bool = False) -> Tensor:
+                 strength: float | Tensor = 1.0, inplace: bool = False, rows: Rows | None = None) -> Tensor:
     """The weight after one adapter at `strength`: W + strength·scale·(W1 ⊗ W2), or for DoRA
     W + strength·(m·(W + ΔW)/‖W + ΔW‖ − W) with ΔW = scale·(W1 ⊗ W2), normalised in the wider of the
-    two dtypes (fp16 weights are not normalised in fp16). In place only for the plain rule."""
+    two dtypes (fp16 weights are not normalised in fp16). In place only for the plain rule. `rows`:
+    the layer holds those rows of the adapter's weight (its dora_scale is the layer's own)."""
     if dora_scale is None:
-        return add_delta(weight, f, scale * strength, inplace=inplace)
-    delta = delta_weight(f, weight.shape, scale)
+        return add_delta(weight, f, scale * strength, inplace=inplace, rows=rows)
+    delta = delta_weight(f, weight.shape, scale, rows)
     dt = torch.promote_types(weight.dtype, delta.dtype)
     return dora_weight(weight.to(dt), delta.to(dt), dora_scale, strength).to(weight.dtype)
 
 
-def fold(weight: Tensor, adapters: Sequence[tuple[Factors, float, Tensor | None, float]],
+def fold(weight: Tensor, adapters: Sequence[tuple[Factors, float, Tensor | None, float, Rows | None]],
          inplace: bool = False) -> Tensor:
-    """`weight` with (factors, scale, dora_scale, strength) adapters applied in order by
+    """`weight` with (factors, scale, dora_scale, strength, rows) adapters applied in order by
     `adapt_weight` (order matters only for DoRA, which normalises the weight it is given). A new
     tensor, or with inplace=True `weight` itself where the rules allow (a DoRA step makes a new one)."""
     out = weight if inplace else weight.clone()
-    for f, scale, dora, strength in adapters:
-        out = adapt_weight(out, f, scale, dora, strength, inplace=True)
+    for f, scale, dora, strength, rows in adapters:
+        out = adapt_weight(out, f, scale, dora, strength, inplace=True, rows=rows)
     return out
 
 
@@ -310,8 +422,13 @@ class ConvArgs:
     dilation: tuple[int, ...]
 
 
-def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, conv: ConvArgs | None = None) -> Tensor:
+def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, conv: ConvArgs | None = None,
+               rows: Rows | None = None) -> Tensor:
     """ΔW·x without building ΔW (the vec trick): returns the adapter's output only.
+
+    `rows` (plan is then the fused weight's): W1 cut to the row blocks covering the layer's rows, the
+    usual trick on those, and the (blocks·out_k) outputs sliced to the layer's rows: as cheap as an
+    unfused layer of that height.
 
     Linear: x (..., in_m·in_n) -> X (..., in_m, in_n); ΔW x = scale · flatten(W1 · X · W2ᵀ).
     Conv: the in_m channel groups fold into the batch, W2 (or w2_b, t2, w2_a) convolves each,
@@ -319,6 +436,10 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, con
     With a gradient wanted (grad mode on, x or a factor requiring grad) the Linear case runs as one
     autograd Function (`_LinearBypass`); otherwise, and for convs, as plain ops.
     """
+    if rows is not None:
+        rb = row_blocks(rows, plan.out_k)
+        y = apply_lokr(x, restrict_rows(f, rb.blocks), replace(plan, out_l=rb.rows), scale, conv)
+        return take_rows(y, rb.keep, -1 if conv is None else 1)
     if conv is None:
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in f.values())):
             return _apply_lokr_linear_fn(x, f, scale)
@@ -352,15 +473,27 @@ def _apply_lokr_linear_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tenso
 
 
 def apply_bypass_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors,
-                        scale: float | Tensor) -> Tensor:
+                        scale: float | Tensor, rows: Rows | None = None) -> Tensor:
     """F.linear(x, W, bias) + scale · ΔW x for training, as one autograd Function (`_LinearBypass`
     with the base op inside): the adapter's output is accumulated into the base output's buffer and
     its input gradient into the base's, so neither the forward nor the backward adds two full-size
     tensors. A tensor scale (torch.compile) multiplies W1's small factor first, as in
-    `apply_merged_linear`."""
+    `apply_merged_linear`. `rows` must lie on W1 block edges (`rows_aligned`): W1 is cut to them."""
+    f = _aligned(f, rows)
     w1, w1_a, scale = _fold_scale(f, scale)
     return _apply_cast(_LinearBypass, [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"),
                                        f.get("lokr_w2_a"), f.get("lokr_w2_b")], scale)
+
+
+def _aligned(f: Factors, rows: Rows | None) -> Factors:
+    """The factors cut to `rows`, which must lie on W1 block edges (ValueError otherwise)."""
+    if rows is None:
+        return f
+    rb = row_blocks(rows, w2_rows(f))
+    if rb.keep is not None:
+        raise ValueError(f"row pieces {rows.pieces} do not lie on W1 block edges (out_k {w2_rows(f)}); "
+                         "use apply_lokr(..., rows=) and the base op apart")
+    return restrict_rows(f, rb.blocks)
 
 
 def _fold_scale(f: Factors, scale: float | Tensor) -> tuple[Tensor | None, Tensor | None, float]:
@@ -503,7 +636,7 @@ class _LinearBypass(torch.autograd.Function):
 
 
 def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors,
-                        scale: float | Tensor) -> Tensor:
+                        scale: float | Tensor, rows: Rows | None = None) -> Tensor:
     """F.linear(x, W + scale · W1 ⊗ W2, bias) for training, as one autograd Function (`_LinearMerged`).
 
     Forward builds W + ΔW in one pass (add_delta's addcmul view, no kron) and runs one linear;
@@ -512,7 +645,9 @@ def apply_merged_linear(x: Tensor, weight: Tensor, bias: Tensor | None, f: Facto
     cast here, as autocast casts a linear's (floating tensors but float64), and the Function runs
     with autocast off; the casts are recorded outside, so gradients come back in each tensor's dtype.
     A tensor scale (torch.compile) multiplies W1's small factor before the Function (its value must
-    not be a number the graph guards on), so the Function's own scale is then 1."""
+    not be a number the graph guards on), so the Function's own scale is then 1. `rows` must lie on
+    W1 block edges (`rows_aligned`): the Function then runs on W1's kept rows."""
+    f = _aligned(f, rows)
     w1, w1_a, scale = _fold_scale(f, scale)  # W + ΔW is not linear in the scale: fold it into W1's factor
     return _apply_cast(_LinearMerged, [x, weight, bias, w1, w1_a, f.get("lokr_w1_b"), f.get("lokr_w2"),
                                        f.get("lokr_w2_a"), f.get("lokr_w2_b")], scale)

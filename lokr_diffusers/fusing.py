@@ -39,10 +39,13 @@ class Frozen:
     factors: dict[str, Tensor]
     scale: float
     dora: Tensor | None
+    rows: LF.Rows | None = None  # the layer's rows of the adapter's (fused) weight
 
-    def on(self, device: torch.device) -> tuple[dict[str, Tensor], float, Tensor | None]:
+    def on(self, device: torch.device, strength: float) -> tuple[dict[str, Tensor], float, Tensor | None, float,
+                                                                 LF.Rows | None]:
+        """What functional.fold takes for this adapter at `strength`, on `device`."""
         dora = None if self.dora is None else self.dora.to(device)
-        return {k: v.to(device) for k, v in self.factors.items()}, self.scale, dora
+        return {k: v.to(device) for k, v in self.factors.items()}, self.scale, dora, strength, self.rows
 
 
 @dataclass
@@ -78,7 +81,7 @@ class FusedWeight:
     @staticmethod
     def fold(base: Tensor, pairs: Pairs, frozen: dict[str, Frozen], inplace: bool = False) -> Tensor:
         """`base` with the adapters `pairs` applied in order: the one way fused weights are made."""
-        return LF.fold(base, [(*frozen[a].on(base.device), s) for a, s in pairs], inplace=inplace)
+        return LF.fold(base, [frozen[a].on(base.device, s) for a, s in pairs], inplace=inplace)
 
     def recover(self, weight: Tensor, pairs: Pairs) -> Tensor:
         """The weight without our fused `pairs` (may be the saved copy itself: do not modify it)."""

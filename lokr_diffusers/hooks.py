@@ -7,9 +7,9 @@ goes through the patch registry, so `detach()` undoes all of it and `attach()` t
 - `diffusers.pipelines.pipeline_utils`: `DiffusionPipeline` gains the `*_lokr*` methods and
   `save_lokr_weights`; its `save_pretrained` writes plain components plus the unfused LoKr
   adapters (saving.py).
-- `diffusers.loaders.lora_pipeline`: the SD / SDXL LoRA loader mixins' `load_lora_weights` routes
-  LoKr files to `load_lokr_weights` (and gives LoRA files a name no LoKr adapter uses); a mixin's
-  own `unload_lora_weights` (Flux) also unloads LoKr.
+- `diffusers.loaders.lora_pipeline`: the SD / SDXL / Flux.1 / SD3 / Flux.2 / Z-Image LoRA loader mixins'
+  `load_lora_weights` routes LoKr files to `load_lokr_weights` (and gives LoRA files a name no LoKr
+  adapter uses); a mixin's own `unload_lora_weights` (Flux) also unloads LoKr.
 - `diffusers.loaders.lora_base`: `LoraBaseMixin`'s adapter methods (set_adapters, fuse_lora, ...)
   act on LoKr adapters too (diffusers_api.py).
 - `diffusers.loaders.peft`: the same for models: `unet.set_adapters`, `disable_adapters`, ...
@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 PIPELINE_METHODS = ("load_lokr_weights", "set_lokr_adapters", "fuse_lokr", "unfuse_lokr", "enable_lokr",
                     "disable_lokr", "delete_lokr_adapters", "unload_lokr_weights", "get_list_lokr_adapters",
                     "get_active_lokr_adapters", "set_lokr_device", "save_lokr_weights")
+
+
+# The LoRA loader mixins whose load_lora_weights sends LoKr files to load_lokr_weights: SD / SDXL, and the DiT
+# pipelines (Flux.1, SD3, Flux.2, Z-Image; diffusers' own LoKr support there goes through PEFT, Linear-only,
+# without the original layouts' fused modules).
+ROUTED_MIXINS = ("StableDiffusionLoraLoaderMixin", "StableDiffusionXLLoraLoaderMixin", "FluxLoraLoaderMixin",
+                 "SD3LoraLoaderMixin", "Flux2LoraLoaderMixin", "ZImageLoraLoaderMixin")
 
 
 def is_lokr_state_dict(state_dict: dict[str, Any]) -> bool:
@@ -115,8 +122,7 @@ def _on_lora_pipeline(module: ModuleType) -> None:
         cls = getattr(module, name)
         if not (isinstance(cls, type) and name.endswith("LoraLoaderMixin") and cls.__module__ == module.__name__):
             continue
-        if "load_lora_weights" in cls.__dict__ and name in ("StableDiffusionLoraLoaderMixin",
-                                                            "StableDiffusionXLLoraLoaderMixin"):
+        if "load_lora_weights" in cls.__dict__ and name in ROUTED_MIXINS:
             patches.patch(cls, "load_lora_weights", _routing)
         if "unload_lora_weights" in cls.__dict__:  # e.g. Flux's own; LoraBaseMixin's is patched below
             patches.patch(cls, "unload_lora_weights", unload_lora_weights)

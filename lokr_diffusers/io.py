@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from .formats.names import COMPONENTS
 from .functional import FACTOR_NAMES
 
 logger = logging.getLogger(__name__)
@@ -117,12 +118,13 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
                   "kohya" if key.startswith(("lora_unet_", "lora_te")) else
                   "lycoris" if key.startswith("lycoris_") else
                   "comfyui" if key.startswith(("diffusion_model.", "model.diffusion_model.", "text_encoders.")) else
-                  "diffusers" if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) else "unknown")
+                  "onetrainer" if key.startswith("lora_transformer_") else
+                  "diffusers" if key.startswith(tuple(f"{c}." for c in COMPONENTS)) else "unknown")
         votes[layout] = votes.get(layout, 0) + 1
     return max(votes, key=lambda k: votes[k]) if votes else "unknown"
 
 
-COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENT_FOLDERS = COMPONENTS  # one PEFT folder per component (save_lokr_weights(format="peft"))
 
 
 def component_folders(path: str, subfolder: str | None = None) -> dict[str, str]:

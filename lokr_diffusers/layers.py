@@ -67,7 +67,12 @@ class LoKrLayer(nn.Module):
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
-        self.plans: dict[str, LF.LoKrPlan] = {}
+        self.plans: dict[str, LF.LoKrPlan] = {}  # with rows: the plan of the adapter's fused weight
+        # A fused original module (Flux's qkv, linear1) split over diffusers' Linears: the adapter's kron is
+        # the fused weight, this layer holds `rows` of it (functional.Rows; factors shared between the
+        # pieces), `origins` names the original module (what an export writes back)
+        self.rows: dict[str, LF.Rows] = {}
+        self.origins: dict[str, str] = {}
         self.forward_mode: ForwardMode = "auto"
         self.state = S.LayerState()
         self.version = 0  # bumped by every commit
@@ -262,17 +267,34 @@ class LoKrLayer(nn.Module):
 
     def set_adapter_tensors(self, adapter_name: str, tensors: dict[str, Tensor], scale: float, *,
                             r: int | None = None, alpha: float | None = None, requires_grad: bool = False,
-                            dora_scale: Tensor | None = None) -> None:
-        """Put an adapter's tensors in place; shapes are read off the tensors and checked first."""
+                            dora_scale: Tensor | None = None, rows: LF.Rows | None = None,
+                            origin: str | None = None) -> None:
+        """Put an adapter's tensors in place; shapes are read off the tensors and checked first.
+
+        rows: the tensors are an adapter of a taller weight (rows.height, in) of which this layer holds
+        `rows` (docs/adapters.md §Row pieces). A tensor that is already an nn.Parameter is registered as it
+        is, so the pieces of one fused adapter share their factors (gradients accumulate into one set).
+        """
         check_adapter_name(adapter_name)
-        plan = LF.plan_from_tensors(self.weight_shape, tensors)
+        shape = self.weight_shape
+        if rows is not None:
+            if len(shape) != 2 or rows.out != shape[0]:
+                raise ValueError(f"row pieces {rows.pieces} give {rows.out} rows; this layer's weight is {shape} "
+                                 "(row pieces are for Linear layers)")
+            shape = (rows.height, shape[1])
+        plan = LF.plan_from_tensors(shape, tensors)
         if dora_scale is not None:
             LF.dora_on_output_axis(dora_scale, self.weight_shape)  # raises if it fits no axis
         S.check_strength(scale, f"scale of adapter {adapter_name!r}")
         new_state = S.add(self.state, adapter_name)  # raises if it is fused
         self._drop_tensors(adapter_name)
         for name, t in tensors.items():
-            getattr(self, name)[adapter_name] = nn.Parameter(t, requires_grad=requires_grad)
+            getattr(self, name)[adapter_name] = t if isinstance(t, nn.Parameter) else \
+                nn.Parameter(t, requires_grad=requires_grad)
+        if rows is not None:
+            self.rows[adapter_name] = rows
+        if origin is not None:
+            self.origins[adapter_name] = origin
         if dora_scale is not None:
             self.dora_scale[adapter_name] = nn.Parameter(dora_scale, requires_grad=requires_grad)
         self.plans[adapter_name] = plan
@@ -289,6 +311,8 @@ class LoKrLayer(nn.Module):
             store = getattr(self, name)
             if adapter_name in store:
                 del store[adapter_name]
+        self.rows.pop(adapter_name, None)
+        self.origins.pop(adapter_name, None)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the adapter; if it was fused, its delta leaves the weight (the others stay fused)."""
@@ -304,7 +328,7 @@ class LoKrLayer(nn.Module):
     def _freeze(self, adapter_name: str) -> Frozen:
         dora = self.dora_scale[adapter_name].detach().clone() if adapter_name in self.dora_scale else None
         return Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()},
-                      self.scaling[adapter_name], dora)
+                      self.scaling[adapter_name], dora, self.rows.get(adapter_name))
 
     def check_commit(self, new: S.LayerState, requantize: bool = False, safe: bool = True, where: str = "") -> None:
         """Raise what commit(new, safe) would raise about non-finite weights (with `safe`) and about
@@ -535,7 +559,8 @@ class LoKrLayer(nn.Module):
                 w_eff = w_eff + self._contribution(a, s, w_eff)
             return w_eff
         for a, s in applied:
-            w_eff = LF.add_delta(w_eff, self.factors(a), self._scale_of(a, s), inplace=w_eff is not w)
+            w_eff = LF.add_delta(w_eff, self.factors(a), self._scale_of(a, s), inplace=w_eff is not w,
+                                 rows=self.rows.get(a))
         return w_eff
 
     def _delta(self, adapter_name: str, strength: float | Tensor, w: Tensor) -> Tensor:
@@ -544,9 +569,10 @@ class LoKrLayer(nn.Module):
         plain adapter and in w's for DoRA."""
         f = self.factors(adapter_name)
         scale = self._traced[adapter_name][0] if isinstance(strength, Tensor) else self.scaling[adapter_name]
+        rows = self.rows.get(adapter_name)
         if adapter_name not in self.dora_scale:
-            return LF.delta_weight(f, self.weight_shape, scale * strength)
-        return LF.adapt_weight(w, f, scale, self.dora_scale[adapter_name], strength) - w
+            return LF.delta_weight(f, self.weight_shape, scale * strength, rows)
+        return LF.adapt_weight(w, f, scale, self.dora_scale[adapter_name], strength, rows=rows) - w
 
     def _contribution(self, adapter_name: str, strength: float | Tensor, w: Tensor) -> Tensor:
         """`_delta` in w's dtype, with this call's rank-dropout mask on its output rows."""
@@ -596,38 +622,13 @@ class LoKrLayer(nn.Module):
         device = self.weight.device
         if paths.path_choice(device.type) == "measure" and not self._rank_mask_on(adapter_name) and \
                 paths.can_measure(device):
-            key = (type(self), self.weight_shape, self._conv_args(), self.plans[adapter_name], tuple(x.shape),
+            key = (type(self), self.weight_shape, self._conv_args(), self.plans[adapter_name],
+                   self.rows.get(adapter_name), tuple(x.shape),
                    x.dtype, self.weight.dtype, device, torch.is_autocast_enabled(device.type),
                    torch.get_autocast_dtype(device.type), needs_grad, x.requires_grad)
-            return paths.measured(key, lambda: self._measure_bypass(x, adapter_name, needs_grad))
-        return LF.prefer_bypass(self.plans[adapter_name], tokens, needs_grad)
-
-    def _measure_bypass(self, x: Tensor, adapter_name: str, needs_grad: bool) -> bool:
-        """Time this adapter's two paths on x (paths.py): the op with W + ΔW, or the base op plus the
-        factors applied to x; in training with backward to the factors (and x). Gradients are returned,
-        never accumulated into .grad; no random numbers are drawn (no rank dropout here)."""
-        xs = x.detach().requires_grad_(needs_grad and x.requires_grad)
-        wanted = [t for t in self.factors(adapter_name).values() if t.requires_grad]
-        wanted += [xs] if xs.requires_grad else []
-        one = ((adapter_name, 1.0),)
-
-        def run(y: Tensor) -> None:
-            if needs_grad:
-                torch.autograd.grad(y.float().sum(), wanted)
-
-        def merged() -> None:
-            run(self._run_merged(xs, one))
-
-        def bypass() -> None:
-            joint = self._with_bypass(xs, adapter_name, 1.0)
-            run(self._run(xs, self.weight, self.bias) + self._bypass(xs, adapter_name, 1.0) if joint is None
-                else joint)
-
-        # identity saved-tensor hooks on top: an active torch.utils.checkpoint must not see the timed
-        # graphs (it counts the tensors a forward saves and compares them with its recomputation)
-        with torch.enable_grad() if needs_grad else torch.no_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(_same, _same):
-            return paths.bypass_is_faster(bypass, merged, self.weight.device)
+            return paths.measured(key, lambda: paths.measure_layer(self, x, adapter_name, needs_grad))
+        return LF.prefer_bypass(LF.restricted_plan(self.plans[adapter_name], self.rows.get(adapter_name)), tokens,
+                                needs_grad)
 
     def _with_bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor | None:
         """The base op plus one adapter applied to x as a single node, where the layer has one
@@ -636,7 +637,8 @@ class LoKrLayer(nn.Module):
 
     def _bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor:
         f = {n: t.to(x.dtype) for n, t in self.factors(adapter_name).items()}
-        y = LF.apply_lokr(x, f, self.plans[adapter_name], self._scale_of(adapter_name, strength), self._conv_args())
+        y = LF.apply_lokr(x, f, self.plans[adapter_name], self._scale_of(adapter_name, strength), self._conv_args(),
+                          self.rows.get(adapter_name))
         mask = self._rank_mask(adapter_name, y)
         if mask is not None:
             shape = [1] * y.dim()
@@ -665,16 +667,22 @@ class Linear(LoKrLayer):
         if len(applied) == 1 and torch.is_grad_enabled() and w.is_contiguous() and not _cpu_low_precision(w):
             (a, s), = applied
             f = self.factors(a)
-            if x.requires_grad or w.requires_grad or any(t.requires_grad for t in f.values()) or \
-                    (b is not None and b.requires_grad):
+            if (x.requires_grad or w.requires_grad or any(t.requires_grad for t in f.values()) or
+                    (b is not None and b.requires_grad)) and self._aligned(a):
                 f = {n: t.to(w.dtype) for n, t in f.items()}
-                return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s))
+                return LF.apply_merged_linear(x, w, b, f, self._scale_of(a, s), self.rows.get(a))
         return super()._run_merged(x, applied)
+
+    def _aligned(self, adapter_name: str) -> bool:
+        """No row pieces, or pieces on W1 block edges: the training Functions run on W1's kept rows
+        (otherwise the plain ops and a slice)."""
+        rows = self.rows.get(adapter_name)
+        return rows is None or LF.rows_aligned(rows, self.plans[adapter_name].out_k)
 
     def _with_bypass(self, x: Tensor, adapter_name: str, strength: float | Tensor) -> Tensor | None:
         """With a gradient wanted: F.linear and the factors as one autograd Function
         (functional.apply_bypass_linear: no full-size sum of outputs, nor of input gradients)."""
-        if not torch.is_grad_enabled() or self._rank_mask_on(adapter_name):
+        if not torch.is_grad_enabled() or self._rank_mask_on(adapter_name) or not self._aligned(adapter_name):
             return None
         w, b = self.weight, self.bias
         f = self.factors(adapter_name)
@@ -682,11 +690,7 @@ class Linear(LoKrLayer):
                 (b is not None and b.requires_grad)):
             return None
         f = {n: t.to(x.dtype) for n, t in f.items()}
-        return LF.apply_bypass_linear(x, w, b, f, self._scale_of(adapter_name, strength))
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
+        return LF.apply_bypass_linear(x, w, b, f, self._scale_of(adapter_name, strength), self.rows.get(adapter_name))
 
 
 def _cpu_low_precision(w: Tensor) -> bool:

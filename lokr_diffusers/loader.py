@@ -7,6 +7,7 @@ text_encoder, text_encoder_2), in place: the components keep their classes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from . import patches, scaling
 from . import state as S
 from . import weights as W
 from .config import LoKrConfig
+from .formats.fused import SHARED_KEY
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.reader import LoadEntry, ParsedFile, parse_file
 from .formats.report import base_hint, unmatched_message
@@ -168,7 +170,27 @@ def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]
     for key, tensor in state_dict.items():
         adapter, _, inner = key[len(OURS_PREFIX):].partition(".")
         out.setdefault(adapter, {})[inner] = tensor
+    _share_factors(out, metadata)
     return out
+
+
+def _share_factors(groups: dict[str | None, dict], metadata: Mapping[str, str]) -> None:
+    """The pieces of a fused module hold one set of factors, written once (formats/fused.py SHARED_KEY):
+    give every piece the same tensor objects, so that loading registers one set of Parameters."""
+    raw = metadata.get(SHARED_KEY)
+    if raw is None:
+        return
+    try:
+        shared = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"metadata {SHARED_KEY!r} is not valid JSON: {err.msg}") from None
+    for piece, holder in shared.items() if isinstance(shared, dict) else ():
+        adapter, _, path = str(piece).partition(".")
+        sd = groups.get(adapter)
+        factors = {leaf: sd[f"{holder}.{leaf}"] for leaf in LF.FACTOR_NAMES if sd and f"{holder}.{leaf}" in sd}
+        if sd is None or not factors:
+            raise ValueError(f"metadata {SHARED_KEY!r}: {piece} takes its factors from {holder}, which has none")
+        sd.update({f"{path}.{leaf}": t for leaf, t in factors.items()})
 
 
 def default_name(taken: set[str] | Sequence[str]) -> str:
@@ -215,6 +237,7 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
             disable: bool | None = None) -> None:
     """Put every entry in place, register the adapter and activate it beside the active ones (the
     caller rolls back on error)."""
+    shared: dict[tuple[int, ...], dict[str, Tensor]] = {}  # the file's tensors -> Parameters (a fused module's pieces)
     for e in progress(entries, desc=f"loading LoKr {adapter_name!r}", disable=disable):
         parent, attr = get_slot(comps[e.ref.component], e.ref.path)
         current = getattr(parent, attr)
@@ -225,11 +248,17 @@ def _inject(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapte
             layer.enable_adapters(component_enabled(comps[e.ref.component]))
         w = layer.weight
         dtype = w.dtype if w.dtype == torch.float64 else torch.float32  # factors in fp32 at least
-        # copies: the layer must never share storage with the caller's state dict
-        tensors = {k: v.to(device=w.device, dtype=dtype, copy=True) for k, v in e.factors.items()}
+        key = tuple(id(t) for t in e.factors.values())
+        tensors = shared.get(key) if e.rows is not None else None
+        if tensors is None or any(t.device != w.device for t in tensors.values()):
+            # copies: the layer must never share storage with the caller's state dict; Parameters, so that
+            # the pieces of a fused module (formats/fused.py) register the same ones (one set of factors)
+            tensors = {k: nn.Parameter(v.to(device=w.device, dtype=dtype, copy=True), requires_grad=False)
+                       for k, v in e.factors.items()}
+            shared[key] = tensors
         dora = e.dora_scale.to(device=w.device, dtype=dtype, copy=True) if e.dora_scale is not None else None
-        layer.set_adapter_tensors(adapter_name, tensors, e.scale, r=e.plan.rank or None, alpha=e.alpha,
-                                  dora_scale=dora)
+        layer.set_adapter_tensors(adapter_name, dict(tensors), e.scale, r=e.plan.rank or None, alpha=e.alpha,
+                                  dora_scale=dora, rows=e.rows, origin=e.origin)
         if layer is not current:
             setattr(parent, attr, layer)
     for name, model in comps.items():

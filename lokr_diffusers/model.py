@@ -26,6 +26,7 @@ from . import functional as LF
 from . import quantized, scaling
 from . import state as S
 from .config import LoKrConfig
+from .formats.fused import rows_to_tensors
 from .fusing import FusedWeight
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .logs import progress
@@ -36,6 +37,11 @@ from .transaction import all_or_nothing
 logger = logging.getLogger(__name__)
 
 CONFIGS_ATTR = "_lokr_configs"
+
+
+def shared_key(layer: LoKrLayer, adapter_name: str) -> tuple[int, ...]:
+    """The identity of an adapter's factor Parameters on a layer: equal for the pieces of one fused module."""
+    return tuple(id(t) for t in layer.factors(adapter_name).values())
 
 
 def lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
@@ -398,13 +404,25 @@ class LoKrModel(nn.Module):
     # --------------------------------------------------------------------------------- state dicts
     def get_adapter_state_dict(self, adapter_name: str = "default",
                                prefix: str = "base_model.model.") -> dict[str, Tensor]:
-        """The adapter's tensors in PEFT's saved layout: `{prefix}{module}.lokr_w1` (no adapter name)."""
+        """The adapter's tensors in PEFT's saved layout: `{prefix}{module}.lokr_w1` (no adapter name).
+
+        The pieces of a fused module (layers holding rows of one adapter, docs/adapters.md §Row pieces) share
+        their factors: they are written once, under the first piece; every piece writes its rows
+        (`lokr_rows`, `lokr_height`), so that safetensors can save the dict and `set_adapter_state_dict`
+        gives them back to the same pieces."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
         out: dict[str, Tensor] = {}
+        holders: dict[tuple[int, ...], str] = {}  # the shared factor Parameters -> the piece that writes them
         for name, module in self.model.named_modules():
             if isinstance(module, LoKrLayer) and adapter_name in module.plans:
-                for key, t in module.adapter_tensors(adapter_name).items():
+                tensors = module.adapter_tensors(adapter_name)
+                rows = module.rows.get(adapter_name)
+                if rows is not None:
+                    tensors.update(rows_to_tensors(rows))
+                    if holders.setdefault(shared_key(module, adapter_name), name) != name:
+                        tensors = {k: v for k, v in tensors.items() if k not in LF.FACTOR_NAMES}
+                for key, t in tensors.items():
                     out[f"{prefix}{name}.{key}"] = t.detach()
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for key, t in module.modules_to_save[adapter_name].state_dict().items():

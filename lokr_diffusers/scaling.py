@@ -20,12 +20,11 @@ from typing import Any
 from torch import nn
 
 from . import patches
-from .formats.names import COMPONENTS
+from .formats.names import TEXT_ENCODERS
 from .layers import LoKrLayer
 
 SCALE_KWARGS: tuple[str, ...] = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 _HOOKS = "_lokr_scale_hooks"
-TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("text_encoder"))
 
 
 def _check(scale: Any) -> float:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from . import functional as LF
+from .formats.fused import ROW_LEAVES, rows_from_tensors
 from .layers import LoKrLayer
 from .modules_to_save import ModulesToSaveWrapper
 
@@ -23,7 +25,11 @@ def _strip(key: str, prefix: str) -> str:
 
 def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], adapter_name: str,
                               prefix: str) -> None:
-    """Validate every key and shape first, then assign; on any error nothing changes."""
+    """Validate every key and shape first, then assign; on any error nothing changes. The pieces of a fused
+    module (layers holding rows, sharing their factors) take the factors written under any one of them,
+    and keep sharing them."""
+    from .model import shared_key
+
     if adapter_name not in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(model.peft_config)}")
     modules = dict(model.model.named_modules())
@@ -33,7 +39,7 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     for key, tensor in state_dict.items():
         path, _, leaf = _strip(key, prefix).rpartition(".")
         layer = modules.get(path)
-        if isinstance(layer, LoKrLayer) and leaf in (*LF.FACTOR_NAMES, "dora_scale") and adapter_name in layer.plans:
+        if isinstance(layer, LoKrLayer) and leaf in LEAVES and adapter_name in layer.plans:
             per_layer.setdefault(path, {})[leaf] = tensor
             continue
         owner = next((p for p, m in modules.items() if isinstance(m, ModulesToSaveWrapper)
@@ -44,31 +50,61 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
         unused.append(key)
     if unused:
         raise KeyError(f"{len(unused)} keys match no LoKr module of adapter {adapter_name!r}: {unused[:5]}")
-    expected = {n for n, m in modules.items() if isinstance(m, LoKrLayer) and adapter_name in m.plans}
-    missing = sorted(expected - set(per_layer))
+    layers = {n: m for n, m in modules.items() if isinstance(m, LoKrLayer) and adapter_name in m.plans}
+    groups: dict[tuple[int, ...], list[str]] = {}  # shared factors -> the pieces holding them (one each else)
+    for n, layer in layers.items():
+        groups.setdefault(shared_key(layer, adapter_name) if adapter_name in layer.rows else (id(layer),), []).append(n)
+    factors: dict[tuple[int, ...], dict[str, Tensor]] = {}
+    missing = []
+    for gk, paths in groups.items():
+        given = [p for p in paths if any(k in LF.FACTOR_NAMES for k in per_layer.get(p, {}))]
+        if not given:
+            missing.append(paths[0] if len(paths) == 1 else f"{paths[0]} (and the pieces sharing its factors)")
+            continue
+        factors[gk] = {k: v for k, v in per_layer[given[0]].items() if k in LF.FACTOR_NAMES}
     if missing:
         raise KeyError(f"{len(missing)} LoKr modules of adapter {adapter_name!r} get no tensors: {missing[:5]}")
-    for path, tensors in per_layer.items():
-        layer = modules[path]
-        assert isinstance(layer, LoKrLayer)
-        try:
-            LF.plan_from_tensors(layer.weight_shape, {k: v for k, v in tensors.items() if k != "dora_scale"})
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+    for gk, paths in groups.items():
+        for p in paths:
+            _check_layer(p, layers[p], adapter_name, factors[gk], per_layer.get(p, {}))
     for path, tensors in per_saved.items():
         want = {k: tuple(v.shape) for k, v in modules[path].modules_to_save[adapter_name].state_dict().items()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if want != got:
             raise ValueError(f"{path}: modules_to_save tensors {got} do not fit {want}")
-    for path, tensors in per_layer.items():
-        layer = modules[path]
-        assert isinstance(layer, LoKrLayer)
-        ref = next(iter(layer.factors(adapter_name).values()))
-        moved = {n: t.detach().to(device=ref.device, dtype=ref.dtype).clone() for n, t in tensors.items()}
-        dora = moved.pop("dora_scale", None)
-        layer.set_adapter_tensors(adapter_name, moved, layer.scaling[adapter_name], r=layer.r[adapter_name],
-                                  alpha=layer.alpha[adapter_name], requires_grad=ref.requires_grad, dora_scale=dora)
+    for gk, paths in groups.items():
+        first = layers[paths[0]]
+        ref = next(iter(first.factors(adapter_name).values()))
+        params = {n: nn.Parameter(t.detach().to(device=ref.device, dtype=ref.dtype).clone(),
+                                  requires_grad=ref.requires_grad) for n, t in factors[gk].items()}
+        for p in paths:  # one set of Parameters for the pieces of a fused module
+            layer = layers[p]
+            dora = per_layer.get(p, {}).get("dora_scale")
+            dora = dora.detach().to(device=ref.device, dtype=ref.dtype).clone() if dora is not None else None
+            layer.set_adapter_tensors(adapter_name, dict(params), layer.scaling[adapter_name], r=layer.r[adapter_name],
+                                      alpha=layer.alpha[adapter_name], requires_grad=ref.requires_grad,
+                                      dora_scale=dora, rows=layer.rows.get(adapter_name),
+                                      origin=layer.origins.get(adapter_name))
     for path, tensors in per_saved.items():
         wrapper = modules[path]
         assert isinstance(wrapper, ModulesToSaveWrapper)
         wrapper.modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
+
+
+LEAVES = (*LF.FACTOR_NAMES, "dora_scale", *ROW_LEAVES)
+
+
+def _check_layer(path: str, layer: LoKrLayer, adapter_name: str, factors: dict[str, Tensor],
+                 own: dict[str, Tensor]) -> None:
+    """The factors (its own or a sharing piece's) fit the layer; its rows, if given, are the layer's."""
+    rows = layer.rows.get(adapter_name)
+    if "lokr_rows" in own and rows is None:
+        raise ValueError(f"{path}: the state dict gives row pieces for a layer that holds the whole adapter")
+    if rows is not None and "lokr_rows" in own and \
+            rows_from_tensors(own["lokr_rows"], own.get("lokr_height", torch.tensor(-1)), path) != rows:
+        raise ValueError(f"{path}: the state dict's lokr_rows are not this layer's {rows.pieces} of {rows.height}")
+    shape = layer.weight_shape if rows is None else (rows.height, *layer.weight_shape[1:])
+    try:
+        LF.plan_from_tensors(shape, factors)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -37,3 +37,13 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> tor
     """kohya LoRA: ΔW = (alpha / rank) · up @ down (linear layers)."""
     rank = down.shape[0]
     return (up @ down) * ((alpha / rank) if alpha is not None else 1.0)
+
+
+def fused_consumer_weights(blocks: list[torch.Tensor], tensors: dict[str, torch.Tensor],
+                           strength: float) -> list[torch.Tensor]:
+    """ComfyUI's rule for a LoKr on an original (BFL / Stability / Tongyi) fused module, e.g. Flux's
+    `img_attn.qkv`: the original weight is the row blocks of diffusers' modules stacked in the original's
+    order; ComfyUI applies the adapter to that whole weight (ΔW = scale · kron(W1, W2) of its full height,
+    DoRA normalising the whole weight); the result is cut back into the same row blocks."""
+    fused = consumer_weight(torch.cat(blocks), tensors, strength)
+    return list(torch.split(fused, [b.shape[0] for b in blocks]))

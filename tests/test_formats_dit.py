@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from diffusers.loaders.single_file_utils import (
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
+from dit_models import tiny
 from fullsize_dit import FULL, meta_transformer
 from torch import Tensor, nn
 
@@ -365,30 +365,6 @@ def fingerprints(model: nn.Module) -> dict[str, dict[str, Tensor]]:
 def test_full_size_rows_go_where_diffusers_converter_puts_them(name: str) -> None:
     model = meta_transformer(name)
     check_converter_splits_back(model, fingerprints(model))
-
-
-TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "sd3": (SD3Transformer2DModel, dict(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")),
-    "flux2": (Flux2Transformer2DModel, dict(
-        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True)),
-    "zimage": (ZImageTransformer2DModel, dict(
-        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=12,
-        axes_dims=[4, 6, 6], axes_lens=[16, 16, 16])),
-    # Flux.1's converter hard-codes inner_dim 3072 and mlp_ratio 4: its tiny model is checked below.
-    "flux": (FluxTransformer2DModel, dict(
-        in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
-}
-
-
-def tiny(name: str) -> nn.Module:
-    cls, config = TINY[name]
-    torch.manual_seed(0)
-    return cls(**config)
 
 
 def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:

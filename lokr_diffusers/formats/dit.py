@@ -16,6 +16,7 @@ The layouts (docs/formats.md §Key layouts), with `u(x)` = x with dots turned in
 | aitoolkit | diffusion_model.{p}        | ai-toolkit (Z-Image, ...)                              |
 | lycoris   | lycoris_{u(p)}             | SimpleTuner (LyCORIS standalone)                       |
 | diffusers | transformer.{p}            | diffusers / PEFT                                       |
+| onetrainer| lora_transformer_{u(p)}    | OneTrainer (Flux.1, SD3; ComfyUI's model_lora_keys_unet) |
 
 Where the original and the diffusers path coincide (most of Z-Image), `diffusion_model.x` names one
 module in both layouts and is kept under the first (comfyui). After diffusers' `fuse_qkv_projections()`
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 # (layout, template): {p} the name, {u} the name with dots turned into underscores.
 ORIGINAL_LAYOUTS: tuple[tuple[str, str], ...] = (("comfyui", "diffusion_model.{p}"), ("kohya", "lora_unet_{u}"))
 DIFFUSERS_LAYOUTS: tuple[tuple[str, str], ...] = (
-    ("aitoolkit", "diffusion_model.{p}"), ("lycoris", "lycoris_{u}"), ("diffusers", "transformer.{p}"))
+    ("aitoolkit", "diffusion_model.{p}"), ("lycoris", "lycoris_{u}"), ("diffusers", "transformer.{p}"),
+    ("onetrainer", "lora_transformer_{u}"))
 LAYOUTS: tuple[str, ...] = tuple(name for name, _ in ORIGINAL_LAYOUTS + DIFFUSERS_LAYOUTS)
 
 

@@ -2,42 +2,39 @@
 
 No incoming name is ever rewritten (`_` -> `.` guessing breaks on `to_q`, `proj_in`, ...): we list,
 for each adaptable module of each component, the names it has in each layout, and look incoming
-names up. The layouts (docs/formats.md §Key layouts), as templates over a module's diffusers path `p`, its ldm
-path `l` (UNet only), and `u(x)` = x with dots turned into underscores:
+names up. The layouts (docs/formats.md §Key layouts, §DiT models), as templates over a module's diffusers
+path `p`, its ldm path `l` (UNet only), and `u(x)` = x with dots turned into underscores:
 
-| layout    | unet                                   | text encoder(s)                                    |
-|-----------|----------------------------------------|----------------------------------------------------|
-| kohya     | lora_unet_{u(p)}, lora_unet_{u(l)}     | lora_te_ / lora_te1_ / lora_te2_ + u(text_model.p) |
-| lycoris   | lycoris_{u(p)} (SimpleTuner)           |                                                    |
-| diffusers | unet.{p}                               | text_encoder.{p}, text_encoder_2.{p}               |
-| comfyui   | diffusion_model.{l}                    | text_encoders.clip_l / clip_g .transformer.{p}     |
-Text-encoder names are accepted with and without the `text_model.` level (transformers 5 dropped it
-from CLIPTextModel, files made before or after it differ).
+| layout    | unet                               | transformer (formats/dit.py) | text encoders     |
+|-----------|------------------------------------|------------------------------|-------------------|
+| kohya     | lora_unet_{u(p)}, lora_unet_{u(l)} | lora_unet_{u(original)}      | lora_te*_ ...     |
+| lycoris   | lycoris_{u(p)} (SimpleTuner)       | lycoris_{u(p)}               |                   |
+| diffusers | unet.{p}                           | transformer.{p}              | text_encoder*.{p} |
+| comfyui   | diffusion_model.{l}                | diffusion_model.{original}   | text_encoders...  |
+| aitoolkit |                                    | diffusion_model.{p}          |                   |
+| onetrainer|                                    | lora_transformer_{u(p)}      |                   |
+The text encoders' names per tool are in formats/text_encoders.py. An original DiT name may be a fused
+weight (`qkv`, Flux.1's `linear1`): it resolves to a `FusedRef`, rows of several modules.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from ..layers import LoKrLayer
+from .dit import DIFFUSERS_LAYOUTS, Target, dit_name_map, family_of
+from .text_encoders import kind_of, te_forms
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+# The pipeline components LoKr adapts (the one list: pipeline.py, loader.py, io.py, scaling.py use it)
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("text_encoder"))
 ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-# kohya prefixes by (component, number of text encoders in the pipeline)
-KOHYA_TE_PREFIX: dict[tuple[str, int], tuple[str, ...]] = {
-    ("text_encoder", 1): ("lora_te_", "lora_te1_"),
-    ("text_encoder", 2): ("lora_te1_",),
-    ("text_encoder_2", 2): ("lora_te2_",),
-}
-COMFY_TE_PREFIX: dict[str, str] = {"text_encoder": "text_encoders.clip_l.transformer.",
-                                   "text_encoder_2": "text_encoders.clip_g.transformer."}
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,16 @@ class ModuleRef:
 
     component: str
     path: str
+
+
+@dataclass(frozen=True)
+class FusedRef:
+    """An original module whose weight is rows of several modules of `component` (a fused qkv or Flux.1
+    linear1 over diffusers' to_q / to_k / to_v / proj_mlp), or of one module in another row order (an adaLN
+    projection's swapped halves): `target.pieces` say which rows go where (formats/dit.py)."""
+
+    component: str
+    target: Target
 
 
 def iter_adaptable(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -88,61 +95,89 @@ def _u(path: str) -> str:
     return path.replace(".", "_")
 
 
-def _te_paths(path: str) -> tuple[str, ...]:
-    """The text-encoder path with and without the `text_model.` level (with it first)."""
-    if path.startswith("text_model."):
-        return path, path[len("text_model."):]
-    return "text_model." + path, path
-
-
-def name_forms(ref: ModuleRef, ldm: str | None, n_text_encoders: int) -> list[tuple[str, str]]:
-    """(layout, module name) pairs under which a file may name the module `ref`."""
-    p, c = ref.path, ref.component
-    if c == "unet":
-        forms = [("kohya", "lora_unet_" + _u(p)), ("lycoris", "lycoris_" + _u(p)), ("diffusers", "unet." + p)]
-        if ldm is not None:
-            forms += [("kohya", "lora_unet_" + _u(ldm)), ("comfyui", "diffusion_model." + ldm),
-                      ("comfyui", "model.diffusion_model." + ldm)]
-        return forms
-    forms = []
-    for tp in _te_paths(p):
-        forms += [("kohya", pre + _u(tp)) for pre in KOHYA_TE_PREFIX.get((c, n_text_encoders), ())]
-        forms += [("diffusers", f"{c}.{tp}")]
-        if c in COMFY_TE_PREFIX:
-            forms += [("comfyui", COMFY_TE_PREFIX[c] + tp)]
+def unet_forms(path: str, ldm: str | None) -> list[tuple[str, str]]:
+    """(layout, module name) pairs under which a file may name the UNet module `path`."""
+    forms = [("kohya", "lora_unet_" + _u(path)), ("lycoris", "lycoris_" + _u(path)), ("diffusers", "unet." + path)]
+    if ldm is not None:
+        forms += [("kohya", "lora_unet_" + _u(ldm)), ("comfyui", "diffusion_model." + ldm),
+                  ("comfyui", "model.diffusion_model." + ldm)]
     return forms
+
+
+def transformer_forms(path: str) -> list[tuple[str, str]]:
+    """The diffusers-path names of a transformer module (any DiT, also one formats/dit.py has no table for)."""
+    return [(layout, template.format(p=path, u=_u(path))) for layout, template in DIFFUSERS_LAYOUTS]
 
 
 @dataclass
 class NameIndex:
-    """Incoming module name -> (layout, ModuleRef), plus every adaptable module per component."""
+    """Incoming module name -> (layout, ModuleRef or FusedRef), plus every adaptable module per component.
+    `unused`: modules diffusers' forward does not call (to_q / to_k / to_v beside the `to_qkv` made by
+    `fuse_qkv_projections()`), with the reason: a file naming one is refused, not loaded for no effect."""
 
-    names: dict[str, tuple[str, ModuleRef]]
+    names: dict[str, tuple[str, ModuleRef | FusedRef]]
     modules: dict[str, dict[str, nn.Module]]  # component -> path -> module
     ambiguous: set[str]
+    unused: dict[ModuleRef, str] = field(default_factory=dict)
+    origins: dict[ModuleRef, str] = field(default_factory=dict)  # DiT module -> the original holding its rows
 
-    def lookup(self, name: str) -> tuple[str, ModuleRef] | None:
+    def lookup(self, name: str) -> tuple[str, ModuleRef | FusedRef] | None:
         if name in self.ambiguous:
             raise ValueError(f"module name {name!r} fits more than one module of this pipeline")
         return self.names.get(name)
 
 
 def build_index(components: Mapping[str, nn.Module]) -> NameIndex:
-    """The name index of a pipeline's components ({"unet": ..., "text_encoder": ..., ...})."""
-    n_te = sum(1 for c in components if c.startswith("text_encoder"))
-    names: dict[str, tuple[str, ModuleRef]] = {}
-    ambiguous: set[str] = set()
-    modules: dict[str, dict[str, nn.Module]] = {}
+    """The name index of a pipeline's components ({"unet": ..., "transformer": ..., "text_encoder": ...})."""
+    index = NameIndex({}, {}, set())
+    kinds = {c: kind_of(m) for c, m in components.items() if c in TEXT_ENCODERS}
     for component, model in components.items():
-        modules[component] = dict(iter_adaptable(model))
-        ldm = _ldm_paths(model, list(modules[component])) if component == "unet" else {}
-        for path in modules[component]:
+        index.modules[component] = dict(iter_adaptable(model))
+        if component == "transformer" and family_of(model) is not None:
+            _add_dit(index, model)
+            continue
+        ldm = _ldm_paths(model, list(index.modules[component])) if component == "unet" else {}
+        for path in index.modules[component]:
             ref = ModuleRef(component, path)
-            for layout, name in name_forms(ref, ldm.get(path), n_te):
-                if name in names and names[name][1] != ref:
-                    ambiguous.add(name)
-                names[name] = (layout, ref)
-    return NameIndex(names, modules, ambiguous)
+            if component == "unet":
+                forms = unet_forms(path, ldm.get(path))
+            elif component in kinds:
+                forms = te_forms(component, path, kinds[component], kinds)
+            else:
+                forms = transformer_forms(path)
+            for layout, name in forms:
+                _add(index, name, layout, ref)
+    return index
+
+
+def _add(index: NameIndex, name: str, layout: str, ref: ModuleRef | FusedRef) -> None:
+    if name in index.names and index.names[name][1] != ref:
+        index.ambiguous.add(name)
+    index.names.setdefault(name, (layout, ref))
+
+
+def _add_dit(index: NameIndex, model: nn.Module) -> None:
+    """A Flux / Flux.2 / SD3 / Z-Image transformer: every Linear by its diffusers path and by its original
+    name (formats/dit.py); a fused original becomes a FusedRef. Other adaptable modules (SD3's patch-embedding
+    Conv2d) get the diffusers-path names."""
+    nm = dit_name_map(model)
+    for name, (layout, target) in nm.names.items():
+        piece = target.pieces[0]
+        ref: ModuleRef | FusedRef = ModuleRef("transformer", piece.path) if target.is_rename else \
+            FusedRef("transformer", target)
+        _add(index, name, layout, ref)
+    index.ambiguous |= nm.ambiguous
+    index.origins.update({ModuleRef("transformer", p): o for p, o in nm.covering.items()})
+    for path in index.modules["transformer"]:
+        if path not in nm.linears:
+            for layout, name in transformer_forms(path):
+                _add(index, name, layout, ModuleRef("transformer", path))
+    for path in nm.unnamed:
+        if path.rpartition(".")[2] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            index.unused[ModuleRef("transformer", path)] = (
+                "its attention runs the fused projection made by fuse_qkv_projections() and never calls it; "
+                "load the file before fusing (or after unfuse_qkv_projections()), or a file in the original "
+                "layout (its qkv loads onto the fused projection)")
 
 
 def _ldm_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:

@@ -21,11 +21,13 @@ from ..config import LoKrConfig
 from ..io import PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY
 from ..layers import LoKrLayer
 from ..targeting import pattern_value
-from .names import ModuleRef, NameIndex, weight_of
+from .fused import ROW_LEAVES, layer_rows, rows_from_tensors, split_dora
+from .names import FusedRef, ModuleRef, NameIndex, weight_of
 
 logger = logging.getLogger(__name__)
 
-LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale")
+LOKR_SUFFIXES: tuple[str, ...] = (*LF.FACTOR_NAMES, "lokr_t1", "alpha", "dora_scale", "scale", "lokr_scale",
+                                  *ROW_LEAVES)
 LORA_MARKERS: tuple[str, ...] = ("lora_down", "lora_up", "lora_mid", "lora_A", "lora_B")
 PEFT_PREFIX = "base_model.model."
 NUMBER_LEAVES: tuple[str, ...] = ("alpha", "scale", "lokr_scale")
@@ -45,7 +47,9 @@ EXPECTED_SHAPE: dict[str, tuple[int, int, str]] = {  # leaf: (min dims, max dims
 
 @dataclass
 class LoadEntry:
-    """One module's adapter, ready to put in place."""
+    """One module's adapter, ready to put in place. For a fused original module (formats/fused.py) there is
+    one entry per module holding its rows: `rows` says which, `plan` is the fused weight's, `origin` names
+    the original, and the entries share one `factors` dict (the loader gives them one set of Parameters)."""
 
     ref: ModuleRef
     factors: dict[str, Tensor]
@@ -54,6 +58,8 @@ class LoadEntry:
     dora_scale: Tensor | None = None
     alpha: float | None = None
     keys: list[str] = field(default_factory=list)
+    rows: LF.Rows | None = None
+    origin: str | None = None
 
 
 @dataclass
@@ -141,7 +147,11 @@ def _parse(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index:
             continue
         if "scale" in tensors:
             ignored.append(f"{name}.scale")
-        entries.append(_entry(name, found, tensors, factors, index, peft_config, keys))
+        if isinstance(found, FusedRef):
+            entries += _fused_entries(name, found, tensors, factors, index, peft_config, keys)
+        else:
+            entries.append(_entry(name, found, tensors, factors, index, peft_config, keys))
+    _check_one_per_module(entries)
     _warn_non_positive_alpha(entries)
     if metadata.get(DORA_RULE_KEY) == DORA_RULE_COMFYUI:
         for e in entries:
@@ -162,7 +172,7 @@ def check_tensors(state_dict: Mapping[str, Tensor]) -> None:
         split = split_key(key)
         leaf = split[1] if split is not None else leaf
         lokr = split is not None and not _is_lora_key(key)
-        integer_ok = leaf in NUMBER_LEAVES and not t.is_complex() and t.dtype != torch.bool
+        integer_ok = leaf in (*NUMBER_LEAVES, *ROW_LEAVES) and not t.is_complex() and t.dtype != torch.bool
         if lokr and not torch.is_floating_point(t) and not integer_ok:
             raise TypeError(f"{key}: dtype {t.dtype} is not a floating-point type; LoKr tensors are float16, "
                             "bfloat16, float32 or float64 (the file is damaged or not a LoKr file)")
@@ -207,10 +217,10 @@ def _warn_non_positive_alpha(entries: list[LoadEntry]) -> None:
                        "rank (alpha 0: no effect; negative: the change is reversed)", len(odd), odd[0][0], odd[0][1])
 
 
-def _resolve_names(names: list[str], index: NameIndex) -> dict[str, ModuleRef]:
-    """Module name -> slot. PEFT names (`base_model.model.<path>`) carry no component: the one whose
-    paths take every such name wins (unet, then the text encoders)."""
-    out: dict[str, ModuleRef] = {}
+def _resolve_names(names: list[str], index: NameIndex) -> dict[str, ModuleRef | FusedRef]:
+    """Module name -> slot (or the slots of a fused original). PEFT names (`base_model.model.<path>`) carry
+    no component: the one whose paths take every such name wins (unet, transformer, then the text encoders)."""
+    out: dict[str, ModuleRef | FusedRef] = {}
     peft = [n for n in names if n.startswith(PEFT_PREFIX)]
     if peft:
         paths = [n[len(PEFT_PREFIX):] for n in peft]
@@ -229,14 +239,67 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
            peft_config: LoKrConfig | None, keys: list[str]) -> LoadEntry:
     if "lokr_t1" in tensors:
         raise ValueError(f"{name}: lokr_t1 (a Tucker W1) is written by no known trainer and is not supported")
+    if ref in index.unused:
+        raise ValueError(f"{name} -> {ref.component}.{ref.path}: {index.unused[ref]}")
     module = index.modules[ref.component][ref.path]
     shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
+    rows = None
+    if "lokr_rows" in tensors or "lokr_height" in tensors:  # a piece of a fused module, as we save it
+        if "lokr_rows" not in tensors or "lokr_height" not in tensors:
+            raise ValueError(f"{name}: lokr_rows and lokr_height go together")
+        rows = rows_from_tensors(tensors["lokr_rows"], tensors["lokr_height"], name)
+        if rows.out != shape[0]:
+            raise ValueError(f"{name}: lokr_rows give {rows.out} rows; {ref.component}.{ref.path} has {shape[0]}")
+    try:
+        plan = LF.plan_from_tensors(shape if rows is None else (rows.height, *shape[1:]), factors)
+        if "dora_scale" in tensors:
+            LF.dora_on_output_axis(tensors["dora_scale"], shape)
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"{name} -> {ref.component}.{ref.path}: {err}") from None
+    scale, alpha = _scale(name, plan, tensors, ref.path, peft_config)
+    return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys, rows=rows,
+                     origin=index.origins.get(ref) if rows is not None else None)
+
+
+def _fused_entries(name: str, ref: FusedRef, tensors: dict[str, Tensor], factors: dict[str, Tensor],
+                   index: NameIndex, peft_config: LoKrConfig | None, keys: list[str]) -> list[LoadEntry]:
+    """One entry per module holding rows of the fused original `ref` (formats/fused.py), sharing `factors`."""
+    if "lokr_t1" in tensors:
+        raise ValueError(f"{name}: lokr_t1 (a Tucker W1) is written by no known trainer and is not supported")
+    target = ref.target
+    shape = (target.out_features, target.in_features)
+    where = f"{name} -> {ref.component}.{target.name} (rows of {', '.join(sorted({p.path for p in target.pieces}))})"
     try:
         plan = LF.plan_from_tensors(shape, factors)
         if "dora_scale" in tensors:
             LF.dora_on_output_axis(tensors["dora_scale"], shape)
     except (ValueError, IndexError) as err:
-        raise ValueError(f"{name} -> {ref.component}.{ref.path}: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
+    scale, alpha = _scale(name, plan, tensors, target.name, peft_config)
+    rows = layer_rows(target)
+    doras: dict[str, Tensor] = {}
+    if "dora_scale" in tensors:
+        modules = index.modules[ref.component]
+        weights = {p: m.base_weight() if isinstance(m, LoKrLayer) else weight_of(m).detach()
+                   for p in rows if (m := modules[p]) is not None}
+        doras = split_dora(tensors["dora_scale"], target, rows, factors, scale, weights)
+    return [LoadEntry(ModuleRef(ref.component, path), factors, scale, plan, doras.get(path), alpha, keys, rows=r,
+                      origin=target.name) for path, r in rows.items()]
+
+
+def _check_one_per_module(entries: list[LoadEntry]) -> None:
+    """Two module names of one file that reach the same module (an original and a diffusers name, say)."""
+    seen: dict[ModuleRef, LoadEntry] = {}
+    for e in entries:
+        other = seen.setdefault(e.ref, e)
+        if other is not e:
+            raise ValueError(f"{other.keys[0].rpartition('.')[0]} and {e.keys[0].rpartition('.')[0]} both reach "
+                             f"{e.ref.component}.{e.ref.path}; a file must give each module one adapter")
+
+
+def _scale(name: str, plan: LF.LoKrPlan, tensors: Mapping[str, Tensor], path: str,
+           peft_config: LoKrConfig | None) -> tuple[float, float | None]:
+    """(scale, alpha) of one file module, by its producer's rule (docs/formats.md §Scale rules)."""
     alpha = float(tensors["alpha"]) if "alpha" in tensors else None
     # The file's own tensors win over any config or metadata: ComfyUI and A1111 read only the
     # tensors, so a file must mean the same here as there. lokr_scale (our lossless layout) is the
@@ -247,14 +310,14 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
     elif alpha is not None:
         scale = LF.consumer_scale(plan, alpha)
         if peft_config is not None:
-            _warn_if_config_disagrees(name, peft_config, ref.path, scale)
+            _warn_if_config_disagrees(name, peft_config, path, scale)
     elif peft_config is not None:
-        r = pattern_value(peft_config.rank_pattern, ref.path, peft_config.r, "rank_pattern")
-        a = pattern_value(peft_config.alpha_pattern, ref.path, peft_config.alpha, "alpha_pattern")
+        r = pattern_value(peft_config.rank_pattern, path, peft_config.r, "rank_pattern")
+        a = pattern_value(peft_config.alpha_pattern, path, peft_config.alpha, "alpha_pattern")
         scale, alpha = LF.peft_scale(a, r), float(a)
     else:
         scale = LF.consumer_scale(plan, alpha)
-    return LoadEntry(ref, factors, scale, plan, tensors.get("dora_scale"), alpha, keys)
+    return scale, alpha
 
 
 DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"  # written by export.to_comfyui
@@ -276,7 +339,7 @@ def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
     wide = {k: torch.promote_types(v.dtype, torch.float32) for k, v in e.factors.items()}  # as the loader keeps them
     factors = {k: v.to(device=w.device, dtype=wide[k]) for k, v in e.factors.items()}
     with torch.no_grad():
-        base, adapted = LF.dora_row_norms(w, LF.delta_weight(factors, shape, e.scale))
+        base, adapted = LF.dora_row_norms(w, LF.delta_weight(factors, shape, e.scale, e.rows))
     ratio = (adapted.double() / base.double()).cpu().reshape(e.dora_scale.shape)
     e.dora_scale = (e.dora_scale.double() * ratio).to(e.dora_scale.dtype)
 

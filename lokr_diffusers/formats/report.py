@@ -126,12 +126,69 @@ def _conflict(file: str, pipe: str) -> bool:
     return "sd1/2" not in (file, pipe)  # sd1 vs sd2
 
 
+# DiT families and the Stable Diffusion UNets, told apart by module names alone (either naming: original
+# or diffusers). Each sign narrows the candidates; a file is named when one family is left.
+FAMILY_NAMES: dict[str, str] = {"flux": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3 / SD3.5", "zimage": "Z-Image",
+                                "sd": "Stable Diffusion (UNet)"}
+_FAMILY_SIGNS: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = (
+    (re.compile(r"(img|txt)_mod[._]lin|single_blocks[._]\d+[._]modulation|vector_in|"
+                r"single_transformer_blocks[._]\d+[._]proj_mlp"), frozenset({"flux"}), "FLUX.1's modulation / MLP"),
+    (re.compile(r"double_stream_modulation|single_stream_modulation|to_qkv_mlp_proj|ff(_context)?[._]linear_in|"
+                r"time_guidance_embed"), frozenset({"flux2"}), "FLUX.2's global modulation / fused single blocks"),
+    (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), frozenset({"flux", "flux2"}),
+     "double / single stream blocks"),
+    (re.compile(r"joint_blocks|x_block|context_block|y_embedder"), frozenset({"sd3"}), "MMDiT joint blocks"),
+    (re.compile(r"noise_refiner|context_refiner|feed_forward[._]w[123]|cap_embedder|all_x_embedder"),
+     frozenset({"zimage"}), "Z-Image's refiners / feed-forward"),
+    (re.compile(r"down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block"), frozenset({"sd"}),
+     "UNet blocks"),
+)
+
+
+def file_family(keys: KeysOrStateDict) -> tuple[frozenset[str], list[str]]:
+    """(the families a file can be for by its module names, evidence); all of FAMILY_NAMES when no name
+    says anything. FLUX.1 and FLUX.2 share most original names: a file may fit both."""
+    candidates = frozenset(FAMILY_NAMES)
+    evidence: list[str] = []
+    for pattern, families, words in _FAMILY_SIGNS:
+        hit = next((k for k in keys if pattern.search(k)), None)
+        if hit is not None and candidates & families:
+            candidates &= families
+            evidence.append(f"{words} ({hit.rpartition('.')[0] or hit})")
+    return candidates, evidence
+
+
+def pipeline_family(comps: Mapping[str, nn.Module]) -> str | None:
+    """The pipeline's family: its transformer's (formats/dit.py), "sd" with a UNet, else None."""
+    from .dit import family_of
+
+    transformer = comps.get("transformer")
+    family = family_of(transformer) if transformer is not None else None
+    if family is not None:
+        return family.name
+    return "sd" if "unet" in comps else None
+
+
+def family_hint(keys: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
+    """A sentence naming the model family a file is for when it is not the pipeline's, or ''."""
+    families, evidence = file_family(list(keys))
+    pipe = pipeline_family(comps)
+    if not evidence or pipe is None or pipe in families or len(families) > 2:
+        return ""
+    name = " / ".join(FAMILY_NAMES[f] for f in sorted(families))
+    return (f" This file looks like a {name} LoKr (it has {'; '.join(evidence[:2])}); the pipeline "
+            f"is {FAMILY_NAMES[pipe]}. Load it into a {name} pipeline.")
+
+
 def base_hint(keys_or_state_dict: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
     """A sentence saying the file is for another base model, or '' when nothing says so.
 
     Pass the state dict (not only its keys) to let factor widths tell SD1.x from SD2.x and speak
     when names are silent. Call it on any shape or key mismatch between a file and a pipeline.
     """
+    family = family_hint(keys_or_state_dict, comps)
+    if family or "unet" not in comps:
+        return family
     guess, pipe = file_base(keys_or_state_dict), pipeline_base(comps)
     if guess.base is None or pipe is None or not _conflict(guess.base, pipe):
         return ""

@@ -1,0 +1,485 @@
+"""Loading LoKr files into Flux.1 / SD3 / Flux.2 Klein / Z-Image pipelines, in every layout, against
+ComfyUI's rule written independently (tests/references.py), fp32, 1e-5 relative on tiny transformers.
+
+The oracle for an original-layout (BFL / ComfyUI / kohya) file: the original weight of each module is
+the row blocks of diffusers' modules in the original's order (the tables below, by hand from diffusers'
+single-file converters and ComfyUI's flux_to_diffusers / mmdit_to_diffusers / z_image_to_diffusers; the
+tiny sizes from tests/dit_models.py's configs), ComfyUI's rule is applied to that whole weight
+(references.fused_consumer_weights), and the result is cut back and written into a copy of the model.
+For the diffusers-path layouts, the rule per module (references.consumer_weight). Nothing below asks
+the package for names, rows or ΔW.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any
+
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    ZImagePipeline,
+)
+from dit_models import run, tiny
+from fullsize_dit import FULL, meta_transformer
+from references import consumer_weight, fused_consumer_weights
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
+from lokr_diffusers import LoKrModel
+from lokr_diffusers.formats.dit import dit_name_map
+from lokr_diffusers.formats.names import build_index
+from lokr_diffusers.formats.reader import parse_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
+PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
+                              "zimage": ZImagePipeline}
+Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
+
+# Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
+# final_layer.adaLN_modulation.1 is (shift, scale), diffusers' norm_out.linear (scale, shift).
+FLUX: dict[str, Blocks] = {
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
+                                     ("transformer_blocks.0.attn.to_v", 0, None)],
+    "double_blocks.1.txt_attn.qkv": [("transformer_blocks.1.attn.add_q_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_k_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_v_proj", 0, None)],
+    "single_blocks.0.linear1": [("single_transformer_blocks.0.attn.to_q", 0, None),
+                                ("single_transformer_blocks.0.attn.to_k", 0, None),
+                                ("single_transformer_blocks.0.attn.to_v", 0, None),
+                                ("single_transformer_blocks.0.proj_mlp", 0, None)],
+    "single_blocks.1.linear2": [("single_transformer_blocks.1.proj_out", 0, None)],
+    "double_blocks.0.img_mlp.0": [("transformer_blocks.0.ff.net.0.proj", 0, None)],
+    "double_blocks.1.txt_mod.lin": [("transformer_blocks.1.norm1_context.linear", 0, None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", 16, 32), ("norm_out.linear", 0, 16)],
+}
+# SD3 tiny: d = 16, 3 blocks, block 0 with attn2, block 2 context pre-only (its adaLN (shift, scale) swapped).
+SD3: dict[str, Blocks] = {
+    "joint_blocks.0.x_block.attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                        ("transformer_blocks.0.attn.to_k", 0, None),
+                                        ("transformer_blocks.0.attn.to_v", 0, None)],
+    "joint_blocks.0.x_block.attn2.qkv": [("transformer_blocks.0.attn2.to_q", 0, None),
+                                         ("transformer_blocks.0.attn2.to_k", 0, None),
+                                         ("transformer_blocks.0.attn2.to_v", 0, None)],
+    "joint_blocks.2.context_block.attn.qkv": [("transformer_blocks.2.attn.add_q_proj", 0, None),
+                                              ("transformer_blocks.2.attn.add_k_proj", 0, None),
+                                              ("transformer_blocks.2.attn.add_v_proj", 0, None)],
+    "joint_blocks.2.context_block.adaLN_modulation.1": [("transformer_blocks.2.norm1_context.linear", 16, 32),
+                                                        ("transformer_blocks.2.norm1_context.linear", 0, 16)],
+    "joint_blocks.1.x_block.mlp.fc1": [("transformer_blocks.1.ff.net.0.proj", 0, None)],
+    "context_embedder": [("context_embedder", 0, None)],
+}
+# Flux.2 Klein tiny: d = 16; single blocks are fused in diffusers too (linear1 = attn.to_qkv_mlp_proj).
+FLUX2: dict[str, Blocks] = {
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
+                                     ("transformer_blocks.0.attn.to_v", 0, None)],
+    "single_blocks.1.linear1": [("single_transformer_blocks.1.attn.to_qkv_mlp_proj", 0, None)],
+    "double_blocks.1.txt_mlp.0": [("transformer_blocks.1.ff_context.linear_in", 0, None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", 16, 32), ("norm_out.linear", 0, 16)],
+}
+# Z-Image tiny: dim 32.
+ZIMAGE: dict[str, Blocks] = {
+    "layers.0.attention.qkv": [("layers.0.attention.to_q", 0, None), ("layers.0.attention.to_k", 0, None),
+                               ("layers.0.attention.to_v", 0, None)],
+    "noise_refiner.0.attention.qkv": [("noise_refiner.0.attention.to_q", 0, None),
+                                      ("noise_refiner.0.attention.to_k", 0, None),
+                                      ("noise_refiner.0.attention.to_v", 0, None)],
+    "layers.1.feed_forward.w1": [("layers.1.feed_forward.w1", 0, None)],
+    "context_refiner.0.attention.out": [("context_refiner.0.attention.to_out.0", 0, None)],
+    "x_embedder": [("all_x_embedder.2-1", 0, None)],
+}
+ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE}
+FAMILIES = tuple(ORIGINALS)
+ORIGINAL_LAYOUTS = {"comfyui": "diffusion_model.{p}", "kohya": "lora_unet_{u}"}
+DIFFUSERS_LAYOUTS = {"aitoolkit": "diffusion_model.{p}", "lycoris": "lycoris_{u}", "diffusers": "transformer.{p}",
+                     "onetrainer": "lora_transformer_{u}"}
+
+
+def name_in(template: str, name: str) -> str:
+    return template.format(p=name, u=name.replace(".", "_"))
+
+
+def bare_pipeline(family: str, model: nn.Module | None = None) -> Any:
+    """The family's diffusers pipeline around a tiny transformer (text encoders and VAE left out)."""
+    cls = PIPELINES[family]
+    kwargs: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler(),
+                              "transformer": model if model is not None else tiny(family)}
+    for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                 "tokenizer_3"):
+        if name in cls.__init__.__code__.co_varnames:
+            kwargs[name] = None
+    return cls(**kwargs)
+
+
+def rows_of(model: nn.Module, blocks: Blocks) -> list[tuple[nn.Linear, int, int]]:
+    out = []
+    for path, a, b in blocks:
+        m = model.get_submodule(path)
+        assert isinstance(m, nn.Linear)
+        out.append((m, a, m.out_features if b is None else b))
+    return out
+
+
+def shape_of(model: nn.Module, blocks: Blocks) -> tuple[int, int]:
+    rows = rows_of(model, blocks)
+    return sum(b - a for _, a, b in rows), rows[0][0].in_features
+
+
+def out_l_for(model: nn.Module, blocks: Blocks, aligned: bool) -> int:
+    """W1's rows: on block edges (out_k divides every boundary between the blocks), or off them."""
+    rows = rows_of(model, blocks)
+    height = sum(b - a for _, a, b in rows)
+    edges = [sum(b - a for _, a, b in rows[:i]) for i in range(1, len(rows))]
+    if aligned:
+        return height // math.gcd(height, *edges) if edges else 1
+    for out_l in (8, 6, 4, 3, 2, 1):
+        if height % out_l == 0 and any(e % (height // out_l) for e in edges):
+            return out_l
+    return 1  # a single block: no edge to miss
+
+
+STYLES = ("w2 low-rank", "both low-rank", "both full", "no alpha")
+
+
+def make_factors(out: int, in_: int, out_l: int, style: str, seed: int) -> dict[str, Tensor]:
+    """LoKr tensors for an (out, in) weight, W1 (out_l, 4); alphas give scales other than 1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g) * 0.3
+
+    out_k, in_m = out // out_l, 4
+    in_n = in_ // in_m
+    f: dict[str, Tensor] = {}
+    if style == "both low-rank":
+        f.update(lokr_w1_a=r(out_l, 1), lokr_w1_b=r(1, in_m), lokr_w2_a=r(out_k, 2), lokr_w2_b=r(2, in_n),
+                 alpha=torch.tensor(3.0))
+    elif style == "both full":
+        f.update(lokr_w1=r(out_l, in_m), lokr_w2=r(out_k, in_n), alpha=torch.tensor(5.0))  # alpha ignored
+    else:
+        f.update(lokr_w1=r(out_l, in_m), lokr_w2_a=r(out_k, 2), lokr_w2_b=r(2, in_n))
+        if style != "no alpha":
+            f["alpha"] = torch.tensor(3.0)
+    return f
+
+
+def original_file(model: nn.Module, family: str, layout: str, style: str = "w2 low-rank", aligned: bool = True,
+                  seed: int = 0) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """(state dict in an original layout, {original: its tensors}) for every module of ORIGINALS[family]."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    names = dict(model.named_modules())
+    for i, (original, blocks) in enumerate(ORIGINALS[family].items()):
+        if any(p not in names for p, _, _ in blocks):
+            continue  # a tiny model without that module (SD3 without dual attention)
+        out, in_ = shape_of(model, blocks)
+        modules[original] = make_factors(out, in_, out_l_for(model, blocks, aligned), style, seed + i)
+    sd = {f"{name_in(ORIGINAL_LAYOUTS[layout], o)}.{k}": v for o, t in modules.items() for k, v in t.items()}
+    return sd, modules
+
+
+def comfyui_model(model: nn.Module, family: str, modules: dict[str, dict[str, Tensor]],
+                  strength: float = 1.0) -> nn.Module:
+    """A copy of `model` with ComfyUI's rule applied to each original module's weight (fp32 factors)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for original, tensors in modules.items():
+            rows = rows_of(ref, ORIGINALS[family][original])
+            new = fused_consumer_weights([m.weight[a:b].clone() for m, a, b in rows],
+                                         {k: v.float() for k, v in tensors.items()}, strength)
+            for (m, a, b), w in zip(rows, new, strict=True):
+                m.weight[a:b] = w
+    return ref
+
+
+def per_module_model(model: nn.Module, modules: dict[str, dict[str, Tensor]], strength: float = 1.0) -> nn.Module:
+    """A copy of `model` with ComfyUI's rule applied module by module ({diffusers path: tensors})."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, tensors in modules.items():
+            m = ref.get_submodule(path)
+            m.weight.copy_(consumer_weight(m.weight, {k: v.float() for k, v in tensors.items()}, strength))
+    return ref
+
+
+def assert_close(got: Tensor, want: Tensor, rel: float = 1e-5) -> None:
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < rel, f"relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------ original layouts
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ORIGINAL_LAYOUTS)
+@pytest.mark.parametrize("aligned", [True, False], ids=["on block edges", "off block edges"])
+def test_original_layout_gives_comfyuis_weights(family: str, layout: str, aligned: bool) -> None:
+    pipe = bare_pipeline(family)
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, family, layout, aligned=aligned)
+    name = pipe.load_lokr_weights(sd)
+    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
+    pipe.set_lokr_adapters(name, adapter_weights=0.6)
+    want = run(comfyui_model(base, family, modules, 0.6), family)
+    for mode in ("merged", "bypass", "auto"):
+        LoKrModel(pipe.transformer, None).set_forward_mode(mode)
+        assert_close(run(pipe.transformer, family), want)
+    pipe.fuse_lokr()
+    assert_close(run(pipe.transformer, family), want)
+    pipe.unfuse_lokr()
+    pipe.unload_lokr_weights()
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(), base.state_dict().values(),
+                                                 strict=True))
+
+
+def test_two_fused_adapters_add_up() -> None:
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd_a, modules_a = original_file(base, "flux", "comfyui", aligned=False, seed=1)
+    sd_b, modules_b = original_file(base, "flux", "kohya", aligned=True, seed=2)
+    pipe.load_lokr_weights(sd_a, adapter_name="a")
+    pipe.load_lokr_weights(sd_b, adapter_name="b")
+    want = comfyui_model(comfyui_model(base, "flux", modules_a), "flux", modules_b)
+    assert_close(run(pipe.transformer, "flux"), run(want, "flux"))
+    pipe.delete_lokr_adapters("a")
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules_b), "flux"))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_scale_rules_on_fused_modules(style: str) -> None:
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "flux", "kohya", style=style, aligned=False, seed=10)
+    pipe.load_lokr_weights(sd)
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn], ids=str)
+def test_low_precision_factors_are_upcast(dtype: torch.dtype) -> None:
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "flux", "comfyui", aligned=False, seed=20)
+    stored = {k: v.to(dtype) for k, v in sd.items()}
+    stored_modules = {o: {k: v.to(dtype) for k, v in t.items()} for o, t in modules.items()}
+    pipe.load_lokr_weights(stored)
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", stored_modules), "flux"))
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_dora_on_fused_modules(axis: str) -> None:
+    """DoRA normalises the whole original weight (rows of to_q, to_k, to_v together): per row on the output
+    axis, per column over all pieces on the input axis."""
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "flux", "comfyui", aligned=False, seed=30)
+    g = torch.Generator().manual_seed(31)
+    for original, tensors in modules.items():
+        out, in_ = shape_of(base, FLUX[original])
+        m = torch.rand(out, 1, generator=g) + 0.5 if axis == "output" else torch.rand(1, in_, generator=g) + 0.5
+        rows = rows_of(base, FLUX[original])
+        w = torch.cat([mod.weight[a:b] for mod, a, b in rows]).detach()
+        m = m * (w.norm(dim=1, keepdim=True) if axis == "output" else w.norm(dim=0, keepdim=True))  # near 1x
+        tensors["dora_scale"] = m
+        sd[f"diffusion_model.{original}.dora_scale"] = m
+    pipe.load_lokr_weights(sd)
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
+    pipe.fuse_lokr()
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
+
+
+# ----------------------------------------------------------------------------- diffusers-path layouts
+def per_module_file(model: nn.Module, family: str, layout: str, seed: int = 40
+                    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    paths = sorted({p for blocks in ORIGINALS[family].values() for p, _, _ in blocks})
+    modules = {}
+    for i, path in enumerate(paths):
+        m = model.get_submodule(path)
+        modules[path] = make_factors(m.out_features, m.in_features, 2 if m.out_features % 2 == 0 else 1,
+                                     STYLES[i % len(STYLES)], seed + i)
+    sd = {f"{name_in(DIFFUSERS_LAYOUTS[layout], p)}.{k}": v for p, t in modules.items() for k, v in t.items()}
+    return sd, modules
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", DIFFUSERS_LAYOUTS)
+def test_diffusers_path_layouts(family: str, layout: str) -> None:
+    pipe = bare_pipeline(family)
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = per_module_file(base, family, layout)
+    pipe.load_lokr_weights(sd)
+    assert_close(run(pipe.transformer, family), run(per_module_model(base, modules), family))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_folder_matches_peft(family: str, tmp_path: Any) -> None:
+    """A PEFT LoKr on the transformer, saved by PEFT: loaded here, the transformer gives PEFT's outputs."""
+    from peft import LoKrConfig as PeftLoKrConfig
+    from peft import get_peft_model
+
+    targets = sorted({p for blocks in ORIGINALS[family].values() for p, _, _ in blocks})
+    peft_model = get_peft_model(copy.deepcopy(tiny(family)), PeftLoKrConfig(
+        r=2, alpha=3, target_modules=targets, init_weights=False))
+    want = run(peft_model.base_model.model, family)
+    peft_model.save_pretrained(str(tmp_path))
+    pipe = bare_pipeline(family)
+    pipe.load_lokr_weights(str(tmp_path))
+    assert_close(run(pipe.transformer, family), want)
+
+
+@pytest.mark.parametrize("dim", [1, 4], ids=["w2 low-rank", "full matrix"])
+def test_simpletuner_lycoris_file_matches_lycoris(dim: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleTuner's layout is LyCORIS' standalone wrapper (`lycoris_` + the diffusers path): a LyCORIS LoKr
+    on Flux.1's blocks, saved by LyCORIS, gives LyCORIS' own outputs here."""
+    import logging
+
+    from lycoris import LycorisNetwork, create_lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["FluxTransformerBlock", "FluxSingleTransformerBlock"])
+    model = tiny("flux")
+    base = copy.deepcopy(model)
+    net = create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2, algo="lokr", factor=4)
+    net.apply_to()
+    with torch.no_grad():  # LyCORIS starts at ΔW = 0
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    want = run(model, "flux")
+    net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
+    pipe = bare_pipeline("flux", base)
+    pipe.load_lokr_weights(str(tmp_path / "lycoris.safetensors"))
+    assert_close(run(pipe.transformer, "flux"), want)
+
+
+# ------------------------------------------------------------------------------- load_lora_weights
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_lora_weights_routes_lokr_files(family: str, tmp_path: Any) -> None:
+    pipe = bare_pipeline(family)
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, family, "comfyui", aligned=False, seed=50)
+    path = str(tmp_path / "lokr.safetensors")
+    save_file(sd, path)
+    pipe.load_lora_weights(path, adapter_name="style")
+    assert pipe.get_list_lokr_adapters() == {"transformer": ["style"]}
+    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
+    sd2, modules2 = original_file(base, family, "comfyui", aligned=False, seed=51)
+    pipe.load_lora_weights(sd2, adapter_name="style", hotswap=True)
+    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules2), family))
+
+
+# --------------------------------------------------------------------------- fuse_qkv_projections()
+@pytest.mark.parametrize("family", ["flux", "sd3", "flux2"])
+def test_fused_projections_take_the_fused_module_directly(family: str) -> None:
+    # diffusers 0.42's fused SD3 processor gives SD3.5's self-attention attn2 the joint processor (which then
+    # fails without a context) and skips the RMS qk-norm (other numbers even without LoKr): SD3 here
+    # without dual attention and without qk-norm, where fused and unfused diffusers agree
+    sd3 = tiny("sd3", dual_attention_layers=(), qk_norm=None) if family == "sd3" else None
+    pipe = bare_pipeline(family, sd3)
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, family, "kohya", aligned=False, seed=60)
+    pipe.transformer.fuse_qkv_projections()
+    pipe.load_lokr_weights(sd)
+    qkv = {n: m for n, m in pipe.transformer.named_modules() if n.endswith(("to_qkv", "to_added_qkv"))
+           and hasattr(m, "rows")}
+    assert qkv
+    for n, m in qkv.items():  # a qkv original maps 1:1; Flux.1's linear1 is to_qkv's rows and proj_mlp's
+        assert m.rows == ({"default_0": m.rows["default_0"]} if n.startswith("single_") else {}), n
+        assert not n.startswith("single_") or m.rows["default_0"].pieces == ((0, 48),)
+    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
+
+
+def test_separate_projection_names_refused_after_fusing() -> None:
+    pipe = bare_pipeline("flux")
+    pipe.transformer.fuse_qkv_projections()
+    sd, _ = per_module_file(pipe.transformer, "flux", "diffusers")
+    with pytest.raises(ValueError, match="fuse_qkv_projections"):
+        pipe.load_lokr_weights(sd)
+    assert not pipe.get_list_lokr_adapters()
+
+
+# ------------------------------------------------------------------------------ errors and strictness
+def test_unknown_keys_strict_and_not() -> None:
+    pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "flux", "comfyui", seed=70)
+    extra = {"diffusion_model.double_blocks.7.img_attn.qkv.lokr_w1": torch.ones(3, 4),
+             "diffusion_model.double_blocks.7.img_attn.qkv.lokr_w2": torch.ones(16, 4)}
+    with pytest.raises(ValueError, match=r"double_blocks\.7"):
+        pipe.load_lokr_weights({**sd, **extra})
+    assert not pipe.get_list_lokr_adapters()
+    pipe.load_lokr_weights({**sd, **extra}, strict=False)
+    assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
+
+
+@pytest.mark.parametrize(("file_family", "pipe_family", "words"), [
+    ("sd3", "flux", "SD3"), ("zimage", "flux2", "Z-Image"),
+    ("flux2", "zimage", "FLUX.1 / FLUX.2"), ("flux", "sd3", "FLUX.1")])
+def test_a_file_for_another_model_says_which(file_family: str, pipe_family: str, words: str) -> None:
+    sd, _ = original_file(tiny(file_family), file_family, "comfyui")
+    pipe = bare_pipeline(pipe_family)
+    with pytest.raises(ValueError, match=f"looks like a {words}"):
+        pipe.load_lokr_weights(sd)
+    assert not pipe.get_list_lokr_adapters()
+
+
+def test_a_module_that_does_not_fit_changes_nothing() -> None:
+    pipe = bare_pipeline("flux")
+    before = run(pipe.transformer, "flux")
+    sd, _ = original_file(pipe.transformer, "flux", "comfyui", seed=80)
+    sd["diffusion_model.single_blocks.0.linear1.lokr_w1"] = torch.ones(5, 4)  # 112 rows are not 5 x k
+    with pytest.raises(ValueError, match=r"single_blocks\.0\.linear1"):
+        pipe.load_lokr_weights(sd)
+    assert not any(hasattr(m, "rows") for m in pipe.transformer.modules())
+    assert torch.equal(run(pipe.transformer, "flux"), before)
+
+
+def test_one_module_named_twice_is_refused() -> None:
+    pipe = bare_pipeline("flux")
+    sd, _ = original_file(pipe.transformer, "flux", "comfyui", seed=90)
+    one, _ = per_module_file(pipe.transformer, "flux", "diffusers")
+    to_q = {k: v for k, v in one.items() if k.startswith("transformer.transformer_blocks.0.attn.to_q.")}
+    with pytest.raises(ValueError, match="both reach"):
+        pipe.load_lokr_weights({**sd, **to_q})
+
+
+# ------------------------------------------------------------------- full-size files, parsed on meta models
+FULL_LAYOUTS = {**ORIGINAL_LAYOUTS, **DIFFUSERS_LAYOUTS}
+
+
+@functools.cache
+def full_index(name: str) -> Any:
+    return build_index({"transformer": meta_transformer(name)})
+
+
+def zero_factors(out: int, in_: int) -> dict[str, Tensor]:
+    out_l, in_m = (2 if out % 2 == 0 else 1), (2 if in_ % 2 == 0 else 1)
+    return {"lokr_w1": torch.zeros(out_l, in_m), "lokr_w2_a": torch.zeros(out // out_l, 1),
+            "lokr_w2_b": torch.zeros(1, in_ // in_m), "alpha": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize("name", FULL)
+@pytest.mark.parametrize("layout", FULL_LAYOUTS)
+def test_full_size_file_resolves_every_key(name: str, layout: str) -> None:
+    """A file naming every module of a full-size transformer in one layout: every key is used, and the
+    entries cover each Linear once (a fused original's pieces tile its modules' rows)."""
+    model = meta_transformer(name)
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layout in ORIGINAL_LAYOUTS:  # the originals (counted by hand in test_formats_dit.py), their fused shapes
+        targets = {o: (t.out_features, t.in_features) for o, t in dit_name_map(model).originals.items()}
+    else:
+        targets = {p: (m.out_features, m.in_features) for p, m in linears.items()}
+    template = FULL_LAYOUTS[layout]
+    sd = {f"{name_in(template, t)}.{k}": v for t, shape in targets.items() for k, v in zero_factors(*shape).items()}
+    parsed = parse_file(sd, {}, full_index(name), layout)
+    assert not parsed.unmatched
+    covered = [e.ref.path for e in parsed.entries]
+    assert sorted(covered) == sorted(linears)
+    for e in parsed.entries:
+        if e.rows is not None:
+            assert e.rows.out == linears[e.ref.path].out_features
+            assert layout in ORIGINAL_LAYOUTS and e.origin is not None
