@@ -232,7 +232,7 @@ def to_peft(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[str, A
         if want != m.plan:
             raise ValueError(f"{m.component}.{m.path}: PEFT would plan {want.shapes()} for this module, it holds "
                              f"{m.plan.shapes()}; export format='comfyui' or 'lokr_diffusers' instead")
-        key = re.escape(m.path)
+        key = "^" + re.escape(m.path)  # anchored: PEFT matches (.*\.)?(key)$, and `proj_out` ends other paths
         rank_pattern[key], alpha_pattern[key] = r, m.scale * r  # PEFT: scale = alpha / r, always
         for k, v in m.factors.items():
             if k == "lokr_t2" and len(m.weight_shape) == 3:

@@ -40,8 +40,17 @@ from torch import Tensor, nn
 
 from . import functional as LF
 from .atomic import write_safetensors
-from .export import DORA_RULE_COMFYUI, DORA_RULE_KEY, ExportModule, RowNorms, cast, check_comfyui_dora, \
-    consumer_tensors, to_peft, write_peft
+from .export import (
+    DORA_RULE_COMFYUI,
+    DORA_RULE_KEY,
+    ExportModule,
+    RowNorms,
+    cast,
+    check_comfyui_dora,
+    consumer_tensors,
+    to_peft,
+    write_peft,
+)
 from .formats.dit import DitNameMap, Target, diffusers_fused_name, dit_name_map, family_of
 from .formats.dit_tables import FAMILIES
 from .formats.fused import layer_rows
@@ -191,9 +200,9 @@ def own_module(m: ExportModule) -> ExportModule | None:
 
 
 def _off_edges(m: ExportModule, fmt: str, why: str) -> str:
-    return (f"{m.component}.{m.path} holds rows {m.rows.pieces if m.rows else ()} of the fused module {m.origin!r} "
-            f"(W2 has {m.plan.out_k} rows, W1's blocks do not start and stop there): {why}; export format "
-            f"'comfyui' or 'lokr_diffusers' for it (format {fmt!r})")
+    return (f"{m.component}.{m.path} holds rows {m.rows.pieces if m.rows else ()} of the fused module {m.origin!r}, "
+            f"off W1's block edges (blocks of {m.plan.out_k} rows, W2's height): {why}; export format 'comfyui' or "
+            f"'lokr_diffusers' for it (format {fmt!r})")
 
 
 # ---------------------------------------------------------------------------------- comfyui
@@ -223,13 +232,22 @@ def comfyui_te_name(component: str, path: str, model: nn.Module, kinds: Mapping[
         return None  # Qwen3ForCausalLM's LM head: ComfyUI's encoder has none
     inner = path.removeprefix("model.")
     wrapper = COMFY_QWEN3.get(int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0))
-    return f"text_encoders.{wrapper}.transformer.model.{inner}" if wrapper else f"text_encoders.transformer.model.{inner}"
+    return f"text_encoders.{wrapper + '.' if wrapper else ''}transformer.model.{inner}"
 
 
 def _original_rows(t: Tensor, target: Target) -> Tensor:
     """A one-Linear original's rows (a swapped adaLN projection) from the Linear's: ComfyUI applies dora_scale
     after its (shift, scale) swap, so an output-axis magnitude goes in the original's row order."""
     return torch.cat([t[p.src_start:p.src_start + p.rows] for p in target.pieces])
+
+
+def _swapped(path: str, nm: DitNameMap) -> Target | None:
+    """The original that is the Linear `path` in another row order (a swapped adaLN projection), or None."""
+    origin = nm.covering.get(path)
+    target = nm.originals[origin] if origin is not None else None
+    if target is None or target.is_rename or {p.path for p in target.pieces} != {path}:
+        return None
+    return target
 
 
 def _comfyui_units(modules: list[ExportModule], components: Mapping[str, nn.Module], nm: DitNameMap,
@@ -251,11 +269,7 @@ def _comfyui_units(modules: list[ExportModule], components: Mapping[str, nn.Modu
         elif name is None:
             missing.append(f"transformer.{m.path}: ComfyUI's {family} key map has no name for this module")
         else:
-            origin = nm.covering.get(m.path)
-            target = nm.originals[origin] if origin is not None else None
-            swapped = target if target is not None and not target.is_rename and \
-                {p.path for p in target.pieces} == {m.path} and name.startswith(PATH_PREFIX) else None
-            units.append((name, own, swapped))
+            units.append((name, own, _swapped(m.path, nm) if name.startswith(PATH_PREFIX) else None))
     for m in modules:
         if m.component != "transformer":
             te_name = comfyui_te_name(m.component, m.path, components[m.component], kinds)

@@ -206,7 +206,7 @@ def train(args: Any) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_not_fused(s.raw, ADAPTER)
-        result.files = save_outputs(s.pipe, args, s.sdxl, result)
+        result.files = save_outputs(s.pipe, args, "sdxl" if s.sdxl else None, result)
     accelerator.end_training()
     return result
 
