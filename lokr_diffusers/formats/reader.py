@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as LF
 from ..config import LoKrConfig
@@ -279,11 +279,14 @@ def _fused_entries(name: str, ref: FusedRef, tensors: dict[str, Tensor], factors
     doras: dict[str, Tensor] = {}
     if "dora_scale" in tensors:
         modules = index.modules[ref.component]
-        weights = {p: m.base_weight() if isinstance(m, LoKrLayer) else weight_of(m).detach()
-                   for p in rows if (m := modules[p]) is not None}
+        weights = {p: _base_weight(modules[p]) for p in rows}  # the weights without LoKr, for the input axis
         doras = split_dora(tensors["dora_scale"], target, rows, factors, scale, weights)
     return [LoadEntry(ModuleRef(ref.component, path), factors, scale, plan, doras.get(path), alpha, keys, rows=r,
                       origin=target.name) for path, r in rows.items()]
+
+
+def _base_weight(module: nn.Module) -> Tensor:
+    return module.base_weight() if isinstance(module, LoKrLayer) else weight_of(module).detach()
 
 
 def _check_one_per_module(entries: list[LoadEntry]) -> None:
