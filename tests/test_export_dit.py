@@ -255,6 +255,12 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
     ours = bare_pipeline("flux2", copy.deepcopy(base))
     ours.load_lokr_weights(path)
     assert_close(run(ours.transformer, "flux2"), want)
+    # beside an adapter on a separate to_q, which diffusers' fused attention would no longer call: refused
+    to_q = {f"transformer.transformer_blocks.1.attn.to_q.{k}": v for k, v in peft_factors(16, 16, 1, 9, 1.0).items()}
+    mixed = bare_pipeline("flux2", copy.deepcopy(base))
+    mixed.load_lokr_weights({**sd_in, **to_q}, adapter_name=A)
+    with pytest.raises(ValueError, match=r"to_q.*lokr_diffusers"):
+        save(mixed, tmp_path / "mixed", "diffusers")
 
 
 @pytest.mark.parametrize("family", ["flux2", "zimage"])
