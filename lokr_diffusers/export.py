@@ -124,7 +124,7 @@ def expand_tucker(f: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _consumer_tensors(m: ExportModule, keep_tucker: bool, comfyui: bool = False) -> dict[str, Tensor]:
+def consumer_tensors(m: ExportModule, keep_tucker: bool, comfyui: bool = False) -> dict[str, Tensor]:
     f = dict(m.factors)
     if "lokr_t2" in f and not keep_tucker:
         f = expand_tucker(f)
@@ -155,7 +155,7 @@ def _comfyui_dora(m: ExportModule) -> Tensor:
     return (m.dora_scale.double().reshape(row) * ratio.reshape(row)).to(m.dora_scale.dtype)
 
 
-def _check_comfyui_dora(modules: list[ExportModule]) -> list[ExportModule]:
+def check_comfyui_dora(modules: list[ExportModule]) -> list[ExportModule]:
     """The output-axis DoRA modules; raises if one has no base-weight norms to rescale its dora_scale."""
     out_axis = [m for m in modules if _on_output_axis(m)]
     blind = [m for m in out_axis if m.row_norms is None]
@@ -187,12 +187,12 @@ def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tu
     """kohya / LyCORIS layout that ComfyUI loads as trained (A1111 too, except output-axis DoRA).
     `keep_tucker=True` keeps Tucker cores (`lokr_t2`): ComfyUI 0.3.64 fails on them (kron on a
     non-contiguous einsum result), so the default rewrites them as plain low-rank factors (exact)."""
-    out_axis = _check_comfyui_dora(modules)
+    out_axis = check_comfyui_dora(modules)
     sd: dict[str, Tensor] = {}
     present = {(m.component, m.path): m for m in modules}
     for m in modules:
         key = comfyui_module_name(m.component, m.path, unet_config, base)
-        sd.update({f"{key}.{k}": v for k, v in _consumer_tensors(m, keep_tucker, comfyui=True).items()})
+        sd.update({f"{key}.{k}": v for k, v in consumer_tensors(m, keep_tucker, comfyui=True).items()})
     openclip = {"text_encoder_2"} if base == "sdxl" else ({"text_encoder"} if base == "sd2" else set())
     for m in modules:  # complete OpenCLIP attention groups with ΔW = 0 modules
         match = _ATTN.match(m.path) if m.component in openclip else None
@@ -232,7 +232,7 @@ def to_peft(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[str, A
         if want != m.plan:
             raise ValueError(f"{m.component}.{m.path}: PEFT would plan {want.shapes()} for this module, it holds "
                              f"{m.plan.shapes()}; export format='comfyui' or 'lokr_diffusers' instead")
-        key = re.escape(m.path)
+        key = "^" + re.escape(m.path)  # anchored: PEFT matches (.*\.)?(key)$, and `proj_out` ends other paths
         rank_pattern[key], alpha_pattern[key] = r, m.scale * r  # PEFT: scale = alpha / r, always
         for k, v in m.factors.items():
             if k == "lokr_t2" and len(m.weight_shape) == 3:
@@ -253,7 +253,7 @@ def to_diffusers(modules: list[ExportModule]) -> tuple[dict[str, Tensor], dict[s
     """diffusers' single-file layout (`unet.` / `text_encoder.` keys), alphas for the consumer rule."""
     sd: dict[str, Tensor] = {}
     for m in modules:
-        sd.update({f"{m.component}.{m.path}.{k}": v for k, v in _consumer_tensors(m, keep_tucker=True).items()})
+        sd.update({f"{m.component}.{m.path}.{k}": v for k, v in consumer_tensors(m, keep_tucker=True).items()})
     return sd, {"lokr_adapter_metadata": json.dumps(_configs(modules))}
 
 
@@ -327,7 +327,7 @@ def cast(sd: Mapping[str, Tensor], dtype: torch.dtype | str | None) -> dict[str,
 def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: str | list[str] = "default",
                       format: str = "comfyui", dtype: torch.dtype | str | None = None,
                       metadata: Mapping[str, str] | None = None, base: str | None = None,
-                      keep_tucker: bool = False) -> str:
+                      keep_tucker: bool = False, strict: bool = True) -> str:
     """Write adapter(s) of a pipeline (or of {component: model}) to `path` in `format`.
 
     comfyui (alias kohya, a1111): one .safetensors; peft: a folder (one sub-folder per component
@@ -340,6 +340,10 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
     only applies input-axis DoRA). `keep_tucker=True` keeps Tucker cores (`lokr_t2`) instead of
     rewriting them as plain low-rank factors: such files fail to load in ComfyUI 0.3.64 (kron on a
     non-contiguous einsum result), so use it only for readers that take Tucker cores (LyCORIS, ours).
+
+    Flux.1, SD3, Flux.2 / Klein and Z-Image pipelines (export_dit.py, docs/formats.md §Export of DiT adapters):
+    `base` may name the family ("flux", "sd3", "flux2", "zimage") and must then be the transformer's. A module
+    ComfyUI has no name for is refused (`strict=False`: left out of the file, with a warning).
     """
     fmt = FORMAT_ALIASES.get(format) if isinstance(format, str) else None
     if fmt is None:
@@ -358,6 +362,11 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
         raise ValueError(f"adapter_name {adapter_name!r}: format {format!r} holds one adapter; pass its name "
                          "(several adapters go in one file with format='lokr_diffusers')")
     modules = collect(comps, adapter_name)
+    family = _dit_family(comps, base)
+    if family is not None:
+        from .export_dit import save_dit
+
+        return save_dit(comps, modules, path, fmt, family, dtype, metadata, keep_tucker, strict)
     refuse_rows(modules, fmt)
     if fmt == "comfyui":
         base = base or base_of(comps)
@@ -369,6 +378,18 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
         sd, meta = to_diffusers(modules)
         return write_safetensors(cast(sd, dtype), path, {**meta, **(metadata or {})})
     return write_peft(modules, path, dtype, metadata)
+
+
+def _dit_family(comps: Mapping[str, nn.Module], base: str | None) -> str | None:
+    """The DiT family of the pipeline's transformer (None for a UNet pipeline); `base`, if given, must agree."""
+    from .export_dit import dit_family
+
+    family = dit_family(comps)
+    if base is not None and family is not None and base != family:
+        raise ValueError(f"base {base!r}: this pipeline's transformer is a {family} one; pass base={family!r} or None")
+    if base is not None and family is None and base not in BASE_MODEL_VERSION:
+        raise ValueError(f"base {base!r}: one of {sorted(BASE_MODEL_VERSION)} for a UNet pipeline")
+    return family
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> None:

@@ -3,13 +3,20 @@ written from the formulas (docs/formats.md), never from the package's own code."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
+def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength: float,
+                    function: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    comfyui_dora: bool = False) -> torch.Tensor:
     """ComfyUI / A1111 rule from docs/formats.md §The math, §Scale rules, §DoRA, written out
     independently: scale = alpha / rank when an alpha exists and a factor is low-rank (rank from w2_b, else
-    w1_b), else 1."""
+    w1_b), else 1. DoRA normalises w + ΔW per row or column (LyCORIS' rule, which our reader applies to files
+    without the lokr_dora_rule mark); `comfyui_dora`: ComfyUI's own, whose output axis divides by the norm of
+    w itself. `function` (ComfyUI's key-map function, e.g. a (shift, scale) swap) maps ΔW, computed in the
+    shape of w, before it is added (DoRA then normalises w + function(ΔW))."""
     w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
     out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
     if "lokr_w2" in tensors:
@@ -22,11 +29,12 @@ def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength:
         tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None
     scale = float(tensors["alpha"]) / rank if "alpha" in tensors and rank else 1.0
     dw = torch.einsum("ij,pq...->ipjq...", w1, w2).reshape(w.shape) * scale
+    dw = function(dw) if function is not None else dw
     if "dora_scale" not in tensors:
         return w + strength * dw
     m, merged = tensors["dora_scale"], w + dw
     if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
-        norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
+        norm = (w if comfyui_dora else merged).reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
     else:
         norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
     adapted = merged * m / (norm + torch.finfo(w.dtype).eps)

@@ -42,6 +42,7 @@ DIFFUSERS_LAYOUTS: tuple[tuple[str, str], ...] = (
     ("aitoolkit", "diffusion_model.{p}"), ("lycoris", "lycoris_{u}"), ("diffusers", "transformer.{p}"),
     ("onetrainer", "lora_transformer_{u}"))
 LAYOUTS: tuple[str, ...] = tuple(name for name, _ in ORIGINAL_LAYOUTS + DIFFUSERS_LAYOUTS)
+DIFFUSERS_FUSED_TEMPLATE = "transformer.{p}"  # to_qkv / to_added_qkv of an unfused attention (diffusers_fused_name)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,20 @@ def _originals(family: Family, model: nn.Module, linears: Mapping[str, tuple[int
     return out
 
 
+def diffusers_fused_name(target: Target, linears: Mapping[str, tuple[int, int]]) -> str | None:
+    """`<attention>.to_qkv` (`.to_added_qkv`) for an original `qkv` made of an unfused attention's whole to_q,
+    to_k, to_v (add_q/k/v_proj), in that order: the Linear diffusers' `fuse_qkv_projections()` would make. diffusers'
+    Flux.2 LoKr loader puts a fused qkv adapter there (fusing the model's projections first); we read the name
+    as the same rows of to_q, to_k, to_v (docs/formats.md §Export of DiT adapters). None for anything else."""
+    paths = tuple(p.path for p in target.pieces)
+    parent = paths[0].rpartition(".")[0]
+    whole = all(p.src_start == 0 and p.rows == linears[p.path][0] for p in target.pieces)
+    for leaves, fused in FUSED_BY_DIFFUSERS.items():
+        if whole and paths == tuple(f"{parent}.{leaf}" for leaf in leaves) and f"{parent}.{fused}" not in linears:
+            return f"{parent}.{fused}"
+    return None
+
+
 def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
     if name in names.names and names.names[name][1] != target:
         names.ambiguous.add(name)
@@ -223,6 +238,9 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
             result.covering[piece.path] = original
         for layout, template in ORIGINAL_LAYOUTS:
             _add(result, layout, _form(template, original), target)
+        fused = diffusers_fused_name(target, linears) if family.fusable else None
+        if fused is not None:  # diffusers' name for the qkv it would fuse (read only in the diffusers layout)
+            _add(result, "diffusers", _form(DIFFUSERS_FUSED_TEMPLATE, fused), target)
     for path, (out, in_) in linears.items():
         own = Target(path, in_, (Piece(path, 0, out),))
         for layout, template in DIFFUSERS_LAYOUTS:

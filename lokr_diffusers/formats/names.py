@@ -120,6 +120,8 @@ class NameIndex:
     ambiguous: set[str]
     unused: dict[ModuleRef, str] = field(default_factory=dict)
     origins: dict[ModuleRef, str] = field(default_factory=dict)  # DiT module -> the original holding its rows
+    # DiT modules that are a whole original in another row order (an adaLN projection's (shift, scale) halves)
+    swapped: set[ModuleRef] = field(default_factory=set)
 
     def lookup(self, name: str) -> tuple[str, ModuleRef | FusedRef] | None:
         if name in self.ambiguous:
@@ -168,6 +170,8 @@ def _add_dit(index: NameIndex, model: nn.Module) -> None:
         _add(index, name, layout, ref)
     index.ambiguous |= nm.ambiguous
     index.origins.update({ModuleRef("transformer", p): o for p, o in nm.covering.items()})
+    index.swapped.update(ModuleRef("transformer", t.pieces[0].path) for t in nm.originals.values()
+                         if not t.is_rename and len({p.path for p in t.pieces}) == 1)
     for path in index.modules["transformer"]:
         if path not in nm.linears:
             for layout, name in transformer_forms(path):

@@ -328,11 +328,15 @@ DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"  # written by exp
 
 def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
     """Our ComfyUI export rescales an output-axis dora_scale for ComfyUI's rule (m' = m·‖W‖/‖W + ΔW‖,
-    docs/formats.md §DoRA); reading it back takes the trained m from the module's own base weight."""
+    docs/formats.md §DoRA); reading it back takes the trained m from the module's own base weight. A swapped
+    adaLN projection named by its diffusers path has it in the original's row order, as ComfyUI applies it
+    after its (shift, scale) swap (docs/formats.md §Export of DiT adapters): its halves go back first."""
     module = index.modules[e.ref.component][e.ref.path]
     shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
     if e.dora_scale is None or not LF.dora_on_output_axis(e.dora_scale, shape):
         return
+    if e.ref in index.swapped and e.rows is None:
+        e.dora_scale = e.dora_scale.roll(e.dora_scale.shape[0] // 2, 0)
     w = module.base_weight() if isinstance(module, LoKrLayer) else \
         weight_of(module).detach() if quantized.quantization_of(module) is None else quantized.dequantize(module)
     if w.is_meta:

@@ -45,29 +45,31 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
     return path
 
 
-def save_outputs(pipe: Any, args: Any, sdxl: bool, result: Any, family: Any = None) -> dict[str, str]:
-    """Our lossless file, the portable one (--export_format), and README.md."""
+# model-card tags per base model family
+FAMILY_TAGS: dict[str, str] = {"sdxl": ", stable-diffusion-xl", "flux": ", flux", "sd3": ", sd3", "flux2": ", flux2",
+                               "zimage": ", z-image"}
+
+
+def save_outputs(pipe: Any, args: Any, family: str | None, result: Any) -> dict[str, str]:
+    """Our lossless file, the portable one (--export_format), and README.md. `family`: the base model, "sd1",
+    "sd2", "sdxl" or a DiT family ("flux", "sd3", "flux2", "zimage"; checked against the pipeline's transformer),
+    None to read it off the pipeline."""
     files = {"lokr": save_lokr_weights(pipe, os.path.join(args.output_dir, OURS_FILE), format="lokr_diffusers")}
     if args.export_format != "none":
         suffix = "" if args.export_format == "peft" else ".safetensors"
         name = os.path.join(args.output_dir, f"lokr_{args.export_format}{suffix}")
-        files[args.export_format] = save_lokr_weights(pipe, name, format=args.export_format,
-                                                      base="sdxl" if sdxl else None)
-    files["model_card"] = write_model_card(args, sdxl, result, files, getattr(family, "name", "sd"))
+        files[args.export_format] = save_lokr_weights(pipe, name, format=args.export_format, base=family)
+    files["model_card"] = write_model_card(args, family, result, files)
     return files
 
 
-TAGS = {"sd": "stable-diffusion", "flux": "flux", "sd3": "sd3"}
-
-
-def write_model_card(args: Any, sdxl: bool, result: Any, files: dict[str, str], family: str = "sd") -> str:
+def write_model_card(args: Any, family: str | None, result: Any, files: dict[str, str]) -> str:
     prompt = args.instance_prompt if getattr(args, "dreambooth", False) else args.validation_prompt
-    tag = "stable-diffusion-xl" if sdxl else TAGS[family]
-    targets = (f"UNet targets `{args.unet_target_modules}`" if family == "sd" else
-               f"transformer targets `{args.lora_layers}`")
+    targets = (f"transformer targets `{args.lora_layers}`" if hasattr(args, "lora_layers") else
+               f"UNet targets `{args.unet_target_modules}`")
     lines = [
         "---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
-        f"tags: [lokr, lycoris, diffusers, text-to-image, {tag}]", "---", "",
+        "tags: [lokr, lycoris, diffusers, text-to-image" + FAMILY_TAGS.get(family or "", "") + "]", "---", "",
         f"# LoKr fine-tune of {args.pretrained_model_name_or_path}", "",
         f"Trained with lokr_diffusers for {result.global_step} steps (rank {args.rank}, alpha "
         f"{args.alpha or args.rank}, {targets}"

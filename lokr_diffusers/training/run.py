@@ -215,7 +215,8 @@ def train(args: Any) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_not_fused(s.raw, ADAPTER)
-        result.files = save_outputs(s.pipe, args, s.sdxl, result, s.family)
+        base = "sdxl" if s.sdxl else (None if s.family.name == "sd" else s.family.name)
+        result.files = save_outputs(s.pipe, args, base, result)
     accelerator.end_training()
     return result
 
