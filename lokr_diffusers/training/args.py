@@ -17,14 +17,13 @@ UNET_PRESETS: dict[str, list[str]] = {
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-# Flux.1 / SD3 transformer targets (diffusers' --lora_layers names; the single blocks' proj_mlp / proj_out
-# are Flux's, the others both models')
-TRANSFORMER_PRESETS: dict[str, list[str]] = {
+# Flux.1 / SD3 transformer targets (diffusers' --lora_layers names). "default": what the trainers target
+# for the model (targeting.dit_target_modules: attention incl. the context projections, feed-forward,
+# Flux's single blocks), as LoKrConfig(target_modules=None) gives; "attn": the attention projections only.
+TRANSFORMER_PRESETS: dict[str, list[str] | None] = {
+    "default": None,
     "attn": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
              "attn.add_v_proj", "attn.to_add_out"],
-    "attn-ff": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                "ff_context.net.2", "proj_mlp", "proj_out"],
 }
 # what --weighting_scheme and --max_sequence_length default to, as in diffusers' Flux / SD3 scripts
 FLOW_DEFAULTS: dict[str, dict[str, Any]] = {"flux": {"weighting_scheme": "none", "max_sequence_length": 512},
@@ -136,7 +135,7 @@ def _lokr(a: Any, family: str) -> None:
         a("--unet_target_modules", default="attn-ff",
           help=f"a preset ({', '.join(UNET_PRESETS)}) or a comma-separated list of module names")
     else:
-        a("--lora_layers", default="attn-ff",
+        a("--lora_layers", default="default",
           help=f"the transformer's targets: a preset ({', '.join(TRANSFORMER_PRESETS)}) or a comma-separated list "
                "of module names (diffusers' argument name)")
     a("--te_rank", type=int, default=None, help="default: --rank")
@@ -169,8 +168,9 @@ def unet_targets(value: str) -> list[str]:
     return UNET_PRESETS[value] if value in UNET_PRESETS else [t.strip() for t in value.split(",") if t.strip()]
 
 
-def denoiser_targets(args: Any) -> list[str]:
-    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (Flux / SD3)."""
+def denoiser_targets(args: Any) -> list[str] | None:
+    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (Flux / SD3; None: the
+    model's defaults)."""
     if getattr(args, "family", "sd") == "sd":
         return unet_targets(args.unet_target_modules)
     value = args.lora_layers

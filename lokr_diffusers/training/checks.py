@@ -96,10 +96,10 @@ def check_names(args: Any) -> None:
     schedules = [s.value for s in SchedulerType]
     if args.lr_scheduler not in schedules:
         raise _fail(f"--lr_scheduler {args.lr_scheduler!r}: unknown; choose one of {', '.join(schedules)}")
-    if not denoiser_targets(args):
+    if denoiser_targets(args) == []:
         raise _fail("--unet_target_modules is empty; give a preset (attn, attn-ff, full) or module names"
                     if getattr(args, "family", "sd") == "sd" else
-                    "--lora_layers is empty; give a preset (attn, attn-ff) or module names")
+                    "--lora_layers is empty; give a preset (default, attn) or module names")
     if args.train_text_encoder and not [t for t in args.te_target_modules.split(",") if t.strip()]:
         raise _fail("--te_target_modules is empty; give module names such as q_proj,k_proj,v_proj,out_proj")
     if getattr(args, "dreambooth", False) and not args.instance_prompt.strip():
