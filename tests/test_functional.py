@@ -283,6 +283,15 @@ def test_linear_bypass_function_takes_a_non_contiguous_or_empty_input() -> None:
     assert all(t.grad is not None and not t.grad.any() for t in f.values())
 
 
+def _assert_same_values(got: dict, want: dict, frozen: tuple[str, ...]) -> None:
+    """Every value and gradient equal (1e-5); a gradient absent in `want` (frozen) absent in `got` too."""
+    for name, value in want.items():
+        if value is None:
+            assert got[name] is None, (name, frozen)  # a frozen factor gets no gradient
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+
+
 def _plain(x: torch.Tensor, f: dict[str, torch.Tensor], plan: LF.LoKrPlan, scale: float) -> torch.Tensor:
     """The no-grad path's ops, differentiated by autograd op by op."""
     return LF._apply_lokr_linear(x, f, plan, LF.rebuild_w1(f), scale)
@@ -304,11 +313,7 @@ def test_linear_bypass_function_equals_plain_path(kind: str, lead: tuple[int, ..
             y.backward(gy)
             out.update({"y": y.detach(), "x": x.grad}, **{n: t.grad for n, t in f.items()})
         assert got.keys() == want.keys()
-        for name, value in want.items():
-            if value is None:
-                assert got[name] is None, (name, frozen)  # a frozen factor gets no gradient
-            else:
-                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+        _assert_same_values(got, want, frozen)
 
 
 def _saved_bytes(fn: Callable[[], torch.Tensor], keep: list[torch.Tensor]) -> int:
@@ -465,11 +470,7 @@ def test_linear_merged_function_equals_plain_path(kind: str, lead: tuple[int, ..
             out.update({"y": y.detach(), "x": x.grad}, **{n: t.grad for n, t in f.items()})
         assert got.keys() == want.keys()
         torch.testing.assert_close(got["y"], want["y"], rtol=0, atol=0)  # the same W + ΔW and kernel
-        for name, value in want.items():
-            if value is None:
-                assert got[name] is None, (name, frozen)  # a frozen factor gets no gradient
-            else:
-                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+        _assert_same_values(got, want, frozen)
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_PLANS))
@@ -489,11 +490,7 @@ def test_linear_bypass_with_base_equals_base_plus_plain_path(kind: str, lead: tu
                 torch.nn.functional.linear(x, w, b) + _plain(x, f, plan, scale)
             y.backward(gy)
             out.update({"y": y.detach(), "x": x.grad, "w": w.grad, "b": b.grad}, **{n: t.grad for n, t in f.items()})
-        for name, value in want.items():
-            if value is None:
-                assert got[name] is None, (name, frozen)
-            else:
-                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} {frozen}")
+        _assert_same_values(got, want, frozen)
 
 
 @pytest.mark.parametrize("joint", list(JOINT))

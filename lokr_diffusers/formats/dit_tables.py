@@ -66,6 +66,13 @@ def _top(pairs: tuple[tuple[str, tuple[str, ...]], ...], swap: bool = False) -> 
 
 QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+# a Flux.1 / Flux.2 double block's attention: the image and text streams' qkv and output projections
+DOUBLE_ATTN: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("img_attn.qkv", QKV),
+    ("txt_attn.qkv", ADD_QKV),
+    ("img_attn.proj", ("attn.to_out.0",)),
+    ("txt_attn.proj", ("attn.to_add_out",)),
+)
 
 # Flux.1 (FluxTransformer2DModel). convert_flux_transformer_checkpoint_to_diffusers: qkv chunked in 3
 # (q, k, v); single_blocks linear1 split (inner, inner, inner, mlp_ratio * inner) -> to_q, to_k, to_v,
@@ -87,10 +94,7 @@ FLUX = Family("flux", (
     *_blocks("num_layers", "double_blocks", "transformer_blocks", (
         ("img_mod.lin", ("norm1.linear",)),
         ("txt_mod.lin", ("norm1_context.linear",)),
-        ("img_attn.qkv", QKV),
-        ("txt_attn.qkv", ADD_QKV),
-        ("img_attn.proj", ("attn.to_out.0",)),
-        ("txt_attn.proj", ("attn.to_add_out",)),
+        *DOUBLE_ATTN,
         ("img_mlp.0", ("ff.net.0.proj",)),
         ("img_mlp.2", ("ff.net.2",)),
         ("txt_mlp.0", ("ff_context.net.0.proj",)),
@@ -123,10 +127,7 @@ FLUX2 = Family("flux2", (
     )),
     *_top((("final_layer.adaLN_modulation.1", ("norm_out.linear",)),), swap=True),
     *_blocks("num_layers", "double_blocks", "transformer_blocks", (
-        ("img_attn.qkv", QKV),
-        ("txt_attn.qkv", ADD_QKV),
-        ("img_attn.proj", ("attn.to_out.0",)),
-        ("txt_attn.proj", ("attn.to_add_out",)),
+        *DOUBLE_ATTN,
         ("img_mlp.0", ("ff.linear_in",)),  # SwiGLU: one Linear of 2 * hidden rows in both layouts
         ("img_mlp.2", ("ff.linear_out",)),
         ("txt_mlp.0", ("ff_context.linear_in",)),
