@@ -434,7 +434,10 @@ def test_dora_beside_a_quantized_weight_matches_the_same_adapter_on_its_dequanti
         m[0].set_adapter(["default"])
     x = _x()
     with torch.no_grad():  # the GGUF base op's fp16 rounding (module docstring), the rest in fp32
-        _close(model(x), twin(x), x, w_ref + _delta(layer), _forward_rel("gguf_q8_0"))
+        got, want = model(x), twin(x)
+        _close(got, want, x, w_ref + _delta(layer), _forward_rel("gguf_q8_0"))  # asserts
+        plain_twin = torch.nn.functional.linear(x, w_ref + _delta(layer), _bias(layer.base_layer))
+    assert not torch.allclose(want, plain_twin, rtol=1e-3, atol=1e-3)  # the DoRA magnitude changed the output
 
 
 # ------------------------------------------------------------------------------- bitsandbytes
