@@ -80,8 +80,11 @@ def main() -> None:
     for m in models.values():
         m.eval()
     results: dict[str, dict[str, list[float]]] = {n: {"inference": [], "training": []} for n in models}
-    for _ in range(args.repeats):  # interleaved: each implementation sees the same machine state
-        for name, m in models.items():
+    names = list(models)
+    for rep in range(args.repeats):  # interleaved: each implementation sees the same machine state,
+        # in an order rotated each repeat, so that none always runs right after the same other one
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            m = models[name]
             m.eval()
             results[name]["inference"].append(_time(infer(name, m), args.inner))
             if name in ("ours (no reuse)", "ours fused"):
