@@ -417,6 +417,15 @@ class LoKrLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if torch.compiler.is_compiling():
+            kept = self._kept_t
+            if kept is not None and not args and not kwargs and not self.training and not torch.is_grad_enabled() \
+                    and self.forward_mode != "bypass" and reuse.enabled() and \
+                    "_hf_hook" not in self._modules["base_layer"].__dict__:
+                # W + ΔW an earlier graph built (`_forward_traced`: only for a direct call with frozen
+                # adapters, dropped on any change, reuse.py), read here, so that the graph that reuses it
+                # guards on no more of the layer than this: not the base weight, the adapters' tensors or
+                # the quantization check
+                return self._run(x, kept, self._modules["base_layer"]._parameters.get("bias"))
             return self._forward_traced(x, args, kwargs)
         kept = self._kept
         if kept is not None and not args and not kwargs and not torch.is_grad_enabled() and not self.training \
@@ -463,10 +472,9 @@ class LoKrLayer(nn.Module):
             quantized.quantization_of(self.base_layer) is None
         if direct and not self.training and not torch.is_grad_enabled() and self._frozen and \
                 self.forward_mode != "bypass" and reuse.enabled():
-            kept = self._kept_t  # frozen adapters: W + ΔW built once by the graph, then reused (reuse.py)
-            if kept is None:
-                kept = self._kept_t = self._adapted_weight(self._traced_strengths(names))
-                reuse.TRACED.holding = True
+            # frozen adapters: W + ΔW built once by the graph, then reused by the next one (forward; reuse.py)
+            kept = self._kept_t = self._adapted_weight(self._traced_strengths(names))
+            reuse.TRACED.holding = True
             return self._run(x, kept, self.bias)
         return self._forward_applied(x, self._traced_strengths(names), direct, args, kwargs)
 
