@@ -417,15 +417,15 @@ class LoKrLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if torch.compiler.is_compiling():
-            kept = self._kept_t
-            if kept is not None and not args and not kwargs and not self.training and not torch.is_grad_enabled() \
+            kept_t = self._kept_t
+            if kept_t is not None and not args and not kwargs and not self.training and not torch.is_grad_enabled() \
                     and self.forward_mode != "bypass" and reuse.enabled() and \
                     "_hf_hook" not in self._modules["base_layer"].__dict__:
                 # W + ΔW an earlier graph built (`_forward_traced`: only for a direct call with frozen
                 # adapters, dropped on any change, reuse.py), read here, so that the graph that reuses it
                 # guards on no more of the layer than this: not the base weight, the adapters' tensors or
                 # the quantization check
-                return self._run(x, kept, self._modules["base_layer"]._parameters.get("bias"))
+                return self._run(x, kept_t, self._modules["base_layer"]._parameters.get("bias"))  # type: ignore[union-attr]
             return self._forward_traced(x, args, kwargs)
         kept = self._kept
         if kept is not None and not args and not kwargs and not torch.is_grad_enabled() and not self.training \
