@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import torch
@@ -85,8 +85,9 @@ class LoKrLayer(nn.Module):
         self._call_t = torch.ones(())
         self._fused = FusedWeight()  # the weight without our fused adapters, and what each was fused with
         self._qfused = quantized.QuantizedFuse()  # the same for a quantized base, fused by requantizing
-        # W + ΔW reused (reuse.py): (key, W + ΔW, the tensors it was built from, the fast path's key or None)
-        self._kept: tuple[tuple | None, Tensor, list[Tensor], tuple | None] | None = None
+        # W + ΔW reused (reuse.py): (key, W + ΔW, the tensors it was built from, detached; the live tensors
+        # when it was built for the layer's own strengths, for forward's fast path, else None)
+        self._kept: tuple[tuple, Tensor, list[Tensor], list[Tensor] | None] | None = None
         self._kept_t: Tensor | None = None  # W + ΔW stored by a compiled graph (reuse.py)
         self._frozen = True  # _adapters_frozen(), kept for traced code
         self._tensor_list: tuple[tuple, list[Tensor]] | None = None
@@ -395,10 +396,6 @@ class LoKrLayer(nn.Module):
         """The base op with a given weight (W + ΔW, or ΔW alone with bias=None)."""
         raise NotImplementedError
 
-    def _op(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        """`_run` as one callable (op(x, weight, bias)), taken once for the reuse fast path."""
-        return self._run
-
     def _conv_args(self) -> LF.ConvArgs | None:
         return None
 
@@ -432,14 +429,13 @@ class LoKrLayer(nn.Module):
                 and self._call_scale == 1.0 and self.forward_mode != "bypass" and reuse._budget != 0:
             # the denoising loop's path: nothing changed since W + ΔW was built (reuse.py). Kept lean: this
             # runs once per layer and denoising step, where the bare layer costs a few µs on a GPU's host.
-            # fast = (state version, the tensors' (version, data_ptr), the live tensors), set when W + ΔW
-            # was built for the layer's own strengths (the call scale 1): the state version stands for
-            # the strengths, and a swapped .data shows in data_ptr
-            fast = kept[3]
+            # kept[3]: the live tensors, when W + ΔW was built for the layer's own strengths (the call
+            # scale 1), so that the state version stands for the strengths; a swapped .data shows in data_ptr
+            live = kept[3]
             base = self._modules["base_layer"]
-            if fast is not None and fast[0] == self.version and "_hf_hook" not in base.__dict__ and \
-                    fast[1] == tuple([(t._version, t.data_ptr()) for t in fast[2]]):
-                return fast[3](x, kept[1], base._parameters.get("bias"))  # type: ignore[union-attr]
+            if live is not None and kept[0][0] == self.version and "_hf_hook" not in base.__dict__ and \
+                    kept[0][2] == tuple([(t._version, t.data_ptr()) for t in live]):
+                return self._run(x, kept[1], base._parameters.get("bias"))  # type: ignore[union-attr]
         applied = self._applied
         if self.training:
             self._check_fused_frozen()
@@ -543,8 +539,8 @@ class LoKrLayer(nn.Module):
         self._kept = None
         w_eff = self._adapted_weight(applied)
         if key is not None and reuse.admit(w_eff):
-            fast = (self.version, key[2], tensors, self._op()) if applied is self._applied else None
-            self._kept = (key, w_eff, [t.detach() for t in tensors], fast)
+            live = tensors if applied is self._applied else None
+            self._kept = (key, w_eff, [t.detach() for t in tensors], live)
         return w_eff
 
     def _tensors_of(self, applied: S.Pairs) -> list[Tensor]:
@@ -678,9 +674,6 @@ class Linear(LoKrLayer):
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
 
-    def _op(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        return nn.functional.linear
-
     def _run_merged(self, x: Tensor, applied: Strengths) -> Tensor:
         """With a gradient wanted and one adapter: one autograd Function (functional.apply_merged_linear:
         its backward forms no weight-sized gradient unless W itself trains); otherwise W + ΔW, then the op."""
@@ -737,9 +730,6 @@ class _Conv(LoKrLayer):
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return cast(Tensor, self.conv._conv_forward(x, weight, bias))  # type: ignore[operator]  # honours padding_mode
-
-    def _op(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-        return cast(Callable[[Tensor, Tensor, Tensor | None], Tensor], self.conv._conv_forward)
 
     def _conv_args(self) -> LF.ConvArgs:
         b = self.conv
