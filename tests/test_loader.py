@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from file_memory import zero_tensors_in_place
 from references import consumer_weight as _consumer_weight
 from safetensors.torch import save_file
 from writers import LAYOUTS, write_adapter
@@ -111,6 +112,25 @@ def test_path_folder_dict_and_load_lora_weights_agree(source, tmp_path) -> None:
     pipe.load_lora_weights(str(folder / "style.safetensors"), adapter_name="via_lora")
     assert pipe.get_list_lokr_adapters()["unet"] == ["via_lora"]
     _assert_outputs(_outputs(pipe), expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("entry", ["load_lokr_weights", "load_lora_weights"])
+def test_a_loaded_adapter_keeps_no_view_of_its_file(source, layout: str, entry: str, tmp_path) -> None:
+    """safetensors hands out tensors that map the file (tests/file_memory.py). A loaded adapter holds copies:
+    rewriting the file in place afterwards changes nothing, and its numbers do not hang on where in the file
+    each tensor starts."""
+    sdxl, src, expected = source
+    path = tmp_path / "style.safetensors"
+    save_file(write_adapter(src, "src", layout), path)
+    pipe = _pipe(sdxl)
+    getattr(pipe, entry)(str(path), adapter_name="style")
+    assert pipe.get_list_lokr_adapters()["unet"] == ["style"]
+    zero_tensors_in_place(path)
+    got = _outputs(pipe)
+    if layout == "lycoris":  # SimpleTuner's names cover the UNet only
+        got, expected = {"unet": got["unet"]}, {"unet": expected["unet"]}
+    _assert_outputs(got, expected)
 
 
 def test_peft_saved_adapter_matches_peft(tmp_path) -> None:

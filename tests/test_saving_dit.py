@@ -15,10 +15,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from dit_models import run
+from file_memory import own_memory
 from safetensors.torch import load_file, save_file
 from test_loader_dit import bare_pipeline, original_file
 
-from lokr_diffusers import LoKrModel
+from lokr_diffusers import LoKrConfig, LoKrModel, add_lokr
 from lokr_diffusers.layers import LoKrLayer
 from lokr_diffusers.tiny_dit import make_tiny_dit_pipeline
 
@@ -103,6 +104,31 @@ def test_save_pretrained_round_trip(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     kwargs: dict[str, Any] = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent")
     want = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.save_pretrained(str(tmp_path))
-    back = DiffusionPipeline.from_pretrained(str(tmp_path))
+    back = own_memory(DiffusionPipeline.from_pretrained(str(tmp_path)))  # tests/file_memory.py: why
     back.load_lokr_weights(str(tmp_path), weight_name="lokr_adapters.safetensors")
+    assert torch.equal(back(generator=torch.Generator().manual_seed(0), **kwargs).images, want)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adapters", "fused"])
+def test_save_pretrained_round_trip_flux2_klein(fused: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Flux.2 [klein] pipeline with LoKr on the transformer and the Qwen3 text encoder, saved and read back,
+    generates what it did before saving: the adapters from lokr_adapters.safetensors, or fused into the saved
+    weights. The weights read back map the file, so they get memory of their own before the bit-equality."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = make_tiny_dit_pipeline("flux2-klein")
+    qwen3 = LoKrConfig(r=2, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    add_lokr(pipe, {"transformer": LoKrConfig(r=2, init_weights=False), "text_encoder": qwen3}, adapter_name="a")
+    if fused:
+        pipe.fuse_lokr(lokr_scale=0.5)
+    kwargs: dict[str, Any] = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent")
+    want = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.save_pretrained(str(tmp_path))
+    back = own_memory(DiffusionPipeline.from_pretrained(str(tmp_path)))
+    side = tmp_path / "lokr_adapters.safetensors"
+    assert side.exists() != fused
+    if not fused:
+        back.load_lokr_weights(str(tmp_path), weight_name="lokr_adapters.safetensors")
+        assert back.get_list_lokr_adapters() == {"transformer": ["a"], "text_encoder": ["a"]}
+    base = make_tiny_dit_pipeline("flux2-klein")(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.equal(want, base)  # the adapters change the latents: the comparison below can fail
     assert torch.equal(back(generator=torch.Generator().manual_seed(0), **kwargs).images, want)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from file_memory import misaligned, own_memory
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
@@ -108,4 +109,7 @@ def test_save_pretrained_round_trip(family: Family, tmp_path: object, monkeypatc
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
-    assert torch.equal(generate(loaded, "latent"), generate(built, "latent"))
+    want = generate(built, "latent")
+    if misaligned(loaded):  # weights that map the file: float rounding apart (tests/file_memory.py)
+        torch.testing.assert_close(generate(loaded, "latent"), want)
+    assert torch.equal(generate(own_memory(loaded), "latent"), want)
