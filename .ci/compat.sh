@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Which diffusers versions are known good: install the package with diffusers==$DIFFUSERS (default:
-# the lower bound declared in pyproject.toml) in a throwaway venv and run the compatibility subset of
-# the tests against it. `make test` covers the version pip picks by default; this covers the oldest
+# the lower bound declared in pyproject.toml) in a throwaway venv, everything else at constraints.txt's
+# pins (the lock `make test` uses), and run the compatibility subset of the tests against it. `make test` covers the version pip picks by default; this covers the oldest
 # one we declare. A pass means the version may stay in docs/compatibility.md and
 # lokr_diffusers/compat.py (KNOWN_GOOD_DIFFUSERS); a failure means the declared range is wrong.
 #   .ci/compat.sh                                (make compat-test)
@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH=${TORCH:-torch==2.13.0}
+LOCK=constraints.txt
+TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
 if [ -z "${DIFFUSERS:-}" ]; then
     DIFFUSERS=$(sed -nE 's/^[[:space:]]*"diffusers>=([0-9][0-9.]*)[,"].*/\1/p' pyproject.toml | head -n 1)
     [ -n "$DIFFUSERS" ] || { echo "compat: no diffusers>= lower bound found in pyproject.toml" >&2; exit 1; }
@@ -41,13 +42,15 @@ print(" ".join(r for r in test if re.split(r"[\[<>=!~; ]", r)[0].lower() not in 
 PY
 )
 
-step "venv ($TORCH, then the package, diffusers==$DIFFUSERS and: $EXTRAS)"
+step "venv ($TORCH, then the package, diffusers==$DIFFUSERS and: $EXTRAS; the rest at $LOCK's pins)"
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
+grep -vE '^(torch|diffusers)==' "$LOCK" > "$WORK/constraints.txt"  # what this run varies is not pinned
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q "$TORCH"
+"$PY" -m pip install -q -c "$WORK/constraints.txt" "$TORCH"
 # shellcheck disable=SC2086  # EXTRAS is a list of requirement strings without spaces
-"$PY" -m pip install -q -e . "diffusers==$DIFFUSERS" $EXTRAS
+"$PY" -m pip install -q -c "$WORK/constraints.txt" -e . "diffusers==$DIFFUSERS" $EXTRAS
+"$PY" .ci/lockdiff.py "$LOCK"
 "$PY" -m pip list 2>/dev/null | grep -iE "^(diffusers|transformers|peft|accelerate|huggingface.hub|torch) " | tr -s ' ' | paste -sd ',' -
 
 step "tests"

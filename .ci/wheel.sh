@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The wheel a user installs: build it from the working tree (tracked and untracked-but-not-ignored
 # files, in a clean copy, so no stale build/ output can slip in), check what is inside, install it in
-# an EMPTY venv (torch pinned first, everything else from the index) and run it from outside the repo.
+# an EMPTY venv (torch first, its dependencies at constraints.txt's pins as `make test` installs them)
+# and run it from outside the repo.
 #   .ci/wheel.sh                 (make wheel-test)
 #   PYTHON=python3.12 TORCH=torch==X .ci/wheel.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
-TORCH=${TORCH:-torch==2.13.0}
+LOCK=constraints.txt
+TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lokr-wheel.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 t0=$SECONDS
@@ -53,12 +55,13 @@ print(f"{len(names)} files; py.typed, LICENSE, License-Expression and every modu
 PY
 "$WORK/build/bin/python" -m zipfile -l "$WHEEL" | grep -E "py.typed|licenses/LICENSE"
 
-step "install into an empty venv ($TORCH first, then the wheel with its dependencies)"
+step "install into an empty venv ($TORCH first, then the wheel with its dependencies at $LOCK's pins)"
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
+grep -vE '^torch==' "$LOCK" > "$WORK/constraints.txt"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q "$TORCH"
-"$PY" -m pip install -q "$WHEEL"
+"$PY" -m pip install -q -c "$WORK/constraints.txt" "$TORCH"
+"$PY" -m pip install -q -c "$WORK/constraints.txt" "$WHEEL"
 "$PY" -m pip check
 
 step "run it (from outside the repository)"

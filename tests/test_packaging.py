@@ -5,6 +5,9 @@
   version (lokr_diffusers.compat) and whose upper bound excludes untested minors;
 - the diffusers functions and attributes we call or wrap exist and take the arguments we pass;
 - docs/compatibility.md's table lists exactly compat.KNOWN_GOOD_DIFFUSERS;
+- the lock (constraints.txt) pins each declared requirement inside its range on every supported Python, its
+  diffusers is known good, docs/compatibility.md lists its pins, and every install the Makefile and the
+  packaging checks make goes through it;
 - LICENSE and py.typed are there and declared.
 """
 
@@ -155,6 +158,62 @@ def test_docs_table_matches_compat():
     table = _docs_table()
     passing = {v for v, result in table.items() if result.lower().startswith("pass")}
     assert passing == set(compat.KNOWN_GOOD_DIFFUSERS)
+
+
+# ------------------------------------------------------------------------------- the lock
+
+LOCK = ROOT / "constraints.txt"
+_spec = importlib.util.spec_from_file_location("_lockdiff_under_test", ROOT / ".ci" / "lockdiff.py")
+assert _spec and _spec.loader
+lockdiff = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lockdiff)
+LOWEST = Version(PROJECT["requires-python"].removeprefix(">="))
+PYTHONS = [f"3.{m}" for m in range(LOWEST.minor, 14)]
+
+
+def _linux(python: str) -> dict[str, str]:
+    """Marker variables of CPython `python` on x86-64 Linux (CI's platform)."""
+    return {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+            "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython"}
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_lock_pins_every_declared_requirement_inside_its_range(python: str) -> None:
+    pins = lockdiff.pins(LOCK, _linux(python))  # raises on two pins of one package
+    for req in [Requirement(r) for r in PROJECT["dependencies"]] + _requirements("test") + _requirements("train"):
+        name = canonicalize_name(req.name)
+        if name == NAME or (req.marker is not None and not req.marker.evaluate(_linux(python))):
+            continue
+        assert name in pins, f"{name}: declared in pyproject.toml, not in constraints.txt (make lock)"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} in constraints.txt is outside pyproject.toml's {req.specifier} (make lock)")
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_locked_diffusers_is_known_good(python: str) -> None:
+    assert lockdiff.pins(LOCK, _linux(python))["diffusers"] in compat.KNOWN_GOOD_DIFFUSERS
+
+
+def test_docs_list_the_locked_set() -> None:
+    text = (ROOT / "docs" / "compatibility.md").read_text(encoding="utf-8")
+    section = text.split("## The tested set", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\|\s*([a-z][\w.-]*)\s*\|\s*(\d[^|\s]*)\s*\|\s*$", section, flags=re.M))
+    assert len(rows) >= 10, "docs/compatibility.md: no tested-set table"
+    pins = lockdiff.pins(LOCK, _linux("3.11"))
+    assert {canonicalize_name(n): v for n, v in rows.items()} == {canonicalize_name(n): pins[canonicalize_name(n)]
+                                                                    for n in rows}
+
+
+def test_every_install_of_the_makefile_and_the_packaging_checks_uses_the_lock() -> None:
+    """pip installs torch and the package only through constraints.txt (`-c`); pip itself is exempt."""
+    for path in ("Makefile", ".ci/wheel.sh", ".ci/compat.sh"):
+        lines = [line for line in (ROOT / path).read_text(encoding="utf-8").splitlines()
+                 if "pip install" in line and not line.lstrip().startswith("#")
+                 and not line.rstrip().endswith("--upgrade pip")]
+        assert lines, path
+        unpinned = [line.strip() for line in lines if " -c " not in line and "$(PIN)" not in line]
+        assert not unpinned, f"{path}: installs without constraints.txt: {unpinned}"
 
 
 def test_check_diffusers_version_warns_once(monkeypatch, caplog):
