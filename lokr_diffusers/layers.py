@@ -204,10 +204,7 @@ class LoKrLayer(nn.Module):
         reuse.TRACED.layers.add(self)
         reuse.watch_optimizers()
         self._frozen = self._adapters_frozen()
-        w = self.weight
-        if w.device.type == "meta":
-            self._traced = {}
-            return
+        w = self.weight  # on meta too: 0-d tensors, and a later .to_empty() / .to() moves them with the weight
         with torch.inference_mode(False), torch.no_grad():
             self._traced = {a: (torch.full((), self.scaling[a], device=w.device),
                                 torch.full((), s, device=w.device)) for a, s in self._applied}

@@ -192,12 +192,22 @@ def test_training_step_compiles_fullgraph_with_the_same_gradients(mode: str) -> 
     assert graphs() == n
 
 
-def test_device_move_keeps_traced_numbers_with_the_weight() -> None:
+@pytest.mark.parametrize("move", [torch.float64, "meta"], ids=["dtype", "device"])
+def test_a_move_keeps_traced_numbers_with_the_weight(move: torch.dtype | str) -> None:
+    """The traced scales follow the weight to its device (meta: the one other device every machine has), with
+    their values, and a cast keeps them."""
     model = _model()
-    model.to(torch.float64)
+    def numbers(layer: LoKrLayer) -> dict[str, tuple[float, ...]]:
+        return {a: tuple(t.item() for t in pair) for a, pair in layer._traced.items()}
+
+    want = {id(layer): numbers(layer) for layer in _layers(model)}
+    model.to(move)
     for layer in _layers(model):
+        assert layer._traced.keys() == want[id(layer)].keys() and layer._traced
         assert {t.device for pair in layer._traced.values() for t in pair} == {layer.weight.device}
         assert layer._call_t.device == layer.weight.device
+        if layer.weight.device.type != "meta":
+            assert numbers(layer) == want[id(layer)]
 
 
 def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() -> None:
