@@ -76,9 +76,9 @@ def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False
         for layer, new in changes:
             layer.check_commit(new, requantize)
     done: list[tuple[LoKrLayer, S.LayerState]] = []
-    moving = sum(layer.state.physical() != new.physical() for layer, new in changes)
+    work = sum(layer.weight.numel() for layer, new in changes if layer.state.physical() != new.physical())
     try:
-        for layer, new in progress(changes, desc=desc or "LoKr weights", disable=disable if moving else True):
+        for layer, new in progress(changes, desc=desc or "LoKr weights", disable=disable, work=work):
             old = layer.state
             layer.commit(new, keep_original=keep_original, requantize=requantize)
             done.append((layer, old))

@@ -10,9 +10,10 @@ import pathlib
 
 import pytest
 from state_sources import COMPS, base_pipe, lokr_files
+from torch import nn
 
 import lokr_diffusers
-from lokr_diffusers import logs
+from lokr_diffusers import LoKrConfig, LoKrModel, logs
 
 PACKAGE = pathlib.Path(lokr_diffusers.__file__).parent
 USER_FACING = {"cli.py", "demo.py", "__main__.py"}  # the command line may print; nothing else may
@@ -78,26 +79,50 @@ def _bar(capsys, **kwargs) -> str:
 
 def test_progress_switches(capsys, monkeypatch, _levels) -> None:
     dlog = _levels
-    monkeypatch.setattr(logs, "PROGRESS_MIN", 1)
+    monkeypatch.setattr(logs, "PROGRESS_MIN_ITEMS", 1)
     assert "work" in _bar(capsys)
+    assert "work" in _bar(capsys, disable=False)
     assert _bar(capsys, disable=True) == ""
     dlog.disable_progress_bar()
     try:
         assert _bar(capsys) == ""
-        assert "work" in _bar(capsys, disable=False)  # the caller's word wins
+        assert _bar(capsys, disable=False) == ""  # diffusers' bars off: ours too, whatever the caller says
     finally:
         dlog.enable_progress_bar()
     logs.disable_progress_bar()
     try:
-        assert _bar(capsys) == ""
+        assert _bar(capsys) == "" and _bar(capsys, disable=False) == ""
     finally:
         logs._state["bars"] = None
-    monkeypatch.setattr(logs, "PROGRESS_MIN", 10)
-    assert _bar(capsys) == ""  # short work: no bar
+
+
+@pytest.mark.parametrize(("items", "work", "shown"), [
+    (5, None, False), (999, None, False), (1000, None, True),  # by count: about 1 ms an item
+    (5, 10**8, True), (5000, 10**8 - 1, False),  # by size, where the caller knows it: about 1e8 elements a second
+])
+def test_a_bar_only_for_about_a_second_of_work(capsys, items: int, work: int | None, shown: bool) -> None:
+    list(logs.progress(range(items), desc="work", work=work))
+    assert ("work" in capsys.readouterr().err) == shown
+
+
+def test_no_bar_for_adding_or_fusing_many_small_layers(capsys, monkeypatch) -> None:
+    """200 small layers: no bar to add or fuse them; the fuse's bar comes with the elements it rewrites."""
+    model = LoKrModel(nn.Sequential(*[nn.Linear(8, 8) for _ in range(200)]),
+                      LoKrConfig(r=2, target_modules=[str(i) for i in range(200)], init_weights=False), "a")
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(logs, "PROGRESS_MIN_WORK", 200 * 64)  # the fuse rewrites 200 weights of 64
+    model.merge_adapter()
+    assert "LoKr" in capsys.readouterr().err
+    monkeypatch.setattr(logs, "PROGRESS_MIN_WORK", 200 * 64 + 1)
+    model.unmerge_adapter()
+    assert capsys.readouterr().err == ""
 
 
 def test_load_and_fuse_bars_honour_the_pipeline(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(logs, "PROGRESS_MIN", 1)
+    monkeypatch.setattr(logs, "PROGRESS_MIN_ITEMS", 1)
+    monkeypatch.setattr(logs, "PROGRESS_MIN_WORK", 1)
     base = base_pipe()
     pipe = copy.copy(base)
     for c in COMPS:
