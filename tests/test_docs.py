@@ -221,8 +221,18 @@ def test_code_cites_existing_docs_and_headings() -> None:
 
 
 def test_docs_exist() -> None:
-    for name in ("architecture", "formats", "adapters", "performance", "reliability"):
+    for name in ("architecture", "formats", "adapters", "performance", "reliability", "usage", "training",
+                 "compatibility"):
         assert (ROOT / "docs" / f"{name}.md").is_file(), name
+
+
+def test_every_module_has_a_row_in_the_architecture_tables() -> None:
+    """docs/architecture.md's module tables name every module of the package, and only modules that exist."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\|\s*`(lokr_diffusers/[\w/]+\.py)`\s*\|", prose(text), flags=re.M))
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lokr_diffusers").rglob("*.py")}
+    assert not modules - rows, f"modules without a row in docs/architecture.md: {sorted(modules - rows)}"
+    assert not rows - modules, f"rows for modules that do not exist: {sorted(rows - modules)}"
 
 
 # ----------------------------------------------------------------------------- the checker itself
