@@ -1,6 +1,9 @@
 """Our lossless layout (`format="lokr_diffusers"`, export.to_ours): several adapters in one file,
 `lokr.<adapter>.<component>.<path>.<tensor>`, exact scales (`lokr_scale`), row pieces of fused modules
 (docs/formats.md §Key layouts, §DiT models).
+
+A file is in this layout when its keys are: the metadata `format` only confirms it. A file whose
+metadata claims the layout while its keys are another's is read by its keys, with a warning.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]
     Args:
         state_dict: the file's tensors.
         metadata: the file's own metadata (`lokr_shared` says which piece of a fused module holds its factors).
-        source: the file, for messages.
+        source: the file, for the warning about metadata that the keys contradict.
 
     Returns:
         {adapter name: {`<component>.<path>.<tensor>`: tensor}} for our multi-adapter layout
-        (`lokr.<adapter>.<component>...`, or metadata `format` "lokr_diffusers"), else {None: the whole state dict}.
+        (`lokr.<adapter>.<component>...`), else {None: the whole state dict}.
     """
-    if metadata.get("format") != OURS_FORMAT and not is_ours(state_dict):
+    if not is_ours(state_dict):
+        if metadata.get("format") == OURS_FORMAT:
+            example = next(iter(state_dict), "")
+            logger.warning("%s: its metadata says format %r, but its keys are not in that layout (%s..., e.g. %s): "
+                           "read by its keys, the metadata is ignored", source or "the state dict", OURS_FORMAT,
+                           OURS_PREFIX, example)
         return {None: dict(state_dict)}
     out: dict[str | None, dict[str, Tensor]] = {}
     for key, tensor in state_dict.items():
