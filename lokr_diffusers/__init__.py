@@ -24,6 +24,8 @@ _EXPORTS = {
     "factorization": "functional",
     "plan_lokr": "functional",
     "lokr_state_dict": "io",
+    "read_lokr_file": "io",
+    "LoadedFile": "loaded",
     "Conv1d": "layers",
     "Conv2d": "layers",
     "Linear": "layers",
@@ -42,6 +44,7 @@ __all__ = [
     "LoKrLayer",
     "LoKrModel",
     "LoKrPlan",
+    "LoadedFile",
     "add_lokr",
     "attach",
     "convert_lokr_file",
@@ -51,6 +54,7 @@ __all__ = [
     "lokr_layers",
     "lokr_state_dict",
     "plan_lokr",
+    "read_lokr_file",
     "save_lokr_weights",
 ]
 
@@ -59,8 +63,9 @@ if TYPE_CHECKING:
     from .convert import convert_lokr_file
     from .export import save_lokr_weights
     from .functional import LoKrPlan, factorization, plan_lokr
-    from .io import lokr_state_dict
+    from .io import lokr_state_dict, read_lokr_file
     from .layers import Conv1d, Conv2d, Linear, LoKrLayer
+    from .loaded import LoadedFile
     from .model import LoKrModel, lokr_layers
     from .pipeline import add_lokr
     from .targeting import dit_target_modules

@@ -93,12 +93,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
-    """A summary of a LoKr file, as a JSON-ready dict."""
+    """A summary of a LoKr file, as a JSON-ready dict.
+
+    Args:
+        path: a LoKr file or folder.
+        base: "sd1" | "sd2" | "sdxl" for per-module details, guessed from the file when None.
+
+    Returns:
+        layout, base model, module counts, dtypes, the file's own metadata and, per adapter, what a load gives.
+    """
     from .convert import guess_base, parse_for_base
     from .formats.reader import check_tensors, group_modules, lora_module_count
-    from .io import INTERNAL_KEYS, lokr_state_dict
+    from .io import read_lokr_file
 
-    state_dict, metadata, layout = lokr_state_dict(path)
+    file = read_lokr_file(path)
+    state_dict = dict(file.tensors)
     try:
         check_tensors(state_dict)
     except (TypeError, ValueError) as err:
@@ -106,15 +115,14 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
     base = base or guess_base(state_dict)
     groups, lora, _ = group_modules(state_dict)
     info: dict[str, Any] = {
-        "file": path, "layout": layout, "base_model": base or "unknown", "modules": len(groups),
+        "file": path, "layout": file.layout, "base_model": base or "unknown", "modules": len(groups),
         "lora_modules": lora_module_count(lora), "parameters": sum(t.numel() for t in state_dict.values()),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state_dict.values())),
-        "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in metadata.items()
-                     if k not in INTERNAL_KEYS},
+        "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in file.metadata.items()},
     }
     adapters: dict[str, Any] = {}
     if base is not None and groups:
-        _, parsed = parse_for_base(path, state_dict, metadata, layout, base, strict=False)
+        _, parsed = parse_for_base(file, base, strict=False)
         adapters = {name: _summary(p) for name, p in parsed.items()}
     info["adapters"] = adapters
     return info
@@ -167,7 +175,7 @@ def _merge(args: argparse.Namespace) -> None:
     import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 
     from .convert import check_output_path
-    from .io import lokr_state_dict
+    from .io import read_lokr_file
 
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"--model: no such file or folder: {args.model}")
@@ -176,9 +184,9 @@ def _merge(args: argparse.Namespace) -> None:
     if os.path.abspath(args.out) == os.path.abspath(args.model):
         raise ValueError("--out must differ from --model (the model's files are read while the merge is written)")
     check_output_path(args.out, folder=True)
-    lokr_state_dict(args.lokr)  # a bad --lokr fails here, before the model is loaded
+    file = read_lokr_file(args.lokr)  # a bad --lokr fails here, before the model is loaded; read once
     pipe: Any = DiffusionPipeline.from_pretrained(args.model)
-    name = pipe.load_lokr_weights(args.lokr, adapter_name="merge")
+    name = pipe.load_lokr_weights(file, adapter_name="merge")
     pipe.fuse_lokr(lokr_scale=args.scale)
     pipe.unload_lokr_weights()  # keeps the fused weights
     pipe.save_pretrained(args.out)

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from . import export
 from .architectures import BASE_NAMES, BASES, meta_components
 from .formats.names import build_index, weight_of
-from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_file
+from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_loaded
 from .formats.report import base_hint, file_base, unmatched_message
-from .io import detect_layout, lokr_state_dict
-from .loader import split_adapters
+from .io import read_lokr_file
+from .loaded import LoadedFile
+from .loader import split_file
 from .logs import progress
 
 logger = logging.getLogger(__name__)
@@ -71,43 +72,59 @@ def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> s
     return fmt
 
 
-def parse_for_base(src: str, state_dict: dict[str, Tensor], metadata: dict[str, str], layout: str, base: str,
-                   strict: bool = True) -> tuple[dict[str, nn.Module], dict[str, ParsedFile]]:
+def parse_for_base(file: LoadedFile, base: str, strict: bool = True
+                   ) -> tuple[dict[str, nn.Module], dict[str, ParsedFile]]:
     """Every adapter of the file parsed against the full-size `base`; a mismatch says which base the
-    file is for."""
+    file is for.
+
+    Returns:
+        (the meta-device components, {adapter name ("default" for a one-adapter file): its parse}).
+    """
+    src = file.path or "the state dict"
     comps = meta_components(base)
     index = build_index(comps)
     parsed: dict[str, ParsedFile] = {}
-    for name, sd in split_adapters(state_dict, metadata).items():
+    for name, part in split_file(file).items():
         try:
-            p = parse_file(sd, metadata, index, detect_layout(sd) if name else layout)
+            p = parse_loaded(part, index)
         except ValueError as err:
             where = "" if src in str(err) else f"{src}: "
-            raise ValueError(f"{where}{err}.{base_hint(sd, comps)}") from None
+            raise ValueError(f"{where}{err}.{base_hint(part.tensors, comps)}") from None
         if p.unmatched and strict:
             raise ValueError(f"{src} (checked against a full-size {BASE_NAMES[base]}): "
-                             f"{unmatched_message(p.unmatched, sd, comps)}")
+                             f"{unmatched_message(p.unmatched, part.tensors, comps)}")
         parsed[name or "default"] = p
     return comps, parsed
 
 
-def convert_lokr_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = "comfyui",
+def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.PathLike[str], to: str = "comfyui",
                       base: str | None = None, dtype: torch.dtype | str | None = None, strict: bool = True) -> str:
-    """Read `src` (any layout we load) and write it to `dst` in format `to` for base `base`
-    ("sd1" | "sd2" | "sdxl", guessed from the file when None)."""
+    """Read `src` (any layout we load) and write it to `dst` in format `to` for base `base`.
+
+    Args:
+        src: a file or folder in any layout `load_lokr_weights` reads, or a LoadedFile (`io.read_lokr_file`).
+        dst: the file (a folder for `to="peft"`) to write.
+        to: "comfyui" (aliases "kohya", "a1111"), "peft", "diffusers" or "lokr_diffusers".
+        base: "sd1" | "sd2" | "sdxl", guessed from the file when None.
+        dtype: the tensor dtype to write (default: as read).
+        strict: keys that match no module of the base raise (default); False leaves them out.
+
+    Returns:
+        The path written.
+    """
     fmt = _check_args(to, base, dtype)
     dst = os.fspath(dst)
     check_output_path(dst, folder=fmt == "peft")
-    state_dict, metadata, layout = lokr_state_dict(src)
+    file = read_lokr_file(src)
     try:
-        check_holds_lokr(state_dict)
+        check_holds_lokr(file.tensors)
     except ValueError as err:
-        raise ValueError(f"{os.fspath(src)}: {err}") from None
-    base = base or guess_base(state_dict)
+        raise ValueError(file.named(str(err))) from None
+    base = base or guess_base(dict(file.tensors))
     if base not in BASES:
-        raise ValueError(f"cannot tell which base model {src} is for; pass base= one of {BASES} (--base on the "
-                         "command line)")
-    comps, parsed = parse_for_base(os.fspath(src), state_dict, metadata, layout, base, strict)
+        raise ValueError(f"cannot tell which base model {file.path or 'the state dict'} is for; pass base= one of "
+                         f"{BASES} (--base on the command line)")
+    comps, parsed = parse_for_base(file, base, strict)
     per_adapter: dict[str, list[export.ExportModule]] = {}
     for name, p in parsed.items():
         if p.lora:

@@ -22,7 +22,8 @@ from .architectures import BASE_MODEL_VERSION, base_of
 from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
 from .formats.fused import SHARED_KEY, rows_to_tensors
 from .formats.ldm import diffusers_to_ldm
-from .loader import OURS_FORMAT, OURS_PREFIX, pipeline_components
+from .formats.ours import OURS_FORMAT, OURS_PREFIX
+from .loader import pipeline_components
 from .logs import progress
 from .model import lokr_layers
 

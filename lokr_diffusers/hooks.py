@@ -26,9 +26,12 @@ import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import patches
+
+if TYPE_CHECKING:
+    from .loaded import LoadedFile
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +53,21 @@ def is_lokr_state_dict(state_dict: dict[str, Any]) -> bool:
     return bool(group_modules(state_dict)[0])
 
 
-def _read_lokr(source: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The state dict if `source` is a LoKr file we can read, else {} (diffusers judges the rest)."""
-    from .io import InvalidFileError, lokr_state_dict, looks_local
+def _read_lokr(source: Any, kwargs: dict[str, Any]) -> LoadedFile | None:
+    """The file, whole, if `source` is a LoKr file we can read, else None (diffusers judges the rest)."""
+    from .io import InvalidFileError, looks_local, read_lokr_file
 
     try:
-        state_dict, _, _ = lokr_state_dict(source, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        file = read_lokr_file(source, kwargs.get("weight_name"), kwargs.get("subfolder"))
     except InvalidFileError:  # a damaged file: say so, whoever would have read it
         raise
     except FileNotFoundError:
         if isinstance(source, (str, os.PathLike)) and looks_local(os.fspath(source)):
             raise  # a local path that does not exist is not a hub repo id
-        return {}
+        return None
     except (OSError, ValueError, TypeError):  # not ours to judge: diffusers reports its own way
-        return {}
-    return state_dict if state_dict and is_lokr_state_dict(state_dict) else {}
+        return None
+    return file if file.tensors and is_lokr_state_dict(dict(file.tensors)) else None
 
 
 def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,11 +77,11 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
         from . import loader
 
         source = pretrained_model_name_or_path_or_dict
-        state_dict = _read_lokr(source, kwargs)
-        if state_dict:
+        file = _read_lokr(source, kwargs)
+        if file is not None:  # carried whole: its metadata and PEFT config say how to read its tensors
             logger.info("load_lora_weights: a LoKr file, loading it with lokr_diffusers")
-            keep = {k: v for k, v in kwargs.items() if k in ("weight_name", "subfolder", "strict")}
-            return loader.load_lokr_weights(self, state_dict, adapter_name=adapter_name, hotswap=hotswap, **keep)
+            keep = {k: v for k, v in kwargs.items() if k == "strict"}
+            return loader.load_lokr_weights(self, file, adapter_name=adapter_name, hotswap=hotswap, **keep)
         lokr = loader.get_list_lokr_adapters(self)
         if adapter_name is None and lokr and not hotswap:  # diffusers would count only its own adapters
             taken = {n for names in (*lokr.values(), *loader.lora_adapters(self).values()) for n in names}

@@ -8,7 +8,6 @@ OSError; no exception of safetensors, pickle or huggingface_hub escapes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -22,15 +21,12 @@ from torch import Tensor
 
 from .formats.names import COMPONENTS
 from .functional import FACTOR_NAMES
+from .loaded import LoadedFile
 
 logger = logging.getLogger(__name__)
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
-PEFT_CONFIG_KEY = "lokr_diffusers.peft_config"  # where a PEFT folder's config rides in the metadata
-PEFT_CONFIG_PATH_KEY = "lokr_diffusers.peft_config_path"  # and the file it came from, for messages
-SOURCE_KEY = "lokr_diffusers.source"  # the file read, so that later errors can name it
-INTERNAL_KEYS = (PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY)  # set by this module only, never by a file
 HUB_GUESSES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "pytorch_lokr_weights.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -45,33 +41,55 @@ class InvalidFileError(ValueError):
     """A file that cannot be what it claims: not valid safetensors, a damaged or unsafe pickle, empty."""
 
 
-def lokr_state_dict(pretrained_model_name_or_path_or_dict: str | os.PathLike[str] | dict[str, Tensor],
-                    weight_name: str | None = None, subfolder: str | None = None,
-                    **hub_kwargs: Any) -> tuple[dict[str, Tensor], dict[str, str], str]:
-    """Read a LoKr file. Returns (state_dict, metadata, detected key layout).
+def read_lokr_file(source: str | os.PathLike[str] | Mapping[str, Tensor] | LoadedFile,
+                   weight_name: str | None = None, subfolder: str | None = None, **hub_kwargs: Any) -> LoadedFile:
+    """Read a LoKr file, a folder, a hub repo id or a state dict into one `LoadedFile`.
 
-    The layout is one of "kohya", "lycoris", "diffusers", "comfyui", "peft" (see formats.names),
-    decided from the key prefixes alone; loaders confirm it against the pipeline's own names.
-    Local paths must exist; only an `org/name` string that is not a local path goes to the hub.
+    Args:
+        source: a .safetensors (or .bin/.pt/.ckpt) file, a folder (PEFT's adapter_model + adapter_config.json,
+            one PEFT folder per component, or one .safetensors), an `org/name` hub repo id, a {name: tensor}
+            dict, or a LoadedFile (returned as it is).
+        weight_name: the file inside a folder or repo.
+        subfolder: the folder inside `source` that holds it.
+        hub_kwargs: hub download arguments (revision, token, cache_dir, ...).
+
+    Returns:
+        The tensors, the file's own metadata untouched, the key layout read off the keys (loaders confirm
+        it against the pipeline's own names), where it came from, and the adapter_config.json beside a
+        PEFT file. Local paths must exist; only an `org/name` string that is not a local path goes to the hub.
     """
-    source = pretrained_model_name_or_path_or_dict
+    if isinstance(source, LoadedFile):
+        return source
     _check_args(weight_name, subfolder, hub_kwargs)
-    metadata: dict[str, str] = {}
     if isinstance(source, Mapping):
         state_dict = _from_dict(source)
-    elif isinstance(source, (str, os.PathLike)) and isinstance(os.fspath(source), str):
+        return LoadedFile(state_dict, {}, detect_layout(state_dict))
+    if isinstance(source, (str, os.PathLike)) and isinstance(os.fspath(source), str):
         path = str(os.fspath(source))
         if not path.strip():
             raise ValueError("the path is empty; pass a LoKr file, a folder, an org/name hub repo id or a state dict")
-        folders = component_folders(os.path.expanduser(path), subfolder) if weight_name is None else {}
+        root = os.path.expanduser(path)
+        folders = component_folders(root, subfolder) if weight_name is None else {}
         if folders:
-            state_dict = _read_component_folders(folders)
-        else:
-            state_dict, metadata = _read(_resolve(path, weight_name, subfolder, hub_kwargs))
-    else:
-        raise TypeError("expected a LoKr file path, a folder, an org/name hub repo id or a dict of {name: tensor}, "
-                        f"got {type(source).__name__}")
-    return state_dict, metadata, detect_layout(state_dict)
+            return _read_component_folders(folders, os.path.join(root, subfolder) if subfolder else root)
+        file, repo = _resolve(path, weight_name, subfolder, hub_kwargs)
+        return _read_file(file, repo)
+    raise TypeError("expected a LoKr file path, a folder, an org/name hub repo id or a dict of {name: tensor}, "
+                    f"got {type(source).__name__}")
+
+
+def lokr_state_dict(pretrained_model_name_or_path_or_dict: str | os.PathLike[str] | dict[str, Tensor],
+                    weight_name: str | None = None, subfolder: str | None = None,
+                    **hub_kwargs: Any) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """Read a LoKr file (see `read_lokr_file`).
+
+    Returns:
+        (state_dict, the file's own metadata, detected key layout): "kohya", "lycoris", "diffusers",
+        "comfyui", "peft" (see formats.names), decided from the key prefixes alone. A PEFT folder's
+        adapter_config.json is not in the metadata: `read_lokr_file` gives it (`LoadedFile.peft_config`).
+    """
+    file = read_lokr_file(pretrained_model_name_or_path_or_dict, weight_name, subfolder, **hub_kwargs)
+    return dict(file.tensors), dict(file.metadata), file.layout
 
 
 def _from_dict(source: Mapping[Any, Any]) -> dict[str, Tensor]:
@@ -141,21 +159,21 @@ def component_folders(path: str, subfolder: str | None = None) -> dict[str, str]
     return found
 
 
-def _read_component_folders(folders: dict[str, str]) -> dict[str, Tensor]:
+def _read_component_folders(folders: dict[str, str], root: str) -> LoadedFile:
     """Several PEFT folders as one diffusers-style state dict; each module's scale (PEFT's alpha / r,
-    from its own folder's config and patterns) rides along as `lokr_scale`, unless the module
+    from its own folder's config and patterns) is given as a `lokr_scale` tensor, unless the module
     carries its own alpha tensor (the file's own tensors win, see formats.reader)."""
     from .config import LoKrConfig
     from .targeting import pattern_value
 
     out: dict[str, Tensor] = {}
     for component, folder in folders.items():
-        weights = os.path.join(folder, PEFT_WEIGHTS[0])
-        sd, metadata = _read(weights)
-        config = LoKrConfig.from_dict(json.loads(metadata[PEFT_CONFIG_KEY]))  # checked by _read
+        file = _read_file(os.path.join(folder, PEFT_WEIGHTS[0]))
+        sd = file.tensors
+        config = LoKrConfig.from_dict(dict(file.peft_config or {}))  # there and checked: component_folders, _read_file
         for key, tensor in sd.items():
             if not key.startswith("base_model.model."):
-                raise ValueError(f"{weights}: key {key} is not in PEFT's layout (base_model.model.<module>...)")
+                raise ValueError(f"{file.source}: key {key} is not in PEFT's layout (base_model.model.<module>...)")
             out[f"{component}.{key[len('base_model.model.'):]}"] = tensor
         for path in {k[len("base_model.model."):].rsplit(".", 1)[0] for k in sd}:
             if f"base_model.model.{path}.alpha" in sd:
@@ -163,7 +181,7 @@ def _read_component_folders(folders: dict[str, str]) -> dict[str, Tensor]:
             r = pattern_value(config.rank_pattern, path, config.r, "rank_pattern")
             alpha = pattern_value(config.alpha_pattern, path, config.alpha, "alpha_pattern")
             out[f"{component}.{path}.lokr_scale"] = torch.tensor(float(alpha) / r, dtype=torch.float64)
-    return out
+    return LoadedFile(out, {}, detect_layout(out), root)
 
 
 # ---------------------------------------------------------------------------------- where is it
@@ -178,20 +196,22 @@ def looks_local(path: str) -> bool:
     return _REPO_ID.fullmatch(path) is None
 
 
-def _resolve(path: str, weight_name: str | None, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+def _resolve(path: str, weight_name: str | None, subfolder: str | None,
+             hub_kwargs: dict[str, Any]) -> tuple[str, str | None]:
+    """(the local file to read, the hub repo id it was downloaded from or None)."""
     local = os.path.join(path, subfolder) if subfolder else path
     expanded = os.path.expanduser(local)
     if os.path.isdir(expanded):
-        return _file_in_folder(expanded, weight_name)
+        return _file_in_folder(expanded, weight_name), None
     if os.path.isfile(expanded):
-        return expanded
+        return expanded, None
     if os.path.exists(expanded):
         raise InvalidFileError(f"{local}: neither a file nor a folder")
     if looks_local(path):
         hint = "" if os.path.isdir(os.path.dirname(os.path.abspath(expanded))) else \
             f" (the folder {os.path.dirname(local) or '.'} does not exist either)"
         raise FileNotFoundError(f"no such file or folder: {local}{hint}")
-    return _from_hub(path, weight_name, subfolder, hub_kwargs)
+    return _from_hub(path, weight_name, subfolder, hub_kwargs), path
 
 
 def _file_in_folder(folder: str, weight_name: str | None) -> str:
@@ -243,7 +263,16 @@ def _from_hub(repo_id: str, weight_name: str | None, subfolder: str | None, hub_
 
 
 # --------------------------------------------------------------------------------------- reading
+def _read_file(path: str, repo: str | None = None) -> LoadedFile:
+    """One file as a LoadedFile, with the adapter_config.json beside a PEFT file."""
+    state_dict, metadata = _read(path)
+    config, config_path = _peft_config_beside(path, state_dict)
+    logger.info("read %d tensors from %s", len(state_dict), path)
+    return LoadedFile(state_dict, metadata, detect_layout(state_dict), path, repo, config, config_path)
+
+
 def _read(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, the file's own metadata) of a non-empty file."""
     if os.path.getsize(path) == 0:
         raise InvalidFileError(f"{path}: the file is empty (0 bytes), not a LoKr file; was a download or a save "
                                "interrupted? Get or write it again")
@@ -253,15 +282,8 @@ def _read(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
         state_dict, metadata = _read_pickle(path), {}
     else:
         raise InvalidFileError(f"{path}: not a .safetensors (or .bin/.pt/.ckpt) file")
-    for key in INTERNAL_KEYS:  # a file's own metadata never sets scales: its tensors and adapter_config.json do
-        if metadata.pop(key, None) is not None:
-            logger.warning("%s: ignored metadata %r (scales come from the file's tensors or its adapter_config.json)",
-                           path, key)
-    metadata[SOURCE_KEY] = path
     if not state_dict:
         raise InvalidFileError(f"{path}: holds no tensors, so no LoKr modules; was it saved from an empty adapter?")
-    _attach_peft_config(path, state_dict, metadata)
-    logger.info("read %d tensors from %s", len(state_dict), path)
     return state_dict, metadata
 
 
@@ -321,16 +343,16 @@ def _missing_config(weights: str) -> str:
             f"next to them, as {config}")
 
 
-def _attach_peft_config(path: str, state_dict: Mapping[str, Tensor], metadata: dict[str, str]) -> None:
-    """Put the adapter_config.json beside a PEFT file into `metadata` (checked, naming the file), or
-    refuse PEFT-layout LoKr weights that have neither that config nor alpha tensors."""
+def _peft_config_beside(path: str, state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Any] | None, str | None]:
+    """(contents, path) of the adapter_config.json beside a PEFT file (checked, naming the file), or
+    (None, None); PEFT-layout LoKr weights with neither that config nor alpha tensors are refused."""
     from .config import read_adapter_config
 
     config = os.path.join(os.path.dirname(path), PEFT_CONFIG)
     modules = _peft_modules(state_dict)
     if os.path.isfile(config) and (os.path.basename(path) in PEFT_WEIGHTS or modules):
         _, raw = read_adapter_config(config)
-        metadata[PEFT_CONFIG_KEY] = json.dumps(raw)
-        metadata[PEFT_CONFIG_PATH_KEY] = config
-    elif modules and not all(modules.values()):
+        return raw, config
+    if modules and not all(modules.values()):
         raise ValueError(_missing_config(path))
+    return None, None

@@ -7,11 +7,11 @@ text_encoder, text_encoder_2), in place: the components keep their classes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,12 +22,13 @@ from . import patches, scaling
 from . import state as S
 from . import weights as W
 from .config import LoKrConfig
-from .formats.fused import SHARED_KEY
 from .formats.names import COMPONENTS, build_index, get_slot
-from .formats.reader import LoadEntry, ParsedFile, parse_file
+from .formats.ours import split_adapters
+from .formats.reader import LoadEntry, ParsedFile, parse_loaded
 from .formats.report import base_hint, unmatched_message
-from .io import detect_layout, lokr_state_dict
+from .io import detect_layout, read_lokr_file
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
+from .loaded import LoadedFile
 from .logs import pipeline_disable, progress, warn_once
 from .model import (
     LoKrModel,
@@ -55,7 +56,7 @@ def wrapper_for(module: nn.Module) -> type[LoKrLayer]:
     if found is None:
         found = next(w for t, w in WRAPPERS.items() if isinstance(module, t))
     return found
-PathOrDict = str | os.PathLike[str] | dict[str, Tensor]
+PathOrDict = str | os.PathLike[str] | dict[str, Tensor] | LoadedFile
 AdapterWeight = float | Mapping[str, Any]
 
 
@@ -72,9 +73,6 @@ def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------- load
-OURS_FORMAT, OURS_PREFIX = "lokr_diffusers", "lokr."  # our lossless layout (see export.to_ours)
-
-
 def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDict, adapter_name: str | None = None,
                       weight_name: str | None = None, strict: bool = True, hotswap: bool = False,
                       **kwargs: Any) -> str | list[str]:
@@ -82,7 +80,7 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
 
     Args:
         pretrained_model_name_or_path_or_dict: a .safetensors file, a folder (PEFT layout or one
-            .safetensors), a hub repo id, or a state dict.
+            .safetensors), a hub repo id, a state dict, or a LoadedFile (`io.read_lokr_file`).
         adapter_name: default "default_N", unique.
         weight_name: the file inside a folder or repo.
         strict: unmatched keys raise (default); False warns and loads the rest.
@@ -96,12 +94,11 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     subfolder = kwargs.pop("subfolder", None)
-    state_dict, metadata, layout = lokr_state_dict(pretrained_model_name_or_path_or_dict, weight_name, subfolder,
-                                                   **kwargs)
+    file = read_lokr_file(pretrained_model_name_or_path_or_dict, weight_name, subfolder, **kwargs)
     comps = pipeline_components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
-    plans = _plan_load(state_dict, metadata, layout, comps, adapter_name, strict, _lora_names(pipe), hotswap)
+    plans = _plan_load(file, comps, adapter_name, strict, _lora_names(pipe), hotswap)
     if hotswap:
         name, parsed = plans[0]
         _hotswap(comps, parsed.entries, name)
@@ -119,11 +116,10 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     return plans[0][0] if len(plans) == 1 else [n for n, _ in plans]
 
 
-def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: str, comps: dict[str, nn.Module],
-               adapter_name: str | None, strict: bool, lora_names: Sequence[str] = (), hotswap: bool = False
-               ) -> list[tuple[str, ParsedFile]]:
+def _plan_load(file: LoadedFile, comps: dict[str, nn.Module], adapter_name: str | None, strict: bool,
+               lora_names: Sequence[str] = (), hotswap: bool = False) -> list[tuple[str, ParsedFile]]:
     """Name, parse and check every adapter of the file against the pipeline; nothing changes here."""
-    groups = split_adapters(state_dict, metadata)
+    groups = split_file(file)
     if len(groups) > 1 and (adapter_name is not None or hotswap):
         raise ValueError(f"this file holds {len(groups)} adapters {list(groups)}; load it without adapter_name "
                          "and hotswap")
@@ -134,7 +130,7 @@ def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: 
         raise ValueError(f"hotswap=True replaces a loaded LoKr adapter: pass its adapter_name (loaded: "
                          f"{sorted(lokr)})")
     plans: list[tuple[str, ParsedFile]] = []
-    for stored_name, sd in groups.items():
+    for stored_name, part in groups.items():
         name = adapter_name or stored_name or default_name(taken)
         if name in taken and not hotswap:
             what = "a LoRA adapter" if name in lora_names else "an adapter"
@@ -142,13 +138,13 @@ def _plan_load(state_dict: dict[str, Tensor], metadata: dict[str, str], layout: 
                              "first")
         taken.add(name)
         try:
-            parsed = parse_file(sd, metadata, index, detect_layout(sd) if stored_name else layout)
+            parsed = parse_loaded(part, index)
         except ValueError as err:
-            raise ValueError(f"{err}.{base_hint(sd, comps)}") from None
-        _report(parsed, sd, comps, strict)
+            raise ValueError(f"{err}.{base_hint(part.tensors, comps)}") from None
+        _report(parsed, part.tensors, comps, strict)
         if not parsed.entries:
             what = f"only {len(parsed.lora)} plain LoRA keys: load it with pipe.load_lora_weights" if parsed.lora \
-                else f"{len(sd)} keys, layout {layout}"
+                else f"{len(part.tensors)} keys, layout {file.layout}"
             raise ValueError(f"no LoKr modules in this file ({what})")
         plans.append((name, parsed))
     return plans
@@ -161,36 +157,13 @@ def attach_call_scale(pipe: Any, comps: Mapping[str, nn.Module]) -> None:
     scaling.wrap_encode_prompt(pipe)
 
 
-def split_adapters(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str | None, dict]:
-    """{adapter name: its keys} for our multi-adapter layout (`lokr.<adapter>.<component>...`),
-    else {None: the whole state dict}."""
-    if metadata.get("format") != OURS_FORMAT and not all(k.startswith(OURS_PREFIX) for k in state_dict):
-        return {None: dict(state_dict)}
-    out: dict[str | None, dict] = {}
-    for key, tensor in state_dict.items():
-        adapter, _, inner = key[len(OURS_PREFIX):].partition(".")
-        out.setdefault(adapter, {})[inner] = tensor
-    _share_factors(out, metadata)
-    return out
-
-
-def _share_factors(groups: dict[str | None, dict], metadata: Mapping[str, str]) -> None:
-    """The pieces of a fused module hold one set of factors, written once (formats/fused.py SHARED_KEY):
-    give every piece the same tensor objects, so that loading registers one set of Parameters."""
-    raw = metadata.get(SHARED_KEY)
-    if raw is None:
-        return
-    try:
-        shared = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata {SHARED_KEY!r} is not valid JSON: {err.msg}") from None
-    for piece, holder in shared.items() if isinstance(shared, dict) else ():
-        adapter, _, path = str(piece).partition(".")
-        sd = groups.get(adapter)
-        factors = {leaf: sd[f"{holder}.{leaf}"] for leaf in LF.FACTOR_NAMES if sd and f"{holder}.{leaf}" in sd}
-        if sd is None or not factors:
-            raise ValueError(f"metadata {SHARED_KEY!r}: {piece} takes its factors from {holder}, which has none")
-        sd.update({f"{path}.{leaf}": t for leaf, t in factors.items()})
+def split_file(file: LoadedFile) -> dict[str | None, LoadedFile]:
+    """{adapter name: its part of the file} for our multi-adapter layout (formats/ours.py, told by the
+    keys), else {None: the file}. Each part keeps the file's metadata, source and config."""
+    groups = split_adapters(file.tensors, file.metadata, file.path)
+    if None in groups:
+        return {None: file}
+    return {name: replace(file, tensors=sd, layout=detect_layout(sd)) for name, sd in groups.items()}
 
 
 def default_name(taken: set[str] | Sequence[str]) -> str:

@@ -717,7 +717,9 @@ def test_alpha_zero_negative_or_integer_means_what_consumers_compute(env: Env, c
 
 def test_metadata_never_overrides_the_files_alpha(env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A file whose metadata carries a PEFT config (r 1, alpha 1000) keeps the scale of its own alpha
-    tensors, as ComfyUI and A1111 (which never read metadata) compute it."""
+    tensors, as ComfyUI and A1111 (which never read metadata) compute it. The package reads a PEFT
+    config only from the adapter_config.json beside the weights (LoadedFile.peft_config), never from
+    metadata: the key is neither used nor removed."""
     poisoned = json.dumps({"peft_type": "LOKR", "r": 1, "alpha": 1000.0})
     path = _save(tmp_path, env.good, metadata={"lokr_diffusers.peft_config": poisoned})
     pipe = make_sd_pipeline(0)
@@ -726,7 +728,8 @@ def test_metadata_never_overrides_the_files_alpha(env: Env, tmp_path: Path, capl
     x, change = _to_q_change(pipe)
     alpha = float(env.good[KOHYA_TO_Q + ".alpha"])
     torch.testing.assert_close(change, x.double() @ _to_q_delta(env.good, alpha).T, rtol=1e-5, atol=1e-6)
-    assert "ignored metadata 'lokr_diffusers.peft_config'" in caplog.text
+    assert lokr_diffusers.lokr_state_dict(path)[1] == {"lokr_diffusers.peft_config": poisoned}  # the file's own
+    assert "adapter_config.json would give" not in caplog.text  # no config was read at all
 
 
 def test_peft_folder_alpha_tensors_win_over_its_config(env: Env, tmp_path: Path,

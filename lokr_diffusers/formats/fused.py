@@ -65,7 +65,7 @@ def split_dora(dora: Tensor, target: Target, rows: Mapping[str, LF.Rows], factor
 
 
 # ------------------------------------------------------------------------------- saving the pieces
-# Our lossless layout (export.to_ours, loader.split_adapters) and PEFT-layout state dicts keep a piece layer's
+# Our lossless layout (export.to_ours, formats/ours.py) and PEFT-layout state dicts keep a piece layer's
 # rows as two integer tensors beside its factors; the pieces of one fused module hold one set of factors,
 # written once (safetensors refuses tensors that share memory): the other pieces name the one that holds
 # them in the metadata key SHARED_KEY ({"<adapter>.<component>.<path>": "<component>.<path holding them>"}).

@@ -6,7 +6,6 @@ the ignored list (an A1111 `.scale`, which ComfyUI ignores too), or the unmatche
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -18,8 +17,8 @@ from torch import Tensor, nn
 from .. import functional as LF
 from .. import quantized
 from ..config import LoKrConfig
-from ..io import PEFT_CONFIG_KEY, PEFT_CONFIG_PATH_KEY, SOURCE_KEY
 from ..layers import LoKrLayer
+from ..loaded import LoadedFile
 from ..targeting import pattern_value
 from .fused import ROW_LEAVES, layer_rows, rows_from_tensors, split_dora
 from .names import FusedRef, ModuleRef, NameIndex, weight_of
@@ -114,27 +113,32 @@ def group_modules(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, dict[str,
 
 def parse_file(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index: NameIndex,
                layout: str) -> ParsedFile:
+    """`parse_loaded` for tensors and their file's metadata held apart (no PEFT config, no file to name)."""
+    return parse_loaded(LoadedFile(state_dict, metadata, layout), index)
+
+
+def parse_loaded(file: LoadedFile, index: NameIndex) -> ParsedFile:
     """Match, validate and scale every LoKr module of the file; raise on a module that does not fit.
 
     Every tensor is checked first (dtype, dimensions, NaN/Inf; ValueError/TypeError naming the key);
-    a file with LoRA modules only is refused (see `check_holds_lokr`). Errors name the file when
-    `metadata` says which it was (io.SOURCE_KEY).
+    a file with LoRA modules only is refused (see `check_holds_lokr`). Scales follow the producer's rule,
+    with `file.peft_config` for PEFT modules without alpha tensors; `file.metadata` says whether a DoRA
+    magnitude is written for ComfyUI's rule (`lokr_dora_rule`). Errors name `file.source`.
     """
-    source = metadata.get(SOURCE_KEY)
     try:
-        return _parse(state_dict, metadata, index, layout)
+        return _parse(file, index)
     except (ValueError, TypeError) as err:
-        if source is None or source in str(err):
+        message = file.named(str(err))
+        if message == str(err):
             raise
-        raise type(err)(f"{source}: {err}") from None
+        raise type(err)(message) from None
 
 
-def _parse(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index: NameIndex,
-           layout: str) -> ParsedFile:
-    check_tensors(state_dict)
-    groups, lora, unmatched = group_modules(state_dict)
+def _parse(file: LoadedFile, index: NameIndex) -> ParsedFile:
+    check_tensors(file.tensors)
+    groups, lora, unmatched = group_modules(file.tensors)
     _refuse_lora_only(groups, lora)
-    peft_config = _peft_config(metadata)
+    peft_config = _peft_config(file)
     refs = _resolve_names(list(groups), index)
     entries: list[LoadEntry] = []
     ignored: list[str] = []
@@ -153,12 +157,12 @@ def _parse(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], index:
             entries.append(_entry(name, found, tensors, factors, index, peft_config, keys))
     _check_one_per_module(entries)
     _warn_non_positive_alpha(entries)
-    if metadata.get(DORA_RULE_KEY) == DORA_RULE_COMFYUI:
+    if file.metadata.get(DORA_RULE_KEY) == DORA_RULE_COMFYUI:
         for e in entries:
             _undo_comfyui_dora(e, index)
     rule = "exact" if any("lokr_scale" in t for t in groups.values()) else \
         "peft" if peft_config is not None and any("alpha" not in t for t in groups.values()) else "consumer"
-    return ParsedFile(entries, lora, sorted(unmatched), ignored, layout, rule)
+    return ParsedFile(entries, lora, sorted(unmatched), ignored, file.layout, rule)
 
 
 def check_tensors(state_dict: Mapping[str, Tensor]) -> None:
@@ -360,18 +364,12 @@ def _warn_if_config_disagrees(name: str, config: LoKrConfig, path: str, scale: f
                        LF.peft_scale(a, r), a, r)
 
 
-def _peft_config(metadata: Mapping[str, str]) -> LoKrConfig | None:
-    """The PEFT config that `io` read from the adapter_config.json beside the weights, if any."""
-    raw = metadata.get(PEFT_CONFIG_KEY)
-    if raw is None:
+def _peft_config(file: LoadedFile) -> LoKrConfig | None:
+    """The PEFT config read from the adapter_config.json beside the weights, if any."""
+    if file.peft_config is None:
         return None
-    where = metadata.get(PEFT_CONFIG_PATH_KEY, f"metadata {PEFT_CONFIG_KEY!r}")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: holds a JSON {type(data).__name__}, not an object")
+    where = file.config_path or "the PEFT config"
+    data = dict(file.peft_config)
     if str(data.get("peft_type", "LOKR")).upper() != "LOKR":
         raise ValueError(f"{where}: is for peft_type {data.get('peft_type')!r}, not LOKR")
     try:
