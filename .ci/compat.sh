@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Which diffusers versions are known good: install the package with diffusers==$DIFFUSERS (default:
-# the lower bound declared in pyproject.toml) in a throwaway venv, everything else at constraints.txt's
-# pins (the lock `make test` uses), and run the compatibility subset of the tests against it. `make test` covers the version pip picks by default; this covers the oldest
+# the lower bound declared in pyproject.toml) in a throwaway venv, everything else at the pins of
+# constraints-compat.txt (the lock of that lower bound: constraints.txt's set, with what that diffusers
+# needs moved with it, `make lock`), and run the compatibility subset of the tests against it. Another
+# diffusers has no lock: pip resolves the rest, and the versions it took are printed. `make test` covers the version pip picks by default; this covers the oldest
 # one we declare. A pass means the version may stay in docs/compatibility.md and
 # lokr_diffusers/compat.py (KNOWN_GOOD_DIFFUSERS); a failure means the declared range is wrong.
 #   .ci/compat.sh                                (make compat-test)
@@ -10,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-LOCK=constraints.txt
+LOCK=constraints-compat.txt
 TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
 if [ -z "${DIFFUSERS:-}" ]; then
     DIFFUSERS=$(sed -nE 's/^[[:space:]]*"diffusers>=([0-9][0-9.]*)[,"].*/\1/p' pyproject.toml | head -n 1)
@@ -45,7 +47,12 @@ PY
 step "venv ($TORCH, then the package, diffusers==$DIFFUSERS and: $EXTRAS; the rest at $LOCK's pins)"
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
-grep -vE '^(torch|diffusers)==' "$LOCK" > "$WORK/constraints.txt"  # what this run varies is not pinned
+if grep -qE "^diffusers==$DIFFUSERS( |$)" "$LOCK"; then
+    grep -vE '^torch==' "$LOCK" > "$WORK/constraints.txt"  # torch: $TORCH
+else
+    echo "compat: $LOCK is the lock of another diffusers: pip resolves everything but torch"
+    : > "$WORK/constraints.txt"
+fi
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q -c "$WORK/constraints.txt" "$TORCH"
 # shellcheck disable=SC2086  # EXTRAS is a list of requirement strings without spaces

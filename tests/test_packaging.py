@@ -163,6 +163,7 @@ def test_docs_table_matches_compat():
 # ------------------------------------------------------------------------------- the lock
 
 LOCK = ROOT / "constraints.txt"
+COMPAT_LOCK = ROOT / "constraints-compat.txt"  # the oldest declared diffusers' set (.ci/compat.sh)
 _spec = importlib.util.spec_from_file_location("_lockdiff_under_test", ROOT / ".ci" / "lockdiff.py")
 assert _spec and _spec.loader
 lockdiff = importlib.util.module_from_spec(_spec)
@@ -178,9 +179,10 @@ def _linux(python: str) -> dict[str, str]:
             "platform_python_implementation": "CPython"}
 
 
+@pytest.mark.parametrize("lock", [LOCK, COMPAT_LOCK], ids=["lock", "compat lock"])
 @pytest.mark.parametrize("python", PYTHONS)
-def test_the_lock_pins_every_declared_requirement_inside_its_range(python: str) -> None:
-    pins = lockdiff.pins(LOCK, _linux(python))  # raises on two pins of one package
+def test_the_lock_pins_every_declared_requirement_inside_its_range(python: str, lock: Path) -> None:
+    pins = lockdiff.pins(lock, _linux(python))  # raises on two pins of one package
     for req in [Requirement(r) for r in PROJECT["dependencies"]] + _requirements("test") + _requirements("train"):
         name = canonicalize_name(req.name)
         if name == NAME or (req.marker is not None and not req.marker.evaluate(_linux(python))):
@@ -193,6 +195,7 @@ def test_the_lock_pins_every_declared_requirement_inside_its_range(python: str) 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_the_locked_diffusers_is_known_good(python: str) -> None:
     assert lockdiff.pins(LOCK, _linux(python))["diffusers"] in compat.KNOWN_GOOD_DIFFUSERS
+    assert lockdiff.pins(COMPAT_LOCK, _linux(python))["diffusers"] == compat.KNOWN_GOOD_DIFFUSERS[0]
 
 
 def test_docs_list_the_locked_set() -> None:
