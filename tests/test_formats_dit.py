@@ -367,6 +367,23 @@ def test_full_size_rows_go_where_diffusers_converter_puts_them(name: str) -> Non
     check_converter_splits_back(model, fingerprints(model))
 
 
+@pytest.mark.parametrize("name", ["sd35-medium", "sd35-large"])
+def test_sd3_patch_embedding_conv_is_where_diffusers_converter_puts_x_embedder(name: str) -> None:
+    """The original x_embedder.proj (a Conv2d, so no Linear table row) is diffusers' pos_embed.proj: the converter
+    moves the original's weight there, and the map names pos_embed.proj by it in the comfyui and kohya layouts."""
+    model, nm = meta_transformer(name), name_map(name)
+    marker = torch.arange(7, dtype=torch.float64)
+    ckpt = {**original_checkpoint(nm, fingerprints(model)), **required_extras(model), "x_embedder.proj.weight": marker}
+    assert torch.equal(CONVERTERS[type(model)](ckpt)["pos_embed.proj.weight"], marker)
+    conv = model.get_submodule("pos_embed.proj")
+    assert isinstance(conv, nn.Conv2d)
+    for module_name in ("diffusion_model.x_embedder.proj", "lora_unet_x_embedder_proj"):
+        found = nm.lookup(module_name)
+        assert found is not None, module_name
+        assert found[1].name == "x_embedder.proj" and found[1].is_rename
+        assert [(p.path, p.start, p.stop) for p in found[1].pieces] == [("pos_embed.proj", 0, conv.out_channels)]
+
+
 def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     return {p: {k: v.detach() for k, v in m.named_parameters()} for p, m in linear_paths(model).items()}
 

@@ -18,6 +18,9 @@ The layouts (docs/formats.md §Key layouts), with `u(x)` = x with dots turned in
 | diffusers | transformer.{p}            | diffusers / PEFT                                       |
 | onetrainer| lora_transformer_{u(p)}    | OneTrainer (Flux.1, SD3; ComfyUI's model_lora_keys_unet) |
 
+The adaptable convs of a family (SD3's patch embedding `x_embedder.proj` = diffusers' `pos_embed.proj`) are
+renames named in the original layouts too (`DitNameMap.convs`); everything else here is about Linears.
+
 Where the original and the diffusers path coincide (most of Z-Image), `diffusion_model.x` names one
 module in both layouts and is kept under the first (comfyui). After diffusers' `fuse_qkv_projections()`
 the fused `to_qkv` / `to_added_qkv` take the place of to_q/k/v (which the processors then skip): a `qkv`
@@ -88,6 +91,7 @@ class DitNameMap:
     names: dict[str, tuple[str, Target]] = field(default_factory=dict)  # file module name -> (layout, target)
     ambiguous: set[str] = field(default_factory=set)
     covering: dict[str, str] = field(default_factory=dict)  # diffusers path -> the original holding its rows
+    convs: dict[str, Target] = field(default_factory=dict)  # original -> its conv (a rename; in_features: in / groups)
 
     @property
     def unnamed(self) -> list[str]:
@@ -215,6 +219,22 @@ def diffusers_fused_name(target: Target, linears: Mapping[str, tuple[int, int]])
     return None
 
 
+def _convs(family: Family, model: nn.Module) -> dict[str, Target]:
+    """original -> Target for the family's adaptable convs the model has (seen through a LoKr / PEFT wrapper):
+    one piece, all the conv's output channels."""
+    out: dict[str, Target] = {}
+    for original, path in family.convs:
+        try:
+            conv = model.get_submodule(path)
+        except AttributeError:
+            continue  # not in this model
+        while not isinstance(conv, nn.Conv2d) and isinstance(getattr(conv, "base_layer", None), nn.Module):
+            conv = getattr(conv, "base_layer")  # noqa: B009  (typed as Module, not Tensor | Module)
+        if isinstance(conv, nn.Conv2d):
+            out[original] = Target(original, conv.in_channels // conv.groups, (Piece(path, 0, conv.out_channels),))
+    return out
+
+
 def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
     if name in names.names and names.names[name][1] != target:
         names.ambiguous.add(name)
@@ -222,7 +242,8 @@ def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
 
 
 def dit_name_map(model: nn.Module) -> DitNameMap:
-    """The name map of a diffusers Flux / Flux.2 / SD3 / Z-Image transformer (any size, any device).
+    """The name map of a diffusers Flux / Flux.2 / SD3 / Z-Image transformer (any size, any device): its Linears
+    and its adaptable convs.
 
     Raises:
         TypeError: not one of the four transformer classes (or no config).
@@ -241,6 +262,10 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
         fused = diffusers_fused_name(target, linears) if family.fusable else None
         if fused is not None:  # diffusers' name for the qkv it would fuse (read only in the diffusers layout)
             _add(result, "diffusers", _form(DIFFUSERS_FUSED_TEMPLATE, fused), target)
+    result.convs = _convs(family, model)
+    for original, target in result.convs.items():  # diffusers-path names: names.py, as for any module
+        for layout, template in ORIGINAL_LAYOUTS:
+            _add(result, layout, _form(template, original), target)
     for path, (out, in_) in linears.items():
         own = Target(path, in_, (Piece(path, 0, out),))
         for layout, template in DIFFUSERS_LAYOUTS:

@@ -46,11 +46,13 @@ class Rule:
 class Family:
     """One transformer class's table. `fusable`: diffusers' `fuse_qkv_projections()` makes its attention
     processors use `to_qkv` / `to_added_qkv` instead of to_q/k/v (False for Z-Image: its processor
-    always calls to_q, to_k, to_v)."""
+    always calls to_q, to_k, to_v). `convs`: (original, diffusers path) of the adaptable convs, each a plain
+    rename (no rows to split, no swap); the rules above are Linears only."""
 
     name: str
     rules: tuple[Rule, ...]
     fusable: bool
+    convs: tuple[tuple[str, str], ...] = ()
 
 
 def _blocks(count_key: str, original: str, diffusers: str, pairs: tuple[tuple[str, tuple[str, ...]], ...],
@@ -143,7 +145,9 @@ FLUX2 = Family("flux2", (
 # chunked in 3; the last block's context_block has no attn.proj and no mlp (context pre-only) and its
 # adaLN_modulation.1 is swapped (AdaLayerNormContinuous, 2 * dim rows), as is final_layer's; attn2
 # (SD3.5-medium's dual attention) only in the blocks that have it. ComfyUI mmdit_to_diffusers: the same.
-# x_embedder.proj (pos_embed.proj) is a Conv2d, not a Linear: not in this table.
+# x_embedder.proj (pos_embed.proj, the patch embedding) is a Conv2d: in `convs`, a rename (the converter's
+# pos_embed.proj.weight = x_embedder.proj.weight; ComfyUI MMDIT_MAP_BASIC the same; kohya's lora_sd3.py trains it
+# as lora_unet_x_embedder_proj when emb_dims asks for the embedders).
 _SD3_BLOCK = (
     ("x_block.attn.qkv", QKV),
     ("context_block.attn.qkv", ADD_QKV),
@@ -172,7 +176,7 @@ SD3 = Family("sd3", (
              (("context_block.adaLN_modulation.1", ("norm1_context.linear",)),), only="not_last"),
     *_blocks("num_layers", "joint_blocks", "transformer_blocks",
              (("context_block.adaLN_modulation.1", ("norm1_context.linear",)),), only="last", swap=True),
-), fusable=True)
+), fusable=True, convs=(("x_embedder.proj", "pos_embed.proj"),))
 
 # Z-Image (ZImageTransformer2DModel; the original is Lumina-2's NextDiT). convert_z_image_transformer_
 # checkpoint_to_diffusers: attention.qkv chunked in 3, attention.out -> attention.to_out.0,
