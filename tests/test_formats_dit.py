@@ -109,6 +109,12 @@ SPOT: dict[str, list[Expected]] = {
             ("single_transformer_blocks.37.proj_mlp", 9216, 21504, 0)]),
         ("lora_unet_single_blocks_0_linear2", "single_blocks.0.linear2",
          [("single_transformer_blocks.0.proj_out", 0, 3072, 0)]),
+        # ComfyUI's own key for rows [0, 3 · hidden) of linear1 (comfy/lora.py model_lora_keys_unet); not kohya's
+        ("diffusion_model.single_blocks.37.linear1_qkv", "single_blocks.37.linear1_qkv", [
+            ("single_transformer_blocks.37.attn.to_q", 0, 3072, 0),
+            ("single_transformer_blocks.37.attn.to_k", 3072, 6144, 0),
+            ("single_transformer_blocks.37.attn.to_v", 6144, 9216, 0)]),
+        ("lora_unet_single_blocks_0_linear1_qkv", None, []),
         ("lora_unet_single_blocks_5_modulation_lin", "single_blocks.5.modulation.lin",
          [("single_transformer_blocks.5.norm.linear", 0, 9216, 0)]),
         ("lora_unet_double_blocks_3_img_mod_lin", "double_blocks.3.img_mod.lin",
