@@ -97,12 +97,14 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
 
     Args:
         path: a LoKr file or folder.
-        base: "sd1" | "sd2" | "sdxl" for per-module details, guessed from the file when None.
+        base: "sd1" | "sd2" | "sdxl" to check it against that full-size base; else the one its structure names.
 
     Returns:
         layout, base model, module counts, dtypes, the file's own metadata and, per adapter, what a load gives.
+        A file that fits no full-size base (another model, a tiny test model) is summarised from its own tensors,
+        with base_model "unknown" and, where its names pointed to a base, a `base_note` saying why not.
     """
-    from .convert import guess_base, parse_for_base
+    from .convert import guess_base
     from .formats.reader import check_tensors, group_modules, lora_module_count
     from .io import read_lokr_file
 
@@ -112,58 +114,108 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
         check_tensors(state_dict)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{path}: {err}") from None
-    base = base or guess_base(state_dict)
     groups, lora, _ = group_modules(state_dict)
+    guessed = base or guess_base(state_dict)
     info: dict[str, Any] = {
-        "file": path, "layout": file.layout, "base_model": base or "unknown", "modules": len(groups),
+        "file": path, "layout": file.layout, "base_model": guessed or "unknown", "modules": len(groups),
         "lora_modules": lora_module_count(lora), "parameters": sum(t.numel() for t in state_dict.values()),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state_dict.values())),
         "metadata": {k: (v if len(v) < 300 else v[:300] + "...") for k, v in file.metadata.items()},
     }
-    adapters: dict[str, Any] = {}
-    if base is not None and groups:
-        _, parsed = parse_for_base(file, base, strict=False)
-        adapters = {name: _summary(p) for name, p in parsed.items()}
-    info["adapters"] = adapters
+    adapters: dict[str, Any] | None = {}
+    if groups:
+        adapters = _placed(file, guessed, info, given=base is not None)
+    info["adapters"] = adapters if adapters is not None else _unplaced(file)
     return info
 
 
-def _summary(parsed: Any) -> dict[str, Any]:
+def _placed(file: Any, base: str | None, info: dict[str, Any], given: bool) -> dict[str, Any] | None:
+    """{adapter: summary} checked against the full-size `base`; None (and `info` says why) when there is no base
+    or, for a guessed one, the file's shapes do not fit it. A base given on the command line must fit."""
+    from .architectures import BASE_NAMES
+    from .convert import parse_for_base
+    from .formats.reader import parse_unplaced
+
+    if base is None:
+        return None
+    try:
+        _, parsed = parse_for_base(file, base, strict=False)
+    except ValueError as err:
+        if given:
+            raise
+        try:  # a file that does not fit together by itself is damaged: say that, not "another model"
+            parse_unplaced(file)
+        except ValueError:
+            raise err from None
+        # the first module that does not fit
+        why = " ".join(str(err).split()).removeprefix(f"{file.source}: ").rstrip(".")
+        info["base_model"] = "unknown"
+        info["base_note"] = (f"its names look like {BASE_NAMES[base]}, but its shapes fit no full-size "
+                             f"{BASE_NAMES[base]} ({why}); a LoKr for a model of another size, e.g. a tiny test "
+                             "pipeline")
+        return None
+    return {name: _summary(p) for name, p in parsed.items()}
+
+
+def _unplaced(file: Any) -> dict[str, Any]:
+    """{adapter: summary} read off the file's own tensors (no model to check them against)."""
+    from .formats.reader import parse_unplaced
+    from .loader import split_file
+
+    out: dict[str, Any] = {}
+    for name, part in split_file(file).items():
+        try:
+            parsed = parse_unplaced(part)
+        except ValueError as err:
+            raise ValueError(file.named(str(err))) from None
+        out[name or "default"] = _summary(parsed, placed=False)
+    return out
+
+
+def _summary(parsed: Any, placed: bool = True) -> dict[str, Any]:
     entries = parsed.entries
     scales = [e.scale for e in entries]
     example = entries[0] if entries else None
     return {
         "scale_rule": parsed.rule,
-        "modules_per_component": dict(Counter(e.ref.component for e in entries)),
+        "modules_per_component": dict(Counter(e.ref.component for e in entries)) if placed else None,
         "ranks": dict(Counter(str(e.plan.rank or "full") for e in entries)),
         "tucker": sum(e.plan.tucker for e in entries), "dora": sum(e.dora_scale is not None for e in entries),
         "both_full": sum(e.plan.both_full for e in entries),
         "alphas": sorted({round(e.alpha, 6) for e in entries if e.alpha is not None}),
         "scale_min": min(scales, default=None), "scale_max": max(scales, default=None),
         "example": None if example is None else {
-            "module": f"{example.ref.component}.{example.ref.path}",
+            "module": f"{example.ref.component}.{example.ref.path}" if placed else example.ref.path,
             "factors": {k: list(v.shape) for k, v in example.factors.items()}},
         "unmatched_keys": len(parsed.unmatched),
     }
 
 
 def _print_text(info: dict[str, Any]) -> None:
+    unknown = info["base_model"] == "unknown"
     print(f"{info['file']}: {info['layout']} layout, base model {info['base_model']}")
+    if "base_note" in info:
+        print(f"  base model unknown: {info['base_note']}")
     print(f"  {info['modules']} LoKr modules, {info['lora_modules']} LoRA modules, "
           f"{info['parameters']:,} parameters, dtypes {info['dtypes']}")
     for name, a in info["adapters"].items():
         print(f"  adapter {name!r} (scale rule: {a['scale_rule']})")
-        print(f"    modules per component: {a['modules_per_component']}")
+        if a["modules_per_component"] is not None:
+            print(f"    modules per component: {a['modules_per_component']}")
         print(f"    ranks: {a['ranks']}; Tucker {a['tucker']}, DoRA {a['dora']}, both factors full {a['both_full']}")
-        print(f"    alphas: {a['alphas'][:8]}; scale {a['scale_min']:.6g} .. {a['scale_max']:.6g}")
+        if a["scale_min"] is not None:
+            print(f"    alphas: {a['alphas'][:8]}; scale {a['scale_min']:.6g} .. {a['scale_max']:.6g}")
         if a["example"]:
             print(f"    e.g. {a['example']['module']}: {a['example']['factors']}")
         if a["unmatched_keys"]:
-            print(f"    {a['unmatched_keys']} keys match no module of a {info['base_model']} model")
+            where = "belong to no LoKr module (no factors)" if unknown else \
+                f"match no module of a {info['base_model']} model"
+            print(f"    {a['unmatched_keys']} keys {where}")
     if not info["modules"] and info["lora_modules"]:
         print("  no LoKr modules: a LoRA file, load it with pipe.load_lora_weights")
-    elif not info["adapters"]:
-        print("  (pass --base sd15|sd2|sdxl for per-module details)")
+    elif unknown and info["modules"]:
+        print("  (ranks and scales read from the file alone; pass --base sd15|sd2|sdxl to check it against a "
+              "full-size model)")
     for k, v in info["metadata"].items():
         print(f"  metadata {k}: {v}")
 

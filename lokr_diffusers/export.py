@@ -24,7 +24,7 @@ from .formats.fused import SHARED_KEY, rows_to_tensors
 from .formats.ldm import diffusers_to_ldm
 from .formats.ours import OURS_FORMAT, OURS_PREFIX
 from .loader import pipeline_components
-from .logs import progress
+from .logs import progress, warn_once
 from .model import lokr_layers
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"
 
 # A1111 applies OpenCLIP attention (SD2 te, SDXL te2) only when q, k, v and out of a layer are all there.
 _ATTN = re.compile(r"^(.*\.self_attn\.)(q_proj|k_proj|v_proj|out_proj)$")
+# Keys ComfyUI maps and A1111 cannot: A1111 runs SDXL's second text encoder as open_clip's, whose text_projection
+# is a bare nn.Parameter, not a layer, so its key map (extensions-builtin/Lora/networks.py, from named_modules)
+# has no entry and the module is dropped, logged at debug level only (docs/formats.md §Consumer limits).
+A1111_UNMATCHED: tuple[str, ...] = ("lora_te2_text_projection",)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,11 @@ def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tu
     for m in modules:
         key = comfyui_module_name(m.component, m.path, unet_config, base)
         sd.update({f"{key}.{k}": v for k, v in consumer_tensors(m, keep_tucker, comfyui=True).items()})
+        if key in A1111_UNMATCHED:
+            warn_once(logger, f"{key} ({m.component}.{m.path}) is written: ComfyUI applies it, A1111 cannot (its "
+                              "SDXL second text encoder is open_clip's, where text_projection is a bare parameter, not "
+                              "a layer), so in A1111 this module has no effect; leave text_projection out of the "
+                              "target modules for a file that means the same in both")
     openclip = {"text_encoder_2"} if base == "sdxl" else ({"text_encoder"} if base == "sd2" else set())
     for m in modules:  # complete OpenCLIP attention groups with ΔW = 0 modules
         match = _ATTN.match(m.path) if m.component in openclip else None

@@ -7,6 +7,8 @@ ComfyUI (`format="comfyui"`), each transformer module by the first rule that app
   a swapped adaLN projection), all of them here: written ONCE as `diffusion_model.<original>` with the factors
   they share, the fused plan and its scale: the module as it was loaded;
 - a module that is a whole original module by itself (a rename): `diffusion_model.<original>`;
+- a module that is exactly the rows ComfyUI names by a key of their own (Flux.1's fused single-block to_qkv, rows
+  [0, 3 · hidden) of linear1): `diffusion_model.single_blocks.N.linear1_qkv`;
 - a module ComfyUI's key map names by its diffusers path (`COMFYUI_PATHS`: to_q / to_k / to_v, add_*_proj,
   attn2, proj_mlp, the swapped adaLN projections, SD3's patch embedding): `transformer.<path>`. ComfyUI applies
   it to that module's rows of its fused weight (an offset) or through its (shift, scale) swap, as diffusers
@@ -125,7 +127,7 @@ def sort_modules(modules: list[ExportModule], nm: DitNameMap) -> Sorted:
         else:
             pieces.setdefault((m.origin, m.shares), []).append(m)
     for (origin, _), group in pieces.items():
-        target = nm.originals.get(origin or "")
+        target = nm.target(origin or "")
         if target is not None and {m.path: m.rows for m in group} == layer_rows(target):
             order = [p.path for p in target.pieces]
             out.groups.append((target, sorted(group, key=lambda m: order.index(m.path))))
@@ -208,10 +210,14 @@ def _off_edges(m: ExportModule, fmt: str, why: str) -> str:
 # ---------------------------------------------------------------------------------- comfyui
 def comfyui_path_name(path: str, nm: DitNameMap, family: str) -> str | None:
     """ComfyUI's name for the transformer module `path` held whole: its original's, where that original is the
-    module itself, else the diffusers path where ComfyUI's key map has it, else None."""
+    module itself, else ComfyUI's name for exactly its rows of an original (Flux.1's fused to_qkv:
+    `single_blocks.N.linear1_qkv`), else the diffusers path where ComfyUI's key map has it, else None."""
     origin = nm.covering.get(path)
     if origin is not None and nm.originals[origin].is_rename:
         return ORIGINAL_PREFIX + origin
+    row_name = nm.row_name_of(path)
+    if row_name is not None:
+        return ORIGINAL_PREFIX + row_name
     if any(re.fullmatch(p, path) for p in COMFYUI_PATHS[family]):
         return PATH_PREFIX + path
     return None

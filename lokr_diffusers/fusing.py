@@ -1,10 +1,10 @@
 """What a layer's base weight holds for a list of fused adapters, and the weight without them.
 
-A layer's fused adapters live in its base weight (docs/adapters.md: W_phys = fold(W, fused)). To
-change that list, the weight without our adapters is needed: a copy of it is taken at the first
-fuse (where it lives: below), and each fused adapter keeps the tensors it was fused with (`Frozen`: the factors only, small),
-so the fused weight can be rebuilt exactly. If something else changed the weight since (a LoRA fused
-by diffusers after us), that change is kept: W = copy + (weight now − what we wrote). Whether it
+A layer's fused adapters live in its base weight (docs/adapters.md: W_phys = fold(W, fused)). To change
+that list, the weight without our adapters is needed: a copy of it is taken at the first fuse (where it
+lives: below), and each fused adapter keeps the tensors it was fused with (`Frozen`: the factors only,
+small), so the fused weight can be rebuilt exactly. If something else changed the weight since (a LoRA
+fused by diffusers after us), that change is kept: W = copy + (weight now − what we wrote). Whether it
 changed is first asked of a fingerprint of what we wrote (each output row times a fixed random vector:
 one read of the weight, any change to a row moves its number); only a different fingerprint pays for
 rebuilding what we wrote and comparing it exactly.

@@ -29,6 +29,7 @@ from . import functional as LF
 from . import paths, quantized, reuse
 from . import state as S
 from .config import LoKrConfig
+from .errors import AdapterFusedError
 from .fusing import Frozen, FusedWeight
 
 logger = logging.getLogger(__name__)
@@ -613,9 +614,9 @@ class LoKrLayer(nn.Module):
             return
         for a in self.state.fused_names:
             if any(t.requires_grad for t in self.factors(a).values()):
-                raise RuntimeError(f"adapter {a!r} is fused into the base weights, so training cannot reach its "
-                                   "factors; unfuse it first (pipe.unfuse_lokr() / model.unmerge_adapter()) or "
-                                   "freeze it (requires_grad_(False))")
+                raise AdapterFusedError(f"adapter {a!r} is fused into the base weights, so training cannot reach "
+                                        "its factors; unfuse it first (pipe.unfuse_lokr() / model.unmerge_adapter()) "
+                                        "or freeze it (requires_grad_(False))")
 
     def _choose_bypass(self, adapter_name: str, x: Tensor, tokens: int, direct: bool) -> bool:
         if not self._can_bypass():

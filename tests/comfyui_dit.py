@@ -8,7 +8,8 @@ rows of diffusers Linears in the original's order, by hand per family (ComfyUI's
 mmdit_to_diffusers, z_image_to_diffusers say the same). A key `diffusion_model.<original>` patches that whole
 weight; `transformer.<diffusers path>` patches that Linear's rows of its original (an offset: the heights of the
 parts before it), or, for a one-Linear swapped original (an adaLN projection), the whole weight with ΔW swapped
-into the original's (shift, scale) order. Text encoders: `text_encoders.<clip_l|clip_g|t5xxl>.transformer.<path>`,
+into the original's (shift, scale) order; Flux's `diffusion_model.single_blocks.N.linear1_qkv` patches rows
+[0, 3 · hidden) of linear1. Text encoders: `text_encoders.<clip_l|clip_g|t5xxl>.transformer.<path>`,
 `text_encoders.<qwen3_4b|qwen3_8b>.transformer.model.<path>` and, for a non-CLIP encoder, the same without the
 wrapper name.
 """
@@ -132,6 +133,16 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
     return out
 
 
+# Names ComfyUI's key map gives to the first rows of an original (comfy/lora.py model_lora_keys_unet, Flux models:
+# every `<x>.linear1.weight` also answers to `<x>.linear1_qkv`, rows [0, 3 · hidden_size) of it: q, k and v).
+def _row_name(family: str, model: nn.Module, o: str) -> tuple[str, int] | None:
+    """(original, rows) for a ComfyUI row name, None for any other name."""
+    if family == "flux" and o.startswith("single_blocks.") and o.endswith(".linear1_qkv"):
+        hidden = int(model.config.num_attention_heads * model.config.attention_head_dim)
+        return o.removesuffix("_qkv"), 3 * hidden
+    return None
+
+
 # Diffusers paths ComfyUI's key map does NOT take under `transformer.` (flux_to_diffusers was written for
 # Flux.1: Flux.2's global modulation and time_guidance_embed are reached by their original names only).
 NOT_BY_PATH = ("time_guidance_embed.", "double_stream_modulation_", "single_stream_modulation.")
@@ -161,6 +172,11 @@ def comfyui_transformer(model: nn.Module, family: str, sd: dict[str, Tensor], st
     for name, tensors in _group({k: v for k, v in sd.items() if not k.startswith("text_encoders.")}).items():
         if name.startswith("diffusion_model."):
             o = name.removeprefix("diffusion_model.")
+            head = _row_name(family, model, o)
+            if head is not None:  # the LoKr on rows [0, n) of the original, as one weight of n rows
+                o, n = head
+                weights[o][:n] = consumer_weight(weights[o][:n].clone(), tensors, strength, comfyui_dora=True)
+                continue
             assert o in originals, f"ComfyUI has no module {o}"
             weights[o] = consumer_weight(weights[o], tensors, strength, comfyui_dora=True)
             continue

@@ -122,3 +122,58 @@ def test_inspect_a_lora_file_says_what_it_is(tmp_path, capsys: pytest.CaptureFix
     assert main(["inspect", path, "--base", "sd15"]) == 0
     out = capsys.readouterr().out
     assert "0 LoKr modules, 1 LoRA modules" in out and "load it with pipe.load_lora_weights" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_comfyui_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What `lokr-diffusers demo` exports, without its training: the tiny SD pipeline of lokr_diffusers/tiny.py
+    with a LoKr on the demo's targets (r 4, alpha 2, random factors), saved with format="comfyui"."""
+    from lokr_diffusers import LoKrConfig, add_lokr
+    from lokr_diffusers.demo import TINY_EXTRA_TARGETS
+    from lokr_diffusers.export import save_lokr_weights
+    from lokr_diffusers.tiny import make_sd_pipeline
+    from lokr_diffusers.training.args import UNET_PRESETS
+
+    pipe = make_sd_pipeline()
+    config = LoKrConfig(r=4, alpha=2.0, target_modules=UNET_PRESETS["full"] + TINY_EXTRA_TARGETS, init_weights=False)
+    add_lokr(pipe, {"unet": config}, "demo")
+    path = str(tmp_path_factory.mktemp("tiny") / "lokr_comfyui.safetensors")
+    return save_lokr_weights(pipe, path, "demo", format="comfyui")
+
+
+def _file_ranks_and_scales(path: str) -> tuple[dict[str, int], list[float]]:
+    """Per module of the file, by the consumers' rule (docs/formats.md §Scale rules), read off its tensors alone:
+    rank = w2_b's rows, else w1_b's, else "full"; scale = alpha / rank with an alpha and a rank, else 1."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(path).items():
+        name, leaf = key.rsplit(".", 1)
+        modules.setdefault(name, {})[leaf] = t
+    ranks: dict[str, int] = {}
+    scales = []
+    for tensors in modules.values():
+        rank = tensors["lokr_w2_b"].shape[0] if "lokr_w2_b" in tensors else \
+            tensors["lokr_w1_b"].shape[0] if "lokr_w1_b" in tensors else None
+        ranks[str(rank or "full")] = ranks.get(str(rank or "full"), 0) + 1
+        scales.append(float(tensors["alpha"]) / rank if "alpha" in tensors and rank else 1.0)
+    return ranks, scales
+
+
+def test_inspect_a_file_of_a_model_of_no_known_size(tiny_comfyui_file: str, capsys: pytest.CaptureFixture[str]
+                                                   ) -> None:
+    """The demo's own export: SD1.x names, shapes of no full-size model. Reported as base model unknown, with its
+    layout, ranks and scales from the file alone, exit 0; --base sd15 still checks it against SD1.x and refuses."""
+    ranks, scales = _file_ranks_and_scales(tiny_comfyui_file)
+    assert main(["inspect", tiny_comfyui_file, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_model"] == "unknown" and info["layout"] == "kohya"
+    assert "SD1.x" in info["base_note"] and "lora_unet_conv_in" in info["base_note"]
+    adapter = info["adapters"]["default"]
+    assert info["modules"] == sum(ranks.values()) and adapter["ranks"] == ranks
+    assert adapter["scale_min"] == pytest.approx(min(scales)) and adapter["scale_max"] == pytest.approx(max(scales))
+    assert adapter["alphas"] and adapter["unmatched_keys"] == 0
+    assert main(["inspect", tiny_comfyui_file]) == 0
+    text = capsys.readouterr().out
+    assert "kohya layout, base model unknown" in text and f"ranks: {ranks}" in text
+    assert f"scale {min(scales):.6g} .. {max(scales):.6g}" in text
+    assert main(["inspect", tiny_comfyui_file, "--base", "sd15"]) == 2
+    assert "lora_unet_conv_in -> unet.conv_in" in capsys.readouterr().err

@@ -432,6 +432,24 @@ def test_openclip_attention_groups_are_completed(tmp_path) -> None:
         torch.testing.assert_close(got[k], out[k], rtol=0, atol=ATOL, msg=k)
 
 
+@pytest.mark.parametrize("targets,warned", [(["text_projection", "layers.0.mlp.fc1"], True),
+                                             (["layers.0.mlp.fc1"], False)], ids=["with projection", "without"])
+def test_sdxl_te2_text_projection_is_written_with_an_a1111_warning(targets: list[str], warned: bool, tmp_path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """SDXL's second text encoder in A1111 is open_clip's, whose text_projection is a bare nn.Parameter, not a
+    layer: A1111's key map (networks.py, built from named_modules) has nothing for lora_te2_text_projection and
+    drops it (logged at debug level only). ComfyUI maps it (comfy/lora.py model_lora_keys_clip), so the export
+    writes it, and says, naming A1111 and the key, that A1111 will not apply it."""
+    pipe = _pipe(True)
+    add_lokr(pipe, {"text_encoder_2": LoKrConfig(r=1, init_weights=False, target_modules=targets)}, A)
+    with caplog.at_level(logging.WARNING, logger="lokr_diffusers"):
+        path = save_lokr_weights(pipe, str(tmp_path / "te2.safetensors"), adapter_name=A)
+    assert ("lora_te2_text_projection" in _modules(load_file(path))) == warned
+    about = [r.getMessage() for r in caplog.records if "text_projection" in r.getMessage()]
+    assert len(about) == warned and all(r.levelno == logging.WARNING for r in caplog.records), about
+    assert all("A1111" in m and "lora_te2_text_projection" in m and "ComfyUI" in m for m in about), about
+
+
 # ----------------------------------------------------------------------------- full-size names
 @pytest.mark.parametrize("arch,base", [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")])
 def test_full_size_names(arch: str, base: str) -> None:

@@ -152,21 +152,59 @@ def test_comfyui_file_of_fused_modules_with_dora(axis: str, tmp_path: Any) -> No
     assert_close(run(back.transformer, "flux"), want, rel=1e-6)
 
 
-def test_comfyui_refuses_a_module_it_has_no_name_for(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """Flux.1 after fuse_qkv_projections(): an adapter on a single block's to_qkv (linear1 is to_qkv's rows and
-    proj_mlp's, ComfyUI's key map has no to_qkv) is refused by name, or left out with strict=False."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_comfyui_names_a_fused_single_block_qkv_as_rows_of_linear1(dora: bool, tmp_path: Any) -> None:
+    """Flux.1 after fuse_qkv_projections(): a single block's to_qkv is rows [0, 3 · hidden) of linear1, which
+    ComfyUI's key map names `diffusion_model.single_blocks.N.linear1_qkv` (comfy/lora.py model_lora_keys_unet).
+    ComfyUI's rule on the file (tests/comfyui_dit.py, on the unfused model ComfyUI's linear1 stands for) gives the
+    pipeline's outputs; our loader reads it back onto a fused pipeline (to_qkv) and an unfused one (q, k, v rows)."""
     pipe = bare_pipeline("flux")
+    base = copy.deepcopy(pipe.transformer)
     pipe.transformer.fuse_qkv_projections()
-    add_lokr(pipe, {"transformer": LoKrConfig(r=2, target_modules=["single_transformer_blocks.0.attn.to_qkv",
-                                                                      "transformer_blocks.0.attn.to_out.0"],
-                                              init_weights=False)}, A)
-    with pytest.raises(ValueError, match=r"single_transformer_blocks\.0\.attn\.to_qkv"):
+    targets = ["single_transformer_blocks.0.attn.to_qkv", "single_transformer_blocks.1.attn.to_qkv",
+               "transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_out.0"]
+    add_lokr(pipe, {"transformer": LoKrConfig(r=2, alpha=3.0, target_modules=targets, init_weights=False)}, A)
+    randomise(pipe.transformer, seed=4)
+    if dora:  # output axis on one single block (rescaled for ComfyUI's rule), input axis on the other
+        for i, axis in enumerate((1, 0)):
+            layer = pipe.transformer.get_submodule(f"single_transformer_blocks.{i}.attn.to_qkv")
+            m = layer.weight.detach().norm(dim=axis, keepdim=True) * 1.2
+            layer.set_adapter_tensors(A, layer.factors(A), layer.scaling[A], r=layer.r[A], alpha=layer.alpha[A],
+                                      dora_scale=m)
+    path = save(pipe, tmp_path, "comfyui")
+    sd = load_file(path)
+    written = ("single_blocks.0.linear1_qkv", "single_blocks.1.linear1_qkv", "double_blocks.0.img_attn.qkv",
+               "double_blocks.0.img_attn.proj")
+    assert names_of(sd) == {f"diffusion_model.{n}" for n in written}
+    want = run(pipe.transformer, "flux")
+    assert_close(want, run(comfyui_transformer(base, "flux", sd), "flux"))
+    fused = bare_pipeline("flux", copy.deepcopy(base))
+    fused.transformer.fuse_qkv_projections()
+    fused.load_lokr_weights(path)
+    assert_close(run(fused.transformer, "flux"), want, rel=1e-6)
+    unfused = bare_pipeline("flux", copy.deepcopy(base))
+    unfused.load_lokr_weights(path, adapter_name=A)
+    assert_close(run(unfused.transformer, "flux"), want)
+    (tmp_path / "again").mkdir()
+    assert names_of(load_file(save(unfused, tmp_path / "again", "comfyui"))) == names_of(sd)  # written back as read
+
+
+def test_comfyui_refuses_a_module_it_has_no_name_for(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Rows of a fused original off W1's block edges, without the rest of their group (an adapter loaded from a
+    linear1 file, then taken off proj_mlp): ComfyUI has no name for part of a Kronecker product's rows. Refused by
+    name, or left out with strict=False."""
+    pipe = bare_pipeline("flux")
+    sd_in, _ = original_file(pipe.transformer, "flux", "comfyui", aligned=False, seed=6)
+    pipe.load_lokr_weights({k: v for k, v in sd_in.items() if ".single_blocks.0.linear1." in k
+                            or ".single_blocks.1.linear2." in k}, adapter_name=A)
+    pipe.transformer.get_submodule("single_transformer_blocks.0.proj_mlp").delete_adapter(A)
+    with pytest.raises(ValueError, match=r"single_transformer_blocks\.0\.attn\.to_k.*block edges"):
         save(pipe, tmp_path, "comfyui")
     assert not os.listdir(tmp_path)
     with caplog.at_level(logging.WARNING, logger="lokr_diffusers"):
         path = save(pipe, tmp_path, "comfyui", strict=False)
-    assert "single_transformer_blocks.0.attn.to_qkv" in caplog.text
-    assert names_of(load_file(path)) == {"diffusion_model.double_blocks.0.img_attn.proj"}
+    assert "single_transformer_blocks.0.attn.to_q" in caplog.text
+    assert names_of(load_file(path)) == {"diffusion_model.single_blocks.1.linear2"}
     with pytest.raises(ValueError, match="transformer is a flux one"):
         save(pipe, tmp_path, "comfyui", base="sd3")
 

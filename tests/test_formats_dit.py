@@ -109,6 +109,12 @@ SPOT: dict[str, list[Expected]] = {
             ("single_transformer_blocks.37.proj_mlp", 9216, 21504, 0)]),
         ("lora_unet_single_blocks_0_linear2", "single_blocks.0.linear2",
          [("single_transformer_blocks.0.proj_out", 0, 3072, 0)]),
+        # ComfyUI's own key for rows [0, 3 · hidden) of linear1 (comfy/lora.py model_lora_keys_unet); not kohya's
+        ("diffusion_model.single_blocks.37.linear1_qkv", "single_blocks.37.linear1_qkv", [
+            ("single_transformer_blocks.37.attn.to_q", 0, 3072, 0),
+            ("single_transformer_blocks.37.attn.to_k", 3072, 6144, 0),
+            ("single_transformer_blocks.37.attn.to_v", 6144, 9216, 0)]),
+        ("lora_unet_single_blocks_0_linear1_qkv", None, []),
         ("lora_unet_single_blocks_5_modulation_lin", "single_blocks.5.modulation.lin",
          [("single_transformer_blocks.5.norm.linear", 0, 9216, 0)]),
         ("lora_unet_double_blocks_3_img_mod_lin", "double_blocks.3.img_mod.lin",
@@ -365,6 +371,23 @@ def fingerprints(model: nn.Module) -> dict[str, dict[str, Tensor]]:
 def test_full_size_rows_go_where_diffusers_converter_puts_them(name: str) -> None:
     model = meta_transformer(name)
     check_converter_splits_back(model, fingerprints(model))
+
+
+@pytest.mark.parametrize("name", ["sd35-medium", "sd35-large"])
+def test_sd3_patch_embedding_conv_is_where_diffusers_converter_puts_x_embedder(name: str) -> None:
+    """The original x_embedder.proj (a Conv2d, so no Linear table row) is diffusers' pos_embed.proj: the converter
+    moves the original's weight there, and the map names pos_embed.proj by it in the comfyui and kohya layouts."""
+    model, nm = meta_transformer(name), name_map(name)
+    marker = torch.arange(7, dtype=torch.float64)
+    ckpt = {**original_checkpoint(nm, fingerprints(model)), **required_extras(model), "x_embedder.proj.weight": marker}
+    assert torch.equal(CONVERTERS[type(model)](ckpt)["pos_embed.proj.weight"], marker)
+    conv = model.get_submodule("pos_embed.proj")
+    assert isinstance(conv, nn.Conv2d)
+    for module_name in ("diffusion_model.x_embedder.proj", "lora_unet_x_embedder_proj"):
+        found = nm.lookup(module_name)
+        assert found is not None, module_name
+        assert found[1].name == "x_embedder.proj" and found[1].is_rename
+        assert [(p.path, p.start, p.stop) for p in found[1].pieces] == [("pos_embed.proj", 0, conv.out_channels)]
 
 
 def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:

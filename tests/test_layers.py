@@ -16,6 +16,7 @@ from torch import nn
 from lokr_diffusers import LoKrConfig
 from lokr_diffusers import functional as LF
 from lokr_diffusers.layers import Conv1d, Conv2d, Linear, LoKrLayer
+from lokr_diffusers.training.errors import AdapterFusedError
 
 LAYERS = {  # id: (base layer factory, wrapper, input shape)
     "linear": (lambda: nn.Linear(48, 40), Linear, (2, 5, 48)),
@@ -112,6 +113,20 @@ def test_merge_equals_unmerged_and_unmerge_restores_bits(kind: str) -> None:
         layer.unmerge()
     assert torch.equal(layer.base_layer.weight, original)  # bit for bit
     assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d_3x3_s2"])
+def test_training_through_a_fused_adapter_raises_adapter_fused_error(kind: str) -> None:
+    """A fused adapter's factors no longer act on their own: a forward that would train them says so with the
+    package's AdapterFusedError (a RuntimeError, naming the adapter), before any backward."""
+    layer, _, shape = _layer(kind, CONFIGS["lowrank"])
+    layer.merge()
+    weight = layer.base_layer.weight.detach().clone()
+    with pytest.raises(AdapterFusedError, match=r"adapter 'default' is fused into the base weights.*unfuse it"):
+        layer(torch.randn(shape))
+    assert torch.equal(layer.base_layer.weight, weight)
+    with torch.no_grad():  # inference through the fused adapter is fine
+        layer(torch.randn(shape))
 
 
 def test_safe_merge_refuses_non_finite() -> None:

@@ -307,6 +307,44 @@ def per_module_file(model: nn.Module, family: str, layout: str, seed: int = 40
     return sd, modules
 
 
+# SD3's patch embedding x_embedder.proj (diffusers' pos_embed.proj; tiny: Conv2d 4 -> 16, kernel 2 x 2, so
+# W (16, 4, 2, 2) = W1 (4, 2) ⊗ W2 (4, 2, 2, 2)) by its original names: ComfyUI's generic key for every weight of
+# its model (comfy/lora.py model_lora_keys_unet: diffusion_model.<key>, lora_unet_<key underscored>) and kohya's SD3
+# trainer, which names it lora_unet_x_embedder_proj when it trains the embedders (networks/lora_sd3.py, emb_dims).
+def _conv_factors(style: str, seed: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g) * 0.3
+
+    if style == "w2 low-rank":  # w2_b stored flattened (r, in_n·kh·kw), as LyCORIS writes it
+        return {"lokr_w1": r(4, 2), "lokr_w2_a": r(4, 2), "lokr_w2_b": r(2, 2 * 2 * 2), "alpha": torch.tensor(3.0)}
+    if style == "tucker":
+        return {"lokr_w1": r(4, 2), "lokr_t2": r(2, 2, 2, 2), "lokr_w2_a": r(2, 4), "lokr_w2_b": r(2, 2),
+                "alpha": torch.tensor(1.5)}
+    return {"lokr_w1": r(4, 2), "lokr_w2": r(4, 2, 2, 2), "alpha": torch.tensor(5.0)}  # both full: alpha ignored
+
+
+@pytest.mark.parametrize("name", ["diffusion_model.x_embedder.proj", "lora_unet_x_embedder_proj"])
+@pytest.mark.parametrize("style", ["w2 low-rank", "tucker", "both full"])
+def test_sd3_patch_embedding_conv_by_its_original_name(name: str, style: str) -> None:
+    from comfyui_dit import comfyui_transformer
+
+    pipe = bare_pipeline("sd3")
+    base = copy.deepcopy(pipe.transformer)
+    assert isinstance(base.pos_embed.proj, nn.Conv2d)
+    tensors = _conv_factors(style, seed=len(style))
+    pipe.load_lokr_weights({f"{name}.{k}": v for k, v in tensors.items()})
+    comfy = comfyui_transformer(base, "sd3", {f"diffusion_model.x_embedder.proj.{k}": v for k, v in tensors.items()})
+    layer = pipe.transformer.pos_embed.proj
+    with torch.no_grad():
+        got = layer.base_weight() + layer.get_delta_weight(layer.active_adapters[0])
+    want = comfy.pos_embed.proj.weight.detach()
+    assert not torch.allclose(want, base.pos_embed.proj.weight)
+    assert_close(got, want)
+    assert_close(run(pipe.transformer, "sd3"), run(comfy, "sd3"))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", DIFFUSERS_LAYOUTS)
 def test_diffusers_path_layouts(family: str, layout: str) -> None:

@@ -25,6 +25,7 @@ from state_sources import COMPS, UNET, base_pipe, lokr_files, lora_file
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrConfig, LoKrModel, add_lokr, lokr_layers
+from lokr_diffusers.training.errors import AdapterFusedError
 
 NAN, INF = float("nan"), float("inf")
 
@@ -225,7 +226,7 @@ MISUSE: list[tuple[str, tuple[str, ...], Callable[[Any], Any], type[BaseExceptio
     ("model-inject-twice", ("a",), lambda p: LoKrModel(p.unet, LoKrConfig(target_modules=["to_k"]), "a"), ValueError,
      "already exists"),
     # calls
-    ("train-after-fuse", ("a", "fused"), _train_after_fuse, RuntimeError, "is fused into the base weights"),
+    ("train-after-fuse", ("a", "fused"), _train_after_fuse, AdapterFusedError, "is fused into the base weights"),
     ("call-scale-nan", ("a",), lambda p: _outputs(p, call_scale=NAN), ValueError, "finite"),
     ("call-scale-string", ("a",), lambda p: p.unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 8, 32),
                                                     cross_attention_kwargs={"scale": "x"}), ValueError, "finite"),

@@ -12,6 +12,7 @@ kills itself inside `checkpoint.save`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from lokr_diffusers import LoKrConfig, LoKrModel
@@ -162,6 +164,33 @@ def _write(name: str, data: bytes) -> Callable[[Path], None]:
     return lambda folder: (folder / name).write_bytes(data)
 
 
+def _rot(name: str) -> Callable[[Path], None]:
+    """Overwrite one tensor's bytes inside `name` with NaN, the file's size unchanged (a bad disk block, a bit
+    flip in a copy): the file still parses, only its contents say it changed. The tensor is the adapter's first
+    one, or the optimizer's exp_avg of its first parameter, found in the file by its bytes."""
+    def damage(folder: Path) -> None:
+        path = folder / name
+        data = path.read_bytes()
+        if name.endswith(".safetensors"):
+            tensor = next(iter(load_file(str(path)).values()))
+        else:
+            tensor = torch.load(path, weights_only=True)["state"][0]["exp_avg"]
+        raw = tensor.contiguous().numpy().tobytes()
+        at = data.find(raw)
+        assert at >= 0 and data.find(raw, at + 1) < 0, f"{name}: the tensor's bytes are not in the file once"
+        nan = torch.full_like(tensor, float("nan")).numpy().tobytes()
+        path.write_bytes(data[:at] + nan + data[at + len(raw):])
+        assert len(path.read_bytes()) == len(data)
+    return damage
+
+
+def _strip_hashes(folder: Path) -> None:
+    """state.json as checkpoints written before hashes were recorded had it: the step, the tensor count, sizes."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    state.pop("sha256", None)
+    (folder / "state.json").write_text(json.dumps(state), encoding="utf-8")
+
+
 # ------------------------------------------------------------------------- arguments (exit 2, one line)
 
 ARGUMENT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
@@ -222,6 +251,10 @@ ARGUMENT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("resume_truncated_adapter", lambda c: c.base("--resume_from_checkpoint",
                                                   c.checkpoint(_truncate("adapter.safetensors"))),
      "adapter.safetensors has"),
+    ("resume_rotten_optimizer", lambda c: c.base("--resume_from_checkpoint", c.checkpoint(_rot("optimizer.pt"))),
+     "optimizer.pt: its sha256 differs from the one state.json recorded"),
+    ("resume_rotten_adapter", lambda c: c.base("--resume_from_checkpoint", c.checkpoint(_rot("adapter.safetensors"))),
+     "adapter.safetensors: its sha256 differs from the one state.json recorded"),
     ("resume_bad_state_json", lambda c: c.base("--resume_from_checkpoint", c.checkpoint(_write("state.json", b"{"))),
      "state.json: unreadable"),
     ("resume_state_without_step", lambda c: c.base("--resume_from_checkpoint",
@@ -432,6 +465,12 @@ LATEST_CASES: list[tuple[str, Callable[[Ctx], None], str | None, str]] = [
      "checkpoint-1", "truncated or changed"),
     ("skips_truncated_scheduler", lambda c: c.checkpoint(_truncate("scheduler.pt"), "checkpoint-2"), "checkpoint-1",
      "scheduler.pt has"),
+    ("skips_rotten_optimizer", lambda c: c.checkpoint(_rot("optimizer.pt"), "checkpoint-2"), "checkpoint-1",
+     "optimizer.pt: its sha256 differs from the one state.json recorded"),
+    ("skips_rotten_adapter", lambda c: c.checkpoint(_rot("adapter.safetensors"), "checkpoint-2"), "checkpoint-1",
+     "checkpoint-2/adapter.safetensors: its sha256 differs"),
+    ("skips_rotten_scheduler", lambda c: c.checkpoint(_write("scheduler.pt", _flipped(c.template / "scheduler.pt")),
+                                                      "checkpoint-2"), "checkpoint-1", "scheduler.pt: its sha256"),
     ("skips_empty_folder", lambda c: (c.out / "checkpoint-3").mkdir(), "checkpoint-1", "skipping checkpoint-3"),
     ("none_complete", lambda c: shutil.rmtree(c.out / "checkpoint-1") or c.checkpoint(_remove("state.json")),
      None, "skipping checkpoint-1"),
@@ -451,6 +490,56 @@ def test_latest_is_the_newest_complete_checkpoint(ctx: Ctx, caplog: pytest.LogCa
     assert _snapshot(ctx.tmp) == before  # choosing reads only
 
 
+def _flipped(path: Path) -> bytes:
+    """The file's bytes with one bit of its last byte flipped (same size)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    return bytes(data)
+
+
+def test_checkpoint_records_each_file_sha256(ctx: Ctx) -> None:
+    folder = Path(ctx.checkpoint())
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    names = ("adapter.safetensors", "optimizer.pt", "scheduler.pt")
+    assert state["sha256"] == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_checkpoint_without_hashes_still_resumes(ctx: Ctx, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint written before hashes were recorded (state.json without "sha256") is checked by size, as then."""
+    folder = ctx.checkpoint(_strip_hashes)
+    caplog.set_level(logging.WARNING, logger="lokr_diffusers")
+    assert checkpoint.resolve(str(ctx.out), "latest") == folder
+    assert checkpoint.resolve(str(ctx.out), "checkpoint-1") == folder
+    assert not caplog.records
+    model, optimizer, scheduler = _tiny_model()
+    with torch.no_grad():  # other values than the checkpoint's, so that loading shows
+        for p in optimizer.param_groups[0]["params"]:
+            p.add_(1.0)
+    assert checkpoint.load(folder, {"m": model}, "default", optimizer, scheduler) == 1
+    saved = load_file(os.path.join(folder, "adapter.safetensors"))
+    factors = {f"m.{path}.{k}": t for path, layer in lokr_layers(model) for k, t in layer.factors("default").items()}
+    assert factors.keys() == saved.keys() and all(torch.equal(t, saved[k]) for k, t in factors.items())
+
+
+def test_resume_latest_skips_a_rotten_checkpoint(tmp_path: Path, tiny_sd_dir: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Through `train`: checkpoint-2's optimizer state rots (a tensor of NaN, size unchanged); resuming with
+    `latest` warns, naming the file, resumes from checkpoint-1 and ends with finite weights."""
+    c = Ctx(tmp_path, tiny_sd_dir, Path())
+    _folder(Path(c.data()))
+    train(parse("t", False, c.base("--max_train_steps", "2", "--checkpointing_steps", "1")))
+    _rot("optimizer.pt")(c.out / "checkpoint-2")
+    caplog.set_level(logging.INFO, logger="lokr_diffusers")
+    result = train(parse("t", False, c.base("--max_train_steps", "3", "--checkpointing_steps", "1",
+                                            "--resume_from_checkpoint", "latest")))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint-2" in m and "optimizer.pt: its sha256 differs" in m for m in messages), messages
+    assert any(f"resumed from {c.out / 'checkpoint-1'} at step 1" in m for m in messages), messages
+    adapter = load_file(result.files["lokr"])
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values() if t.is_floating_point())
+    assert checkpoint.read_state(str(c.out / "checkpoint-3"))["global_step"] == 3
+
+
 # ----------------------------------------------------------------------- checkpoints: loading a wrong one
 
 # (id, damage to checkpoint-1 or None, the config of the run that resumes, error fragment)
@@ -459,6 +548,8 @@ LOAD_CASES: list[tuple[str, Callable[[Path], None] | None, dict[str, Any], str]]
     ("other_tensors", None, {"r": 4}, "of this run's tensors are not in it"),
     ("old_format_truncated_optimizer", lambda f: (_truncate("optimizer.pt")(f), _write(
         "state.json", b'{"global_step": 1}')(f)), {}, "a file is corrupt"),
+    ("rotten_adapter", _rot("adapter.safetensors"), {}, "adapter.safetensors: its sha256 differs"),
+    ("rotten_optimizer", _rot("optimizer.pt"), {}, "optimizer.pt: its sha256 differs"),
     ("optimizer_of_another_run", lambda f: torch.save({"state": {}, "param_groups": []}, f / "optimizer.pt")
      or _write("state.json", b'{"global_step": 1}')(f), {}, "does not fit this run's optimizer"),
 ]

@@ -18,6 +18,11 @@ The layouts (docs/formats.md §Key layouts), with `u(x)` = x with dots turned in
 | diffusers | transformer.{p}            | diffusers / PEFT                                       |
 | onetrainer| lora_transformer_{u(p)}    | OneTrainer (Flux.1, SD3; ComfyUI's model_lora_keys_unet) |
 
+The adaptable convs of a family (SD3's patch embedding `x_embedder.proj` = diffusers' `pos_embed.proj`) are
+renames named in the original layouts too (`DitNameMap.convs`); everything else here is about Linears. ComfyUI's
+names for rows of an original (`single_blocks.N.linear1_qkv`: q, k, v of Flux.1's linear1) are read in the
+comfyui layout only (`DitNameMap.row_names`); they cover no Linear in `covering`, which stays the originals'.
+
 Where the original and the diffusers path coincide (most of Z-Image), `diffusion_model.x` names one
 module in both layouts and is kept under the first (comfyui). After diffusers' `fuse_qkv_projections()`
 the fused `to_qkv` / `to_added_qkv` take the place of to_q/k/v (which the processors then skip): a `qkv`
@@ -88,11 +93,21 @@ class DitNameMap:
     names: dict[str, tuple[str, Target]] = field(default_factory=dict)  # file module name -> (layout, target)
     ambiguous: set[str] = field(default_factory=set)
     covering: dict[str, str] = field(default_factory=dict)  # diffusers path -> the original holding its rows
+    convs: dict[str, Target] = field(default_factory=dict)  # original -> its conv (a rename; in_features: in / groups)
+    row_names: dict[str, Target] = field(default_factory=dict)  # ComfyUI's name for rows of an original -> them
 
     @property
     def unnamed(self) -> list[str]:
         """Linears no original name covers (to_q/k/v beside a diffusers-fused to_qkv, unknown modules)."""
         return [p for p in self.linears if p not in self.covering]
+
+    def target(self, name: str) -> Target | None:
+        """The Target an original name or a ComfyUI row name (`single_blocks.0.linear1_qkv`) stands for."""
+        return self.originals.get(name) or self.row_names.get(name)
+
+    def row_name_of(self, path: str) -> str | None:
+        """The ComfyUI row name that is exactly the Linear `path` (Flux.1's fused to_qkv), or None."""
+        return next((n for n, t in self.row_names.items() if t.is_rename and t.pieces[0].path == path), None)
 
     def lookup(self, name: str) -> tuple[str, Target] | None:
         """(layout, target) for a module name as a file gives it (no `.lokr_w1` suffix), or None."""
@@ -215,6 +230,44 @@ def diffusers_fused_name(target: Target, linears: Mapping[str, tuple[int, int]])
     return None
 
 
+def _convs(family: Family, model: nn.Module) -> dict[str, Target]:
+    """original -> Target for the family's adaptable convs the model has (seen through a LoKr / PEFT wrapper):
+    one piece, all the conv's output channels."""
+    out: dict[str, Target] = {}
+    for original, path in family.convs:
+        try:
+            conv = model.get_submodule(path)
+        except AttributeError:
+            continue  # not in this model
+        while not isinstance(conv, nn.Conv2d) and isinstance(getattr(conv, "base_layer", None), nn.Module):
+            conv = getattr(conv, "base_layer")  # noqa: B009  (typed as Module, not Tensor | Module)
+        if isinstance(conv, nn.Conv2d):
+            out[original] = Target(original, conv.in_channels // conv.groups, (Piece(path, 0, conv.out_channels),))
+    return out
+
+
+def _head(name: str, target: Target, stop: int) -> Target:
+    """Rows [0, stop) of `target` as a Target of their own, its pieces cut at `stop`."""
+    pieces = tuple(Piece(p.path, p.start, min(p.stop, stop), p.src_start) for p in target.pieces if p.start < stop)
+    if not pieces or pieces[-1].stop != stop:
+        raise ValueError(f"{name}: rows [0, {stop}) do not fit {target.name} ({target.out_features} rows)")
+    return Target(name, target.in_features, pieces)
+
+
+def _row_names(family: Family, model: nn.Module, originals: Mapping[str, Target]) -> dict[str, Target]:
+    """ComfyUI's row names (dit_tables.RowName) -> their rows, for the originals the model has."""
+    config = getattr(model, "config", None)
+    out: dict[str, Target] = {}
+    for rn in family.row_names:
+        count = config[rn.blocks] if isinstance(config, Mapping) else 0
+        for i in range(count if isinstance(count, int) else 0):
+            original = originals.get(rn.original.format(i=i))
+            if original is not None:
+                name = rn.name.format(i=i)
+                out[name] = _head(name, original, rn.height * original.in_features)
+    return out
+
+
 def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
     if name in names.names and names.names[name][1] != target:
         names.ambiguous.add(name)
@@ -222,7 +275,8 @@ def _add(names: DitNameMap, layout: str, name: str, target: Target) -> None:
 
 
 def dit_name_map(model: nn.Module) -> DitNameMap:
-    """The name map of a diffusers Flux / Flux.2 / SD3 / Z-Image transformer (any size, any device).
+    """The name map of a diffusers Flux / Flux.2 / SD3 / Z-Image transformer (any size, any device): its Linears
+    and its adaptable convs.
 
     Raises:
         TypeError: not one of the four transformer classes (or no config).
@@ -233,14 +287,22 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
         raise TypeError(f"{type(model).__name__} is not one of {sorted(FAMILIES)}")
     linears = {p: (m.out_features, m.in_features) for p, m in iter_linears(model)}
     result = DitNameMap(family.name, linears, _originals(family, model, linears))
+    result.row_names = _row_names(family, model, result.originals)
     for original, target in result.originals.items():
         for piece in target.pieces:
             result.covering[piece.path] = original
         for layout, template in ORIGINAL_LAYOUTS:
             _add(result, layout, _form(template, original), target)
+    for row_name, target in result.row_names.items():  # ComfyUI's own key: its layout only
+        _add(result, ORIGINAL_LAYOUTS[0][0], _form(ORIGINAL_LAYOUTS[0][1], row_name), target)
+    for target in (*result.originals.values(), *result.row_names.values()):
         fused = diffusers_fused_name(target, linears) if family.fusable else None
         if fused is not None:  # diffusers' name for the qkv it would fuse (read only in the diffusers layout)
             _add(result, "diffusers", _form(DIFFUSERS_FUSED_TEMPLATE, fused), target)
+    result.convs = _convs(family, model)
+    for original, target in result.convs.items():  # diffusers-path names: names.py, as for any module
+        for layout, template in ORIGINAL_LAYOUTS:
+            _add(result, layout, _form(template, original), target)
     for path, (out, in_) in linears.items():
         own = Target(path, in_, (Piece(path, 0, out),))
         for layout, template in DIFFUSERS_LAYOUTS:

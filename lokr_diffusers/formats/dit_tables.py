@@ -4,7 +4,8 @@ Each `Rule` says: the original module `original` (the name in the BFL / Stabilit
 the one ComfyUI and kohya use) has as rows, in order, the rows of the diffusers Linears `parts`. One part
 is a rename; several parts are a fused original weight (`qkv` = q, k, v rows; Flux.1's `linear1` = q, k,
 v and the MLP's input rows). `swap` marks an adaLN projection whose two halves are (shift, scale) in the
-original and (scale, shift) in diffusers: original rows [0, h) are diffusers rows [h, 2h) and back.
+original and (scale, shift) in diffusers: original rows [0, h) are diffusers rows [h, 2h) and back. A `RowName`
+is a name ComfyUI gives to the first rows of an original (Flux.1's `single_blocks.N.linear1_qkv`).
 
 Where the facts come from (read, never copied; each table names its sources):
 - diffusers 0.42.1 `loaders/single_file_utils.py`: convert_flux_transformer_checkpoint_to_diffusers,
@@ -43,14 +44,29 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class RowName:
+    """A name ComfyUI's key map gives to the first rows of an original, which no checkpoint holds as a module:
+    `name` is rows [0, `height` · in_features) of `original` (templates over the block index {i})."""
+
+    name: str
+    original: str
+    height: int  # in units of the original's in_features (Flux.1: hidden_size)
+    blocks: str  # the config key giving how many blocks {i} runs over
+
+
+@dataclass(frozen=True)
 class Family:
     """One transformer class's table. `fusable`: diffusers' `fuse_qkv_projections()` makes its attention
     processors use `to_qkv` / `to_added_qkv` instead of to_q/k/v (False for Z-Image: its processor
-    always calls to_q, to_k, to_v)."""
+    always calls to_q, to_k, to_v). `convs`: (original, diffusers path) of the adaptable convs, each a plain
+    rename (no rows to split, no swap); the rules above are Linears only. `row_names`: ComfyUI's names for rows of
+    an original (RowName)."""
 
     name: str
     rules: tuple[Rule, ...]
     fusable: bool
+    convs: tuple[tuple[str, str], ...] = ()
+    row_names: tuple[RowName, ...] = ()
 
 
 def _blocks(count_key: str, original: str, diffusers: str, pairs: tuple[tuple[str, tuple[str, ...]], ...],
@@ -105,7 +121,13 @@ FLUX = Family("flux", (
         ("linear1", (*QKV, "proj_mlp")),
         ("linear2", ("proj_out",)),
     )),
-), fusable=True)
+), fusable=True, row_names=(
+    # ComfyUI comfy/lora.py model_lora_keys_unet (Flux models): every `<x>.linear1.weight` also answers to
+    # `<x>.linear1_qkv`, rows (0, 0, hidden_size * 3) of it: q, k, v, which diffusers' fuse_qkv_projections() puts in
+    # one Linear (attn.to_qkv). Flux.2 has the key too (its model subclasses Flux), but there the rows are part of
+    # one diffusers Linear (to_qkv_mlp_proj), which no LoKr on a diffusers module can hold: Flux.1 only.
+    RowName("single_blocks.{i}.linear1_qkv", "single_blocks.{i}.linear1", 3, "num_single_layers"),
+))
 
 # Flux.2 / Klein (Flux2TransformerBlock). convert_flux2_transformer_checkpoint_to_diffusers: double-block
 # qkv chunked in 3; single blocks already fused in diffusers (linear1 = attn.to_qkv_mlp_proj, linear2 =
@@ -143,7 +165,9 @@ FLUX2 = Family("flux2", (
 # chunked in 3; the last block's context_block has no attn.proj and no mlp (context pre-only) and its
 # adaLN_modulation.1 is swapped (AdaLayerNormContinuous, 2 * dim rows), as is final_layer's; attn2
 # (SD3.5-medium's dual attention) only in the blocks that have it. ComfyUI mmdit_to_diffusers: the same.
-# x_embedder.proj (pos_embed.proj) is a Conv2d, not a Linear: not in this table.
+# x_embedder.proj (pos_embed.proj, the patch embedding) is a Conv2d: in `convs`, a rename (the converter's
+# pos_embed.proj.weight = x_embedder.proj.weight; ComfyUI MMDIT_MAP_BASIC the same; kohya's lora_sd3.py trains it
+# as lora_unet_x_embedder_proj when emb_dims asks for the embedders).
 _SD3_BLOCK = (
     ("x_block.attn.qkv", QKV),
     ("context_block.attn.qkv", ADD_QKV),
@@ -172,7 +196,7 @@ SD3 = Family("sd3", (
              (("context_block.adaLN_modulation.1", ("norm1_context.linear",)),), only="not_last"),
     *_blocks("num_layers", "joint_blocks", "transformer_blocks",
              (("context_block.adaLN_modulation.1", ("norm1_context.linear",)),), only="last", swap=True),
-), fusable=True)
+), fusable=True, convs=(("x_embedder.proj", "pos_embed.proj"),))
 
 # Z-Image (ZImageTransformer2DModel; the original is Lumina-2's NextDiT). convert_z_image_transformer_
 # checkpoint_to_diffusers: attention.qkv chunked in 3, attention.out -> attention.to_out.0,

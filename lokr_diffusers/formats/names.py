@@ -160,8 +160,8 @@ def _add(index: NameIndex, name: str, layout: str, ref: ModuleRef | FusedRef) ->
 
 def _add_dit(index: NameIndex, model: nn.Module) -> None:
     """A Flux / Flux.2 / SD3 / Z-Image transformer: every Linear by its diffusers path and by its original
-    name (formats/dit.py); a fused original becomes a FusedRef. Other adaptable modules (SD3's patch-embedding
-    Conv2d) get the diffusers-path names."""
+    name (formats/dit.py); a fused original becomes a FusedRef. Other adaptable modules get the diffusers-path
+    names (and SD3's patch-embedding Conv2d its original names, from the map's `convs`)."""
     nm = dit_name_map(model)
     for name, (layout, target) in nm.names.items():
         piece = target.pieces[0]

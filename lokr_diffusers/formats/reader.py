@@ -160,9 +160,58 @@ def _parse(file: LoadedFile, index: NameIndex) -> ParsedFile:
     if file.metadata.get(DORA_RULE_KEY) == DORA_RULE_COMFYUI:
         for e in entries:
             _undo_comfyui_dora(e, index)
-    rule = "exact" if any("lokr_scale" in t for t in groups.values()) else \
-        "peft" if peft_config is not None and any("alpha" not in t for t in groups.values()) else "consumer"
-    return ParsedFile(entries, lora, sorted(unmatched), ignored, file.layout, rule)
+    return ParsedFile(entries, lora, sorted(unmatched), ignored, file.layout, _rule(groups, peft_config))
+
+
+def _rule(groups: Mapping[str, Mapping[str, Tensor]], peft_config: LoKrConfig | None) -> str:
+    """How the file's scales are read: "exact" (lokr_scale), "peft" (adapter_config.json), "consumer" (alpha / rank)."""
+    if any("lokr_scale" in t for t in groups.values()):
+        return "exact"
+    return "peft" if peft_config is not None and any("alpha" not in t for t in groups.values()) else "consumer"
+
+
+def own_shape(factors: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """The weight shape a module's factors describe by themselves, (out_l·out_k, in_m·in_n[, kernel]), for a file
+    read without a model. A conv's W2 stored flattened (w2_b (r, in_n·kh·kw)) reads as a Linear of in_n·kh·kw
+    inputs: its plan has the same ranks. ValueError when W1 or W2 is missing."""
+    f = factors
+    if not ("lokr_w1" in f or {"lokr_w1_a", "lokr_w1_b"} <= f.keys()) or \
+            not ("lokr_w2" in f or {"lokr_w2_a", "lokr_w2_b"} <= f.keys()):
+        raise ValueError("needs W1 (lokr_w1, or lokr_w1_a and lokr_w1_b) and W2 (lokr_w2, or lokr_w2_a and lokr_w2_b)")
+    out_l = int((f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"]).shape[0])
+    in_m = int((f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_b"]).shape[-1])
+    kernel: list[int] = []
+    if "lokr_w2" in f:
+        out_k, in_n, *kernel = (int(d) for d in f["lokr_w2"].shape)
+    elif "lokr_t2" in f:  # Tucker: w2_a (r, out_k), w2_b (r, in_n), t2 (r, r, *kernel)
+        out_k, in_n, kernel = int(f["lokr_w2_a"].shape[-1]), int(f["lokr_w2_b"].shape[-1]), list(f["lokr_t2"].shape[2:])
+    else:  # w2_a (out_k, r), w2_b (r, in_n[·kh·kw])
+        out_k, in_n = int(f["lokr_w2_a"].shape[0]), int(f["lokr_w2_b"].shape[-1])
+    return (out_l * out_k, in_m * in_n, *kernel)
+
+
+def parse_unplaced(file: LoadedFile) -> ParsedFile:
+    """The file's LoKr modules read by themselves, for a file whose base model is unknown: plans from the
+    tensors' own shapes (`own_shape`), scales by the producer's rule (`file.peft_config` for PEFT modules).
+    Entries name the file's modules (ModuleRef("", module name)); keys of modules without factors are
+    `unmatched`. ValueError names a module whose tensors do not fit together."""
+    check_tensors(file.tensors)
+    groups, lora, unmatched = group_modules(file.tensors)
+    peft_config = _peft_config(file)
+    entries: list[LoadEntry] = []
+    for name, tensors in groups.items():
+        factors = {k: v for k, v in tensors.items() if k in LF.FACTOR_NAMES}
+        keys = [f"{name}.{leaf}" for leaf in tensors]
+        if not factors:
+            unmatched += keys
+            continue
+        try:
+            plan = LF.plan_from_tensors(own_shape(factors), factors)
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{name}: {err}") from None
+        scale, alpha = _scale(name, plan, tensors, name.removeprefix(PEFT_PREFIX), peft_config)
+        entries.append(LoadEntry(ModuleRef("", name), factors, scale, plan, tensors.get("dora_scale"), alpha, keys))
+    return ParsedFile(entries, lora, sorted(unmatched), [], file.layout, _rule(groups, peft_config))
 
 
 def check_tensors(state_dict: Mapping[str, Tensor]) -> None:

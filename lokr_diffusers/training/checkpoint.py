@@ -3,7 +3,7 @@ the optimizer and LR-scheduler states and the step. No model weights, no pickled
 
 Crash safety (a SIGKILL or a power cut at any moment leaves a resumable folder):
     write:    every file goes into `.checkpoint-N.tmp-<random>/` beside the final folder and is fsync'ed;
-              `state.json` (the step and each file's size) is written last: it marks the folder complete;
+              `state.json` (the step, each file's size and sha256) is written last: it marks the folder complete;
     publish:  the folder is fsync'ed and renamed to `checkpoint-N` (an existing `checkpoint-N` is first
               renamed aside to `.checkpoint-N.old-<random>` and removed only after the new one is in place);
     prune:    `--checkpoints_total_limit` removes old checkpoints only after that, each renamed to a
@@ -12,11 +12,14 @@ Crash safety (a SIGKILL or a power cut at any moment leaves a resumable folder):
     clean:    the next save removes hidden leftovers of a crashed save (and puts back a set-aside
               `checkpoint-N` whose replacement never arrived).
 `latest` is the newest *complete* checkpoint: hidden folders and folders whose `state.json` is missing,
-unreadable or disagrees with the files' sizes are skipped, and the log says so.
+unreadable or disagrees with the files' sizes or sha256 are skipped, and the log says so. A file damaged in
+place (a bad disk block, a bit flip in a copy: same size, still parses) shows only in its sha256; a checkpoint
+written before hashes were recorded is checked by size, as it was then.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +43,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 ADAPTER_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE = ("adapter.safetensors", "optimizer.pt", "scheduler.pt",
                                                             "state.json")
-FILES = (ADAPTER_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)  # STATE_FILE, written last, lists their sizes
+FILES = (ADAPTER_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)  # STATE_FILE, written last, lists their sizes and hashes
 LEFTOVER = re.compile(rf"^\.{PREFIX}(\d+)\.(tmp|old|del)-")  # hidden folders of unfinished saves
 READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
@@ -82,7 +85,8 @@ def _write(folder: str, step: int, components: dict[str, nn.Module], adapter: st
             torch.save(state, fh)
         _fsync_file(os.path.join(folder, name))
     record = {"global_step": step, "tensors": len(tensors),
-              "files": {n: os.path.getsize(os.path.join(folder, n)) for n in FILES}}
+              "files": {n: os.path.getsize(os.path.join(folder, n)) for n in FILES},
+              "sha256": {n: sha256_of(os.path.join(folder, n)) for n in FILES}}  # read back after fsync
     with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
         json.dump(record, fh)
     _fsync_file(os.path.join(folder, STATE_FILE))
@@ -147,6 +151,15 @@ def clean_leftovers(output_dir: str) -> None:
         logger.warning("removed %s, left by an interrupted checkpoint save", path)
 
 
+def sha256_of(path: str) -> str:
+    """The file's sha256, hex; read in 1 MiB chunks (an optimizer state may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _fsync_file(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -188,14 +201,20 @@ def incomplete_reason(folder: str) -> str | None:
         state = read_state(folder)
     except CheckpointError as e:
         return str(e)
-    listed = state.get("files")
+    listed, hashed = state.get("files"), state.get("sha256")
     sizes: dict[str, Any] = listed if isinstance(listed, dict) else {}
+    hashes: dict[str, Any] = hashed if isinstance(hashed, dict) else {}  # {} in checkpoints from before hashes
     for name in FILES:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"{path} is missing"
         if name in sizes and os.path.getsize(path) != sizes[name]:
             return f"{path} has {os.path.getsize(path)} bytes, {STATE_FILE} says {sizes[name]} (truncated or changed)"
+    for name in FILES:  # after the cheap checks: hashing reads every byte
+        path = os.path.join(folder, name)
+        if name in hashes and sha256_of(path) != hashes[name]:
+            return (f"{path}: its sha256 differs from the one {STATE_FILE} recorded when the checkpoint was written "
+                    "(the file was damaged or changed since)")
     try:
         with safe_open(os.path.join(folder, ADAPTER_FILE), "pt") as fh:
             fh.keys()

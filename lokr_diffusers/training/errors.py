@@ -4,6 +4,10 @@ exit code 2, raised before any training step (nothing is written by a run that f
 
 from __future__ import annotations
 
+from ..errors import AdapterFusedError  # the layers raise it too, so it lives below them
+
+__all__ = ["AdapterFusedError", "CheckpointError", "InputNotFoundError", "TrainingInputError"]
+
 
 class TrainingInputError(ValueError):
     """Bad training input: an argument, a data folder or file, a checkpoint to resume from."""
@@ -15,7 +19,3 @@ class InputNotFoundError(TrainingInputError, FileNotFoundError):
 
 class CheckpointError(TrainingInputError):
     """A checkpoint that cannot be resumed from: incomplete, corrupt, or written for another adapter."""
-
-
-class AdapterFusedError(RuntimeError):
-    """The adapter being trained is fused into the base weights: its factors no longer act on their own."""
