@@ -5,7 +5,7 @@ machine loads, activates with weights, fuses / unfuses at scales, disables / ena
 unloads, moves dtypes and fuses / unfuses the LoRA, in random order. The test keeps its own small
 model of the state (written from docs/adapters.md) and after every step the pipeline's outputs must
 equal those of a fresh pipeline whose weights are built from that model with the consumer rule of
-tests/references.py (never the package's own math); when nothing was ever fused, every base weight
+tests/helpers/references.py (never the package's own math); when nothing was ever fused, every base weight
 must equal the original bit for bit. Errors the model predicts (a second fuse at another strength)
 must happen and change nothing.
 """
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from helpers.references import consumer_weight, lora_delta
+from helpers.state_sources import COMPS, LORA_MODULES, TE, UNET, base_pipe, lokr_files, lora_file
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from references import consumer_weight, lora_delta
-from state_sources import COMPS, LORA_MODULES, TE, UNET, base_pipe, lokr_files, lora_file
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from fullsize_files import full_size_file
+from helpers.fullsize_files import full_size_file
 from safetensors.torch import load_file, save_file
 
 from lokr_diffusers import functional as LF
@@ -79,10 +79,10 @@ def test_convert_keeps_every_delta(sd15_file: str, tmp_path, to: str) -> None:
 
 def test_merge_bakes_the_lokr_into_a_model_folder(tiny_sd_dir: str, tmp_path) -> None:
     from diffusers import StableDiffusionPipeline
-    from test_loader import _assert_outputs, _outputs, _source
-    from writers import write_adapter
+    from helpers.sd_adapters import assert_outputs, outputs, source_pipeline
+    from helpers.writers import write_adapter
 
-    src = _source(False)
+    src = source_pipeline(False)
     lokr = str(tmp_path / "tiny.safetensors")
     save_file(write_adapter(src, "src", "kohya"), lokr)
     out = str(tmp_path / "merged")
@@ -90,7 +90,7 @@ def test_merge_bakes_the_lokr_into_a_model_folder(tiny_sd_dir: str, tmp_path) ->
     assert result.returncode == 0, result.stderr
     merged = StableDiffusionPipeline.from_pretrained(out)
     src.fuse_lokr()  # merged weights: sequential DoRA as the fused pipeline computes it
-    _assert_outputs(_outputs(merged), _outputs(src), atol=1e-4)
+    assert_outputs(outputs(merged), outputs(src), atol=1e-4)
 
 
 @pytest.mark.parametrize(("args", "message"), [

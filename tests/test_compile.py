@@ -215,7 +215,7 @@ def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() 
     of another file of equal shapes and the call scale reach the compiled UNet without recompiling
     (the call scale after its first change: Dynamo then makes the number symbolic, as for any
     float argument)."""
-    from state_sources import _source, base_pipe, lokr_files
+    from helpers.state_sources import _source, base_pipe, lokr_files
 
     pipe, ref = base_pipe(), base_pipe()
     for p in (pipe, ref):

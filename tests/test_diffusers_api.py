@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from state_sources import COMPS, _source, base_pipe, lokr_files, lora_file
+from helpers.state_sources import COMPS, _source, base_pipe, lokr_files, lora_file
 
 import lokr_diffusers
 from lokr_diffusers import lokr_layers, patches
@@ -335,7 +335,7 @@ def test_a_mixed_file_is_one_adapter_of_both_kinds(base) -> None:
 
 def test_sdxl_pipeline_methods_match_the_lokr_methods() -> None:
     """The SDXL mixin (three components, its own fuse_lora defaults) drives LoKr the same way."""
-    from writers import write_adapter
+    from helpers.writers import write_adapter
 
     from lokr_diffusers import LoKrConfig, add_lokr
     from lokr_diffusers.tiny import make_sdxl_pipeline

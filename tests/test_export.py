@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from lycoris_files import component_outputs, make_inputs, pipeline_outputs
+from helpers.lycoris_files import component_outputs, make_inputs, pipeline_outputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -453,11 +453,11 @@ def test_sdxl_te2_text_projection_is_written_with_an_a1111_warning(targets: list
 # ----------------------------------------------------------------------------- full-size names
 @pytest.mark.parametrize("arch,base", [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")])
 def test_full_size_names(arch: str, base: str) -> None:
-    from test_formats_names import _components
+    from helpers.fullsize_sd import meta_sd_components
 
     from lokr_diffusers.export import comfyui_module_name
 
-    comps = _components(arch)
+    comps = meta_sd_components(arch)
     expected = {v: k for k, v in _name_map(comps, base).items()}
     got = {ref: comfyui_module_name(ref[0], ref[1], comps["unet"].config, base) for ref in expected}
     assert len(set(got.values())) == len(got)

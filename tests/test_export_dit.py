@@ -1,12 +1,12 @@
 """Export of adapters on Flux.1 / SD3 / Flux.2 Klein / Z-Image (export_dit.py; docs/formats.md §Export of DiT
 adapters), against references that do not ask the package for names, rows or ΔW:
 
-- ComfyUI: tests/comfyui_dit.py, ComfyUI's loading written from its key maps (originals as diffusers rows, the
-  diffusers names it takes with their offsets and swaps) and tests/references.py's LoKr rule; the expected key
+- ComfyUI: tests/helpers/comfyui_dit.py, ComfyUI's loading written from its key maps (originals as diffusers rows, the
+  diffusers names it takes with their offsets and swaps) and tests/helpers/references.py's LoKr rule; the expected key
   names spot-checked by hand;
 - diffusers 0.42.1's own `load_lora_weights` (the original, not our routing) for Flux.2 Klein and Z-Image, PEFT
   0.21.2's `PeftModel.from_pretrained` for the PEFT folders;
-- round trips through our loader. fp32, 1e-5 relative, on the tiny transformers of tests/dit_models.py.
+- round trips through our loader. fp32, 1e-5 relative, on the tiny transformers of tests/helpers/dit_models.py.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 import torch
-from comfyui_dit import comfyui_text_encoder, comfyui_transformer
-from dit_models import run
+from helpers.comfyui_dit import comfyui_text_encoder, comfyui_transformer
+from helpers.dit_files import FLUX, assert_close, bare_pipeline, original_file, rows_of, shape_of
+from helpers.dit_models import run
+from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file
-from test_loader_dit import FLUX, assert_close, bare_pipeline, original_file, rows_of, shape_of
 from torch import Tensor, nn
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers, patches
 from lokr_diffusers.targeting import dit_target_modules
-from lokr_diffusers.tiny_dit import make_tiny_dit_pipeline
 from lokr_diffusers.training.output import save_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
@@ -156,8 +156,9 @@ def test_comfyui_file_of_fused_modules_with_dora(axis: str, tmp_path: Any) -> No
 def test_comfyui_names_a_fused_single_block_qkv_as_rows_of_linear1(dora: bool, tmp_path: Any) -> None:
     """Flux.1 after fuse_qkv_projections(): a single block's to_qkv is rows [0, 3 · hidden) of linear1, which
     ComfyUI's key map names `diffusion_model.single_blocks.N.linear1_qkv` (comfy/lora.py model_lora_keys_unet).
-    ComfyUI's rule on the file (tests/comfyui_dit.py, on the unfused model ComfyUI's linear1 stands for) gives the
-    pipeline's outputs; our loader reads it back onto a fused pipeline (to_qkv) and an unfused one (q, k, v rows)."""
+    ComfyUI's rule on the file (tests/helpers/comfyui_dit.py, on the unfused model ComfyUI's linear1 stands for)
+    gives the pipeline's outputs; our loader reads it back onto a fused pipeline (to_qkv) and an unfused one
+    (q, k, v rows)."""
     pipe = bare_pipeline("flux")
     base = copy.deepcopy(pipe.transformer)
     pipe.transformer.fuse_qkv_projections()

@@ -25,8 +25,8 @@ from diffusers.loaders.single_file_utils import (
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
-from dit_models import tiny
-from fullsize_dit import FULL, meta_transformer
+from helpers.dit_models import tiny
+from helpers.fullsize_dit import FULL, meta_transformer
 from torch import Tensor, nn
 
 from lokr_diffusers.formats.dit import LAYOUTS, DitNameMap, dit_name_map

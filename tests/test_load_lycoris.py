@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from lycoris_files import (
+from helpers.lycoris_files import (
     KINDS,
     VARIANT_IDS,
     VARIANTS,

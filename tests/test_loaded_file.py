@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 import torch
-from lycoris_files import VARIANTS, build_lycoris_file
+from helpers.dit_files import bare_pipeline, flux_with_row_pieces
+from helpers.lycoris_files import VARIANTS, build_lycoris_file
+from helpers.sd_adapters import source_pipeline
+from helpers.writers import write_adapter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_loader import _source
-from test_loader_dit import bare_pipeline
-from test_saving_dit import loaded as flux_with_row_pieces
-from writers import write_adapter
 
 import lokr_diffusers
 from lokr_diffusers import lokr_layers, save_lokr_weights
@@ -55,7 +54,7 @@ class Case:
     family: str  # "sd" | "flux": the pipeline it loads into
 
 
-def _pipe(family: str) -> Any:
+def tiny_pipe(family: str) -> Any:
     return make_sd_pipeline(0) if family == "sd" else bare_pipeline("flux")
 
 
@@ -94,7 +93,7 @@ def _comfyui_dora(root: Path, src: Any) -> Case:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     root = tmp_path_factory.mktemp("routes")
-    src = _source(False)
+    src = source_pipeline(False)
     lycoris = build_lycoris_file(make_sd_pipeline(0), next(v for v in VARIANTS if v.id == "dora_out"),
                                  str(root / "lycoris_build"))
     out = {"kohya": _save(root, "kohya", write_adapter(src, "src", "kohya")),
@@ -116,13 +115,13 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 def _convert(case: Case, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """convert_lokr_file to our lossless layout, checked against the tiny pipeline's own components (real
     weights, which a ComfyUI-rule DoRA needs) standing in for the full-size base."""
-    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda base: pipeline_components(_pipe("sd")))
+    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda base: pipeline_components(tiny_pipe("sd")))
     return lokr_diffusers.convert_lokr_file(case.path, str(tmp / "converted.safetensors"), to="lokr_diffusers",
                                             base="sd1")
 
 
 def _load(route: str, case: Case, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    pipe = _pipe(case.family)
+    pipe = tiny_pipe(case.family)
     if route == "lokr_path":
         pipe.load_lokr_weights(case.path)
     elif route == "lokr_folder":
@@ -231,7 +230,7 @@ def test_a_read_file_keeps_its_own_metadata_and_says_where_it_came_from(cases: d
 def test_inspect_reports_the_scale_the_load_gives(cases: dict[str, Case], monkeypatch: pytest.MonkeyPatch) -> None:
     from lokr_diffusers.cli import inspect_file
 
-    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda base: pipeline_components(_pipe("sd")))
+    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda base: pipeline_components(tiny_pipe("sd")))
     info = inspect_file(cases["peft"].folder, "sd1")
     (adapter,) = info["adapters"].values()
     assert (adapter["scale_min"], adapter["scale_max"]) == (min(PEFT_SCALES.values()), max(PEFT_SCALES.values()))

@@ -1,7 +1,7 @@
 """pipe.load_lokr_weights & co. on tiny SD1.x / SDXL pipelines.
 
 The source of truth is a pipeline holding LoKr adapters made with add_lokr (random factors, low-rank,
-both-full, Tucker and DoRA layers); tests/writers.py writes them in each layout and the loaded
+both-full, Tucker and DoRA layers); tests/helpers/writers.py writes them in each layout and the loaded
 pipeline must compute what the source computes. Fused weights are checked against a reference of
 the consumer rule written here from docs/formats.md §Scale rules, §DoRA.
 """
@@ -13,84 +13,34 @@ import os
 
 import pytest
 import torch
-from file_memory import zero_tensors_in_place
-from references import consumer_weight as _consumer_weight
+from helpers.file_memory import zero_tensors_in_place
+from helpers.references import consumer_weight as _consumer_weight
+from helpers.sd_adapters import assert_outputs, outputs, source_pipeline, tiny_pipe
+from helpers.writers import LAYOUTS, write_adapter
 from safetensors.torch import save_file
-from writers import LAYOUTS, write_adapter
 
 import lokr_diffusers
-from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers
-from lokr_diffusers.tiny import make_sd_pipeline, make_sdxl_pipeline
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
-
-
-def _pipe(sdxl: bool, seed: int = 0):
-    return make_sdxl_pipeline(seed) if sdxl else make_sd_pipeline(seed)
-
-
-def _source(sdxl: bool, adapter: str = "src", seed: int = 1):
-    """A tiny pipeline with a random LoKr adapter covering every factor kind, DoRA on a few layers."""
-    pipe = _pipe(sdxl)
-    unet = LoKrConfig(r=1, alpha=2.0, target_modules=UNET_TARGETS, use_effective_conv2d=True, init_weights=False,
-                      rank_pattern={"ff.net.2": 16, r"attn2\.to_k": 1}, alpha_pattern={"to_v": 0.5})
-    te = LoKrConfig(r=1, alpha=1.5, init_weights=False, decompose_both=True, rank_pattern={"fc2": 16})
-    configs = {"unet": unet, "text_encoder": te} | ({"text_encoder_2": te} if sdxl else {})
-    add_lokr(pipe, configs, adapter)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for comp in configs:
-            for i, (_, layer) in enumerate(lokr_layers(getattr(pipe, comp))):
-                for t in layer.factors(adapter).values():
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
-                if i % 7 == 3:  # DoRA, on the output axis and (every other one) the input axis
-                    w = layer.weight.detach()
-                    norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1)) if i % 14 == 3 else \
-                        w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
-                    layer.set_adapter_tensors(adapter, layer.factors(adapter), layer.scaling[adapter],
-                                              dora_scale=norm * 1.3)
-    return pipe
-
-
-def _outputs(pipe) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    dt = pipe.unet.dtype
-    x = torch.randn(2, 4, 16, 16, generator=g).to(dt)
-    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dt)
-    ids = pipe.tokenizer(["a photo of a cat", "red dog"], padding="max_length", return_tensors="pt").input_ids
-    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g).to(dt),
-                                   "time_ids": torch.randn(2, 6, generator=g).to(dt)}} if sdxl else {}
-    with torch.no_grad():
-        out = {"unet": pipe.unet(x, torch.tensor([10, 500]), ctx, **extra).sample,
-               "text_encoder": pipe.text_encoder(ids)[0]}
-        if sdxl:
-            out["text_encoder_2"] = pipe.text_encoder_2(ids)[0]
-    return out
-
-
-def _assert_outputs(a: dict, b: dict, atol: float = 1e-5) -> None:
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+from lokr_diffusers import lokr_layers
+from lokr_diffusers.tiny import make_sd_pipeline
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sdxl"])
 def source(request: pytest.FixtureRequest):
-    pipe = _source(request.param)
-    return request.param, pipe, _outputs(pipe)
+    pipe = source_pipeline(request.param)
+    return request.param, pipe, outputs(pipe)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_loads_to_the_same_outputs(source, layout: str) -> None:
     sdxl, src, expected = source
     state_dict = write_adapter(src, "src", layout)
-    pipe = _pipe(sdxl)
-    base = _outputs(pipe)
+    pipe = tiny_pipe(sdxl)
+    base = outputs(pipe)
     name = pipe.load_lokr_weights(state_dict, adapter_name="x")
-    got = _outputs(pipe)
+    got = outputs(pipe)
     if layout == "lycoris":  # SimpleTuner's names cover the UNet only
         expected = {k: (v if k == "unet" else base[k]) for k, v in expected.items()}
-    _assert_outputs(got, expected)
+    assert_outputs(got, expected)
     assert name == "x" and (got["unet"] - base["unet"]).abs().max() > 1e-2
     n_modules = len({k.rsplit(".", 1)[0] for k in state_dict})
     assert sum(len(list(lokr_layers(m))) for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
@@ -105,32 +55,32 @@ def test_path_folder_dict_and_load_lora_weights_agree(source, tmp_path) -> None:
     save_file(state_dict, folder / "style.safetensors")
     for arg, kwargs in [(str(folder / "style.safetensors"), {}), (str(folder), {}),
                         (str(tmp_path), {"weight_name": "style.safetensors", "subfolder": "lokr"}), (state_dict, {})]:
-        pipe = _pipe(sdxl)
+        pipe = tiny_pipe(sdxl)
         pipe.load_lokr_weights(arg, **kwargs)
-        _assert_outputs(_outputs(pipe), expected)
-    pipe = _pipe(sdxl)
+        assert_outputs(outputs(pipe), expected)
+    pipe = tiny_pipe(sdxl)
     pipe.load_lora_weights(str(folder / "style.safetensors"), adapter_name="via_lora")
     assert pipe.get_list_lokr_adapters()["unet"] == ["via_lora"]
-    _assert_outputs(_outputs(pipe), expected)
+    assert_outputs(outputs(pipe), expected)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("entry", ["load_lokr_weights", "load_lora_weights"])
 def test_a_loaded_adapter_keeps_no_view_of_its_file(source, layout: str, entry: str, tmp_path) -> None:
-    """safetensors hands out tensors that map the file (tests/file_memory.py). A loaded adapter holds copies:
+    """safetensors hands out tensors that map the file (tests/helpers/file_memory.py). A loaded adapter holds copies:
     rewriting the file in place afterwards changes nothing, and its numbers do not hang on where in the file
     each tensor starts."""
     sdxl, src, expected = source
     path = tmp_path / "style.safetensors"
     save_file(write_adapter(src, "src", layout), path)
-    pipe = _pipe(sdxl)
+    pipe = tiny_pipe(sdxl)
     getattr(pipe, entry)(str(path), adapter_name="style")
     assert pipe.get_list_lokr_adapters()["unet"] == ["style"]
     zero_tensors_in_place(path)
-    got = _outputs(pipe)
+    got = outputs(pipe)
     if layout == "lycoris":  # SimpleTuner's names cover the UNet only
         got, expected = {"unet": got["unet"]}, {"unet": expected["unet"]}
-    _assert_outputs(got, expected)
+    assert_outputs(got, expected)
 
 
 def test_peft_saved_adapter_matches_peft(tmp_path) -> None:
@@ -158,7 +108,7 @@ def test_peft_saved_adapter_matches_peft(tmp_path) -> None:
 def test_fused_weights_equal_the_consumer_rule(source, strength: float) -> None:
     sdxl, src, _ = source
     state_dict = write_adapter(src, "src", "kohya_ldm")
-    pipe = _pipe(sdxl)
+    pipe = tiny_pipe(sdxl)
     originals = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", "text_encoder")}
     pipe.load_lokr_weights(state_dict, adapter_name="x")
     pipe.fuse_lokr(lokr_scale=strength)
@@ -204,14 +154,14 @@ def _reference(loaded, weights: dict[str, dict[str, float]]) -> dict[str, torch.
                     if a in layer.plans:
                         w = module.weight.detach().clone()
                         module.weight.copy_(_consumer_weight(w, _file_tensors(layer, a), per_comp[comp]))
-    return _outputs(fresh)
+    return outputs(fresh)
 
 
 def test_adapter_management() -> None:
-    src_a, src_b = _source(False, "a", seed=1), _source(False, "b", seed=2)
+    src_a, src_b = source_pipeline(False, "a", seed=1), source_pipeline(False, "b", seed=2)
     pipe = make_sd_pipeline()
     plain = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    base = _outputs(pipe)
+    base = outputs(pipe)
     pipe.load_lokr_weights(write_adapter(src_a, "a", "kohya"), adapter_name="a")
     pipe.load_lokr_weights(write_adapter(src_b, "b", "comfyui"))
     assert pipe.get_list_lokr_adapters() == {"unet": ["a", "default_1"], "text_encoder": ["a", "default_1"]}
@@ -219,22 +169,22 @@ def test_adapter_management() -> None:
     with pytest.raises(ValueError, match="already loaded"):
         pipe.load_lokr_weights(write_adapter(src_a, "a", "kohya"), adapter_name="a")
     one = {"unet": 1.0, "text_encoder": 1.0}
-    _assert_outputs(_outputs(pipe), _reference(pipe, {"a": one, "default_1": one}))
+    assert_outputs(outputs(pipe), _reference(pipe, {"a": one, "default_1": one}))
     pipe.set_lokr_adapters("a")
-    _assert_outputs(_outputs(pipe), _outputs(src_a))
+    assert_outputs(outputs(pipe), outputs(src_a))
     mix = [0.5, {"unet": 1.0, "text_encoder": 0.0}]
     pipe.set_lokr_adapters(["a", "default_1"], adapter_weights=mix)
-    _assert_outputs(_outputs(pipe), _reference(pipe, {"a": {"unet": 0.5, "text_encoder": 0.5},
+    assert_outputs(outputs(pipe), _reference(pipe, {"a": {"unet": 0.5, "text_encoder": 0.5},
                                                       "default_1": {"unet": 1.0, "text_encoder": 0.0}}))
     pipe.disable_lokr()
-    _assert_outputs(_outputs(pipe), base, atol=0)
+    assert_outputs(outputs(pipe), base, atol=0)
     pipe.enable_lokr()
     pipe.set_lokr_adapters(["a", "default_1"], adapter_weights=0.0)
-    _assert_outputs(_outputs(pipe), base)
+    assert_outputs(outputs(pipe), base)
     pipe.set_lokr_adapters(["a", "default_1"])
     pipe.delete_lokr_adapters("a")
     assert pipe.get_list_lokr_adapters() == {"unet": ["default_1"], "text_encoder": ["default_1"]}
-    _assert_outputs(_outputs(pipe), _outputs(src_b))
+    assert_outputs(outputs(pipe), outputs(src_b))
     pipe.unload_lokr_weights()
     assert not pipe.get_list_lokr_adapters()
     assert pipe.unet.state_dict().keys() == plain.keys()
@@ -254,7 +204,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_bad_files_leave_the_pipeline_unchanged(caplog: pytest.LogCaptureFixture) -> None:
-    src = _source(False)
+    src = source_pipeline(False)
     good = write_adapter(src, "src", "kohya")
     pipe = make_sd_pipeline()
     before = _snapshot(pipe)
@@ -276,11 +226,11 @@ def test_bad_files_leave_the_pipeline_unchanged(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING):
         pipe.load_lokr_weights(stray, strict=False, adapter_name="partial")
     assert "no_such_block" in caplog.text
-    _assert_outputs(_outputs(pipe), _outputs(src))
+    assert_outputs(outputs(pipe), outputs(src))
 
 
 def test_sdxl_file_into_sd1_says_so() -> None:
-    sdxl_file = write_adapter(_source(True), "src", "kohya_ldm")
+    sdxl_file = write_adapter(source_pipeline(True), "src", "kohya_ldm")
     with pytest.raises(ValueError, match="looks like an SDXL LoKr; the pipeline is"):
         _with_real_dims(make_sd_pipeline()).load_lokr_weights(sdxl_file)
 
@@ -308,7 +258,7 @@ def _fold_in(target, loaded, adapter: str) -> None:
 
 def test_mixed_lora_and_lokr_file_and_coexistence() -> None:
     pytest.importorskip("peft")
-    lokr = write_adapter(_source(False), "src", "kohya", components=("unet",))
+    lokr = write_adapter(source_pipeline(False), "src", "kohya", components=("unet",))
     g = torch.Generator().manual_seed(5)
     lora = {}
     for name, (i, o, k) in {"lora_unet_down_blocks_1_attentions_0_proj_out": (64, 64, (1, 1)),
@@ -318,36 +268,36 @@ def test_mixed_lora_and_lokr_file_and_coexistence() -> None:
         lora[f"{name}.alpha"] = torch.tensor(2.0)
     only_lora = make_sd_pipeline()
     only_lora.load_lora_weights(dict(lora), adapter_name="l")
-    lora_out = _outputs(only_lora)
-    assert (lora_out["unet"] - _outputs(make_sd_pipeline())["unet"]).abs().max() > 1e-3
+    lora_out = outputs(only_lora)
+    assert (lora_out["unet"] - outputs(make_sd_pipeline())["unet"]).abs().max() > 1e-3
     mixed = make_sd_pipeline()
     mixed.load_lokr_weights({**lokr, **lora}, adapter_name="m")
     _fold_in(only_lora, mixed, "m")  # the reference: LoRA by diffusers/PEFT on base + LoKr's ΔW
-    expected = _outputs(only_lora)
-    _assert_outputs(_outputs(mixed), expected)
+    expected = outputs(only_lora)
+    assert_outputs(outputs(mixed), expected)
     for order in ("lora_first", "lokr_first"):
         pipe = make_sd_pipeline()
         steps = [lambda p: p.load_lora_weights(dict(lora), adapter_name="l"),
                  lambda p: p.load_lokr_weights(dict(lokr), adapter_name="k")]
         for step in steps if order == "lora_first" else steps[::-1]:
             step(pipe)
-        _assert_outputs(_outputs(pipe), expected)
+        assert_outputs(outputs(pipe), expected)
         pipe.unload_lokr_weights()
-        _assert_outputs(_outputs(pipe), lora_out)
+        assert_outputs(outputs(pipe), lora_out)
 
 
 def test_loaded_adapter_follows_device_and_dtype() -> None:
     pipe = make_sd_pipeline()
-    pipe.load_lokr_weights(write_adapter(_source(False), "src", "kohya"))
+    pipe.load_lokr_weights(write_adapter(source_pipeline(False), "src", "kohya"))
     pipe.to(torch.float64)
     assert all(t.dtype == torch.float64 for _, la in lokr_layers(pipe.unet) for t in la.factors("default_0").values())
-    out = _outputs(pipe)
+    out = outputs(pipe)
     assert out["unet"].dtype == torch.float64
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_model_cpu_offload_before_or_after_loading(when: str) -> None:
-    src = _source(False)
+    src = source_pipeline(False)
     pipe = make_sd_pipeline()
     if when == "before":
         pipe.enable_model_cpu_offload(device="cpu")
@@ -355,24 +305,24 @@ def test_model_cpu_offload_before_or_after_loading(when: str) -> None:
     if when == "after":
         pipe.enable_model_cpu_offload(device="cpu")
     assert hasattr(pipe.unet, "_hf_hook")  # offloading is (still) on
-    _assert_outputs(_outputs(pipe), _outputs(src))
+    assert_outputs(outputs(pipe), outputs(src))
 
 
 def test_other_pipelines_sharing_the_components_have_the_methods() -> None:
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-    src = _source(False)
+    src = source_pipeline(False)
     sd = make_sd_pipeline()
     for cls in (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline):
         pipe = cls(**sd.components)
         pipe.load_lokr_weights(write_adapter(src, "src", "kohya"), adapter_name="x")
-        _assert_outputs(_outputs(pipe), _outputs(src))
+        assert_outputs(outputs(pipe), outputs(src))
         pipe.unload_lokr_weights()
 
 
 def test_hub_repo_id_reads_through_huggingface_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     path = tmp_path / "hub.safetensors"
-    save_file(write_adapter(_source(False), "src", "kohya"), path)
+    save_file(write_adapter(source_pipeline(False), "src", "kohya"), path)
     calls = []
 
     def fake_download(repo_id: str, filename: str, subfolder: str | None = None, **kwargs) -> str:

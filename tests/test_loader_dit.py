@@ -1,35 +1,43 @@
 """Loading LoKr files into Flux.1 / SD3 / Flux.2 Klein / Z-Image pipelines, in every layout, against
-ComfyUI's rule written independently (tests/references.py), fp32, 1e-5 relative on tiny transformers.
+ComfyUI's rule written independently (tests/helpers/references.py), fp32, 1e-5 relative on tiny transformers.
 
-The oracle for an original-layout (BFL / ComfyUI / kohya) file: the original weight of each module is
-the row blocks of diffusers' modules in the original's order (the tables below, by hand from diffusers'
-single-file converters and ComfyUI's flux_to_diffusers / mmdit_to_diffusers / z_image_to_diffusers; the
-tiny sizes from tests/dit_models.py's configs), ComfyUI's rule is applied to that whole weight
-(references.fused_consumer_weights), and the result is cut back and written into a copy of the model.
-For the diffusers-path layouts, the rule per module (references.consumer_weight). Nothing below asks
-the package for names, rows or ΔW.
+The oracle for an original-layout (BFL / ComfyUI / kohya) file: the original weight of each module is the row
+blocks of diffusers' modules in the original's order (the tables in tests/helpers/dit_files.py, by hand from
+diffusers' single-file converters and ComfyUI's flux_to_diffusers / mmdit_to_diffusers / z_image_to_diffusers;
+the tiny sizes from tests/helpers/dit_models.py's configs), ComfyUI's rule is applied to that whole weight
+(references.fused_consumer_weights), and the result is cut back and written into a copy of the model. For the
+diffusers-path layouts, the rule per module (references.consumer_weight). Nothing below asks the package for
+names, rows or ΔW.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Any
 
 import pytest
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    Flux2KleinPipeline,
-    FluxPipeline,
-    StableDiffusion3Pipeline,
-    ZImagePipeline,
+from helpers.dit_files import (
+    DIFFUSERS_LAYOUTS,
+    FAMILIES,
+    FLUX,
+    ORIGINAL_LAYOUTS,
+    ORIGINALS,
+    STYLES,
+    assert_close,
+    bare_pipeline,
+    comfyui_model,
+    make_factors,
+    name_in,
+    original_file,
+    per_module_model,
+    rows_of,
+    shape_of,
 )
-from dit_models import run, tiny
-from file_memory import zero_tensors_in_place
-from fullsize_dit import FULL, meta_transformer
-from references import consumer_weight, fused_consumer_weights
+from helpers.dit_models import run, tiny
+from helpers.file_memory import zero_tensors_in_place
+from helpers.fullsize_dit import FULL, meta_transformer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -40,182 +48,6 @@ from lokr_diffusers.formats.names import build_index
 from lokr_diffusers.formats.reader import parse_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
-PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
-                              "zimage": ZImagePipeline}
-Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
-
-# Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
-# final_layer.adaLN_modulation.1 is (shift, scale), diffusers' norm_out.linear (scale, shift).
-FLUX: dict[str, Blocks] = {
-    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
-                                     ("transformer_blocks.0.attn.to_k", 0, None),
-                                     ("transformer_blocks.0.attn.to_v", 0, None)],
-    "double_blocks.1.txt_attn.qkv": [("transformer_blocks.1.attn.add_q_proj", 0, None),
-                                     ("transformer_blocks.1.attn.add_k_proj", 0, None),
-                                     ("transformer_blocks.1.attn.add_v_proj", 0, None)],
-    "single_blocks.0.linear1": [("single_transformer_blocks.0.attn.to_q", 0, None),
-                                ("single_transformer_blocks.0.attn.to_k", 0, None),
-                                ("single_transformer_blocks.0.attn.to_v", 0, None),
-                                ("single_transformer_blocks.0.proj_mlp", 0, None)],
-    "single_blocks.1.linear2": [("single_transformer_blocks.1.proj_out", 0, None)],
-    "double_blocks.0.img_mlp.0": [("transformer_blocks.0.ff.net.0.proj", 0, None)],
-    "double_blocks.1.txt_mod.lin": [("transformer_blocks.1.norm1_context.linear", 0, None)],
-    "final_layer.adaLN_modulation.1": [("norm_out.linear", 16, 32), ("norm_out.linear", 0, 16)],
-}
-# SD3 tiny: d = 16, 3 blocks, block 0 with attn2, block 2 context pre-only (its adaLN (shift, scale) swapped).
-SD3: dict[str, Blocks] = {
-    "joint_blocks.0.x_block.attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
-                                        ("transformer_blocks.0.attn.to_k", 0, None),
-                                        ("transformer_blocks.0.attn.to_v", 0, None)],
-    "joint_blocks.0.x_block.attn2.qkv": [("transformer_blocks.0.attn2.to_q", 0, None),
-                                         ("transformer_blocks.0.attn2.to_k", 0, None),
-                                         ("transformer_blocks.0.attn2.to_v", 0, None)],
-    "joint_blocks.2.context_block.attn.qkv": [("transformer_blocks.2.attn.add_q_proj", 0, None),
-                                              ("transformer_blocks.2.attn.add_k_proj", 0, None),
-                                              ("transformer_blocks.2.attn.add_v_proj", 0, None)],
-    "joint_blocks.2.context_block.adaLN_modulation.1": [("transformer_blocks.2.norm1_context.linear", 16, 32),
-                                                        ("transformer_blocks.2.norm1_context.linear", 0, 16)],
-    "joint_blocks.1.x_block.mlp.fc1": [("transformer_blocks.1.ff.net.0.proj", 0, None)],
-    "context_embedder": [("context_embedder", 0, None)],
-}
-# Flux.2 Klein tiny: d = 16; single blocks are fused in diffusers too (linear1 = attn.to_qkv_mlp_proj).
-FLUX2: dict[str, Blocks] = {
-    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
-                                     ("transformer_blocks.0.attn.to_k", 0, None),
-                                     ("transformer_blocks.0.attn.to_v", 0, None)],
-    "single_blocks.1.linear1": [("single_transformer_blocks.1.attn.to_qkv_mlp_proj", 0, None)],
-    "double_blocks.1.txt_mlp.0": [("transformer_blocks.1.ff_context.linear_in", 0, None)],
-    "final_layer.adaLN_modulation.1": [("norm_out.linear", 16, 32), ("norm_out.linear", 0, 16)],
-}
-# Z-Image tiny: dim 32.
-ZIMAGE: dict[str, Blocks] = {
-    "layers.0.attention.qkv": [("layers.0.attention.to_q", 0, None), ("layers.0.attention.to_k", 0, None),
-                               ("layers.0.attention.to_v", 0, None)],
-    "noise_refiner.0.attention.qkv": [("noise_refiner.0.attention.to_q", 0, None),
-                                      ("noise_refiner.0.attention.to_k", 0, None),
-                                      ("noise_refiner.0.attention.to_v", 0, None)],
-    "layers.1.feed_forward.w1": [("layers.1.feed_forward.w1", 0, None)],
-    "context_refiner.0.attention.out": [("context_refiner.0.attention.to_out.0", 0, None)],
-    "x_embedder": [("all_x_embedder.2-1", 0, None)],
-}
-ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE}
-FAMILIES = tuple(ORIGINALS)
-ORIGINAL_LAYOUTS = {"comfyui": "diffusion_model.{p}", "kohya": "lora_unet_{u}"}
-DIFFUSERS_LAYOUTS = {"aitoolkit": "diffusion_model.{p}", "lycoris": "lycoris_{u}", "diffusers": "transformer.{p}",
-                     "onetrainer": "lora_transformer_{u}"}
-
-
-def name_in(template: str, name: str) -> str:
-    return template.format(p=name, u=name.replace(".", "_"))
-
-
-def bare_pipeline(family: str, model: nn.Module | None = None) -> Any:
-    """The family's diffusers pipeline around a tiny transformer (text encoders and VAE left out)."""
-    cls = PIPELINES[family]
-    kwargs: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler(),
-                              "transformer": model if model is not None else tiny(family)}
-    for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                 "tokenizer_3"):
-        if name in cls.__init__.__code__.co_varnames:
-            kwargs[name] = None
-    return cls(**kwargs)
-
-
-def rows_of(model: nn.Module, blocks: Blocks) -> list[tuple[nn.Linear, int, int]]:
-    out = []
-    for path, a, b in blocks:
-        m = model.get_submodule(path)
-        assert isinstance(m, nn.Linear)
-        out.append((m, a, m.out_features if b is None else b))
-    return out
-
-
-def shape_of(model: nn.Module, blocks: Blocks) -> tuple[int, int]:
-    rows = rows_of(model, blocks)
-    return sum(b - a for _, a, b in rows), rows[0][0].in_features
-
-
-def out_l_for(model: nn.Module, blocks: Blocks, aligned: bool) -> int:
-    """W1's rows: on block edges (out_k divides every boundary between the blocks), or off them."""
-    rows = rows_of(model, blocks)
-    height = sum(b - a for _, a, b in rows)
-    edges = [sum(b - a for _, a, b in rows[:i]) for i in range(1, len(rows))]
-    if aligned:
-        return height // math.gcd(height, *edges) if edges else 1
-    for out_l in (8, 6, 4, 3, 2, 1):
-        if height % out_l == 0 and any(e % (height // out_l) for e in edges):
-            return out_l
-    return 1  # a single block: no edge to miss
-
-
-STYLES = ("w2 low-rank", "both low-rank", "both full", "no alpha")
-
-
-def make_factors(out: int, in_: int, out_l: int, style: str, seed: int) -> dict[str, Tensor]:
-    """LoKr tensors for an (out, in) weight, W1 (out_l, 4); alphas give scales other than 1."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g) * 0.3
-
-    out_k, in_m = out // out_l, 4
-    in_n = in_ // in_m
-    f: dict[str, Tensor] = {}
-    if style == "both low-rank":
-        f.update(lokr_w1_a=r(out_l, 1), lokr_w1_b=r(1, in_m), lokr_w2_a=r(out_k, 2), lokr_w2_b=r(2, in_n),
-                 alpha=torch.tensor(3.0))
-    elif style == "both full":
-        f.update(lokr_w1=r(out_l, in_m), lokr_w2=r(out_k, in_n), alpha=torch.tensor(5.0))  # alpha ignored
-    else:
-        f.update(lokr_w1=r(out_l, in_m), lokr_w2_a=r(out_k, 2), lokr_w2_b=r(2, in_n))
-        if style != "no alpha":
-            f["alpha"] = torch.tensor(3.0)
-    return f
-
-
-def original_file(model: nn.Module, family: str, layout: str, style: str = "w2 low-rank", aligned: bool = True,
-                  seed: int = 0) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """(state dict in an original layout, {original: its tensors}) for every module of ORIGINALS[family]."""
-    modules: dict[str, dict[str, Tensor]] = {}
-    names = dict(model.named_modules())
-    for i, (original, blocks) in enumerate(ORIGINALS[family].items()):
-        if any(p not in names for p, _, _ in blocks):
-            continue  # a tiny model without that module (SD3 without dual attention)
-        out, in_ = shape_of(model, blocks)
-        modules[original] = make_factors(out, in_, out_l_for(model, blocks, aligned), style, seed + i)
-    sd = {f"{name_in(ORIGINAL_LAYOUTS[layout], o)}.{k}": v for o, t in modules.items() for k, v in t.items()}
-    return sd, modules
-
-
-def comfyui_model(model: nn.Module, family: str, modules: dict[str, dict[str, Tensor]],
-                  strength: float = 1.0) -> nn.Module:
-    """A copy of `model` with ComfyUI's rule applied to each original module's weight (fp32 factors)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for original, tensors in modules.items():
-            rows = rows_of(ref, ORIGINALS[family][original])
-            new = fused_consumer_weights([m.weight[a:b].clone() for m, a, b in rows],
-                                         {k: v.float() for k, v in tensors.items()}, strength)
-            for (m, a, b), w in zip(rows, new, strict=True):
-                m.weight[a:b] = w
-    return ref
-
-
-def per_module_model(model: nn.Module, modules: dict[str, dict[str, Tensor]], strength: float = 1.0) -> nn.Module:
-    """A copy of `model` with ComfyUI's rule applied module by module ({diffusers path: tensors})."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for path, tensors in modules.items():
-            m = ref.get_submodule(path)
-            m.weight.copy_(consumer_weight(m.weight, {k: v.float() for k, v in tensors.items()}, strength))
-    return ref
-
-
-def assert_close(got: Tensor, want: Tensor, rel: float = 1e-5) -> None:
-    err = (got - want).abs().max().item() / want.abs().max().item()
-    assert err < rel, f"relative error {err:.2e}"
-
-
 # ------------------------------------------------------------------------------------ original layouts
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", ORIGINAL_LAYOUTS)
@@ -328,7 +160,7 @@ def _conv_factors(style: str, seed: int) -> dict[str, Tensor]:
 @pytest.mark.parametrize("name", ["diffusion_model.x_embedder.proj", "lora_unet_x_embedder_proj"])
 @pytest.mark.parametrize("style", ["w2 low-rank", "tucker", "both full"])
 def test_sd3_patch_embedding_conv_by_its_original_name(name: str, style: str) -> None:
-    from comfyui_dit import comfyui_transformer
+    from helpers.comfyui_dit import comfyui_transformer
 
     pipe = bare_pipeline("sd3")
     base = copy.deepcopy(pipe.transformer)

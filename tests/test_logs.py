@@ -9,7 +9,7 @@ import logging
 import pathlib
 
 import pytest
-from state_sources import COMPS, base_pipe, lokr_files
+from helpers.state_sources import COMPS, base_pipe, lokr_files
 from torch import nn
 
 import lokr_diffusers

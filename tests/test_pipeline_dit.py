@@ -1,4 +1,4 @@
-"""The tiny DiT pipelines (lokr_diffusers/tiny_dit.py) with LoKr: add_lokr's defaults per component, and
+"""The tiny DiT pipelines (tests/helpers/tiny_dit.py) with LoKr: add_lokr's defaults per component, and
 text-encoder files in each tool's names (CLIP-L / CLIP-G / T5 / Qwen3) against ComfyUI's rule per module.
 
 The expected names are written here from the tools' conventions (docs/formats.md §DiT models: kohya
@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from references import consumer_weight
+from helpers.references import consumer_weight
+from helpers.tiny_dit import make_tiny_dit_pipeline
 from torch import Tensor, nn
 
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig
-from lokr_diffusers.tiny_dit import make_tiny_dit_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from state_sources import COMPS, UNET, base_pipe, lokr_files, lora_file
+from helpers.state_sources import COMPS, UNET, base_pipe, lokr_files, lora_file
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrConfig, LoKrModel, add_lokr, lokr_layers

@@ -1,6 +1,6 @@
 """A catalogue of bad inputs for reading files, folders, metadata, configs and the CLI (issue 8).
 
-Each case is one row of a table: it builds a bad input from a valid one (tests/writers.py writes the
+Each case is one row of a table: it builds a bad input from a valid one (tests/helpers/writers.py writes the
 valid LoKr files of a source pipeline made with add_lokr), makes the public call, and checks
 - the error class, exactly, and a message fragment that says what is wrong;
 - that the message names the file, key or argument at fault;
@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.writers import write_adapter
 from safetensors.torch import save_file
 from torch import Tensor
-from writers import write_adapter
 
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, add_lokr

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from permissions import obeying_permissions
+from helpers.permissions import obeying_permissions
 
 import lokr_diffusers.atomic as atomic
 from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers, save_lokr_weights

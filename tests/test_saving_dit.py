@@ -14,26 +14,16 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from dit_models import run
-from file_memory import own_memory
+from helpers.dit_files import bare_pipeline, flux_with_row_pieces, original_file
+from helpers.dit_models import run
+from helpers.file_memory import own_memory
+from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file, save_file
-from test_loader_dit import bare_pipeline, original_file
 
 from lokr_diffusers import LoKrConfig, LoKrModel, add_lokr
 from lokr_diffusers.layers import LoKrLayer
-from lokr_diffusers.tiny_dit import make_tiny_dit_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
-
-
-def loaded(seed: int = 0, dora: bool = False) -> Any:
-    pipe = bare_pipeline("flux")
-    sd, _ = original_file(pipe.transformer, "flux", "kohya", aligned=False, seed=seed)
-    if dora:
-        sd["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(48, 1) + 0.5
-        sd["lora_unet_single_blocks_0_linear1.dora_scale"] = torch.rand(1, 16) + 0.5
-    pipe.load_lokr_weights(sd, adapter_name="a")
-    return pipe
 
 
 def piece_groups(model: torch.nn.Module, adapter: str = "a") -> dict[tuple[int, ...], list[str]]:
@@ -46,7 +36,7 @@ def piece_groups(model: torch.nn.Module, adapter: str = "a") -> dict[tuple[int, 
 
 
 def test_adapter_state_dict_writes_shared_factors_once(tmp_path: Any) -> None:
-    pipe = loaded()
+    pipe = flux_with_row_pieces()
     groups = piece_groups(pipe.transformer)
     assert sorted(len(v) for v in groups.values()) == [1, 3, 3, 4]  # final adaLN (swapped), 2 qkv, linear1
     sd = LoKrModel(pipe.transformer, None).get_adapter_state_dict("a")
@@ -55,7 +45,7 @@ def test_adapter_state_dict_writes_shared_factors_once(tmp_path: Any) -> None:
         with_factors = [p for p in paths if f"base_model.model.{p}.lokr_w1" in sd]
         assert len(with_factors) == 1, paths
         assert all(f"base_model.model.{p}.lokr_rows" in sd for p in paths)
-    other = loaded(seed=5)
+    other = flux_with_row_pieces(seed=5)
     assert not torch.equal(run(other.transformer, "flux"), run(pipe.transformer, "flux"))
     LoKrModel(other.transformer, None).set_adapter_state_dict(load_file(str(tmp_path / "a.safetensors")), "a")
     assert torch.equal(run(other.transformer, "flux"), run(pipe.transformer, "flux"))
@@ -63,7 +53,7 @@ def test_adapter_state_dict_writes_shared_factors_once(tmp_path: Any) -> None:
 
 
 def test_adapter_state_dict_needs_the_factors_of_each_fused_module() -> None:
-    pipe = loaded()
+    pipe = flux_with_row_pieces()
     sd = LoKrModel(pipe.transformer, None).get_adapter_state_dict("a")
     sd = {k: v for k, v in sd.items() if not k.startswith("base_model.model.single_transformer_blocks.0.")}
     with pytest.raises(KeyError, match=r"single_transformer_blocks\.0"):
@@ -72,7 +62,7 @@ def test_adapter_state_dict_needs_the_factors_of_each_fused_module() -> None:
 
 @pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
 def test_our_layout_round_trip(dora: bool, tmp_path: Any) -> None:
-    pipe = loaded(dora=dora)
+    pipe = flux_with_row_pieces(dora=dora)
     want = run(pipe.transformer, "flux")
     path = pipe.save_lokr_weights(str(tmp_path / "ours.safetensors"), adapter_name="a", format="lokr_diffusers")
     fresh = bare_pipeline("flux")
@@ -89,7 +79,7 @@ def test_our_layout_round_trip(dora: bool, tmp_path: Any) -> None:
 def test_peft_layouts_refuse_row_pieces_off_block_edges(fmt: str, tmp_path: Any) -> None:
     """Flux.1's linear1 (to_q, to_k, to_v, proj_mlp) off W1's block edges: no diffusers Linear holds it and PEFT's
     LoKr cannot hold part of a Kronecker product's rows (ComfyUI files write it: tests/test_export_dit.py)."""
-    pipe = loaded()
+    pipe = flux_with_row_pieces()
     with pytest.raises(ValueError, match=r"block edges.*lokr_diffusers"):
         pipe.save_lokr_weights(str(tmp_path / "x.safetensors"), adapter_name="a", format=fmt)
     assert not os.listdir(tmp_path)
@@ -104,7 +94,7 @@ def test_save_pretrained_round_trip(tmp_path: Any, monkeypatch: pytest.MonkeyPat
     kwargs: dict[str, Any] = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent")
     want = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.save_pretrained(str(tmp_path))
-    back = own_memory(DiffusionPipeline.from_pretrained(str(tmp_path)))  # tests/file_memory.py: why
+    back = own_memory(DiffusionPipeline.from_pretrained(str(tmp_path)))  # tests/helpers/file_memory.py: why
     back.load_lokr_weights(str(tmp_path), weight_name="lokr_adapters.safetensors")
     assert torch.equal(back(generator=torch.Generator().manual_seed(0), **kwargs).images, want)
 

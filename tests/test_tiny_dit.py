@@ -1,4 +1,4 @@
-"""lokr_diffusers.tiny_dit: the tiny DiT pipelines build deterministically from their seed, generate
+"""tests/helpers/tiny_dit.py: the tiny DiT pipelines build deterministically from their seed, generate
 offline in 2 steps with the pipelines' own defaults (Klein's stacked Qwen3 layers 9/18/27 included),
 their prompts reach the transformer, and one family goes through save_pretrained / from_pretrained."""
 
@@ -11,11 +11,8 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from file_memory import misaligned, own_memory
-from tokenizers import Tokenizer
-from torch import Tensor, nn
-
-from lokr_diffusers.tiny_dit import (
+from helpers.file_memory import misaligned, own_memory
+from helpers.tiny_dit import (
     FAMILIES,
     Family,
     make_qwen_tokenizer,
@@ -24,6 +21,8 @@ from lokr_diffusers.tiny_dit import (
     save_tiny_dit_pipeline,
     write_t5_tokenizer_file,
 )
+from tokenizers import Tokenizer
+from torch import Tensor, nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
@@ -110,6 +109,6 @@ def test_save_pretrained_round_trip(family: Family, tmp_path: object, monkeypatc
     for name in a:
         assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
     want = generate(built, "latent")
-    if misaligned(loaded):  # weights that map the file: float rounding apart (tests/file_memory.py)
+    if misaligned(loaded):  # weights that map the file: float rounding apart (tests/helpers/file_memory.py)
         torch.testing.assert_close(generate(loaded, "latent"), want)
     assert torch.equal(generate(own_memory(loaded), "latent"), want)

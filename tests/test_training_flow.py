@@ -1,5 +1,5 @@
 """Flow-matching training for Flux.1 and SD3 (training/flow.py, the _flux / _sd3 scripts) on tiny offline
-pipelines (lokr_diffusers/tiny_dit.py): the prompt encoders equal the pipelines' own, the loss on a
+pipelines (tests/helpers/tiny_dit.py): the prompt encoders equal the pipelines' own, the loss on a
 fixed set goes down, a resumed run ends where an uninterrupted one does, and the files load again.
 
 "Loss goes down" is measured deterministically: the flow loss on the fixed training set with fixed
@@ -8,15 +8,14 @@ noise and timesteps, for the base pipeline and for a fresh pipeline that loads t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers.flow_loss import eval_flow_loss, flow_args, image_batch
+from helpers.tiny_dit import make_flux_pipeline, make_sd3_pipeline
 
 from lokr_diffusers import LoKrConfig, LoKrModel
-from lokr_diffusers.tiny_dit import make_flux_pipeline, make_sd3_pipeline
-from lokr_diffusers.training.data import CaptionedImageDataset, collate, load_image_folder, make_synthetic_dataset
+from lokr_diffusers.training.data import make_synthetic_dataset
 from lokr_diffusers.training.flow import encode_flux, encode_sd3, flow_loss
 
 CAPTIONS = ["a photo of sks dog", "a red cat"]
@@ -41,24 +40,6 @@ def test_sd3_prompt_encoding_equals_the_pipelines(t5: bool) -> None:
     torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=0)
 
 
-def _flow_args(family: str, **kw: object) -> SimpleNamespace:
-    base = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                max_sequence_length=16, guidance_scale=3.5, precondition_outputs=1)
-    return SimpleNamespace(**{**base, **kw})
-
-
-def _batch(folder: str, size: int = 32) -> dict:
-    ds = CaptionedImageDataset(load_image_folder(folder), size, center_crop=True)
-    return collate([ds[i] for i in range(len(ds))])
-
-
-def _eval_loss(pipe, family: str, batch: dict, **kw: object) -> float:
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    with torch.no_grad():
-        return sum(flow_loss(pipe, scheduler, batch, _flow_args(family, **kw), family,
-                             torch.Generator().manual_seed(seed), torch.float32, CPU).item() for seed in range(3)) / 3
-
-
 @pytest.mark.parametrize(("family", "kw"), [("flux", {}), ("sd3", {}), ("sd3", {"precondition_outputs": 0}),
                                             ("flux", {"weighting_scheme": "mode"})],
                          ids=["flux", "sd3", "sd3-v-target", "flux-mode"])
@@ -66,10 +47,10 @@ def test_flow_loss_trains_the_transformer_adapter(tmp_path, family: str, kw: dic
     """A few optimizer steps on the flow loss lower it on the fixed set, and the same generator gives the same
     loss (every draw comes from it)."""
     pipe = make_flux_pipeline() if family == "flux" else make_sd3_pipeline()
-    batch = _batch(make_synthetic_dataset(str(tmp_path / "d"), n=4, size=32))
+    batch = image_batch(make_synthetic_dataset(str(tmp_path / "d"), n=4, size=32))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    before = _eval_loss(pipe, family, batch, **kw)
-    same = [flow_loss(pipe, scheduler, batch, _flow_args(family, **kw), family, torch.Generator().manual_seed(5),
+    before = eval_flow_loss(pipe, family, batch, **kw)
+    same = [flow_loss(pipe, scheduler, batch, flow_args(family, **kw), family, torch.Generator().manual_seed(5),
                       torch.float32, CPU).item() for _ in range(2)]
     assert same[0] == same[1]
     pipe.transformer.requires_grad_(False)
@@ -79,9 +60,9 @@ def test_flow_loss_trains_the_transformer_adapter(tmp_path, family: str, kw: dic
     assert params
     opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(12):
-        loss = flow_loss(pipe, scheduler, batch, _flow_args(family, **kw), family,
+        loss = flow_loss(pipe, scheduler, batch, flow_args(family, **kw), family,
                          torch.Generator().manual_seed(100 + step), torch.float32, CPU)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert _eval_loss(pipe, family, batch, **kw) < before
+    assert eval_flow_loss(pipe, family, batch, **kw) < before

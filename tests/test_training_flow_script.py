@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from helpers.flow_loss import eval_flow_loss, image_batch
+from helpers.tiny_dit import save_tiny_dit_pipeline
 from safetensors.torch import load_file
-from test_training_flow import _batch, _eval_loss
 
-from lokr_diffusers.tiny_dit import save_tiny_dit_pipeline
 from lokr_diffusers.training.args import parse
 from lokr_diffusers.training.data import make_synthetic_dataset
 from lokr_diffusers.training.run import train
@@ -41,12 +41,12 @@ def test_the_script_trains_resumes_exactly_and_its_files_load(tmp_path, family: 
     a, b = (load_file(os.path.join(d, "pytorch_lokr_weights.safetensors")) for d in (out, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the trained file lowers the loss on the training set, loaded into a fresh pipeline
-    batch = _batch(data)
+    batch = image_batch(data)
     base = DiffusionPipeline.from_pretrained(model)
-    before = _eval_loss(base, family, batch, weighting_scheme="none" if family == "flux" else "logit_normal")
+    before = eval_flow_loss(base, family, batch, weighting_scheme="none" if family == "flux" else "logit_normal")
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.load_lokr_weights(os.path.join(out, "pytorch_lokr_weights.safetensors"))
     assert set(pipe.get_list_lokr_adapters()) == ({"transformer", "text_encoder"} if family == "flux" else
                                                    {"transformer", "text_encoder", "text_encoder_2"})
-    after = _eval_loss(pipe, family, batch, weighting_scheme="none" if family == "flux" else "logit_normal")
+    after = eval_flow_loss(pipe, family, batch, weighting_scheme="none" if family == "flux" else "logit_normal")
     assert after < before

@@ -20,8 +20,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from references import consumer_weight
 from torch import Tensor, nn
+
+from helpers.references import consumer_weight
 
 Parts = list[tuple[str, int, int]]  # (diffusers path, first row, end row) in the original's row order
 

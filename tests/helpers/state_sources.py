@@ -1,5 +1,5 @@
 """Small sources shared by the adapter-state tests: a tiny SD1 pipeline with an even smaller UNet,
-LoKr files with random factors (plain and DoRA modules, kohya layout, written by tests/writers.py)
+LoKr files with random factors (plain and DoRA modules, kohya layout, written by tests/helpers/writers.py)
 and a diffusers LoRA file on modules where no LoKr source has DoRA."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import functools
 
 import torch
 from diffusers import UNet2DConditionModel
-from writers import write_adapter
 
+from helpers.writers import write_adapter
 from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers
 from lokr_diffusers.tiny import make_sd_pipeline
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from writers import module_name
 
+from helpers.writers import module_name
 from lokr_diffusers import functional as LF
 from lokr_diffusers.architectures import meta_components
 from lokr_diffusers.formats.names import iter_adaptable

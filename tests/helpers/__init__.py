@@ -1,0 +1,21 @@
+"""Test oracles and fixtures shared by the test modules (import them as `from helpers.<module> import ...`).
+
+Oracles, written from the formulas and the consumers' rules, never from the package's code:
+- `references.py`: ComfyUI's and A1111's weight rules per module (scale, DoRA), written from docs/formats.md.
+- `comfyui_dit.py`: ComfyUI's loading of DiT files (its key maps, fused originals, the adaLN swap).
+- `writers.py`: LoKr files in each layout as the trainers write them (kohya, LyCORIS, SimpleTuner, ...).
+- `lycoris_files.py`: real files written by LyCORIS itself.
+- `dit_files.py`: files in the DiT families' original layouts (fused originals as rows of diffusers' modules,
+  tables by hand from diffusers' single-file converters and ComfyUI's key maps) and ComfyUI's result for them.
+
+Fixtures:
+- `tiny_dit.py`: tiny Flux.1 / SD3 / Flux.2 Klein / Z-Image pipelines built in code (tokenizers included).
+- `dit_models.py`: tiny DiT transformers and their inputs; `fullsize_dit.py` / `fullsize_files.py`:
+  full-size configs on the meta device and files covering them.
+- `state_sources.py`: pipelines and files for the adapter-state and diffusers-API tests.
+- `sd_adapters.py`: a tiny SD1.x / SDXL pipeline holding an adapter of every factor kind, and its outputs.
+- `fullsize_sd.py`: full-size SD1.5 / SD2.1 / SDXL components on the meta device, from published configs.
+- `flow_loss.py`: the flow-matching loss on a fixed batch, for the Flux.1 / SD3 training tests.
+- `file_memory.py`: weights read from safetensors in memory of their own, files rewritten in place.
+- `permissions.py`: read-only folders that root obeys too.
+"""

@@ -1,0 +1,32 @@
+"""The flow-matching loss of the training scripts evaluated on a fixed batch (three fixed generators), for the
+tests that train tiny Flux.1 / SD3 pipelines and check that the loss falls."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from lokr_diffusers.training.data import CaptionedImageDataset, collate, load_image_folder
+from lokr_diffusers.training.flow import flow_loss
+
+CPU = torch.device("cpu")
+
+
+def flow_args(family: str, **kw: object) -> SimpleNamespace:
+    base = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                max_sequence_length=16, guidance_scale=3.5, precondition_outputs=1)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def image_batch(folder: str, size: int = 32) -> dict:
+    ds = CaptionedImageDataset(load_image_folder(folder), size, center_crop=True)
+    return collate([ds[i] for i in range(len(ds))])
+
+
+def eval_flow_loss(pipe, family: str, batch: dict, **kw: object) -> float:
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        return sum(flow_loss(pipe, scheduler, batch, flow_args(family, **kw), family,
+                             torch.Generator().manual_seed(seed), torch.float32, CPU).item() for seed in range(3)) / 3
