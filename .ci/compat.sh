@@ -3,17 +3,13 @@
 # the lower bound declared in pyproject.toml) in a throwaway venv, everything else at the pins of
 # constraints-compat.txt (the lock of that lower bound: constraints.txt's set, with what that diffusers
 # needs moved with it, `make lock`), and run the compatibility subset of the tests against it. Another
-# diffusers has no lock: pip resolves the rest, and the versions it took are printed. `make test` covers the version pip picks by default; this covers the oldest
-# one we declare. A pass means the version may stay in docs/compatibility.md and
+# diffusers has no lock: pip resolves the rest, and the versions it took are printed. `make test` covers
+# the locked diffusers; this covers the oldest one we declare. A pass means the version may stay in docs/compatibility.md and
 # lokr_diffusers/compat.py (KNOWN_GOOD_DIFFUSERS); a failure means the declared range is wrong.
 #   .ci/compat.sh                                (make compat-test)
 #   DIFFUSERS=0.43.0 .ci/compat.sh               another version
 #   COMPAT_TESTS="tests/test_loader.py" .ci/compat.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-LOCK=constraints-compat.txt
-TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
+source "$(dirname "$0")/lib.sh" compat constraints-compat.txt
 if [ -z "${DIFFUSERS:-}" ]; then
     DIFFUSERS=$(sed -nE 's/^[[:space:]]*"diffusers>=([0-9][0-9.]*)[,"].*/\1/p' pyproject.toml | head -n 1)
     [ -n "$DIFFUSERS" ] || { echo "compat: no diffusers>= lower bound found in pyproject.toml" >&2; exit 1; }
@@ -31,10 +27,6 @@ tests/test_export.py::test_ldm_table_agrees_with_diffusers_single_file_converter
 tests/test_export.py::test_round_trip
 tests/test_diffusers_api.py"
 TESTS=${COMPAT_TESTS:-$DEFAULT_TESTS}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/lokr-compat.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-t0=$SECONDS
-step() { echo "== compat diffusers==$DIFFUSERS: $* ($((SECONDS - t0)) s)"; }
 
 # the [test] extra without the linters and without [train] (datasets is not needed by these tests)
 EXTRAS=$("$PYTHON" - <<'PY'
@@ -44,7 +36,7 @@ print(" ".join(r for r in test if re.split(r"[\[<>=!~; ]", r)[0].lower() not in 
 PY
 )
 
-step "venv ($TORCH, then the package, diffusers==$DIFFUSERS and: $EXTRAS; the rest at $LOCK's pins)"
+step "diffusers==$DIFFUSERS: venv ($TORCH, then the package, diffusers==$DIFFUSERS and: $EXTRAS; the rest at $LOCK's pins)"
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 if grep -qE "^diffusers==$DIFFUSERS( |$)" "$LOCK"; then
@@ -60,7 +52,7 @@ fi
 "$PY" .ci/lockdiff.py "$LOCK"
 "$PY" -m pip list 2>/dev/null | grep -iE "^(diffusers|transformers|peft|accelerate|huggingface.hub|torch) " | tr -s ' ' | paste -sd ',' -
 
-step "tests"
+step "diffusers==$DIFFUSERS: tests"
 # shellcheck disable=SC2086  # one node id per word
 HF_HUB_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider $TESTS
-step "diffusers $DIFFUSERS: pass"
+step "diffusers==$DIFFUSERS: pass"

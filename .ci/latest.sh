@@ -7,22 +7,15 @@
 #   .ci/latest.sh                     (make test-latest)
 #   TORCH=torch .ci/latest.sh         the newest torch as well
 #   PYTEST_ARGS="tests/test_loader.py" .ci/latest.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-LOCK=constraints.txt
-TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/lokr-latest.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-t0=$SECONDS
-step() { echo "== latest: $* ($((SECONDS - t0)) s)"; }
+source "$(dirname "$0")/lib.sh" latest
 
 step "venv: $TORCH, then the package and its [test] extra at the newest releases pip finds"
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q "$TORCH"
-"$PY" -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+echo "$TORCH" > "$WORK/torch.txt"  # held: without it pip would take the newest torch, a CUDA build on PyPI
+"$PY" -m pip install -q -c "$WORK/torch.txt" "$TORCH"
+"$PY" -m pip install -q -c "$WORK/torch.txt" -e ".[test]"  # a fresh venv: the newest release of everything else
 
 step "what differs from $LOCK"
 "$PY" .ci/lockdiff.py "$LOCK"

@@ -10,16 +10,10 @@
 # docs/compatibility.md's tested set.
 #   .ci/lock.sh                        (make lock)
 #   TORCH=torch==2.14.1 .ci/lock.sh    another torch
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-LOCK=constraints.txt
+source "$(dirname "$0")/lib.sh" lock
 UV=uv==0.13.9  # the resolver, pinned so that a refresh is repeatable
-[ -n "${TORCH:-}" ] || TORCH=$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK" 2>/dev/null || true)
-TORCH=${TORCH:-torch==2.13.0}
+TORCH=${TORCH:-torch==2.13.0}  # no lock yet
 LOWEST=$(sed -nE 's/^requires-python = ">=([0-9.]+)"/\1/p' pyproject.toml)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/lokr-lock.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
 
 OLDEST=$(sed -nE 's/^[[:space:]]*"diffusers>=([0-9][0-9.]*)[,"].*/\1/p' pyproject.toml | head -n 1)
 "$PYTHON" -m venv "$WORK/venv"
@@ -37,7 +31,7 @@ lock() {
         echo "# Made by \`make lock\` (.ci/lock.sh: $UV, pip compile --universal from Python $LOWEST, held at: $*)"
         echo "# on $(date -u +%Y-%m-%d): the newest releases inside pyproject.toml's ranges that day. Users"
         echo "# install from pyproject.toml's ranges; docs/compatibility.md says how this file is kept."
-        cat "$WORK/lock.txt"
+        sed "s#--override $WORK/overrides.txt#held by make lock#" "$WORK/lock.txt"  # no temporary path in the lock
     } > "$out"
     echo "wrote $out: $(grep -cE '^[a-z0-9]' "$out") pins; git diff $out shows what moved"
 }

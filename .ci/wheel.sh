@@ -5,16 +5,8 @@
 # and run it from outside the repo.
 #   .ci/wheel.sh                 (make wheel-test)
 #   PYTHON=python3.12 TORCH=torch==X .ci/wheel.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh" wheel
 REPO=$PWD
-PYTHON=${PYTHON:-python3}
-LOCK=constraints.txt
-TORCH=${TORCH:-$(sed -nE 's/^(torch==[^ ;]+).*/\1/p' "$LOCK")}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/lokr-wheel.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-t0=$SECONDS
-step() { echo "== wheel: $* ($((SECONDS - t0)) s)"; }
 
 step "copy the tree"
 mkdir -p "$WORK/src"
