@@ -5,7 +5,7 @@ Checked, over README.md and docs/*.md:
   folder of the repository, and every `#anchor` to a heading of the target .md file (GitHub's slugs:
   lowercase, punctuation other than `-` and `_` dropped, spaces turned into `-`, `-1`, `-2`, ... for
   repeated headings);
-- every repository path written in the text (`lokr_diffusers/functional.py`, `tests/test_*.py`,
+- every repository path written in the text (`lokr_diffusers/functional/plan.py`, `tests/test_*.py`,
   `docs/formats.md`, `lokr_diffusers/formats/`; globs allowed) exists.
 Checked over those and the .py files under lokr_diffusers/, tests/, examples/ and benchmarks/:
 - every citation of a doc, in the one form used throughout: `docs/<name>.md` alone, or followed by
