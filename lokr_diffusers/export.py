@@ -22,6 +22,7 @@ from .architectures import BASE_MODEL_VERSION, base_of
 from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
 from .formats.fused import SHARED_KEY, rows_to_tensors
 from .formats.ldm import diffusers_to_ldm
+from .formats.metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
 from .formats.ours import OURS_FORMAT, OURS_PREFIX
 from .loader import pipeline_components
 from .logs import progress, warn_once
@@ -32,8 +33,6 @@ logger = logging.getLogger(__name__)
 FORMAT_ALIASES: dict[str, str] = {"comfyui": "comfyui", "kohya": "comfyui", "a1111": "comfyui", "peft": "peft",
                                   "diffusers": "diffusers", "lokr_diffusers": "lokr_diffusers"}
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# metadata of a ComfyUI file whose output-axis dora_scale is written for ComfyUI's rule (see _comfyui_dora)
-DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"
 
 # A1111 applies OpenCLIP attention (SD2 te, SDXL te2) only when q, k, v and out of a layer are all there.
 _ATTN = re.compile(r"^(.*\.self_attn\.)(q_proj|k_proj|v_proj|out_proj)$")

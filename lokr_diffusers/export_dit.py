@@ -43,8 +43,6 @@ from torch import Tensor, nn
 from . import functional as LF
 from .atomic import write_safetensors
 from .export import (
-    DORA_RULE_COMFYUI,
-    DORA_RULE_KEY,
     ExportModule,
     RowNorms,
     cast,
@@ -56,6 +54,7 @@ from .export import (
 from .formats.dit import DitNameMap, Target, diffusers_fused_name, dit_name_map, family_of
 from .formats.dit_tables import FAMILIES
 from .formats.fused import layer_rows
+from .formats.metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
 from .formats.names import TEXT_ENCODERS
 from .formats.text_encoders import CLIP, COMFY_CLIP, T5, kind_of
 
