@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from . import functional as LF
 from .architectures import BASE_MODEL_VERSION, base_of
 from .atomic import Writer, safetensors_writer, text_writer, write_files, write_safetensors
+from .components import pipeline_components
 from .formats.fused import SHARED_KEY, rows_to_tensors
 from .formats.ldm import diffusers_to_ldm
 from .formats.metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
 from .formats.ours import OURS_FORMAT, OURS_PREFIX
-from .loader import pipeline_components
 from .logs import progress, warn_once
 from .model import lokr_layers
 
