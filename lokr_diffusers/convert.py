@@ -1,5 +1,6 @@
 """Convert a LoKr file between layouts without a pipeline: names and shapes are checked against the
-full-size base architecture built on the meta device."""
+full-size base architecture built on the meta device, then written by the writers save_lokr_weights uses
+(export/registry.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import tempfile
 import torch
 from torch import Tensor, nn
 
-from . import export
 from .architectures import BASE_NAMES, BASES, meta_components
-from .formats.names import build_index, weight_of
-from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_loaded
+from .export import DTYPES, FORMAT_ALIASES, ExportJob, from_entries, layout_of, write
+from .formats.names import build_index
+from .formats.reader import ParsedFile, check_holds_lokr, parse_loaded
 from .formats.report import base_hint, file_base, unmatched_message
 from .io import read_lokr_file
 from .loaded import LoadedFile
 from .loader import split_file
-from .logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +49,13 @@ def check_output_path(dst: str, folder: bool = False) -> None:
                                 f"{os.path.join(dst, 'lokr.safetensors')}")
 
 
-def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[export.ExportModule]:
-    out = []
-    for e in progress(entries, desc="converting LoKr"):
-        module = comps[e.ref.component].get_submodule(e.ref.path)
-        r = e.plan.rank or 1
-        out.append(export.ExportModule(e.ref.component, e.ref.path, dict(e.factors), e.scale, e.plan,
-                                       tuple(weight_of(module).shape), e.dora_scale, r,
-                                       e.alpha if e.alpha is not None else e.scale * r))
-    return out
-
-
-def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> str:
-    fmt = export.FORMAT_ALIASES.get(to) if isinstance(to, str) else None
-    if fmt is None:
-        raise ValueError(f"to={to!r}: unknown format; use one of {sorted(export.FORMAT_ALIASES)}")
+def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> None:
+    if layout_of(to) is None:
+        raise ValueError(f"to={to!r}: unknown format; use one of {sorted(FORMAT_ALIASES)}")
     if base is not None and base not in BASES:
         raise ValueError(f"base={base!r}: unknown base model; use one of {BASES}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and \
-            dtype not in export.DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use one of {sorted(export.DTYPES)}, a floating torch dtype or None")
-    return fmt
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}, a floating torch dtype or None")
 
 
 def parse_for_base(file: LoadedFile, base: str, strict: bool = True
@@ -112,9 +98,11 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
     Returns:
         The path written.
     """
-    fmt = _check_args(to, base, dtype)
+    _check_args(to, base, dtype)
+    layout = layout_of(to)
+    assert layout is not None
     dst = os.fspath(dst)
-    check_output_path(dst, folder=fmt == "peft")
+    check_output_path(dst, folder=layout.folder)
     file = read_lokr_file(src)
     try:
         check_holds_lokr(file.tensors)
@@ -125,22 +113,11 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
         raise ValueError(f"cannot tell which base model {file.path or 'the state dict'} is for; pass base= one of "
                          f"{BASES} (--base on the command line)")
     comps, parsed = parse_for_base(file, base, strict)
-    per_adapter: dict[str, list[export.ExportModule]] = {}
+    per_adapter = {}
     for name, p in parsed.items():
         if p.lora:
             logger.warning("%d plain LoRA keys are not converted", len(p.lora))
-        per_adapter[name] = _modules(p.entries, comps)
-    if fmt == export.OURS_FORMAT:
-        sd_out, meta = export.to_ours(per_adapter)
-        return export.write_safetensors(export.cast(sd_out, dtype), dst, meta)
-    if len(per_adapter) > 1:
+        per_adapter[name] = from_entries(p.entries, comps)
+    if not layout.several and len(per_adapter) > 1:
         raise ValueError(f"{src} holds {len(per_adapter)} adapters; format {to!r} holds one")
-    modules = next(iter(per_adapter.values()))
-    if fmt == "comfyui":
-        stem = os.path.splitext(os.path.basename(dst))[0]
-        sd_out, meta = export.to_comfyui(modules, base, comps["unet"].config, name=stem)
-    elif fmt == "diffusers":
-        sd_out, meta = export.to_diffusers(modules)
-    else:
-        return export.write_peft(modules, dst, dtype, None)
-    return export.write_safetensors(export.cast(sd_out, dtype), dst, meta)
+    return write(layout, ExportJob(per_adapter, comps, base, dst, dtype))
