@@ -11,6 +11,7 @@ and mlp_ratio 4)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -95,31 +96,44 @@ _QWEN3_4B: dict[str, Any] = dict(hidden_size=2560, intermediate_size=9728, num_h
                                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
 _QWEN3_8B: dict[str, Any] = {**_QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288,
                              "tie_word_embeddings": False}
-# variant: (transformer class, its config, {component: (text-encoder class, its config)})
-DIT_VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, tuple[str, dict[str, Any]]]]] = {
-    "flux1-dev": ("FluxTransformer2DModel", FLUX1_DEV, {"text_encoder": ("CLIPTextModel", _CLIP_L),
-                                                         "text_encoder_2": ("T5EncoderModel", _T5_XXL)}),
-    "flux1-schnell": ("FluxTransformer2DModel", FLUX1_SCHNELL, {"text_encoder": ("CLIPTextModel", _CLIP_L),
-                                                                 "text_encoder_2": ("T5EncoderModel", _T5_XXL)}),
-    **{name: ("SD3Transformer2DModel", config, {
-        "text_encoder": ("CLIPTextModelWithProjection", {**_CLIP_L, "projection_dim": 768}),
-        "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_G), "text_encoder_3": ("T5EncoderModel", _T5_XXL)})
-       for name, config in (("sd35-medium", SD35_MEDIUM), ("sd35-large", SD35_LARGE))},
-    "flux2-klein-4b": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_4B)}),
-    "flux2-klein-9b": ("Flux2Transformer2DModel", FLUX2_KLEIN_9B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
-    "flux2-dev": ("Flux2Transformer2DModel", FLUX2_DEV, {}),
-    "zimage-turbo": ("ZImageTransformer2DModel", ZIMAGE_TURBO, {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One full-size DiT model: its family (formats/dit_tables.py), name in words, transformer class (diffusers)
+    and config, and {component: (text-encoder class (transformers), its config)}."""
+
+    family: str
+    title: str
+    transformer: str
+    config: dict[str, Any]
+    encoders: dict[str, tuple[str, dict[str, Any]]]
+
+
+_FLUX1_TE: dict[str, tuple[str, dict[str, Any]]] = {"text_encoder": ("CLIPTextModel", _CLIP_L),
+                                                    "text_encoder_2": ("T5EncoderModel", _T5_XXL)}
+_SD3_TE: dict[str, tuple[str, dict[str, Any]]] = {
+    "text_encoder": ("CLIPTextModelWithProjection", {**_CLIP_L, "projection_dim": 768}),
+    "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_G), "text_encoder_3": ("T5EncoderModel", _T5_XXL)}
+DIT_VARIANTS: dict[str, Variant] = {
+    "flux1-dev": Variant("flux", "FLUX.1-dev", "FluxTransformer2DModel", FLUX1_DEV, _FLUX1_TE),
+    "flux1-schnell": Variant("flux", "FLUX.1-schnell", "FluxTransformer2DModel", FLUX1_SCHNELL, _FLUX1_TE),
+    "sd35-medium": Variant("sd3", "SD3.5 Medium", "SD3Transformer2DModel", SD35_MEDIUM, _SD3_TE),
+    "sd35-large": Variant("sd3", "SD3.5 Large", "SD3Transformer2DModel", SD35_LARGE, _SD3_TE),
+    "flux2-klein-4b": Variant("flux2", "FLUX.2 [klein] 4B", "Flux2Transformer2DModel", FLUX2_KLEIN_4B,
+                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_4B)}),
+    "flux2-klein-9b": Variant("flux2", "FLUX.2 [klein] 9B", "Flux2Transformer2DModel", FLUX2_KLEIN_9B,
+                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
+    "flux2-dev": Variant("flux2", "FLUX.2 [dev]", "Flux2Transformer2DModel", FLUX2_DEV, {}),
+    "zimage-turbo": Variant("zimage", "Z-Image-Turbo", "ZImageTransformer2DModel", ZIMAGE_TURBO,
+                            {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
 }
-# family (formats/dit_tables.py): its variants in the order a file is tried against them (FLUX.1-dev's modules are
-# schnell's and its guidance embedder's, so schnell files fit it too)
+# family: its variants in the order a file is tried against them (FLUX.1-dev's modules are schnell's and its
+# guidance embedder's, so schnell files fit it too)
 DIT_FAMILIES: dict[str, tuple[str, ...]] = {"flux": ("flux1-dev",), "sd3": ("sd35-medium", "sd35-large"),
                                             "flux2": ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev"),
                                             "zimage": ("zimage-turbo",)}
-MODEL_NAMES: dict[str, str] = {
-    **BASE_NAMES, "flux1-dev": "FLUX.1-dev", "flux1-schnell": "FLUX.1-schnell", "sd35-medium": "SD3.5 Medium",
-    "sd35-large": "SD3.5 Large", "flux2-klein-4b": "FLUX.2 [klein] 4B", "flux2-klein-9b": "FLUX.2 [klein] 9B",
-    "flux2-dev": "FLUX.2 [dev]", "zimage-turbo": "Z-Image-Turbo",
-}
+MODEL_NAMES: dict[str, str] = {**BASE_NAMES, **{name: v.title for name, v in DIT_VARIANTS.items()}}
 
 
 def meta_components(base: str) -> dict[str, nn.Module]:
@@ -147,10 +161,10 @@ def _meta_dit(variant: str) -> dict[str, nn.Module]:
     import diffusers
     import transformers
 
-    cls, config, encoders = DIT_VARIANTS[variant]
+    v = DIT_VARIANTS[variant]
     with torch.device("meta"):
-        comps: dict[str, nn.Module] = {"transformer": getattr(diffusers, cls)(**config)}
-        for component, (te_cls, te_config) in encoders.items():
+        comps: dict[str, nn.Module] = {"transformer": getattr(diffusers, v.transformer)(**v.config)}
+        for component, (te_cls, te_config) in v.encoders.items():
             model_cls = getattr(transformers, te_cls)
             comps[component] = model_cls(model_cls.config_class(**te_config))
     return comps

@@ -102,9 +102,12 @@ def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[Expo
 
 def from_entries(entries: Sequence[LoadEntry], components: Mapping[str, nn.Module]) -> list[ExportModule]:
     """The modules of a file parsed onto `components` (formats.reader): no base weights, so no row norms. The
-    pieces of one fused original keep sharing one set of factors (`shares`), as a loaded adapter's do."""
+    pieces of one fused original keep sharing one set of factors (`shares`), as a loaded adapter's do. In the
+    order `collect` gives a pipeline's (components, then each one's modules), so a refusal names the same module."""
+    order = {(c, path): i for i, (c, path) in
+             enumerate((c, path) for c, model in components.items() for path, _ in model.named_modules())}
     out = []
-    for e in progress(entries, desc="converting LoKr"):
+    for e in progress(sorted(entries, key=lambda e: order[(e.ref.component, e.ref.path)]), desc="converting LoKr"):
         module = components[e.ref.component].get_submodule(e.ref.path)
         r = e.plan.rank or 1
         shares = id(next(iter(e.factors.values()))) if e.rows is not None else None
