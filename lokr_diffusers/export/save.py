@@ -48,8 +48,8 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
     _check_metadata(metadata)
     comps = dict(source) if isinstance(source, Mapping) else pipeline_components(source)
 
-    def job(adapters: dict[str, list[ExportModule]], kind: str) -> ExportJob:
-        return ExportJob(adapters, comps, kind, os.fspath(path), dtype, dict(metadata or {}), keep_tucker, strict)
+    def job(adapters: dict[str, list[ExportModule]], model: str) -> ExportJob:  # model: an SD base or DiT family
+        return ExportJob(adapters, comps, model, os.fspath(path), dtype, dict(metadata or {}), keep_tucker, strict)
 
     if layout.several:
         names = _adapter_names(comps, adapter_name)
