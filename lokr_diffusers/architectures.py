@@ -1,9 +1,17 @@
-"""Full-size SD1.x / SD2.x / SDXL architectures on the meta device (no memory, no time), and which
-base a pipeline is. Used to name and check modules when no pipeline is at hand (file conversion)."""
+"""Full-size architectures on the meta device (no memory, well under a second each): SD1.x / SD2.x / SDXL, and the
+DiT families' variants (FLUX.1, SD3.5, FLUX.2 / Klein, Z-Image) with their text encoders; and which base a pipeline
+is. Used to name and check modules when no pipeline is at hand (file conversion, inspect).
+
+The DiT values are the published `config.json` ones of each model's transformer and text encoders (keys the classes
+do not take left out). The Hugging Face files cannot be fetched from here; each value was read from several
+independent copies of those files in public code (loaders that embed the config to skip the download) and, for
+FLUX.1, from diffusers' own converter (convert_flux_transformer_checkpoint_to_diffusers hard-codes inner_dim 3072
+and mlp_ratio 4)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -31,14 +39,113 @@ TEXT_ENCODER_WIDTH: dict[int, str] = {1024: "sd2", 1280: "sdxl"}
 BASE_NAMES: dict[str, str] = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd1/2": "SD1.x/SD2.x"}
 BASE_MODEL_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
+# ------------------------------------------------------------------------------------------ DiT families
+# black-forest-labs/FLUX.1-dev: 19 double + 38 single blocks, 24 heads x 128 = 3072, guidance embedder.
+FLUX1_DEV: dict[str, Any] = {
+    "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": True, "in_channels": 64,
+    "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+    "patch_size": 1, "pooled_projection_dim": 768,
+}
+# black-forest-labs/FLUX.1-schnell: the same without the guidance embedder.
+FLUX1_SCHNELL: dict[str, Any] = {**FLUX1_DEV, "guidance_embeds": False}
+# stabilityai/stable-diffusion-3.5-medium: MMDiT-X, 24 blocks of 24 heads x 64 = 1536; blocks 0-12 have the
+# second (self-)attention attn2; RMS qk-norm. (SD3-medium's modules are these without attn2.)
+SD35_MEDIUM: dict[str, Any] = {
+    "attention_head_dim": 64, "caption_projection_dim": 1536, "dual_attention_layers": tuple(range(13)),
+    "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24,
+    "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm", "sample_size": 128,
+}
+# stabilityai/stable-diffusion-3.5-large: 38 blocks of 38 heads x 64 = 2432, no dual attention. (Its
+# config.json has no `dual_attention_layers` key; the class default () is the same.)
+SD35_LARGE: dict[str, Any] = {
+    "attention_head_dim": 64, "caption_projection_dim": 2432, "in_channels": 16, "joint_attention_dim": 4096,
+    "num_attention_heads": 38, "num_layers": 38, "out_channels": 16, "patch_size": 2,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128,
+}
+# black-forest-labs/FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads x 128 = 3072, Qwen3-4B text
+# features (3 layers x 2560 = 7680), no guidance embedder (the distilled and base Klein alike).
+FLUX2_KLEIN_4B: dict[str, Any] = {
+    "attention_head_dim": 128, "axes_dims_rope": (32, 32, 32, 32), "eps": 1e-6, "guidance_embeds": False,
+    "in_channels": 128, "joint_attention_dim": 7680, "mlp_ratio": 3.0, "num_attention_heads": 24,
+    "num_layers": 5, "num_single_layers": 20, "out_channels": None, "patch_size": 1, "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
+# black-forest-labs/FLUX.2-klein-9B: 8 double + 24 single blocks, 32 heads x 128 = 4096, Qwen3-8B
+# (3 x 4096 = 12288).
+FLUX2_KLEIN_9B: dict[str, Any] = {
+    **FLUX2_KLEIN_4B, "joint_attention_dim": 12288, "num_attention_heads": 32, "num_layers": 8,
+    "num_single_layers": 24,
+}
+# black-forest-labs/FLUX.2-dev: 8 double + 48 single blocks, 48 heads x 128 = 6144, Mistral-3 text features
+# (3 x 5120 = 15360), guidance embedder: Flux2Transformer2DModel's own defaults.
+FLUX2_DEV: dict[str, Any] = {**FLUX2_KLEIN_4B, "guidance_embeds": True, "joint_attention_dim": 15360,
+                             "num_attention_heads": 48, "num_layers": 8, "num_single_layers": 48}
+# Tongyi-MAI/Z-Image-Turbo: 30 layers + 2 noise + 2 context refiners, dim 3840 = 30 heads x 128.
+ZIMAGE_TURBO: dict[str, Any] = {
+    "all_f_patch_size": (1,), "all_patch_size": (2,), "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+    "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16, "n_heads": 30, "n_kv_heads": 30, "n_layers": 30,
+    "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0,
+}
+# Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
+# 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
+# transformer, and a text-encoder key of one is reported as matching nothing.
+_T5_XXL: dict[str, Any] = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                               feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+_QWEN3_4B: dict[str, Any] = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+_QWEN3_8B: dict[str, Any] = {**_QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288,
+                             "tie_word_embeddings": False}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One full-size DiT model: its family (formats/dit_tables.py), name in words, transformer class (diffusers)
+    and config, and {component: (text-encoder class (transformers), its config)}."""
+
+    family: str
+    title: str
+    transformer: str
+    config: dict[str, Any]
+    encoders: dict[str, tuple[str, dict[str, Any]]]
+
+
+_FLUX1_TE: dict[str, tuple[str, dict[str, Any]]] = {"text_encoder": ("CLIPTextModel", _CLIP_L),
+                                                    "text_encoder_2": ("T5EncoderModel", _T5_XXL)}
+_SD3_TE: dict[str, tuple[str, dict[str, Any]]] = {
+    "text_encoder": ("CLIPTextModelWithProjection", {**_CLIP_L, "projection_dim": 768}),
+    "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_G), "text_encoder_3": ("T5EncoderModel", _T5_XXL)}
+DIT_VARIANTS: dict[str, Variant] = {
+    "flux1-dev": Variant("flux", "FLUX.1-dev", "FluxTransformer2DModel", FLUX1_DEV, _FLUX1_TE),
+    "flux1-schnell": Variant("flux", "FLUX.1-schnell", "FluxTransformer2DModel", FLUX1_SCHNELL, _FLUX1_TE),
+    "sd35-medium": Variant("sd3", "SD3.5 Medium", "SD3Transformer2DModel", SD35_MEDIUM, _SD3_TE),
+    "sd35-large": Variant("sd3", "SD3.5 Large", "SD3Transformer2DModel", SD35_LARGE, _SD3_TE),
+    "flux2-klein-4b": Variant("flux2", "FLUX.2 [klein] 4B", "Flux2Transformer2DModel", FLUX2_KLEIN_4B,
+                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_4B)}),
+    "flux2-klein-9b": Variant("flux2", "FLUX.2 [klein] 9B", "Flux2Transformer2DModel", FLUX2_KLEIN_9B,
+                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
+    "flux2-dev": Variant("flux2", "FLUX.2 [dev]", "Flux2Transformer2DModel", FLUX2_DEV, {}),
+    "zimage-turbo": Variant("zimage", "Z-Image-Turbo", "ZImageTransformer2DModel", ZIMAGE_TURBO,
+                            {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+}
+# family: its variants in the order a file is tried against them (FLUX.1-dev's modules are schnell's and its
+# guidance embedder's, so schnell files fit it too)
+DIT_FAMILIES: dict[str, tuple[str, ...]] = {"flux": ("flux1-dev",), "sd3": ("sd35-medium", "sd35-large"),
+                                            "flux2": ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev"),
+                                            "zimage": ("zimage-turbo",)}
+MODEL_NAMES: dict[str, str] = {**BASE_NAMES, **{name: v.title for name, v in DIT_VARIANTS.items()}}
+
 
 def meta_components(base: str) -> dict[str, nn.Module]:
-    """{unet, text_encoder[, text_encoder_2]} of a full-size base model, on the meta device."""
+    """{unet, text_encoder[, text_encoder_2]} of a full-size SD base model, or {transformer, text encoders} of a
+    DiT variant (a key of DIT_VARIANTS), on the meta device."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if base in DIT_VARIANTS:
+        return _meta_dit(base)
     if base not in BASES:
-        raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        raise ValueError(f"base must be one of {BASES} or a DiT variant {tuple(DIT_VARIANTS)}, got {base!r}")
     with torch.device("meta"):
         unet = cast(nn.Module, UNet2DConditionModel(**_UNET[base]))  # mypy sees diffusers' lazy stub
         comps: dict[str, nn.Module] = {"unet": unet}
@@ -47,6 +154,19 @@ def meta_components(base: str) -> dict[str, nn.Module]:
             comps["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_OPENCLIP_G))
         else:
             comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**(_CLIP_L if base == "sd1" else _OPENCLIP_H)))
+    return comps
+
+
+def _meta_dit(variant: str) -> dict[str, nn.Module]:
+    import diffusers
+    import transformers
+
+    v = DIT_VARIANTS[variant]
+    with torch.device("meta"):
+        comps: dict[str, nn.Module] = {"transformer": getattr(diffusers, v.transformer)(**v.config)}
+        for component, (te_cls, te_config) in v.encoders.items():
+            model_cls = getattr(transformers, te_cls)
+            comps[component] = model_cls(model_cls.config_class(**te_config))
     return comps
 
 

@@ -1,7 +1,7 @@
 """`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert and merge LoKr files.
 
     lokr-diffusers inspect style.safetensors [--json]
-    lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl] [--dtype fp16]
+    lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl|flux|...] [--dtype fp16]
     lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
     lokr-diffusers demo [--out outputs/demo] [--steps 100]
 """
@@ -22,9 +22,13 @@ EXAMPLES = """examples:
   lokr-diffusers demo                                  train, export and reload a LoKr on a tiny offline pipeline
   lokr-diffusers inspect style.safetensors            what is in a file: layout, base model, ranks, scales
   lokr-diffusers convert peft_folder style.safetensors --to comfyui --base sd15
+  lokr-diffusers convert flux_lokr.safetensors flux_diffusers.safetensors --to diffusers
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
 """
 BASE_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
+# convert also reads the DiT families' files (each family's full-size variants: architectures.DIT_FAMILIES)
+CONVERT_BASES = {**BASE_ALIASES, "flux": "flux", "flux1": "flux", "sd3": "sd3", "sd35": "sd3", "flux2": "flux2",
+                 "klein": "flux2", "zimage": "zimage"}
 PROG = "lokr-diffusers"
 
 
@@ -75,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="a LoKr file or PEFT folder in any layout this package reads")
     c.add_argument("output", help="the file (or, for --to peft, the folder) to write")
     c.add_argument("--to", required=True, choices=["comfyui", "kohya", "a1111", "peft", "diffusers", "lokr_diffusers"])
-    c.add_argument("--base", choices=sorted(BASE_ALIASES), help="base model (default: guessed from the file)")
+    c.add_argument("--base", choices=sorted(CONVERT_BASES), help="base model: an SD base or a DiT family (default: "
+                   "guessed from the file)")
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
     d = sub.add_parser("demo", help="offline demo: train a LoKr on a tiny pipeline, export, reload, compare")
     d.add_argument("--out", default="outputs/demo", help="folder for images, loss curve and files")
@@ -256,7 +261,7 @@ def _run(args: argparse.Namespace) -> None:
         from .convert import convert_lokr_file
 
         out = convert_lokr_file(args.input, args.output, to=args.to,
-                                base=BASE_ALIASES.get(args.base) if args.base else None, dtype=args.dtype)
+                                base=CONVERT_BASES.get(args.base) if args.base else None, dtype=args.dtype)
         print(f"wrote {out} ({args.to})")
     elif args.command == "demo":
         from .demo import run_demo

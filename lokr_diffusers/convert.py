@@ -1,26 +1,30 @@
-"""Convert a LoKr file between layouts without a pipeline: names and shapes are checked against the
-full-size base architecture built on the meta device."""
+"""Convert a LoKr file between layouts without a pipeline: the file is read onto the full-size components of its
+model built on the meta device (architectures.py: SD1.x / SD2.x / SDXL, and each DiT family's variants: FLUX.1,
+SD3.5, FLUX.2 / Klein, Z-Image), so names and shapes are checked without weights, then written by the writers
+save_lokr_weights uses (export/registry.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import export
-from .architectures import BASE_NAMES, BASES, meta_components
-from .formats.names import build_index, weight_of
-from .formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_loaded
-from .formats.report import base_hint, file_base, unmatched_message
+from .architectures import BASES, DIT_FAMILIES, DIT_VARIANTS, MODEL_NAMES, meta_components
+from .export import DTYPES, FORMAT_ALIASES, ExportJob, from_entries, layout_of, write
+from .formats.names import build_index
+from .formats.reader import ParsedFile, check_holds_lokr, parse_loaded
+from .formats.report import base_hint, file_base, file_family, unmatched_message
 from .io import read_lokr_file
 from .loaded import LoadedFile
 from .loader import split_file
-from .logs import progress
 
 logger = logging.getLogger(__name__)
+
+BASE_CHOICES: tuple[str, ...] = (*BASES, *DIT_FAMILIES)
 
 
 def guess_base(state_dict: dict[str, Tensor]) -> str | None:
@@ -28,6 +32,14 @@ def guess_base(state_dict: dict[str, Tensor]) -> str | None:
     see formats.report), None when it does not say or says "SD1.x or SD2.x"."""
     base = file_base(state_dict).base
     return base if base in BASES else None
+
+
+def guess_families(state_dict: dict[str, Tensor]) -> tuple[str, ...]:
+    """The DiT families ("flux", "sd3", "flux2", "zimage") a file can be for by its module names
+    (formats.report.file_family), in the order they are tried; () for a UNet file or one whose names say nothing.
+    FLUX.1 and FLUX.2 share most original names: such a file gives both."""
+    families, _ = file_family(list(state_dict))
+    return () if "sd" in families else tuple(f for f in DIT_FAMILIES if f in families)
 
 
 def check_output_path(dst: str, folder: bool = False) -> None:
@@ -49,33 +61,19 @@ def check_output_path(dst: str, folder: bool = False) -> None:
                                 f"{os.path.join(dst, 'lokr.safetensors')}")
 
 
-def _modules(entries: list[LoadEntry], comps: dict[str, nn.Module]) -> list[export.ExportModule]:
-    out = []
-    for e in progress(entries, desc="converting LoKr"):
-        module = comps[e.ref.component].get_submodule(e.ref.path)
-        r = e.plan.rank or 1
-        out.append(export.ExportModule(e.ref.component, e.ref.path, dict(e.factors), e.scale, e.plan,
-                                       tuple(weight_of(module).shape), e.dora_scale, r,
-                                       e.alpha if e.alpha is not None else e.scale * r))
-    return out
-
-
-def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> str:
-    fmt = export.FORMAT_ALIASES.get(to) if isinstance(to, str) else None
-    if fmt is None:
-        raise ValueError(f"to={to!r}: unknown format; use one of {sorted(export.FORMAT_ALIASES)}")
-    if base is not None and base not in BASES:
-        raise ValueError(f"base={base!r}: unknown base model; use one of {BASES}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and \
-            dtype not in export.DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use one of {sorted(export.DTYPES)}, a floating torch dtype or None")
-    return fmt
+def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> None:
+    if layout_of(to) is None:
+        raise ValueError(f"to={to!r}: unknown format; use one of {sorted(FORMAT_ALIASES)}")
+    if base is not None and base not in BASE_CHOICES:
+        raise ValueError(f"base={base!r}: unknown base model; use one of {BASE_CHOICES}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}, a floating torch dtype or None")
 
 
 def parse_for_base(file: LoadedFile, base: str, strict: bool = True
                    ) -> tuple[dict[str, nn.Module], dict[str, ParsedFile]]:
-    """Every adapter of the file parsed against the full-size `base`; a mismatch says which base the
-    file is for.
+    """Every adapter of the file parsed against the full-size `base` (an SD base or a DiT variant of
+    architectures.DIT_VARIANTS); a mismatch says which model the file is for.
 
     Returns:
         (the meta-device components, {adapter name ("default" for a one-adapter file): its parse}).
@@ -91,10 +89,53 @@ def parse_for_base(file: LoadedFile, base: str, strict: bool = True
             where = "" if src in str(err) else f"{src}: "
             raise ValueError(f"{where}{err}.{base_hint(part.tensors, comps)}") from None
         if p.unmatched and strict:
-            raise ValueError(f"{src} (checked against a full-size {BASE_NAMES[base]}): "
+            raise ValueError(f"{src} (checked against a full-size {MODEL_NAMES[base]}): "
                              f"{unmatched_message(p.unmatched, part.tensors, comps)}")
         parsed[name or "default"] = p
     return comps, parsed
+
+
+def _models(file: LoadedFile, base: str | None) -> list[str]:
+    """The full-size models to read the file onto, in order: `base`'s (a DiT family has several variants), else
+    those its names and widths point to."""
+    if base is not None:
+        return list(DIT_FAMILIES.get(base, (base,)))
+    tensors = dict(file.tensors)
+    guessed = [v for f in guess_families(tensors) for v in DIT_FAMILIES[f]]
+    sd = guess_base(tensors)
+    if guessed or sd is not None:
+        return guessed or [str(sd)]
+    raise ValueError(f"cannot tell which base model {file.path or 'the state dict'} is for; pass base= one of "
+                     f"{BASE_CHOICES} (--base on the command line)")
+
+
+def fit(file: LoadedFile, models: Sequence[str], strict: bool = True
+        ) -> tuple[str, dict[str, nn.Module], dict[str, ParsedFile]]:
+    """(model, its meta-device components, every adapter's parse) for the first of `models` the file fits: every
+    key used and every shape right. `strict=False` takes, failing that, the first it fits with keys left over."""
+    errors: list[tuple[str, ValueError]] = []
+    for model in models:
+        try:
+            return model, *parse_for_base(file, model, strict=True)
+        except ValueError as err:
+            errors.append((model, err))
+    for model in models if not strict else ():
+        try:
+            return model, *parse_for_base(file, model, strict=False)
+        except ValueError:
+            pass
+    first = errors[0][1]
+    if len(errors) == 1:
+        raise first
+    others = ", ".join(MODEL_NAMES[m] for m, _ in errors[1:])
+    raise ValueError(f"{first} It fits none of the other full-size models it may be for either ({others}); pass "
+                     f"base= the family it was trained for, one of {BASE_CHOICES} (--base on the command line)"
+                     ) from None
+
+
+def family_of_model(model: str) -> str:
+    """"sd1" | "sd2" | "sdxl", or the DiT family of a variant (architectures.DIT_VARIANTS)."""
+    return DIT_VARIANTS[model].family if model in DIT_VARIANTS else model
 
 
 def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.PathLike[str], to: str = "comfyui",
@@ -105,42 +146,33 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
         src: a file or folder in any layout `load_lokr_weights` reads, or a LoadedFile (`io.read_lokr_file`).
         dst: the file (a folder for `to="peft"`) to write.
         to: "comfyui" (aliases "kohya", "a1111"), "peft", "diffusers" or "lokr_diffusers".
-        base: "sd1" | "sd2" | "sdxl", guessed from the file when None.
+        base: "sd1" | "sd2" | "sdxl" | "flux" | "sd3" | "flux2" | "zimage", guessed from the file when None (a DiT
+            family is read onto each of its full-size variants in turn, architectures.DIT_FAMILIES, until one fits).
         dtype: the tensor dtype to write (default: as read).
-        strict: keys that match no module of the base raise (default); False leaves them out.
+        strict: keys that match no module of the base raise (default); False leaves them out, and modules a DiT
+            ComfyUI file has no name for are left out with a warning.
 
     Returns:
-        The path written.
+        The path written. What a layout cannot hold (DoRA for PEFT, output-axis DoRA for ComfyUI without base
+        weights, a DiT module's rows off W1's block edges for PEFT / diffusers) is refused with the reason.
     """
-    fmt = _check_args(to, base, dtype)
+    _check_args(to, base, dtype)
+    layout = layout_of(to)
+    assert layout is not None
     dst = os.fspath(dst)
-    check_output_path(dst, folder=fmt == "peft")
+    check_output_path(dst, folder=layout.folder)
     file = read_lokr_file(src)
     try:
         check_holds_lokr(file.tensors)
     except ValueError as err:
         raise ValueError(file.named(str(err))) from None
-    base = base or guess_base(dict(file.tensors))
-    if base not in BASES:
-        raise ValueError(f"cannot tell which base model {file.path or 'the state dict'} is for; pass base= one of "
-                         f"{BASES} (--base on the command line)")
-    comps, parsed = parse_for_base(file, base, strict)
-    per_adapter: dict[str, list[export.ExportModule]] = {}
+    model, comps, parsed = fit(file, _models(file, base), strict)
+    logger.info("%s read as a LoKr for %s", file.path or "the state dict", MODEL_NAMES[model])
+    per_adapter = {}
     for name, p in parsed.items():
         if p.lora:
             logger.warning("%d plain LoRA keys are not converted", len(p.lora))
-        per_adapter[name] = _modules(p.entries, comps)
-    if fmt == export.OURS_FORMAT:
-        sd_out, meta = export.to_ours(per_adapter)
-        return export.write_safetensors(export.cast(sd_out, dtype), dst, meta)
-    if len(per_adapter) > 1:
+        per_adapter[name] = from_entries(p.entries, comps)
+    if not layout.several and len(per_adapter) > 1:
         raise ValueError(f"{src} holds {len(per_adapter)} adapters; format {to!r} holds one")
-    modules = next(iter(per_adapter.values()))
-    if fmt == "comfyui":
-        stem = os.path.splitext(os.path.basename(dst))[0]
-        sd_out, meta = export.to_comfyui(modules, base, comps["unet"].config, name=stem)
-    elif fmt == "diffusers":
-        sd_out, meta = export.to_diffusers(modules)
-    else:
-        return export.write_peft(modules, dst, dtype, None)
-    return export.write_safetensors(export.cast(sd_out, dtype), dst, meta)
+    return write(layout, ExportJob(per_adapter, comps, family_of_model(model), dst, dtype, strict=strict))

@@ -21,6 +21,7 @@ from . import functional as LF
 from . import patches, scaling
 from . import state as S
 from . import weights as W
+from .components import pipeline_components
 from .config import LoKrConfig
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.ours import split_adapters
@@ -31,7 +32,6 @@ from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .loaded import LoadedFile
 from .logs import pipeline_disable, progress, warn_once
 from .model import (
-    LoKrModel,
     adapter_configs,
     check_quantized,
     commit_all,
@@ -58,18 +58,6 @@ def wrapper_for(module: nn.Module) -> type[LoKrLayer]:
     return found
 PathOrDict = str | os.PathLike[str] | dict[str, Tensor] | LoadedFile
 AdapterWeight = float | Mapping[str, Any]
-
-
-def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline's adaptable components by name (a LoKrModel-wrapped one counts as its model)."""
-    out: dict[str, nn.Module] = {}
-    for name in COMPONENTS:
-        module = getattr(pipe, name, None)
-        if isinstance(module, LoKrModel):
-            module = module.model
-        if isinstance(module, nn.Module):
-            out[name] = module
-    return out
 
 
 # ------------------------------------------------------------------------------------------- load

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import export, patches
+from .atomic import write_safetensors
 from .loader import layers_stepped_aside, pipeline_components
 from .model import LoKrModel, lokr_layers
 
@@ -73,7 +74,7 @@ def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         if side:
             sd, meta = export.to_ours(side)
             path = os.path.join(os.fspath(save_directory), ADAPTERS_FILE)
-            export.write_safetensors(sd, path, meta)
+            write_safetensors(sd, path, meta)
             logger.info("saved LoKr adapters %s beside the pipeline: pipe.load_lokr_weights(%r, weight_name=%r)",
                         list(side), os.fspath(save_directory), ADAPTERS_FILE)
         return result

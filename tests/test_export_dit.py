@@ -1,4 +1,4 @@
-"""Export of adapters on Flux.1 / SD3 / Flux.2 Klein / Z-Image (export_dit.py; docs/formats.md §Export of DiT
+"""Export of adapters on Flux.1 / SD3 / Flux.2 Klein / Z-Image (lokr_diffusers/export/; docs/formats.md §Export of DiT
 adapters), against references that do not ask the package for names, rows or ΔW:
 
 - ComfyUI: tests/helpers/comfyui_dit.py, ComfyUI's loading written from its key maps (originals as diffusers rows, the

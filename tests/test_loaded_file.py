@@ -42,7 +42,6 @@ ROUTES = ("lokr_path", "lokr_folder", "lokr_dict", "state_dict", "lora_path", "l
           "convert")
 NO_DICT = {"peft": "adapter_config.json", "ours_rows": "metadata lokr_shared",
            "comfyui_dora": "metadata lokr_dora_rule"}  # what a bare dict cannot carry
-NO_CONVERT = {"ours_rows": "convert_lokr_file reads SD1.x / SD2.x / SDXL files only"}
 
 
 @dataclass(frozen=True)
@@ -114,10 +113,11 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 # ------------------------------------------------------------------------------------------ routes
 def _convert(case: Case, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """convert_lokr_file to our lossless layout, checked against the tiny pipeline's own components (real
-    weights, which a ComfyUI-rule DoRA needs) standing in for the full-size base."""
-    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda base: pipeline_components(tiny_pipe("sd")))
+    weights, which a ComfyUI-rule DoRA needs) standing in for the full-size base (SD1.x, or FLUX.1's variants)."""
+    monkeypatch.setattr("lokr_diffusers.convert.meta_components",
+                        lambda base: pipeline_components(tiny_pipe(case.family)))
     return lokr_diffusers.convert_lokr_file(case.path, str(tmp / "converted.safetensors"), to="lokr_diffusers",
-                                            base="sd1")
+                                            base="sd1" if case.family == "sd" else "flux")
 
 
 def _load(route: str, case: Case, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -200,8 +200,6 @@ def test_every_route_gives_the_same_layers(cases: dict[str, Case], references: d
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     if route in ("lokr_dict", "state_dict") and layout in NO_DICT:
         pytest.skip(f"a bare dict cannot carry {NO_DICT[layout]}")
-    if route == "convert" and layout in NO_CONVERT:
-        pytest.skip(NO_CONVERT[layout])
     case = cases[layout]
     if route == "convert" and layout == "peft":
         case = Case(case.folder, case.folder, case.family)

@@ -21,6 +21,7 @@ from ..layers import LoKrLayer
 from ..loaded import LoadedFile
 from ..targeting import pattern_value
 from .fused import ROW_LEAVES, layer_rows, rows_from_tensors, split_dora
+from .metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
 from .names import FusedRef, ModuleRef, NameIndex, weight_of
 
 logger = logging.getLogger(__name__)
@@ -374,9 +375,6 @@ def _scale(name: str, plan: LF.LoKrPlan, tensors: Mapping[str, Tensor], path: st
     else:
         scale = LF.consumer_scale(plan, alpha)
     return scale, alpha
-
-
-DORA_RULE_KEY, DORA_RULE_COMFYUI = "lokr_dora_rule", "comfyui"  # written by export.to_comfyui
 
 
 def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
