@@ -31,17 +31,13 @@ from .fusing import FusedWeight
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .logs import progress
 from .modules_to_save import ModulesToSaveWrapper
+from .state_dict import assign_adapter_state_dict, shared_key
 from .targeting import Target, default_target_modules, find_targets
 from .transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
 CONFIGS_ATTR = "_lokr_configs"
-
-
-def shared_key(layer: LoKrLayer, adapter_name: str) -> tuple[int, ...]:
-    """The identity of an adapter's factor Parameters on a layer: equal for the pieces of one fused module."""
-    return tuple(id(t) for t in layer.factors(adapter_name).values())
 
 
 def lokr_layers(model: nn.Module) -> Iterator[tuple[str, LoKrLayer]]:
@@ -433,8 +429,6 @@ class LoKrModel(nn.Module):
                                prefix: str = "base_model.model.") -> None:
         """Load tensors in PEFT's layout into an existing adapter. Shapes are read off the tensors
         (so PEFT's unswapped factorizations load too); every key must be used. All-or-nothing."""
-        from .state_dict import assign_adapter_state_dict
-
         assign_adapter_state_dict(self, state_dict, adapter_name, prefix)
 
     # ------------------------------------------------------------------------------------ reporting

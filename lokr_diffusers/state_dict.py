@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from .model import LoKrModel
 
 
+def shared_key(layer: LoKrLayer, adapter_name: str) -> tuple[int, ...]:
+    """The identity of an adapter's factor Parameters on a layer: equal for the pieces of one fused module."""
+    return tuple(id(t) for t in layer.factors(adapter_name).values())
+
+
 def _strip(key: str, prefix: str) -> str:
     for p in (prefix, "base_model.model.", "model."):
         if p and key.startswith(p):
@@ -28,8 +33,6 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     """Validate every key and shape first, then assign; on any error nothing changes. The pieces of a fused
     module (layers holding rows, sharing their factors) take the factors written under any one of them,
     and keep sharing them."""
-    from .model import shared_key
-
     if adapter_name not in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(model.peft_config)}")
     modules = dict(model.model.named_modules())

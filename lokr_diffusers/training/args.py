@@ -7,24 +7,11 @@ import argparse
 from typing import Any
 
 from .errors import TrainingInputError
+from .targets import TE_TARGETS, TRANSFORMER_PRESETS, UNET_PRESETS, denoiser_targets, unet_targets
 
-UNET_PRESETS: dict[str, list[str]] = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-    "full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-             "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
-}
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+__all__ = ["TE_TARGETS", "TRANSFORMER_PRESETS", "UNET_PRESETS", "build_parser", "denoiser_targets", "parse",
+           "parse_with", "unet_targets"]
 
-
-# Flux.1 / SD3 transformer targets (diffusers' --lora_layers names). "default": what the trainers target
-# for the model (targeting.dit_target_modules: attention incl. the context projections, feed-forward,
-# Flux's single blocks), as LoKrConfig(target_modules=None) gives; "attn": the attention projections only.
-TRANSFORMER_PRESETS: dict[str, list[str] | None] = {
-    "default": None,
-    "attn": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-             "attn.add_v_proj", "attn.to_add_out"],
-}
 # what --weighting_scheme and --max_sequence_length default to, as in diffusers' Flux / SD3 scripts
 FLOW_DEFAULTS: dict[str, dict[str, Any]] = {"flux": {"weighting_scheme": "none", "max_sequence_length": 512},
                                             "sd3": {"weighting_scheme": "logit_normal", "max_sequence_length": 77}}
@@ -162,17 +149,3 @@ def parse_with(parser: argparse.ArgumentParser, dreambooth: bool,
 
 def parse(description: str, dreambooth: bool, argv: list[str] | None = None, family: str = "sd") -> argparse.Namespace:
     return parse_with(build_parser(description, dreambooth, family), dreambooth, argv)
-
-
-def unet_targets(value: str) -> list[str]:
-    return UNET_PRESETS[value] if value in UNET_PRESETS else [t.strip() for t in value.split(",") if t.strip()]
-
-
-def denoiser_targets(args: Any) -> list[str] | None:
-    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (Flux / SD3; None: the
-    model's defaults)."""
-    if getattr(args, "family", "sd") == "sd":
-        return unet_targets(args.unet_target_modules)
-    value = args.lora_layers
-    return TRANSFORMER_PRESETS[value] if value in TRANSFORMER_PRESETS else \
-        [t.strip() for t in value.split(",") if t.strip()]

@@ -91,7 +91,7 @@ def check_numbers(args: Any, rules: Iterable[Rule] = RULES) -> None:
 def check_names(args: Any) -> None:
     from diffusers.optimization import SchedulerType
 
-    from .args import denoiser_targets
+    from .targets import denoiser_targets
 
     schedules = [s.value for s in SchedulerType]
     if args.lr_scheduler not in schedules:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import LoKrConfig
 from ..model import lokr_layers
-from .args import denoiser_targets
+from .targets import denoiser_targets
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
