@@ -11,13 +11,15 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from numbers import Real
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+V = TypeVar("V")
 
 
 @functools.lru_cache(maxsize=512)
@@ -29,6 +31,21 @@ def compile_pattern(field_name: str, regex: str, shown: str | None = None) -> re
     except re.error as err:
         raise ValueError(f"{field_name}: {shown if shown is not None else regex!r} is not a valid regular "
                          f"expression ({err}); fix it, or escape it with re.escape() to match it literally") from None
+
+
+def pattern_regex(field_name: str, pattern: str) -> re.Pattern[str]:
+    """A rank_pattern / alpha_pattern key as the regex `(.*\\.)?(pattern)$` (ValueError naming
+    the field and the key when it is not a valid regex)."""
+    return compile_pattern(field_name, rf"(.*\.)?({pattern})$", pattern)
+
+
+def pattern_value(patterns: Mapping[str, V], key: str, default: V, field_name: str = "rank_pattern/alpha_pattern"
+                  ) -> V:
+    """The value of the first pattern matching `key` as `(.*\\.)?(pattern)$`, else `default`."""
+    for pattern, value in patterns.items():
+        if pattern_regex(field_name, pattern).match(key):
+            return value
+    return default
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -163,8 +163,7 @@ def _read_component_folders(folders: dict[str, str], root: str) -> LoadedFile:
     """Several PEFT folders as one diffusers-style state dict; each module's scale (PEFT's alpha / r,
     from its own folder's config and patterns) is given as a `lokr_scale` tensor, unless the module
     carries its own alpha tensor (the file's own tensors win, see formats.reader)."""
-    from .config import LoKrConfig
-    from .targeting import pattern_value
+    from .config import LoKrConfig, pattern_value
 
     out: dict[str, Tensor] = {}
     for component, folder in folders.items():

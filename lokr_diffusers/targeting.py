@@ -10,15 +10,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 from torch import nn
 
-from .config import LoKrConfig, compile_pattern
-
-V = TypeVar("V")
+from .config import LoKrConfig, compile_pattern, pattern_regex, pattern_value
 
 # Default targets by model class name (attention + feed-forward, as in the diffusers docs example and as
 # kohya sd-scripts' LoRA networks target them: CLIPAttention / CLIPMLP, T5Attention / T5DenseGatedActDense).
@@ -145,21 +141,6 @@ def is_target(config: LoKrConfig, key: str) -> bool:
         return False
     assert config.target_modules is not None
     return _name_matches(config.target_modules, key, "target_modules") and _layer_index_ok(config, key)
-
-
-def pattern_regex(field_name: str, pattern: str) -> re.Pattern[str]:
-    """A rank_pattern / alpha_pattern key as the regex `(.*\\.)?(pattern)$` (ValueError naming
-    the field and the key when it is not a valid regex)."""
-    return compile_pattern(field_name, rf"(.*\.)?({pattern})$", pattern)
-
-
-def pattern_value(patterns: Mapping[str, V], key: str, default: V, field_name: str = "rank_pattern/alpha_pattern"
-                  ) -> V:
-    """The value of the first pattern matching `key` as `(.*\\.)?(pattern)$`, else `default`."""
-    for pattern, value in patterns.items():
-        if pattern_regex(field_name, pattern).match(key):
-            return value
-    return default
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,24 @@ def test_the_graph_sees_imports_inside_functions() -> None:
 def test_no_import_cycle() -> None:
     found = cycles(import_graph())
     assert not found, f"import cycles (imports inside functions count): {found}"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_floors_hold() -> None:
+    """The key layouts sit below the layers and the model (they know an adapted module by a protocol,
+    lokr_diffusers/adaptable.py); the writers sit below the pipeline methods."""
+    graph = import_graph()
+    for module in graph:
+        below = _reachable(graph, module)
+        if module.startswith("lokr_diffusers.formats"):
+            assert not below & {"lokr_diffusers.layers", "lokr_diffusers.model"}, (module, below)
+        if module.startswith("lokr_diffusers.export"):
+            assert "lokr_diffusers.loader" not in below, module

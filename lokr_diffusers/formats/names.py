@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ..layers import LoKrLayer
+from ..adaptable import AdaptedModule
 from .dit import DIFFUSERS_LAYOUTS, Target, dit_name_map, family_of
 from .text_encoders import kind_of, te_forms
 
@@ -65,10 +65,10 @@ def iter_adaptable(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn
     for name, child in model.named_children():
         path = f"{prefix}.{name}" if prefix else name
         inner = child
-        while not isinstance(inner, (LoKrLayer, *ADAPTABLE)) and isinstance(getattr(inner, "base_layer", None),
+        while not isinstance(inner, (AdaptedModule, *ADAPTABLE)) and isinstance(getattr(inner, "base_layer", None),
                                                                             nn.Module):
             inner = getattr(inner, "base_layer")  # noqa: B009  (typed as Module, not Tensor | Module)
-        if isinstance(inner, (LoKrLayer, *ADAPTABLE)):
+        if isinstance(inner, (AdaptedModule, *ADAPTABLE)):
             yield path, inner
         else:
             yield from iter_adaptable(child, path)
@@ -79,7 +79,8 @@ def get_slot(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     child = getattr(parent, attr)
-    while not isinstance(child, (LoKrLayer, *ADAPTABLE)) and isinstance(getattr(child, "base_layer", None), nn.Module):
+    while not isinstance(child, (AdaptedModule, *ADAPTABLE)) and \
+            isinstance(getattr(child, "base_layer", None), nn.Module):
         parent, attr, child = child, "base_layer", getattr(child, "base_layer")  # noqa: B009
     return parent, attr
 

@@ -15,11 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
-from .. import quantized
-from ..config import LoKrConfig
-from ..layers import LoKrLayer
+from ..adaptable import AdaptedModule, base_weight, logical_shape
+from ..config import LoKrConfig, pattern_value
 from ..loaded import LoadedFile
-from ..targeting import pattern_value
 from .fused import ROW_LEAVES, layer_rows, rows_from_tensors, split_dora
 from .metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
 from .names import FusedRef, ModuleRef, NameIndex, weight_of
@@ -296,7 +294,7 @@ def _entry(name: str, ref: ModuleRef, tensors: dict[str, Tensor], factors: dict[
     if ref in index.unused:
         raise ValueError(f"{name} -> {ref.component}.{ref.path}: {index.unused[ref]}")
     module = index.modules[ref.component][ref.path]
-    shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
+    shape = logical_shape(module)
     rows = None
     if "lokr_rows" in tensors or "lokr_height" in tensors:  # a piece of a fused module, as we save it
         if "lokr_rows" not in tensors or "lokr_height" not in tensors:
@@ -341,7 +339,7 @@ def _fused_entries(name: str, ref: FusedRef, tensors: dict[str, Tensor], factors
 
 
 def _base_weight(module: nn.Module) -> Tensor:
-    return module.base_weight() if isinstance(module, LoKrLayer) else weight_of(module).detach()
+    return module.base_weight() if isinstance(module, AdaptedModule) else weight_of(module).detach()
 
 
 def _check_one_per_module(entries: list[LoadEntry]) -> None:
@@ -383,13 +381,12 @@ def _undo_comfyui_dora(e: LoadEntry, index: NameIndex) -> None:
     adaLN projection named by its diffusers path has it in the original's row order, as ComfyUI applies it
     after its (shift, scale) swap (docs/formats.md §Export of DiT adapters): its halves go back first."""
     module = index.modules[e.ref.component][e.ref.path]
-    shape = module.weight_shape if isinstance(module, LoKrLayer) else quantized.logical_shape(module)
+    shape = logical_shape(module)
     if e.dora_scale is None or not LF.dora_on_output_axis(e.dora_scale, shape):
         return
     if e.ref in index.swapped and e.rows is None:
         e.dora_scale = e.dora_scale.roll(e.dora_scale.shape[0] // 2, 0)
-    w = module.base_weight() if isinstance(module, LoKrLayer) else \
-        weight_of(module).detach() if quantized.quantization_of(module) is None else quantized.dequantize(module)
+    w = base_weight(module)
     if w.is_meta:
         raise ValueError(f"{e.ref.component}.{e.ref.path}: this file's output-axis dora_scale is written for "
                          "ComfyUI's rule (metadata lokr_dora_rule=comfyui); reading it back needs the base "
