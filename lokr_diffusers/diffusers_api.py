@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -82,9 +82,13 @@ def _components(pipe: Any, components: list[str] | None, comps: Mapping[str, nn.
     return out
 
 
-def _merged_names(pipe: Any) -> set[str]:
-    return {n for m in loader.pipeline_components(pipe).values() for _, layer in lokr_layers(m)
+def _sync_merged(pipe: Any, deleted: Collection[str] = ()) -> None:
+    """diffusers' `_merged_adapters` (what `pipe.fused_loras` lists), derived here only: what diffusers'
+    own method left there for its LoRA adapters, less the `deleted` adapters, plus every LoKr adapter
+    fused in any component."""
+    lokr = {n for m in loader.pipeline_components(pipe).values() for _, layer in lokr_layers(m)
             for n in layer.merged_adapters}
+    pipe._merged_adapters = (set(getattr(pipe, "_merged_adapters", set())) - set(deleted)) | lokr
 
 
 def _selected(comps: Mapping[str, nn.Module], components: list[str]) -> dict[str, nn.Module]:
@@ -188,7 +192,7 @@ def fuse_lora(original: Method) -> Method:
         layers = [] if ours == [] else named_lokr_layers(_selected(comps, components))
         result = commits.fuse(layers, ours, scale, safe=safe_fusing, requantize=requantize,
                               disable=pipeline_disable(self), then=lora_part)
-        self._merged_adapters = set(getattr(self, "_merged_adapters", set())) | _merged_names(self)
+        _sync_merged(self)
         return result
 
     return patches.wraps(fuse_lora, original)
@@ -208,7 +212,7 @@ def unfuse_lora(original: Method) -> Method:
 
         result = commits.unfuse(named_lokr_layers(_selected(comps, components)), disable=pipeline_disable(self),
                                 then=lora_part)
-        self._merged_adapters = set(getattr(self, "_merged_adapters", set())) | _merged_names(self)
+        _sync_merged(self)
         return result
 
     return patches.wraps(unfuse_lora, original)
@@ -248,9 +252,8 @@ def delete_adapters(original: Method) -> Method:
         names = _as_list(adapter_names, "delete_adapters")
         lora = [n for v in loader.lora_adapters(self).values() for n in v]
         result = _delete(original, self, names, lokr, lora, lambda ours: loader.delete_lokr_adapters(self, ours))
-        merged = getattr(self, "_merged_adapters", None)
-        if merged:
-            self._merged_adapters = {n for n in merged if n not in names} | _merged_names(self)
+        if getattr(self, "_merged_adapters", None):  # diffusers' delete leaves an empty mirror as it is
+            _sync_merged(self, deleted=names)
         return result
 
     return patches.wraps(delete_adapters, original)
