@@ -20,15 +20,12 @@ import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
 from lokr_diffusers import LoKrModel, lokr_layers
 
 Entry = Callable[[Any, bool], Any]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tiny_ops_on_one_thread(one_thread: None) -> None:
-    """Tiny ops: one thread avoids OpenMP sync costs (conftest.one_thread)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 @pytest.fixture(scope="module")
 def base():
+    """The tiny pipeline with a LoKr ("kr") and a diffusers LoRA ("lora"), both through load_lora_weights."""
     pipe = base_pipe()
     pipe.load_lora_weights(dict(lokr_files()["a"]), adapter_name="kr")
     pipe.load_lora_weights(dict(lora_file()), adapter_name="lora")
