@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from . import loader, patches
+from . import commits, loader, patches
 from . import state as S
 from . import weights as W
+from .commits import commit_all
 from .logs import pipeline_disable
-from .model import check_quantized, commit_all, lokr_layers, registered_adapters, report_requantized, set_enabled
+from .model import lokr_layers, named_lokr_layers, registered_adapters, set_enabled
 
 logger = logging.getLogger(__name__)
 Method = Callable[..., Any]
@@ -69,18 +70,6 @@ def _per_adapter(names: list[str], weights: Any) -> list[Any]:
     return out
 
 
-def _undoing(changes: list[tuple[Any, S.LayerState]], run: Callable[[], Any], disable: bool | None = None,
-             desc: str = "", requantize: bool = False) -> Any:
-    """Commit the LoKr changes, then run diffusers' part; if that raises, the LoKr layers go back."""
-    old = [(layer, layer.state) for layer, _ in changes]
-    commit_all(changes, desc=desc, disable=disable, requantize=requantize)
-    try:
-        return run()
-    except BaseException:
-        commit_all(old)
-        raise
-
-
 def _components(pipe: Any, components: list[str] | None, comps: Mapping[str, nn.Module]) -> list[str]:
     """fuse_lora / unfuse_lora's `components`, checked as diffusers checks them."""
     out = list(components or [])
@@ -93,9 +82,18 @@ def _components(pipe: Any, components: list[str] | None, comps: Mapping[str, nn.
     return out
 
 
-def _merged_names(pipe: Any) -> set[str]:
-    return {n for m in loader.pipeline_components(pipe).values() for _, layer in lokr_layers(m)
+def _sync_merged(pipe: Any, deleted: Collection[str] = ()) -> None:
+    """diffusers' `_merged_adapters` (what `pipe.fused_loras` lists), derived here only: what diffusers'
+    own method left there for its LoRA adapters, less the `deleted` adapters, plus every LoKr adapter
+    fused in any component."""
+    lokr = {n for m in loader.pipeline_components(pipe).values() for _, layer in lokr_layers(m)
             for n in layer.merged_adapters}
+    pipe._merged_adapters = (set(getattr(pipe, "_merged_adapters", set())) - set(deleted)) | lokr
+
+
+def _selected(comps: Mapping[str, nn.Module], components: list[str]) -> dict[str, nn.Module]:
+    """The components of a fuse_lora / unfuse_lora call that hold LoKr layers, in the call's order."""
+    return {c: comps[c] for c in components if c in comps}
 
 
 # -------------------------------------------------------------------------------- pipeline level
@@ -153,7 +151,7 @@ def set_adapters(original: Method) -> Method:
             with patches.bypassed():
                 return original(self, theirs, lora_weights)
 
-        return _undoing(changes, lora_part)
+        return commit_all(changes, then=lora_part)
 
     return patches.wraps(set_adapters, original)
 
@@ -184,13 +182,6 @@ def fuse_lora(original: Method) -> Method:
         else:
             ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), lokr, [n for v in lora_lists.values()
                                                                                 for n in v])
-        named = [] if ours == [] else [(f"{c}.{path}", layer, S.fuse(layer.state, ours, scale))
-                                       for c in components if c in comps for path, layer in lokr_layers(comps[c])]
-        check_quantized(named, requantize)
-        changes = [(layer, new) for _, layer, new in named]
-        for layer, new in changes:  # safe_fusing: every LoKr weight checked before anything changes
-            if safe_fusing:
-                layer.check_commit(new, requantize)
 
         def lora_part() -> Any:
             if theirs == [] or not any(lora_lists.values()):
@@ -198,10 +189,10 @@ def fuse_lora(original: Method) -> Method:
             with patches.bypassed():
                 return original(self, components, lora_scale, safe_fusing, theirs, **kwargs)
 
-        result = _undoing(changes, lora_part, pipeline_disable(self), "fusing LoKr", requantize)
-        if requantize:
-            report_requantized(named)
-        self._merged_adapters = set(getattr(self, "_merged_adapters", set())) | _merged_names(self)
+        layers = [] if ours == [] else named_lokr_layers(_selected(comps, components))
+        result = commits.fuse(layers, ours, scale, safe=safe_fusing, requantize=requantize,
+                              disable=pipeline_disable(self), then=lora_part)
+        _sync_merged(self)
         return result
 
     return patches.wraps(fuse_lora, original)
@@ -214,15 +205,14 @@ def unfuse_lora(original: Method) -> Method:
         if not _lokr_names(comps) or patches.is_bypassed():
             return original(self, components, **kwargs)
         components = _components(self, components, comps)
-        changes = [(layer, S.unfuse(layer.state)) for c in components if c in comps
-                   for _, layer in lokr_layers(comps[c])]
 
         def lora_part() -> Any:
             with patches.bypassed():
                 return original(self, components, **kwargs)
 
-        result = _undoing(changes, lora_part, pipeline_disable(self), "unfusing LoKr")
-        self._merged_adapters = set(getattr(self, "_merged_adapters", set())) | _merged_names(self)
+        result = commits.unfuse(named_lokr_layers(_selected(comps, components)), disable=pipeline_disable(self),
+                                then=lora_part)
+        _sync_merged(self)
         return result
 
     return patches.wraps(unfuse_lora, original)
@@ -262,9 +252,8 @@ def delete_adapters(original: Method) -> Method:
         names = _as_list(adapter_names, "delete_adapters")
         lora = [n for v in loader.lora_adapters(self).values() for n in v]
         result = _delete(original, self, names, lokr, lora, lambda ours: loader.delete_lokr_adapters(self, ours))
-        merged = getattr(self, "_merged_adapters", None)
-        if merged:
-            self._merged_adapters = {n for n in merged if n not in names} | _merged_names(self)
+        if getattr(self, "_merged_adapters", None):  # diffusers' delete leaves an empty mirror as it is
+            _sync_merged(self, deleted=names)
         return result
 
     return patches.wraps(delete_adapters, original)
@@ -350,7 +339,7 @@ def _model_set_adapters(model: nn.Module, original: Method, adapter_names: str |
         with patches.bypassed():
             return original(model, theirs, [w for n, w in zip(names, per, strict=True) if n in theirs])
 
-    return _undoing(changes, lora_part)
+    return commit_all(changes, then=lora_part)
 
 
 def _model_set_adapter(model: nn.Module, original: Method, adapter_name: str | list[str]) -> Any:
@@ -365,7 +354,7 @@ def _model_set_adapter(model: nn.Module, original: Method, adapter_name: str | l
         with patches.bypassed():
             return original(model, theirs)
 
-    return _undoing(changes, lora_part)
+    return commit_all(changes, then=lora_part)
 
 
 def _model_switch(enabled: bool) -> Callable[..., Any]:
@@ -412,13 +401,6 @@ def _model_fuse(model: nn.Module, original: Method, lora_scale: float = 1.0, saf
     theirs: list[str] | None = None
     if adapter_names is not None:
         ours, theirs = _split(_as_list(adapter_names, "fuse_lora"), registered_adapters(model), lora)
-    named = [] if ours == [] else [(path, layer, S.fuse(layer.state, ours, scale))
-                                   for path, layer in lokr_layers(model)]
-    check_quantized(named, requantize=False)  # a quantized base refuses, named (pipe.fuse_lokr(requantize=True))
-    changes = [(layer, new) for _, layer, new in named]
-    if safe_fusing:
-        for layer, new in changes:
-            layer.check_commit(new)
 
     def lora_part() -> Any:
         if not lora or theirs == []:
@@ -426,19 +408,18 @@ def _model_fuse(model: nn.Module, original: Method, lora_scale: float = 1.0, saf
         with patches.bypassed():
             return original(model, lora_scale, safe_fusing=safe_fusing, adapter_names=theirs)
 
-    return _undoing(changes, lora_part, None, "fusing LoKr")
+    layers = [] if ours == [] else named_lokr_layers(model)  # a quantized base refuses, named
+    return commits.fuse(layers, ours, scale, safe=safe_fusing, then=lora_part)
 
 
 def _model_unfuse(model: nn.Module, original: Method) -> Any:
-    changes = [(layer, S.unfuse(layer.state)) for _, layer in lokr_layers(model)]
-
     def lora_part() -> Any:
         if not _model_lora(model):
             return None
         with patches.bypassed():
             return original(model)
 
-    return _undoing(changes, lora_part, None, "unfusing LoKr")
+    return commits.unfuse(named_lokr_layers(model), then=lora_part)
 
 
 def _model_unload(model: nn.Module, original: Method) -> Any:

@@ -109,10 +109,11 @@ class FusedWeight:
         _check_finite(target, old, pairs)
 
     @torch.no_grad()
-    def move(self, weight: Tensor, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen], safe: bool,
+    def move(self, weight: Tensor, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen],
              keep_original: bool) -> None:
-        """Rebuild `weight` in place for the fused list `pairs` (it held `old`)."""
-        if not old and not safe:  # the first fuse: keep the copy, then fold into the weight itself
+        """Rebuild `weight` in place for the fused list `pairs` (it held `old`); non-finite weights are
+        checked before (`check`)."""
+        if not old:  # the first fuse: keep the copy, then fold into the weight itself
             frozen = {a: freeze(a) for a, _ in pairs}
             if keep_original:
                 self.keep(weight)
@@ -121,12 +122,10 @@ class FusedWeight:
             target = self.fold(weight.data, pairs, frozen, inplace=True)
         else:
             base, target, frozen = self.target(weight, old, pairs, freeze)
-            if safe:
-                _check_finite(target, old, pairs)
             if pairs and keep_original:
-                # `base` is our saved copy when something was fused (recover returns it), else the weight
+                # `base` is our saved copy (recover returns it), or a new tensor made from it
                 if base is not self.base:  # else it is our saved copy already, kept as it is
-                    self.keep(base, copy=not old)
+                    self.keep(base, copy=False)
             else:
                 self.base = self.ready = None
         if target is not weight.data:

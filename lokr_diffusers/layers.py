@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import commits, paths, quantized, reuse
 from . import functional as LF
-from . import paths, quantized, reuse
 from . import state as S
 from .config import LoKrConfig
 from .errors import AdapterFusedError
@@ -177,18 +177,17 @@ class LoKrLayer(nn.Module):
         return self.scaling[adapter_name] * self.state.weight(adapter_name)
 
     # ---------------------------------------------------------------------------------- transitions
-    def commit(self, new: S.LayerState, safe: bool = False, keep_original: bool = True,
-               requantize: bool = False) -> None:
+    def commit(self, new: S.LayerState, keep_original: bool = True, requantize: bool = False) -> None:
         """Take `new` as the layer's state; the base weight is rebuilt when the fused part changes.
-        safe: a non-finite new weight raises and nothing changes. A quantized base weight is never
-        written: fusing into it raises unless `requantize` (quantized.py)."""
+        A quantized base weight is never written: fusing into it raises unless `requantize`
+        (quantized.py). Non-finite weights are checked before, by the fuse path (commits.py)."""
         old_phys, new_phys = self.state.physical(), new.physical()
         if old_phys != new_phys:
             if self._on_quantized():
-                self._qfused.move(self.base_layer, self._describe(), old_phys, new_phys, self._freeze, safe,
+                self._qfused.move(self.base_layer, self._describe(), old_phys, new_phys, self._freeze,
                                   keep_original, requantize)
             else:
-                self._fused.move(self.weight, old_phys, new_phys, self._freeze, safe, keep_original)
+                self._fused.move(self.weight, old_phys, new_phys, self._freeze, keep_original)
         if not new.fused:
             self._qfused.allowed = False
         self.state = new
@@ -240,14 +239,14 @@ class LoKrLayer(nn.Module):
         """Fuse the active (or given) adapters into the base weight at scale · their weight.
         `unmerge` restores the weight bit for bit (keep_original=False: a fuse never undone, no copy).
         A quantized base refuses unless `requantize` (docs/adapters.md §Quantized base layers)."""
-        self.commit(S.fuse(self.state, adapter_names, scale), safe=safe_merge, keep_original=keep_original,
-                    requantize=requantize)
+        commits.fuse([(self._describe(), self)], adapter_names, scale, safe=safe_merge, keep_original=keep_original,
+                    requantize=requantize, disable=True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take every fused adapter out of the base weight (exactly as it was, if nothing else
         changed the weight since; otherwise only our part is taken out)."""
-        self.commit(S.unfuse(self.state))
+        commits.unfuse([(self._describe(), self)], disable=True)
 
     # ---------------------------------------------------------------------------- create adapters
     def update_layer(self, adapter_name: str, r: int, alpha: float, config: LoKrConfig) -> None:
@@ -331,7 +330,7 @@ class LoKrLayer(nn.Module):
                       self.scaling[adapter_name], dora, self.rows.get(adapter_name))
 
     def check_commit(self, new: S.LayerState, requantize: bool = False, safe: bool = True, where: str = "") -> None:
-        """Raise what commit(new, safe) would raise about non-finite weights (with `safe`) and about
+        """Raise if `new` gives non-finite weights (with `safe`), and what commit(new) would raise about
         quantized weights; change nothing. `where`: the layer's name for the message."""
         old, pairs = self.state.physical(), new.physical()
         if old == pairs:

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import commits, patches, scaling
 from . import functional as LF
-from . import patches, scaling
 from . import state as S
 from . import weights as W
+from .commits import commit_all
 from .components import pipeline_components
 from .config import LoKrConfig
 from .formats.names import COMPONENTS, build_index, get_slot
@@ -33,13 +34,11 @@ from .loaded import LoadedFile
 from .logs import pipeline_disable, progress, warn_once
 from .model import (
     adapter_configs,
-    check_quantized,
-    commit_all,
     component_enabled,
     lokr_layers,
+    named_lokr_layers,
     registered_adapters,
     remove_layers,
-    report_requantized,
     set_enabled,
 )
 from .transaction import all_or_nothing
@@ -432,20 +431,14 @@ def fuse_lokr(pipe: Any, lokr_scale: float = 1.0, components: Sequence[str] | No
     selected = _selected(pipe, components)
     if adapter_names is not None:
         adapter_names = _names(adapter_names, pipeline_components(pipe), "fuse_lokr")
-    named = [(f"{c}.{path}", layer, S.fuse(layer.state, adapter_names, lokr_scale))
-             for c, model in selected.items() for path, layer in lokr_layers(model)]
-    check_quantized(named, requantize)
-    commit_all([(layer, new) for _, layer, new in named], safe=safe_fusing, desc="fusing LoKr",
-               disable=pipeline_disable(pipe), requantize=requantize)
-    if requantize:
-        report_requantized(named)
+    commits.fuse(named_lokr_layers(selected), adapter_names, lokr_scale, safe=safe_fusing, requantize=requantize,
+                 disable=pipeline_disable(pipe))
     logger.info("fused LoKr adapters into %s", list(selected))
 
 
 def unfuse_lokr(pipe: Any, components: Sequence[str] | None = None) -> None:
     """Take every fused adapter out of the weights of these (default: all) components."""
-    commit_all([(layer, S.unfuse(layer.state)) for model in _selected(pipe, components).values()
-                for _, layer in lokr_layers(model)], desc="unfusing LoKr", disable=pipeline_disable(pipe))
+    commits.unfuse(named_lokr_layers(_selected(pipe, components)), disable=pipeline_disable(pipe))
 
 
 def enable_lokr(pipe: Any) -> None:

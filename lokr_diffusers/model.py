@@ -16,15 +16,16 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from . import commits, quantized, scaling
 from . import functional as LF
-from . import quantized, scaling
 from . import state as S
+from .commits import commit_all
 from .config import LoKrConfig
 from .formats.fused import rows_to_tensors
 from .fusing import FusedWeight
@@ -61,29 +62,6 @@ def adapter_configs(model: nn.Module) -> dict[str, LoKrConfig]:
     return configs
 
 
-def commit_all(changes: list[tuple[LoKrLayer, S.LayerState]], safe: bool = False,
-               keep_original: bool = True, desc: str = "", disable: bool | None = None,
-               requantize: bool = False) -> None:
-    """Move each layer to its new state, all or nothing: with `safe`, every layer's new weight is
-    checked first; if any commit fails, the layers already moved go back to their old states.
-    A progress bar (logs.progress) when many layers change their weights (`desc`, `disable`).
-    requantize: fusing into a quantized base weight dequantizes, adds and requantizes (quantized.py)."""
-    if safe:
-        for layer, new in changes:
-            layer.check_commit(new, requantize)
-    done: list[tuple[LoKrLayer, S.LayerState]] = []
-    work = sum(layer.weight.numel() for layer, new in changes if layer.state.physical() != new.physical())
-    try:
-        for layer, new in progress(changes, desc=desc or "LoKr weights", disable=disable, work=work):
-            old = layer.state
-            layer.commit(new, keep_original=keep_original, requantize=requantize)
-            done.append((layer, old))
-    except BaseException:
-        for layer, old in reversed(done):
-            layer.commit(old)
-        raise
-
-
 ENABLED_ATTR = "_lokr_enabled"
 
 
@@ -103,35 +81,12 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
             module.enable_adapters(enabled)
 
 
-def check_quantized(named: list[tuple[str, LoKrLayer, S.LayerState]], requantize: bool) -> None:
-    """Before any layer changes: refuse, naming the module, a change that would write into a
-    quantized base weight without `requantize`, or that its quantizer cannot requantize."""
-    for name, layer, new in named:
-        layer.check_commit(new, requantize, safe=False, where=name)
-
-
-def report_requantized(named: list[tuple[str, LoKrLayer, S.LayerState]]) -> None:
-    """One warning for a fuse that requantized quantized weights: how many, and the largest error."""
-    errors = [(layer.requantization_error, name) for name, layer, _ in named
-              if layer.requantization_error is not None]
-    if errors:
-        worst, where = max(errors)
-        logger.warning("LoKr fused into %d quantized weights by requantizing them; the largest max abs error "
-                       "introduced is %.3g (%s). Unfusing puts the original quantized weights back exactly",
-                       len(errors), worst, where)
-
-
-def merge_layers(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False,
-                 keep_original: bool = True, scale: float = 1.0, requantize: bool = False) -> None:
-    """Fuse the given (default: each layer's active) adapters at scale · weight into the base weights
-    of every LoKr layer. All-or-nothing; with safe_merge a non-finite weight anywhere raises first.
-    A quantized base weight refuses unless `requantize` (docs/adapters.md §Quantized base layers)."""
-    named = [(name, layer, S.fuse(layer.state, adapter_names, scale)) for name, layer in lokr_layers(model)]
-    check_quantized(named, requantize)
-    commit_all([(layer, new) for _, layer, new in named], safe=safe_merge, keep_original=keep_original,
-               requantize=requantize)
-    if requantize:
-        report_requantized(named)
+def named_lokr_layers(target: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, LoKrLayer]]:
+    """(name, layer) for every LoKr layer of one model (its module paths), or of several components
+    ({component: model}, in that order: "component.path"), as the fuse path (commits.py) takes them."""
+    if isinstance(target, nn.Module):
+        return list(lokr_layers(target))
+    return [(f"{c}.{path}", layer) for c, model in target.items() for path, layer in lokr_layers(model)]
 
 
 def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool = False) -> int:
@@ -376,10 +331,10 @@ class LoKrModel(nn.Module):
             unknown = [n for n in adapter_names if n not in self.peft_config]
             if unknown:
                 raise ValueError(f"unknown adapters {unknown}; this model has {list(self.peft_config)}")
-        merge_layers(self.model, adapter_names, safe_merge, keep_original=True, requantize=requantize)
+        commits.fuse(named_lokr_layers(self.model), adapter_names, safe=safe_merge, requantize=requantize)
 
     def unmerge_adapter(self) -> None:
-        commit_all([(layer, S.unfuse(layer.state)) for _, layer in lokr_layers(self.model)])
+        commits.unfuse(named_lokr_layers(self.model))
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
                          requantize: bool = False) -> nn.Module:
@@ -393,7 +348,8 @@ class LoKrModel(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
                 requantize: bool = False) -> nn.Module:
         if merge:
-            merge_layers(self.model, adapter_names, safe_merge, keep_original=False, requantize=requantize)
+            commits.fuse(named_lokr_layers(self.model), adapter_names, safe=safe_merge, keep_original=False,
+                        requantize=requantize)
         remove_layers(self.model, keep_merged=merge)
         return self.model
 

@@ -338,9 +338,9 @@ class QuantizedFuse:
 
     @torch.no_grad()
     def move(self, layer: nn.Module, where: str, old: Pairs, pairs: Pairs, freeze: Callable[[str], Frozen],
-             safe: bool, keep_original: bool, requantize: bool) -> None:
+             keep_original: bool, requantize: bool) -> None:
         """Make `layer`'s weight hold the fused list `pairs` (it held `old`)."""
-        self.check(layer, where, old, pairs, freeze, requantize, safe)
+        self.check(layer, where, old, pairs, freeze, requantize)
         original = self.original if old else layer.weight
         assert isinstance(original, Tensor)
         if not pairs:
