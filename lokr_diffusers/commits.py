@@ -10,7 +10,7 @@ sequence every fuse and unfuse takes, whatever the entry point (`LoKrLayer.merge
 diffusers API runs diffusers' own LoRA part there). The layers come named (`model.named_lokr_layers`):
 the names are what errors and the requantization report say.
 
-Below `layers.py` (it fuses through here); the layers are used by their methods only.
+Below `layers/` (it fuses through here); the layers are used by their methods only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from . import state as S
 from .logs import progress
 
 if TYPE_CHECKING:
-    from .layers import LoKrLayer
+    from .layers.base import LayerCore as LoKrLayer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

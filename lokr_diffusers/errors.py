@@ -1,5 +1,5 @@
 """Errors raised below the training package that callers may want to catch by class. A leaf: it imports
-nothing from the package, so `layers.py` can raise them without importing `training/`."""
+nothing from the package, so `layers/` can raise them without importing `training/`."""
 
 from __future__ import annotations
 

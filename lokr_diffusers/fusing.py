@@ -87,7 +87,7 @@ class FusedWeight:
         """The weight without our fused `pairs` (may be the saved copy itself: do not modify it)."""
         w = weight.detach()
         base = self._base().to(device=w.device, dtype=w.dtype)
-        if self.written is not None and torch.equal(_fingerprint(w), self.written):
+        if self.written is not None and torch.equal(fingerprint(w), self.written):
             return base  # untouched since we wrote it
         after = self.fold(base, pairs, self.frozen)
         if not torch.equal(after, w):
@@ -131,7 +131,7 @@ class FusedWeight:
         if target is not weight.data:
             weight.data.copy_(target)
         self.frozen = frozen
-        self.written = _fingerprint(weight.detach()) if pairs else None
+        self.written = fingerprint(weight.detach()) if pairs else None
 
 
 def _saved(w: Tensor, copy: bool) -> tuple[Tensor, Any]:
@@ -167,7 +167,7 @@ def _probe(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return probe
 
 
-def _fingerprint(w: Tensor) -> Tensor:
+def fingerprint(w: Tensor) -> Tensor:
     """(out,): each output row of `w` times one fixed random vector (a matrix-vector product)."""
     rows = w.reshape(w.shape[0], -1)
     return rows @ _probe(rows.shape[1], rows.device, rows.dtype)

@@ -263,9 +263,7 @@ def _hotswap(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapt
             new = {**e.factors, **({"dora_scale": e.dora_scale} if e.dora_scale is not None else {})}
             for k, t in layer.adapter_tensors(adapter_name).items():
                 t.copy_(new[k])
-            layer.scaling[adapter_name] = float(e.scale)
-            layer.alpha[adapter_name] = e.alpha if e.alpha is not None else e.scale * layer.r[adapter_name]
-            layer.commit(layer.state)  # same state: bumps the version, so anything cached is rebuilt
+            layer.set_scale(adapter_name, e.scale, e.alpha)  # bumps the version: anything cached is rebuilt
 
 
 def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> None:

@@ -28,7 +28,6 @@ from . import state as S
 from .commits import commit_all
 from .config import LoKrConfig
 from .formats.fused import rows_to_tensors
-from .fusing import FusedWeight
 from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .logs import progress
 from .modules_to_save import ModulesToSaveWrapper
@@ -106,8 +105,7 @@ def remove_layers(model: nn.Module, keep_merged: bool = False, only_empty: bool 
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, LoKrLayer):
             module.commit(S.enable(module.state, True) if keep_merged else S.unfuse(module.state))
-            module._fused = FusedWeight()  # a fuse kept in the weights is not undone any more
-            module._qfused = quantized.QuantizedFuse()  # nor a requantized one: its original is let go
+            module.forget_fuse()  # a fuse kept in the weights is not undone any more
             setattr(parent, child, module.base_layer)
         else:
             setattr(parent, child, module.unwrap(keep_merged))

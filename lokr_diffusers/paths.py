@@ -21,7 +21,6 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
 
 import torch
 
@@ -97,32 +96,25 @@ def _sync(device: torch.device) -> None:
         torch.accelerator.synchronize()
 
 
-def measure_layer(layer: Any, x: torch.Tensor, adapter_name: str, needs_grad: bool) -> bool:
-    """Time one adapter's two paths on a LoKr layer's input x: the op with W + ΔW, or the base op plus the
-    factors applied to x; in training with backward to the factors (and x). Gradients are returned,
-    never accumulated into .grad; no random numbers are drawn (no rank dropout here). True: bypass wins."""
+def measure_paths(merged: Callable[[torch.Tensor], torch.Tensor], bypass: Callable[[torch.Tensor], torch.Tensor],
+                 x: torch.Tensor, factors: list[torch.Tensor], needs_grad: bool, device: torch.device) -> bool:
+    """Time one adapter's two paths on a layer's input x: `merged(x)` (the op with W + ΔW) and `bypass(x)`
+    (the base op plus the factors applied to x); in training with backward to the factors that train
+    (and x). Gradients are returned, never accumulated into .grad; the paths draw no random numbers
+    (no rank dropout here). True: bypass wins."""
     xs = x.detach().requires_grad_(needs_grad and x.requires_grad)
-    wanted = [t for t in layer.factors(adapter_name).values() if t.requires_grad]
+    wanted = [t for t in factors if t.requires_grad]
     wanted += [xs] if xs.requires_grad else []
-    one = ((adapter_name, 1.0),)
 
     def run(y: torch.Tensor) -> None:
         if needs_grad:
             torch.autograd.grad(y.float().sum(), wanted)
 
-    def merged() -> None:
-        run(layer._run_merged(xs, one))
-
-    def bypass() -> None:
-        joint = layer._with_bypass(xs, adapter_name, 1.0)
-        run(layer._run(xs, layer.weight, layer.bias) + layer._bypass(xs, adapter_name, 1.0) if joint is None
-            else joint)
-
     # identity saved-tensor hooks on top: an active torch.utils.checkpoint must not see the timed
     # graphs (it counts the tensors a forward saves and compares them with its recomputation)
     with torch.enable_grad() if needs_grad else torch.no_grad(), \
             torch.autograd.graph.saved_tensors_hooks(_same, _same):
-        return bypass_is_faster(bypass, merged, layer.weight.device)
+        return bypass_is_faster(lambda: run(bypass(xs)), lambda: run(merged(xs)), device)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fusing import Frozen, FusedWeight, _fingerprint
+from .fusing import Frozen, FusedWeight, fingerprint
 from .state import Pairs
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class QuantizedFuse:
         w = layer.weight
         assert isinstance(w, Tensor)
         if self.written is None or \
-                not torch.equal(_fingerprint(dequantize(layer)).to(self.written.device), self.written):
+                not torch.equal(fingerprint(dequantize(layer)).to(self.written.device), self.written):
             raise QuantizedWeightError(f"the quantized weight of {where} changed since LoKr fused into it "
                                        "(something else wrote it); unfusing would discard that change, so "
                                        "nothing was changed")
@@ -357,7 +357,7 @@ class QuantizedFuse:
                     where, quantization_of(layer), [a for a, _ in pairs], self.error,
                     float(target.abs().max()) if target.numel() else 0.0)
         self.original = original if keep_original else None
-        self.written = _fingerprint(got)
+        self.written = fingerprint(got)
         self.frozen = frozen
         self.allowed = True
 

@@ -16,8 +16,9 @@ Memory: one weight-sized tensor per adapted layer, counted per device against a 
 that would exceed it builds W + ΔW each call as before. Freed as soon as the layer's key changes, on
 `train()`, on a dtype/device move, or with the layer. docs/performance.md §Reuse in the denoising loop.
 
-Under torch.compile the key cannot be checked inside the graph, so a compiled layer keeps its
-W + ΔW (`_kept_t`, built and stored by the graph itself: Dynamo replays the attribute store) only
+Each layer owns one `Kept` (`layer.kept`): `entry`, the eager W + ΔW with its key, and `traced`, the
+compiled one. Under torch.compile the key cannot be checked inside the graph, so a compiled layer keeps its
+W + ΔW (`traced`, built and stored by the graph itself: Dynamo replays the attribute store) only
 for adapters whose factors are frozen (trainable ones see in-place updates such as EMA copies) and
 drops it on every commit, device/dtype move, `train()` / `eval()`, call-scale change,
 `load_state_dict` and optimizer step (torch's global step hook), of every layer at once
@@ -33,7 +34,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -44,12 +45,14 @@ _lock = threading.Lock()
 
 
 def set_budget(nbytes: int | None) -> None:
-    """Bytes of kept weights allowed per device (0: no reuse; None: no limit). Applies to new
-    entries; kept ones stay until their layer changes."""
+    """Bytes of kept weights allowed per device (0: no reuse, every kept weight dropped now; None: no
+    limit). A new limit applies to new entries; kept ones stay until their layer changes."""
     global _budget
     if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
         raise ValueError(f"budget must be a number of bytes >= 0 or None, got {nbytes!r}")
-    _budget = nbytes
+    was, _budget = _budget, nbytes
+    if nbytes == 0 and was != 0:
+        forget()  # so that a layer's fast path needs no budget check: no entry exists while reuse is off
 
 
 def budget() -> int | None:
@@ -81,13 +84,81 @@ def _release(device: str, nbytes: int) -> None:
         _used[device] -= nbytes
 
 
+Stamps = tuple[tuple[int, int], ...]  # (in-place version, data_ptr) of each tensor W + ΔW was built from
+
+
+class Entry:
+    """A kept W + ΔW and the key it was built under: the layer's state version, the strengths, each
+    tensor's stamp. `held`: those tensors, detached, so that no storage the stamps name can be freed
+    and reused. `live`: the layer's own tensors when it was built for the layer's own strengths (its
+    state version then stands for them: the layer's fast path compares stamps only), else None."""
+
+    __slots__ = ("held", "live", "stamps", "strengths", "version", "weight")
+
+    def __init__(self, version: int, strengths: tuple, stamps: Stamps, weight: Tensor, held: list[Tensor],
+                 live: Sequence[Tensor] | None) -> None:
+        self.version, self.strengths, self.stamps = version, strengths, stamps
+        self.weight, self.held, self.live = weight, held, live
+
+
+def stamps(tensors: Sequence[Tensor]) -> Stamps:
+    """Raises RuntimeError for an inference-mode tensor (no version counter)."""
+    return tuple([(t._version, t.data_ptr()) for t in tensors])
+
+
+class Kept:
+    """One layer's reused weights: `entry` (eager, its key checked on every use) and `traced` (stored by a
+    compiled graph, dropped for all layers at once: `forget_traced`); and the layer's tensor list,
+    looked up once per state version. A plain object (not slotted): compiled graphs store `traced`."""
+
+    def __init__(self) -> None:
+        self.entry: Entry | None = None
+        self.traced: Tensor | None = None
+        self.tensor_list: tuple[tuple, list[Tensor]] | None = None
+        TRACED.kept.add(self)
+
+    def drop(self) -> None:
+        """The layer changed (state, dtype, device, train/eval): nothing kept holds."""
+        self.entry = None
+        self.tensor_list = None
+
+    def tensors(self, key: tuple, collect: Callable[[], list[Tensor]]) -> list[Tensor]:
+        """The tensors W + ΔW is built from, collected once per `key` (the layer's state version and the
+        applied adapters)."""
+        cached = self.tensor_list
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tensors = collect()
+        self.tensor_list = (key, tensors)
+        return tensors
+
+    def weight(self, version: int, strengths: tuple, tensors: list[Tensor], build: Callable[[], Tensor],
+               own: bool) -> Tensor:
+        """W + ΔW for these strengths: the kept one while its key holds, else `build()` (kept if the
+        budget admits it). own: built for the layer's own strengths (the fast path may use it)."""
+        try:
+            now: Stamps | None = stamps(tensors)
+        except RuntimeError:  # an inference-mode tensor: no version counter, nothing to key on
+            now = None
+        e = self.entry
+        if e is not None and now is not None and e.version == version and e.strengths == strengths and \
+                e.stamps == now:
+            return e.weight
+        self.entry = None
+        w = build()
+        if now is not None and admit(w):
+            self.entry = Entry(version, strengths, now, w, [t.detach() for t in tensors], tensors if own else None)
+        return w
+
+
 class _Traced:
-    """The layers that may hold a W + ΔW stored by a compiled graph, and whether any does now (set
-    inside the graph, so that dropping them costs nothing while none does)."""
+
+    """Every layer's `Kept`, and whether any holds a W + ΔW stored by a compiled graph now (set inside
+    the graph, so that dropping them costs nothing while none does)."""
 
     def __init__(self) -> None:
         self.holding = False
-        self.layers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.kept: weakref.WeakSet[Kept] = weakref.WeakSet()
 
 
 TRACED = _Traced()
@@ -108,8 +179,8 @@ def watch_optimizers() -> None:
 def forget_traced() -> None:
     """Drop every W + ΔW a compiled graph stored (all layers at once: see the module docstring)."""
     if TRACED.holding:
-        for layer in list(TRACED.layers):
-            layer._kept_t = None
+        for kept in list(TRACED.kept):
+            kept.traced = None
         TRACED.holding = False
 
 
@@ -117,5 +188,5 @@ def forget() -> None:
     """Drop every kept W + ΔW, eager and compiled (after changing factor values by hand under
     torch.compile; eager reuse notices such changes by itself)."""
     forget_traced()
-    for layer in list(TRACED.layers):
-        layer._kept = None
+    for kept in list(TRACED.kept):
+        kept.drop()

@@ -39,7 +39,7 @@ def _scale_layers(models: Iterable[nn.Module], scale: float) -> list[tuple[LoKrL
     """Multiply the call scale of the LoKr layers of `models` by `scale`; returns what to restore.
     Plain lists and calls, no context-manager object: the hooks below run inside torch.compile."""
     layers = [m for model in models for m in model.modules() if isinstance(m, LoKrLayer)] if scale != 1.0 else []
-    saved = [(layer, layer._call_scale) for layer in layers]
+    saved = [(layer, layer.call_scale) for layer in layers]
     for layer, s in saved:
         layer.set_call_scale(s * scale)
     return saved

@@ -105,7 +105,7 @@ CHANGES: dict[str, Callable[[LoKrModel], object]] = {
     "factor values in place (an optimizer step)": _scale_factors,
     "adapter weight": lambda m: m.set_adapter_weight("a", 0.3),
     "adapter scale (a hotswap with another alpha)": lambda m: [
-        (layer.scaling.__setitem__("a", layer.scaling["a"] * 3), layer.commit(layer.state)) for layer in _layers(m)],
+        layer.set_scale("a", layer.scaling["a"] * 3) for layer in _layers(m)],
 }
 
 
@@ -238,7 +238,7 @@ def test_compiled_unet_of_a_pipeline_sees_set_adapters_hotswap_and_call_scale() 
         run(unet, 0.3)  # the one recompilation: the call scale becomes a symbolic float
         for _ in range(2):  # W + ΔW built and stored by one graph, reused by another (reuse.py)
             before = run(unet, 1.0)
-        assert any(la._kept_t is not None for _, la in lokr_layers(unet))
+        assert any(la.kept.traced is not None for _, la in lokr_layers(unet))
         n = graphs()
         for name, change, scale in steps:
             change(pipe)
@@ -303,7 +303,7 @@ def test_compiled_inference_reuses_frozen_adapters_at_the_bare_op_count() -> Non
         torch.testing.assert_close(out, model(x, img), rtol=1e-5, atol=1e-5)
         torch.compile(bare, fullgraph=True, backend=record)(x, img)
     assert len(seen) == 3  # build, reuse, bare
-    assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+    assert all(layer.kept.traced is not None for _, layer in lokr_layers(model))
     build, reused, bare_graph = (_ops(gm) for gm in seen)
     assert reused == bare_graph, (reused, bare_graph)
     assert len(build) > len(bare_graph)  # the counter can tell building from reusing
@@ -363,9 +363,9 @@ def test_an_optimizer_step_or_load_state_dict_drops_compiled_kept_weights() -> N
         with torch.no_grad():
             compiled(x, img)
             stale = compiled(x, img)
-        assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+        assert all(layer.kept.traced is not None for _, layer in lokr_layers(model))
         act()
-        assert all(layer._kept_t is None for _, layer in lokr_layers(model))
+        assert all(layer.kept.traced is None for _, layer in lokr_layers(model))
         with torch.no_grad():
             now = compiled(x, img)
             torch.testing.assert_close(now, model(x, img), rtol=1e-5, atol=1e-5)
@@ -376,7 +376,7 @@ def test_training_after_compiled_reuse_does_not_use_the_kept_weight() -> None:
     model = _frozen()
     compiled, (x, img) = _reusing(model, "aot_eager"), _inputs()
     model.train()
-    assert all(layer._kept_t is None for _, layer in lokr_layers(model))
+    assert all(layer.kept.traced is None for _, layer in lokr_layers(model))
     for _, layer in lokr_layers(model):
         for t in layer.factors("a").values():
             t.requires_grad_(True)
@@ -389,6 +389,6 @@ def test_a_deep_copy_holds_no_kept_weight_and_is_reached_by_forget() -> None:
 
     model = _frozen()
     _reusing(model)
-    assert all(layer._kept_t is not None for _, layer in lokr_layers(model))
+    assert all(layer.kept.traced is not None for _, layer in lokr_layers(model))
     twin = copy.deepcopy(model)
-    assert all(layer._kept_t is None and layer in reuse.TRACED.layers for _, layer in lokr_layers(twin))
+    assert all(layer.kept.traced is None and layer.kept in reuse.TRACED.kept for _, layer in lokr_layers(twin))

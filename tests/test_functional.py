@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from lokr_diffusers import functional as LF
+from lokr_diffusers.functional.autograd import _LinearBypass
+from lokr_diffusers.functional.bypass import _apply_lokr_linear
 
 
 @pytest.mark.parametrize(
@@ -294,7 +296,7 @@ def _assert_same_values(got: dict, want: dict, frozen: tuple[str, ...]) -> None:
 
 def _plain(x: torch.Tensor, f: dict[str, torch.Tensor], plan: LF.LoKrPlan, scale: float) -> torch.Tensor:
     """The no-grad path's ops, differentiated by autograd op by op."""
-    return LF._apply_lokr_linear(x, f, plan, LF.rebuild_w1(f), scale)
+    return _apply_lokr_linear(x, f, plan, LF.rebuild_w1(f), scale)
 
 
 @pytest.mark.parametrize("kind", list(LINEAR_PLANS))
@@ -361,7 +363,7 @@ def test_apply_lokr_runs_the_plain_path_without_grad(monkeypatch: pytest.MonkeyP
     def refuse(*args: object) -> torch.Tensor:
         raise AssertionError("the Function ran without gradients")
 
-    monkeypatch.setattr(LF._LinearBypass, "apply", refuse)
+    monkeypatch.setattr(_LinearBypass, "apply", refuse)
     with torch.no_grad():
         torch.testing.assert_close(LF.apply_lokr(x, f, plan, 0.5), want, rtol=0, atol=0)
     with torch.inference_mode():

@@ -3,7 +3,7 @@ usually close a cycle unseen): every module can be read, tested and moved with w
 
 The graph is read from the source (ast), not from sys.modules: `from . import x` names the submodule x
 (the package itself is its parent, imported first anyway), and imports under `if TYPE_CHECKING:` are
-annotations only."""
+annotations only. A second check: no module reads another module's private names."""
 
 from __future__ import annotations
 
@@ -129,6 +129,44 @@ def test_floors_hold() -> None:
     for module in graph:
         below = _reachable(graph, module)
         if module.startswith("lokr_diffusers.formats"):
-            assert not below & {"lokr_diffusers.layers", "lokr_diffusers.model"}, (module, below)
+            assert not {m for m in below if m == "lokr_diffusers.model" or m.startswith("lokr_diffusers.layers")}, \
+                (module, below)
         if module.startswith("lokr_diffusers.export"):
             assert "lokr_diffusers.loader" not in below, module
+
+
+# Private names of other libraries the package has to use (torch's module internals, diffusers' pipeline
+# helpers and its merged-adapter set, bitsandbytes' CPU unpacking): the only `x._name` reads allowed.
+FOREIGN_PRIVATE = frozenset({
+    "_parameters", "_modules", "_buffers", "_forward_hooks", "_forward_pre_hooks", "_version", "_conv_forward",
+    "_has_compatible_shallow_copy_type", "_merged_adapters", "_pack_latents", "_prepare_latent_image_ids",
+    "_unpack_latents", "_convert_weight_packed_for_cpu_inverse",
+})
+
+
+def private_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of every `x._name` not on self / cls / super(), and every `from .m import _name`."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            v = node.value
+            if isinstance(v, ast.Name) and v.id in ("self", "cls"):
+                continue
+            if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super":
+                continue
+            out.append((node.lineno, node.attr))
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_the_private_read_checker_sees_attributes_and_imports() -> None:
+    tree = ast.parse("from .reuse import _budget\nlayer._kept = None\nself._ok = 1\nsuper()._apply(fn)\n")
+    assert private_reads(tree) == [(1, "_budget"), (2, "_kept")]
+
+
+def test_no_module_reads_another_modules_private_names() -> None:
+    found = [f"{name}:{line} {attr}" for name, path in _modules().items()
+             for line, attr in private_reads(ast.parse(path.read_text(encoding="utf-8")))
+             if attr not in FOREIGN_PRIVATE]
+    assert not found, f"private names read across modules: {found}"

@@ -265,3 +265,23 @@ def test_merged_training_function_only_where_it_is_not_slower(monkeypatch: pytes
         y = model(x)
     y.float().sum().backward()
     assert bool(calls) is uses_function
+
+
+def test_peft_style_views_read_the_records_and_cannot_be_written() -> None:
+    """`layer.r`, `.alpha`, `.scaling`, `.rows` read each adapter's record; writing through them would
+    leave the traced scales and kept weights stale, so it is refused; `set_scale` is the way (a hotswap)."""
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(12, 8), "a", LoKrConfig(r=2, alpha=3, init_weights=False))
+    x = torch.randn(3, 12)
+    assert (layer.r["a"], layer.alpha["a"], layer.scaling["a"]) == (2, 3, 1.5)
+    assert dict(layer.rows) == {} and "a" not in layer.rows and list(layer.plans) == ["a"]
+    with pytest.raises(TypeError):
+        layer.scaling["a"] = 3.0  # type: ignore[index]
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        layer.set_scale("a", 4.5)
+        after = layer(x)
+    base = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(after - base, (before - base) * 3, rtol=1e-5, atol=1e-6)
+    assert (layer.scaling["a"], layer.alpha["a"]) == (4.5, 9.0)

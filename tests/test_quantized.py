@@ -214,7 +214,7 @@ def test_forward_is_dequantized_reference_plus_delta(kind: str, mode: str) -> No
         y_again = model(x)  # no W + ΔW is kept for a quantized layer: the same path again
     _close(y_infer, ref, x, w_eff, _forward_rel(kind))
     torch.testing.assert_close(y_again, y_infer, rtol=0, atol=0)
-    assert layer._kept is None
+    assert layer.kept.entry is None
     _close(model(x), ref, x, w_eff, _forward_rel(kind))  # with autograd on
     assert layer.base_layer.weight is weight
     assert all(torch.equal(a, b) for a, b in zip(_packed(layer.base_layer), packed, strict=True))

@@ -74,7 +74,7 @@ def fingerprint(pipe) -> dict[str, Any]:
         model = getattr(pipe, c)
         out[c + ".tree"] = [(n, type(m).__name__) for n, m in model.named_modules()]
         out[c + ".params"] = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-        out[c + ".states"] = [(n, la.state, la._call_scale) for n, la in lokr_layers(model)]
+        out[c + ".states"] = [(n, la.state, la.call_scale) for n, la in lokr_layers(model)]
     return out
 
 

@@ -76,11 +76,11 @@ def test_reused_then_each_change_shows_in_the_next_forward(kind: str) -> None:
     layer = model.model[0]
     with torch.no_grad():
         first = model(x)
-        assert layer._kept is not None  # kept after the first call
+        assert layer.kept.entry is not None  # kept after the first call
         torch.testing.assert_close(first, expected(model, x), rtol=1e-5, atol=1e-6)
-        kept = layer._kept[1]
+        kept = layer.kept.entry.weight
         model(x)
-        assert layer._kept[1] is kept  # reused, not rebuilt
+        assert layer.kept.entry.weight is kept  # reused, not rebuilt
 
         changes: list[tuple[str, Callable[[], None], float]] = [
             ("factor in place", lambda: next(iter(layer.factors("a").values())).mul_(1.5), 1.0),
@@ -101,7 +101,7 @@ def test_reused_then_each_change_shows_in_the_next_forward(kind: str) -> None:
         torch.testing.assert_close(model(x.double()), expected(model, x, 0.0), rtol=1e-12, atol=1e-12)
         layer.enable_adapters(True)
         model.merge_adapter()
-        assert layer._kept is None
+        assert layer.kept.entry is None
         torch.testing.assert_close(model(x.double()), expected(model, x, 0.0), rtol=1e-9, atol=1e-9)
         model.unmerge_adapter()
         torch.testing.assert_close(model(x.double()), expected(model, x, 0.5), rtol=1e-12, atol=1e-12)
@@ -119,26 +119,26 @@ def test_an_optimizer_step_shows_in_the_next_forward() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected(model, x), rtol=1e-5, atol=1e-6)
-    assert layer._kept is not None
+    assert layer.kept.entry is not None
 
 
 def test_not_kept_in_training_with_grad_or_in_state_dict() -> None:
     model, x = _model(), _x()
     layer = model.model[0]
     model(x)  # grad enabled
-    assert layer._kept is None
+    assert layer.kept.entry is None
     model.train()
     with torch.no_grad():
         model(x)
-    assert layer._kept is None
+    assert layer.kept.entry is None
     model.eval()
     with torch.no_grad():
         model(x)
-    assert layer._kept is not None
-    assert all(v.data_ptr() != layer._kept[1].data_ptr() for v in model.state_dict().values())
+    assert layer.kept.entry is not None
+    assert all(v.data_ptr() != layer.kept.entry.weight.data_ptr() for v in model.state_dict().values())
     assert len(model.state_dict()) == len(_model().state_dict())
     model.train()
-    assert layer._kept is None  # train() frees it
+    assert layer.kept.entry is None  # train() frees it
 
 
 def test_inference_mode_builds_each_call_and_is_right() -> None:
@@ -163,12 +163,28 @@ def test_budget_counts_and_releases() -> None:
     model = _model()
     with torch.no_grad():
         out = model(x)
-    assert model.model[0]._kept is None and reuse.used("cpu") == start
+    assert model.model[0].kept.entry is None and reuse.used("cpu") == start
     torch.testing.assert_close(out, expected(model, x), rtol=1e-5, atol=1e-6)
     reuse.set_budget(0)
     assert not reuse.enabled()
     with pytest.raises(ValueError, match="budget"):
         reuse.set_budget(-1)
+
+
+def test_budget_zero_drops_what_is_kept_and_the_next_call_builds() -> None:
+    """Reuse off drops every kept weight at once (the layer's fast path then finds none), and a call
+    with reuse off builds W + ΔW from the tensors as they are now."""
+    model, x = _model(), _x()
+    layer = model.model[0]
+    with torch.no_grad():
+        model(x)
+        assert layer.kept.entry is not None
+        reuse.set_budget(0)
+        assert layer.kept.entry is None
+        next(iter(layer.factors("a").values())).mul_(2.0)
+        out = model(x)
+        assert layer.kept.entry is None
+    torch.testing.assert_close(out, expected(model, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -47,22 +47,6 @@ from .plan import FACTOR_NAMES, Factors, LoKrPlan, factorization, plan_from_tens
 from .rows import RowBlocks, Rows, restrict_rows, restricted_plan, row_blocks, rows_aligned, take_rows, w2_rows
 from .scale_rules import alpha_for_consumer, consumer_scale, lycoris_scale, peft_scale
 
-# isort: split
-# The private helpers stay importable from here, as they were from the one module before the split
-# (tests reach _LinearBypass and _apply_lokr_linear); the modules import them from where they live.
-from .autograd import _LINEAR_NAMES as _LINEAR_NAMES
-from .autograd import _aligned as _aligned
-from .autograd import _apply_cast as _apply_cast
-from .autograd import _apply_lokr_linear_fn as _apply_lokr_linear_fn
-from .autograd import _fold_scale as _fold_scale
-from .autograd import _halves as _halves
-from .autograd import _LinearBypass as _LinearBypass
-from .autograd import _LinearMerged as _LinearMerged
-from .bypass import _apply_lokr_conv as _apply_lokr_conv
-from .bypass import _apply_lokr_linear as _apply_lokr_linear
-from .delta import _times as _times
-from .plan import _dims as _dims
-
 __all__ = [
     "FACTOR_NAMES",
     "MOVED",

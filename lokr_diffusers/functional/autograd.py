@@ -1,6 +1,6 @@
 """The autograd Functions of a Linear's two paths in training, each one node with lean saved tensors:
 `_LinearBypass` (ΔW·x by the vec trick, with or without the base op: `apply_bypass_linear`, and
-`apply_lokr` in `bypass.py` through `_apply_lokr_linear_fn`) and `_LinearMerged` (one linear with
+`apply_lokr` in `bypass.py` through `linear_bypass_fn`) and `_LinearMerged` (one linear with
 W + ΔW, the factors' gradients by the vec trick: `apply_merged_linear`). Autocast and a traced (tensor)
 scale are handled before the Function runs."""
 
@@ -16,11 +16,11 @@ from .plan import Factors
 from .rows import Rows, restrict_rows, row_blocks, w2_rows
 
 
-def _apply_lokr_linear_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tensor:
+def linear_bypass_fn(x: Tensor, f: Factors, scale: float | Tensor) -> Tensor:
     """`bypass._apply_lokr_linear` through `_LinearBypass` (for training: fewer ops, lean saved tensors;
     autocast as `_apply_cast` says)."""
     if isinstance(scale, Tensor):  # traced (torch.compile): the Function's scale must be a number
-        return _apply_lokr_linear_fn(x, f, 1.0) * scale
+        return linear_bypass_fn(x, f, 1.0) * scale
     return _apply_cast(_LinearBypass, [x, None, None, *(f.get(n) for n in _LINEAR_NAMES)], scale)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import _apply_lokr_linear_fn
+from .autograd import linear_bypass_fn
 from .delta import rebuild_w1
 from .plan import Factors, LoKrPlan
 from .rows import Rows, restrict_rows, row_blocks, take_rows
@@ -46,7 +46,7 @@ def apply_lokr(x: Tensor, f: Factors, plan: LoKrPlan, scale: float | Tensor, con
         return take_rows(y, rb.keep, -1 if conv is None else 1)
     if conv is None:
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in f.values())):
-            return _apply_lokr_linear_fn(x, f, scale)
+            return linear_bypass_fn(x, f, scale)
         return _apply_lokr_linear(x, f, plan, rebuild_w1(f), scale)
     return _apply_lokr_conv(x, f, plan, rebuild_w1(f), scale, conv)
 

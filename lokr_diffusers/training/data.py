@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .errors import TrainingInputError
 from .folders import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported: the folder readers' old home
-from .folders import METADATA_FILE, _caption_text
+from .folders import METADATA_FILE, caption_text
 from .folders import load_image_folder as load_image_folder
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def load_hf_dataset(dataset_name: str, dataset_config_name: str | None, split: s
                                      f"{ds.column_names} (choose with --image_column / --caption_column)")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    captions = [_caption_text(c, f"{dataset_name} row {i}") for i, c in enumerate(ds[caption_column])]
+    captions = [caption_text(c, f"{dataset_name} row {i}") for i, c in enumerate(ds[caption_column])]
     return list(zip(ds[image_column], captions, strict=True))
 
 

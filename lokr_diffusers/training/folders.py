@@ -36,7 +36,7 @@ HOW_TO_CAPTION = (f"add a {METADATA_FILE} with one JSON object per line, e.g. "
                   "caption beside each image (0001.png -> 0001.txt)")
 
 
-def _caption_text(value: Any, where: str) -> str:
+def caption_text(value: Any, where: str) -> str:
     """A caption as a string: str as is, None as "", a list of strings as its first (as diffusers does
     outside training's random pick, kept deterministic here)."""
     if value is None:
@@ -82,7 +82,7 @@ def _read_metadata(folder: str, caption_column: str, image_column: str) -> dict[
                 raise InputNotFoundError(f"{where}: {image_column}={row[image_column]!r} names a missing file")
             if rel in captions:
                 raise TrainingInputError(f"{where}: {rel!r} is listed twice")
-            captions[rel] = _caption_text(row[caption_column], where)
+            captions[rel] = caption_text(row[caption_column], where)
     return captions
 
 
