@@ -1,10 +1,12 @@
 """lokr_diffusers/families/: one record per model family, and every "which family" answered from them.
 
 Each record's detection rule recognises its tiny pipeline and its full-size models (built on the meta device);
-its classes exist in diffusers; names and aliases are unique."""
+its classes exist in diffusers; names and aliases are unique; the training scripts' families map onto the records;
+and no module outside the registry keeps a table of its own keyed by family or denoiser class."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from lokr_diffusers.architectures import VARIANTS, meta_components
 from lokr_diffusers.components import pipeline_components
 from lokr_diffusers.families import FAMILIES, ModelFamily
 from lokr_diffusers.formats.dit import dit_name_map
+from lokr_diffusers.training.family import MOVED, training_family
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
@@ -49,6 +52,7 @@ def test_classes_exist_in_diffusers(name: str) -> None:
     assert isinstance(getattr(diffusers, f.denoiser_class), type)
     assert all(isinstance(getattr(diffusers, p), type) for p in f.pipelines)
     assert f.denoiser in ("unet", "transformer") and f.denoiser in f.components
+    assert f.denoiser in MOVED and all(te in MOVED for te in f.text_encoders)
     required_encoders = [c for c in f.components if c.startswith("text_encoder")]
     assert required_encoders == list(f.text_encoders[:len(required_encoders)])  # optional ones last (SD3's T5)
 
@@ -118,6 +122,42 @@ def test_a_file_of_the_family_is_told_by_its_names(name: str) -> None:
     found, evidence = families.of_file(keys)
     assert name in found and evidence
     assert all(FAMILIES[g].denoiser_class == f.denoiser_class or g in ("flux", "flux2") for g in found)
+
+
+def test_training_families_come_from_the_records() -> None:
+    sd, flux, sd3 = training_family("sd"), training_family("flux"), training_family("sd3")
+    assert (sd.members, flux.members, sd3.members) == (("sd1", "sd2", "sdxl"), ("flux",), ("sd3",))
+    assert (sd.denoiser, sd.flow, sd.required) == ("unet", False, ("unet", "vae", "text_encoder", "tokenizer"))
+    assert sd.text_encoders == ("text_encoder", "text_encoder_2")
+    assert flux.flow and flux.text_encoders == ("text_encoder",)  # diffusers' script never trains T5
+    assert (flux.weighting_scheme, flux.max_sequence_length) == ("none", 512)
+    assert (sd3.weighting_scheme, sd3.max_sequence_length) == ("logit_normal", 77)
+    for f in FAMILIES.values():
+        if f.training is not None:
+            assert training_family(f.training.script).flow == (f.prediction == ("flow",))
+    with pytest.raises(ValueError, match="no model family trains"):
+        training_family("zimage")
+
+
+def _string_keys(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Dict):
+        return [k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+    return []
+
+
+def test_no_module_outside_the_registry_keeps_a_family_table() -> None:
+    """A dict literal keyed by two or more family names or denoiser classes belongs in a family's record (the
+    full-size models of architectures.py are keyed by model, an SD base's named as its family)."""
+    keys = set(NAMES) | {f.denoiser_class for f in FAMILIES.values()} | set(families.ALIASES)
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "families" or path.name == "architectures.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            hits = [k for k in _string_keys(node) if k in keys]
+            if len(hits) >= 2:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {hits}")
+    assert not found, found
 
 
 def test_the_registry_is_data() -> None:
