@@ -39,12 +39,11 @@ from lokr_diffusers.targeting import dit_target_modules
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
 FAMILIES = ("flux", "sd3", "flux2", "zimage")
-TINY = {"flux": "flux", "sd3": "sd3", "flux2": "flux2-klein", "zimage": "zimage"}  # tests/helpers/tiny_dit.py's names
 LAYOUTS = ("comfyui", "diffusers", "peft", "lokr_diffusers")
 
 
 def tiny(family: str) -> Any:
-    return make_tiny_dit_pipeline(TINY[family])  # type: ignore[arg-type]
+    return make_tiny_dit_pipeline(family)  # type: ignore[arg-type]
 
 
 def adapted(family: str, dora: bool = False) -> Any:
