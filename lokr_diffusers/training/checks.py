@@ -190,7 +190,9 @@ def check_pipeline(pipe: Any, args: Any) -> None:
     missing = [c for c in family.required if getattr(pipe, c, None) is None]
     denoiser = getattr(pipe, family.denoiser, None)
     own = families.of_model(denoiser) if denoiser is not None else None
-    if missing or own is None or own.name not in family.members:
+    # a flow script needs the transformer its loss is written for; the UNet scripts take any UNet of the components
+    wrong = own.name not in family.members if own is not None else family.flow
+    if missing or wrong:
         what = f"without {', '.join(missing)}" if missing else f"with a {type(denoiser).__name__}"
         raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__} {what}; give {family.label}")
     if family.name == "sd" and args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
