@@ -1,6 +1,7 @@
 """Full-size architectures on the meta device (no memory, well under a second each): SD1.x / SD2.x / SDXL, and the
-DiT families' variants (FLUX.1, SD3.5, FLUX.2 / Klein, Z-Image) with their text encoders; and which base a pipeline
-is. Used to name and check modules when no pipeline is at hand (file conversion, inspect).
+DiT families' variants (FLUX.1, SD3.5, FLUX.2 / Klein, Z-Image) with their text encoders. Used to name and check
+modules when no pipeline is at hand (file conversion, inspect). Which family a model is of, and its denoiser's
+class, are the family's record (lokr_diffusers/families/: `ModelFamily.variants`).
 
 The DiT values are the published `config.json` ones of each model's transformer and text encoders (keys the classes
 do not take left out). The Hugging Face files cannot be fetched from here; each value was read from several
@@ -10,34 +11,29 @@ and mlp_ratio 4)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-BASES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
-_UNET: dict[str, dict[str, Any]] = {
-    "sd1": dict(cross_attention_dim=768, attention_head_dim=8),
-    "sd2": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-    "sdxl": dict(block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
-                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 use_linear_projection=True),
-}
+from . import families
+
+# The UNets: what differs from UNet2DConditionModel's defaults (SD1.x's block layout).
+SD1_UNET: dict[str, Any] = dict(cross_attention_dim=768, attention_head_dim=8)
+SD2_UNET: dict[str, Any] = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                use_linear_projection=True)
+SDXL_UNET: dict[str, Any] = dict(
+    block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True)
 _CLIP_L: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 _OPENCLIP_H: dict[str, Any] = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                    num_attention_heads=16, hidden_act="gelu")
 _OPENCLIP_G: dict[str, Any] = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                    num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
-CROSS_ATTENTION_DIM: dict[int, str] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-# text-encoder widths that name a base (768 is CLIP-L: SD1's encoder and SDXL's first one alike)
-TEXT_ENCODER_WIDTH: dict[int, str] = {1024: "sd2", 1280: "sdxl"}
-BASE_NAMES: dict[str, str] = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd1/2": "SD1.x/SD2.x"}
-BASE_MODEL_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 # ------------------------------------------------------------------------------------------ DiT families
 # black-forest-labs/FLUX.1-dev: 19 double + 38 single blocks, 24 heads x 128 = 3072, guidance embedder.
@@ -100,12 +96,10 @@ _QWEN3_8B: dict[str, Any] = {**_QWEN3_4B, "hidden_size": 4096, "intermediate_siz
 
 @dataclass(frozen=True)
 class Variant:
-    """One full-size DiT model: its family (formats/dit_tables.py), name in words, transformer class (diffusers)
-    and config, and {component: (text-encoder class (transformers), its config)}."""
+    """One full-size model: its name in words, its denoiser's config (the class is its family's `denoiser_class`)
+    and {component: (text-encoder class (transformers), its config)}."""
 
-    family: str
     title: str
-    transformer: str
     config: dict[str, Any]
     encoders: dict[str, tuple[str, dict[str, Any]]]
 
@@ -115,66 +109,40 @@ _FLUX1_TE: dict[str, tuple[str, dict[str, Any]]] = {"text_encoder": ("CLIPTextMo
 _SD3_TE: dict[str, tuple[str, dict[str, Any]]] = {
     "text_encoder": ("CLIPTextModelWithProjection", {**_CLIP_L, "projection_dim": 768}),
     "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_G), "text_encoder_3": ("T5EncoderModel", _T5_XXL)}
-DIT_VARIANTS: dict[str, Variant] = {
-    "flux1-dev": Variant("flux", "FLUX.1-dev", "FluxTransformer2DModel", FLUX1_DEV, _FLUX1_TE),
-    "flux1-schnell": Variant("flux", "FLUX.1-schnell", "FluxTransformer2DModel", FLUX1_SCHNELL, _FLUX1_TE),
-    "sd35-medium": Variant("sd3", "SD3.5 Medium", "SD3Transformer2DModel", SD35_MEDIUM, _SD3_TE),
-    "sd35-large": Variant("sd3", "SD3.5 Large", "SD3Transformer2DModel", SD35_LARGE, _SD3_TE),
-    "flux2-klein-4b": Variant("flux2", "FLUX.2 [klein] 4B", "Flux2Transformer2DModel", FLUX2_KLEIN_4B,
-                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_4B)}),
-    "flux2-klein-9b": Variant("flux2", "FLUX.2 [klein] 9B", "Flux2Transformer2DModel", FLUX2_KLEIN_9B,
-                              {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
-    "flux2-dev": Variant("flux2", "FLUX.2 [dev]", "Flux2Transformer2DModel", FLUX2_DEV, {}),
-    "zimage-turbo": Variant("zimage", "Z-Image-Turbo", "ZImageTransformer2DModel", ZIMAGE_TURBO,
-                            {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+# keyed by model name (an SD base's one full-size model is named as its family)
+SD_VARIANTS: dict[str, Variant] = {
+    "sd1": Variant(families.get("sd1").title, SD1_UNET, {"text_encoder": ("CLIPTextModel", _CLIP_L)}),
+    "sd2": Variant(families.get("sd2").title, SD2_UNET, {"text_encoder": ("CLIPTextModel", _OPENCLIP_H)}),
+    "sdxl": Variant(families.get("sdxl").title, SDXL_UNET, {
+        "text_encoder": ("CLIPTextModel", _CLIP_L), "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_G)}),
 }
-# family: its variants in the order a file is tried against them (FLUX.1-dev's modules are schnell's and its
-# guidance embedder's, so schnell files fit it too)
-DIT_FAMILIES: dict[str, tuple[str, ...]] = {"flux": ("flux1-dev",), "sd3": ("sd35-medium", "sd35-large"),
-                                            "flux2": ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev"),
-                                            "zimage": ("zimage-turbo",)}
-MODEL_NAMES: dict[str, str] = {**BASE_NAMES, **{name: v.title for name, v in DIT_VARIANTS.items()}}
+DIT_VARIANTS: dict[str, Variant] = {
+    "flux1-dev": Variant("FLUX.1-dev", FLUX1_DEV, _FLUX1_TE),
+    "flux1-schnell": Variant("FLUX.1-schnell", FLUX1_SCHNELL, _FLUX1_TE),
+    "sd35-medium": Variant("SD3.5 Medium", SD35_MEDIUM, _SD3_TE),
+    "sd35-large": Variant("SD3.5 Large", SD35_LARGE, _SD3_TE),
+    "flux2-klein-4b": Variant("FLUX.2 [klein] 4B", FLUX2_KLEIN_4B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_4B)}),
+    "flux2-klein-9b": Variant("FLUX.2 [klein] 9B", FLUX2_KLEIN_9B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
+    "flux2-dev": Variant("FLUX.2 [dev]", FLUX2_DEV, {}),
+    "zimage-turbo": Variant("Z-Image-Turbo", ZIMAGE_TURBO, {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+}
+VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
+MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}
 
 
-def meta_components(base: str) -> dict[str, nn.Module]:
-    """{unet, text_encoder[, text_encoder_2]} of a full-size SD base model, or {transformer, text encoders} of a
-    DiT variant (a key of DIT_VARIANTS), on the meta device."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if base in DIT_VARIANTS:
-        return _meta_dit(base)
-    if base not in BASES:
-        raise ValueError(f"base must be one of {BASES} or a DiT variant {tuple(DIT_VARIANTS)}, got {base!r}")
-    with torch.device("meta"):
-        unet = cast(nn.Module, UNet2DConditionModel(**_UNET[base]))  # mypy sees diffusers' lazy stub
-        comps: dict[str, nn.Module] = {"unet": unet}
-        if base == "sdxl":
-            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_CLIP_L))
-            comps["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_OPENCLIP_G))
-        else:
-            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**(_CLIP_L if base == "sd1" else _OPENCLIP_H)))
-    return comps
-
-
-def _meta_dit(variant: str) -> dict[str, nn.Module]:
+def meta_components(variant: str) -> dict[str, nn.Module]:
+    """{denoiser ("unet" or "transformer"), text encoders} of a full-size model (a key of VARIANTS: an SD base or a
+    DiT variant) on the meta device."""
     import diffusers
     import transformers
 
-    v = DIT_VARIANTS[variant]
+    if variant not in VARIANTS:
+        raise ValueError(f"base must be one of {tuple(SD_VARIANTS)} or a DiT variant {tuple(DIT_VARIANTS)}, "
+                         f"got {variant!r}")
+    v, family = VARIANTS[variant], families.of_variant(variant)
     with torch.device("meta"):
-        comps: dict[str, nn.Module] = {"transformer": getattr(diffusers, v.transformer)(**v.config)}
+        comps: dict[str, nn.Module] = {family.denoiser: getattr(diffusers, family.denoiser_class)(**v.config)}
         for component, (te_cls, te_config) in v.encoders.items():
             model_cls = getattr(transformers, te_cls)
             comps[component] = model_cls(model_cls.config_class(**te_config))
     return comps
-
-
-def base_of(components: Mapping[str, nn.Module]) -> str:
-    """"sd1" | "sd2" | "sdxl" for a pipeline's components: by cross-attention width, else (tiny
-    test models) SDXL when there is a second text encoder, SD1 otherwise."""
-    config = getattr(components.get("unet"), "config", None)
-    dim = getattr(config, "cross_attention_dim", None)
-    if isinstance(dim, int) and dim in CROSS_ATTENTION_DIM:
-        return CROSS_ATTENTION_DIM[dim]
-    return "sdxl" if "text_encoder_2" in components else "sd1"

@@ -18,6 +18,8 @@ import typing
 from collections import Counter
 from typing import Any
 
+from . import families
+
 EXAMPLES = """examples:
   lokr-diffusers demo                                  train, export and reload a LoKr on a tiny offline pipeline
   lokr-diffusers inspect style.safetensors            what is in a file: layout, base model, ranks, scales
@@ -25,10 +27,10 @@ EXAMPLES = """examples:
   lokr-diffusers convert flux_lokr.safetensors flux_diffusers.safetensors --to diffusers
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
 """
-BASE_ALIASES = {"sd15": "sd1", "sd1": "sd1", "sd2": "sd2", "sd21": "sd2", "sdxl": "sdxl"}
-# convert also reads the DiT families' files (each family's full-size variants: architectures.DIT_FAMILIES)
-CONVERT_BASES = {**BASE_ALIASES, "flux": "flux", "flux1": "flux", "sd3": "sd3", "sd35": "sd3", "flux2": "flux2",
-                 "klein": "flux2", "zimage": "zimage"}
+# convert reads every family's files (each family's full-size variants: ModelFamily.variants); inspect checks a
+# file against an SD base only (a UNet family's one full-size model)
+CONVERT_BASES: dict[str, str] = dict(families.ALIASES)
+BASE_ALIASES: dict[str, str] = {a: f for a, f in families.ALIASES.items() if families.get(f).originals is None}
 PROG = "lokr-diffusers"
 
 
@@ -109,8 +111,8 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
         A file that fits no full-size base (another model, a tiny test model) is summarised from its own tensors,
         with base_model "unknown" and, where its names pointed to a base, a `base_note` saying why not.
     """
-    from .convert import guess_base
     from .formats.reader import check_tensors, group_modules, lora_module_count
+    from .formats.report import file_base
     from .io import read_lokr_file
 
     file = read_lokr_file(path)
@@ -120,7 +122,7 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise type(err)(f"{path}: {err}") from None
     groups, lora, _ = group_modules(state_dict)
-    guessed = base or guess_base(state_dict)
+    guessed = base or file_base(state_dict).base
     info: dict[str, Any] = {
         "file": path, "layout": file.layout, "base_model": guessed or "unknown", "modules": len(groups),
         "lora_modules": lora_module_count(lora), "parameters": sum(t.numel() for t in state_dict.values()),
@@ -137,7 +139,6 @@ def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
 def _placed(file: Any, base: str | None, info: dict[str, Any], given: bool) -> dict[str, Any] | None:
     """{adapter: summary} checked against the full-size `base`; None (and `info` says why) when there is no base
     or, for a guessed one, the file's shapes do not fit it. A base given on the command line must fit."""
-    from .architectures import BASE_NAMES
     from .convert import parse_for_base
     from .formats.reader import parse_unplaced
 
@@ -155,9 +156,9 @@ def _placed(file: Any, base: str | None, info: dict[str, Any], given: bool) -> d
         # the first module that does not fit
         why = " ".join(str(err).split()).removeprefix(f"{file.source}: ").rstrip(".")
         info["base_model"] = "unknown"
-        info["base_note"] = (f"its names look like {BASE_NAMES[base]}, but its shapes fit no full-size "
-                             f"{BASE_NAMES[base]} ({why}); a LoKr for a model of another size, e.g. a tiny test "
-                             "pipeline")
+        title = families.get(base).title
+        info["base_note"] = (f"its names look like {title}, but its shapes fit no full-size {title} ({why}); a LoKr "
+                             "for a model of another size, e.g. a tiny test pipeline")
         return None
     return {name: _summary(p) for name, p in parsed.items()}
 

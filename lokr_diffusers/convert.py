@@ -1,7 +1,7 @@
 """Convert a LoKr file between layouts without a pipeline: the file is read onto the full-size components of its
 model built on the meta device (architectures.py: SD1.x / SD2.x / SDXL, and each DiT family's variants: FLUX.1,
-SD3.5, FLUX.2 / Klein, Z-Image), so names and shapes are checked without weights, then written by the writers
-save_lokr_weights uses (export/registry.py)."""
+SD3.5, FLUX.2 / Klein, Z-Image; which ones is each family's record, lokr_diffusers/families/), so names and shapes
+are checked without weights, then written by the writers save_lokr_weights uses (export/registry.py)."""
 
 from __future__ import annotations
 
@@ -13,33 +13,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .architectures import BASES, DIT_FAMILIES, DIT_VARIANTS, MODEL_NAMES, meta_components
+from . import families
+from .architectures import MODEL_NAMES, meta_components
 from .export import DTYPES, FORMAT_ALIASES, ExportJob, from_entries, layout_of, write
 from .formats.names import build_index
 from .formats.reader import ParsedFile, check_holds_lokr, parse_loaded
-from .formats.report import base_hint, file_base, file_family, unmatched_message
+from .formats.report import base_hint, file_base, unmatched_message
 from .io import read_lokr_file
 from .loaded import LoadedFile
 from .loader import split_file
 
 logger = logging.getLogger(__name__)
 
-BASE_CHOICES: tuple[str, ...] = (*BASES, *DIT_FAMILIES)
-
-
-def guess_base(state_dict: dict[str, Tensor]) -> str | None:
-    """"sd1" | "sd2" | "sdxl" from the file's structure (names, then widths read off the factors:
-    see formats.report), None when it does not say or says "SD1.x or SD2.x"."""
-    base = file_base(state_dict).base
-    return base if base in BASES else None
+BASE_CHOICES: tuple[str, ...] = tuple(families.FAMILIES)
 
 
 def guess_families(state_dict: dict[str, Tensor]) -> tuple[str, ...]:
     """The DiT families ("flux", "sd3", "flux2", "zimage") a file can be for by its module names
-    (formats.report.file_family), in the order they are tried; () for a UNet file or one whose names say nothing.
+    (families.of_file), in the order they are tried; () for a UNet file or one whose names say nothing.
     FLUX.1 and FLUX.2 share most original names: such a file gives both."""
-    families, _ = file_family(list(state_dict))
-    return () if "sd" in families else tuple(f for f in DIT_FAMILIES if f in families)
+    found, _ = families.of_file(list(state_dict))
+    if any(families.get(f).originals is None for f in found):  # a UNet family among them: no DiT family is told
+        return ()
+    return found
 
 
 def check_output_path(dst: str, folder: bool = False) -> None:
@@ -73,7 +69,7 @@ def _check_args(to: str, base: str | None, dtype: torch.dtype | str | None) -> N
 def parse_for_base(file: LoadedFile, base: str, strict: bool = True
                    ) -> tuple[dict[str, nn.Module], dict[str, ParsedFile]]:
     """Every adapter of the file parsed against the full-size `base` (an SD base or a DiT variant of
-    architectures.DIT_VARIANTS); a mismatch says which model the file is for.
+    architectures.VARIANTS); a mismatch says which model the file is for.
 
     Returns:
         (the meta-device components, {adapter name ("default" for a one-adapter file): its parse}).
@@ -99,12 +95,12 @@ def _models(file: LoadedFile, base: str | None) -> list[str]:
     """The full-size models to read the file onto, in order: `base`'s (a DiT family has several variants), else
     those its names and widths point to."""
     if base is not None:
-        return list(DIT_FAMILIES.get(base, (base,)))
+        return list(families.get(base).variants)
     tensors = dict(file.tensors)
-    guessed = [v for f in guess_families(tensors) for v in DIT_FAMILIES[f]]
-    sd = guess_base(tensors)
+    guessed = [v for f in guess_families(tensors) for v in families.get(f).variants]
+    sd = file_base(tensors).base
     if guessed or sd is not None:
-        return guessed or [str(sd)]
+        return guessed or list(families.get(str(sd)).variants)
     raise ValueError(f"cannot tell which base model {file.path or 'the state dict'} is for; pass base= one of "
                      f"{BASE_CHOICES} (--base on the command line)")
 
@@ -133,11 +129,6 @@ def fit(file: LoadedFile, models: Sequence[str], strict: bool = True
                      ) from None
 
 
-def family_of_model(model: str) -> str:
-    """"sd1" | "sd2" | "sdxl", or the DiT family of a variant (architectures.DIT_VARIANTS)."""
-    return DIT_VARIANTS[model].family if model in DIT_VARIANTS else model
-
-
 def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.PathLike[str], to: str = "comfyui",
                       base: str | None = None, dtype: torch.dtype | str | None = None, strict: bool = True) -> str:
     """Read `src` (any layout we load) and write it to `dst` in format `to` for base `base`.
@@ -147,7 +138,7 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
         dst: the file (a folder for `to="peft"`) to write.
         to: "comfyui" (aliases "kohya", "a1111"), "peft", "diffusers" or "lokr_diffusers".
         base: "sd1" | "sd2" | "sdxl" | "flux" | "sd3" | "flux2" | "zimage", guessed from the file when None (a DiT
-            family is read onto each of its full-size variants in turn, architectures.DIT_FAMILIES, until one fits).
+            family is read onto each of its full-size variants in turn, `ModelFamily.variants`, until one fits).
         dtype: the tensor dtype to write (default: as read).
         strict: keys that match no module of the base raise (default); False leaves them out, and modules a DiT
             ComfyUI file has no name for are left out with a warning.
@@ -175,4 +166,4 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
         per_adapter[name] = from_entries(p.entries, comps)
     if not layout.several and len(per_adapter) > 1:
         raise ValueError(f"{src} holds {len(per_adapter)} adapters; format {to!r} holds one")
-    return write(layout, ExportJob(per_adapter, comps, family_of_model(model), dst, dtype, strict=strict))
+    return write(layout, ExportJob(per_adapter, comps, families.of_variant(model).name, dst, dtype, strict=strict))

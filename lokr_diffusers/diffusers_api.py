@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from . import commits, loader, patches
+from . import commits, diffusers_lora, loader, patches
 from . import state as S
 from . import weights as W
 from .commits import commit_all
@@ -103,7 +103,7 @@ def get_list_adapters(original: Method) -> Method:
         lokr = loader.get_list_lokr_adapters(self)
         if not lokr:
             return original(self)
-        out = loader.lora_adapters(self)
+        out = diffusers_lora.lora_adapters(self)
         for c, names in lokr.items():
             out[c] = [*out.get(c, []), *[n for n in names if n not in out.get(c, [])]]
         return out
@@ -117,7 +117,7 @@ def get_active_adapters(original: Method) -> Method:
         lokr = loader.get_active_lokr_adapters(self)
         if not loader.get_list_lokr_adapters(self):
             return original(self)
-        lora = original(self) if any(loader.lora_adapters(self).values()) else []
+        lora = original(self) if any(diffusers_lora.lora_adapters(self).values()) else []
         return [*lora, *[n for n in lokr if n not in lora]]
 
     return patches.wraps(get_active_adapters, original)
@@ -132,7 +132,7 @@ def set_adapters(original: Method) -> Method:
             return original(self, adapter_names, adapter_weights)
         names = _as_list(adapter_names, "set_adapters")
         weights = _per_adapter(names, adapter_weights)
-        lora_lists = loader.lora_adapters(self)
+        lora_lists = diffusers_lora.lora_adapters(self)
         ours, theirs = _split(names, lokr, [n for v in lora_lists.values() for n in v])
         kept = [(n, w) for n, w in zip(names, weights, strict=True) if n in ours]
         per_component = loader.component_weights([n for n, _ in kept], [_only(w, comps) for _, w in kept], comps)
@@ -175,7 +175,7 @@ def fuse_lora(original: Method) -> Method:
         requantize = bool(kwargs.pop("requantize", False))  # ours: quantized bases (quantized.py)
         components = _components(self, components, comps)
         scale = S.check_strength(lora_scale, "lora_scale")
-        lora_lists = loader.lora_adapters(self)
+        lora_lists = diffusers_lora.lora_adapters(self)
         if adapter_names is None:
             ours: list[str] | None = None
             theirs: list[str] | None = None
@@ -226,7 +226,7 @@ def _pipeline_switch(enabled: bool) -> Callable[[Method], Method]:
             if not _lokr_names(comps) or patches.is_bypassed():
                 return original(self)
             result = None
-            if any(loader.lora_adapters(self).values()):
+            if any(diffusers_lora.lora_adapters(self).values()):
                 with patches.bypassed():
                     result = original(self)
             for model in comps.values():
@@ -250,7 +250,7 @@ def delete_adapters(original: Method) -> Method:
         if not lokr or patches.is_bypassed():
             return original(self, adapter_names)
         names = _as_list(adapter_names, "delete_adapters")
-        lora = [n for v in loader.lora_adapters(self).values() for n in v]
+        lora = [n for v in diffusers_lora.lora_adapters(self).values() for n in v]
         result = _delete(original, self, names, lokr, lora, lambda ours: loader.delete_lokr_adapters(self, ours))
         if getattr(self, "_merged_adapters", None):  # diffusers' delete leaves an empty mirror as it is
             _sync_merged(self, deleted=names)
@@ -267,8 +267,8 @@ def unload_lora_weights(original: Method) -> Method:
         comps = loader.pipeline_components(self)
         has_lokr = any(True for m in comps.values() for _ in lokr_layers(m)) or _lokr_names(comps)
         result = None
-        if not has_lokr or any(loader.lora_adapters(self).values()):
-            with loader.layers_stepped_aside(self), patches.bypassed():
+        if not has_lokr or any(diffusers_lora.lora_adapters(self).values()):
+            with diffusers_lora.layers_stepped_aside(self), patches.bypassed():
                 result = original(self, *args, **kwargs)
         if has_lokr:
             loader.unload_lokr_weights(self)
@@ -285,7 +285,7 @@ def set_lora_device(original: Method) -> Method:
         if not lokr or patches.is_bypassed():
             return original(self, adapter_names, device)
         names = _as_list(adapter_names, "set_lora_device")
-        ours, theirs = _split(names, lokr, [n for v in loader.lora_adapters(self).values() for n in v])
+        ours, theirs = _split(names, lokr, [n for v in diffusers_lora.lora_adapters(self).values() for n in v])
         result = None
         if theirs:
             with patches.bypassed():
@@ -425,7 +425,7 @@ def _model_unfuse(model: nn.Module, original: Method) -> Any:
 def _model_unload(model: nn.Module, original: Method) -> Any:
     result = None
     if _model_lora(model):
-        with loader.layers_stepped_aside(model), patches.bypassed():
+        with diffusers_lora.layers_stepped_aside(model), patches.bypassed():
             result = original(model)
     loader.unload_from_model(model)
     return result

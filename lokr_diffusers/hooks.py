@@ -74,7 +74,7 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def load_lora_weights(self: Any, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
                           hotswap: bool = False, **kwargs: Any) -> Any:
-        from . import loader
+        from . import diffusers_lora, loader
 
         source = pretrained_model_name_or_path_or_dict
         file = _read_lokr(source, kwargs)
@@ -84,9 +84,9 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
             return loader.load_lokr_weights(self, file, adapter_name=adapter_name, hotswap=hotswap, **keep)
         lokr = loader.get_list_lokr_adapters(self)
         if adapter_name is None and lokr and not hotswap:  # diffusers would count only its own adapters
-            taken = {n for names in (*lokr.values(), *loader.lora_adapters(self).values()) for n in names}
+            taken = {n for names in (*lokr.values(), *diffusers_lora.lora_adapters(self).values()) for n in names}
             adapter_name = loader.default_name(taken)
-        with loader.layers_stepped_aside(self):
+        with diffusers_lora.layers_stepped_aside(self):
             return original(self, source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
 
     return patches.wraps(load_lora_weights, original)

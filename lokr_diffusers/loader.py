@@ -2,28 +2,29 @@
 
 These functions take the pipeline first and are attached to `DiffusionPipeline` as methods on
 `import lokr_diffusers` (see `attach`). A pipeline's LoKr adapters live in its components (unet,
-text_encoder, text_encoder_2), in place: the components keep their classes.
+text_encoder, text_encoder_2), in place: the components keep their classes. What a load does beside diffusers' own
+LoRA machinery (a mixed file's LoRA part, offload hooks) is diffusers_lora.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import commits, patches, scaling
+from . import commits, scaling
 from . import functional as LF
 from . import state as S
 from . import weights as W
 from .commits import commit_all
 from .components import pipeline_components
 from .config import LoKrConfig
+from .diffusers_lora import load_lora_part, lora_names, offloading_paused
 from .formats.names import COMPONENTS, build_index, get_slot
 from .formats.ours import split_adapters
 from .formats.reader import LoadEntry, ParsedFile, parse_loaded
@@ -85,17 +86,17 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
     comps = pipeline_components(pipe)
     if not comps:
         raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
-    plans = _plan_load(file, comps, adapter_name, strict, _lora_names(pipe), hotswap)
+    plans = _plan_load(file, comps, adapter_name, strict, lora_names(pipe), hotswap)
     if hotswap:
         name, parsed = plans[0]
         _hotswap(comps, parsed.entries, name)
         logger.info("hot-swapped LoKr %r: %d modules", name, len(parsed.entries))
         return name
-    with _offloading_paused(pipe), all_or_nothing(comps.values(), [pipe]):
+    with offloading_paused(pipe), all_or_nothing(comps.values(), [pipe]):
         for name, parsed in plans:
             _inject(comps, parsed.entries, name, pipeline_disable(pipe))
             if parsed.lora:
-                _load_lora_part(pipe, parsed.lora, name)
+                load_lora_part(pipe, parsed.lora, name)
         attach_call_scale(pipe, comps)
     for name, parsed in plans:
         logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", name, len(parsed.entries),
@@ -159,26 +160,6 @@ def default_name(taken: set[str] | Sequence[str]) -> str:
     while f"default_{i}" in taken:
         i += 1
     return f"default_{i}"
-
-
-def _lora_names(pipe: Any) -> list[str]:
-    return [n for names in lora_adapters(pipe).values() for n in names]
-
-
-def _peft_backend() -> bool:
-    try:
-        from diffusers.utils import USE_PEFT_BACKEND
-    except ImportError:
-        return False
-    return bool(USE_PEFT_BACKEND)
-
-
-def lora_adapters(pipe: Any) -> dict[str, list[str]]:
-    """diffusers' own get_list_adapters (LoRA only), {} without the PEFT backend."""
-    method = getattr(type(pipe), "get_list_adapters", None)
-    if method is None or not _peft_backend():
-        return {}
-    return {c: list(names) for c, names in patches.original(method)(pipe).items()}
 
 
 def _report(parsed: ParsedFile, state_dict: Mapping[str, Tensor], comps: Mapping[str, nn.Module],
@@ -264,64 +245,6 @@ def _hotswap(comps: Mapping[str, nn.Module], entries: Sequence[LoadEntry], adapt
             for k, t in layer.adapter_tensors(adapter_name).items():
                 t.copy_(new[k])
             layer.set_scale(adapter_name, e.scale, e.alpha)  # bumps the version: anything cached is rebuilt
-
-
-def _load_lora_part(pipe: Any, lora: dict[str, Tensor], adapter_name: str) -> None:
-    """Plain LoRA modules of a mixed file go to diffusers' own loader, under the same name."""
-    method = getattr(type(pipe), "load_lora_weights", None)
-    original = None if method is None else patches.original(method)  # diffusers' own, without our routing
-    if original is None:
-        raise ValueError(f"this file also holds {len(lora)} plain LoRA keys and {type(pipe).__name__} "
-                         "has no diffusers LoRA loader")
-    with layers_stepped_aside(pipe):
-        try:
-            original(pipe, lora, adapter_name=adapter_name)
-        except Exception as err:  # diffusers' own message, under ours: the whole load is undone
-            raise ValueError(f"the {len(lora)} plain LoRA keys of this file did not load in diffusers, so nothing "
-                             f"was loaded: {type(err).__name__}: {err}") from err
-
-
-@contextmanager
-def layers_stepped_aside(pipe_or_model: Any) -> Iterator[None]:
-    """Take LoKr layers out of their slots (base layers back) while another library changes the
-    module tree (diffusers/PEFT LoRA cannot wrap a LoKr layer, and its unload would take any module
-    with a `base_layer` for its own), then put each back around whatever its slot holds now: the
-    base layer itself, or the base layer inside a new LoRA wrapper."""
-    models = [pipe_or_model] if isinstance(pipe_or_model, nn.Module) else pipeline_components(pipe_or_model).values()
-    saved: list[tuple[nn.Module, str, LoKrLayer]] = []
-    for model in models:
-        for path, layer in list(lokr_layers(model)):
-            parent_name, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, layer.base_layer)
-            saved.append((model, path.replace(".base_layer", ""), layer))
-    try:
-        yield
-    finally:
-        for model, logical, layer in saved:
-            parent, attr = get_slot(model, logical)
-            layer.base_layer = getattr(parent, attr)
-            setattr(parent, attr, layer)
-
-
-@contextmanager
-def _offloading_paused(pipe: Any) -> Iterator[None]:
-    """Remove accelerate's offload hooks while modules change, and put them back (as diffusers'
-    own LoRA loader does)."""
-    try:
-        from diffusers.loaders.lora_base import _func_optionally_disable_offloading
-    except ImportError:  # another diffusers version: load without touching hooks
-        yield
-        return
-    model_offload, sequential_offload, _ = _func_optionally_disable_offloading(pipe)
-    device = getattr(pipe, "_offload_device", None)  # the device offloading was set up for
-    try:
-        yield
-    finally:
-        if model_offload:
-            pipe.enable_model_cpu_offload(device=device)
-        elif sequential_offload:
-            pipe.enable_sequential_cpu_offload(device=device)
 
 
 # ------------------------------------------------------------------------------------ adapters

@@ -21,7 +21,8 @@ from typing import Any
 
 from . import export, patches
 from .atomic import write_safetensors
-from .loader import layers_stepped_aside, pipeline_components
+from .components import pipeline_components
+from .diffusers_lora import layers_stepped_aside
 from .model import LoKrModel, lokr_layers
 
 logger = logging.getLogger(__name__)

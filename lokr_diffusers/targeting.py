@@ -14,61 +14,32 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import families
 from .config import LoKrConfig, compile_pattern, pattern_regex, pattern_value
 
-# Default targets by model class name (attention + feed-forward, as in the diffusers docs example and as
-# kohya sd-scripts' LoRA networks target them: CLIPAttention / CLIPMLP, T5Attention / T5DenseGatedActDense).
+# Default targets of the text encoders by class name (attention + feed-forward, as kohya sd-scripts' LoRA networks
+# target them: CLIPAttention / CLIPMLP, T5Attention / T5DenseGatedActDense). The denoisers' defaults are their
+# families' (lokr_diffusers/families/: `targets`, or the Linears by `roles`).
 CLIP_TEXT_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 T5_TARGETS: list[str] = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]  # those the model has (wi: T5 v1.0)
 LLM_TARGETS: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-UNET_TARGETS: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "CLIPTextModel": CLIP_TEXT_TARGETS,
     "CLIPTextModelWithProjection": CLIP_TEXT_TARGETS,
-    "UNet2DConditionModel": UNET_TARGETS,
     "T5EncoderModel": T5_TARGETS,
     "Qwen3Model": LLM_TARGETS,
     "Qwen3ForCausalLM": LLM_TARGETS,
 }
 PRESENT_ONLY = frozenset({"T5EncoderModel"})  # lists covering variants: keep the entries the model has
 
-# The DiT transformers' Linears by role (full diffusers paths), as the trainers target them: kohya
-# (double / single stream blocks; modulation excluded by default), SimpleTuner and diffusers' training
-# scripts (to_q/k/v, to_out.0, add_*_proj, to_add_out, ff, ff_context, proj_mlp / proj_out of single blocks).
-# Default: "attention" and "feed_forward" (single blocks' linear1 / linear2 are their pieces); "norms" (the
-# adaLN projections) and "embedders" (input embedders, timestep / guidance / text embedders, final
-# projection) on request. After fuse_qkv_projections(), to_qkv / to_added_qkv replace to_q/k/v.
-_QKV = r"to_q|to_k|to_v|to_qkv|add_q_proj|add_k_proj|add_v_proj|to_added_qkv"
-DIT_ROLES: dict[str, dict[str, str]] = {
-    "flux": {
-        "attention": rf"(single_)?transformer_blocks\.\d+\.attn\.({_QKV}|to_out\.0|to_add_out)",
-        "feed_forward": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
-                        r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)",
-        "norms": r"(single_)?transformer_blocks\.\d+\.(norm1|norm1_context|norm)\.linear|norm_out\.linear",
-        "embedders": r"x_embedder|context_embedder|time_text_embed\..+|proj_out",
-    },
-    "flux2": {
-        "attention": rf"transformer_blocks\.\d+\.attn\.({_QKV}|to_out\.0|to_add_out)"
-                     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)",
-        "feed_forward": r"transformer_blocks\.\d+\.(ff|ff_context)\.(linear_in|linear_out)",
-        "norms": r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
-                 r"|norm_out\.linear",
-        "embedders": r"x_embedder|context_embedder|time_guidance_embed\..+|proj_out",
-    },
-    "sd3": {
-        "attention": rf"transformer_blocks\.\d+\.(attn|attn2)\.({_QKV}|to_out\.0|to_add_out)",
-        "feed_forward": r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
-        "norms": r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear|norm_out\.linear",
-        "embedders": r"context_embedder|time_text_embed\..+|proj_out|pos_embed\.proj",
-    },
-    "zimage": {
-        "attention": r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|to_out\.0)",
-        "feed_forward": r"(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.(w1|w2|w3)",
-        "norms": r"(layers|noise_refiner)\.\d+\.adaLN_modulation\.0|all_final_layer\..+\.adaLN_modulation\.1",
-        "embedders": r"all_x_embedder\..+|cap_embedder\.1|t_embedder\.mlp\.(0|2)|all_final_layer\..+\.linear",
-    },
-}
+# A DiT family's Linears by role (ModelFamily.roles). Default: "attention" and "feed_forward" (single blocks'
+# linear1 / linear2 are their pieces); "norms" (the adaLN projections) and "embedders" (input embedders, timestep /
+# guidance / text embedders, final projection) on request.
 DIT_DEFAULT_ROLES: tuple[str, ...] = ("attention", "feed_forward")
+
+
+def _with_roles() -> str:
+    return " / ".join(f.title for f in families.FAMILIES.values() if f.roles)
 
 
 def dit_target_modules(model: nn.Module, norms: bool = False, embedders: bool = False) -> list[str]:
@@ -76,14 +47,13 @@ def dit_target_modules(model: nn.Module, norms: bool = False, embedders: bool = 
     (attention and feed-forward), plus the adaLN projections (`norms`) and the embedders / final projection
     (`embedders`) on request; modules diffusers' forward does not call (to_q beside a fused to_qkv) left
     out. Pass the result as `LoKrConfig(target_modules=...)`."""
-    from .formats.dit import dit_name_map, family_of
+    from .formats.dit import dit_name_map
 
-    family = family_of(model)
-    if family is None:
-        raise ValueError(f"{type(model).__name__} is not a Flux.1 / Flux.2 / SD3 / Z-Image transformer")
-    roles = DIT_ROLES[family.name]
+    family = families.of_model(model)
+    if family is None or not family.roles:
+        raise ValueError(f"{type(model).__name__} is not a {_with_roles()} transformer")
     wanted = [*DIT_DEFAULT_ROLES, *(["norms"] if norms else []), *(["embedders"] if embedders else [])]
-    pattern = re.compile("|".join(f"(?:{roles[r]})" for r in wanted))
+    pattern = re.compile("|".join(f"(?:{family.roles[r]})" for r in wanted))
     unused = set(dit_name_map(model).unnamed)
     return [path for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and pattern.fullmatch(path) and path not in unused]
@@ -92,15 +62,16 @@ def dit_target_modules(model: nn.Module, norms: bool = False, embedders: bool = 
 def default_target_modules(model: nn.Module) -> list[str]:
     """The default target list for a model's class, or a ValueError that says what to pass."""
     name = type(model).__name__
-    from .formats.dit import family_of
-
-    if family_of(model) is not None:
+    family = families.of_model(model)
+    if family is not None and family.roles:
         return dit_target_modules(model)
+    if family is not None and family.targets:
+        return list(family.targets)
     if name not in DEFAULT_TARGET_MODULES:
+        denoisers = sorted({f.denoiser_class for f in families.FAMILIES.values() if f.targets})
         raise ValueError(
             f"LoKr has no default target_modules for {name}; pass target_modules=[...] "
-            f"(defaults exist for {sorted(DEFAULT_TARGET_MODULES)} and the Flux.1 / Flux.2 / SD3 / Z-Image "
-            "transformers)"
+            f"(defaults exist for {sorted([*DEFAULT_TARGET_MODULES, *denoisers])} and the {_with_roles()} transformers)"
         )
     targets = list(DEFAULT_TARGET_MODULES[name])
     if name in PRESENT_ONLY:

@@ -27,25 +27,23 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import lokr_diffusers
-from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers
+from lokr_diffusers import LoKrConfig, add_lokr, families, lokr_layers
 from lokr_diffusers import functional as LF
-from lokr_diffusers.architectures import DIT_FAMILIES, DIT_VARIANTS, MODEL_NAMES, meta_components
+from lokr_diffusers.architectures import DIT_VARIANTS, MODEL_NAMES, meta_components
 from lokr_diffusers.cli import CONVERT_BASES, main
 from lokr_diffusers.components import pipeline_components
-from lokr_diffusers.convert import family_of_model, guess_families
+from lokr_diffusers.convert import guess_families
 from lokr_diffusers.export import FORMAT_ALIASES
-from lokr_diffusers.formats.dit import family_of
 from lokr_diffusers.targeting import dit_target_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
 FAMILIES = ("flux", "sd3", "flux2", "zimage")
-TINY = {"flux": "flux", "sd3": "sd3", "flux2": "flux2-klein", "zimage": "zimage"}  # tests/helpers/tiny_dit.py's names
 LAYOUTS = ("comfyui", "diffusers", "peft", "lokr_diffusers")
 
 
 def tiny(family: str) -> Any:
-    return make_tiny_dit_pipeline(TINY[family])  # type: ignore[arg-type]
+    return make_tiny_dit_pipeline(family)  # type: ignore[arg-type]
 
 
 def adapted(family: str, dora: bool = False) -> Any:
@@ -127,7 +125,7 @@ def asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def components(model: str) -> dict[str, Any]:
         names.append(model)
-        return pipeline_components(tiny(family_of_model(model)))
+        return pipeline_components(tiny(families.of_variant(model).name))
 
     monkeypatch.setattr("lokr_diffusers.convert.meta_components", components)
     return names
@@ -146,7 +144,7 @@ def test_a_converted_file_is_what_the_loaded_pipeline_saves(family: str, layout:
     src = adapted(family).save_lokr_weights(str(tmp_path / "src.safetensors"), adapter_name=A,
                                             format="lokr_diffusers")
     dst = convert(src, tmp_path / "converted", layout, base=family)
-    assert asked and set(asked) <= set(DIT_FAMILIES[family])
+    assert asked and set(asked) <= set(families.get(family).variants)
     direct = loaded(family, src)
     saved = direct.save_lokr_weights(target(tmp_path / "saved", layout), adapter_name=A, format=layout)
     assert_same_files(dst, saved)
@@ -183,7 +181,7 @@ def test_a_file_of_fused_originals_converts_as_a_pipeline_saves_it(family: str, 
         assert str(by_convert.value) == str(by_save.value)
         return
     dst = convert(src, tmp_path / "converted", layout)
-    assert family_of_model(asked[-1]) == family
+    assert families.of_variant(asked[-1]).name == family
     assert_same_files(dst, direct.save_lokr_weights(saving, adapter_name="default", format=layout))
     back = loaded(family, dst)
     assert layers(back) == layers(direct)
@@ -273,8 +271,9 @@ def test_an_sd_file_names_no_dit_family() -> None:
 @pytest.mark.parametrize("variant", list(DIT_VARIANTS))
 def test_every_variant_builds_as_its_family(variant: str) -> None:
     comps = meta_components(variant)
-    family = family_of(comps["transformer"])
-    assert family is not None and family.name == DIT_VARIANTS[variant].family == family_of_model(variant)
+    family = families.of_model(comps["transformer"])
+    assert family is not None and family.name == families.of_variant(variant).name
+    assert family.originals is not None and type(comps["transformer"]).__name__ == family.denoiser_class
     assert all(p.is_meta for m in comps.values() for p in m.parameters())
 
 
@@ -297,7 +296,7 @@ def test_a_full_size_file_finds_its_variant(variant: str, tmp_path: Path, caplog
     g = torch.Generator().manual_seed(0)
     model = meta_transformer(variant)
     shapes = list(FULL_SIZE[variant])
-    for i, (original, orig) in enumerate(comfy_originals(DIT_VARIANTS[variant].family, model).items()):
+    for i, (original, orig) in enumerate(comfy_originals(families.of_variant(variant).name, model).items()):
         weight = model.get_submodule(orig.parts[0][0]).weight
         rows = sum(b - a for _, a, b in orig.parts)  # a fused original: its pieces' rows
         if i % 4 == 0:
@@ -325,7 +324,7 @@ def test_cli_converts_a_dit_file_with_a_family_alias(tmp_path: Path, asked: list
     src, dst = str(tmp_path / "src.safetensors"), str(tmp_path / "out.safetensors")
     save_file(sd, src)
     assert main(["convert", src, dst, "--to", "comfyui", "--base", "klein"]) == 0
-    assert asked == list(DIT_FAMILIES["flux2"][:len(asked)]) and family_of_model(asked[-1]) == "flux2"
+    assert asked == list(families.get("flux2").variants[:len(asked)]) and families.of_variant(asked[-1]).name == "flux2"
     assert f"wrote {dst}" in capsys.readouterr().out
     assert main(["convert", src, str(tmp_path / "z.safetensors"), "--to", "comfyui", "--base", "zimage"]) == 2
     err = capsys.readouterr().err
@@ -338,4 +337,4 @@ def test_cli_offers_the_registry_formats_and_every_family() -> None:
     convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]  # type: ignore[union-attr]
     options = {a.dest: a.choices for a in convert._actions}
     assert sorted(options["to"]) == sorted(FORMAT_ALIASES)
-    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", *DIT_FAMILIES}
+    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"}

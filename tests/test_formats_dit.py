@@ -2,7 +2,7 @@
 the original (BFL / Stability / Tongyi) row order held to diffusers' own single-file converters.
 
 Oracles: the expected names and row ranges below are written by hand from the converters' and
-ComfyUI's facts (docs in formats/dit_tables.py), the fused sizes from the configs; the converters
+ComfyUI's facts (sources named in lokr_diffusers/families/), the fused sizes from the configs; the converters
 themselves (convert_*_checkpoint_to_diffusers) split what our map concatenates.
 """
 

@@ -259,7 +259,7 @@ DIFFUSERS_API = [
           ("adapter_name",), True),
     Touch("diffusers.loaders.lora_pipeline", "StableDiffusionXLLoraLoaderMixin.load_lora_weights", 2,
           ("adapter_name",), True),
-    # loader.py: offload hooks removed while layers change, then put back on the same device
+    # diffusers_lora.py: offload hooks removed while layers change, then put back on the same device
     Touch("diffusers.loaders.lora_base", "_func_optionally_disable_offloading", 1),
     Touch("diffusers", "DiffusionPipeline.enable_model_cpu_offload", 1, ("device",)),
     Touch("diffusers", "DiffusionPipeline.enable_sequential_cpu_offload", 1, ("device",)),
@@ -380,7 +380,7 @@ def test_private_diffusers_imports_are_checked_here():
 
 
 def test_func_optionally_disable_offloading_returns_three_flags():
-    """loader._offloading_paused unpacks (model offload, sequential offload, group offload)."""
+    """diffusers_lora.offloading_paused unpacks (model offload, sequential offload, group offload)."""
     from diffusers.loaders.lora_base import _func_optionally_disable_offloading
 
     result = _func_optionally_disable_offloading(None)
@@ -388,7 +388,7 @@ def test_func_optionally_disable_offloading_returns_three_flags():
 
 
 def test_offloading_records_its_device_where_the_loader_reads_it():
-    """loader._offloading_paused re-enables offloading on `pipe._offload_device`."""
+    """diffusers_lora.offloading_paused re-enables offloading on `pipe._offload_device`."""
     from diffusers import DiffusionPipeline
 
     for method in (DiffusionPipeline.enable_model_cpu_offload, DiffusionPipeline.enable_sequential_cpu_offload):

@@ -35,7 +35,7 @@ def generate(pipe: Any) -> Tensor:
 @pytest.mark.parametrize(("family", "components"), [
     ("flux", {"transformer": 2 * 12 + 2 * 5, "text_encoder": 2 * 6, "text_encoder_2": 2 * 7}),
     ("sd3", {"transformer": None, "text_encoder": 2 * 6, "text_encoder_2": 2 * 6, "text_encoder_3": 2 * 7}),
-    ("flux2-klein", {"transformer": None, "text_encoder": None}),
+    ("flux2", {"transformer": None, "text_encoder": None}),
     ("zimage", {"transformer": None, "text_encoder": 2 * 7}),
 ])
 def test_add_lokr_with_defaults(family: str, components: dict[str, int | None]) -> None:
@@ -95,10 +95,10 @@ TE_NAMES = [
     ("zimage", "text_encoder", "layers.1.mlp.down_proj",
      "text_encoders.qwen3_4b.transformer.model.layers.1.mlp.down_proj"),
     ("zimage", "text_encoder", "layers.1.self_attn.v_proj", "text_encoder.layers.1.self_attn.v_proj"),
-    ("flux2-klein", "text_encoder", "model.layers.0.mlp.gate_proj", "lora_te_layers_0_mlp_gate_proj"),
-    ("flux2-klein", "text_encoder", "model.layers.2.self_attn.o_proj",
+    ("flux2", "text_encoder", "model.layers.0.mlp.gate_proj", "lora_te_layers_0_mlp_gate_proj"),
+    ("flux2", "text_encoder", "model.layers.2.self_attn.o_proj",
      "text_encoders.transformer.model.layers.2.self_attn.o_proj"),
-    ("flux2-klein", "text_encoder", "model.layers.1.self_attn.k_proj", "text_encoder.model.layers.1.self_attn.k_proj"),
+    ("flux2", "text_encoder", "model.layers.1.self_attn.k_proj", "text_encoder.model.layers.1.self_attn.k_proj"),
 ]
 
 
@@ -108,7 +108,7 @@ def te_output(te: nn.Module) -> Tensor:
         return te(input_ids=ids)[0]
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "zimage", "flux2-klein"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "zimage", "flux2"])
 def test_text_encoder_names_per_tool(family: str) -> None:
     pipe = make_tiny_dit_pipeline(family)  # type: ignore[arg-type]
     cases = [c for c in TE_NAMES if c[0] == family]

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 PROMPT = "a photo of sks dog"
 # output_type="latent": Flux.1 returns its packed tokens (64 of 2x2x4), the others (B, 4, 16, 16)
-LATENT_SHAPE = {"flux": (1, 64, 16), "sd3": (1, 4, 16, 16), "flux2-klein": (1, 4, 16, 16),
+LATENT_SHAPE = {"flux": (1, 64, 16), "sd3": (1, 4, 16, 16), "flux2": (1, 4, 16, 16),
                 "zimage": (1, 4, 16, 16)}
-PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2-klein": "Flux2KleinPipeline",
+PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2": "Flux2KleinPipeline",
                   "zimage": "ZImagePipeline"}
 
 
@@ -97,7 +97,7 @@ def test_qwen_tokenizer_chat_template() -> None:
     assert tokens[-1] == tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
 
 
-@pytest.mark.parametrize("family", ["flux", "flux2-klein"])
+@pytest.mark.parametrize("family", ["flux", "flux2"])
 def test_save_pretrained_round_trip(family: Family, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = DiffusionPipeline.from_pretrained(save_tiny_dit_pipeline(str(tmp_path), family))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from .comfyui import (
     A1111_UNMATCHED,
-    COMFYUI_PATHS,
     check_comfyui_dora,
     comfyui_module_name,
     comfyui_path_name,
@@ -32,7 +31,7 @@ from .registry import FORMAT_ALIASES, LAYOUTS, Layout, layout_of, refuse_rows, w
 from .save import save_lokr_weights
 
 __all__ = [
-    "A1111_UNMATCHED", "COMFYUI_PATHS", "DIFFUSERS_METADATA_KEY", "DTYPES", "FORMAT_ALIASES", "LAYOUTS", "ExportJob",
+    "A1111_UNMATCHED", "DIFFUSERS_METADATA_KEY", "DTYPES", "FORMAT_ALIASES", "LAYOUTS", "ExportJob",
     "ExportModule", "Layout", "RowNorms", "baked", "cast", "check_comfyui_dora", "collect", "comfyui_module_name",
     "comfyui_path_name", "comfyui_te_name", "consumer_modules", "consumer_tensors", "expand_tucker", "from_entries",
     "fused_module", "layout_of", "own_module", "refuse_rows", "resolve_dtype", "save_lokr_weights", "sort_modules",

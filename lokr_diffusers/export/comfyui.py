@@ -10,8 +10,8 @@ Flux.1, SD3, Flux.2 / Klein, Z-Image, each transformer module by the first rule 
 - a module that is a whole original module by itself (a rename): `diffusion_model.<original>`;
 - a module that is exactly the rows ComfyUI names by a key of their own (Flux.1's fused single-block to_qkv, rows
   [0, 3 · hidden) of linear1): `diffusion_model.single_blocks.N.linear1_qkv`;
-- a module ComfyUI's key map names by its diffusers path (`COMFYUI_PATHS`): `transformer.<path>`, which ComfyUI
-  applies to that module's rows of its fused weight (an offset) or through its (shift, scale) swap;
+- a module ComfyUI's key map names by its diffusers path (its family's `comfyui_paths`): `transformer.<path>`,
+  which ComfyUI applies to that module's rows of its fused weight (an offset) or through its (shift, scale) swap;
 - anything else has no name ComfyUI loads: refused, naming it (strict), or left out with a warning.
 Text encoders: `text_encoders.<clip_l | clip_g | t5xxl | qwen3_4b | qwen3_8b>.transformer.<path>`.
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import families
 from .. import functional as LF
-from ..architectures import BASE_MODEL_VERSION
 from ..formats.dit import DitNameMap, Target, dit_name_map
 from ..formats.ldm import diffusers_to_ldm
 from ..formats.metadata import DORA_RULE_COMFYUI, DORA_RULE_KEY
@@ -50,35 +50,10 @@ _ATTN = re.compile(r"^(.*\.self_attn\.)(q_proj|k_proj|v_proj|out_proj)$")
 # is a bare nn.Parameter, not a layer, so its key map (extensions-builtin/Lora/networks.py, from named_modules)
 # has no entry and the module is dropped, logged at debug level only (docs/formats.md §Consumer limits).
 A1111_UNMATCHED: tuple[str, ...] = ("lora_te2_text_projection",)
-# The diffusers paths ComfyUI's model_lora_keys_unet (comfy/lora.py) names under `transformer.`, per family, as
-# regexes: Flux.1 and Flux.2 (a Flux subclass in comfy/model_base.py) from comfy/utils.py flux_to_diffusers, SD3
-# from mmdit_to_diffusers, Z-Image (model_base.Lumina2) from z_image_to_diffusers. Read there, not copied.
-_BLOCK = r"transformer_blocks\.\d+\."
-_DIT_ATTN = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
-_FLUX: tuple[str, ...] = (
-    rf"{_BLOCK}{_DIT_ATTN}", rf"{_BLOCK}(norm1|norm1_context)\.linear",
-    rf"{_BLOCK}(ff|ff_context)\.(net\.0\.proj|net\.2|linear_in|linear_out)",
-    r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_qkv_mlp_proj|to_out)|proj_mlp|norm\.linear|proj_out)",
-    r"x_embedder|context_embedder|proj_out|norm_out\.linear",
-    r"time_text_embed\.(timestep|text|guidance)_embedder\.linear_[12]",
-)
-COMFYUI_PATHS: dict[str, tuple[str, ...]] = {
-    "flux": _FLUX,
-    "flux2": _FLUX,
-    "sd3": (rf"{_BLOCK}{_DIT_ATTN}", rf"{_BLOCK}attn2\.(to_q|to_k|to_v|to_out\.0)",
-            rf"{_BLOCK}(norm1|norm1_context)\.linear", rf"{_BLOCK}(ff|ff_context)\.net\.(0\.proj|2)",
-            r"context_embedder|pos_embed\.proj|norm_out\.linear|proj_out",
-            r"time_text_embed\.(timestep|text)_embedder\.linear_[12]"),
-    "zimage": (r"(layers|noise_refiner|context_refiner)\.\d+\."
-               r"(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)",
-               r"all_final_layer\.2-1\.(linear|adaLN_modulation\.1)|all_x_embedder\.2-1|cap_embedder\.1|"
-               r"t_embedder\.mlp\.[02]"),
-}
 ORIGINAL_PREFIX, PATH_PREFIX = "diffusion_model.", "transformer."
 # ComfyUI's name of a Qwen3 text encoder by its width (comfy/text_encoders/flux.py, z_image.py): Qwen3-4B (Z-Image,
 # Klein 4B), Qwen3-8B (Klein 9B). Another width gets the name without the wrapper, which ComfyUI maps as well.
 COMFY_QWEN3: dict[int, str] = {2560: "qwen3_4b", 4096: "qwen3_8b"}
-DIT_MODEL_VERSION: dict[str, str] = {"flux": "flux1", "sd3": "sd3", "flux2": "flux2", "zimage": "zimage"}
 
 
 def kohya_metadata(modules: list[ExportModule], version: str, name: str, out_axis: bool) -> dict[str, str]:
@@ -116,14 +91,17 @@ def check_comfyui_dora(modules: list[ExportModule]) -> list[ExportModule]:
 # ----------------------------------------------------------------------------------------- SD families
 def comfyui_module_name(component: str, path: str, unet_config: Any, base: str) -> str:
     """The most portable kohya name (docs/formats.md §Portable export): SDXL UNet by ldm names, SD1/SD2 UNet by
-    diffusers paths; text encoders always with `text_model.`."""
+    diffusers paths (the family's `kohya.ldm_unet`); text encoders always with `text_model.`, `lora_te1_` /
+    `lora_te2_` for a family of two."""
+    family = families.get(base)
     if component == "unet":
-        ldm = diffusers_to_ldm(path, unet_config) if base == "sdxl" else None
+        ldm = diffusers_to_ldm(path, unet_config) if family.kohya.ldm_unet else None
         return "lora_unet_" + (ldm or path).replace(".", "_")
     # transformers 5's CLIPTextModel lost the `text_model.` level; kohya names keep it (the
     # projection of CLIPTextModelWithProjection sits outside it, as in transformers 4)
     te = path if path.startswith(("text_model.", "text_projection")) else "text_model." + path
-    prefix = {"text_encoder": "lora_te1_" if base == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+    two = len(family.text_encoders) > 1
+    prefix = {"text_encoder": "lora_te1_" if two else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
     return prefix + te.replace(".", "_")
 
 
@@ -149,7 +127,8 @@ def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tu
                               "SDXL second text encoder is open_clip's, where text_projection is a bare parameter, not "
                               "a layer), so in A1111 this module has no effect; leave text_projection out of the "
                               "target modules for a file that means the same in both")
-    openclip = {"text_encoder_2"} if base == "sdxl" else ({"text_encoder"} if base == "sd2" else set())
+    kohya = families.get(base).kohya
+    openclip = set(kohya.openclip)
     for m in modules:  # complete OpenCLIP attention groups with ΔW = 0 modules
         match = _ATTN.match(m.path) if m.component in openclip else None
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj") if match else ():
@@ -158,7 +137,7 @@ def to_comfyui(modules: list[ExportModule], base: str, unet_config: Any, keep_tu
                 key = comfyui_module_name(m.component, path, unet_config, base)
                 sd.update({f"{key}.{k}": v for k, v in _zero_module(m.weight_shape).items()})
                 present[(m.component, path)] = m
-    metadata = {**kohya_metadata(modules, BASE_MODEL_VERSION[base], name, bool(out_axis)), "ss_v2": str(base == "sd2")}
+    metadata = {**kohya_metadata(modules, kohya.model_version, name, bool(out_axis)), "ss_v2": str(kohya.v2)}
     return sd, metadata
 
 
@@ -180,7 +159,7 @@ def comfyui_path_name(path: str, nm: DitNameMap, family: str) -> str | None:
     row_name = nm.row_name_of(path)
     if row_name is not None:
         return ORIGINAL_PREFIX + row_name
-    if any(re.fullmatch(p, path) for p in COMFYUI_PATHS[family]):
+    if any(re.fullmatch(p, path) for p in families.get(family).comfyui_paths):
         return PATH_PREFIX + path
     return None
 
@@ -269,7 +248,7 @@ def to_comfyui_dit(modules: list[ExportModule], components: Mapping[str, nn.Modu
         if swapped is not None and m.dora_scale is not None and LF.dora_on_output_axis(m.dora_scale, m.weight_shape):
             tensors["dora_scale"] = _original_rows(tensors["dora_scale"], swapped)
         sd.update({f"{key}.{k}": v for k, v in tensors.items()})
-    return sd, kohya_metadata([m for _, m, _ in units], DIT_MODEL_VERSION[family], name, bool(out_axis))
+    return sd, kohya_metadata([m for _, m, _ in units], families.get(family).kohya.model_version, name, bool(out_axis))
 
 
 def save_dit(job: ExportJob) -> str:

@@ -17,10 +17,11 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import families
 from .encode import consumer_tensors, write_one
 from .modules import ExportJob, ExportModule, configs_of
 from .peft import to_peft
-from .pieces import DIFFUSERS_LOKR, consumer_modules
+from .pieces import consumer_modules
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def to_diffusers_dit(modules: list[ExportModule], family: str) -> tuple[dict[str
         psd, peft_config = to_peft(ms)
         sd.update({f"{component}.{k.removeprefix('base_model.model.')}": v for k, v in psd.items()})
         config.update({f"{component}.{k}": peft_config[k] for k in PEFT_FIELDS})
-    if family in DIFFUSERS_LOKR and set(by_component) - {"transformer"}:
+    if families.get(family).diffusers_lokr and set(by_component) - {"transformer"}:
         logger.warning("diffusers' load_lora_weights for %s loads the transformer's LoKr modules only; the text "
                        "encoders' (%s) are in the file for pipe.load_lokr_weights", family,
                        ", ".join(sorted(set(by_component) - {"transformer"})))

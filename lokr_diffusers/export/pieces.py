@@ -15,15 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import families
 from .. import functional as LF
 from ..formats.dit import DitNameMap, Target, diffusers_fused_name, dit_name_map
-from ..formats.dit_tables import FAMILIES
 from ..formats.fused import layer_rows
 from .modules import ExportModule, RowNorms
 
-# diffusers 0.42.1 loads LoKr files (through PEFT) for these only: Flux2LoraLoaderMixin, ZImageLoraLoaderMixin
-DIFFUSERS_LOKR: frozenset[str] = frozenset({"flux2", "zimage"})
-FAMILIES_FUSABLE: dict[str, bool] = {f.name: f.fusable for f in FAMILIES.values()}  # diffusers can fuse their qkv
 _SEPARATE_QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
@@ -139,14 +136,16 @@ def off_edges(m: ExportModule, fmt: str, why: str) -> str:
 def consumer_modules(modules: list[ExportModule], components: Mapping[str, nn.Module], family: str,
                      fmt: str) -> list[ExportModule]:
     """The modules as diffusers' paths hold them: a fused group on diffusers' fused qkv Linear (`diffusers` only,
-    where FAMILIES says diffusers can fuse), else per Linear on W1's block edges; refused otherwise."""
+    where the family's table says diffusers can fuse), else per Linear on W1's block edges; refused otherwise."""
+    record = families.get(family)
+    fusable = record.originals is not None and record.originals.fusable
     transformer: Any = components["transformer"]
     nm = dit_name_map(transformer)
     dit = sort_modules([m for m in modules if m.component == "transformer"], nm)
     out = [m for m in modules if m.component != "transformer"] + dit.singles
     fused_names: list[str] = []
     for target, pieces in dit.groups:
-        alias = diffusers_fused_name(target, nm.linears) if fmt == "diffusers" and FAMILIES_FUSABLE[family] else None
+        alias = diffusers_fused_name(target, nm.linears) if fmt == "diffusers" and fusable else None
         if alias is not None:
             out.append(fused_module(target, pieces, alias, transformer))
             fused_names.append(alias)
@@ -163,7 +162,7 @@ def consumer_modules(modules: list[ExportModule], components: Mapping[str, nn.Mo
             raise ValueError(off_edges(p, fmt, "its other pieces are not in this adapter"))
         out.append(own_p)
     separate = [m.path for m in dit.singles if m.path.rpartition(".")[2] in _SEPARATE_QKV]
-    if family in DIFFUSERS_LOKR and fused_names and separate:
+    if record.diffusers_lokr and fused_names and separate:
         raise ValueError(f"this adapter has a fused qkv ({fused_names[0]}, as diffusers loads it: it fuses the "
                          f"model's projections first) and adapters on separate projections ({separate[0]}), which "
                          "diffusers' fused attention would no longer call; export format 'comfyui' or "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..architectures import DIT_FAMILIES
+from .. import families
 from . import comfyui, diffusers, ours, peft
 from .modules import ExportJob, ExportModule
 
@@ -28,8 +28,9 @@ class Layout:
     several: bool = False
 
     def writer(self, base: str) -> Write:
-        """The writer for `base` ("sd1" | "sd2" | "sdxl", or a DiT family)."""
-        return self.dit if base in DIT_FAMILIES else self.sd
+        """The writer for the family `base`: the DiT writer for a family with an original-name table (its names
+        come from formats/dit.py), else the SD one."""
+        return self.dit if _dit(base) else self.sd
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -40,6 +41,10 @@ LAYOUTS: tuple[Layout, ...] = (
 )
 FORMAT_ALIASES: dict[str, str] = {name: layout.name for layout in LAYOUTS for name in (layout.name, *layout.aliases)}
 _BY_NAME: dict[str, Layout] = {layout.name: layout for layout in LAYOUTS}
+
+
+def _dit(base: str) -> bool:
+    return families.get(base).originals is not None
 
 
 def layout_of(format: str) -> Layout | None:
@@ -62,6 +67,6 @@ def refuse_rows(modules: list[ExportModule], fmt: str) -> None:
 def write(layout: Layout, job: ExportJob) -> str:
     """Write `job` in `layout` with the writer of the job's family; returns the path written. The caller has
     checked that a layout holding one adapter gets one."""
-    if job.base not in DIT_FAMILIES and not layout.several:
+    if not _dit(job.base) and not layout.several:
         refuse_rows(job.modules, layout.name)
     return layout.writer(job.base)(job)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import BASE_MODEL_VERSION, base_of
+from .. import families
 from ..components import pipeline_components
-from ..formats.report import pipeline_family
+from ..families import ModelFamily
 from .encode import resolve_dtype
 from .modules import ExportJob, ExportModule, adapter_names, collect
 from .registry import FORMAT_ALIASES, layout_of, write
@@ -53,29 +53,36 @@ def save_lokr_weights(source: Any, path: str | os.PathLike[str], adapter_name: s
 
     if layout.several:
         names = _adapter_names(comps, adapter_name)
-        return write(layout, job({a: collect(comps, a) for a in names}, _family(comps) or base_of(comps)))
+        return write(layout, job({a: collect(comps, a) for a in names}, _family(comps).name))
     if not isinstance(adapter_name, str):
         raise ValueError(f"adapter_name {adapter_name!r}: format {format!r} holds one adapter; pass its name "
                          "(several adapters go in one file with format='lokr_diffusers')")
     modules = collect(comps, adapter_name)
-    family = _checked_family(comps, base)
-    return write(layout, job({adapter_name: modules}, family or base or base_of(comps)))
+    return write(layout, job({adapter_name: modules}, _checked_family(comps, base)))
 
 
-def _family(comps: Mapping[str, nn.Module]) -> str | None:
-    """The DiT family of the components' transformer, None for a UNet pipeline."""
-    family = pipeline_family(comps)
-    return None if family in (None, "sd") else family
-
-
-def _checked_family(comps: Mapping[str, nn.Module], base: str | None) -> str | None:
-    """The DiT family of the pipeline's transformer (None for a UNet pipeline); `base`, if given, must agree."""
-    family = _family(comps)
-    if base is not None and family is not None and base != family:
-        raise ValueError(f"base {base!r}: this pipeline's transformer is a {family} one; pass base={family!r} or None")
-    if base is not None and family is None and base not in BASE_MODEL_VERSION:
-        raise ValueError(f"base {base!r}: one of {sorted(BASE_MODEL_VERSION)} for a UNet pipeline")
+def _family(comps: Mapping[str, nn.Module]) -> ModelFamily:
+    """The family of the components (families.of_components); text encoders alone are written as a file of the SD
+    family whose text encoders they are (kohya's `lora_te` names)."""
+    family = families.of_components(comps)
+    if family is None:
+        family = families.closest([f for f in families.FAMILIES.values() if f.originals is None], comps)[0]
     return family
+
+
+def _checked_family(comps: Mapping[str, nn.Module], base: str | None) -> str:
+    """The family to write for: a transformer's own, which `base`, if given, must be; for a UNet pipeline `base`
+    if given (one of the families of its class: the UNet does not always tell, a tiny one never), else its own."""
+    family = _family(comps)
+    if base is None:
+        return family.name
+    if family.originals is not None and base != family.name:
+        raise ValueError(f"base {base!r}: this pipeline's transformer is a {family.name} one; pass "
+                         f"base={family.name!r} or None")
+    siblings = sorted(f.name for f in families.FAMILIES.values() if f.denoiser_class == family.denoiser_class)
+    if base not in siblings:
+        raise ValueError(f"base {base!r}: one of {siblings} for a UNet pipeline")
+    return base
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> None:

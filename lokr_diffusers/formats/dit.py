@@ -1,6 +1,7 @@
 """Name maps for the DiT transformers: Flux.1, SD3.x, Flux.2 / Klein and Z-Image.
 
-Built forward from the model's own Linears and the tables in formats/dit_tables.py; incoming names are
+Built forward from the model's own Linears and its family's original-name table (lokr_diffusers/families/, one
+module per family); incoming names are
 looked up, never parsed (`to_q`, `add_q_proj`, `adaLN_modulation` contain `_`). Two kinds of target:
 
 - a diffusers module path `p` (one Linear, its own rows), named in the diffusers-path layouts;
@@ -37,9 +38,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .dit_tables import FAMILIES, FUSED_BY_DIFFUSERS, Family, Rule
+from .. import families
+from ..families import ModelFamily, OriginalTable, Rule
 
 logger = logging.getLogger(__name__)
+
+# What diffusers' Attention.fuse_projections() adds: (separate leaves, in row order) -> the fused Linear.
+FUSED_BY_DIFFUSERS: dict[tuple[str, ...], str] = {
+    ("to_q", "to_k", "to_v"): "to_qkv",
+    ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv",
+}
 
 # (layout, template): {p} the name, {u} the name with dots turned into underscores.
 ORIGINAL_LAYOUTS: tuple[tuple[str, str], ...] = (("comfyui", "diffusion_model.{p}"), ("kohya", "lora_unet_{u}"))
@@ -132,14 +140,6 @@ def _form(template: str, name: str) -> str:
     return template.format(p=name, u=_u(name))
 
 
-def family_of(model: nn.Module) -> Family | None:
-    """The table for a diffusers transformer (by class name, subclasses included), or None."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return None
-
-
 def iter_linears(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
     """(path, Linear) for every Linear, at its logical path: a wrapper holding a `base_layer` (a LoKr or
     PEFT layer) is seen through and its own inner modules (lora_A, ...) are not listed."""
@@ -195,12 +195,13 @@ def _pieces(name: str, parts: list[str], swap: bool, linears: Mapping[str, tuple
     return Target(name, ins.pop(), tuple(pieces))
 
 
-def _originals(family: Family, model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> dict[str, Target]:
+def _originals(family: ModelFamily, table: OriginalTable, model: nn.Module, linears: Mapping[str, tuple[int, int]]
+               ) -> dict[str, Target]:
     config = getattr(model, "config", None)
     if not isinstance(config, Mapping):
         raise TypeError(f"{type(model).__name__} has no diffusers config mapping")
     out: dict[str, Target] = {}
-    for rule in family.rules:
+    for rule in table.rules:
         for i in _indices(rule, config):
             name = rule.original.format(i=i)
             parts = [p.format(i=i) for p in rule.parts]
@@ -210,7 +211,7 @@ def _originals(family: Family, model: nn.Module, linears: Mapping[str, tuple[int
             if not all(present):
                 missing = [p for p in parts if p not in linears]
                 raise ValueError(f"{name}: the {family.name} transformer lacks {missing} of {parts}")
-            if family.fusable:
+            if table.fusable:
                 parts = _fuse(parts, model, linears)
             out[name] = _pieces(name, parts, rule.swap, linears)
     return out
@@ -230,11 +231,11 @@ def diffusers_fused_name(target: Target, linears: Mapping[str, tuple[int, int]])
     return None
 
 
-def _convs(family: Family, model: nn.Module) -> dict[str, Target]:
+def _convs(table: OriginalTable, model: nn.Module) -> dict[str, Target]:
     """original -> Target for the family's adaptable convs the model has (seen through a LoKr / PEFT wrapper):
     one piece, all the conv's output channels."""
     out: dict[str, Target] = {}
-    for original, path in family.convs:
+    for original, path in table.convs:
         try:
             conv = model.get_submodule(path)
         except AttributeError:
@@ -254,11 +255,11 @@ def _head(name: str, target: Target, stop: int) -> Target:
     return Target(name, target.in_features, pieces)
 
 
-def _row_names(family: Family, model: nn.Module, originals: Mapping[str, Target]) -> dict[str, Target]:
-    """ComfyUI's row names (dit_tables.RowName) -> their rows, for the originals the model has."""
+def _row_names(table: OriginalTable, model: nn.Module, originals: Mapping[str, Target]) -> dict[str, Target]:
+    """ComfyUI's row names (families.RowName) -> their rows, for the originals the model has."""
     config = getattr(model, "config", None)
     out: dict[str, Target] = {}
-    for rn in family.row_names:
+    for rn in table.row_names:
         count = config[rn.blocks] if isinstance(config, Mapping) else 0
         for i in range(count if isinstance(count, int) else 0):
             original = originals.get(rn.original.format(i=i))
@@ -279,15 +280,17 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
     and its adaptable convs.
 
     Raises:
-        TypeError: not one of the four transformer classes (or no config).
+        TypeError: not the transformer of a family with an original-name table (or no config).
         ValueError: the model's Linears do not fit the table (a part missing, in_features that differ).
     """
-    family = family_of(model)
-    if family is None:
-        raise TypeError(f"{type(model).__name__} is not one of {sorted(FAMILIES)}")
+    family = families.of_model(model)
+    if family is None or family.originals is None:
+        known = sorted(f.denoiser_class for f in families.FAMILIES.values() if f.originals is not None)
+        raise TypeError(f"{type(model).__name__} is not one of {known}")
+    table = family.originals
     linears = {p: (m.out_features, m.in_features) for p, m in iter_linears(model)}
-    result = DitNameMap(family.name, linears, _originals(family, model, linears))
-    result.row_names = _row_names(family, model, result.originals)
+    result = DitNameMap(family.name, linears, _originals(family, table, model, linears))
+    result.row_names = _row_names(table, model, result.originals)
     for original, target in result.originals.items():
         for piece in target.pieces:
             result.covering[piece.path] = original
@@ -296,10 +299,10 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
     for row_name, target in result.row_names.items():  # ComfyUI's own key: its layout only
         _add(result, ORIGINAL_LAYOUTS[0][0], _form(ORIGINAL_LAYOUTS[0][1], row_name), target)
     for target in (*result.originals.values(), *result.row_names.values()):
-        fused = diffusers_fused_name(target, linears) if family.fusable else None
+        fused = diffusers_fused_name(target, linears) if table.fusable else None
         if fused is not None:  # diffusers' name for the qkv it would fuse (read only in the diffusers layout)
             _add(result, "diffusers", _form(DIFFUSERS_FUSED_TEMPLATE, fused), target)
-    result.convs = _convs(family, model)
+    result.convs = _convs(table, model)
     for original, target in result.convs.items():  # diffusers-path names: names.py, as for any module
         for layout, template in ORIGINAL_LAYOUTS:
             _add(result, layout, _form(template, original), target)

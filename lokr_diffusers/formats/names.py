@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from .. import families
 from ..adaptable import AdaptedModule
-from .dit import DIFFUSERS_LAYOUTS, Target, dit_name_map, family_of
+from .dit import DIFFUSERS_LAYOUTS, Target, dit_name_map
 from .text_encoders import kind_of, te_forms
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def build_index(components: Mapping[str, nn.Module]) -> NameIndex:
     kinds = {c: kind_of(m) for c, m in components.items() if c in TEXT_ENCODERS}
     for component, model in components.items():
         index.modules[component] = dict(iter_adaptable(model))
-        if component == "transformer" and family_of(model) is not None:
+        family = families.of_model(model) if component == "transformer" else None
+        if family is not None and family.originals is not None:  # named by its family's original-name table
             _add_dit(index, model)
             continue
         ldm = _ldm_paths(model, list(index.modules[component])) if component == "unet" else {}

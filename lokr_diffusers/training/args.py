@@ -7,14 +7,11 @@ import argparse
 from typing import Any
 
 from .errors import TrainingInputError
+from .family import training_family
 from .targets import TE_TARGETS, TRANSFORMER_PRESETS, UNET_PRESETS, denoiser_targets, unet_targets
 
 __all__ = ["TE_TARGETS", "TRANSFORMER_PRESETS", "UNET_PRESETS", "build_parser", "denoiser_targets", "parse",
            "parse_with", "unet_targets"]
-
-# what --weighting_scheme and --max_sequence_length default to, as in diffusers' Flux / SD3 scripts
-FLOW_DEFAULTS: dict[str, dict[str, Any]] = {"flux": {"weighting_scheme": "none", "max_sequence_length": 512},
-                                            "sd3": {"weighting_scheme": "logit_normal", "max_sequence_length": 77}}
 
 
 def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argparse.ArgumentParser:
@@ -33,13 +30,13 @@ def _flow(a: Any, family: str) -> None:
     """diffusers' train_dreambooth_lora_flux.py / _sd3.py names and defaults."""
     from .flow import WEIGHTING_SCHEMES
 
-    d = FLOW_DEFAULTS[family]
-    a("--weighting_scheme", default=d["weighting_scheme"], choices=list(WEIGHTING_SCHEMES),
+    d = training_family(family)  # the defaults of diffusers' Flux / SD3 scripts (the families' records)
+    a("--weighting_scheme", default=d.weighting_scheme, choices=list(WEIGHTING_SCHEMES),
       help="timestep density / loss weighting (SD3 paper): none = uniform")
     a("--logit_mean", type=float, default=0.0, help="for --weighting_scheme logit_normal")
     a("--logit_std", type=float, default=1.0, help="for --weighting_scheme logit_normal")
     a("--mode_scale", type=float, default=1.29, help="for --weighting_scheme mode")
-    a("--max_sequence_length", type=int, default=d["max_sequence_length"], help="T5 tokens per prompt")
+    a("--max_sequence_length", type=int, default=d.max_sequence_length, help="T5 tokens per prompt")
     if family == "flux":
         a("--guidance_scale", type=float, default=3.5,
           help="the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused by FLUX.1-schnell")

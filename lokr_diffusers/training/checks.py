@@ -182,14 +182,18 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
 
 def check_pipeline(pipe: Any, args: Any) -> None:
     """The loaded pipeline is one of the script's family that can train at --resolution."""
-    from .family import FAMILIES
-    from .flow import flow_family
+    from .. import families
+    from .family import training_family
 
-    family = FAMILIES[getattr(args, "family", "sd")]
+    family = training_family(getattr(args, "family", "sd"))
     name = args.pretrained_model_name_or_path
     missing = [c for c in family.required if getattr(pipe, c, None) is None]
-    if missing or (family.name != "sd" and flow_family(pipe) != family.name):
-        what = f"without {', '.join(missing)}" if missing else f"with a {type(pipe.transformer).__name__}"
+    denoiser = getattr(pipe, family.denoiser, None)
+    own = families.of_model(denoiser) if denoiser is not None else None
+    # a flow script needs the transformer its loss is written for; the UNet scripts take any UNet of the components
+    wrong = own.name not in family.members if own is not None else family.flow
+    if missing or wrong:
+        what = f"without {', '.join(missing)}" if missing else f"with a {type(denoiser).__name__}"
         raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__} {what}; give {family.label}")
     if family.name == "sd" and args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
         raise _fail(f"--sdxl: {name} has no text_encoder_2, so it is not an SDXL pipeline; leave --sdxl out")

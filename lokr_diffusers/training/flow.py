@@ -22,14 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FAMILIES: dict[str, str] = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-
-
-def flow_family(pipe: Any) -> str | None:
-    """"flux" / "sd3" from the pipeline's transformer class, None for anything else."""
-    transformer = getattr(pipe, "transformer", None)
-    return FAMILIES.get(type(transformer).__name__) if transformer is not None else None
 
 
 def _ids(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Tensor:

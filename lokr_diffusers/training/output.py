@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .. import families
 from ..export import save_lokr_weights
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,6 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
     return path
 
 
-# model-card tags per base model family
-FAMILY_TAGS: dict[str, str] = {"sdxl": ", stable-diffusion-xl", "flux": ", flux", "sd3": ", sd3", "flux2": ", flux2",
-                               "zimage": ", z-image"}
-
-
 def save_outputs(pipe: Any, args: Any, family: str | None, result: Any) -> dict[str, str]:
     """Our lossless file, the portable one (--export_format), and README.md. `family`: the base model, "sd1",
     "sd2", "sdxl" or a DiT family ("flux", "sd3", "flux2", "zimage"; checked against the pipeline's transformer),
@@ -63,13 +59,18 @@ def save_outputs(pipe: Any, args: Any, family: str | None, result: Any) -> dict[
     return files
 
 
+def _tags(family: str | None) -> tuple[str, ...]:
+    """The family's model-card tags (its record's), none when the pipeline tells it (family None)."""
+    return families.get(family).tags if family is not None else ()
+
+
 def write_model_card(args: Any, family: str | None, result: Any, files: dict[str, str]) -> str:
     prompt = args.instance_prompt if getattr(args, "dreambooth", False) else args.validation_prompt
     targets = (f"transformer targets `{args.lora_layers}`" if hasattr(args, "lora_layers") else
                f"UNet targets `{args.unet_target_modules}`")
     lines = [
         "---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
-        "tags: [lokr, lycoris, diffusers, text-to-image" + FAMILY_TAGS.get(family or "", "") + "]", "---", "",
+        "tags: [" + ", ".join(["lokr", "lycoris", "diffusers", "text-to-image", *_tags(family)]) + "]", "---", "",
         f"# LoKr fine-tune of {args.pretrained_model_name_or_path}", "",
         f"Trained with lokr_diffusers for {result.global_step} steps (rank {args.rank}, alpha "
         f"{args.alpha or args.rank}, {targets}"

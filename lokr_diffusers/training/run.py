@@ -23,7 +23,7 @@ from . import checkpoint
 from .args import build_parser, parse_with
 from .checks import check_not_fused, check_pipeline
 from .errors import TrainingInputError
-from .family import FAMILIES, MOVED, Family
+from .family import MOVED, TrainingFamily, training_family
 from .flow import flow_loss
 from .loop import (
     ADAPTER,
@@ -48,7 +48,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def main(description: str, dreambooth: bool, argv: list[str] | None = None, family: str = "sd") -> TrainResult:
     """Parse, check and train; a TrainingInputError (bad argument, data or checkpoint, all raised
     before the first step) exits as argparse does: `error: ...` and exit code 2, no traceback.
-    family: "sd" (SD1.x/2.x/SDXL), "flux" or "sd3" (training/family.py)."""
+    family: the scripts' family, "sd" (SD1.x/2.x/SDXL), "flux" or "sd3" (training/family.py)."""
     parser: argparse.ArgumentParser = build_parser(description, dreambooth, family)
     args = parse_with(parser, dreambooth, argv)
     try:
@@ -90,7 +90,7 @@ class Session:
 
     accelerator: Any
     pipe: Any
-    family: Family
+    family: TrainingFamily
     sdxl: bool
     weight_dtype: torch.dtype
     noise_scheduler: Any
@@ -151,7 +151,7 @@ def _setup(args: Any, steps: int) -> Session:
     accelerator = _accelerator(args)
     set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
-    family = FAMILIES[args.family]
+    family = training_family(args.family)
     pipe, sdxl = _load_pipeline(args, accelerator.device, weight_dtype)
     names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                                  if args.train_text_encoder else [])
@@ -178,7 +178,7 @@ def _setup(args: Any, steps: int) -> Session:
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    scheduler_cls = DDPMScheduler if family.name == "sd" else FlowMatchEulerDiscreteScheduler
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
                    raw, models, parts, params, optimizer, lr_scheduler)
 
@@ -215,7 +215,8 @@ def train(args: Any) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         check_not_fused(s.raw, ADAPTER)
-        base = "sdxl" if s.sdxl else (None if s.family.name == "sd" else s.family.name)
+        # a flow script trains one family; the UNet scripts let the pipeline tell (SDXL when trained as one)
+        base = "sdxl" if s.sdxl else (s.family.members[0] if len(s.family.members) == 1 else None)
         result.files = save_outputs(s.pipe, args, base, result)
     accelerator.end_training()
     return result
@@ -270,7 +271,7 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
         batch = collate([dataset[i] for i in micro[(index * args.gradient_accumulation_steps + k) % len(micro)]])
         with accelerator.accumulate(*s.models):
             g = step_generator(args.seed, step, k, accelerator.process_index)
-            if s.family.name == "sd":
+            if not s.family.flow:
                 loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
                                       accelerator.device, prior_weight=prior)
             else:

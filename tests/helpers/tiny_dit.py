@@ -25,8 +25,7 @@ import json
 import os
 import string
 import tempfile
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -53,10 +52,11 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from lokr_diffusers.families import build_tiny
 from lokr_diffusers.tiny import WORDS, _byte_symbols, make_text_encoder, make_tokenizer
 
-Family = Literal["flux", "sd3", "flux2-klein", "zimage"]
-FAMILIES: tuple[Family, ...] = ("flux", "sd3", "flux2-klein", "zimage")
+Family = Literal["flux", "sd3", "flux2", "zimage"]  # the registry's names (lokr_diffusers/families/)
+FAMILIES: tuple[Family, ...] = ("flux", "sd3", "flux2", "zimage")
 
 # The hidden states Flux2KleinPipeline stacks by default (`text_encoder_out_layers`): the tiny Qwen3 is
 # deep enough (27 layers, 28 hidden states) that the pipeline runs with its defaults.
@@ -301,14 +301,11 @@ def make_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
 
 
 def make_tiny_dit_pipeline(family: Family, seed: int = 0) -> DiffusionPipeline:
-    """The builder of `family` ("flux", "sd3", "flux2-klein", "zimage") with its defaults."""
-    builders: dict[str, Callable[[int], Any]] = {
-        "flux": make_flux_pipeline, "sd3": make_sd3_pipeline, "flux2-klein": make_flux2_klein_pipeline,
-        "zimage": make_zimage_pipeline,
-    }
-    if family not in builders:
+    """The tiny pipeline of `family` ("flux", "sd3", "flux2", "zimage") with its defaults: the builder its record
+    names (`ModelFamily.tiny`, one of this module's)."""
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
-    return builders[family](seed)
+    return build_tiny(family, seed)
 
 
 def save_tiny_dit_pipeline(directory: str, family: Family, seed: int = 0) -> str:

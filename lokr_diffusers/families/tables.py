@@ -1,0 +1,81 @@
+"""The shape of a family's original-name table: which original (BFL / Stability / Tongyi) module is made of which
+diffusers Linears' rows. The tables themselves are data in each family's module; formats/dit.py builds a model's
+name map from them.
+
+Each `Rule` says: the original module `original` (the name in the original checkpoint, the one ComfyUI and kohya
+use) has as rows, in order, the rows of the diffusers Linears `parts`. One part is a rename; several parts are a
+fused original weight (`qkv` = q, k, v rows; Flux.1's `linear1` = q, k, v and the MLP's input rows). `swap` marks an
+adaLN projection whose two halves are (shift, scale) in the original and (scale, shift) in diffusers: original rows
+[0, h) are diffusers rows [h, 2h) and back. A `RowName` is a name ComfyUI gives to the first rows of an original
+(Flux.1's `single_blocks.N.linear1_qkv`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Only = Literal["all", "last", "not_last"]
+Pairs = tuple[tuple[str, tuple[str, ...]], ...]  # (original leaf, its diffusers parts)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One original module and the diffusers Linears whose rows make it (templates over block index {i}).
+
+    `blocks`: the config key giving how many blocks `{i}` runs over (None: a top-level module).
+    `only`: restrict to the last block or the others (SD3's last block is "context pre-only").
+    A rule whose parts are all missing from a model is skipped (no guidance embedder, SD3's last block
+    without a context MLP, attn2 only in SD3.5's dual-attention blocks); some but not all is an error.
+    """
+
+    original: str
+    parts: tuple[str, ...]
+    swap: bool = False
+    blocks: str | None = None
+    only: Only = "all"
+
+
+@dataclass(frozen=True)
+class RowName:
+    """A name ComfyUI's key map gives to the first rows of an original, which no checkpoint holds as a module:
+    `name` is rows [0, `height` · in_features) of `original` (templates over the block index {i})."""
+
+    name: str
+    original: str
+    height: int  # in units of the original's in_features (Flux.1: hidden_size)
+    blocks: str  # the config key giving how many blocks {i} runs over
+
+
+@dataclass(frozen=True)
+class OriginalTable:
+    """One transformer class's original names. `fusable`: diffusers' `fuse_qkv_projections()` makes its attention
+    processors use `to_qkv` / `to_added_qkv` instead of to_q/k/v (False for Z-Image: its processor always calls
+    to_q, to_k, to_v). `convs`: (original, diffusers path) of the adaptable convs, each a plain rename (no rows to
+    split, no swap); the rules are Linears only. `row_names`: ComfyUI's names for rows of an original."""
+
+    rules: tuple[Rule, ...]
+    fusable: bool
+    convs: tuple[tuple[str, str], ...] = ()
+    row_names: tuple[RowName, ...] = ()
+
+
+def blocks(count_key: str, original: str, diffusers: str, pairs: Pairs, only: Only = "all",
+           swap: bool = False) -> tuple[Rule, ...]:
+    """Rules for one kind of block: `original.{i}.leaf` <- `diffusers.{i}.part`, for each (leaf, parts)."""
+    return tuple(Rule(f"{original}.{{i}}.{leaf}", tuple(f"{diffusers}.{{i}}.{p}" for p in parts), swap,
+                      count_key, only) for leaf, parts in pairs)
+
+
+def top(pairs: Pairs, swap: bool = False) -> tuple[Rule, ...]:
+    """Rules for top-level modules (no block index)."""
+    return tuple(Rule(original, parts, swap) for original, parts in pairs)
+
+
+QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+
+# regex fragments of diffusers' attention paths, for the families' roles and ComfyUI paths
+QKV_LEAVES = r"to_q|to_k|to_v|to_qkv|add_q_proj|add_k_proj|add_v_proj|to_added_qkv"  # to_qkv: after fusing
+BLOCK = r"transformer_blocks\.\d+\."
+DIT_ATTN = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
