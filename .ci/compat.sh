@@ -23,8 +23,8 @@ tests/test_loader.py::test_model_cpu_offload_before_or_after_loading
 tests/test_loader.py::test_other_pipelines_sharing_the_components_have_the_methods
 tests/test_loader.py::test_every_layout_loads_to_the_same_outputs[sdxl-kohya_ldm]
 tests/test_pipeline.py::test_seed_example_verbatim
-tests/test_export.py::test_ldm_table_agrees_with_diffusers_single_file_converter
-tests/test_export.py::test_round_trip
+tests/test_export_comfyui.py::test_ldm_table_agrees_with_diffusers_single_file_converter
+tests/test_export_round_trips.py::test_round_trip
 tests/test_diffusers_api.py"
 TESTS=${COMPAT_TESTS:-$DEFAULT_TESTS}
 

@@ -100,7 +100,7 @@ def test_merge_bakes_the_lokr_into_a_model_folder(tiny_sd_dir: str, tmp_path) ->
     (["merge", "--model", ".", "--lokr", "x", "--out", "y"], "not a diffusers pipeline folder"),
 ])
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(args) == 2  # in-process: quick (tests/test_reliability_files.py has the catalogue)
+    assert main(args) == 2  # in-process: quick (tests/test_reliability_arguments.py has the catalogue)
     err = capsys.readouterr().err
     assert err.startswith(f"lokr-diffusers {args[0]}: error: ") and err.count("\n") == 1 and message in err, err
 

@@ -1,7 +1,8 @@
 """Reliability catalogue, part 1: misuse of the adapter API and the compositions that used to give
-wrong numbers (docs/adapters.md). Parts 2-4 are tests/test_reliability_files.py (files, folders,
-metadata, configs, CLI), tests/test_reliability_saves.py (saves) and tests/test_reliability_training.py
-(training); the README's reliability section counts them all.
+wrong numbers (docs/adapters.md). The other parts are tests/test_reliability_loads.py (files, folders),
+tests/test_reliability_arguments.py (metadata, configs, CLI), tests/test_reliability_saves.py (saves),
+tests/test_reliability_training_inputs.py and tests/test_reliability_training_checkpoints.py (training);
+docs/reliability.md's catalogue table counts them all.
 
 Misuse: one row per case (state to start from, the call, the error class and a message fragment); the
 pipeline must be exactly as before: every parameter bit for bit, the module tree, requires_grad flags,
