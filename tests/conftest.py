@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# the fixtures of test modules split by concern, registered by importing them (after HF_HUB_OFFLINE is set)
+from helpers.shared_fixtures import ctx, env, sources, template  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -33,7 +32,6 @@ from helpers.sd_export import (
     STRENGTHS,
     W_TOL,
     A,
-    cached_sources,
     comfyui_weight,
     components,
     export_source,
@@ -53,22 +51,10 @@ from torch import Tensor
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers, save_lokr_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
+
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # docs/formats.md §Portable export
 FACTOR_KEYS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gives on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sources() -> Callable[..., tuple]:
-    """(kind, extras, dora_out=True) -> (pipeline, inputs, its outputs), built once per module."""
-    return cached_sources()
 
 
 def _check_module_layout(name: str, t: dict[str, Tensor], layer, keep_tucker: bool) -> list[str]:

@@ -17,7 +17,7 @@ import copy
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,7 +27,6 @@ from helpers.sd_export import (
     ATOL,
     UNET_TARGETS,
     A,
-    cached_sources,
     components,
     export_source,
     kron_delta,
@@ -41,19 +40,7 @@ from safetensors.torch import load_file, save_file
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, add_lokr, lokr_layers, save_lokr_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gives on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sources() -> Callable[..., tuple]:
-    """(kind, extras, dora_out=True) -> (pipeline, inputs, its outputs), built once per module."""
-    return cached_sources()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 
 
 # ------------------------------------------------------------------------------- 1. round trips

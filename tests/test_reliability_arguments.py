@@ -31,7 +31,6 @@ from helpers.bad_files import (
     Env,
     altered,
     assert_same_state,
-    build_env,
     digest,
     edit,
     first_key,
@@ -47,11 +46,6 @@ from lokr_diffusers.cli import main
 from lokr_diffusers.tiny import make_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
-
-
-@pytest.fixture(scope="module")
-def env() -> Env:
-    return build_env()
 
 
 # --------------------------------------------------------------------- lokr_state_dict's arguments

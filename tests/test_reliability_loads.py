@@ -34,7 +34,6 @@ from helpers.bad_files import (
     Env,
     altered,
     assert_same_state,
-    build_env,
     digest,
     edit,
     first_key,
@@ -53,11 +52,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest
 class Custom:  # a class that a weights_only pickle must refuse
     def __init__(self) -> None:
         self.payload = [1, 2, 3]
-
-
-@pytest.fixture(scope="module")
-def env() -> Env:
-    return build_env()
 
 
 # --------------------------------------------------------------------------------- bad-file makers

@@ -38,7 +38,6 @@ from helpers.training_faults import (
     tiny_model,
     truncate,
     write,
-    write_template,
 )
 from safetensors.torch import load_file
 from torch import nn
@@ -51,19 +50,6 @@ from lokr_diffusers.training.errors import CheckpointError
 from lokr_diffusers.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete checkpoint-1 of the tiny model (copied and damaged by the cases)."""
-    return write_template(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture
-def ctx(tmp_path: Path, tiny_sd_dir: str, template: Path) -> Ctx:
-    c = Ctx(tmp_path, tiny_sd_dir, template)
-    image_folder(Path(c.data()))
-    return c
 
 
 def _strip_hashes(folder: Path) -> None:

@@ -33,7 +33,6 @@ from helpers.training_faults import (
     tiny_model,
     truncate,
     write,
-    write_template,
 )
 from PIL import Image
 
@@ -41,20 +40,6 @@ from lokr_diffusers.training.args import parse
 from lokr_diffusers.training.checks import check_not_fused, check_pipeline
 from lokr_diffusers.training.errors import AdapterFusedError, InputNotFoundError, TrainingInputError
 from lokr_diffusers.training.run import build_dataset, main
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete checkpoint-1 of the tiny model (copied and damaged by the cases)."""
-    return write_template(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture
-def ctx(tmp_path: Path, tiny_sd_dir: str, template: Path) -> Ctx:
-    c = Ctx(tmp_path, tiny_sd_dir, template)
-    image_folder(Path(c.data()))
-    return c
-
 
 # ------------------------------------------------------------------------- arguments (exit 2, one line)
 

@@ -23,4 +23,6 @@ Fixtures:
 - `flow_loss.py`: the flow-matching loss on a fixed batch, for the Flux.1 / SD3 training tests.
 - `file_memory.py`: weights read from safetensors in memory of their own, files rewritten in place.
 - `permissions.py`: read-only folders that root obeys too.
+- `shared_fixtures.py`: the pytest fixtures of modules split by concern (`sources`, `env`, `template`, `ctx`),
+  registered in tests/conftest.py.
 """
