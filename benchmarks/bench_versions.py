@@ -18,12 +18,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from bench_proxy import _time  # this folder is on sys.path when run as a script
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +36,6 @@ def load_ref(ref: str, into: Path) -> ModuleType:
     (into / "lokr_diffusers").rename(into / "lokr_ref")
     sys.path.insert(0, str(into))
     return importlib.import_module("lokr_ref")
-
-
-def _time(fn: Callable[[], object], inner: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
 
 
 def compare(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, inner: int,
