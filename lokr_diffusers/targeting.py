@@ -59,6 +59,32 @@ def dit_target_modules(model: nn.Module, norms: bool = False, embedders: bool = 
             if isinstance(m, (nn.Linear, nn.Conv2d)) and pattern.fullmatch(path) and path not in unused]
 
 
+def _is_block(module: nn.Module, suffixes: tuple[str, ...]) -> bool:
+    """The module's class, or a class it derives from, is named with one of `suffixes` (diffusers' Attention,
+    FluxAttention, MochiAttention, ...; FeedForward, ...): by name, so that no diffusers class is imported."""
+    return any(cls.__name__.endswith(suffixes) for cls in type(module).__mro__)
+
+
+def generic_target_modules(model: nn.Module) -> list[str]:
+    """The full paths of the Linears inside the attention and feed-forward modules of any diffusers model (the
+    default targets of a class no family names): every nn.Linear (or LoKr layer around one) below a module whose
+    class is named "...Attention" (not an attention pooler) or "...FeedForward", the way every diffusers
+    transformer builds its blocks. Empty when the model has none."""
+    inside: list[str] = []  # paths of the attention / feed-forward modules, as prefixes
+    out = []
+    for path, module in model.named_modules():
+        if path.endswith(".base_layer"):
+            continue  # the wrapped layer of a LoKr layer: the LoKr layer's own path is the target
+        if any(path.startswith(p) for p in inside):
+            base = getattr(module, "base_layer", module)
+            if isinstance(base, nn.Linear):
+                out.append(path)
+            continue
+        if _is_block(module, ("Attention", "FeedForward")):
+            inside.append(path + ".")
+    return out
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
     """The default target list for a model's class, or a ValueError that says what to pass."""
     name = type(model).__name__
@@ -68,10 +94,14 @@ def default_target_modules(model: nn.Module) -> list[str]:
     if family is not None and family.targets:
         return list(family.targets)
     if name not in DEFAULT_TARGET_MODULES:
+        generic = generic_target_modules(model)
+        if generic:
+            return generic
         denoisers = sorted({f.denoiser_class for f in families.FAMILIES.values() if f.targets})
         raise ValueError(
-            f"LoKr has no default target_modules for {name}; pass target_modules=[...] "
-            f"(defaults exist for {sorted([*DEFAULT_TARGET_MODULES, *denoisers])} and the {_with_roles()} transformers)"
+            f"LoKr has no default target_modules for {name} (it has no attention or feed-forward Linears in diffusers' "
+            f"style); pass target_modules=[...] (defaults exist for {sorted([*DEFAULT_TARGET_MODULES, *denoisers])}, "
+            f"the {_with_roles()} transformers and any model with diffusers' attention / feed-forward blocks)"
         )
     targets = list(DEFAULT_TARGET_MODULES[name])
     if name in PRESENT_ONLY:

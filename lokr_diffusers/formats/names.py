@@ -7,12 +7,13 @@ path `p`, its ldm path `l` (UNet only), and `u(x)` = x with dots turned into und
 
 | layout    | unet                               | transformer (formats/dit.py) | text encoders     |
 |-----------|------------------------------------|------------------------------|-------------------|
-| kohya     | lora_unet_{u(p)}, lora_unet_{u(l)} | lora_unet_{u(original)}      | lora_te*_ ...     |
+| kohya     | lora_unet_{u(p)}, lora_unet_{u(l)} | lora_unet_{u(original)} (*) | lora_te*_ ...     |
 | lycoris   | lycoris_{u(p)} (SimpleTuner)       | lycoris_{u(p)}               |                   |
 | diffusers | unet.{p}                           | transformer.{p}              | text_encoder*.{p} |
 | comfyui   | diffusion_model.{l}                | diffusion_model.{original}   | text_encoders...  |
 | aitoolkit |                                    | diffusion_model.{p}          |                   |
 | onetrainer|                                    | lora_transformer_{u(p)}      |                   |
+(*) A transformer no family names (formats/dit.py has no table for it): lora_unet_{u(p)}, its own paths.
 The text encoders' names per tool are in formats/text_encoders.py. An original DiT name may be a fused
 weight (`qkv`, Flux.1's `linear1`): it resolves to a `FusedRef`, rows of several modules.
 """
@@ -150,6 +151,8 @@ def build_index(components: Mapping[str, nn.Module]) -> NameIndex:
                 forms = te_forms(component, path, kinds[component], kinds)
             else:
                 forms = transformer_forms(path)
+                if component == "transformer":  # a class no family names: kohya-style names from its own paths
+                    forms.append(("kohya", "lora_unet_" + _u(path)))
             for layout, name in forms:
                 _add(index, name, layout, ref)
     return index

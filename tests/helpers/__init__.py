@@ -12,6 +12,7 @@ Oracles, written from the formulas and the consumers' rules, never from the pack
 
 Fixtures:
 - `tiny_dit.py`: tiny Flux.1 / SD3 / Flux.2 Klein / Z-Image pipelines built in code (tokenizers included).
+- `generic_dit.py`: tiny transformers no family names (CogView4, Sana, Mochi, Cosmos), inputs, pipelines.
 - `dit_models.py`: tiny DiT transformers and their inputs; `fullsize_dit.py` / `fullsize_files.py`:
   full-size configs on the meta device and files covering them.
 - `state_sources.py`: pipelines and files for the adapter-state and diffusers-API tests.
