@@ -40,11 +40,9 @@ PIPELINE_METHODS = ("load_lokr_weights", "set_lokr_adapters", "fuse_lokr", "unfu
                     "get_active_lokr_adapters", "set_lokr_device", "save_lokr_weights")
 
 
-# The LoRA loader mixins whose load_lora_weights sends LoKr files to load_lokr_weights: SD / SDXL, and the DiT
-# pipelines (Flux.1, SD3, Flux.2, Z-Image; diffusers' own LoKr support there goes through PEFT, Linear-only,
-# without the original layouts' fused modules).
-ROUTED_MIXINS = ("StableDiffusionLoraLoaderMixin", "StableDiffusionXLLoraLoaderMixin", "FluxLoraLoaderMixin",
-                 "SD3LoraLoaderMixin", "Flux2LoraLoaderMixin", "ZImageLoraLoaderMixin")
+# Every LoRA loader mixin's load_lora_weights sends LoKr files to load_lokr_weights (diffusers reads LoKr itself
+# only for Flux.2 and Z-Image, through PEFT, Linear-only, without the original layouts' fused modules; elsewhere
+# it refuses them), LoRA files to diffusers.
 
 
 def is_lokr_state_dict(state_dict: dict[str, Any]) -> bool:
@@ -125,7 +123,7 @@ def _on_lora_pipeline(module: ModuleType) -> None:
         cls = getattr(module, name)
         if not (isinstance(cls, type) and name.endswith("LoraLoaderMixin") and cls.__module__ == module.__name__):
             continue
-        if "load_lora_weights" in cls.__dict__ and name in ROUTED_MIXINS:
+        if "load_lora_weights" in cls.__dict__:
             patches.patch(cls, "load_lora_weights", _routing)
         if "unload_lora_weights" in cls.__dict__:  # e.g. Flux's own; LoraBaseMixin's is patched below
             patches.patch(cls, "unload_lora_weights", unload_lora_weights)

@@ -109,3 +109,14 @@ def test_a_peft_folder_loads_as_peft_computes(name: str, tmp_path: Any) -> None:
     pipe = generic_pipeline(name, base)
     pipe.load_lokr_weights(str(tmp_path))
     assert_close(generic_run(pipe.transformer, name), want)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "cosmos"])  # Cosmos' pipelines have no LoRA loader
+def test_load_lora_weights_routes_lokr_files(name: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' LoRA loader of the class's pipeline (CogView4LoraLoaderMixin, ...) refuses a LoKr file by
+    itself ("Invalid LoRA checkpoint"); through it, LoKr files reach the LoKr loader."""
+    base, want, path = _lycoris_file(name, tmp_path, monkeypatch)
+    pipe = generic_pipeline(name, base)
+    pipe.load_lora_weights(path, adapter_name="style")
+    assert pipe.get_list_lokr_adapters() == {"transformer": ["style"]}
+    assert_close(generic_run(pipe.transformer, name), want)
