@@ -251,7 +251,7 @@ def test_merged_training_function_only_where_it_is_not_slower(monkeypatch: pytes
                                                               weight_dtype: torch.dtype, uses_function: bool) -> None:
     """The merged training Function runs in fp32; on the CPU in bf16 / fp16 (weights or autocast) the
     plain W + ΔW op runs (the Function's small batched matmuls are slower there); both give the same
-    numbers (tests/test_functional.py)."""
+    numbers (tests/test_functional_autograd.py)."""
     from lokr_diffusers import LoKrModel
 
     calls: list[int] = []
