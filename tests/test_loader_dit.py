@@ -245,6 +245,30 @@ def test_load_lora_weights_routes_lokr_files(family: str, tmp_path: Any) -> None
     assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules2), family))
 
 
+# The other pipelines diffusers has for each family's transformer (edit, image-to-image, inpaint, fill): the same
+# transformer class, so the same names; each takes a LoKr file through load_lora_weights (its LoRA mixin).
+VARIANT_PIPELINES = [
+    ("flux", "FluxKontextPipeline"), ("flux", "FluxKontextInpaintPipeline"), ("flux", "FluxImg2ImgPipeline"),
+    ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
+    ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
+    ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
+]
+
+
+@pytest.mark.parametrize(("family", "pipeline"), VARIANT_PIPELINES)
+def test_every_pipeline_of_the_transformer_loads_original_layouts(family: str, pipeline: str, tmp_path: Any) -> None:
+    import diffusers
+
+    pipe = bare_pipeline(family, cls=getattr(diffusers, pipeline))
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, family, "comfyui", aligned=False, seed=52)
+    path = str(tmp_path / "lokr.safetensors")
+    save_file(sd, path)
+    pipe.load_lora_weights(path, adapter_name="style")
+    assert pipe.get_list_lokr_adapters() == {"transformer": ["style"]}
+    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
+
+
 # --------------------------------------------------------------------------- fuse_qkv_projections()
 @pytest.mark.parametrize("family", ["flux", "sd3", "flux2"])
 def test_fused_projections_take_the_fused_module_directly(family: str) -> None:

@@ -95,13 +95,14 @@ def name_in(template: str, name: str) -> str:
     return template.format(p=name, u=name.replace(".", "_"))
 
 
-def bare_pipeline(family: str, model: nn.Module | None = None) -> Any:
-    """The family's diffusers pipeline around a tiny transformer (text encoders and VAE left out)."""
-    cls = PIPELINES[family]
+def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None = None) -> Any:
+    """The family's diffusers pipeline (or `cls`, another pipeline of the family's transformer) around a tiny
+    transformer (text encoders, VAE and image encoders left out)."""
+    cls = PIPELINES[family] if cls is None else cls
     kwargs: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler(),
                               "transformer": model if model is not None else tiny(family)}
     for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                 "tokenizer_3"):
+                 "tokenizer_3", "image_encoder", "feature_extractor"):
         if name in cls.__init__.__code__.co_varnames:
             kwargs[name] = None
     return cls(**kwargs)
