@@ -229,9 +229,22 @@ def test_simpletuner_lycoris_file_matches_lycoris(dim: int, tmp_path: Any, monke
 
 
 # ------------------------------------------------------------------------------- load_lora_weights
-@pytest.mark.parametrize("family", FAMILIES)
-def test_load_lora_weights_routes_lokr_files(family: str, tmp_path: Any) -> None:
-    pipe = bare_pipeline(family)
+# Each family's pipeline, and the other pipelines diffusers has for its transformer (edit, image-to-image, inpaint,
+# fill): the same transformer class, so the same names; each takes a LoKr file through load_lora_weights.
+PIPELINES_OF = [
+    *((family, None) for family in FAMILIES),
+    ("flux", "FluxKontextPipeline"), ("flux", "FluxKontextInpaintPipeline"), ("flux", "FluxImg2ImgPipeline"),
+    ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
+    ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
+    ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
+]
+
+
+@pytest.mark.parametrize(("family", "pipeline"), PIPELINES_OF)
+def test_load_lora_weights_routes_lokr_files(family: str, pipeline: str | None, tmp_path: Any) -> None:
+    import diffusers
+
+    pipe = bare_pipeline(family, cls=getattr(diffusers, pipeline) if pipeline else None)
     base = copy.deepcopy(pipe.transformer)
     sd, modules = original_file(base, family, "comfyui", aligned=False, seed=50)
     path = str(tmp_path / "lokr.safetensors")
@@ -243,30 +256,6 @@ def test_load_lora_weights_routes_lokr_files(family: str, tmp_path: Any) -> None
     sd2, modules2 = original_file(base, family, "comfyui", aligned=False, seed=51)
     pipe.load_lora_weights(sd2, adapter_name="style", hotswap=True)
     assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules2), family))
-
-
-# The other pipelines diffusers has for each family's transformer (edit, image-to-image, inpaint, fill): the same
-# transformer class, so the same names; each takes a LoKr file through load_lora_weights (its LoRA mixin).
-VARIANT_PIPELINES = [
-    ("flux", "FluxKontextPipeline"), ("flux", "FluxKontextInpaintPipeline"), ("flux", "FluxImg2ImgPipeline"),
-    ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
-    ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
-    ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
-]
-
-
-@pytest.mark.parametrize(("family", "pipeline"), VARIANT_PIPELINES)
-def test_every_pipeline_of_the_transformer_loads_original_layouts(family: str, pipeline: str, tmp_path: Any) -> None:
-    import diffusers
-
-    pipe = bare_pipeline(family, cls=getattr(diffusers, pipeline))
-    base = copy.deepcopy(pipe.transformer)
-    sd, modules = original_file(base, family, "comfyui", aligned=False, seed=52)
-    path = str(tmp_path / "lokr.safetensors")
-    save_file(sd, path)
-    pipe.load_lora_weights(path, adapter_name="style")
-    assert pipe.get_list_lokr_adapters() == {"transformer": ["style"]}
-    assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
 
 
 # --------------------------------------------------------------------------- fuse_qkv_projections()

@@ -72,6 +72,22 @@ class Field(Mapping[str, T], Generic[T]):
         return repr(dict(self))
 
 
+class View(Generic[T]):
+    """A layer's class attribute reading one field of every record as a `Field` (PEFT's per-adapter dicts:
+    `layer.r["default"]`). Assigning it raises: the layer's methods change records."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Field[T]:
+        if layer is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, read off the class
+        return Field(layer.adapters, self.name)
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name!r} is read from the adapters' records; change it with the layer's methods")
+
+
 def initialise(tensors: dict[str, Tensor], init_weights: bool | str) -> None:
     """True: W1 zero; "lycoris": W2 zero; False: random. The rest Kaiming-uniform, as PEFT/LyCORIS."""
     zero: set[str] = set()

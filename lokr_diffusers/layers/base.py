@@ -18,7 +18,7 @@ from .. import functional as LF
 from .. import state as S
 from ..config import LoKrConfig
 from ..fusing import Frozen
-from .adapter import Adapter, Field, check_adapter_name, initialise
+from .adapter import Adapter, View, check_adapter_name, initialise
 from .base_weight import BaseStrategy, pick
 
 logger = logging.getLogger(__name__)
@@ -123,40 +123,16 @@ class LayerCore(nn.Module):
         """Each adapter's user strength (read-only copy; change it with set_adapter_weight)."""
         return {a: self.state.weight(a) for a in self.state.adapters}
 
-    # PEFT's per-adapter dicts, as read-only views of the records (adapter.py)
-    @property
-    def r(self) -> Field[int]:
-        return Field(self.adapters, "r")
-
-    @property
-    def alpha(self) -> Field[float]:
-        return Field(self.adapters, "alpha")
-
-    @property
-    def scaling(self) -> Field[float]:
-        """The producer's scale of each adapter (alpha / r for a fresh adapter)."""
-        return Field(self.adapters, "scale")
-
-    @property
-    def plans(self) -> Field[LF.LoKrPlan]:
-        return Field(self.adapters, "plan")
-
-    @property
-    def rows(self) -> Field[LF.Rows]:
-        """The adapters that are row pieces of a fused original (docs/adapters.md §Row pieces)."""
-        return Field(self.adapters, "rows")
-
-    @property
-    def origins(self) -> Field[str]:
-        return Field(self.adapters, "origin")
-
-    @property
-    def rank_dropout(self) -> Field[float]:
-        return Field(self.adapters, "rank_dropout")
-
-    @property
-    def module_dropout(self) -> Field[float]:
-        return Field(self.adapters, "module_dropout")
+    # PEFT's per-adapter dicts, as read-only views of the records (adapter.py). `scaling`: the producer's scale
+    # (alpha / r for a fresh adapter); `rows`: the adapters that are row pieces (docs/adapters.md §Row pieces)
+    r: View[int] = View("r")
+    alpha: View[float] = View("alpha")
+    scaling: View[float] = View("scale")
+    plans: View[LF.LoKrPlan] = View("plan")
+    rows: View[LF.Rows] = View("rows")
+    origins: View[str] = View("origin")
+    rank_dropout: View[float] = View("rank_dropout")
+    module_dropout: View[float] = View("module_dropout")
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters)

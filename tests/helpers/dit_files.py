@@ -96,8 +96,8 @@ def name_in(template: str, name: str) -> str:
 
 
 def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None = None) -> Any:
-    """The family's diffusers pipeline (or `cls`, another pipeline of the family's transformer) around a tiny
-    transformer (text encoders, VAE and image encoders left out)."""
+    """The family's diffusers pipeline (or `cls`, another pipeline of the family's transformer, or of `model`'s
+    class) around a tiny transformer (text encoders, VAE, image encoders and safety checker left out)."""
     cls = PIPELINES[family] if cls is None else cls
     kwargs: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler(),
                               "transformer": model if model is not None else tiny(family)}
@@ -105,6 +105,8 @@ def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None 
                  "tokenizer_3", "image_encoder", "feature_extractor"):
         if name in cls.__init__.__code__.co_varnames:
             kwargs[name] = None
+    if "safety_checker" in cls.__init__.__code__.co_varnames:  # Cosmos: None would import cosmos_guardrail
+        kwargs["safety_checker"] = nn.Identity()
     return cls(**kwargs)
 
 

@@ -10,6 +10,8 @@ import diffusers
 import torch
 from torch import Tensor, nn
 
+from helpers.dit_files import bare_pipeline
+
 # name: (transformer class, config, its block class (LyCORIS' TARGET_REPLACE_MODULE), a pipeline class of diffusers)
 GENERIC: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "cogview4": ("CogView4Transformer2DModel", dict(
@@ -68,12 +70,5 @@ def generic_run(model: nn.Module, name: str) -> Tensor:
 
 def generic_pipeline(name: str, model: nn.Module | None = None) -> Any:
     """diffusers' pipeline for the class around the tiny transformer (text encoder, VAE left out)."""
-    cls = getattr(diffusers, GENERIC[name][3])
-    kwargs: dict[str, Any] = {"transformer": model if model is not None else generic_model(name),
-                              "scheduler": diffusers.FlowMatchEulerDiscreteScheduler()}
-    for component in ("vae", "text_encoder", "tokenizer"):
-        if component in cls.__init__.__code__.co_varnames:
-            kwargs[component] = None
-    if "safety_checker" in cls.__init__.__code__.co_varnames:  # Cosmos: None would import cosmos_guardrail
-        kwargs["safety_checker"] = nn.Identity()
-    return cls(**kwargs)
+    return bare_pipeline(name, model if model is not None else generic_model(name),
+                         cls=getattr(diffusers, GENERIC[name][3]))
