@@ -192,7 +192,7 @@ def _swapped(path: str, nm: DitNameMap) -> Target | None:
     """The original that is the Linear `path` in another row order (a swapped adaLN projection), or None."""
     origin = nm.covering.get(path)
     target = nm.originals[origin] if origin is not None else None
-    if target is None or target.is_rename or {p.path for p in target.pieces} != {path}:
+    if target is None or not target.is_swap or target.pieces[0].path != path:
         return None
     return target
 

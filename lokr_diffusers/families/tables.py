@@ -52,12 +52,15 @@ class OriginalTable:
     """One transformer class's original names. `fusable`: diffusers' `fuse_qkv_projections()` makes its attention
     processors use `to_qkv` / `to_added_qkv` instead of to_q/k/v (False for Z-Image: its processor always calls
     to_q, to_k, to_v). `convs`: (original, diffusers path) of the adaptable convs, each a plain rename (no rows to
-    split, no swap); the rules are Linears only. `row_names`: ComfyUI's names for rows of an original."""
+    split, no swap); the rules are Linears only. `row_names`: ComfyUI's names for rows of an original.
+    `same_names`: the original checkpoint keeps diffusers' names (Qwen-Image, HiDream, most of LTX-Video): every Linear
+    no rule covers is an original of its own path (diffusers' single-file converter for it is the identity there)."""
 
     rules: tuple[Rule, ...]
     fusable: bool
     convs: tuple[tuple[str, str], ...] = ()
     row_names: tuple[RowName, ...] = ()
+    same_names: bool = False
 
 
 def blocks(count_key: str, original: str, diffusers: str, pairs: Pairs, only: Only = "all",

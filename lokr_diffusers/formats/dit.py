@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 FUSED_BY_DIFFUSERS: dict[tuple[str, ...], str] = {
     ("to_q", "to_k", "to_v"): "to_qkv",
     ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv",
+    ("to_k", "to_v"): "to_kv",  # Wan's cross-attention (its query stays to_q)
+    ("add_k_proj", "add_v_proj"): "to_added_kv",  # Wan 2.1 I2V's image keys and values
 }
 
 # (layout, template): {p} the name, {u} the name with dots turned into underscores.
@@ -83,6 +85,11 @@ class Target:
     @property
     def out_features(self) -> int:
         return self.pieces[-1].stop
+
+    @property
+    def is_swap(self) -> bool:
+        """One diffusers Linear's rows in another order (an adaLN projection's (shift, scale) halves)."""
+        return len(self.pieces) > 1 and len({p.path for p in self.pieces}) == 1
 
     @property
     def is_rename(self) -> bool:
@@ -163,35 +170,42 @@ def _indices(rule: Rule, config: Mapping[str, object]) -> list[int | None]:
     return list(keep)
 
 
-def _fuse(parts: list[str], model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Replace to_q/k/v (add_q/k/v_proj) by diffusers' fused to_qkv (to_added_qkv) where the attention
-    module has fused its projections: the processor then calls only the fused Linear."""
-    out = list(parts)
+def _fused_source(part: str, model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> tuple[str, int]:
+    """(path, first row) of the diffusers Linear that holds `part`'s rows when the forward runs: `part` itself, or
+    the Linear diffusers' `fuse_qkv_projections()` made of it and its siblings (to_q, to_k, to_v -> to_qkv; Wan's
+    cross-attention to_k, to_v -> to_kv), at the rows of the siblings before it. The processor then calls only the
+    fused Linear, so an original naming `part` must reach those rows."""
+    parent, _, leaf = part.rpartition(".")
     for leaves, fused in FUSED_BY_DIFFUSERS.items():
-        for j in range(len(out) - len(leaves) + 1):
-            parent = out[j].rpartition(".")[0]
-            if out[j:j + len(leaves)] != [f"{parent}.{leaf}" for leaf in leaves]:
-                continue
-            if getattr(model.get_submodule(parent), "fused_projections", False) and f"{parent}.{fused}" in linears:
-                out[j:j + len(leaves)] = [f"{parent}.{fused}"]
-                break
-    return out
+        if leaf in leaves and f"{parent}.{fused}" in linears and \
+                getattr(model.get_submodule(parent), "fused_projections", False):
+            before = leaves[:leaves.index(leaf)]
+            return f"{parent}.{fused}", sum(linears[f"{parent}.{x}"][0] for x in before)
+    return part, 0
 
 
-def _pieces(name: str, parts: list[str], swap: bool, linears: Mapping[str, tuple[int, int]]) -> Target:
-    ins = {linears[p][1] for p in parts}
+def _pieces(name: str, sources: list[tuple[str, int, int]], swap: bool, linears: Mapping[str, tuple[int, int]]
+            ) -> Target:
+    """The Target of an original made of `sources` (diffusers path, first row there, rows), in row order."""
+    ins = {linears[p][1] for p, _, _ in sources}
     if len(ins) != 1:
-        raise ValueError(f"{name}: its diffusers parts {parts} differ in in_features {sorted(ins)}")
+        raise ValueError(f"{name}: its diffusers parts {[p for p, _, _ in sources]} differ in in_features "
+                         f"{sorted(ins)}")
     if swap:  # original (shift, scale) rows = diffusers (scale, shift) rows; `(h,)` halves of one Linear
-        (path,) = parts
-        h, odd = divmod(linears[path][0], 2)
+        ((path, _, rows),) = sources
+        h, odd = divmod(rows, 2)
         if odd:
             raise ValueError(f"{name}: {path} has an odd number of rows; it cannot hold (shift, scale)")
         return Target(name, ins.pop(), (Piece(path, 0, h, h), Piece(path, h, 2 * h, 0)))
-    pieces, start = [], 0
-    for path in parts:  # row order = the order of the parts in the table
-        pieces.append(Piece(path, start, start + linears[path][0]))
-        start += linears[path][0]
+    pieces: list[Piece] = []
+    start = 0
+    for path, first, rows in sources:
+        last = pieces[-1] if pieces else None
+        if last is not None and last.path == path and last.src_start + last.rows == first:  # rows that follow on
+            pieces[-1] = Piece(path, last.start, start + rows, last.src_start)
+        else:
+            pieces.append(Piece(path, start, start + rows, first))
+        start += rows
     return Target(name, ins.pop(), tuple(pieces))
 
 
@@ -211,9 +225,14 @@ def _originals(family: ModelFamily, table: OriginalTable, model: nn.Module, line
             if not all(present):
                 missing = [p for p in parts if p not in linears]
                 raise ValueError(f"{name}: the {family.name} transformer lacks {missing} of {parts}")
-            if table.fusable:
-                parts = _fuse(parts, model, linears)
-            out[name] = _pieces(name, parts, rule.swap, linears)
+            sources = [(*(_fused_source(p, model, linears) if table.fusable else (p, 0)), linears[p][0])
+                       for p in parts]
+            out[name] = _pieces(name, sources, rule.swap, linears)
+    if table.same_names:  # every Linear no rule covers keeps its diffusers path as its original name
+        covered = {p.path for t in out.values() for p in t.pieces}
+        for path, (rows, in_) in linears.items():
+            if path not in covered and path not in out:
+                out[path] = Target(path, in_, (Piece(path, 0, rows),))
     return out
 
 

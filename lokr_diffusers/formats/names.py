@@ -176,8 +176,7 @@ def _add_dit(index: NameIndex, model: nn.Module) -> None:
         _add(index, name, layout, ref)
     index.ambiguous |= nm.ambiguous
     index.origins.update({ModuleRef("transformer", p): o for p, o in nm.covering.items()})
-    index.swapped.update(ModuleRef("transformer", t.pieces[0].path) for t in nm.originals.values()
-                         if not t.is_rename and len({p.path for p in t.pieces}) == 1)
+    index.swapped.update(ModuleRef("transformer", t.pieces[0].path) for t in nm.originals.values() if t.is_swap)
     for path in index.modules["transformer"]:
         if path not in nm.linears:
             for layout, name in transformer_forms(path):
