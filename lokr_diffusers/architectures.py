@@ -83,6 +83,16 @@ ZIMAGE_TURBO: dict[str, Any] = {
     "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16, "n_heads": 30, "n_kv_heads": 30, "n_layers": 30,
     "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0,
 }
+# Wan-AI/Wan2.1-T2V-14B (and each expert of Wan2.2-T2V-A14B / I2V-A14B): WanTransformer3DModel's own defaults, 40
+# blocks of 40 heads x 128 = 5120, FFN 13824, UMT5 text features 4096. Wan2.1-I2V-14B adds the image
+# cross-attention (CLIP features 1280, add_k/v_proj 5120 wide) and 36 input channels; Wan2.1-T2V-1.3B: 30 blocks of
+# 12 heads (1536), FFN 8960; Wan2.2-TI2V-5B: 30 blocks of 24 heads (3072), FFN 14336, 48 latent channels. The
+# parameter counts of these configs on the meta device are the published sizes (14.3 B, 16.4 B, 1.4 B, 5.0 B).
+WAN21_T2V_14B: dict[str, Any] = {}
+WAN21_I2V_14B: dict[str, Any] = {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
+WAN21_T2V_1_3B: dict[str, Any] = {"num_layers": 30, "num_attention_heads": 12, "ffn_dim": 8960}
+WAN22_TI2V_5B: dict[str, Any] = {"num_layers": 30, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
+                                 "out_channels": 48}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -125,6 +135,12 @@ DIT_VARIANTS: dict[str, Variant] = {
     "flux2-klein-9b": Variant("FLUX.2 [klein] 9B", FLUX2_KLEIN_9B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
     "flux2-dev": Variant("FLUX.2 [dev]", FLUX2_DEV, {}),
     "zimage-turbo": Variant("Z-Image-Turbo", ZIMAGE_TURBO, {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+    "wan2.1-t2v-14b": Variant("Wan2.1-T2V-14B", WAN21_T2V_14B, {}),
+    "wan2.1-i2v-14b": Variant("Wan2.1-I2V-14B", WAN21_I2V_14B, {}),
+    "wan2.1-t2v-1.3b": Variant("Wan2.1-T2V-1.3B", WAN21_T2V_1_3B, {}),
+    "wan2.2-ti2v-5b": Variant("Wan2.2-TI2V-5B", WAN22_TI2V_5B, {}),
+    "wan2.2-t2v-a14b": Variant("Wan2.2-T2V-A14B (each expert)", WAN21_T2V_14B, {}),
+    "wan2.2-i2v-a14b": Variant("Wan2.2-I2V-A14B (each expert)", {"in_channels": 36}, {}),
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

@@ -78,7 +78,7 @@ def _routing(original: Callable[..., Any]) -> Callable[..., Any]:
         file = _read_lokr(source, kwargs)
         if file is not None:  # carried whole: its metadata and PEFT config say how to read its tensors
             logger.info("load_lora_weights: a LoKr file, loading it with lokr_diffusers")
-            keep = {k: v for k, v in kwargs.items() if k == "strict"}
+            keep = {k: v for k, v in kwargs.items() if k in ("strict", "load_into_transformer_2")}
             return loader.load_lokr_weights(self, file, adapter_name=adapter_name, hotswap=hotswap, **keep)
         lokr = loader.get_list_lokr_adapters(self)
         if adapter_name is None and lokr and not hotswap:  # diffusers would count only its own adapters

@@ -75,18 +75,21 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
         hotswap: replace the tensors of the loaded adapter `adapter_name` in place by the file's
             (same modules, same shapes; diffusers' `hotswap=True`): a compiled model sees new values,
             no new parameters.
-        kwargs: `subfolder` and hub arguments (revision, token, cache_dir, ...).
+        kwargs: `load_into_transformer_2=True` loads the file's transformer modules into `transformer_2` (Wan 2.2
+            A14B's low-noise expert; one file per expert, as diffusers' WanLoraLoaderMixin), `subfolder` and hub
+            arguments (revision, token, cache_dir, ...).
     Returns the adapter name (the names, for a file of ours holding several). On any error the
     pipeline is exactly as before.
     """
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     subfolder = kwargs.pop("subfolder", None)
+    into_2 = bool(kwargs.pop("load_into_transformer_2", False))
     file = read_lokr_file(pretrained_model_name_or_path_or_dict, weight_name, subfolder, **kwargs)
-    comps = pipeline_components(pipe)
-    if not comps:
-        raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
-    plans = _plan_load(file, comps, adapter_name, strict, lora_names(pipe), hotswap)
+    comps = loading_components(pipe, into_2)
+    other = [m for c, m in pipeline_components(pipe).items() if m not in comps.values()]  # the other expert
+    names_in_use = [*lora_names(pipe), *(n for m in other for n in registered_adapters(m))]
+    plans = _plan_load(file, comps, adapter_name, strict, names_in_use, hotswap)
     if hotswap:
         name, parsed = plans[0]
         _hotswap(comps, parsed.entries, name)
@@ -102,6 +105,21 @@ def load_lokr_weights(pipe: Any, pretrained_model_name_or_path_or_dict: PathOrDi
         logger.info("loaded LoKr %r: %d modules (%s layout, %s scale rule)", name, len(parsed.entries),
                     parsed.layout, parsed.rule)
     return plans[0][0] if len(plans) == 1 else [n for n, _ in plans]
+
+
+def loading_components(pipe: Any, into_transformer_2: bool = False) -> dict[str, nn.Module]:
+    """The components a file loads into, by the names its keys use: the second expert `transformer_2` stands in
+    the `transformer` slot when asked for (diffusers' load_into_transformer_2), and is left out otherwise (its
+    modules have the first expert's names)."""
+    comps = pipeline_components(pipe)
+    second = comps.pop("transformer_2", None)
+    if into_transformer_2:
+        if second is None:
+            raise ValueError(f"load_into_transformer_2=True, but {type(pipe).__name__} has no transformer_2")
+        comps["transformer"] = second
+    if not comps:
+        raise ValueError(f"{type(pipe).__name__} has none of the components {COMPONENTS} that LoKr adapts")
+    return comps
 
 
 def _plan_load(file: LoadedFile, comps: dict[str, nn.Module], adapter_name: str | None, strict: bool,

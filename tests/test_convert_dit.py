@@ -337,4 +337,5 @@ def test_cli_offers_the_registry_formats_and_every_family() -> None:
     convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]  # type: ignore[union-attr]
     options = {a.dest: a.choices for a in convert._actions}
     assert sorted(options["to"]) == sorted(FORMAT_ALIASES)
-    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"}
+    assert set(CONVERT_BASES.values()) == set(families.FAMILIES)  # every family with full-size models
+    assert all(families.get(f).variants for f in families.FAMILIES)

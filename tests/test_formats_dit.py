@@ -17,12 +17,14 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_sd3_transformer_checkpoint_to_diffusers,
+    convert_wan_transformer_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
 from helpers.dit_models import tiny
@@ -37,6 +39,7 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     SD3Transformer2DModel: convert_sd3_transformer_checkpoint_to_diffusers,
     Flux2Transformer2DModel: convert_flux2_transformer_checkpoint_to_diffusers,
     ZImageTransformer2DModel: convert_z_image_transformer_checkpoint_to_diffusers,
+    WanTransformer3DModel: convert_wan_transformer_to_diffusers,
 }
 
 
@@ -70,6 +73,12 @@ ORIGINAL_COUNTS = {
     "flux2-klein-4b": 9 + 8 * 5 + 2 * 20,
     "flux2-klein-9b": 9 + 8 * 8 + 2 * 24,
     "zimage-turbo": 6 + 6 * 30 + 6 * 2 + 5 * 2,
+    # Wan: 6 top (text_embedding x2, time_embedding x2, time_projection, head), 10 per block (self / cross attention
+    # q, k, v, o, ffn x2); I2V adds img_emb x2 and the image keys / values (k_img, v_img) of each block.
+    "wan2.1-t2v-14b": 6 + 10 * 40,
+    "wan2.1-i2v-14b": 8 + 12 * 40,
+    "wan2.1-t2v-1.3b": 6 + 10 * 30,
+    "wan2.2-ti2v-5b": 6 + 10 * 30,
 }
 
 

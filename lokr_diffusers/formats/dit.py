@@ -110,6 +110,7 @@ class DitNameMap:
     covering: dict[str, str] = field(default_factory=dict)  # diffusers path -> the original holding its rows
     convs: dict[str, Target] = field(default_factory=dict)  # original -> its conv (a rename; in_features: in / groups)
     row_names: dict[str, Target] = field(default_factory=dict)  # ComfyUI's name for rows of an original -> them
+    fused_away: list[str] = field(default_factory=list)  # Linears a fused projection replaced (_fused_away)
 
     @property
     def unnamed(self) -> list[str]:
@@ -170,42 +171,35 @@ def _indices(rule: Rule, config: Mapping[str, object]) -> list[int | None]:
     return list(keep)
 
 
-def _fused_source(part: str, model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> tuple[str, int]:
-    """(path, first row) of the diffusers Linear that holds `part`'s rows when the forward runs: `part` itself, or
-    the Linear diffusers' `fuse_qkv_projections()` made of it and its siblings (to_q, to_k, to_v -> to_qkv; Wan's
-    cross-attention to_k, to_v -> to_kv), at the rows of the siblings before it. The processor then calls only the
-    fused Linear, so an original naming `part` must reach those rows."""
-    parent, _, leaf = part.rpartition(".")
+def _fuse(parts: list[str], model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Replace to_q/k/v (add_q/k/v_proj) by diffusers' fused to_qkv (to_added_qkv) where the attention
+    module has fused its projections: the processor then calls only the fused Linear."""
+    out = list(parts)
     for leaves, fused in FUSED_BY_DIFFUSERS.items():
-        if leaf in leaves and f"{parent}.{fused}" in linears and \
-                getattr(model.get_submodule(parent), "fused_projections", False):
-            before = leaves[:leaves.index(leaf)]
-            return f"{parent}.{fused}", sum(linears[f"{parent}.{x}"][0] for x in before)
-    return part, 0
+        for j in range(len(out) - len(leaves) + 1):
+            parent = out[j].rpartition(".")[0]
+            if out[j:j + len(leaves)] != [f"{parent}.{leaf}" for leaf in leaves]:
+                continue
+            if getattr(model.get_submodule(parent), "fused_projections", False) and f"{parent}.{fused}" in linears:
+                out[j:j + len(leaves)] = [f"{parent}.{fused}"]
+                break
+    return out
 
 
-def _pieces(name: str, sources: list[tuple[str, int, int]], swap: bool, linears: Mapping[str, tuple[int, int]]
-            ) -> Target:
-    """The Target of an original made of `sources` (diffusers path, first row there, rows), in row order."""
-    ins = {linears[p][1] for p, _, _ in sources}
+def _pieces(name: str, parts: list[str], swap: bool, linears: Mapping[str, tuple[int, int]]) -> Target:
+    ins = {linears[p][1] for p in parts}
     if len(ins) != 1:
-        raise ValueError(f"{name}: its diffusers parts {[p for p, _, _ in sources]} differ in in_features "
-                         f"{sorted(ins)}")
+        raise ValueError(f"{name}: its diffusers parts {parts} differ in in_features {sorted(ins)}")
     if swap:  # original (shift, scale) rows = diffusers (scale, shift) rows; `(h,)` halves of one Linear
-        ((path, _, rows),) = sources
-        h, odd = divmod(rows, 2)
+        (path,) = parts
+        h, odd = divmod(linears[path][0], 2)
         if odd:
             raise ValueError(f"{name}: {path} has an odd number of rows; it cannot hold (shift, scale)")
         return Target(name, ins.pop(), (Piece(path, 0, h, h), Piece(path, h, 2 * h, 0)))
-    pieces: list[Piece] = []
-    start = 0
-    for path, first, rows in sources:
-        last = pieces[-1] if pieces else None
-        if last is not None and last.path == path and last.src_start + last.rows == first:  # rows that follow on
-            pieces[-1] = Piece(path, last.start, start + rows, last.src_start)
-        else:
-            pieces.append(Piece(path, start, start + rows, first))
-        start += rows
+    pieces, start = [], 0
+    for path in parts:  # row order = the order of the parts in the table
+        pieces.append(Piece(path, start, start + linears[path][0]))
+        start += linears[path][0]
     return Target(name, ins.pop(), tuple(pieces))
 
 
@@ -225,14 +219,28 @@ def _originals(family: ModelFamily, table: OriginalTable, model: nn.Module, line
             if not all(present):
                 missing = [p for p in parts if p not in linears]
                 raise ValueError(f"{name}: the {family.name} transformer lacks {missing} of {parts}")
-            sources = [(*(_fused_source(p, model, linears) if table.fusable else (p, 0)), linears[p][0])
-                       for p in parts]
-            out[name] = _pieces(name, sources, rule.swap, linears)
+            if table.fusable:
+                parts = _fuse(parts, model, linears)
+            out[name] = _pieces(name, parts, rule.swap, linears)
     if table.same_names:  # every Linear no rule covers keeps its diffusers path as its original name
         covered = {p.path for t in out.values() for p in t.pieces}
         for path, (rows, in_) in linears.items():
             if path not in covered and path not in out:
                 out[path] = Target(path, in_, (Piece(path, 0, rows),))
+    return out
+
+
+def _fused_away(model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> list[str]:
+    """The Linears diffusers' forward no longer calls: to_q / to_k / to_v (add_*_proj, Wan's cross-attention to_k /
+    to_v) of an attention whose `fuse_qkv_projections()` made the fused Linear that replaces them."""
+    out = []
+    for path in linears:
+        parent, _, leaf = path.rpartition(".")
+        for leaves, fused in FUSED_BY_DIFFUSERS.items():
+            if leaf in leaves and f"{parent}.{fused}" in linears and \
+                    getattr(model.get_submodule(parent), "fused_projections", False):
+                out.append(path)
+                break
     return out
 
 
@@ -310,6 +318,7 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
     linears = {p: (m.out_features, m.in_features) for p, m in iter_linears(model)}
     result = DitNameMap(family.name, linears, _originals(family, table, model, linears))
     result.row_names = _row_names(table, model, result.originals)
+    result.fused_away = _fused_away(model, linears) if table.fusable else []
     for original, target in result.originals.items():
         for piece in target.pieces:
             result.covering[piece.path] = original

@@ -34,7 +34,10 @@ from .text_encoders import kind_of, te_forms
 logger = logging.getLogger(__name__)
 
 # The pipeline components LoKr adapts (the one list: pipeline.py, loader.py, io.py, scaling.py use it)
-COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# transformer_2: Wan 2.2 A14B's second (low-noise) expert, of the same class as `transformer`; a file names one
+# expert's modules under `transformer.`, loaded into the second with load_into_transformer_2=True (diffusers' rule)
+COMPONENTS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2",
+                               "text_encoder_3")
 TEXT_ENCODERS: tuple[str, ...] = tuple(c for c in COMPONENTS if c.startswith("text_encoder"))
 ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -181,12 +184,10 @@ def _add_dit(index: NameIndex, model: nn.Module) -> None:
         if path not in nm.linears:
             for layout, name in transformer_forms(path):
                 _add(index, name, layout, ModuleRef("transformer", path))
-    for path in nm.unnamed:
-        if path.rpartition(".")[2] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            index.unused[ModuleRef("transformer", path)] = (
-                "its attention runs the fused projection made by fuse_qkv_projections() and never calls it; "
-                "load the file before fusing (or after unfuse_qkv_projections()), or a file in the original "
-                "layout (its qkv loads onto the fused projection)")
+    for path in nm.fused_away:
+        index.unused[ModuleRef("transformer", path)] = (
+            "its attention runs the fused projection made by fuse_qkv_projections() and never calls it; load the "
+            "file before fusing (or after unfuse_qkv_projections())")
 
 
 def _ldm_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:

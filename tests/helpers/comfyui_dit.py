@@ -116,6 +116,24 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
                                ("final_layer.linear", "proj_out")):
             _add(out, model, original, [path])
         _add(out, model, "final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    elif family == "wan":  # comfy/ldm/wan/model.py: the original names (convert_wan_transformer_to_diffusers)
+        leaves = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+                  "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+                  "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+                  "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+                  "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+        for i in range(cfg.num_layers):
+            for leaf, path in leaves.items():
+                _add(out, model, f"blocks.{i}.{leaf}", [f"blocks.{i}.{path}"])
+        for original, path in (("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+                               ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+                               ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+                               ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+                               ("time_projection.1", "condition_embedder.time_proj"),
+                               ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+                               ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+                               ("head.head", "proj_out")):
+            _add(out, model, original, [path])
     else:  # zimage
         for kind, n in (("layers", cfg.n_layers), ("noise_refiner", cfg.n_refiner_layers),
                         ("context_refiner", cfg.n_refiner_layers)):

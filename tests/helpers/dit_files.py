@@ -19,6 +19,7 @@ from diffusers import (
     Flux2KleinPipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
+    WanImageToVideoPipeline,
     ZImagePipeline,
 )
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from helpers.dit_models import tiny
 from helpers.references import consumer_weight, fused_consumer_weights
 
 PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
-                              "zimage": ZImagePipeline}
+                              "zimage": ZImagePipeline, "wan": WanImageToVideoPipeline}
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
 
 # Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
@@ -84,7 +85,18 @@ ZIMAGE: dict[str, Blocks] = {
     "context_refiner.0.attention.out": [("context_refiner.0.attention.to_out.0", 0, None)],
     "x_embedder": [("all_x_embedder.2-1", 0, None)],
 }
-ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE}
+# Wan tiny (2.1 I2V-like): dim 24; renames only (convert_wan_transformer_to_diffusers), no fused weight, no swap.
+WAN: dict[str, Blocks] = {
+    "blocks.0.self_attn.q": [("blocks.0.attn1.to_q", 0, None)],
+    "blocks.1.self_attn.o": [("blocks.1.attn1.to_out.0", 0, None)],
+    "blocks.0.cross_attn.k": [("blocks.0.attn2.to_k", 0, None)],
+    "blocks.1.cross_attn.v_img": [("blocks.1.attn2.add_v_proj", 0, None)],
+    "blocks.0.ffn.0": [("blocks.0.ffn.net.0.proj", 0, None)],
+    "time_projection.1": [("condition_embedder.time_proj", 0, None)],
+    "head.head": [("proj_out", 0, None)],
+    "img_emb.proj.1": [("condition_embedder.image_embedder.ff.net.0.proj", 0, None)],
+}
+ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN}
 FAMILIES = tuple(ORIGINALS)
 ORIGINAL_LAYOUTS = {"comfyui": "diffusion_model.{p}", "kohya": "lora_unet_{u}"}
 DIFFUSERS_LAYOUTS = {"aitoolkit": "diffusion_model.{p}", "lycoris": "lycoris_{u}", "diffusers": "transformer.{p}",

@@ -13,6 +13,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from torch import Tensor, nn
@@ -32,6 +33,11 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "flux": (FluxTransformer2DModel, dict(
         in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+    # Wan 2.1 I2V-like (image cross-attention: add_k_proj / add_v_proj, the image embedder): 2 heads x 12 = 24
+    "wan": (WanTransformer3DModel, dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, image_dim=16,
+        added_kv_proj_dim=24)),
 }
 
 
@@ -63,6 +69,9 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
     if name == "sd3":
         return dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 3, 12), pooled_projections=r(1, 10),
                     timestep=t)
+    if name == "wan":  # latents (batch, channels, frames, height, width): 1 x 2 x 2 patches; 2 image tokens
+        return dict(hidden_states=r(1, 4, 1, 4, 4), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 3, 16),
+                    encoder_hidden_states_image=r(1, 2, 16))
     return dict(x=[r(4, 1, 4, 4)], t=t, cap_feats=[r(3, 12)])
 
 
