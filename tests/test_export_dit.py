@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from helpers.comfyui_dit import comfyui_text_encoder, comfyui_transformer
-from helpers.dit_files import FLUX, assert_close, bare_pipeline, original_file, rows_of, shape_of
+from helpers.dit_files import FAMILIES, FLUX, assert_close, bare_pipeline, original_file, rows_of, shape_of
 from helpers.dit_models import run
 from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file
@@ -33,7 +33,6 @@ from lokr_diffusers.training.output import save_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
-FAMILIES = ("flux", "sd3", "flux2", "zimage")
 # A few names each family's file must hold, by hand from ComfyUI's key maps (docs/formats.md §Export of DiT adapters)
 EXPECTED: dict[str, tuple[str, ...]] = {
     "flux": ("diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.single_blocks.1.linear2",
@@ -49,6 +48,10 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "zimage": ("transformer.layers.0.attention.to_q", "diffusion_model.layers.1.feed_forward.w2",
                "diffusion_model.x_embedder", "diffusion_model.context_refiner.0.attention.out",
                "diffusion_model.final_layer.adaLN_modulation.1"),
+    # no diffusers name: ComfyUI's key map has no Wan branch (comfy/lora.py), only the original names
+    "wan": ("diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.1.cross_attn.v_img",
+            "diffusion_model.blocks.0.ffn.2", "diffusion_model.head.head", "diffusion_model.time_projection.1",
+            "diffusion_model.img_emb.proj.3", "diffusion_model.text_embedding.0"),
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from helpers.dit_files import (
+    BLOCK_CLASSES,
     DIFFUSERS_LAYOUTS,
     FAMILIES,
     FLUX,
@@ -38,7 +39,7 @@ from helpers.dit_files import (
 from helpers.dit_models import run, tiny
 from helpers.file_memory import zero_tensors_in_place
 from helpers.fullsize_dit import FULL, meta_transformer
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
@@ -204,28 +205,31 @@ def test_peft_folder_matches_peft(family: str, tmp_path: Any) -> None:
     assert_close(run(pipe.transformer, family), want)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in BLOCK_CLASSES])
 @pytest.mark.parametrize("dim", [1, 4], ids=["w2 low-rank", "full matrix"])
-def test_simpletuner_lycoris_file_matches_lycoris(dim: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_simpletuner_lycoris_file_matches_lycoris(family: str, dim: int, tmp_path: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SimpleTuner's layout is LyCORIS' standalone wrapper (`lycoris_` + the diffusers path): a LyCORIS LoKr
-    on Flux.1's blocks, saved by LyCORIS, gives LyCORIS' own outputs here."""
+    on the transformer's blocks, saved by LyCORIS, gives LyCORIS' own outputs here."""
     import logging
 
     from lycoris import LycorisNetwork, create_lycoris
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["FluxTransformerBlock", "FluxSingleTransformerBlock"])
-    model = tiny("flux")
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", BLOCK_CLASSES[family])
+    model = tiny(family)
     base = copy.deepcopy(model)
     net = create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2, algo="lokr", factor=4)
     net.apply_to()
     with torch.no_grad():  # LyCORIS starts at ΔW = 0
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
-    want = run(model, "flux")
+    want = run(model, family)
     net.save_weights(str(tmp_path / "lycoris.safetensors"), torch.float32, {})
-    pipe = bare_pipeline("flux", base)
+    assert any(k.startswith("lycoris_") for k in load_file(str(tmp_path / "lycoris.safetensors")))
+    pipe = bare_pipeline(family, base)
     pipe.load_lokr_weights(str(tmp_path / "lycoris.safetensors"))
-    assert_close(run(pipe.transformer, "flux"), want)
+    assert_close(run(pipe.transformer, family), want)
 
 
 # ------------------------------------------------------------------------------- load_lora_weights
@@ -237,6 +241,7 @@ PIPELINES_OF = [
     ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
     ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
     ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
+    ("wan", "WanPipeline"), ("wan", "WanVideoToVideoPipeline"),
 ]
 
 

@@ -127,3 +127,45 @@ def test_names_of_fused_away_projections_are_refused() -> None:
     assert not pipe.get_list_lokr_adapters()
     only_ffn = {k: v for k, v in sd.items() if "_ffn_" in k or "_head_" in k}
     assert only_ffn and pipe.load_lokr_weights(only_ffn)  # modules the fused attention leaves alone load
+
+
+def test_cli_turns_a_simpletuner_wan_file_into_one_comfyui_loads(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """SimpleTuner writes LyCORIS' `lycoris_<diffusers path>` names, which ComfyUI's key map does not take for Wan:
+    `lokr-diffusers convert --to comfyui` writes the original names, and ComfyUI's rule on them gives LyCORIS'
+    own outputs. The tiny model stands in for the full-size ones convert reads the file onto."""
+    import logging
+
+    from helpers.comfyui_dit import comfyui_transformer
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors.torch import load_file
+
+    from lokr_diffusers.cli import main
+    from lokr_diffusers.components import pipeline_components
+
+    pipe = bare_pipeline("wan")
+    monkeypatch.setattr("lokr_diffusers.convert.meta_components", lambda _: pipeline_components(pipe))
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["WanTransformerBlock"])
+    model = copy.deepcopy(pipe.transformer)
+    net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo="lokr", factor=4)
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    want = run_i2v(model)
+    src, dst = str(tmp_path / "simpletuner.safetensors"), str(tmp_path / "comfyui.safetensors")
+    net.save_weights(src, torch.float32, {})
+    assert main(["convert", src, dst, "--to", "comfyui", "--base", "wan"]) == 0
+    assert f"wrote {dst}" in capsys.readouterr().out
+    sd = load_file(dst)
+    assert {k.rsplit(".", 1)[0] for k in sd} >= {"diffusion_model.blocks.0.self_attn.q",
+                                                  "diffusion_model.blocks.1.cross_attn.k_img",
+                                                  "diffusion_model.blocks.1.ffn.0"}
+    assert all(k.startswith("diffusion_model.") for k in sd)
+    assert_close(run_i2v(comfyui_transformer(pipe.transformer, "wan", sd)), want)
+
+
+def run_i2v(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs("wan"), return_dict=False)[0]

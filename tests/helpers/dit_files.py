@@ -98,6 +98,11 @@ WAN: dict[str, Blocks] = {
 }
 ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN}
 FAMILIES = tuple(ORIGINALS)
+# The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
+BLOCK_CLASSES: dict[str, list[str]] = {
+    "flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+    "wan": ["WanTransformerBlock"],
+}
 ORIGINAL_LAYOUTS = {"comfyui": "diffusion_model.{p}", "kohya": "lora_unet_{u}"}
 DIFFUSERS_LAYOUTS = {"aitoolkit": "diffusion_model.{p}", "lycoris": "lycoris_{u}", "diffusers": "transformer.{p}",
                      "onetrainer": "lora_transformer_{u}"}
