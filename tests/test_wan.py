@@ -169,3 +169,14 @@ def test_cli_turns_a_simpletuner_wan_file_into_one_comfyui_loads(tmp_path: Any, 
 def run_i2v(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs("wan"), return_dict=False)[0]
+
+
+def test_musubi_tuners_lokr_factor_tensor_is_read_past() -> None:
+    """musubi-tuner writes `lora_unet_blocks_0_self_attn_q.lokr_w1` ... and one module-less `lokr_factor` tensor."""
+    pipe = bare_pipeline("wan")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "wan", "kohya", seed=7)
+    pipe.load_lokr_weights({**sd, "lokr_factor": torch.tensor(4)})
+    assert_close(run_i2v(pipe.transformer), run_i2v(comfyui_model(base, "wan", modules)))
+    with pytest.raises(ValueError, match="lokr_factr"):  # any other stray key is still reported
+        pipe.load_lokr_weights({**sd, "lokr_factr": torch.tensor(4)})

@@ -60,6 +60,11 @@ class LoadEntry:
     origin: str | None = None
 
 
+# Tensors of no module that trainers write beside the modules: musubi-tuner's networks/lokr.py saves the factor it
+# was trained with as `lokr_factor` (int64, no module name); read past, as ComfyUI reads past it.
+FILE_WIDE_KEYS = frozenset({"lokr_factor"})
+
+
 @dataclass
 class ParsedFile:
     entries: list[LoadEntry]
@@ -136,11 +141,12 @@ def parse_loaded(file: LoadedFile, index: NameIndex) -> ParsedFile:
 def _parse(file: LoadedFile, index: NameIndex) -> ParsedFile:
     check_tensors(file.tensors)
     groups, lora, unmatched = group_modules(file.tensors)
+    ignored: list[str] = [k for k in unmatched if k in FILE_WIDE_KEYS]
+    unmatched = [k for k in unmatched if k not in FILE_WIDE_KEYS]
     _refuse_lora_only(groups, lora)
     peft_config = _peft_config(file)
     refs = _resolve_names(list(groups), index)
     entries: list[LoadEntry] = []
-    ignored: list[str] = []
     for name, tensors in groups.items():
         keys = [f"{name}.{leaf}" for leaf in tensors]
         found = refs.get(name)
