@@ -27,10 +27,12 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "CLIPTextModel": CLIP_TEXT_TARGETS,
     "CLIPTextModelWithProjection": CLIP_TEXT_TARGETS,
     "T5EncoderModel": T5_TARGETS,
+    "UMT5EncoderModel": T5_TARGETS,  # Wan's: T5's modules, per-layer relative attention
     "Qwen3Model": LLM_TARGETS,
     "Qwen3ForCausalLM": LLM_TARGETS,
 }
-PRESENT_ONLY = frozenset({"T5EncoderModel"})  # lists covering variants: keep the entries the model has
+# lists covering variants: keep the entries the model has
+PRESENT_ONLY = frozenset({"T5EncoderModel", "UMT5EncoderModel"})
 
 # A DiT family's Linears by role (ModelFamily.roles). Default: "attention" and "feed_forward" (single blocks'
 # linear1 / linear2 are their pieces); "norms" (the adaLN projections) and "embedders" (input embedders, timestep /

@@ -309,7 +309,8 @@ def test_unknown_keys_strict_and_not() -> None:
 
 @pytest.mark.parametrize(("file_family", "pipe_family", "words"), [
     ("sd3", "flux", "SD3"), ("zimage", "flux2", "Z-Image"),
-    ("flux2", "zimage", "FLUX.1 / FLUX.2"), ("flux", "sd3", "FLUX.1"), ("wan", "flux", "Wan"), ("flux", "wan", "FLUX.1")])
+    ("flux2", "zimage", "FLUX.1 / FLUX.2"), ("flux", "sd3", "FLUX.1"), ("wan", "flux", "Wan"),
+    ("flux", "wan", "FLUX.1")])
 def test_a_file_for_another_model_says_which(file_family: str, pipe_family: str, words: str) -> None:
     sd, _ = original_file(tiny(file_family), file_family, "comfyui")
     pipe = bare_pipeline(pipe_family)

@@ -180,3 +180,16 @@ def test_musubi_tuners_lokr_factor_tensor_is_read_past() -> None:
     assert_close(run_i2v(pipe.transformer), run_i2v(comfyui_model(base, "wan", modules)))
     with pytest.raises(ValueError, match="lokr_factr"):  # any other stray key is still reported
         pipe.load_lokr_weights({**sd, "lokr_factr": torch.tensor(4)})
+
+
+def test_add_lokr_defaults_on_both_experts_and_the_text_encoder() -> None:
+    """Default targets, counted from the tiny configs: each expert's 2 blocks x (self-attention q, k, v, out;
+    cross-attention q, k, v, out; ffn x 2); UMT5's 2 blocks x (q, k, v, o, wi_0, wi_1, wo), as kohya targets T5."""
+    from lokr_diffusers import LoKrConfig, add_lokr
+
+    pipe, _, _ = fresh()
+    cfg = LoKrConfig(r=2, alpha=2, init_weights=False)
+    adapted = add_lokr(pipe, {c: cfg for c in ("transformer", "transformer_2", "text_encoder")}, adapter_name="x")
+    assert {c: len(p) for c, p in adapted.items()} == {"transformer": 20, "transformer_2": 20, "text_encoder": 14}
+    assert adapted["transformer"] == adapted["transformer_2"]
+    assert {p.rsplit(".", 1)[1] for p in adapted["text_encoder"]} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
