@@ -1,22 +1,37 @@
-"""The flow-matching pieces of FLUX.2 [klein] and Z-Image (training/flow_models.py) against the pipelines themselves,
-on tiny offline pipelines (tests/helpers/tiny_dit.py): the prompt encoders equal the pipelines' `encode_prompt`, and
-the velocity the loss trains equals the one the pipeline's own denoising step applies (one Euler step of the
-pipeline, from given latents at a given sigma, read back: v = (x_after − x) / (σ_next − σ)). That pins the latent
-space (Klein's patchify + BatchNorm normalisation), the token packing and position ids, the timestep convention
-(Klein t / 1000, Z-Image 1 − σ) and the sign (Z-Image predicts x − ε).
+"""Flow-matching training of FLUX.2 [klein] and Z-Image on tiny offline pipelines (tests/helpers/tiny_dit.py).
+
+The pieces (training/flow_models.py) against the pipelines themselves: the prompt encoders equal the pipelines'
+`encode_prompt`, and the velocity the loss trains equals the one the pipeline's own denoising step applies (one
+Euler step of the pipeline, from given latents at a given sigma, read back: v = (x_after − x) / (σ_next − σ)). That
+pins the latent space (Klein's patchify + BatchNorm normalisation), the token packing and position ids, the timestep
+convention (Klein t / 1000, Z-Image 1 − σ) and the sign (Z-Image predicts x − ε).
+
+The flow script end to end: family told from the folder, exact resume, the file reloads to the trained outputs, and
+the loss on the training set (fixed noise and timesteps) falls.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers.tiny_dit import make_flux2_klein_pipeline, make_zimage_pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from helpers.flow_loss import flow_args, image_batch
+from helpers.tiny_dit import make_flux2_klein_pipeline, make_zimage_pipeline, save_tiny_dit_pipeline
+from safetensors.torch import load_file
 
 from lokr_diffusers import families
-from lokr_diffusers.training.flow import encode_klein, encode_zimage
+from lokr_diffusers.model import lokr_layers
+from lokr_diffusers.pipeline import add_lokr
+from lokr_diffusers.training.args import parse
+from lokr_diffusers.training.data import make_synthetic_dataset
+from lokr_diffusers.training.flow import encode_klein, encode_zimage, flow_loss
 from lokr_diffusers.training.flow_models import FLOW_MODELS, flow_model
+from lokr_diffusers.training.loop import ADAPTER, lokr_configs
+from lokr_diffusers.training.output import OURS_FILE
+from lokr_diffusers.training.run import train
 
 CAPTIONS = ("a photo of sks dog", "a red cat")  # a tuple: ZImagePipeline rewrites a prompt list in place
 CPU = torch.device("cpu")
@@ -83,3 +98,75 @@ def test_the_velocity_is_the_pipelines(family: str) -> None:
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         assert model.latents(pipe.vae, pixels, torch.Generator()).shape == shape
+
+
+# ------------------------------------------------------------------------------------------- the flow script
+
+def _argv(model: str, data: str, out: str, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt",
+            "a photo of sks dog", "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
+            "--learning_rate", "1e-2", "--rank", "4", "--seed", "0", "--output_dir", out,
+            "--checkpointing_steps", "2", "--max_sequence_length", "16", "--export_format", "none", *extra]
+
+
+def _velocity(pipe, family: str, cond: object) -> torch.Tensor:
+    """The transformer's velocity on fixed latents, timesteps and text conditioning."""
+    shape = (2, 16, 8, 8) if family == "flux2" else (2, 4, 16, 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return flow_model(family).velocity(pipe, x, torch.tensor([300.0, 800.0]), cond, ARGS, CPU)
+
+
+def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
+    """The flow loss on the whole training set with fixed noise and timesteps (one generator; uniform weighting).
+    `prompts`: the encoded captions, shared by pipelines whose text encoder is the same (no adapter there)."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        return flow_loss(pipe, scheduler, batch, flow_args(family, weighting_scheme="none"), family,
+                         torch.Generator().manual_seed(0), torch.float32, CPU, prompts=prompts).item()
+
+
+@pytest.mark.parametrize("family", ["flux2", "zimage"])
+def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, family: str) -> None:
+    """The one flow script tells the family from the model folder, trains it (the loss on the training set falls),
+    resumes from a checkpoint to the very same adapter, and its file loads back to the trained model's outputs."""
+    model = save_tiny_dit_pipeline(str(tmp_path / "model"), family)
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=4, size=32)
+    out = str(tmp_path / "out")
+    args = parse("t", True, _argv(model, data, out), "flow")
+    result = train(args)
+    assert (result.global_step, args.model_family, args.weighting_scheme, args.max_sequence_length) == \
+        (4, family, "none", 16)
+    assert {"checkpoint-2", "checkpoint-4", OURS_FILE, "README.md"} <= set(os.listdir(out))
+    # resume from the step-2 checkpoint in a fresh output folder: the same final factors, bit for bit
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    os.symlink(os.path.join(out, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
+    resumed = train(parse("t", True, _argv(model, data, again, "--resume_from_checkpoint", "latest"), "flow"))
+    assert resumed.global_step == 4
+    a, b = (load_file(os.path.join(d, OURS_FILE)) for d in (out, again))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the trained model: the base with the step-4 checkpoint's factors (what training left in its layers)
+    batch = image_batch(data)
+    trained = DiffusionPipeline.from_pretrained(model)
+    prompts: dict = {}
+    base_loss = _fixed_loss(trained, family, batch, prompts)
+    cond = flow_model(family).encode(trained, list(CAPTIONS), ARGS, CPU)
+    base_velocity = _velocity(trained, family, cond)
+    add_lokr(trained, lokr_configs(args, ["transformer"]), ADAPTER)
+    state = load_file(os.path.join(out, "checkpoint-4", "adapter.safetensors"))
+    layers = [(f"transformer.{path}.{k}", t) for path, layer in lokr_layers(trained.transformer)
+              for k, t in layer.factors(ADAPTER).items()]
+    assert {k for k, _ in layers} == set(state)
+    with torch.no_grad():
+        for k, t in layers:
+            t.copy_(state[k])
+    # its file, loaded into a fresh pipeline, gives the trained model's outputs (the text encoders are the base's)
+    loaded = DiffusionPipeline.from_pretrained(model)
+    loaded.load_lokr_weights(os.path.join(out, OURS_FILE))
+    assert set(loaded.get_list_lokr_adapters()) == {"transformer"}
+    velocity = _velocity(loaded, family, cond)
+    torch.testing.assert_close(velocity, _velocity(trained, family, cond), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(velocity, base_velocity)
+    # and it lowers the flow loss on the training set (fixed noise and timesteps)
+    assert _fixed_loss(loaded, family, batch, prompts) < base_loss

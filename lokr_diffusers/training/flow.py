@@ -26,6 +26,7 @@ from .flow_models import encode_flux, encode_klein, encode_sd3, encode_zimage, f
 __all__ = ["WEIGHTING_SCHEMES", "encode_flux", "encode_klein", "encode_sd3", "encode_zimage", "flow_loss",
            "sample_sigmas"]
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+PROMPTS_KEPT = 16  # encoded caption sets flow_loss keeps (DreamBooth has one, two with prior preservation)
 
 
 def sample_sigmas(scheduler: Any, batch: int, args: Any, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -42,9 +43,12 @@ def sample_sigmas(scheduler: Any, batch: int, args: Any, g: torch.Generator) -> 
 
 
 def flow_loss(parts: Any, scheduler: Any, batch: dict[str, Any], args: Any, family: str, g: torch.Generator,
-              weight_dtype: torch.dtype, device: torch.device, prior_weight: float | None = None) -> Tensor:
+              weight_dtype: torch.dtype, device: torch.device, prior_weight: float | None = None,
+              prompts: dict[tuple[str, ...], Any] | None = None) -> Tensor:
     """One micro-batch's flow-matching loss (module docstring). With prior_weight (DreamBooth prior
-    preservation) the batch's second half is class images: loss + w · class loss."""
+    preservation) the batch's second half is class images: loss + w · class loss. `prompts`: a cache of the
+    encoded captions, by the batch's captions, for a run whose text encoders do not train (the same values as
+    encoding them again: the encoders are deterministic; DreamBooth's one instance prompt is encoded once)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     model = flow_model(family)
@@ -55,7 +59,14 @@ def flow_loss(parts: Any, scheduler: Any, batch: dict[str, Any], args: Any, fami
     timesteps, sigmas = sample_sigmas(scheduler, latents.shape[0], args, g)
     timesteps, sigmas = timesteps.to(device), sigmas.to(device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
-    cond = model.encode(parts, batch["caption"], args, device)
+    captions = list(batch["caption"])
+    if prompts is None:
+        cond = model.encode(parts, captions, args, device)
+    elif (cond := prompts.get(tuple(captions))) is None:
+        with torch.no_grad():
+            cond = model.encode(parts, captions, args, device)
+        if len(prompts) < PROMPTS_KEPT:
+            prompts[tuple(captions)] = cond
     pred = model.velocity(parts, noisy, timesteps, cond, args, device)
     pred, target = model.objective(pred, noisy, sigmas, latents, noise, args)
     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas).float()

@@ -115,6 +115,7 @@ class Session:
     params: dict[str, list[nn.Parameter]]
     optimizer: Any
     lr_scheduler: Any
+    prompts: dict[tuple[str, ...], Any] | None = None  # flow: encoded captions, while no text encoder trains
 
 
 def _accelerator(args: Any) -> Any:
@@ -223,7 +224,7 @@ def _setup(args: Any, steps: int) -> Session:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
-                   raw, models, parts, params, optimizer, lr_scheduler)
+                   raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {})
 
 
 def _resume(args: Any, s: Session) -> int:
@@ -319,7 +320,7 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
                                       accelerator.device, prior_weight=prior)
             else:
                 loss = flow_loss(s.parts, s.noise_scheduler, batch, args, s.family.name, g, s.weight_dtype,
-                                 accelerator.device, prior_weight=prior)
+                                 accelerator.device, prior_weight=prior, prompts=s.prompts)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for ps in s.params.values() for p in ps], args.max_grad_norm)
