@@ -170,3 +170,23 @@ def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, f
     assert not torch.equal(velocity, base_velocity)
     # and it lowers the flow loss on the training set (fixed noise and timesteps)
     assert _fixed_loss(loaded, family, batch, prompts) < base_loss
+
+
+def test_the_flow_command_refuses_a_model_of_no_flow_family(tmp_path, capsys) -> None:
+    """`lokr-diffusers-train-flow` (pyproject.toml) tells the family from model_index.json before loading anything:
+    a UNet pipeline exits with code 2 and one line naming the families it trains; nothing is written."""
+    from lokr_diffusers.training.run import flow_cli
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), encoding="utf-8") as fh:
+        assert '\nlokr-diffusers-train-flow = "lokr_diffusers.training.run:flow_cli"\n' in fh.read()
+    model = tmp_path / "sd"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                            '"unet": ["diffusers", "UNet2DConditionModel"]}')
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=2, size=32)
+    with pytest.raises(SystemExit) as exit_:
+        flow_cli(_argv(str(model), data, str(tmp_path / "out")))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "a StableDiffusionPipeline without transformer; give a pipeline of FLUX.1 / SD3.x / FLUX.2 / Z-Image" in err
+    assert not (tmp_path / "out").exists()
