@@ -1,5 +1,8 @@
 """DreamBooth with LoKr for FLUX.1 (dev or schnell), flow matching, with prior preservation.
 
+An alias of examples/train_dreambooth_lokr_flow.py (`lokr-diffusers-train-flow`), which trains every flow family
+told from the model folder; kept under its old name.
+
 diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, for LoKr: the same argument names
 (--guidance_scale, --weighting_scheme, --max_sequence_length, --lora_layers, ...) plus the LoKr ones
 (--rank, --alpha, --decompose_factor, ...). --train_text_encoder trains CLIP, never T5.
@@ -17,6 +20,6 @@ from lokr_diffusers.training.run import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = main(__doc__.splitlines()[0], dreambooth=True, family="flux")  # bad input: `error: ...`, exit 2
+    result = main(__doc__.splitlines()[0], dreambooth=True, family="flow")  # bad input: `error: ...`, exit 2
     if result.files:
         print(f"done: {result.global_step} steps; files: {result.files}")

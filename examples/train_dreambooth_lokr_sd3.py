@@ -1,5 +1,8 @@
 """DreamBooth with LoKr for Stable Diffusion 3 / 3.5, flow matching, with prior preservation.
 
+An alias of examples/train_dreambooth_lokr_flow.py (`lokr-diffusers-train-flow`), which trains every flow family
+told from the model folder; kept under its old name.
+
 diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py, for LoKr: the same argument names
 (--weighting_scheme, --precondition_outputs, --max_sequence_length, --lora_layers, ...) plus the LoKr
 ones. --train_text_encoder trains both CLIP encoders; --no_t5 loads the pipeline without T5.
@@ -17,6 +20,6 @@ from lokr_diffusers.training.run import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = main(__doc__.splitlines()[0], dreambooth=True, family="sd3")  # bad input: `error: ...`, exit 2
+    result = main(__doc__.splitlines()[0], dreambooth=True, family="flow")  # bad input: `error: ...`, exit 2
     if result.files:
         print(f"done: {result.global_step} steps; files: {result.files}")

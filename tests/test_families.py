@@ -130,6 +130,10 @@ def test_a_file_of_the_family_is_told_by_its_names(name: str) -> None:
 def test_training_families_come_from_the_records() -> None:
     sd, flux, sd3 = training_family("sd"), training_family("flux"), training_family("sd3")
     assert (sd.members, flux.members, sd3.members) == (("sd1", "sd2", "sdxl"), ("flux",), ("sd3",))
+    flow = training_family("flow")  # one script for every flow family; its defaults differ, so are the family's
+    assert flow.members == ("flux", "sd3", "flux2", "zimage") and flow.denoiser == "transformer" and flow.flow
+    assert (flow.weighting_scheme, flow.max_sequence_length) == (None, None)
+    assert training_family("zimage").text_encoders == training_family("flux2").text_encoders == ()
     assert (sd.denoiser, sd.flow, sd.required) == ("unet", False, ("unet", "vae", "text_encoder", "tokenizer"))
     assert sd.text_encoders == ("text_encoder", "text_encoder_2")
     assert flux.flow and flux.text_encoders == ("text_encoder",)  # diffusers' script never trains T5
@@ -139,7 +143,7 @@ def test_training_families_come_from_the_records() -> None:
         if f.training is not None:
             assert training_family(f.training.script).flow == (f.prediction == ("flow",))
     with pytest.raises(ValueError, match="no model family trains"):
-        training_family("zimage")
+        training_family("no-such-family")
 
 
 def _string_keys(node: ast.AST) -> list[str]:

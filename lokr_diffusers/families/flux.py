@@ -94,7 +94,7 @@ FLUX = ModelFamily(
     prediction=("flow",), detect=Detection(kind=(FLUX1_ONLY, STREAMS)), kohya=Kohya("flux1"), originals=ORIGINALS,
     roles=ROLES, comfyui_paths=COMFYUI_PATHS,
     # diffusers' Flux script trains CLIP only, never T5 (text_encoder_2)
-    training=Training("flux", ("text_encoder",), weighting_scheme="none", max_sequence_length=512),
+    training=Training("flow", ("text_encoder",), weighting_scheme="none", max_sequence_length=512),
     tags=("flux",), aliases=("flux1",), tiny="helpers.tiny_dit:make_flux_pipeline",
     subsumed=("flux1-schnell",),  # its modules are dev's less the guidance embedder: its files fit dev
 )

@@ -11,7 +11,7 @@ tests/test_formats_dit.py runs diffusers' converters.
 from __future__ import annotations
 
 from .flux import COMFYUI_PATHS, DOUBLE_ATTN, STREAMS
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import QKV_LEAVES, OriginalTable, blocks, top
 
 # convert_flux2_transformer_checkpoint_to_diffusers: double-block qkv chunked in 3; single blocks already fused in
@@ -66,5 +66,9 @@ FLUX2 = ModelFamily(
     detect=Detection(kind=(FLUX2_ONLY, STREAMS)), kohya=Kohya("flux2"), originals=ORIGINALS, roles=ROLES,
     comfyui_paths=COMFYUI_PATHS,  # ComfyUI's Flux2 model subclasses its Flux: one key map
     # diffusers 0.42.1 loads LoKr files (through PEFT) for Flux2LoraLoaderMixin
-    diffusers_lokr=True, tags=("flux2",), aliases=("klein",), tiny="helpers.tiny_dit:make_flux2_klein_pipeline",
+    diffusers_lokr=True,
+    # diffusers' Klein script (train_dreambooth_lora_flux2_klein.py) trains the transformer only; FLUX.2 [dev]'s
+    # Mistral prompts are not encoded by the flow script (training/flow_models.py: Klein's Qwen3 only)
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
+    tags=("flux2",), aliases=("klein",), tiny="helpers.tiny_dit:make_flux2_klein_pipeline",
 )

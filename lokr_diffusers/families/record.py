@@ -50,7 +50,8 @@ class Detection:
 class Training:
     """How the training scripts (lokr_diffusers/training/) train the family."""
 
-    script: str  # the scripts' family (run.main's `family`): "sd" (the UNet scripts), "flux", "sd3"
+    script: str  # the script that trains it: "sd" (the UNet scripts) or "flow" (flow matching; the family also needs
+    #              its piece in lokr_diffusers/training/flow_models.py: latents, prompts, the transformer's call)
     text_encoders: tuple[str, ...]  # what --train_text_encoder trains (those the pipeline has)
     weighting_scheme: str | None = None  # flow matching: --weighting_scheme's default, as diffusers' script
     max_sequence_length: int | None = None  # flow matching: --max_sequence_length's default, as diffusers' script

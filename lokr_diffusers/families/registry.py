@@ -32,7 +32,7 @@ def of_variant(variant: str) -> ModelFamily:
 
 
 def training_families(script: str) -> tuple[ModelFamily, ...]:
-    """The families the training scripts of `script` ("sd", "flux", "sd3") train, in registry order."""
+    """The families the training script `script` ("sd", "flow") trains, in registry order."""
     return tuple(f for f in FAMILIES.values() if f.training is not None and f.training.script == script)
 
 

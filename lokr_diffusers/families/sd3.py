@@ -70,7 +70,7 @@ SD3 = ModelFamily(
     detect=Detection(kind=(Sign(r"joint_blocks|x_block|context_block|y_embedder", "MMDiT joint blocks"),)),
     kohya=Kohya("sd3"), originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS,
     # diffusers' SD3 script trains both CLIPs with --train_text_encoder
-    training=Training("sd3", ("text_encoder", "text_encoder_2"), weighting_scheme="logit_normal",
+    training=Training("flow", ("text_encoder", "text_encoder_2"), weighting_scheme="logit_normal",
                       max_sequence_length=77),
     tags=("sd3",), aliases=("sd35",), tiny="helpers.tiny_dit:make_sd3_pipeline",
 )

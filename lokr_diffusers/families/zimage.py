@@ -9,7 +9,7 @@ diffusers' converters.
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, Pairs, blocks, top
 
 # convert_z_image_transformer_checkpoint_to_diffusers: attention.qkv chunked in 3, attention.out ->
@@ -61,5 +61,8 @@ ZIMAGE = ModelFamily(
                                 "Z-Image's refiners / feed-forward"),)),
     kohya=Kohya("zimage"), originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS,
     # diffusers 0.42.1 loads LoKr files (through PEFT) for ZImageLoraLoaderMixin
-    diffusers_lokr=True, tags=("z-image",), tiny="helpers.tiny_dit:make_zimage_pipeline",
+    diffusers_lokr=True,
+    # diffusers' Z-Image script (train_dreambooth_lora_z_image.py) trains the transformer only
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
+    tags=("z-image",), tiny="helpers.tiny_dit:make_zimage_pipeline",
 )

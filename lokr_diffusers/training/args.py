@@ -10,12 +10,13 @@ from .errors import TrainingInputError
 from .family import training_family
 from .targets import TE_TARGETS, TRANSFORMER_PRESETS, UNET_PRESETS, denoiser_targets, unet_targets
 
-__all__ = ["TE_TARGETS", "TRANSFORMER_PRESETS", "UNET_PRESETS", "build_parser", "denoiser_targets", "parse",
-           "parse_with", "unet_targets"]
+__all__ = ["TE_TARGETS", "TRANSFORMER_PRESETS", "UNET_PRESETS", "build_parser", "denoiser_targets", "flow_defaults",
+           "parse", "parse_with", "unet_targets"]
 
 
 def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argparse.ArgumentParser:
-    """family: "sd" (SD1.x/2.x/SDXL, the UNet scripts), "flux" or "sd3" (flow matching, a transformer)."""
+    """family: "sd" (SD1.x/2.x/SDXL, the UNet scripts), "flow" (flow matching, a transformer: every family the flow
+    script trains, told from the model) or one of those families ("flux", "sd3", "flux2", "zimage": that one only)."""
     p = argparse.ArgumentParser(description=description)
     _model_and_data(p.add_argument, dreambooth, family)
     _training(p.add_argument)
@@ -27,24 +28,38 @@ def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argp
 
 
 def _flow(a: Any, family: str) -> None:
-    """diffusers' train_dreambooth_lora_flux.py / _sd3.py names and defaults."""
+    """diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py / _z_image.py names and defaults. The
+    defaults that differ between the families (the records') are filled in once the model tells its family
+    (flow_defaults); an option of another family than the model's is not used."""
     from .flow import WEIGHTING_SCHEMES
 
-    d = training_family(family)  # the defaults of diffusers' Flux / SD3 scripts (the families' records)
+    d = training_family(family)
     a("--weighting_scheme", default=d.weighting_scheme, choices=list(WEIGHTING_SCHEMES),
-      help="timestep density / loss weighting (SD3 paper): none = uniform")
+      help="timestep density / loss weighting (SD3 paper): none = uniform (default: the family's, as diffusers' "
+           "script: none, SD3 logit_normal)")
     a("--logit_mean", type=float, default=0.0, help="for --weighting_scheme logit_normal")
     a("--logit_std", type=float, default=1.0, help="for --weighting_scheme logit_normal")
     a("--mode_scale", type=float, default=1.29, help="for --weighting_scheme mode")
-    a("--max_sequence_length", type=int, default=d.max_sequence_length, help="T5 tokens per prompt")
-    if family == "flux":
-        a("--guidance_scale", type=float, default=3.5,
-          help="the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused by FLUX.1-schnell")
-    else:
-        a("--precondition_outputs", type=int, default=1, choices=[0, 1],
-          help="1: the loss compares the denoised latents x_σ - σ·v with x (diffusers' default); 0: v with ε - x")
-        a("--no_t5", action="store_true",
-          help="load the pipeline without T5 (text_encoder_3=None, zeros in its place), as diffusers allows for SD3")
+    a("--max_sequence_length", type=int, default=d.max_sequence_length,
+      help="text tokens per prompt: T5's (FLUX.1, SD3), Qwen3's (FLUX.2 [klein], Z-Image) (default: the family's, "
+           "as diffusers' script: 512, SD3 77)")
+    a("--guidance_scale", type=float, default=3.5,
+      help="FLUX.1 / FLUX.2: the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused by a model "
+           "without a guidance embedding (FLUX.1-schnell, FLUX.2 [klein])")
+    a("--precondition_outputs", type=int, default=1, choices=[0, 1],
+      help="SD3: 1, the loss compares the denoised latents x_σ - σ·v with x (diffusers' default); 0: v with ε - x")
+    a("--no_t5", action="store_true",
+      help="SD3: load the pipeline without T5 (text_encoder_3=None, zeros in its place), as diffusers allows")
+    a("--text_encoder_out_layers", type=int, nargs="+", default=[9, 18, 27],
+      help="FLUX.2 [klein]: the Qwen3 hidden states stacked into the text states (the pipeline's default)")
+
+
+def flow_defaults(args: Any, family: Any) -> None:
+    """Fill the flow options left to the family (None) from `family` (a one-member TrainingFamily), in place."""
+    if getattr(args, "weighting_scheme", "") is None:
+        args.weighting_scheme = family.weighting_scheme
+    if getattr(args, "max_sequence_length", 0) is None:
+        args.max_sequence_length = family.max_sequence_length
 
 
 def _model_and_data(a: Any, dreambooth: bool, family: str) -> None:

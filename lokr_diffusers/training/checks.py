@@ -168,24 +168,24 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
     """(the step resolutions come in, the least resolution) for this pipeline: the VAE shrinks images by
     2^(VAE levels - 1) (8 for SD and SDXL) and the UNet its latents by 2^(UNet levels - 1), which must
     leave at least one latent pixel at the UNet's lowest level (64 px for SD1.x/2.x, 32 px for SDXL);
-    a transformer patchifies 2x2 latent pixels (Flux packs them, SD3's patch_size is 2), so its images
-    come in multiples of 2 · the VAE's factor (16 px for both); the pipelines take multiples of 8."""
+    a transformer patchifies 2x2 latent pixels (Flux.1 / Flux.2 pack them, SD3's patch_size and Z-Image's are 2),
+    so its images come in multiples of 2 · the VAE's factor (16 px for all); the pipelines take multiples of 8."""
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if getattr(pipe, "unet", None) is None:
-        patch = getattr(pipe.transformer.config, "patch_size", 2) or 2
-        step = max(8, vae_factor * patch)
+        step = max(8, vae_factor * 2)
         return step, step
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     step = max(8, vae_factor)
     return step, max(step, vae_factor * unet_factor)
 
 
-def check_pipeline(pipe: Any, args: Any) -> None:
-    """The loaded pipeline is one of the script's family that can train at --resolution."""
+def check_pipeline(pipe: Any, args: Any, family: Any = None) -> None:
+    """The loaded pipeline is one of the family's (`family`, a TrainingFamily; default the script's) that can
+    train at --resolution, with the text encoders --train_text_encoder asks for."""
     from .. import families
     from .family import training_family
 
-    family = training_family(getattr(args, "family", "sd"))
+    family = family or training_family(getattr(args, "family", "sd"))
     name = args.pretrained_model_name_or_path
     missing = [c for c in family.required if getattr(pipe, c, None) is None]
     denoiser = getattr(pipe, family.denoiser, None)
@@ -195,6 +195,18 @@ def check_pipeline(pipe: Any, args: Any) -> None:
     if missing or wrong:
         what = f"without {', '.join(missing)}" if missing else f"with a {type(denoiser).__name__}"
         raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__} {what}; give {family.label}")
+    title = " / ".join(families.get(m).title for m in family.members)
+    if family.flow and len(family.members) == 1:
+        from .flow_models import flow_model
+
+        piece = flow_model(family.name)
+        if piece.pipelines and type(pipe).__name__ not in piece.pipelines:
+            raise _fail(f"--pretrained_model_name_or_path {name}: a {type(pipe).__name__}; the flow script encodes "
+                        f"{title} prompts as "
+                        f"{' / '.join(piece.pipelines)} does: give one of those")
+    if getattr(args, "train_text_encoder", False) and not family.text_encoders:
+        raise _fail(f"--train_text_encoder: {title} trains its "
+                    f"{family.denoiser} only (as diffusers' script); leave --train_text_encoder out")
     if family.name == "sd" and args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
         raise _fail(f"--sdxl: {name} has no text_encoder_2, so it is not an SDXL pipeline; leave --sdxl out")
     step, least = min_resolution(pipe)

@@ -1,5 +1,5 @@
 """The LoKr fine-tuning loop on accelerate (the scripts in examples/ call it): SD1.x/2.x and SDXL here,
-Flux.1 and SD3.x through flow.py.
+the flow-matching families (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image) through flow.py.
 
 Determinism, for exact resume: the order of examples in epoch e is a permutation drawn from
 (seed, e); the noise, timesteps and VAE sample of optimizer step s come from a generator seeded

@@ -23,8 +23,8 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
     model = getattr(pipe, denoiser)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        images = [pipe(args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
+    with torch.no_grad():  # by keyword: Flux2KleinPipeline's first parameter is `image`
+        images = [pipe(prompt=args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
                        height=args.resolution, width=args.resolution).images[0]
                   for _ in range(args.num_validation_images)]
     model.train(was_training)

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .args import build_parser, parse_with
+from .args import build_parser, flow_defaults, parse_with
 from .checks import check_not_fused, check_pipeline
 from .errors import TrainingInputError
-from .family import MOVED, TrainingFamily, training_family
+from .family import MOVED, TrainingFamily, member, training_family
 from .flow import flow_loss
 from .loop import (
     ADAPTER,
@@ -48,13 +48,28 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def main(description: str, dreambooth: bool, argv: list[str] | None = None, family: str = "sd") -> TrainResult:
     """Parse, check and train; a TrainingInputError (bad argument, data or checkpoint, all raised
     before the first step) exits as argparse does: `error: ...` and exit code 2, no traceback.
-    family: the scripts' family, "sd" (SD1.x/2.x/SDXL), "flux" or "sd3" (training/family.py)."""
+    family: the script, "sd" (SD1.x/2.x/SDXL) or "flow" (every flow-matching family, told from the model), or one
+    family of a script ("flux", "sd3", ...: that one only; training/family.py)."""
     parser: argparse.ArgumentParser = build_parser(description, dreambooth, family)
     args = parse_with(parser, dreambooth, argv)
     try:
         return train(args)
     except TrainingInputError as e:
         parser.error(str(e))
+
+
+FLOW_DESCRIPTION = ("DreamBooth with LoKr for the flow-matching models (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image; the "
+                    "family told from the model folder), with prior preservation")
+
+
+def flow_cli(argv: list[str] | None = None) -> int:
+    """The `lokr-diffusers-train-flow` command (examples/train_dreambooth_lokr_flow.py; the _flux / _sd3 scripts are
+    its aliases): train, print where the files went; bad input exits with code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = main(FLOW_DESCRIPTION, dreambooth=True, argv=argv, family="flow")
+    if result.files:
+        print(f"done: {result.global_step} steps; files: {result.files}")
+    return 0
 
 
 def build_dataset(args: Any) -> Any:
@@ -100,6 +115,7 @@ class Session:
     params: dict[str, list[nn.Parameter]]
     optimizer: Any
     lr_scheduler: Any
+    prompts: dict[tuple[str, ...], Any] | None = None  # flow: encoded captions, while no text encoder trains
 
 
 def _accelerator(args: Any) -> Any:
@@ -122,23 +138,52 @@ def _accelerator(args: Any) -> Any:
     return accelerator
 
 
-def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -> tuple[Any, bool]:
+def _cannot_load(args: Any, e: Exception) -> TrainingInputError:
+    return TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot "
+                              f"load it ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def model_family(args: Any) -> tuple[TrainingFamily, dict[str, Any]]:
+    """(the family the run trains, the model's model_index.json). The flow script's family is the one the model
+    folder names (training/family.py `member`), and the flow options left to the family take its defaults."""
     from diffusers import DiffusionPipeline
 
-    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if getattr(args, "no_t5", False) else {}
+    family = training_family(args.family)
+    if not family.flow:
+        return family, {}
+    try:
+        index = dict(DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision))
+    except (OSError, ValueError) as e:
+        raise _cannot_load(args, e) from e
+    found = member(family, index)
+    if found is None:
+        entry = index.get(family.denoiser)
+        what = f"with a {entry[-1]}" if isinstance(entry, (list, tuple)) and entry else f"without {family.denoiser}"
+        raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: a "
+                                 f"{index.get('_class_name')} {what}; give {family.label}")
+    flow_defaults(args, found)
+    args.model_family = found.name  # what the family-dependent options (--lora_layers attn) resolve for
+    return found, index
+
+
+def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -> tuple[Any, bool, TrainingFamily]:
+    from diffusers import DiffusionPipeline
+
+    family, index = model_family(args)
+    no_t5 = getattr(args, "no_t5", False) and "text_encoder_3" in index
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
     try:
         pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                                       variant=args.variant, **without_t5)
     except (OSError, ValueError) as e:
-        raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot "
-                                 f"load it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    check_pipeline(pipe, args)
+        raise _cannot_load(args, e) from e
+    check_pipeline(pipe, args, family)
     pipe.set_progress_bar_config(disable=True)
     for c in MOVED:
         if getattr(pipe, c, None) is not None:
             getattr(pipe, c).requires_grad_(False).to(device, torch.float32 if c == "vae" else weight_dtype)
     sdxl = args.family == "sd" and (args.sdxl or getattr(pipe, "text_encoder_2", None) is not None)
-    return pipe, sdxl
+    return pipe, sdxl, family
 
 
 def _setup(args: Any, steps: int) -> Session:
@@ -151,8 +196,7 @@ def _setup(args: Any, steps: int) -> Session:
     accelerator = _accelerator(args)
     set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
-    family = training_family(args.family)
-    pipe, sdxl = _load_pipeline(args, accelerator.device, weight_dtype)
+    pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
     names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                                  if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
@@ -180,7 +224,7 @@ def _setup(args: Any, steps: int) -> Session:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
-                   raw, models, parts, params, optimizer, lr_scheduler)
+                   raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {})
 
 
 def _resume(args: Any, s: Session) -> int:
@@ -276,7 +320,7 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
                                       accelerator.device, prior_weight=prior)
             else:
                 loss = flow_loss(s.parts, s.noise_scheduler, batch, args, s.family.name, g, s.weight_dtype,
-                                 accelerator.device, prior_weight=prior)
+                                 accelerator.device, prior_weight=prior, prompts=s.prompts)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for ps in s.params.values() for p in ps], args.max_grad_norm)

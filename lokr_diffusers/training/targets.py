@@ -30,10 +30,16 @@ def unet_targets(value: str) -> list[str]:
 
 
 def denoiser_targets(args: Any) -> list[str] | None:
-    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (Flux / SD3; None: the
-    model's defaults)."""
+    """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (a flow family; None: the
+    model's defaults; `attn` for the family the model is of, args.model_family, once the model is known)."""
     if getattr(args, "family", "sd") == "sd":
         return unet_targets(args.unet_target_modules)
     value = args.lora_layers
+    if value == "attn" and getattr(args, "model_family", None):  # a family whose attention has other names
+        from .flow_models import FLOW_MODELS
+
+        piece = FLOW_MODELS.get(args.model_family)
+        if piece is not None and piece.attention:
+            return list(piece.attention)
     return TRANSFORMER_PRESETS[value] if value in TRANSFORMER_PRESETS else \
         [t.strip() for t in value.split(",") if t.strip()]

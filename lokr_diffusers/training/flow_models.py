@@ -1,0 +1,242 @@
+"""What each flow-matching family's training needs beyond the shared loss (flow.py): how its latents are made from
+the VAE, how its prompts are encoded, and how its transformer is called on noisy latents. One `FlowModel` per family,
+in `FLOW_MODELS` under the family's name (lokr_diffusers/families/); the loss never asks which family it trains.
+
+Every piece works on latents of shape (B, C, h, w) in the space the flow is drawn in, x_σ = (1 − σ) · x + σ · ε, and
+returns the transformer's velocity v ≈ ε − x in that same space. Facts read, never copied, from diffusers 0.42.1's
+pipelines (FluxPipeline, StableDiffusion3Pipeline, Flux2KleinPipeline, ZImagePipeline) and its train_dreambooth_lora_*
+scripts; tests/test_training_flow*.py hold the encoders equal to the pipelines' `encode_prompt` and the velocities
+equal to the pipelines' own denoising step.
+
+    flux   (FLUX.1)   x = (VAE sample − shift) · scale, packed into 2x2 patches (B, h/2 · w/2, 4C) for the
+                      transformer; timestep t / 1000; guidance when the model embeds it (dev); CLIP pooled + T5
+    sd3    (SD3.x)    x as Flux; the transformer takes x_σ and t as they are; CLIP-L + CLIP-G (+ T5 or zeros);
+                      --precondition_outputs compares x_σ − σ · v with x instead of v with ε − x
+    flux2  (Klein)    x = the VAE mode patchified 2x2 (B, 4C, h/2, w/2), normalised by the VAE's BatchNorm running
+                      statistics; tokens (B, h/2 · w/2, 4C) with (t, h, w, l) position ids; timestep t / 1000;
+                      Qwen3 hidden states of --text_encoder_out_layers stacked on the channel axis
+    zimage (Z-Image)  x = (VAE mode − shift) · scale; the transformer takes a list of (C, 1, h, w) latents, the
+                      timestep (1000 − t) / 1000 = 1 − σ and a list of unpadded Qwen3 caption features, and predicts
+                      x − ε (the pipeline negates it)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _ids(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Tensor:
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def _config(model: Any) -> Any:
+    """The model's config through an accelerate / DDP wrapper."""
+    return getattr(model, "module", model).config
+
+
+def _shift_scale(vae: Any, latents: Tensor) -> Tensor:
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+# ------------------------------------------------------------------------------------------- prompt encoders
+
+def encode_flux(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(T5 sequence (B, L, D_t5), CLIP pooled (B, D_clip), text ids (L, 3) zeros), as FluxPipeline."""
+    pooled = parts.text_encoder(_ids(parts.tokenizer, captions, parts.tokenizer.model_max_length, device),
+                                output_hidden_states=False).pooler_output
+    embeds = parts.text_encoder_2(_ids(parts.tokenizer_2, captions, max_sequence_length, device),
+                                  output_hidden_states=False)[0]
+    return embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
+
+
+def encode_sd3(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device,
+               joint_attention_dim: int) -> tuple[Tensor, Tensor]:
+    """(sequence (B, 77 + L, D), pooled (B, P_l + P_g)), as StableDiffusion3Pipeline: CLIP-L and CLIP-G
+    penultimate hidden states side by side, zero-padded to T5's width, then the T5 sequence (zeros
+    (B, L, joint_attention_dim) without T5)."""
+    clip, pooled = [], []
+    for tok, te in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
+        out = te(_ids(tok, captions, tok.model_max_length, device), output_hidden_states=True)
+        pooled.append(out[0])  # CLIPTextModelWithProjection: the projected pooled vector
+        clip.append(out.hidden_states[-2])
+    clip_embeds = torch.cat(clip, dim=-1)
+    if getattr(parts, "text_encoder_3", None) is None:
+        t5 = torch.zeros(len(captions), max_sequence_length, joint_attention_dim, device=device,
+                         dtype=clip_embeds.dtype)
+    else:
+        t5 = parts.text_encoder_3(_ids(parts.tokenizer_3, captions, max_sequence_length, device))[0]
+    clip_embeds = F.pad(clip_embeds, (0, t5.shape[-1] - clip_embeds.shape[-1]))
+    return torch.cat([clip_embeds, t5.to(clip_embeds.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def _qwen_chat(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device,
+               thinking: bool) -> tuple[Tensor, Tensor]:
+    """(input ids, attention mask) (B, L) of each caption as one user turn of Qwen3's chat template with the
+    generation prompt (`enable_thinking` False for Klein, True for Z-Image), padded to `max_sequence_length`."""
+    tok = parts.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                     enable_thinking=thinking) for c in captions]
+    enc = tok(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def encode_klein(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device,
+                 layers: tuple[int, ...] = (9, 18, 27)) -> tuple[Tensor, Tensor]:
+    """(text states (B, L, len(layers) · D), text ids (B, L, 4)), as Flux2KleinPipeline.encode_prompt: the Qwen3
+    hidden states `layers` of the chat-formatted caption, side by side per token; ids (0, 0, 0, token index)."""
+    ids, mask = _qwen_chat(parts, captions, max_sequence_length, device, thinking=False)
+    out = parts.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    embeds = torch.cat([out.hidden_states[k] for k in layers], dim=-1)  # per token: layer 0's D, layer 1's D, ...
+    b, n = embeds.shape[:2]
+    text_ids = torch.zeros(n, 4, dtype=torch.long, device=device)
+    text_ids[:, 3] = torch.arange(n, device=device)
+    return embeds, text_ids.unsqueeze(0).expand(b, n, 4)
+
+
+def encode_zimage(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> list[Tensor]:
+    """One (L_i, D) tensor per caption, as ZImagePipeline.encode_prompt: Qwen3's penultimate hidden state of the
+    chat-formatted caption (thinking enabled), its padding dropped."""
+    ids, mask = _qwen_chat(parts, captions, max_sequence_length, device, thinking=True)
+    keep = mask.bool()
+    states = parts.text_encoder(input_ids=ids, attention_mask=keep, output_hidden_states=True).hidden_states[-2]
+    return [s[k] for s, k in zip(states, keep, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ the pieces
+
+class FlowModel:
+    """How flow matching trains one family (the module docstring). `family`: its registry name; `pipelines`: the
+    pipeline classes whose prompt encoding `encode` repeats (empty: every pipeline of the family)."""
+
+    family: str = ""
+    pipelines: tuple[str, ...] = ()
+    attention: tuple[str, ...] = ()  # --lora_layers attn for this family (empty: targets.TRANSFORMER_PRESETS')
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        """x (B, C, h, w): the images in the space the flow is drawn in."""
+        return _shift_scale(vae, vae.encode(pixels).latent_dist.sample(generator=g))
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        """The transformer's text conditioning for `captions`, through the (prepared) text encoders in `parts`."""
+        raise NotImplementedError
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        """The transformer's v ≈ ε − x (B, C, h, w) for x_σ = `noisy` at the scheduler's `timesteps` (σ · 1000)."""
+        raise NotImplementedError
+
+    def objective(self, pred: Tensor, noisy: Tensor, sigmas: Tensor, latents: Tensor, noise: Tensor,
+                  args: Any) -> tuple[Tensor, Tensor]:
+        """(what the loss compares, with what): the velocity and ε − x."""
+        return pred, noise - latents
+
+
+class Flux1(FlowModel):
+    family, pipelines = "flux", ()
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_flux(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        from diffusers import FluxPipeline
+
+        embeds, pooled, text_ids = cond
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # (B, h/2 · w/2, 4C)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, noisy.dtype)
+        guidance = torch.full((b,), args.guidance_scale, device=device) \
+            if _config(parts.transformer).guidance_embeds else None
+        pred = parts.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                 pooled_projections=pooled.to(noisy.dtype),
+                                 encoder_hidden_states=embeds.to(noisy.dtype), txt_ids=text_ids, img_ids=image_ids,
+                                 return_dict=False)[0]
+        vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        return FluxPipeline._unpack_latents(pred, h * vae_scale, w * vae_scale, vae_scale)
+
+
+class SD3(FlowModel):
+    family, pipelines = "sd3", ()
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_sd3(parts, captions, args.max_sequence_length, device,
+                          _config(parts.transformer).joint_attention_dim)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, pooled = cond
+        return parts.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds.to(noisy.dtype),
+                                 pooled_projections=pooled.to(noisy.dtype), return_dict=False)[0]
+
+    def objective(self, pred: Tensor, noisy: Tensor, sigmas: Tensor, latents: Tensor, noise: Tensor,
+                  args: Any) -> tuple[Tensor, Tensor]:
+        if args.precondition_outputs:  # diffusers' SD3 script: the denoised latents against x
+            return noisy - sigmas * pred, latents
+        return pred, noise - latents
+
+
+class Flux2Klein(FlowModel):
+    """FLUX.2 [klein]. FLUX.2 [dev] (Flux2Pipeline) encodes its prompts with Mistral-3 in another way: not here."""
+
+    family, pipelines = "flux2", ("Flux2KleinPipeline",)
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        x = vae.encode(pixels).latent_dist.mode()  # diffusers' Klein script and pipeline: the mode
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x)
+        return (x - mean) / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_klein(parts, captions, args.max_sequence_length, device,
+                            tuple(getattr(args, "text_encoder_out_layers", None) or (9, 18, 27)))
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, text_ids = cond
+        b, c, h, w = noisy.shape
+        tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)  # row-major over (h, w)
+        grid = torch.cartesian_prod(torch.arange(h, device=device), torch.arange(w, device=device))  # (h · w, 2)
+        image_ids = F.pad(grid, (1, 1)).unsqueeze(0).expand(b, h * w, 4)  # (t=0, row, column, l=0)
+        guidance = torch.full((b,), args.guidance_scale, device=device) \
+            if _config(parts.transformer).guidance_embeds else None
+        pred = parts.transformer(hidden_states=tokens, encoder_hidden_states=embeds.to(noisy.dtype),
+                                 timestep=timesteps / 1000, img_ids=image_ids, txt_ids=text_ids, guidance=guidance,
+                                 return_dict=False)[0]
+        return pred.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+class ZImage(FlowModel):
+    family, pipelines = "zimage", ()
+    attention = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")  # no `attn.` modules
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        return _shift_scale(vae, vae.encode(pixels).latent_dist.mode())  # diffusers' Z-Image script: the mode
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_zimage(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        frames = list(noisy.unsqueeze(2).unbind(0))  # B tensors (C, 1, h, w): one frame each
+        out = parts.transformer(frames, (1000 - timesteps) / 1000, [c.to(noisy.dtype) for c in cond],
+                                return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)  # it predicts x − ε
+
+
+FLOW_MODELS: dict[str, FlowModel] = {m.family: m for m in (Flux1(), SD3(), Flux2Klein(), ZImage())}
+
+
+def flow_model(family: str) -> FlowModel:
+    """The piece of `family`; ValueError naming the families that have one."""
+    if family not in FLOW_MODELS:
+        raise ValueError(f"no flow-matching training for the model family {family!r}; one of {tuple(FLOW_MODELS)}")
+    return FLOW_MODELS[family]
