@@ -33,7 +33,7 @@ from lokr_diffusers.training.output import save_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
-FAMILIES = ("flux", "sd3", "flux2", "zimage")
+FAMILIES = ("flux", "sd3", "flux2", "zimage", "ltxvideo", "ltx2")
 # A few names each family's file must hold, by hand from ComfyUI's key maps (docs/formats.md §Export of DiT adapters)
 EXPECTED: dict[str, tuple[str, ...]] = {
     "flux": ("diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.single_blocks.1.linear2",
@@ -49,6 +49,15 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "zimage": ("transformer.layers.0.attention.to_q", "diffusion_model.layers.1.feed_forward.w2",
                "diffusion_model.x_embedder", "diffusion_model.context_refiner.0.attention.out",
                "diffusion_model.final_layer.adaLN_modulation.1"),
+    # LTX: Lightricks' names, which ComfyUI's LTXV / LTXAV models keep (diffusers' paths but for the top-level renames)
+    "ltxvideo": ("diffusion_model.patchify_proj", "diffusion_model.adaln_single.linear",
+                 "diffusion_model.adaln_single.emb.timestep_embedder.linear_1",
+                 "diffusion_model.transformer_blocks.1.attn2.to_k", "diffusion_model.transformer_blocks.0.ff.net.2",
+                 "diffusion_model.caption_projection.linear_2", "diffusion_model.proj_out"),
+    "ltx2": ("diffusion_model.audio_patchify_proj", "diffusion_model.av_ca_v2a_gate_adaln_single.linear",
+             "diffusion_model.audio_adaln_single.emb.timestep_embedder.linear_2",
+             "diffusion_model.transformer_blocks.0.audio_to_video_attn.to_q",
+             "diffusion_model.transformer_blocks.0.audio_ff.net.0.proj", "diffusion_model.audio_proj_out"),
 }
 
 
@@ -302,7 +311,7 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
         save(mixed, tmp_path / "mixed", "diffusers")
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage"])
+@pytest.mark.parametrize("family", ["flux2", "zimage", "ltxvideo", "ltx2"])
 def test_peft_folder_loads_in_peft(family: str, tmp_path: Any) -> None:
     from peft import PeftModel
 

@@ -27,7 +27,9 @@ from lokr_diffusers.training.family import MOVED, training_family
 PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
-NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it"}
+NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
+           "ltxvideo": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines",
+           "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines"}
 
 
 @functools.cache
@@ -36,8 +38,9 @@ def tiny(name: str) -> Any:
 
 
 def test_names_are_unique_and_one_spelling() -> None:
-    assert len(set(NAMES)) == len(NAMES) == 7
-    assert NAMES == ["sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"]  # the order files are tried in
+    assert len(set(NAMES)) == len(NAMES) == 9
+    # the order files are tried in (LTX-2 files carry every LTX-Video name but their audio stream's)
+    assert NAMES == ["sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage", "ltxvideo", "ltx2"]
     aliases = [a for f in FAMILIES.values() for a in f.aliases]
     assert len(set(aliases)) == len(aliases) and not set(aliases) & set(NAMES)
     assert families.ALIASES == {**{n: n for n in NAMES}, **{a: f.name for f in FAMILIES.values() for a in f.aliases}}
@@ -175,4 +178,7 @@ def test_every_record_is_complete() -> None:
         assert f.detect.kind, f.name  # every family's files can be told by their names
         assert bool(f.targets) != bool(f.roles)  # default targets: a list, or the Linears by role
         assert not f.roles or {"attention", "feed_forward", "norms", "embedders"} == set(f.roles)
-        assert f.originals is None or f.comfyui_paths  # the ComfyUI writer of a DiT family needs its key map
+        # the ComfyUI writer of a DiT family needs its key map, unless every original is one whole Linear in its own
+        # row order (LTX: ComfyUI reaches each module by its original name)
+        assert f.originals is None or f.comfyui_paths or (
+            not f.originals.row_names and all(len(r.parts) == 1 and not r.swap for r in f.originals.rules))

@@ -237,6 +237,10 @@ PIPELINES_OF = [
     ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
     ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
     ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
+    ("ltxvideo", "LTXImageToVideoPipeline"), ("ltxvideo", "LTXConditionPipeline"),
+    ("ltxvideo", "LTXI2VLongMultiPromptPipeline"),
+    ("ltx2", "LTX2ImageToVideoPipeline"), ("ltx2", "LTX2ConditionPipeline"), ("ltx2", "LTX2InContextPipeline"),
+    ("ltx2", "LTX2HDRPipeline"), ("ltx2", "LTX2DFRPipeline"), ("ltx2", "LTX2DFRTemporalRefinePipeline"),
 ]
 
 
