@@ -306,6 +306,23 @@ def test_unknown_keys_strict_and_not() -> None:
     assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
 
 
+@pytest.mark.parametrize("prefix", ["diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q",
+                                    "text_embedding_projection.aggregate_embed", "connectors.text_proj_in"])
+def test_ltx2_connector_keys_are_named_as_not_loaded(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """LTX2LoraLoaderMixin also loads the `connectors` component, which lokr_diffusers does not adapt: its keys (in
+    Lightricks', diffusers' or the original checkpoint's names) are refused naming it, or left out with strict=False."""
+    pipe = bare_pipeline("ltx2")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "ltx2", "comfyui", seed=75)
+    extra = {f"{prefix}.{k}": v for k, v in make_factors(16, 16, 2, "w2 low-rank", 76).items()}
+    with pytest.raises(ValueError, match=r"are for LTX-2's text connectors, the pipeline's `connectors` component"):
+        pipe.load_lokr_weights({**sd, **extra})
+    assert not pipe.get_list_lokr_adapters()
+    pipe.load_lokr_weights({**sd, **extra}, strict=False)
+    assert "cannot be loaded" in caplog.text and prefix in caplog.text
+    assert_close(run(pipe.transformer, "ltx2"), run(comfyui_model(base, "ltx2", modules), "ltx2"))
+
+
 @pytest.mark.parametrize(("file_family", "pipe_family", "words"), [
     ("sd3", "flux", "SD3"), ("zimage", "flux2", "Z-Image"),
     ("flux2", "zimage", "FLUX.1 / FLUX.2"), ("flux", "sd3", "FLUX.1")])

@@ -71,4 +71,9 @@ LTX2 = ModelFamily(
     originals=ORIGINALS, roles=ROLES,
     comfyui_paths=(),  # ComfyUI's LTXAV branch maps plain original names (no prefix), no diffusers paths
     tags=("ltx-2",),
+    # LTX2LoraLoaderMixin also loads the `connectors` component (LTX2TextConnectors): `text_embedding_projection.`
+    # (Lightricks' name, _convert_non_diffusers_ltx2_lora_to_diffusers) or `connectors.` (diffusers') keys, and the
+    # original checkpoint's `video_/audio_embeddings_connector` (dropped by convert_ltx2_transformer_to_diffusers)
+    not_adapted=(Sign(r"^(text_embedding_projection|connectors)\.|(video|audio)_embeddings_connector",
+                      "LTX-2's text connectors, the pipeline's `connectors` component"),),
 )
