@@ -84,14 +84,16 @@ ZIMAGE_TURBO: dict[str, Any] = {
     "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0,
 }
 # Lightricks/LTX-Video (0.9.x 2B): LTXVideoTransformer3DModel's own defaults (28 layers of 32 heads x 64 = 2048, T5
-# features 4096, cross-attention 2048, 128 latent channels): 1.92 B parameters, the published 2B (research notes §12).
+# features 4096, cross-attention 2048, 128 latent channels): 1.92 B parameters, the published 2B (the families
+# research notes, build hints).
 LTX_VIDEO_2B: dict[str, Any] = {}
 # Lightricks/LTX-Video 13B (0.9.7 / 0.9.8): 48 layers of 32 heads x 128 = 4096, cross-attention 4096; read from a
 # public loader embedding the transformer config (num_attention_heads 32, attention_head_dim 128,
 # cross_attention_dim 4096, num_layers 48, caption_channels 4096) and matching the published size (13.04 B).
 LTX_VIDEO_13B: dict[str, Any] = {"num_layers": 48, "attention_head_dim": 128, "cross_attention_dim": 4096}
 # Lightricks/LTX-2: LTX2VideoTransformer3DModel's own defaults (48 layers; video 32 heads x 128 = 4096, audio
-# 32 x 64 = 2048; connector features 3840): 18.88 B parameters, the published 19 B (research notes §12).
+# 32 x 64 = 2048; connector features 3840): 18.88 B parameters, the published 19 B (the families research notes,
+# build hints).
 LTX_2: dict[str, Any] = {}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
