@@ -28,7 +28,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
 NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
-           "ltxvideo": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines",
            "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines"}
 
 
@@ -124,7 +123,9 @@ def test_a_file_of_the_family_is_told_by_its_names(name: str) -> None:
         keys = [f"unet.{path}.lokr_w1" for path, m in model.named_modules() if isinstance(m, nn.Linear)]
     found, evidence = families.of_file(keys)
     assert name in found and evidence
-    assert all(FAMILIES[g].denoiser_class == f.denoiser_class or g in ("flux", "flux2") for g in found)
+    # FLUX.1 / FLUX.2 and LTX-Video / LTX-2 files share most names
+    assert all(FAMILIES[g].denoiser_class == f.denoiser_class or {name, g} <= {"flux", "flux2"}
+               or {name, g} <= {"ltxvideo", "ltx2"} for g in found)
 
 
 def test_training_families_come_from_the_records() -> None:

@@ -59,5 +59,5 @@ LTXVIDEO = ModelFamily(
     kohya=Kohya("ltxv"),  # no trainer writes kohya metadata for LTX-Video: our choice
     originals=ORIGINALS, roles=ROLES,
     comfyui_paths=(),  # ComfyUI's LTXV branch maps plain original names (no prefix), no diffusers paths
-    tags=("ltx-video",), aliases=("ltxv",),
+    tags=("ltx-video",), aliases=("ltxv",), tiny="helpers.tiny_ltx:make_ltxvideo_pipeline",
 )
