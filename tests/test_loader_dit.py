@@ -283,6 +283,19 @@ def test_fused_projections_take_the_fused_module_directly(family: str) -> None:
     assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
 
 
+def test_ltx_attention_still_calls_to_q_after_fusing() -> None:
+    """LTX-Video's processor calls to_q / to_k / to_v even after fuse_qkv_projections() (which adds an unused
+    to_qkv): a file naming them loads onto them, and gives ComfyUI's weights (not fusable)."""
+    pipe = bare_pipeline("ltxvideo")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "ltxvideo", "kohya", aligned=False, seed=61)
+    pipe.transformer.fuse_qkv_projections()
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_qkv, nn.Linear)
+    pipe.load_lokr_weights(sd)
+    assert hasattr(pipe.transformer.transformer_blocks[0].attn1.to_q, "rows")  # a LoKr layer on to_q itself
+    assert_close(run(pipe.transformer, "ltxvideo"), run(comfyui_model(base, "ltxvideo", modules), "ltxvideo"))
+
+
 def test_separate_projection_names_refused_after_fusing() -> None:
     pipe = bare_pipeline("flux")
     pipe.transformer.fuse_qkv_projections()
