@@ -93,6 +93,18 @@ WAN21_I2V_14B: dict[str, Any] = {"in_channels": 36, "image_dim": 1280, "added_kv
 WAN21_T2V_1_3B: dict[str, Any] = {"num_layers": 30, "num_attention_heads": 12, "ffn_dim": 8960}
 WAN22_TI2V_5B: dict[str, Any] = {"num_layers": 30, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
                                  "out_channels": 48}
+# Lightricks/LTX-Video (0.9.x 2B): LTXVideoTransformer3DModel's own defaults (28 layers of 32 heads x 64 = 2048, T5
+# features 4096, cross-attention 2048, 128 latent channels): 1.92 B parameters, the published 2B (the families
+# research notes, build hints).
+LTX_VIDEO_2B: dict[str, Any] = {}
+# Lightricks/LTX-Video 13B (0.9.7 / 0.9.8): 48 layers of 32 heads x 128 = 4096, cross-attention 4096; read from a
+# public loader embedding the transformer config (num_attention_heads 32, attention_head_dim 128,
+# cross_attention_dim 4096, num_layers 48, caption_channels 4096) and matching the published size (13.04 B).
+LTX_VIDEO_13B: dict[str, Any] = {"num_layers": 48, "attention_head_dim": 128, "cross_attention_dim": 4096}
+# Lightricks/LTX-2: LTX2VideoTransformer3DModel's own defaults (48 layers; video 32 heads x 128 = 4096, audio
+# 32 x 64 = 2048; connector features 3840): 18.88 B parameters, the published 19 B (the families research notes,
+# build hints).
+LTX_2: dict[str, Any] = {}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -141,6 +153,9 @@ DIT_VARIANTS: dict[str, Variant] = {
     "wan2.2-ti2v-5b": Variant("Wan2.2-TI2V-5B", WAN22_TI2V_5B, {}),
     "wan2.2-t2v-a14b": Variant("Wan2.2-T2V-A14B (each expert)", WAN21_T2V_14B, {}),
     "wan2.2-i2v-a14b": Variant("Wan2.2-I2V-A14B (each expert)", {"in_channels": 36}, {}),
+    "ltx-video-2b": Variant("LTX-Video 2B", LTX_VIDEO_2B, {}),
+    "ltx-video-13b": Variant("LTX-Video 13B", LTX_VIDEO_13B, {}),
+    "ltx-2": Variant("LTX-2", LTX_2, {}),
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

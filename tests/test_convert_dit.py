@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers.comfyui_dit import comfy_originals
 from helpers.dit_files import original_file
+from helpers.dit_models import tiny as tiny_transformer
 from helpers.fullsize_dit import meta_transformer
 from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file, save_file
@@ -38,11 +39,13 @@ from lokr_diffusers.targeting import dit_target_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
-FAMILIES = ("flux", "sd3", "flux2", "zimage")
+FAMILIES = ("flux", "sd3", "flux2", "zimage", "ltxvideo")
 LAYOUTS = ("comfyui", "diffusers", "peft", "lokr_diffusers")
 
 
 def tiny(family: str) -> Any:
+    if family == "ltxvideo":
+        return families.build_tiny(family)  # tests/helpers/tiny_ltx.py
     return make_tiny_dit_pipeline(family)  # type: ignore[arg-type]
 
 
@@ -78,8 +81,10 @@ def loaded(family: str, path: str, name: str = A) -> Any:
 
 def outputs(pipe: Any) -> Tensor:
     """The pipeline's latents after two steps: every text encoder and the transformer take part."""
-    return pipe(prompt="a photo of a dog", num_inference_steps=2, height=32, width=32, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images
+    video = {"num_frames": 9} if type(pipe).__name__.startswith("LTX") else {}  # not LTX-Video's default 161
+    out = pipe(prompt="a photo of a dog", num_inference_steps=2, height=32, width=32, output_type="latent",
+               generator=torch.Generator().manual_seed(0), **video)
+    return out.frames if video else out.images
 
 
 def layers(pipe: Any) -> set[tuple[str, str]]:
@@ -162,7 +167,7 @@ ORIGINALS_REFUSED = {"diffusers": "PEFT would plan", "peft": "PEFT would plan"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "ltxvideo"])  # LTX-Video has no fused original
 def test_a_file_of_fused_originals_converts_as_a_pipeline_saves_it(family: str, layout: str, tmp_path: Path,
                                                                    asked: list[str]) -> None:
     """No base: the family is told by the file's names (FLUX.1 and FLUX.2 share them; FLUX.1 is tried first). A
@@ -263,6 +268,33 @@ def test_the_family_is_told_by_the_file_names(family: str, layout: str, expected
     assert guess_families(sd) == expected
 
 
+@pytest.mark.parametrize(("family", "layout", "expected"), [
+    ("ltxvideo", "comfyui", ("ltxvideo", "ltx2")),  # LTX-2 keeps every LTX-Video name: only its audio stream tells
+    ("ltxvideo", "kohya", ("ltxvideo", "ltx2")),
+    ("ltx2", "comfyui", ("ltx2",)),  # audio_patchify_proj, av_ca_*, audio_attn2, ...
+    ("ltx2", "kohya", ("ltx2",)),
+])
+def test_an_ltx_family_is_told_by_the_file_names(family: str, layout: str, expected: tuple[str, ...]) -> None:
+    sd, _ = original_file(tiny_transformer(family), family, layout)
+    assert guess_families(sd) == expected
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("transformer.transformer_blocks.0.attn1.to_q", ("ltxvideo", "ltx2")),  # diffusers / PEFT
+    ("lycoris_transformer_blocks_3_attn1_to_out_0", ("ltxvideo", "ltx2")),  # SimpleTuner
+    ("lycoris_transformer_blocks_3_attn2_to_out_0", ()),  # attn2 alone: SD3.5 Medium has it too
+    ("diffusion_model.time_embed.linear", ()),  # ai-toolkit's diffusers path: a name other families share
+    ("transformer.transformer_blocks.0.audio_attn1.to_k", ("ltx2",)),
+    ("lora_transformer_av_cross_attn_video_a2v_gate_linear", ("ltx2",)),  # OneTrainer
+    ("transformer_blocks.0.attn1.to_v", ("ltxvideo", "ltx2")),  # ComfyUI's plain names
+    # a UNet's attn1 under down_blocks is not LTX's
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", ()),
+])
+def test_ltx_names_in_other_layouts(key: str, expected: tuple[str, ...]) -> None:
+    found = guess_families({f"{key}.lokr_w1": torch.zeros(2, 2)})
+    assert found == expected or (not expected and not {"ltxvideo", "ltx2"} & set(found))
+
+
 def test_an_sd_file_names_no_dit_family() -> None:
     assert guess_families({"lora_unet_down_blocks_1_attentions_0_proj_in.lokr_w1": torch.zeros(2, 2)}) == ()
     assert guess_families({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lokr_w1": torch.zeros(2, 2)}) == ()
@@ -285,6 +317,8 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
     "sd35-large": [("text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc1", (5120, 1280))],
     "flux2-klein-9b": [("text_encoders.qwen3_8b.transformer.model.layers.2.self_attn.q_proj", (4096, 4096))],
     "zimage-turbo": [("text_encoders.qwen3_4b.transformer.model.layers.0.mlp.down_proj", (2560, 9728))],
+    # LTX-Video 13B's names are LTX-2's too (LTX-2's audio names are absent): LTX-Video is tried first, 2B then 13B
+    "ltx-video-2b": [], "ltx-video-13b": [], "ltx-2": [],
 }
 
 

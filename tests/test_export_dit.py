@@ -52,6 +52,15 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "wan": ("diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.1.cross_attn.v_img",
             "diffusion_model.blocks.0.ffn.2", "diffusion_model.head.head", "diffusion_model.time_projection.1",
             "diffusion_model.img_emb.proj.3", "diffusion_model.text_embedding.0"),
+    # LTX: Lightricks' names, which ComfyUI's LTXV / LTXAV models keep (diffusers' paths but for the top-level renames)
+    "ltxvideo": ("diffusion_model.patchify_proj", "diffusion_model.adaln_single.linear",
+                 "diffusion_model.adaln_single.emb.timestep_embedder.linear_1",
+                 "diffusion_model.transformer_blocks.1.attn2.to_k", "diffusion_model.transformer_blocks.0.ff.net.2",
+                 "diffusion_model.caption_projection.linear_2", "diffusion_model.proj_out"),
+    "ltx2": ("diffusion_model.audio_patchify_proj", "diffusion_model.av_ca_v2a_gate_adaln_single.linear",
+             "diffusion_model.audio_adaln_single.emb.timestep_embedder.linear_2",
+             "diffusion_model.transformer_blocks.0.audio_to_video_attn.to_q",
+             "diffusion_model.transformer_blocks.0.audio_ff.net.0.proj", "diffusion_model.audio_proj_out"),
 }
 
 
@@ -305,7 +314,7 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
         save(mixed, tmp_path / "mixed", "diffusers")
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage"])
+@pytest.mark.parametrize("family", ["flux2", "zimage", "ltxvideo", "ltx2"])
 def test_peft_folder_loads_in_peft(family: str, tmp_path: Any) -> None:
     from peft import PeftModel
 

@@ -27,10 +27,8 @@ from lokr_diffusers.training.family import MOVED, training_family
 PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
-# families whose ComfyUI key map takes no diffusers path (comfy/lora.py model_lora_keys_unet has no branch for them):
-# an adapter is written under its original names only
-NO_COMFYUI_PATHS = {"wan": "comfy/lora.py has no Wan branch: only diffusion_model.<original> and lora_unet_<original>"}
-NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it"}
+NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
+           "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines"}
 
 
 @functools.cache
@@ -41,6 +39,8 @@ def tiny(name: str) -> Any:
 def test_names_are_unique_and_one_spelling() -> None:
     assert len(set(NAMES)) == len(NAMES)
     assert NAMES[:7] == ["sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"]  # the order files are tried in
+    # the order files are tried in (LTX-2 files carry every LTX-Video name but their audio stream's)
+    assert NAMES.index("ltxvideo") < NAMES.index("ltx2")
     aliases = [a for f in FAMILIES.values() for a in f.aliases]
     assert len(set(aliases)) == len(aliases) and not set(aliases) & set(NAMES)
     assert families.ALIASES == {**{n: n for n in NAMES}, **{a: f.name for f in FAMILIES.values() for a in f.aliases}}
@@ -124,7 +124,9 @@ def test_a_file_of_the_family_is_told_by_its_names(name: str) -> None:
         keys = [f"unet.{path}.lokr_w1" for path, m in model.named_modules() if isinstance(m, nn.Linear)]
     found, evidence = families.of_file(keys)
     assert name in found and evidence
-    assert all(FAMILIES[g].denoiser_class == f.denoiser_class or g in ("flux", "flux2") for g in found)
+    # FLUX.1 / FLUX.2 and LTX-Video / LTX-2 files share most names
+    assert all(FAMILIES[g].denoiser_class == f.denoiser_class or {name, g} <= {"flux", "flux2"}
+               or {name, g} <= {"ltxvideo", "ltx2"} for g in found)
 
 
 def test_training_families_come_from_the_records() -> None:
@@ -182,5 +184,7 @@ def test_every_record_is_complete() -> None:
         assert f.detect.kind, f.name  # every family's files can be told by their names
         assert bool(f.targets) != bool(f.roles)  # default targets: a list, or the Linears by role
         assert not f.roles or {"attention", "feed_forward", "norms", "embedders"} == set(f.roles)
-        # the ComfyUI writer of a DiT family needs the diffusers paths ComfyUI's key map takes, unless it takes none
-        assert f.originals is None or bool(f.comfyui_paths) != (f.name in NO_COMFYUI_PATHS), f.name
+        # the ComfyUI writer of a DiT family needs its key map, unless every original is one whole Linear in its own
+        # row order (Wan, LTX: ComfyUI reaches each module by its original name)
+        assert f.originals is None or f.comfyui_paths or (
+            not f.originals.row_names and all(len(r.parts) == 1 and not r.swap for r in f.originals.rules))

@@ -16,6 +16,8 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    LTX2VideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
@@ -23,6 +25,8 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
+    convert_ltx2_transformer_to_diffusers,
+    convert_ltx_transformer_checkpoint_to_diffusers,
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_wan_transformer_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
@@ -40,6 +44,8 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     Flux2Transformer2DModel: convert_flux2_transformer_checkpoint_to_diffusers,
     ZImageTransformer2DModel: convert_z_image_transformer_checkpoint_to_diffusers,
     WanTransformer3DModel: convert_wan_transformer_to_diffusers,
+    LTXVideoTransformer3DModel: convert_ltx_transformer_checkpoint_to_diffusers,
+    LTX2VideoTransformer3DModel: convert_ltx2_transformer_to_diffusers,
 }
 
 
@@ -65,6 +71,10 @@ def hidden(model: nn.Module) -> int:
 # last (context pre-only: no context proj / mlp), 2 more (attn2 qkv, proj) per dual-attention block.
 # Flux.2 Klein: 9 top (img_in, txt_in, time_in x2, 3 global modulations, final_layer x2), 8 per
 # double, 2 per single block. Z-Image: 6 top, 6 per layer and noise refiner, 5 per context refiner.
+# LTX-Video: 7 top (patchify_proj, adaln_single's 3, caption_projection's 2, proj_out), 10 per block (attn1 and attn2
+# to_q/k/v/out.0, ff's 2). LTX-2: 26 top (2 patchify projections, 6 adaLN-singles of 3 (video, audio, the 4 av_ca_
+# ones; LTX-2.0 has no prompt_adaln_single), 2 caption projections of 2, 2 output projections), 28 per block (6
+# attentions of 4: attn1, attn2, audio_attn1, audio_attn2, audio_to_video_attn, video_to_audio_attn; ff, audio_ff).
 ORIGINAL_COUNTS = {
     "flux1-dev": 10 + 10 * 19 + 3 * 38,
     "flux1-schnell": 8 + 10 * 19 + 3 * 38,
@@ -79,6 +89,9 @@ ORIGINAL_COUNTS = {
     "wan2.1-i2v-14b": 8 + 12 * 40,
     "wan2.1-t2v-1.3b": 6 + 10 * 30,
     "wan2.2-ti2v-5b": 6 + 10 * 30,
+    "ltx-video-2b": 7 + 10 * 28,
+    "ltx-video-13b": 7 + 10 * 48,
+    "ltx-2": 26 + 28 * 48,
 }
 
 
@@ -234,6 +247,58 @@ SPOT: dict[str, list[Expected]] = {
          [("all_final_layer.2-1.linear", 0, 64, 0)]),
         ("transformer.cap_embedder.1", "cap_embedder.1", [("cap_embedder.1", 0, 3840, 0)]),
         ("lora_unet_cap_embedder_1", "cap_embedder.1", [("cap_embedder.1", 0, 3840, 0)]),
+    ],
+    # LTX-Video 2B: dim 2048 (32 x 64), adaLN-single 6 x dim, MLP 4 x dim; 13B: dim 4096
+    "ltx-video-2b": [
+        ("diffusion_model.patchify_proj", "patchify_proj", [("proj_in", 0, 2048, 0)]),
+        ("lora_unet_adaln_single_linear", "adaln_single.linear", [("time_embed.linear", 0, 6 * 2048, 0)]),
+        ("diffusion_model.adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1",
+         [("time_embed.emb.timestep_embedder.linear_1", 0, 2048, 0)]),
+        ("diffusion_model.transformer_blocks.27.attn2.to_k", "transformer_blocks.27.attn2.to_k",
+         [("transformer_blocks.27.attn2.to_k", 0, 2048, 0)]),
+        ("lora_unet_transformer_blocks_0_ff_net_0_proj", "transformer_blocks.0.ff.net.0.proj",
+         [("transformer_blocks.0.ff.net.0.proj", 0, 4 * 2048, 0)]),
+        ("diffusion_model.caption_projection.linear_1", "caption_projection.linear_1",
+         [("caption_projection.linear_1", 0, 2048, 0)]),
+        ("lora_unet_proj_out", "proj_out", [("proj_out", 0, 128, 0)]),
+        ("diffusion_model.proj_in", "proj_in", [("proj_in", 0, 2048, 0)]),  # ai-toolkit's diffusers path
+        ("lycoris_time_embed_linear", "time_embed.linear", [("time_embed.linear", 0, 6 * 2048, 0)]),
+        ("lora_unet_transformer_blocks_28_attn1_to_q", None, []),
+        ("lora_unet_time_embed_linear", None, []),  # kohya names the original (adaln_single)
+    ],
+    "ltx-video-13b": [
+        ("diffusion_model.transformer_blocks.47.attn1.to_out.0", "transformer_blocks.47.attn1.to_out.0",
+         [("transformer_blocks.47.attn1.to_out.0", 0, 4096, 0)]),
+        ("diffusion_model.adaln_single.linear", "adaln_single.linear", [("time_embed.linear", 0, 6 * 4096, 0)]),
+    ],
+    # LTX-2: video dim 4096 (32 x 128), audio 2048 (32 x 64); adaLN-singles 6 x dim, the av_ca_ scale-shift ones
+    # 4 x dim, the gates 1 x dim
+    "ltx-2": [
+        ("diffusion_model.audio_patchify_proj", "audio_patchify_proj", [("audio_proj_in", 0, 2048, 0)]),
+        ("lora_unet_audio_adaln_single_linear", "audio_adaln_single.linear",
+         [("audio_time_embed.linear", 0, 6 * 2048, 0)]),
+        ("diffusion_model.av_ca_video_scale_shift_adaln_single.linear", "av_ca_video_scale_shift_adaln_single.linear",
+         [("av_cross_attn_video_scale_shift.linear", 0, 4 * 4096, 0)]),
+        ("diffusion_model.av_ca_a2v_gate_adaln_single.linear", "av_ca_a2v_gate_adaln_single.linear",
+         [("av_cross_attn_video_a2v_gate.linear", 0, 4096, 0)]),
+        ("lora_unet_av_ca_audio_scale_shift_adaln_single_emb_timestep_embedder_linear_2",
+         "av_ca_audio_scale_shift_adaln_single.emb.timestep_embedder.linear_2",
+         [("av_cross_attn_audio_scale_shift.emb.timestep_embedder.linear_2", 0, 2048, 0)]),
+        ("diffusion_model.av_ca_v2a_gate_adaln_single.linear", "av_ca_v2a_gate_adaln_single.linear",
+         [("av_cross_attn_audio_v2a_gate.linear", 0, 2048, 0)]),
+        ("diffusion_model.transformer_blocks.47.audio_to_video_attn.to_out.0",
+         "transformer_blocks.47.audio_to_video_attn.to_out.0",
+         [("transformer_blocks.47.audio_to_video_attn.to_out.0", 0, 4096, 0)]),
+        ("lora_unet_transformer_blocks_3_video_to_audio_attn_to_k", "transformer_blocks.3.video_to_audio_attn.to_k",
+         [("transformer_blocks.3.video_to_audio_attn.to_k", 0, 2048, 0)]),
+        ("diffusion_model.transformer_blocks.0.audio_ff.net.2", "transformer_blocks.0.audio_ff.net.2",
+         [("transformer_blocks.0.audio_ff.net.2", 0, 2048, 0)]),
+        ("diffusion_model.audio_caption_projection.linear_2", "audio_caption_projection.linear_2",
+         [("audio_caption_projection.linear_2", 0, 2048, 0)]),
+        ("transformer.av_cross_attn_audio_v2a_gate.linear", "av_cross_attn_audio_v2a_gate.linear",
+         [("av_cross_attn_audio_v2a_gate.linear", 0, 2048, 0)]),
+        ("diffusion_model.prompt_adaln_single.linear", None, []),  # LTX-2.3's; LTX-2.0 has none
+        ("diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q", None, []),
     ],
 }
 
@@ -403,7 +468,7 @@ def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     return {p: {k: v.detach() for k, v in m.named_parameters()} for p, m in linear_paths(model).items()}
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux2", "zimage"])
+@pytest.mark.parametrize("name", ["sd3", "flux2", "zimage", "ltxvideo", "ltx2"])
 def test_tiny_fused_weights_split_back_by_diffusers_converter(name: str) -> None:
     model = tiny(name)
     check_converter_splits_back(model, weights(model))

@@ -242,6 +242,10 @@ PIPELINES_OF = [
     ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
     ("zimage", "ZImageImg2ImgPipeline"), ("zimage", "ZImageInpaintPipeline"),
     ("wan", "WanPipeline"), ("wan", "WanVideoToVideoPipeline"),
+    ("ltxvideo", "LTXImageToVideoPipeline"), ("ltxvideo", "LTXConditionPipeline"),
+    ("ltxvideo", "LTXI2VLongMultiPromptPipeline"),
+    ("ltx2", "LTX2ImageToVideoPipeline"), ("ltx2", "LTX2ConditionPipeline"), ("ltx2", "LTX2InContextPipeline"),
+    ("ltx2", "LTX2HDRPipeline"), ("ltx2", "LTX2DFRPipeline"), ("ltx2", "LTX2DFRTemporalRefinePipeline"),
 ]
 
 
@@ -284,6 +288,19 @@ def test_fused_projections_take_the_fused_module_directly(family: str) -> None:
     assert_close(run(pipe.transformer, family), run(comfyui_model(base, family, modules), family))
 
 
+def test_ltx_attention_still_calls_to_q_after_fusing() -> None:
+    """LTX-Video's processor calls to_q / to_k / to_v even after fuse_qkv_projections() (which adds an unused
+    to_qkv): a file naming them loads onto them, and gives ComfyUI's weights (not fusable)."""
+    pipe = bare_pipeline("ltxvideo")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "ltxvideo", "kohya", aligned=False, seed=61)
+    pipe.transformer.fuse_qkv_projections()
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_qkv, nn.Linear)
+    pipe.load_lokr_weights(sd)
+    assert hasattr(pipe.transformer.transformer_blocks[0].attn1.to_q, "rows")  # a LoKr layer on to_q itself
+    assert_close(run(pipe.transformer, "ltxvideo"), run(comfyui_model(base, "ltxvideo", modules), "ltxvideo"))
+
+
 def test_separate_projection_names_refused_after_fusing() -> None:
     pipe = bare_pipeline("flux")
     pipe.transformer.fuse_qkv_projections()
@@ -305,6 +322,23 @@ def test_unknown_keys_strict_and_not() -> None:
     assert not pipe.get_list_lokr_adapters()
     pipe.load_lokr_weights({**sd, **extra}, strict=False)
     assert_close(run(pipe.transformer, "flux"), run(comfyui_model(base, "flux", modules), "flux"))
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q",
+                                    "text_embedding_projection.aggregate_embed", "connectors.text_proj_in"])
+def test_ltx2_connector_keys_are_named_as_not_loaded(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """LTX2LoraLoaderMixin also loads the `connectors` component, which lokr_diffusers does not adapt: its keys (in
+    Lightricks', diffusers' or the original checkpoint's names) are refused naming it, or left out with strict=False."""
+    pipe = bare_pipeline("ltx2")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "ltx2", "comfyui", seed=75)
+    extra = {f"{prefix}.{k}": v for k, v in make_factors(16, 16, 2, "w2 low-rank", 76).items()}
+    with pytest.raises(ValueError, match=r"are for LTX-2's text connectors, the pipeline's `connectors` component"):
+        pipe.load_lokr_weights({**sd, **extra})
+    assert not pipe.get_list_lokr_adapters()
+    pipe.load_lokr_weights({**sd, **extra}, strict=False)
+    assert "cannot be loaded" in caplog.text and prefix in caplog.text
+    assert_close(run(pipe.transformer, "ltx2"), run(comfyui_model(base, "ltx2", modules), "ltx2"))
 
 
 @pytest.mark.parametrize(("file_family", "pipe_family", "words"), [

@@ -93,3 +93,6 @@ class ModelFamily:
     aliases: tuple[str, ...] = ()  # other names the command line takes (--base sd15)
     tiny: str | None = None  # "module:function(seed)" building a tiny pipeline; a `helpers.` module is the tests'
     subsumed: tuple[str, ...] = ()  # full-size models whose files fit one of `variants` too, so never tried
+    # keys its files may hold for modules no component we adapt has (LTX-2's text connectors): named in the report
+    # of keys that match nothing, so that the reader knows why they were not loaded
+    not_adapted: tuple[Sign, ...] = ()

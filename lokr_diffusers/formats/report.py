@@ -148,6 +148,17 @@ def _factorless(unmatched: Sequence[str], all_keys: KeysOrStateDict) -> list[str
     return [m for m in modules if m not in with_factors]
 
 
+def _not_adapted(unmatched: Sequence[str], comps: Mapping[str, nn.Module]) -> str:
+    """A sentence per `ModelFamily.not_adapted` sign of the pipeline's families that unmatched keys fit, or ''."""
+    out = ""
+    for sign in dict.fromkeys(s for f in families.candidates(comps) for s in f.not_adapted):
+        hits = [k for k in unmatched if re.search(sign.pattern, k)]
+        if hits:
+            out += (f" {len(hits)} of these keys ({hits[0].rpartition('.')[0]}, ...) are for {sign.words}, which "
+                    "lokr_diffusers does not adapt, so they cannot be loaded.")
+    return out
+
+
 def unmatched_message(unmatched: Sequence[str], all_keys: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
     """Which keys fit nothing, why where we can tell, and which base the file is for."""
     shown = ", ".join(unmatched[:5])
@@ -158,4 +169,4 @@ def unmatched_message(unmatched: Sequence[str], all_keys: KeysOrStateDict, comps
         why = (f" {len(lonely)} of these modules have no LoKr factors, only alpha/dora_scale ({', '.join(lonely[:3])}"
                f"{' ...' if len(lonely) > 3 else ''}): every module needs W1 (lokr_w1 or lokr_w1_a/_b) and W2.")
     return (f"{len(unmatched)} of {len(all_keys)} keys match no module of the pipeline's "
-            f"{', '.join(comps)}: {shown}{more}.{why}{base_hint(all_keys, comps)}")
+            f"{', '.join(comps)}: {shown}{more}.{why}{_not_adapted(unmatched, comps)}{base_hint(all_keys, comps)}")

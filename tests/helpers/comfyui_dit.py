@@ -134,6 +134,20 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
                                ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
                                ("head.head", "proj_out")):
             _add(out, model, original, [path])
+    elif family in ("ltxvideo", "ltx2"):
+        # ComfyUI's LTXV / LTXAV models keep Lightricks' names, which are diffusers' paths but for the top-level
+        # modules diffusers' converters rename (convert_ltx_transformer_checkpoint_to_diffusers,
+        # convert_ltx2_transformer_to_diffusers): one Linear per original, no fused rows, no swap
+        renamed = {"proj_in": "patchify_proj", "audio_proj_in": "audio_patchify_proj", "time_embed": "adaln_single",
+                   "audio_time_embed": "audio_adaln_single",
+                   "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+                   "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+                   "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+                   "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single"}
+        for path, m in model.named_modules():  # (not _add: it lists the modules again for each of 1370 Linears)
+            if isinstance(m, nn.Linear):
+                head, dot, rest = path.partition(".")
+                out[renamed.get(head, head) + dot + rest] = Original([(path, 0, m.out_features)])
     else:  # zimage
         for kind, n in (("layers", cfg.n_layers), ("noise_refiner", cfg.n_refiner_layers),
                         ("context_refiner", cfg.n_refiner_layers)):

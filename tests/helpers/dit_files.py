@@ -18,6 +18,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     FluxPipeline,
+    LTX2Pipeline,
+    LTXPipeline,
     StableDiffusion3Pipeline,
     WanImageToVideoPipeline,
     ZImagePipeline,
@@ -28,7 +30,8 @@ from helpers.dit_models import tiny
 from helpers.references import consumer_weight, fused_consumer_weights
 
 PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
-                              "zimage": ZImagePipeline, "wan": WanImageToVideoPipeline}
+                              "zimage": ZImagePipeline, "wan": WanImageToVideoPipeline,
+                              "ltxvideo": LTXPipeline, "ltx2": LTX2Pipeline}
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
 
 # Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
@@ -96,7 +99,39 @@ WAN: dict[str, Blocks] = {
     "head.head": [("proj_out", 0, None)],
     "img_emb.proj.1": [("condition_embedder.image_embedder.ff.net.0.proj", 0, None)],
 }
-ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN}
+# LTX-Video tiny: d = 16, 2 blocks, cross-attention 16, captions 8 wide. Lightricks' names are diffusers' but for
+# the top-level renames of convert_ltx_transformer_checkpoint_to_diffusers: patchify_proj = proj_in, adaln_single.* =
+# time_embed.* (adaLN-single: 6d rows, timestep MLP 256 -> d -> d); one Linear per original, no fused rows.
+LTXVIDEO: dict[str, Blocks] = {
+    "patchify_proj": [("proj_in", 0, None)],
+    "adaln_single.linear": [("time_embed.linear", 0, None)],
+    "adaln_single.emb.timestep_embedder.linear_1": [("time_embed.emb.timestep_embedder.linear_1", 0, None)],
+    "transformer_blocks.0.attn1.to_q": [("transformer_blocks.0.attn1.to_q", 0, None)],
+    "transformer_blocks.1.attn2.to_k": [("transformer_blocks.1.attn2.to_k", 0, None)],
+    "transformer_blocks.1.ff.net.0.proj": [("transformer_blocks.1.ff.net.0.proj", 0, None)],
+    "caption_projection.linear_1": [("caption_projection.linear_1", 0, None)],
+    "proj_out": [("proj_out", 0, None)],
+}
+# LTX-2 tiny: video d = 16, audio d = 8, 1 block; convert_ltx2_transformer_to_diffusers' renames: audio_patchify_proj =
+# audio_proj_in, audio_adaln_single.* = audio_time_embed.*, av_ca_<x>_adaln_single.* = av_cross_attn_<y>.*; the
+# audio-video cross attentions (audio_to_video_attn: q from video 16 -> 8, out 8 -> 16) keep their names.
+LTX2: dict[str, Blocks] = {
+    "patchify_proj": [("proj_in", 0, None)],
+    "audio_patchify_proj": [("audio_proj_in", 0, None)],
+    "audio_adaln_single.emb.timestep_embedder.linear_2": [("audio_time_embed.emb.timestep_embedder.linear_2", 0, None)],
+    "av_ca_a2v_gate_adaln_single.linear": [("av_cross_attn_video_a2v_gate.linear", 0, None)],
+    "av_ca_audio_scale_shift_adaln_single.linear": [("av_cross_attn_audio_scale_shift.linear", 0, None)],
+    "transformer_blocks.0.attn1.to_v": [("transformer_blocks.0.attn1.to_v", 0, None)],
+    "transformer_blocks.0.audio_attn2.to_k": [("transformer_blocks.0.audio_attn2.to_k", 0, None)],
+    "transformer_blocks.0.audio_to_video_attn.to_q": [("transformer_blocks.0.audio_to_video_attn.to_q", 0, None)],
+    "transformer_blocks.0.video_to_audio_attn.to_out.0": [("transformer_blocks.0.video_to_audio_attn.to_out.0", 0,
+                                                           None)],
+    "transformer_blocks.0.audio_ff.net.0.proj": [("transformer_blocks.0.audio_ff.net.0.proj", 0, None)],
+    "audio_caption_projection.linear_1": [("audio_caption_projection.linear_1", 0, None)],
+    "audio_proj_out": [("audio_proj_out", 0, None)],
+}
+ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN,
+                                           "ltxvideo": LTXVIDEO, "ltx2": LTX2}
 FAMILIES = tuple(ORIGINALS)
 # The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
 BLOCK_CLASSES: dict[str, list[str]] = {
@@ -119,7 +154,8 @@ def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None 
     kwargs: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler(),
                               "transformer": model if model is not None else tiny(family)}
     for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                 "tokenizer_3", "image_encoder", "feature_extractor"):
+                 "tokenizer_3", "image_encoder", "feature_extractor", "audio_vae", "connectors", "vocoder",
+                 "temporal_latent_upsampler"):
         if name in cls.__init__.__code__.co_varnames:
             kwargs[name] = None
     if "safety_checker" in cls.__init__.__code__.co_varnames:  # Cosmos: None would import cosmos_guardrail

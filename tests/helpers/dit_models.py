@@ -1,6 +1,6 @@
 """Tiny DiT transformers with random weights, and inputs for their forward (offline, CPU, well under a second).
 
-The configs are the smallest the four classes accept; the shapes of each forward's inputs are read off
+The configs are the smallest the classes accept; the shapes of each forward's inputs are read off
 each class's forward signature. Used by tests/test_formats_dit.py and the DiT loader tests.
 """
 
@@ -12,6 +12,8 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    LTX2VideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
@@ -38,6 +40,14 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, image_dim=16,
         added_kv_proj_dim=24)),
+    "ltxvideo": (LTXVideoTransformer3DModel, dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=8)),
+    # video 2 x 8 = 16 wide, audio 2 x 4 = 8: the audio-video cross attentions map between the two widths
+    "ltx2": (LTX2VideoTransformer3DModel, dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1, caption_channels=8)),
 }
 
 
@@ -72,11 +82,21 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
     if name == "wan":  # latents (batch, channels, frames, height, width): 1 x 2 x 2 patches; 2 image tokens
         return dict(hidden_states=r(1, 4, 1, 4, 4), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 3, 16),
                     encoder_hidden_states_image=r(1, 2, 16))
+    if name == "ltxvideo":  # 2 frames of 2 x 2 latent patches (8 channels), 3 caption tokens of 8 features
+        return dict(hidden_states=r(1, 8, 8), encoder_hidden_states=r(1, 3, 8), timestep=torch.tensor([500]),
+                    encoder_attention_mask=torch.ones(1, 3), num_frames=2, height=2, width=2)
+    if name == "ltx2":  # the same video, 3 audio latent frames (4 channels); the captions for both streams
+        return dict(hidden_states=r(1, 8, 8), audio_hidden_states=r(1, 3, 4), encoder_hidden_states=r(1, 3, 8),
+                    audio_encoder_hidden_states=r(1, 3, 8), timestep=torch.tensor([500.0]), num_frames=2, height=2,
+                    width=2, audio_num_frames=3)
     return dict(x=[r(4, 1, 4, 4)], t=t, cap_feats=[r(3, 12)])
 
 
 def run(model: nn.Module, name: str, **extra: Any) -> Tensor:
-    """One forward; the output as one tensor."""
+    """One forward; the output as one tensor (LTX-2: its video and audio outputs, flattened and joined)."""
     with torch.no_grad():
-        out = model(**inputs(name), return_dict=False, **extra)[0]
+        outs = model(**inputs(name), return_dict=False, **extra)
+    if name == "ltx2":
+        return torch.cat([o.flatten() for o in outs])
+    out = outs[0]
     return torch.stack(out) if isinstance(out, list) else out
