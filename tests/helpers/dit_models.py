@@ -1,6 +1,6 @@
 """Tiny DiT transformers with random weights, and inputs for their forward (offline, CPU, well under a second).
 
-The configs are the smallest the four classes accept; the shapes of each forward's inputs are read off
+The configs are the smallest the classes accept; the shapes of each forward's inputs are read off
 each class's forward signature. Used by tests/test_formats_dit.py and the DiT loader tests.
 """
 
@@ -12,6 +12,9 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HiDreamImageTransformer2DModel,
+    QwenImage21Transformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     ZImageTransformer2DModel,
 )
@@ -32,6 +35,17 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "flux": (FluxTransformer2DModel, dict(
         in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+    "qwenimage": (QwenImageTransformer2DModel, dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4))),
+    "qwenimage21": (QwenImage21Transformer2DModel, dict(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=3, axes_dims_rope=(8, 4, 4))),
+    # 4 routed experts, 2 active; rope over 3 axes (its forward's ids have 3), summing to the head dim 8
+    "hidream": (HiDreamImageTransformer2DModel, dict(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1))),
 }
 
 
@@ -63,6 +77,16 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
     if name == "sd3":
         return dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 3, 12), pooled_projections=r(1, 10),
                     timestep=t)
+    if name == "qwenimage":  # 2 x 2 latent tokens of 2 x 2 patches of 4 channels
+        return dict(hidden_states=r(1, 4, 16), encoder_hidden_states=r(1, 3, 16),
+                    encoder_hidden_states_mask=torch.ones(1, 3), timestep=t, img_shapes=[(1, 2, 2)])
+    if name == "qwenimage21":  # 3 text tokens, then the image slot that stands for the 2 x 2 latent tokens
+        img_mask = torch.tensor([[False, False, False, True]])
+        return dict(hidden_states=r(1, 4, 16), encoder_hidden_states=r(1, 3, 16), timestep=t, img_shapes=[[(1, 2, 2)]],
+                    img_mask=img_mask)
+    if name == "hidream":  # Llama features: (len(llama_layers), batch, tokens, caption_channels[1])
+        return dict(hidden_states=r(1, 4, 8, 8), timesteps=torch.tensor([500]), encoder_hidden_states_t5=r(1, 3, 8),
+                    encoder_hidden_states_llama3=r(2, 1, 3, 4), pooled_embeds=r(1, 8))
     return dict(x=[r(4, 1, 4, 4)], t=t, cap_feats=[r(3, 12)])
 
 
