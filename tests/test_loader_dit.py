@@ -1,5 +1,6 @@
 """Loading LoKr files into Flux.1 / SD3 / Flux.2 Klein / Z-Image / Qwen-Image (2.1) / HiDream-I1 pipelines, in
-every layout, against ComfyUI's rule written independently (tests/helpers/references.py), fp32, 1e-5 relative on tiny transformers.
+every layout, against ComfyUI's rule written independently (tests/helpers/references.py), fp32, 1e-5 relative on
+tiny transformers.
 
 The oracle for an original-layout (BFL / ComfyUI / kohya) file: the original weight of each module is the row
 blocks of diffusers' modules in the original's order (the tables in tests/helpers/dit_files.py, by hand from

@@ -141,7 +141,7 @@ class _NoProcessor:
     """Stands in for a processor a pipeline reads once when built (QwenImage21Pipeline: the length of its system
     prompt's tokens, the id of its image-pad token); never used to encode."""
 
-    class tokenizer:  # noqa: N801  (an attribute of the processor, as transformers names it)
+    class tokenizer:  # an attribute of the processor, named as transformers names it
         @staticmethod
         def encode(text: str) -> list[int]:
             return [0]
