@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers.comfyui_dit import comfy_originals
 from helpers.dit_files import original_file
+from helpers.dit_models import tiny as tiny_transformer
 from helpers.fullsize_dit import meta_transformer
 from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file, save_file
@@ -263,6 +264,20 @@ def test_the_family_is_told_by_the_file_names(family: str, layout: str, expected
     assert guess_families(sd) == expected
 
 
+# The families without a tiny pipeline here, told by the names of a file for their tiny transformer: Qwen-Image's
+# per-block modulation, Qwen-Image 2.1's fused SwiGLU input, HiDream's stream blocks (their originals are their
+# diffusers paths, so the comfyui layout is ai-toolkit's too).
+@pytest.mark.parametrize(("family", "layout", "expected"), [
+    ("qwenimage", "kohya", ("qwenimage",)),
+    ("qwenimage", "comfyui", ("qwenimage",)),
+    ("qwenimage21", "comfyui", ("qwenimage21",)),
+    ("hidream", "kohya", ("hidream",)),
+])
+def test_a_same_name_familys_file_is_told_by_its_names(family: str, layout: str, expected: tuple[str, ...]) -> None:
+    sd, _ = original_file(tiny_transformer(family), family, layout)
+    assert guess_families(sd) == expected
+
+
 def test_an_sd_file_names_no_dit_family() -> None:
     assert guess_families({"lora_unet_down_blocks_1_attentions_0_proj_in.lokr_w1": torch.zeros(2, 2)}) == ()
     assert guess_families({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lokr_w1": torch.zeros(2, 2)}) == ()
@@ -285,6 +300,9 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
     "sd35-large": [("text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc1", (5120, 1280))],
     "flux2-klein-9b": [("text_encoders.qwen3_8b.transformer.model.layers.2.self_attn.q_proj", (4096, 4096))],
     "zimage-turbo": [("text_encoders.qwen3_4b.transformer.model.layers.0.mlp.down_proj", (2560, 9728))],
+    "qwen-image": [],  # transformer modules only (no text-encoder config of theirs here)
+    "qwen-image-2.1": [],
+    "hidream-i1": [],
 }
 
 
@@ -337,4 +355,5 @@ def test_cli_offers_the_registry_formats_and_every_family() -> None:
     convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]  # type: ignore[union-attr]
     options = {a.dest: a.choices for a in convert._actions}
     assert sorted(options["to"]) == sorted(FORMAT_ALIASES)
-    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"}
+    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage",
+                                           "qwenimage", "qwenimage21", "hidream"}
