@@ -85,7 +85,7 @@ ZIMAGE_TURBO: dict[str, Any] = {
 }
 # Qwen/Qwen-Image: 60 blocks of 24 heads x 128 = 3072, Qwen2.5-VL-7B text features (3584), 2 x 2 patches of 16
 # latent channels (64 in): QwenImageTransformer2DModel's own defaults (diffusers 0.42.1), which build the published
-# 20.4 B parameters on the meta device (families research notes §12). Explicit so a changed default shows.
+# 20.4 B parameters on the meta device (the families research notes). Written out so a changed default shows.
 QWEN_IMAGE: dict[str, Any] = {
     "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": False, "in_channels": 64,
     "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60, "out_channels": 16, "patch_size": 2,
@@ -100,7 +100,7 @@ QWEN_IMAGE_21: dict[str, Any] = {
 # HiDream-ai/HiDream-I1-Full (Dev and Fast share the transformer's shape): 16 double + 32 single blocks of 20 heads
 # x 128 = 2560, 4 routed experts (2 active), caption_channels (T5-XXL, Llama-3.1-8B) 4096 each: 16 + 32 Llama
 # caption projections (one per block) and T5's, whatever llama_layers says (it is read in forward only), 2 x 2
-# patches of 16 channels. Values from the families research notes §12 (there from memory, not from the published
+# patches of 16 channels. Values from the families research notes (there from memory, not from the published
 # config.json; supported by the 17.1 B parameters they build, the published size), the rest
 # HiDreamImageTransformer2DModel's defaults.
 HIDREAM_I1: dict[str, Any] = {
