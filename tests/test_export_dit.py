@@ -318,7 +318,7 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
         save(mixed, tmp_path / "mixed", "diffusers")
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage"])
+@pytest.mark.parametrize("family", ["flux2", "zimage", "qwenimage", "qwenimage21", "hidream"])
 def test_peft_folder_loads_in_peft(family: str, tmp_path: Any) -> None:
     from peft import PeftModel
 
@@ -346,9 +346,10 @@ def test_what_peft_cannot_hold_is_refused(fmt: str, tmp_path: Any) -> None:
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage", "qwenimage21", "hidream"])
 def test_diffusers_and_peft_layouts_read_back_for_flux1_and_sd3(family: str, tmp_path: Any) -> None:
-    """diffusers 0.42.1 has no LoKr loader for these; our loader reads both layouts back."""
+    """diffusers 0.42.1 has no LoKr loader for these (Qwen-Image and HiDream neither); our loader reads both layouts
+    back."""
     pipe, base = adapted(family)
     want = run(pipe.transformer, family)
     for fmt in ("diffusers", "peft"):
