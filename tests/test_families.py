@@ -28,7 +28,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
 NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
-           "qwenimage": "no tiny pipeline yet (a Qwen2.5-VL encoder); tiny transformer: helpers/dit_models.py",
            "qwenimage21": "no tiny pipeline yet (a Qwen3-VL encoder); tiny transformer: helpers/dit_models.py",
            "hidream": "no tiny pipeline yet (four text encoders); tiny transformer: helpers/dit_models.py"}
 

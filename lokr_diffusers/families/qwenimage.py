@@ -65,6 +65,7 @@ QWENIMAGE = ModelFamily(
     detect=Detection(kind=(QWEN_SIGN,)),
     kohya=Kohya("qwen_image"),  # musubi-tuner's ARCHITECTURE_QWEN_IMAGE_FULL, its ss_base_model_version
     originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS, tags=("qwen-image",), aliases=("qwen",),
+    tiny="helpers.tiny_qwen:make_qwenimage_pipeline",
 )
 QWENIMAGE21 = ModelFamily(
     name="qwenimage21", title="Qwen-Image 2.1", pipelines=("QwenImage21Pipeline",), denoiser="transformer",
