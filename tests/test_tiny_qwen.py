@@ -13,7 +13,7 @@ from helpers.dit_files import original_file
 from helpers.tiny_qwen import make_qwenimage_pipeline
 from torch import Tensor
 
-import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
+import lokr_diffusers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 
@@ -50,3 +50,15 @@ def test_a_lokr_file_changes_the_pipelines_output() -> None:
     finally:
         pipe.unload_lokr_weights()
     torch.testing.assert_close(outputs(pipe), before, rtol=0, atol=0)
+
+
+def test_add_lokr_defaults_on_the_transformer() -> None:
+    """The default targets are the trainers': attention and MLPs, 2 blocks x 12 (to_q/k/v, to_out.0, add_q/k/v_proj,
+    to_add_out, img_mlp and txt_mlp net.0.proj / net.2); modulations and embedders left out."""
+    pipe = make_qwenimage_pipeline(2)
+    before = outputs(pipe)
+    config = lokr_diffusers.LoKrConfig(r=2, alpha=2, init_weights=False)
+    adapted = lokr_diffusers.add_lokr(pipe, {"transformer": config}, adapter_name="x")
+    assert len(adapted["transformer"]) == 2 * 12
+    assert not any("_mod." in p or p in ("img_in", "txt_in", "proj_out") for p in adapted["transformer"])
+    assert not torch.allclose(outputs(pipe), before)
