@@ -105,6 +105,32 @@ LTX_VIDEO_13B: dict[str, Any] = {"num_layers": 48, "attention_head_dim": 128, "c
 # 32 x 64 = 2048; connector features 3840): 18.88 B parameters, the published 19 B (the families research notes,
 # build hints).
 LTX_2: dict[str, Any] = {}
+# Qwen/Qwen-Image: 60 blocks of 24 heads x 128 = 3072, Qwen2.5-VL-7B text features (3584), 2 x 2 patches of 16
+# latent channels (64 in): QwenImageTransformer2DModel's own defaults (diffusers 0.42.1), which build the published
+# 20.4 B parameters on the meta device (the families research notes). Written out so a changed default shows.
+QWEN_IMAGE: dict[str, Any] = {
+    "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": False, "in_channels": 64,
+    "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60, "out_channels": 16, "patch_size": 2,
+}
+# Qwen-Image 2.1: 32 blocks of 32 heads x 128 = 4096, Qwen3-VL text features (4096), SwiGLU of 3 x 4096:
+# QwenImage21Transformer2DModel's own defaults (diffusers 0.42.1; 7.1 B parameters on the meta device, the published
+# size not confirmed here).
+QWEN_IMAGE_21: dict[str, Any] = {
+    "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "context_in_dim": 4096, "in_channels": 64,
+    "mlp_ratio": 3, "num_attention_heads": 32, "num_layers": 32, "out_channels": 64, "patch_size": 1,
+}
+# HiDream-ai/HiDream-I1-Full (Dev and Fast share the transformer's shape): 16 double + 32 single blocks of 20 heads
+# x 128 = 2560, 4 routed experts (2 active), caption_channels (T5-XXL, Llama-3.1-8B) 4096 each: 16 + 32 Llama
+# caption projections (one per block) and T5's, whatever llama_layers says (it is read in forward only), 2 x 2
+# patches of 16 channels. Values from the families research notes (there from memory, not from the published
+# config.json; supported by the 17.1 B parameters they build, the published size), the rest
+# HiDreamImageTransformer2DModel's defaults.
+HIDREAM_I1: dict[str, Any] = {
+    "attention_head_dim": 128, "axes_dims_rope": (64, 32, 32), "caption_channels": [4096, 4096], "in_channels": 16,
+    "llama_layers": list(range(48)), "max_resolution": (128, 128), "num_activated_experts": 2,
+    "num_attention_heads": 20, "num_layers": 16, "num_routed_experts": 4, "num_single_layers": 32,
+    "out_channels": 16, "patch_size": 2, "text_emb_dim": 2048,
+}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -156,6 +182,9 @@ DIT_VARIANTS: dict[str, Variant] = {
     "ltx-video-2b": Variant("LTX-Video 2B", LTX_VIDEO_2B, {}),
     "ltx-video-13b": Variant("LTX-Video 13B", LTX_VIDEO_13B, {}),
     "ltx-2": Variant("LTX-2", LTX_2, {}),
+    "qwen-image": Variant("Qwen-Image", QWEN_IMAGE, {}),
+    "qwen-image-2.1": Variant("Qwen-Image 2.1", QWEN_IMAGE_21, {}),
+    "hidream-i1": Variant("HiDream-I1", HIDREAM_I1, {}),
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

@@ -279,6 +279,20 @@ def test_an_ltx_family_is_told_by_the_file_names(family: str, layout: str, expec
     assert guess_families(sd) == expected
 
 
+# The families without a tiny pipeline here, told by the names of a file for their tiny transformer: Qwen-Image's
+# per-block modulation, Qwen-Image 2.1's fused SwiGLU input, HiDream's stream blocks (their originals are their
+# diffusers paths, so the comfyui layout is ai-toolkit's too).
+@pytest.mark.parametrize(("family", "layout", "expected"), [
+    ("qwenimage", "kohya", ("qwenimage",)),
+    ("qwenimage", "comfyui", ("qwenimage",)),
+    ("qwenimage21", "comfyui", ("qwenimage21",)),
+    ("hidream", "kohya", ("hidream",)),
+])
+def test_a_same_name_familys_file_is_told_by_its_names(family: str, layout: str, expected: tuple[str, ...]) -> None:
+    sd, _ = original_file(tiny_transformer(family), family, layout)
+    assert guess_families(sd) == expected
+
+
 @pytest.mark.parametrize(("key", "expected"), [
     ("transformer.transformer_blocks.0.attn1.to_q", ("ltxvideo", "ltx2")),  # diffusers / PEFT
     ("lycoris_transformer_blocks_3_attn1_to_out_0", ("ltxvideo", "ltx2")),  # SimpleTuner
@@ -319,6 +333,9 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
     "zimage-turbo": [("text_encoders.qwen3_4b.transformer.model.layers.0.mlp.down_proj", (2560, 9728))],
     # LTX-Video 13B's names are LTX-2's too (LTX-2's audio names are absent): LTX-Video is tried first, 2B then 13B
     "ltx-video-2b": [], "ltx-video-13b": [], "ltx-2": [],
+    "qwen-image": [],  # transformer modules only (no text-encoder config of theirs here)
+    "qwen-image-2.1": [],
+    "hidream-i1": [],
 }
 
 

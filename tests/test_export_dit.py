@@ -1,5 +1,5 @@
-"""Export of adapters on Flux.1 / SD3 / Flux.2 Klein / Z-Image (lokr_diffusers/export/; docs/formats.md §Export of DiT
-adapters), against references that do not ask the package for names, rows or ΔW:
+"""Export of adapters on Flux.1 / SD3 / Flux.2 Klein / Z-Image / Qwen-Image (2.1) / HiDream-I1 (lokr_diffusers/export/;
+docs/formats.md §Export of DiT adapters), against references that do not ask the package for names, rows or ΔW:
 
 - ComfyUI: tests/helpers/comfyui_dit.py, ComfyUI's loading written from its key maps (originals as diffusers rows, the
   diffusers names it takes with their offsets and swaps) and tests/helpers/references.py's LoKr rule; the expected key
@@ -61,6 +61,20 @@ EXPECTED: dict[str, tuple[str, ...]] = {
              "diffusion_model.audio_adaln_single.emb.timestep_embedder.linear_2",
              "diffusion_model.transformer_blocks.0.audio_to_video_attn.to_q",
              "diffusion_model.transformer_blocks.0.audio_ff.net.0.proj", "diffusion_model.audio_proj_out"),
+    # the same-name families: each Linear by its own name; Qwen-Image 2.1's gate_layer / proj adapted apart are
+    # ComfyUI's diffusers names for the halves of its img_mlp.gate_up
+    "qwenimage": ("diffusion_model.transformer_blocks.0.attn.add_q_proj", "diffusion_model.norm_out.linear",
+                  "diffusion_model.transformer_blocks.1.img_mod.1", "diffusion_model.img_in",
+                  "diffusion_model.transformer_blocks.0.txt_mlp.net.2",
+                  "diffusion_model.time_text_embed.timestep_embedder.linear_1"),
+    "qwenimage21": ("transformer.transformer_blocks.0.img_mlp.gate_layer",
+                    "transformer.transformer_blocks.1.img_mlp.proj",
+                    "diffusion_model.transformer_blocks.1.img_mlp.out", "diffusion_model.modulation.1",
+                    "diffusion_model.txt_in.out_layer", "diffusion_model.transformer_blocks.0.attn.to_out.0"),
+    "hidream": ("diffusion_model.double_stream_blocks.0.block.attn1.to_k_t",
+                "diffusion_model.single_stream_blocks.0.block.ff_i.experts.3.w1",
+                "diffusion_model.double_stream_blocks.0.block.ff_t.w2", "diffusion_model.caption_projection.1.linear",
+                "diffusion_model.final_layer.adaLN_modulation.1", "diffusion_model.x_embedder.proj"),
 }
 
 
@@ -86,12 +100,14 @@ def randomise(model: nn.Module, seed: int, dora: bool = False) -> None:
 
 def adapted(family: str, dora: bool = False, seed: int = 0) -> tuple[Any, nn.Module]:
     """(bare pipeline whose transformer holds adapter A on attention, feed-forward, adaLN and embedders with
-    random factors: low-rank W2 (r 2, alpha 3), both factors full (proj_out, r 64), r 1 on to_k; the base)."""
+    random factors: low-rank W2 (r 2, alpha 3), both factors full (proj_out / HiDream's final_layer.linear, r 64),
+    r 1 on to_k; the base)."""
     pipe = bare_pipeline(family)
     base = copy.deepcopy(pipe.transformer)
     targets = dit_target_modules(pipe.transformer, norms=True, embedders=True)
     config = LoKrConfig(r=2, alpha=3.0, target_modules=targets, init_weights=False,
-                        rank_pattern={r"^(proj_out|layers\.0\.feed_forward\.w2)$": 64, r".*to_k$": 1},
+                        rank_pattern={r"^(proj_out|final_layer\.linear|layers\.0\.feed_forward\.w2)$": 64,
+                                      r".*to_k$": 1},
                         alpha_pattern={r".*to_k$": 0.5})
     add_lokr(pipe, {"transformer": config}, A)
     randomise(pipe.transformer, seed, dora)
@@ -314,7 +330,7 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
         save(mixed, tmp_path / "mixed", "diffusers")
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage", "ltxvideo", "ltx2"])
+@pytest.mark.parametrize("family", ["flux2", "zimage", "ltxvideo", "ltx2", "qwenimage", "qwenimage21", "hidream"])
 def test_peft_folder_loads_in_peft(family: str, tmp_path: Any) -> None:
     from peft import PeftModel
 
@@ -342,9 +358,10 @@ def test_what_peft_cannot_hold_is_refused(fmt: str, tmp_path: Any) -> None:
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage", "qwenimage21", "hidream"])
 def test_diffusers_and_peft_layouts_read_back_for_flux1_and_sd3(family: str, tmp_path: Any) -> None:
-    """diffusers 0.42.1 has no LoKr loader for these; our loader reads both layouts back."""
+    """diffusers 0.42.1 has no LoKr loader for these (Qwen-Image and HiDream neither); our loader reads both layouts
+    back."""
     pipe, base = adapted(family)
     want = run(pipe.transformer, family)
     for fmt in ("diffusers", "peft"):

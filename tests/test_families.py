@@ -28,7 +28,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
 NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
-           "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines"}
+           "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines",
+           "qwenimage21": "no tiny pipeline yet (a Qwen3-VL encoder); tiny transformer: helpers/dit_models.py",
+           "hidream": "no tiny pipeline yet (four text encoders); tiny transformer: helpers/dit_models.py"}
 
 
 @functools.cache

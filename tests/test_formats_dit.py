@@ -16,17 +16,23 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HiDreamImageTransformer2DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
+    QwenImage21Transformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
+from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
+    convert_hidream_transformer_to_diffusers,
     convert_ltx2_transformer_to_diffusers,
     convert_ltx_transformer_checkpoint_to_diffusers,
+    convert_qwen_image21_transformer_checkpoint_to_diffusers,
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_wan_transformer_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
@@ -46,6 +52,10 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     WanTransformer3DModel: convert_wan_transformer_to_diffusers,
     LTXVideoTransformer3DModel: convert_ltx_transformer_checkpoint_to_diffusers,
     LTX2VideoTransformer3DModel: convert_ltx2_transformer_to_diffusers,
+    # Qwen-Image's converter is the lambda diffusers registers for the class (the identity); the others are named
+    QwenImageTransformer2DModel: SINGLE_FILE_LOADABLE_CLASSES["QwenImageTransformer2DModel"]["checkpoint_mapping_fn"],
+    QwenImage21Transformer2DModel: convert_qwen_image21_transformer_checkpoint_to_diffusers,
+    HiDreamImageTransformer2DModel: convert_hidream_transformer_to_diffusers,
 }
 
 
@@ -92,6 +102,16 @@ ORIGINAL_COUNTS = {
     "ltx-video-2b": 7 + 10 * 28,
     "ltx-video-13b": 7 + 10 * 48,
     "ltx-2": 26 + 28 * 48,
+    # Qwen-Image: 6 top (time_text_embed linear_1/2, img_in, txt_in, norm_out.linear, proj_out), 14 per block
+    # (img_mod.1, txt_mod.1, to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, img/txt_mlp net.0.proj and net.2).
+    "qwen-image": 6 + 14 * 60,
+    # Qwen-Image 2.1: 8 top (time_text_embed x2, img_in, txt_in in/out_layer, modulation.1, norm_out.linear,
+    # proj_out), 6 per block (to_q/k/v, to_out.0, img_mlp.gate_up = gate_layer + proj, img_mlp.out).
+    "qwen-image-2.1": 8 + 6 * 32,
+    # HiDream-I1: 56 top (t_embedder x2, p_embedder x2, x_embedder.proj, 16 + 32 + 1 caption projections,
+    # final_layer linear + adaLN), 27 per double block (adaLN, 8 attention, 3 shared + 4 x 3 routed experts, ff_t x3),
+    # 20 per single block (adaLN, 4 attention, 15 experts).
+    "hidream-i1": 56 + 27 * 16 + 20 * 32,
 }
 
 
@@ -300,6 +320,48 @@ SPOT: dict[str, list[Expected]] = {
         ("diffusion_model.prompt_adaln_single.linear", None, []),  # LTX-2.3's; LTX-2.0 has none
         ("diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q", None, []),
     ],
+    "qwen-image": [  # dim 3072 (24 x 128); the original names are the diffusers paths
+        ("diffusion_model.transformer_blocks.59.attn.add_q_proj", "transformer_blocks.59.attn.add_q_proj",
+         [("transformer_blocks.59.attn.add_q_proj", 0, 3072, 0)]),
+        ("lora_unet_transformer_blocks_0_img_mod_1", "transformer_blocks.0.img_mod.1",
+         [("transformer_blocks.0.img_mod.1", 0, 6 * 3072, 0)]),
+        ("lycoris_transformer_blocks_3_txt_mlp_net_0_proj", "transformer_blocks.3.txt_mlp.net.0.proj",
+         [("transformer_blocks.3.txt_mlp.net.0.proj", 0, 4 * 3072, 0)]),
+        ("transformer.norm_out.linear", "norm_out.linear", [("norm_out.linear", 0, 2 * 3072, 0)]),
+        ("diffusion_model.txt_in", "txt_in", [("txt_in", 0, 3072, 0)]),
+        ("lora_unet_transformer_blocks_60_attn_to_q", None, []),
+    ],
+    "qwen-image-2.1": [  # dim 4096 (32 x 128), SwiGLU 3 x 4096 = 12288 rows per half
+        ("diffusion_model.transformer_blocks.31.img_mlp.gate_up", "transformer_blocks.31.img_mlp.gate_up", [
+            ("transformer_blocks.31.img_mlp.gate_layer", 0, 12288, 0),
+            ("transformer_blocks.31.img_mlp.proj", 12288, 24576, 0)]),
+        ("lora_unet_transformer_blocks_0_img_mlp_gate_up", "transformer_blocks.0.img_mlp.gate_up", [
+            ("transformer_blocks.0.img_mlp.gate_layer", 0, 12288, 0),
+            ("transformer_blocks.0.img_mlp.proj", 12288, 24576, 0)]),
+        ("transformer.transformer_blocks.0.img_mlp.proj", "transformer_blocks.0.img_mlp.proj",
+         [("transformer_blocks.0.img_mlp.proj", 0, 12288, 0)]),
+        ("lycoris_transformer_blocks_2_img_mlp_gate_layer", "transformer_blocks.2.img_mlp.gate_layer",
+         [("transformer_blocks.2.img_mlp.gate_layer", 0, 12288, 0)]),
+        ("diffusion_model.transformer_blocks.5.img_mlp.out", "transformer_blocks.5.img_mlp.out",
+         [("transformer_blocks.5.img_mlp.out", 0, 4096, 0)]),
+        ("lora_unet_modulation_1", "modulation.1", [("modulation.1", 0, 4 * 4096, 0)]),
+        ("diffusion_model.txt_in.in_layer", "txt_in.in_layer", [("txt_in.in_layer", 0, 4096, 0)]),
+    ],
+    "hidream-i1": [  # dim 2560 (20 x 128), experts' hidden 4 · dim · 2/3 rounded to 256: 6912
+        ("diffusion_model.double_stream_blocks.15.block.attn1.to_out_t", "double_stream_blocks.15.block.attn1.to_out_t",
+         [("double_stream_blocks.15.block.attn1.to_out_t", 0, 2560, 0)]),
+        ("lora_unet_double_stream_blocks_0_block_adaLN_modulation_1", "double_stream_blocks.0.block.adaLN_modulation.1",
+         [("double_stream_blocks.0.block.adaLN_modulation.1", 0, 12 * 2560, 0)]),
+        ("lycoris_single_stream_blocks_31_block_ff_i_experts_3_w2", "single_stream_blocks.31.block.ff_i.experts.3.w2",
+         [("single_stream_blocks.31.block.ff_i.experts.3.w2", 0, 2560, 0)]),
+        ("diffusion_model.caption_projection.48.linear", "caption_projection.48.linear",
+         [("caption_projection.48.linear", 0, 2560, 0)]),
+        ("diffusion_model.caption_projection.49.linear", None, []),
+        ("diffusion_model.single_stream_blocks.0.block.attn1.to_q_t", None, []),
+        ("diffusion_model.double_stream_blocks.0.block.attn1.to_out.0", None, []),
+        ("transformer.final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
+         [("final_layer.adaLN_modulation.1", 0, 2 * 2560, 0)]),
+    ],
 }
 
 
@@ -324,10 +386,12 @@ def expected_rows(name: str, original: str, d: int) -> int | None:
     """Rows of an original module made of several pieces, from the config; None for a 1:1 rename."""
     if original.endswith(".qkv"):
         return 3 * d
+    if original.endswith(".img_mlp.gate_up"):
+        return 2 * 3 * d  # Qwen-Image 2.1's SwiGLU gate and up rows, mlp_ratio 3
     if original.endswith(".linear1") and name.startswith("flux1"):
         return 3 * d + 4 * d  # q, k, v + the MLP's input (mlp_ratio 4)
-    if original == "final_layer.adaLN_modulation.1" and not name.startswith("zimage"):
-        return 2 * d  # (shift, scale)
+    if original == "final_layer.adaLN_modulation.1" and not name.startswith(("zimage", "hidream")):
+        return 2 * d  # (shift, scale) swapped (HiDream's converter is the identity, Z-Image's gives a scale only)
     if original.endswith("context_block.adaLN_modulation.1") and original.startswith(f"joint_blocks.{_last(name)}."):
         return 2 * d
     return None
@@ -468,7 +532,7 @@ def weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     return {p: {k: v.detach() for k, v in m.named_parameters()} for p, m in linear_paths(model).items()}
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux2", "zimage", "ltxvideo", "ltx2"])
+@pytest.mark.parametrize("name", ["sd3", "flux2", "zimage", "ltxvideo", "ltx2", "qwenimage", "qwenimage21", "hidream"])
 def test_tiny_fused_weights_split_back_by_diffusers_converter(name: str) -> None:
     model = tiny(name)
     check_converter_splits_back(model, weights(model))

@@ -1,5 +1,6 @@
-"""Loading LoKr files into Flux.1 / SD3 / Flux.2 Klein / Z-Image pipelines, in every layout, against
-ComfyUI's rule written independently (tests/helpers/references.py), fp32, 1e-5 relative on tiny transformers.
+"""Loading LoKr files into Flux.1 / SD3 / Flux.2 Klein / Z-Image / Qwen-Image (2.1) / HiDream-I1 pipelines, in
+every layout, against ComfyUI's rule written independently (tests/helpers/references.py), fp32, 1e-5 relative on
+tiny transformers.
 
 The oracle for an original-layout (BFL / ComfyUI / kohya) file: the original weight of each module is the row
 blocks of diffusers' modules in the original's order (the tables in tests/helpers/dit_files.py, by hand from
@@ -246,6 +247,8 @@ PIPELINES_OF = [
     ("ltxvideo", "LTXI2VLongMultiPromptPipeline"),
     ("ltx2", "LTX2ImageToVideoPipeline"), ("ltx2", "LTX2ConditionPipeline"), ("ltx2", "LTX2InContextPipeline"),
     ("ltx2", "LTX2HDRPipeline"), ("ltx2", "LTX2DFRPipeline"), ("ltx2", "LTX2DFRTemporalRefinePipeline"),
+    *(("qwenimage", f"QwenImage{kind}Pipeline") for kind in (
+        "Img2Img", "Inpaint", "Edit", "EditPlus", "EditInpaint", "Layered", "ControlNet", "ControlNetInpaint")),
 ]
 
 

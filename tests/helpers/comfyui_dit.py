@@ -148,6 +148,19 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
             if isinstance(m, nn.Linear):
                 head, dot, rest = path.partition(".")
                 out[renamed.get(head, head) + dot + rest] = Original([(path, 0, m.out_features)])
+    elif family in ("qwenimage", "qwenimage21", "hidream"):
+        # ComfyUI's qwen_image / hidream models keep diffusers' module names (diffusers' single-file converters for
+        # them are the identity), so each Linear is an original of its own, except Qwen-Image 2.1's SwiGLU input:
+        # ComfyUI's `img_mlp.gate_up` is gate_layer's rows, then proj's (comfy/lora.py maps the two diffusers names
+        # to those halves).
+        fused = family == "qwenimage21"
+        for path, m in model.named_modules():
+            if not isinstance(m, nn.Linear) or (fused and path.endswith((".img_mlp.gate_layer", ".img_mlp.proj"))):
+                continue
+            _add(out, model, path, [path])
+        for i in range(cfg.num_layers if fused else 0):
+            b = f"transformer_blocks.{i}.img_mlp."
+            _add(out, model, b + "gate_up", [b + "gate_layer", b + "proj"])
     else:  # zimage
         for kind, n in (("layers", cfg.n_layers), ("noise_refiner", cfg.n_refiner_layers),
                         ("context_refiner", cfg.n_refiner_layers)):

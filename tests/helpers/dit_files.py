@@ -18,8 +18,11 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     FluxPipeline,
+    HiDreamImagePipeline,
     LTX2Pipeline,
     LTXPipeline,
+    QwenImage21Pipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     WanImageToVideoPipeline,
     ZImagePipeline,
@@ -31,7 +34,10 @@ from helpers.references import consumer_weight, fused_consumer_weights
 
 PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
                               "zimage": ZImagePipeline, "wan": WanImageToVideoPipeline,
-                              "ltxvideo": LTXPipeline, "ltx2": LTX2Pipeline}
+                              "ltxvideo": LTXPipeline, "ltx2": LTX2Pipeline,
+                              "qwenimage": QwenImagePipeline,
+                              "qwenimage21": QwenImage21Pipeline,
+                              "hidream": HiDreamImagePipeline}
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
 
 # Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
@@ -130,8 +136,44 @@ LTX2: dict[str, Blocks] = {
     "audio_caption_projection.linear_1": [("audio_caption_projection.linear_1", 0, None)],
     "audio_proj_out": [("audio_proj_out", 0, None)],
 }
+# Qwen-Image tiny: dim 32 (2 heads x 16); the original names are the diffusers paths (diffusers' single-file
+# converter for the class is the identity; ComfyUI's qwen_image model the same names), no swap anywhere.
+QWENIMAGE: dict[str, Blocks] = {
+    "transformer_blocks.0.img_mod.1": [("transformer_blocks.0.img_mod.1", 0, None)],
+    "transformer_blocks.1.attn.add_k_proj": [("transformer_blocks.1.attn.add_k_proj", 0, None)],
+    "transformer_blocks.0.attn.to_out.0": [("transformer_blocks.0.attn.to_out.0", 0, None)],
+    "transformer_blocks.0.txt_mlp.net.0.proj": [("transformer_blocks.0.txt_mlp.net.0.proj", 0, None)],
+    "norm_out.linear": [("norm_out.linear", 0, None)],
+    "img_in": [("img_in", 0, None)],
+}
+# Qwen-Image 2.1 tiny: dim 32, SwiGLU 3 x 32 = 96 rows per half; ComfyUI's img_mlp.gate_up is the gate's rows,
+# then the up projection's (convert_qwen_image21_transformer_checkpoint_to_diffusers: chunk(2), gate first).
+QWENIMAGE21: dict[str, Blocks] = {
+    "transformer_blocks.0.img_mlp.gate_up": [("transformer_blocks.0.img_mlp.gate_layer", 0, None),
+                                             ("transformer_blocks.0.img_mlp.proj", 0, None)],
+    "transformer_blocks.1.img_mlp.gate_up": [("transformer_blocks.1.img_mlp.gate_layer", 0, None),
+                                             ("transformer_blocks.1.img_mlp.proj", 0, None)],
+    "transformer_blocks.1.attn.to_v": [("transformer_blocks.1.attn.to_v", 0, None)],
+    "modulation.1": [("modulation.1", 0, None)],
+    "txt_in.in_layer": [("txt_in.in_layer", 0, None)],
+}
+# HiDream-I1 tiny: dim 32 (4 heads x 8), 4 routed experts; the original names are the diffusers paths
+# (convert_hidream_transformer_to_diffusers: the identity), attention outputs `to_out` / `to_out_t` plain Linears.
+HIDREAM: dict[str, Blocks] = {
+    "double_stream_blocks.0.block.attn1.to_q_t": [("double_stream_blocks.0.block.attn1.to_q_t", 0, None)],
+    "double_stream_blocks.0.block.attn1.to_out": [("double_stream_blocks.0.block.attn1.to_out", 0, None)],
+    "double_stream_blocks.0.block.ff_i.experts.1.w3": [("double_stream_blocks.0.block.ff_i.experts.1.w3", 0, None)],
+    "single_stream_blocks.0.block.ff_i.shared_experts.w2": [
+        ("single_stream_blocks.0.block.ff_i.shared_experts.w2", 0, None)],
+    "single_stream_blocks.0.block.adaLN_modulation.1": [("single_stream_blocks.0.block.adaLN_modulation.1", 0, None)],
+    "caption_projection.2.linear": [("caption_projection.2.linear", 0, None)],
+    "x_embedder.proj": [("x_embedder.proj", 0, None)],
+}
 ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN,
-                                           "ltxvideo": LTXVIDEO, "ltx2": LTX2}
+                                           "ltxvideo": LTXVIDEO, "ltx2": LTX2,
+                                           "qwenimage": QWENIMAGE,
+                                           "qwenimage21": QWENIMAGE21,
+                                           "hidream": HIDREAM}
 FAMILIES = tuple(ORIGINALS)
 # The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
 BLOCK_CLASSES: dict[str, list[str]] = {
@@ -147,6 +189,20 @@ def name_in(template: str, name: str) -> str:
     return template.format(p=name, u=name.replace(".", "_"))
 
 
+class _NoProcessor:
+    """Stands in for a processor a pipeline reads once when built (QwenImage21Pipeline: the length of its system
+    prompt's tokens, the id of its image-pad token); never used to encode."""
+
+    class tokenizer:  # an attribute of the processor, named as transformers names it
+        @staticmethod
+        def encode(text: str) -> list[int]:
+            return [0]
+
+    @staticmethod
+    def apply_chat_template(*args: Any, **kwargs: Any) -> list[list[int]]:
+        return [[0]]
+
+
 def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None = None) -> Any:
     """The family's diffusers pipeline (or `cls`, another pipeline of the family's transformer, or of `model`'s
     class) around a tiny transformer (text encoders, VAE, image encoders and safety checker left out)."""
@@ -155,9 +211,9 @@ def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None 
                               "transformer": model if model is not None else tiny(family)}
     for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                  "tokenizer_3", "image_encoder", "feature_extractor", "audio_vae", "connectors", "vocoder",
-                 "temporal_latent_upsampler"):
+                 "temporal_latent_upsampler", "text_encoder_4", "tokenizer_4", "processor", "controlnet"):
         if name in cls.__init__.__code__.co_varnames:
-            kwargs[name] = None
+            kwargs[name] = _NoProcessor() if name == "processor" and cls is QwenImage21Pipeline else None
     if "safety_checker" in cls.__init__.__code__.co_varnames:  # Cosmos: None would import cosmos_guardrail
         kwargs["safety_checker"] = nn.Identity()
     return cls(**kwargs)

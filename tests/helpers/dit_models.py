@@ -12,8 +12,11 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HiDreamImageTransformer2DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
+    QwenImage21Transformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
@@ -48,6 +51,17 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
         audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1, caption_channels=8)),
+    "qwenimage": (QwenImageTransformer2DModel, dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4))),
+    "qwenimage21": (QwenImage21Transformer2DModel, dict(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=3, axes_dims_rope=(8, 4, 4))),
+    # 4 routed experts, 2 active; rope over 3 axes (its forward's ids have 3), summing to the head dim 8
+    "hidream": (HiDreamImageTransformer2DModel, dict(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1))),
 }
 
 
@@ -89,6 +103,16 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
         return dict(hidden_states=r(1, 8, 8), audio_hidden_states=r(1, 3, 4), encoder_hidden_states=r(1, 3, 8),
                     audio_encoder_hidden_states=r(1, 3, 8), timestep=torch.tensor([500.0]), num_frames=2, height=2,
                     width=2, audio_num_frames=3)
+    if name == "qwenimage":  # 2 x 2 latent tokens of 2 x 2 patches of 4 channels
+        return dict(hidden_states=r(1, 4, 16), encoder_hidden_states=r(1, 3, 16),
+                    encoder_hidden_states_mask=torch.ones(1, 3), timestep=t, img_shapes=[(1, 2, 2)])
+    if name == "qwenimage21":  # 3 text tokens, then the image slot that stands for the 2 x 2 latent tokens
+        img_mask = torch.tensor([[False, False, False, True]])
+        return dict(hidden_states=r(1, 4, 16), encoder_hidden_states=r(1, 3, 16), timestep=t, img_shapes=[[(1, 2, 2)]],
+                    img_mask=img_mask)
+    if name == "hidream":  # Llama features: (len(llama_layers), batch, tokens, caption_channels[1])
+        return dict(hidden_states=r(1, 4, 8, 8), timesteps=torch.tensor([500]), encoder_hidden_states_t5=r(1, 3, 8),
+                    encoder_hidden_states_llama3=r(2, 1, 3, 4), pooled_embeds=r(1, 8))
     return dict(x=[r(4, 1, 4, 4)], t=t, cap_feats=[r(3, 12)])
 
 
