@@ -28,6 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
 NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it"}
+# DiT families whose diffusers paths ComfyUI's key map takes none of (their files reach ComfyUI by original names)
+NO_COMFYUI_PATHS = {"lumina2": "ComfyUI's Lumina2 branch maps Z-Image's diffusers spellings (z_image_to_diffusers)"}
 
 
 @functools.cache
@@ -36,8 +38,10 @@ def tiny(name: str) -> Any:
 
 
 def test_names_are_unique_and_one_spelling() -> None:
-    assert len(set(NAMES)) == len(NAMES) == 7
-    assert NAMES == ["sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"]  # the order files are tried in
+    assert len(set(NAMES)) == len(NAMES) == 9
+    assert NAMES == ["sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage",
+                     "chroma",
+                     "lumina2"]  # the order files are tried in
     aliases = [a for f in FAMILIES.values() for a in f.aliases]
     assert len(set(aliases)) == len(aliases) and not set(aliases) & set(NAMES)
     assert families.ALIASES == {**{n: n for n in NAMES}, **{a: f.name for f in FAMILIES.values() for a in f.aliases}}
@@ -175,4 +179,5 @@ def test_every_record_is_complete() -> None:
         assert f.detect.kind, f.name  # every family's files can be told by their names
         assert bool(f.targets) != bool(f.roles)  # default targets: a list, or the Linears by role
         assert not f.roles or {"attention", "feed_forward", "norms", "embedders"} == set(f.roles)
-        assert f.originals is None or f.comfyui_paths  # the ComfyUI writer of a DiT family needs its key map
+        # the ComfyUI writer of a DiT family needs its key map, unless ComfyUI maps none of its diffusers paths
+        assert f.originals is None or bool(f.comfyui_paths) != (f.name in NO_COMFYUI_PATHS)
