@@ -68,8 +68,8 @@ CHROMA = ModelFamily(
     denoiser="transformer", denoiser_class="ChromaTransformer2DModel", text_encoders=("text_encoder",),
     components=("transformer", "vae", "text_encoder", "tokenizer"), variants=("chroma1-hd",), prediction=("flow",),
     # a file of double / single blocks only (no approximator) fits FLUX.1 (and FLUX.2) as well: all are tried
-    detect=Detection(kind=(CHROMA_ONLY, FLUX1_MLP, STREAMS)), kohya=Kohya("chroma"), originals=ORIGINALS,
-    roles=ROLES,
+    detect=Detection(kind=(CHROMA_ONLY, FLUX1_MLP, STREAMS)), originals=ORIGINALS, roles=ROLES,
+    kohya=Kohya("chroma"),  # kohya sd-scripts library/flux_utils.py MODEL_VERSION_CHROMA
     # ComfyUI's Chroma is a Flux subclass: flux_to_diffusers' diffusers paths, of which Chroma has all but the
     # modulations and time_text_embed (the approximator has no diffusers name there: reached by its original)
     comfyui_paths=COMFYUI_PATHS, tags=("chroma",), tiny="helpers.tiny_chroma:make_chroma_pipeline",

@@ -66,8 +66,8 @@ LUMINA2 = ModelFamily(
     name="lumina2", title="Lumina 2", pipelines=("Lumina2Pipeline",), denoiser="transformer",
     denoiser_class="Lumina2Transformer2DModel", text_encoders=("text_encoder",),
     components=("transformer", "vae", "text_encoder", "tokenizer"), variants=("lumina-image-2",),
-    prediction=("flow",), detect=Detection(kind=(LUMINA2_ONLY, NEXTDIT)), kohya=Kohya("lumina2"),
-    originals=ORIGINALS, roles=ROLES,
+    prediction=("flow",), detect=Detection(kind=(LUMINA2_ONLY, NEXTDIT)), originals=ORIGINALS, roles=ROLES,
+    kohya=Kohya("lumina2"),  # kohya sd-scripts library/lumina_util.py MODEL_VERSION_LUMINA_V2 (lumina_train_network)
     comfyui_paths=(),  # ComfyUI maps Z-Image's diffusers spellings here, not Lumina 2's (see the docstring)
     tags=("lumina2",), aliases=("lumina",), tiny="helpers.tiny_lumina2:make_lumina2_pipeline",
 )
