@@ -1,7 +1,7 @@
 """Full-size architectures on the meta device (no memory, well under a second each): SD1.x / SD2.x / SDXL, and the
-DiT families' variants (FLUX.1, SD3.5, FLUX.2 / Klein, Z-Image) with their text encoders. Used to name and check
-modules when no pipeline is at hand (file conversion, inspect). Which family a model is of, and its denoiser's
-class, are the family's record (lokr_diffusers/families/: `ModelFamily.variants`).
+DiT families' variants (FLUX.1, SD3.5, FLUX.2 / Klein, Z-Image, Chroma, Lumina 2) with their text encoders. Used to
+name and check modules when no pipeline is at hand (file conversion, inspect). Which family a model is of, and its
+denoiser's class, are the family's record (lokr_diffusers/families/: `ModelFamily.variants`).
 
 The DiT values are the published `config.json` ones of each model's transformer and text encoders (keys the classes
 do not take left out). The Hugging Face files cannot be fetched from here; each value was read from several
@@ -131,6 +131,25 @@ HIDREAM_I1: dict[str, Any] = {
     "num_attention_heads": 20, "num_layers": 16, "num_routed_experts": 4, "num_single_layers": 32,
     "out_channels": 16, "patch_size": 2, "text_emb_dim": 2048,
 }
+# lodestones/Chroma1-HD: FLUX.1-schnell's 19 double + 38 single blocks, 24 heads x 128 = 3072, no guidance or
+# pooled-text embedder; the approximator (64 input channels, 5 layers of 5120) gives every block's modulation.
+# ChromaTransformer2DModel's defaults are these values, as are two copies in public code (a loader's embedded
+# transformer config, a test's "Chroma1-HD signature"; out_channels 64 or None alike); built on meta: 8.90 B
+# parameters, the published size. diffusers' converter hard-codes inner_dim 3072 and mlp_ratio 4 too.
+CHROMA1_HD: dict[str, Any] = {
+    "approximator_hidden_dim": 5120, "approximator_layers": 5, "approximator_num_channels": 64,
+    "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "in_channels": 64, "joint_attention_dim": 4096,
+    "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
+}
+# Alpha-VLLM/Lumina-Image-2.0: 26 layers + 2 noise + 2 context refiners, hidden 2304 = 24 heads x 96, 8 key / value
+# heads (diffusers' converter hard-codes the qkv split 2304 / 768 / 768), Gemma-2-2B features (2304 wide). The
+# class defaults but cap_feat_dim; the transformer config.json as a public test embeds it (the same values); built
+# on meta: 2.61 B parameters, the published size.
+LUMINA_IMAGE_2: dict[str, Any] = {
+    "axes_dim_rope": (32, 32, 32), "axes_lens": (300, 512, 512), "cap_feat_dim": 2304, "hidden_size": 2304,
+    "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8,
+    "num_layers": 26, "num_refiner_layers": 2, "patch_size": 2, "sample_size": 128,
+}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -185,6 +204,8 @@ DIT_VARIANTS: dict[str, Variant] = {
     "qwen-image": Variant("Qwen-Image", QWEN_IMAGE, {}),
     "qwen-image-2.1": Variant("Qwen-Image 2.1", QWEN_IMAGE_21, {}),
     "hidream-i1": Variant("HiDream-I1", HIDREAM_I1, {}),
+    "chroma1-hd": Variant("Chroma1-HD", CHROMA1_HD, {"text_encoder": ("T5EncoderModel", _T5_XXL)}),
+    "lumina-image-2": Variant("Lumina-Image-2.0", LUMINA_IMAGE_2, {}),  # Gemma-2-2B left out, as FLUX.2-dev's encoder
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

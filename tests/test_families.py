@@ -31,6 +31,8 @@ NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: S
            "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines",
            "qwenimage21": "no tiny pipeline yet (a Qwen3-VL encoder); tiny transformer: helpers/dit_models.py",
            "hidream": "no tiny pipeline yet (four text encoders); tiny transformer: helpers/dit_models.py"}
+# DiT families whose diffusers paths ComfyUI's key map takes none of (their files reach ComfyUI by original names)
+NO_COMFYUI_PATHS = {"lumina2": "ComfyUI's Lumina2 branch maps Z-Image's diffusers spellings (z_image_to_diffusers)"}
 
 
 @functools.cache
@@ -186,7 +188,8 @@ def test_every_record_is_complete() -> None:
         assert f.detect.kind, f.name  # every family's files can be told by their names
         assert bool(f.targets) != bool(f.roles)  # default targets: a list, or the Linears by role
         assert not f.roles or {"attention", "feed_forward", "norms", "embedders"} == set(f.roles)
-        # the ComfyUI writer of a DiT family needs its key map, unless every original is one whole Linear in its own
-        # row order (Wan, LTX: ComfyUI reaches each module by its original name)
-        assert f.originals is None or f.comfyui_paths or (
+        # the ComfyUI writer of a DiT family needs its key map, unless ComfyUI maps none of its diffusers paths, or
+        # every original is one whole Linear in its own row order (Wan, LTX: ComfyUI reaches each by its original name)
+        assert not (f.comfyui_paths and f.name in NO_COMFYUI_PATHS)
+        assert f.originals is None or f.comfyui_paths or f.name in NO_COMFYUI_PATHS or (
             not f.originals.row_names and all(len(r.parts) == 1 and not r.swap for r in f.originals.rules))

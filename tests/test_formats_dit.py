@@ -14,11 +14,13 @@ from collections.abc import Callable
 import pytest
 import torch
 from diffusers import (
+    ChromaTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
+    Lumina2Transformer2DModel,
     QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -27,11 +29,13 @@ from diffusers import (
 )
 from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 from diffusers.loaders.single_file_utils import (
+    convert_chroma_transformer_checkpoint_to_diffusers,
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_hidream_transformer_to_diffusers,
     convert_ltx2_transformer_to_diffusers,
     convert_ltx_transformer_checkpoint_to_diffusers,
+    convert_lumina2_to_diffusers,
     convert_qwen_image21_transformer_checkpoint_to_diffusers,
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_wan_transformer_to_diffusers,
@@ -44,6 +48,16 @@ from torch import Tensor, nn
 from lokr_diffusers.formats.dit import LAYOUTS, DitNameMap, dit_name_map
 
 Converter = Callable[..., dict[str, Tensor]]
+
+
+def _lumina2(checkpoint: dict[str, Tensor]) -> dict[str, Tensor]:
+    """convert_lumina2_to_diffusers on a checkpoint without ComfyUI's `model.diffusion_model.` prefix: diffusers
+    0.42.1 lists the keys before stripping it and then pops the stale ones (a KeyError on prefixed files)."""
+    for key in [k for k in checkpoint if k.startswith("model.diffusion_model.")]:  # in place: the converter pops
+        checkpoint[key.removeprefix("model.diffusion_model.")] = checkpoint.pop(key)
+    return convert_lumina2_to_diffusers(checkpoint)
+
+
 CONVERTERS: dict[type[nn.Module], Converter] = {
     FluxTransformer2DModel: convert_flux_transformer_checkpoint_to_diffusers,
     SD3Transformer2DModel: convert_sd3_transformer_checkpoint_to_diffusers,
@@ -56,7 +70,10 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     QwenImageTransformer2DModel: SINGLE_FILE_LOADABLE_CLASSES["QwenImageTransformer2DModel"]["checkpoint_mapping_fn"],
     QwenImage21Transformer2DModel: convert_qwen_image21_transformer_checkpoint_to_diffusers,
     HiDreamImageTransformer2DModel: convert_hidream_transformer_to_diffusers,
+    ChromaTransformer2DModel: convert_chroma_transformer_checkpoint_to_diffusers,
+    Lumina2Transformer2DModel: _lumina2,
 }
+POPPING = (FluxTransformer2DModel, SD3Transformer2DModel, ChromaTransformer2DModel, Lumina2Transformer2DModel)
 
 
 @functools.cache
@@ -70,7 +87,10 @@ def linear_paths(model: nn.Module) -> dict[str, nn.Linear]:
 
 def hidden(model: nn.Module) -> int:
     c = model.config
-    return int(c["dim"]) if "dim" in c else int(c["num_attention_heads"] * c["attention_head_dim"])
+    for key in ("dim", "hidden_size"):  # Z-Image, Lumina 2
+        if key in c:
+            return int(c[key])
+    return int(c["num_attention_heads"] * c["attention_head_dim"])
 
 
 # (a) ------------------------------------------------------------------------------------------------
@@ -85,6 +105,9 @@ def hidden(model: nn.Module) -> int:
 # to_q/k/v/out.0, ff's 2). LTX-2: 26 top (2 patchify projections, 6 adaLN-singles of 3 (video, audio, the 4 av_ca_
 # ones; LTX-2.0 has no prompt_adaln_single), 2 caption projections of 2, 2 output projections), 28 per block (6
 # attentions of 4: attn1, attn2, audio_attn1, audio_attn2, audio_to_video_attn, video_to_audio_attn; ff, audio_ff).
+# Chroma: 5 top (img_in, txt_in, final_layer.linear, the approximator's in_proj / out_proj), 2 per approximator
+# layer, 8 per double block (FLUX.1's less img_mod / txt_mod), 2 per single block (no modulation). Lumina 2: 6 top
+# (x_embedder, t_embedder x2, cap_embedder.1, final_layer x2), 6 per layer and noise refiner, 5 per context refiner.
 ORIGINAL_COUNTS = {
     "flux1-dev": 10 + 10 * 19 + 3 * 38,
     "flux1-schnell": 8 + 10 * 19 + 3 * 38,
@@ -112,6 +135,8 @@ ORIGINAL_COUNTS = {
     # final_layer linear + adaLN), 27 per double block (adaLN, 8 attention, 3 shared + 4 x 3 routed experts, ff_t x3),
     # 20 per single block (adaLN, 4 attention, 15 experts).
     "hidream-i1": 56 + 27 * 16 + 20 * 32,
+    "chroma1-hd": 5 + 2 * 5 + 8 * 19 + 2 * 38,
+    "lumina-image-2": 6 + 6 * 26 + 6 * 2 + 5 * 2,
 }
 
 
@@ -362,6 +387,79 @@ SPOT: dict[str, list[Expected]] = {
         ("transformer.final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
          [("final_layer.adaLN_modulation.1", 0, 2 * 2560, 0)]),
     ],
+    # Chroma1-HD: FLUX.1's blocks at 3072 (linear1: q, k, v, MLP 4 x 3072), no modulations, approximator 5120 wide
+    "chroma1-hd": [
+        ("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv", [
+            ("transformer_blocks.0.attn.to_q", 0, 3072, 0), ("transformer_blocks.0.attn.to_k", 3072, 6144, 0),
+            ("transformer_blocks.0.attn.to_v", 6144, 9216, 0)]),
+        ("diffusion_model.single_blocks.37.linear1", "single_blocks.37.linear1", [
+            ("single_transformer_blocks.37.attn.to_q", 0, 3072, 0),
+            ("single_transformer_blocks.37.attn.to_k", 3072, 6144, 0),
+            ("single_transformer_blocks.37.attn.to_v", 6144, 9216, 0),
+            ("single_transformer_blocks.37.proj_mlp", 9216, 21504, 0)]),
+        ("diffusion_model.single_blocks.37.linear1_qkv", "single_blocks.37.linear1_qkv", [
+            ("single_transformer_blocks.37.attn.to_q", 0, 3072, 0),
+            ("single_transformer_blocks.37.attn.to_k", 3072, 6144, 0),
+            ("single_transformer_blocks.37.attn.to_v", 6144, 9216, 0)]),
+        ("lora_unet_single_blocks_0_linear1_qkv", None, []),
+        ("diffusion_model.double_blocks.18.txt_mlp.2", "double_blocks.18.txt_mlp.2",
+         [("transformer_blocks.18.ff_context.net.2", 0, 3072, 0)]),
+        ("diffusion_model.distilled_guidance_layer.layers.4.in_layer", "distilled_guidance_layer.layers.4.in_layer",
+         [("distilled_guidance_layer.layers.4.linear_1", 0, 5120, 0)]),
+        ("lora_unet_distilled_guidance_layer_out_proj", "distilled_guidance_layer.out_proj",
+         [("distilled_guidance_layer.out_proj", 0, 3072, 0)]),
+        ("diffusion_model.distilled_guidance_layer.in_proj", "distilled_guidance_layer.in_proj",
+         [("distilled_guidance_layer.in_proj", 0, 5120, 0)]),
+        ("lycoris_distilled_guidance_layer_layers_0_linear_2", "distilled_guidance_layer.layers.0.linear_2",
+         [("distilled_guidance_layer.layers.0.linear_2", 0, 5120, 0)]),
+        ("lora_unet_distilled_guidance_layer_layers_5_in_layer", None, []),
+        ("lora_unet_txt_in", "txt_in", [("context_embedder", 0, 3072, 0)]),
+        ("diffusion_model.final_layer.linear", "final_layer.linear", [("proj_out", 0, 64, 0)]),
+        ("diffusion_model.final_layer.adaLN_modulation.1", None, []),
+        ("lora_unet_double_blocks_3_img_mod_lin", None, []),
+        ("lora_unet_single_blocks_5_modulation_lin", None, []),
+        ("lora_unet_guidance_in_in_layer", None, []),
+        ("transformer.single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_mlp",
+         [("single_transformer_blocks.0.proj_mlp", 0, 12288, 0)]),
+        ("transformer.transformer_blocks.0.attn.to_added_qkv", "double_blocks.0.txt_attn.qkv", [
+            ("transformer_blocks.0.attn.add_q_proj", 0, 3072, 0),
+            ("transformer_blocks.0.attn.add_k_proj", 3072, 6144, 0),
+            ("transformer_blocks.0.attn.add_v_proj", 6144, 9216, 0)]),
+    ],
+    # Lumina-Image-2.0: hidden 2304, q 24 heads x 96 = 2304 rows, k and v 8 x 96 = 768; MLP 9216; the adaLN
+    # projections read a 1024-wide time embedding (norm1.linear 4 x 2304 rows)
+    "lumina-image-2": [
+        ("diffusion_model.layers.25.attention.qkv", "layers.25.attention.qkv", [
+            ("layers.25.attn.to_q", 0, 2304, 0), ("layers.25.attn.to_k", 2304, 3072, 0),
+            ("layers.25.attn.to_v", 3072, 3840, 0)]),
+        ("lora_unet_context_refiner_1_attention_qkv", "context_refiner.1.attention.qkv", [
+            ("context_refiner.1.attn.to_q", 0, 2304, 0), ("context_refiner.1.attn.to_k", 2304, 3072, 0),
+            ("context_refiner.1.attn.to_v", 3072, 3840, 0)]),
+        ("diffusion_model.noise_refiner.1.attention.out", "noise_refiner.1.attention.out",
+         [("noise_refiner.1.attn.to_out.0", 0, 2304, 0)]),
+        ("diffusion_model.noise_refiner.1.adaLN_modulation.1", "noise_refiner.1.adaLN_modulation.1",
+         [("noise_refiner.1.norm1.linear", 0, 9216, 0)]),
+        ("lora_unet_layers_0_adaLN_modulation_1", "layers.0.adaLN_modulation.1",
+         [("layers.0.norm1.linear", 0, 9216, 0)]),
+        ("diffusion_model.context_refiner.0.adaLN_modulation.1", None, []),
+        ("lora_unet_layers_0_feed_forward_w1", "layers.0.feed_forward.w1",
+         [("layers.0.feed_forward.linear_1", 0, 9216, 0)]),
+        ("diffusion_model.layers.3.feed_forward.w2", "layers.3.feed_forward.w2",
+         [("layers.3.feed_forward.linear_2", 0, 2304, 0)]),
+        ("diffusion_model.final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
+         [("norm_out.linear_1", 0, 2304, 0)]),
+        ("lora_unet_final_layer_linear", "final_layer.linear", [("norm_out.linear_2", 0, 64, 0)]),
+        ("lora_unet_cap_embedder_1", "cap_embedder.1", [("time_caption_embed.caption_embedder.1", 0, 2304, 0)]),
+        ("diffusion_model.t_embedder.mlp.2", "t_embedder.mlp.2",
+         [("time_caption_embed.timestep_embedder.linear_2", 0, 1024, 0)]),
+        ("diffusion_model.x_embedder", "x_embedder", [("x_embedder", 0, 2304, 0)]),
+        ("transformer.layers.0.attn.to_k", "layers.0.attn.to_k", [("layers.0.attn.to_k", 0, 768, 0)]),
+        ("lycoris_noise_refiner_0_feed_forward_linear_3", "noise_refiner.0.feed_forward.linear_3",
+         [("noise_refiner.0.feed_forward.linear_3", 0, 9216, 0)]),
+        ("transformer.layers.0.attn.to_qkv", None, []),  # no fuse_qkv_projections: no fused name
+        ("diffusion_model.layers.0.attention.to_q", None, []),  # Z-Image's spelling, no Lumina 2 name
+        ("diffusion_model.layers.26.attention.qkv", None, []),
+    ],
 }
 
 
@@ -384,14 +482,18 @@ def test_spot_names(name: str, case: Expected) -> None:
 
 def expected_rows(name: str, original: str, d: int) -> int | None:
     """Rows of an original module made of several pieces, from the config; None for a 1:1 rename."""
+    if original.endswith(".qkv") and name.startswith("lumina"):
+        c = FULL[name][1]
+        return d + 2 * (d // c["num_attention_heads"]) * c["num_kv_heads"]  # q, then k and v of the kv heads
     if original.endswith(".qkv"):
         return 3 * d
     if original.endswith(".img_mlp.gate_up"):
         return 2 * 3 * d  # Qwen-Image 2.1's SwiGLU gate and up rows, mlp_ratio 3
-    if original.endswith(".linear1") and name.startswith("flux1"):
+    if original.endswith(".linear1") and name.startswith(("flux1", "chroma")):
         return 3 * d + 4 * d  # q, k, v + the MLP's input (mlp_ratio 4)
-    if original == "final_layer.adaLN_modulation.1" and not name.startswith(("zimage", "hidream")):
-        return 2 * d  # (shift, scale) swapped (HiDream's converter is the identity, Z-Image's gives a scale only)
+    if original == "final_layer.adaLN_modulation.1" and not name.startswith(("zimage", "hidream", "lumina")):
+        return 2 * d  # (shift, scale) swapped (HiDream's converter is the identity, Z-Image's and Lumina 2's give a
+        # scale only)
     if original.endswith("context_block.adaLN_modulation.1") and original.startswith(f"joint_blocks.{_last(name)}."):
         return 2 * d
     return None
@@ -444,11 +546,13 @@ def test_underscored_names_are_unique(name: str) -> None:
 # (d) ------------------------------------------------------------------------------------------------
 
 def required_extras(model: nn.Module) -> dict[str, Tensor]:
-    """Non-Linear keys the pop-based converters (Flux.1, SD3) insist on, under their original names
+    """Non-Linear keys the pop-based converters (Flux.1, SD3, Chroma) insist on, under their original names
     (read off the converters); values are never compared."""
     c, z = model.config, torch.zeros(1)
     out: dict[str, Tensor] = {}
-    if isinstance(model, FluxTransformer2DModel):
+    if isinstance(model, ChromaTransformer2DModel):
+        out.update({f"distilled_guidance_layer.norms.{k}.scale": z for k in range(c["approximator_layers"])})
+    if isinstance(model, (FluxTransformer2DModel, ChromaTransformer2DModel)):
         for n in ("query_norm", "key_norm"):
             out.update({f"double_blocks.{i}.{s}.norm.{n}.scale": z for i in range(c["num_layers"])
                         for s in ("img_attn", "txt_attn")})
@@ -487,7 +591,7 @@ def check_converter_splits_back(model: nn.Module, tensors: dict[str, dict[str, T
             assert torch.equal(converted[key], value), key
     model_keys = set(model.state_dict())
     assert set(converted) <= model_keys, sorted(set(converted) - model_keys)[:5]  # nothing left unrenamed
-    if isinstance(model, (FluxTransformer2DModel, SD3Transformer2DModel)):
+    if isinstance(model, POPPING):
         assert not ckpt, f"the converter did not use {sorted(ckpt)[:5]} of {len(given)} keys"
 
 
@@ -556,7 +660,51 @@ def test_tiny_flux_fused_weights_follow_the_documented_order() -> None:
     assert torch.equal(ckpt["final_layer.adaLN_modulation.1.weight"], torch.cat([shift, scale]))
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "flux2"])
+def test_tiny_chroma_fused_weights_follow_the_documented_order() -> None:
+    """Chroma at d = 16 (convert_chroma_transformer_checkpoint_to_diffusers hard-codes 3072: checked by hand here,
+    on the full-size model above): linear1 rows are q, k, v then the MLP input (4d), qkv rows q, k, v; the
+    approximator's layers are linear_1 / linear_2; no adaLN anywhere (nothing swapped)."""
+    model = tiny("chroma")
+    w = weights(model)
+    ckpt = original_checkpoint(dit_name_map(model), w)
+    s, d = "single_transformer_blocks.1.", 16
+    linear1 = ckpt["single_blocks.1.linear1.weight"]
+    assert linear1.shape == (7 * d, d)
+    for i, part in enumerate(["attn.to_q", "attn.to_k", "attn.to_v"]):
+        assert torch.equal(linear1[i * d:(i + 1) * d], w[s + part]["weight"])
+    assert torch.equal(linear1[3 * d:], w[s + "proj_mlp"]["weight"])
+    qkv = ckpt["double_blocks.1.img_attn.qkv.weight"]
+    assert torch.equal(qkv, torch.cat([w[f"transformer_blocks.1.attn.to_{x}"]["weight"] for x in "qkv"]))
+    assert torch.equal(ckpt["distilled_guidance_layer.layers.1.out_layer.bias"],
+                       w["distilled_guidance_layer.layers.1.linear_2"]["bias"])
+    assert torch.equal(ckpt["final_layer.linear.weight"], w["proj_out"]["weight"])
+    assert not any("adaLN" in k or "_mod" in k or "modulation" in k for k in ckpt)
+    assert len({k.rsplit(".", 1)[0] for k in ckpt}) == 5 + 2 * 2 + 8 * 2 + 2 * 2
+
+
+def test_tiny_lumina2_qkv_rows_are_unequal() -> None:
+    """Lumina 2 at hidden 24, 3 heads and 1 key / value head of 8 (convert_lumina2_to_diffusers hard-codes the
+    full size's 2304 / 768 / 768: checked by hand here): attention.qkv is q (24 rows), k (8), v (8); a block's
+    adaLN_modulation.1 is norm1.linear and the final one norm_out.linear_1, in their own row order (no swap);
+    context_refiner blocks have no adaLN."""
+    model = tiny("lumina2")
+    w = weights(model)
+    nm = dit_name_map(model)
+    ckpt = original_checkpoint(nm, w)
+    for b in ("layers.1", "noise_refiner.0", "context_refiner.0"):
+        qkv = ckpt[f"{b}.attention.qkv.weight"]
+        assert qkv.shape == (24 + 8 + 8, 24)
+        assert torch.equal(qkv[:24], w[f"{b}.attn.to_q"]["weight"])
+        assert torch.equal(qkv[24:32], w[f"{b}.attn.to_k"]["weight"])
+        assert torch.equal(qkv[32:], w[f"{b}.attn.to_v"]["weight"])
+    assert torch.equal(ckpt["noise_refiner.0.adaLN_modulation.1.weight"], w["noise_refiner.0.norm1.linear"]["weight"])
+    assert torch.equal(ckpt["final_layer.adaLN_modulation.1.weight"], w["norm_out.linear_1"]["weight"])
+    assert torch.equal(ckpt["final_layer.linear.bias"], w["norm_out.linear_2"]["bias"])
+    assert "context_refiner.0.adaLN_modulation.1" not in nm.originals
+    assert all(len(t.pieces) == 1 for o, t in nm.originals.items() if not o.endswith(".qkv"))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "flux2", "chroma"])
 def test_diffusers_fused_projections_map_one_to_one(name: str) -> None:
     """After fuse_qkv_projections() a qkv original is the fused Linear itself, whose weight diffusers built
     by concatenating to_q, to_k, to_v: the same rows our unfused map gives the original."""

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
-from lokr_diffusers import LoKrModel
+from lokr_diffusers import LoKrModel, families
 from lokr_diffusers.formats.dit import dit_name_map
 from lokr_diffusers.formats.names import build_index
 from lokr_diffusers.formats.reader import parse_file
@@ -249,6 +249,7 @@ PIPELINES_OF = [
     ("ltx2", "LTX2HDRPipeline"), ("ltx2", "LTX2DFRPipeline"), ("ltx2", "LTX2DFRTemporalRefinePipeline"),
     *(("qwenimage", f"QwenImage{kind}Pipeline") for kind in (
         "Img2Img", "Inpaint", "Edit", "EditPlus", "EditInpaint", "Layered", "ControlNet", "ControlNetInpaint")),
+    ("chroma", "ChromaImg2ImgPipeline"), ("chroma", "ChromaInpaintPipeline"),
 ]
 
 
@@ -347,13 +348,36 @@ def test_ltx2_connector_keys_are_named_as_not_loaded(prefix: str, caplog: pytest
 @pytest.mark.parametrize(("file_family", "pipe_family", "words"), [
     ("sd3", "flux", "SD3"), ("zimage", "flux2", "Z-Image"),
     ("flux2", "zimage", "FLUX.1 / FLUX.2"), ("flux", "sd3", "FLUX.1"), ("wan", "flux", "Wan"),
-    ("flux", "wan", "FLUX.1")])
+    ("flux", "wan", "FLUX.1"), ("chroma", "flux", "Chroma"), ("lumina2", "zimage", "Lumina 2"),
+    ("zimage", "lumina2", "Z-Image")])
 def test_a_file_for_another_model_says_which(file_family: str, pipe_family: str, words: str) -> None:
     sd, _ = original_file(tiny(file_family), file_family, "comfyui")
     pipe = bare_pipeline(pipe_family)
     with pytest.raises(ValueError, match=f"looks like a {words}"):
         pipe.load_lokr_weights(sd)
     assert not pipe.get_list_lokr_adapters()
+
+
+def test_a_chroma_file_of_stream_blocks_fits_flux1_too() -> None:
+    """A Chroma file naming double / single blocks only (no approximator: ai-toolkit's default targets) has no name
+    telling it from FLUX.1's (or FLUX.2's): both are named, and it loads onto a Chroma pipeline by Chroma's table and
+    onto a FLUX.1 one of the same widths (the tiny models share d = 16) by FLUX.1's, each as ComfyUI computes it."""
+    chroma = bare_pipeline("chroma")
+    base = copy.deepcopy(chroma.transformer)
+    sd, modules = original_file(base, "chroma", "comfyui", seed=85)
+    streams = {o for o in modules if o.startswith(("double_blocks.", "single_blocks."))}
+    assert streams and streams != set(modules)
+    sd = {k: v for k, v in sd.items() if k.split(".")[1] in ("double_blocks", "single_blocks")}
+    modules = {o: t for o, t in modules.items() if o in streams}
+    assert set(families.of_file(sd)[0]) == {"flux", "flux2", "chroma"}
+    chroma.load_lokr_weights(sd)
+    assert_close(run(chroma.transformer, "chroma"), run(comfyui_model(base, "chroma", modules), "chroma"))
+    flux = bare_pipeline("flux")
+    flux_base = copy.deepcopy(flux.transformer)
+    flux.load_lokr_weights(sd)
+    assert_close(run(flux.transformer, "flux"), run(comfyui_model(flux_base, "chroma", modules), "flux"))
+    with_approximator, _ = original_file(base, "chroma", "kohya", seed=86)
+    assert families.of_file(with_approximator)[0] == ("chroma",)
 
 
 def test_a_module_that_does_not_fit_changes_nothing() -> None:

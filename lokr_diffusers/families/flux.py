@@ -84,14 +84,16 @@ COMFYUI_PATHS: tuple[str, ...] = (
 # FLUX.1 and FLUX.2 share most original names: a file of double / single blocks alone may be either
 STREAMS = Sign(r"double_blocks|single_blocks|single_transformer_blocks", "double / single stream blocks")
 FLUX1_ONLY = Sign(r"(img|txt)_mod[._]lin|single_blocks[._]\d+[._]modulation|vector_in|"
-                  r"single_transformer_blocks[._]\d+[._]proj_mlp", "FLUX.1's modulation / MLP")
+                  r"single_transformer_blocks[._]\d+[._]norm[._]linear", "FLUX.1's modulation")
+# a single block's MLP input as its own Linear (diffusers' FLUX.1 spelling; FLUX.2 fuses it): Chroma's too
+FLUX1_MLP = Sign(r"single_transformer_blocks[._]\d+[._]proj_mlp", "FLUX.1's single-block MLP")
 
 FLUX = ModelFamily(
     name="flux", title="FLUX.1", pipelines=("FluxPipeline",), denoiser="transformer",
     denoiser_class="FluxTransformer2DModel", text_encoders=("text_encoder", "text_encoder_2"),
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    variants=("flux1-dev",),
-    prediction=("flow",), detect=Detection(kind=(FLUX1_ONLY, STREAMS)), kohya=Kohya("flux1"), originals=ORIGINALS,
+    variants=("flux1-dev",), prediction=("flow",), detect=Detection(kind=(FLUX1_ONLY, FLUX1_MLP, STREAMS)),
+    kohya=Kohya("flux1"), originals=ORIGINALS,
     roles=ROLES, comfyui_paths=COMFYUI_PATHS,
     # diffusers' Flux script trains CLIP only, never T5 (text_encoder_2)
     training=Training("flow", ("text_encoder",), weighting_scheme="none", max_sequence_length=512),

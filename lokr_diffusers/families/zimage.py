@@ -53,12 +53,19 @@ COMFYUI_PATHS: tuple[str, ...] = (
     r"all_final_layer\.2-1\.(linear|adaLN_modulation\.1)|all_x_embedder\.2-1|cap_embedder\.1|t_embedder\.mlp\.[02]",
 )
 
+# NextDiT's original names, Z-Image's and Lumina 2's alike (Lumina 2's diffusers paths keep the refiners' names)
+NEXTDIT = Sign(r"noise_refiner|context_refiner|feed_forward[._]w[123]|cap_embedder|layers[._]\d+[._]attention[._]"
+               r"(qkv|out)", "NextDiT refiners / attention / feed-forward")
+# Z-Image's own: its patch-size-keyed embedder / final layer, its blocks' adaLN (Lumina 2's is adaLN_modulation.1),
+# its diffusers attention spelling (Lumina 2's is attn.to_q)
+ZIMAGE_ONLY = Sign(r"all_x_embedder|all_final_layer|adaLN_modulation[._]0|attention[._]to_(q|k|v|out)",
+                   "Z-Image's embedders / adaLN / attention")
+
 ZIMAGE = ModelFamily(
     name="zimage", title="Z-Image", pipelines=("ZImagePipeline",), denoiser="transformer",
     denoiser_class="ZImageTransformer2DModel", text_encoders=("text_encoder",),
     components=("transformer", "vae", "text_encoder", "tokenizer"), variants=("zimage-turbo",), prediction=("flow",),
-    detect=Detection(kind=(Sign(r"noise_refiner|context_refiner|feed_forward[._]w[123]|cap_embedder|all_x_embedder",
-                                "Z-Image's refiners / feed-forward"),)),
+    detect=Detection(kind=(ZIMAGE_ONLY, NEXTDIT)),
     kohya=Kohya("zimage"), originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS,
     # diffusers 0.42.1 loads LoKr files (through PEFT) for ZImageLoraLoaderMixin
     diffusers_lokr=True,

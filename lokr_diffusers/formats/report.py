@@ -115,7 +115,8 @@ def family_hint(keys: KeysOrStateDict, comps: Mapping[str, nn.Module]) -> str:
     found, evidence = families.of_file(list(keys))
     pipe = [f.name for f in families.candidates(comps)]
     classes = {FAMILIES[f].denoiser_class for f in found}
-    if not evidence or not pipe or set(pipe) & set(found) or len(classes) > 2:
+    # names shared by more than FLUX.1, FLUX.2 and Chroma (their stream blocks' names) say too little to name one
+    if not evidence or not pipe or set(pipe) & set(found) or len(classes) > 3:
         return ""
     name = _titles(found, " / ")
     return (f" This file looks like a {name} LoKr (it has {'; '.join(evidence[:2])}); the pipeline "

@@ -54,7 +54,7 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
     out: dict[str, Original] = {}
     cfg = model.config
     qkv, add_qkv = ["attn.to_q", "attn.to_k", "attn.to_v"], ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
-    if family in ("flux", "flux2"):
+    if family in ("flux", "flux2", "chroma"):  # ComfyUI's Chroma is its Flux less the modulations (absent: skipped)
         flux2 = family == "flux2"
         for i in range(cfg.num_layers):
             b, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
@@ -92,6 +92,30 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
                                ("final_layer.linear", "proj_out")):
             _add(out, model, original, [path])
         _add(out, model, "final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+        if family == "chroma":  # comfy/ldm/chroma: the approximator (diffusers keeps in_proj / out_proj's names)
+            for original in ("distilled_guidance_layer.in_proj", "distilled_guidance_layer.out_proj"):
+                _add(out, model, original, [original])
+            for k in range(cfg.approximator_layers):
+                b = f"distilled_guidance_layer.layers.{k}."
+                _add(out, model, b + "in_layer", [b + "linear_1"])
+                _add(out, model, b + "out_layer", [b + "linear_2"])
+    elif family == "lumina2":  # comfy/ldm/lumina (NextDiT): q, k, v rows unequal (grouped-query attention)
+        for kind, n in (("layers", cfg.num_layers), ("noise_refiner", cfg.num_refiner_layers),
+                        ("context_refiner", cfg.num_refiner_layers)):
+            for i in range(n):
+                b = f"{kind}.{i}."
+                _add(out, model, b + "attention.qkv", [b + f"attn.to_{x}" for x in "qkv"])
+                _add(out, model, b + "attention.out", [b + "attn.to_out.0"])
+                for w in "123":
+                    _add(out, model, b + f"feed_forward.w{w}", [b + f"feed_forward.linear_{w}"])
+                _add(out, model, b + "adaLN_modulation.1", [b + "norm1.linear"])  # none in context_refiner
+        for original, path in (("x_embedder", "x_embedder"),
+                               ("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1"),
+                               ("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2"),
+                               ("cap_embedder.1", "time_caption_embed.caption_embedder.1"),
+                               ("final_layer.adaLN_modulation.1", "norm_out.linear_1"),  # a scale only: no swap
+                               ("final_layer.linear", "norm_out.linear_2")):
+            _add(out, model, original, [path])
     elif family == "sd3":
         last = cfg.num_layers - 1
         for i in range(cfg.num_layers):
@@ -183,15 +207,20 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
 # every `<x>.linear1.weight` also answers to `<x>.linear1_qkv`, rows [0, 3 · hidden_size) of it: q, k and v).
 def _row_name(family: str, model: nn.Module, o: str) -> tuple[str, int] | None:
     """(original, rows) for a ComfyUI row name, None for any other name."""
-    if family == "flux" and o.startswith("single_blocks.") and o.endswith(".linear1_qkv"):
+    if family in ("flux", "chroma") and o.startswith("single_blocks.") and o.endswith(".linear1_qkv"):
         hidden = int(model.config.num_attention_heads * model.config.attention_head_dim)
         return o.removesuffix("_qkv"), 3 * hidden
     return None
 
 
 # Diffusers paths ComfyUI's key map does NOT take under `transformer.` (flux_to_diffusers was written for
-# Flux.1: Flux.2's global modulation and time_guidance_embed are reached by their original names only).
-NOT_BY_PATH = ("time_guidance_embed.", "double_stream_modulation_", "single_stream_modulation.")
+# Flux.1: Flux.2's global modulation and time_guidance_embed, Chroma's approximator are reached by their original
+# names only).
+NOT_BY_PATH = ("time_guidance_embed.", "double_stream_modulation_", "single_stream_modulation.",
+               "distilled_guidance_layer.")
+# Families whose diffusers paths ComfyUI's key map takes none of: Lumina 2 (its branch maps Z-Image's spellings,
+# comfy/utils.py z_image_to_diffusers, none of them a Lumina2Transformer2DModel path)
+NO_PATH_MAP = ("lumina2",)
 
 
 def _swap(t: Tensor) -> Tensor:
@@ -226,7 +255,7 @@ def comfyui_transformer(model: nn.Module, family: str, sd: dict[str, Tensor], st
             assert o in originals, f"ComfyUI has no module {o}"
             weights[o] = consumer_weight(weights[o], tensors, strength, comfyui_dora=True)
             continue
-        assert name.startswith("transformer."), f"ComfyUI maps no key {name}"
+        assert name.startswith("transformer.") and family not in NO_PATH_MAP, f"ComfyUI maps no key {name}"
         path = name.removeprefix("transformer.")
         assert path in by_path and not path.startswith(NOT_BY_PATH), f"ComfyUI's key map has no {name}"
         o, start = by_path[path]

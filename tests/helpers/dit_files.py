@@ -2,7 +2,8 @@
 
 The original weight of each module is the row blocks of diffusers' modules in the original's order (the tables
 below, by hand from diffusers' single-file converters and ComfyUI's flux_to_diffusers / mmdit_to_diffusers /
-z_image_to_diffusers; the tiny sizes from tests/helpers/dit_models.py's configs); ComfyUI's rule is applied to
+z_image_to_diffusers; Chroma and Lumina 2 from convert_chroma_transformer_checkpoint_to_diffusers and
+convert_lumina2_to_diffusers; the tiny sizes from tests/helpers/dit_models.py's configs); ComfyUI's rule is applied to
 that whole weight (helpers.references.fused_consumer_weights) and the result is cut back and written into a copy
 of the model. Nothing here asks the package for names, rows or ΔW.
 """
@@ -15,12 +16,14 @@ from typing import Any
 
 import torch
 from diffusers import (
+    ChromaPipeline,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     FluxPipeline,
     HiDreamImagePipeline,
     LTX2Pipeline,
     LTXPipeline,
+    Lumina2Pipeline,
     QwenImage21Pipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
@@ -32,12 +35,20 @@ from torch import Tensor, nn
 from helpers.dit_models import tiny
 from helpers.references import consumer_weight, fused_consumer_weights
 
-PIPELINES: dict[str, type] = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "flux2": Flux2KleinPipeline,
-                              "zimage": ZImagePipeline, "wan": WanImageToVideoPipeline,
-                              "ltxvideo": LTXPipeline, "ltx2": LTX2Pipeline,
-                              "qwenimage": QwenImagePipeline,
-                              "qwenimage21": QwenImage21Pipeline,
-                              "hidream": HiDreamImagePipeline}
+PIPELINES: dict[str, type] = {
+    "flux": FluxPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "flux2": Flux2KleinPipeline,
+    "zimage": ZImagePipeline,
+    "wan": WanImageToVideoPipeline,
+    "ltxvideo": LTXPipeline,
+    "ltx2": LTX2Pipeline,
+    "qwenimage": QwenImagePipeline,
+    "qwenimage21": QwenImage21Pipeline,
+    "hidream": HiDreamImagePipeline,
+    "chroma": ChromaPipeline,
+    "lumina2": Lumina2Pipeline,
+}
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
 
 # Flux.1 tiny: d = 16 (2 heads x 8), MLP 4d = 64; single blocks' linear1 = q, k, v, mlp (112 rows);
@@ -93,6 +104,41 @@ ZIMAGE: dict[str, Blocks] = {
     "layers.1.feed_forward.w1": [("layers.1.feed_forward.w1", 0, None)],
     "context_refiner.0.attention.out": [("context_refiner.0.attention.to_out.0", 0, None)],
     "x_embedder": [("all_x_embedder.2-1", 0, None)],
+    "layers.1.adaLN_modulation.0": [("layers.1.adaLN_modulation.0", 0, None)],  # Z-Image's own (Lumina 2's is .1)
+}
+# Chroma tiny: d = 16 (2 heads x 8), MLP 4d = 64, as FLUX.1 less its modulations (single blocks' linear1 = q, k, v,
+# mlp: 112 rows), plus the approximator (convert_chroma_transformer_checkpoint_to_diffusers).
+CHROMA: dict[str, Blocks] = {
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
+                                     ("transformer_blocks.0.attn.to_v", 0, None)],
+    "double_blocks.1.txt_attn.qkv": [("transformer_blocks.1.attn.add_q_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_k_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_v_proj", 0, None)],
+    "single_blocks.0.linear1": [("single_transformer_blocks.0.attn.to_q", 0, None),
+                                ("single_transformer_blocks.0.attn.to_k", 0, None),
+                                ("single_transformer_blocks.0.attn.to_v", 0, None),
+                                ("single_transformer_blocks.0.proj_mlp", 0, None)],
+    "single_blocks.1.linear2": [("single_transformer_blocks.1.proj_out", 0, None)],
+    "double_blocks.0.txt_mlp.2": [("transformer_blocks.0.ff_context.net.2", 0, None)],
+    "distilled_guidance_layer.layers.1.in_layer": [("distilled_guidance_layer.layers.1.linear_1", 0, None)],
+    "distilled_guidance_layer.in_proj": [("distilled_guidance_layer.in_proj", 0, None)],
+    "txt_in": [("context_embedder", 0, None)],
+}
+# Lumina 2 tiny: hidden 24 = 3 heads x 8, 1 key / value head: attention.qkv = q (24 rows), k (8), v (8)
+# (convert_lumina2_to_diffusers); a block's adaLN_modulation.1 is norm1.linear, the final one norm_out.linear_1.
+LUMINA2: dict[str, Blocks] = {
+    "layers.0.attention.qkv": [("layers.0.attn.to_q", 0, None), ("layers.0.attn.to_k", 0, None),
+                               ("layers.0.attn.to_v", 0, None)],
+    "context_refiner.0.attention.qkv": [("context_refiner.0.attn.to_q", 0, None),
+                                        ("context_refiner.0.attn.to_k", 0, None),
+                                        ("context_refiner.0.attn.to_v", 0, None)],
+    "noise_refiner.0.adaLN_modulation.1": [("noise_refiner.0.norm1.linear", 0, None)],
+    "layers.1.feed_forward.w3": [("layers.1.feed_forward.linear_3", 0, None)],
+    "layers.1.attention.out": [("layers.1.attn.to_out.0", 0, None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear_1", 0, None)],
+    "cap_embedder.1": [("time_caption_embed.caption_embedder.1", 0, None)],
+    "t_embedder.mlp.0": [("time_caption_embed.timestep_embedder.linear_1", 0, None)],
 }
 # Wan tiny (2.1 I2V-like): dim 24; renames only (convert_wan_transformer_to_diffusers), no fused weight, no swap.
 WAN: dict[str, Blocks] = {
@@ -173,7 +219,7 @@ ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FL
                                            "ltxvideo": LTXVIDEO, "ltx2": LTX2,
                                            "qwenimage": QWENIMAGE,
                                            "qwenimage21": QWENIMAGE21,
-                                           "hidream": HIDREAM}
+                                           "hidream": HIDREAM, "chroma": CHROMA, "lumina2": LUMINA2}
 FAMILIES = tuple(ORIGINALS)
 # The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
 BLOCK_CLASSES: dict[str, list[str]] = {

@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 from diffusers import (
+    ChromaTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
+    Lumina2Transformer2DModel,
     QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -62,6 +64,15 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
         num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1))),
+    # Chroma's converter hard-codes inner_dim 3072 (and Lumina 2's its qkv split): their tiny models are checked apart
+    "chroma": (ChromaTransformer2DModel, dict(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=2)),
+    "lumina2": (Lumina2Transformer2DModel, dict(  # 3 heads, 1 key / value head of 8: q 24 rows, k and v 8
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=3, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(10, 10, 10),
+        cap_feat_dim=8)),
 }
 
 
@@ -90,6 +101,12 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
     if name == "flux2":
         return dict(hidden_states=r(1, 4, 8), encoder_hidden_states=r(1, 3, 12), timestep=t,
                     img_ids=torch.zeros(1, 4, 4), txt_ids=torch.zeros(1, 3, 4), guidance=torch.tensor([3.0]))
+    if name == "chroma":
+        return dict(hidden_states=r(1, 4, 4), encoder_hidden_states=r(1, 3, 12), timestep=t,
+                    img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3))
+    if name == "lumina2":
+        return dict(hidden_states=r(1, 4, 4, 4), timestep=t, encoder_hidden_states=r(1, 3, 8),
+                    encoder_attention_mask=torch.ones(1, 3, dtype=torch.bool))
     if name == "sd3":
         return dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 3, 12), pooled_projections=r(1, 10),
                     timestep=t)
