@@ -83,6 +83,14 @@ ZIMAGE_TURBO: dict[str, Any] = {
     "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16, "n_heads": 30, "n_kv_heads": 30, "n_layers": 30,
     "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0,
 }
+# hunyuanvideo-community/HunyuanVideo: HunyuanVideoTransformer3DModel's own defaults (20 double + 40 single blocks,
+# 24 heads x 128 = 3072, 2 refiner blocks, Llama text features 4096, CLIP-L pooled 768, guidance embedder): 12.82 B
+# parameters on the meta device, the published 13 B (the config.json itself not read here).
+HUNYUANVIDEO: dict[str, Any] = {}
+# tencent/HunyuanVideo-1.5 (diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py TRANSFORMER_CONFIGS, 480p /
+# 720p alike): HunyuanVideo15Transformer3DModel's defaults (54 double blocks, 16 heads x 128 = 2048, in 65, out 32,
+# Qwen2.5-VL text 3584, ByT5 1472, SigLIP 1152): 8.33 B parameters, the published 8.3 B.
+HUNYUANVIDEO15: dict[str, Any] = {}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -125,6 +133,8 @@ DIT_VARIANTS: dict[str, Variant] = {
     "flux2-klein-9b": Variant("FLUX.2 [klein] 9B", FLUX2_KLEIN_9B, {"text_encoder": ("Qwen3ForCausalLM", _QWEN3_8B)}),
     "flux2-dev": Variant("FLUX.2 [dev]", FLUX2_DEV, {}),
     "zimage-turbo": Variant("Z-Image-Turbo", ZIMAGE_TURBO, {"text_encoder": ("Qwen3Model", _QWEN3_4B)}),
+    "hunyuanvideo": Variant("HunyuanVideo", HUNYUANVIDEO, {}),
+    "hunyuanvideo-1.5": Variant("HunyuanVideo 1.5", HUNYUANVIDEO15, {}),
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

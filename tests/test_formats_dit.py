@@ -16,17 +16,21 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
     SD3Transformer2DModel,
     ZImageTransformer2DModel,
 )
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
+    convert_hunyuan_video_transformer_to_diffusers,
     convert_sd3_transformer_checkpoint_to_diffusers,
     convert_z_image_transformer_checkpoint_to_diffusers,
 )
 from helpers.dit_models import tiny
 from helpers.fullsize_dit import FULL, meta_transformer
+from helpers.hunyuanvideo15_oracle import convert_hyvideo15_linears
 from torch import Tensor, nn
 
 from lokr_diffusers.formats.dit import LAYOUTS, DitNameMap, dit_name_map
@@ -37,6 +41,9 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     SD3Transformer2DModel: convert_sd3_transformer_checkpoint_to_diffusers,
     Flux2Transformer2DModel: convert_flux2_transformer_checkpoint_to_diffusers,
     ZImageTransformer2DModel: convert_z_image_transformer_checkpoint_to_diffusers,
+    HunyuanVideoTransformer3DModel: convert_hunyuan_video_transformer_to_diffusers,
+    # no diffusers converter: the hand table of diffusers' repository script (tests/helpers/hunyuanvideo15_oracle.py)
+    HunyuanVideo15Transformer3DModel: convert_hyvideo15_linears,
 }
 
 
@@ -70,6 +77,11 @@ ORIGINAL_COUNTS = {
     "flux2-klein-4b": 9 + 8 * 5 + 2 * 20,
     "flux2-klein-9b": 9 + 8 * 8 + 2 * 24,
     "zimage-turbo": 6 + 6 * 30 + 6 * 2 + 5 * 2,
+    # HunyuanVideo: 13 top (time_in x2, vector_in x2, guidance_in x2, txt_in's input / t / c embedders x5,
+    # final_layer x2), 5 per refiner block, 10 per double, 3 per single block. 1.5: 14 top (time_in x2, txt_in x5,
+    # byt5_in x3, vision_in x2, final_layer x2), 5 per refiner block, 14 per double block (q, k, v apart).
+    "hunyuanvideo": 13 + 5 * 2 + 10 * 20 + 3 * 40,
+    "hunyuanvideo-1.5": 14 + 5 * 2 + 14 * 54,
 }
 
 
@@ -248,9 +260,9 @@ def test_spot_names(name: str, case: Expected) -> None:
 
 def expected_rows(name: str, original: str, d: int) -> int | None:
     """Rows of an original module made of several pieces, from the config; None for a 1:1 rename."""
-    if original.endswith(".qkv"):
+    if original.endswith((".qkv", "_attn_qkv")):  # HunyuanVideo: img_attn_qkv, txt_attn_qkv, self_attn_qkv
         return 3 * d
-    if original.endswith(".linear1") and name.startswith("flux1"):
+    if original.endswith(".linear1") and name.startswith(("flux1", "hunyuanvideo")):
         return 3 * d + 4 * d  # q, k, v + the MLP's input (mlp_ratio 4)
     if original == "final_layer.adaLN_modulation.1" and not name.startswith("zimage"):
         return 2 * d  # (shift, scale)

@@ -7,9 +7,11 @@ import importlib
 from typing import Any
 
 from . import flux, flux2, sd, sd3, zimage
+from . import hunyuanvideo, hunyuanvideo15
 from .record import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (*sd.FAMILIES, flux.FLUX, sd3.SD3, flux2.FLUX2, zimage.ZIMAGE)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (*sd.FAMILIES, flux.FLUX, sd3.SD3, flux2.FLUX2, zimage.ZIMAGE,
+                                                  hunyuanvideo.HUNYUANVIDEO, hunyuanvideo15.HUNYUANVIDEO15)}
 # every name the command line takes (--base): a family's own and its aliases
 ALIASES: dict[str, str] = {alias: f.name for f in FAMILIES.values() for alias in (f.name, *f.aliases)}
 

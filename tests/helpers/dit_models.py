@@ -12,6 +12,8 @@ import torch
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
     SD3Transformer2DModel,
     ZImageTransformer2DModel,
 )
@@ -32,6 +34,16 @@ TINY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "flux": (FluxTransformer2DModel, dict(
         in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+    # HunyuanVideo's converter hard-codes hidden 3072: its tiny model's row order is checked by hand
+    "hunyuanvideo": (HunyuanVideoTransformer3DModel, dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))),
+    # its ByT5 embedder (context_embedder_2) is 2048 wide whatever the config: 4.3 M parameters
+    "hunyuanvideo15": (HunyuanVideo15Transformer3DModel, dict(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+        patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4))),
 }
 
 
@@ -63,6 +75,13 @@ def inputs(name: str, seed: int = 1) -> dict[str, Any]:
     if name == "sd3":
         return dict(hidden_states=r(1, 4, 8, 8), encoder_hidden_states=r(1, 3, 12), pooled_projections=r(1, 10),
                     timestep=t)
+    if name == "hunyuanvideo":  # (batch, channels, frames, height, width) latents; 3 text tokens
+        return dict(hidden_states=r(1, 4, 1, 2, 2), timestep=t, encoder_hidden_states=r(1, 3, 16),
+                    encoder_attention_mask=torch.ones(1, 3), pooled_projections=r(1, 8), guidance=torch.tensor([3.0]))
+    if name == "hunyuanvideo15":  # + ByT5 tokens and an image embedding
+        return dict(hidden_states=r(1, 9, 1, 2, 2), timestep=t, encoder_hidden_states=r(1, 3, 16),
+                    encoder_attention_mask=torch.ones(1, 3), encoder_hidden_states_2=r(1, 2, 8),
+                    encoder_attention_mask_2=torch.ones(1, 2), image_embeds=r(1, 2, 12))
     return dict(x=[r(4, 1, 4, 4)], t=t, cap_feats=[r(3, 12)])
 
 

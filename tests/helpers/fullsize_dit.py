@@ -19,7 +19,8 @@ from lokr_diffusers.architectures import DIT_VARIANTS
 from lokr_diffusers.families import of_variant
 
 NAMES: tuple[str, ...] = ("flux1-dev", "flux1-schnell", "sd35-medium", "sd35-large", "flux2-klein-4b",
-                          "flux2-klein-9b", "zimage-turbo")
+                          "flux2-klein-9b", "zimage-turbo",
+                          "hunyuanvideo", "hunyuanvideo-1.5")
 FULL: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     name: (getattr(diffusers, of_variant(name).denoiser_class), DIT_VARIANTS[name].config) for name in NAMES}
 
