@@ -210,7 +210,8 @@ def _comfyui_units(modules: list[ExportModule], components: Mapping[str, nn.Modu
     missing: list[str] = []
     dit = sort_modules([m for m in modules if m.component == "transformer"], nm)
     for target, pieces in dit.groups:
-        units.append((ORIGINAL_PREFIX + nm.comfyui_name(target.name), fused_module(target, pieces, target.name, transformer), None))
+        units.append((ORIGINAL_PREFIX + nm.comfyui_name(target.name),
+                      fused_module(target, pieces, target.name, transformer), None))
     for m in dit.singles + dit.partial:
         own = own_module(m)
         name = comfyui_path_name(m.path, nm, family) if own is not None else None

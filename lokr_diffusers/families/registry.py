@@ -6,8 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import flux, flux2, sd, sd3, zimage
-from . import hunyuanvideo, hunyuanvideo15
+from . import flux, flux2, hunyuanvideo, hunyuanvideo15, sd, sd3, zimage
 from .record import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (*sd.FAMILIES, flux.FLUX, sd3.SD3, flux2.FLUX2, zimage.ZIMAGE,
