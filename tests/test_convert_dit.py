@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers.comfyui_dit import comfy_originals
 from helpers.dit_files import original_file
+from helpers.dit_models import tiny as tiny_transformer
 from helpers.fullsize_dit import meta_transformer
 from helpers.tiny_dit import make_tiny_dit_pipeline
 from safetensors.torch import load_file, save_file
@@ -257,10 +258,30 @@ def test_a_file_of_another_family_is_refused_naming_it(tmp_path: Path, asked: li
     ("sd3", "kohya", ("sd3",)),
     ("flux2", "comfyui", ("flux", "flux2")),  # double / single blocks only: both FLUX generations
     ("zimage", "kohya", ("zimage",)),
+    ("hunyuanvideo", "kohya", ("hunyuanvideo",)),  # Tencent's img_mlp.fc1, self_attn_qkv beside ComfyUI's names
+    ("hunyuanvideo", "comfyui", ("hunyuanvideo",)),
+    ("hunyuanvideo15", "kohya", ("hunyuanvideo15",)),  # img_attn_q, byt5_in: 1.5's own
+    ("hunyuanvideo15", "comfyui", ("hunyuanvideo15",)),
 ])
 def test_the_family_is_told_by_the_file_names(family: str, layout: str, expected: tuple[str, ...]) -> None:
-    sd, _ = original_file(tiny(family).transformer, family, layout)
+    model = tiny(family).transformer if family in FAMILIES else tiny_transformer(family)  # no tiny pipeline
+    sd, _ = original_file(model, family, layout)
     assert guess_families(sd) == expected
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    # musubi-tuner's default HunyuanVideo file (blocks, no modulations): Tencent's img_mlp_fc1 tells it
+    (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_mlp_fc1",
+      "lora_unet_single_blocks_3_linear1"], ("hunyuanvideo",)),
+    (["lora_unet_double_blocks_0_img_attn_q", "lora_unet_double_blocks_0_img_mlp_fc1"], ("hunyuanvideo15",)),
+    (["diffusion_model.double_blocks.0.img_mod.linear", "diffusion_model.time_in.mlp.0"], ("hunyuanvideo",)),
+    # ComfyUI's spelling of HunyuanVideo's blocks is FLUX.1's: such a file alone is told FLUX.1 (tried first)
+    (["diffusion_model.double_blocks.0.img_mod.lin", "diffusion_model.single_blocks.0.linear1"], ("flux",)),
+    (["diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn.qkv",
+      "diffusion_model.double_blocks.0.img_mod.lin"], ("hunyuanvideo",)),
+])
+def test_hunyuanvideo_files_are_told_by_their_names(keys: list[str], expected: tuple[str, ...]) -> None:
+    assert guess_families({f"{k}.lokr_w1": torch.zeros(2, 2) for k in keys}) == expected
 
 
 def test_an_sd_file_names_no_dit_family() -> None:
@@ -285,6 +306,7 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
     "sd35-large": [("text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc1", (5120, 1280))],
     "flux2-klein-9b": [("text_encoders.qwen3_8b.transformer.model.layers.2.self_attn.q_proj", (4096, 4096))],
     "zimage-turbo": [("text_encoders.qwen3_4b.transformer.model.layers.0.mlp.down_proj", (2560, 9728))],
+    "hunyuanvideo": [], "hunyuanvideo-1.5": [],  # transformer only: their variants have no text encoders
 }
 
 
@@ -337,4 +359,5 @@ def test_cli_offers_the_registry_formats_and_every_family() -> None:
     convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]  # type: ignore[union-attr]
     options = {a.dest: a.choices for a in convert._actions}
     assert sorted(options["to"]) == sorted(FORMAT_ALIASES)
-    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage"}
+    assert set(CONVERT_BASES.values()) == {"sd1", "sd2", "sdxl", "flux", "sd3", "flux2", "zimage", "hunyuanvideo15",
+                                           "hunyuanvideo"}

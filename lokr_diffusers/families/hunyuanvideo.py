@@ -13,7 +13,7 @@ HunyuanVideoFramepackTransformer3DModel is another class (not a subclass): its c
 
 from __future__ import annotations
 
-from .flux import FLUX1_ONLY, STREAMS
+from .flux import FLUX1_ONLY
 from .record import Detection, Kohya, ModelFamily, Sign
 from .tables import ADD_QKV, QKV, QKV_LEAVES, OriginalTable, Pairs, blocks, top
 
@@ -94,9 +94,13 @@ ROLES: dict[str, str] = {
     "norms": rf"{_BLOCKS}(norm1|norm1_context|norm)\.linear|norm_out\.linear",
     "embedders": rf"context_embedder\.(proj_in|time_text_embed\..+)|{_REFINER}.+|time_text_embed\..+|proj_out",
 }
-# Tencent's spelling (its checkpoint, musubi-tuner) and diffusers' refiner path: HunyuanVideo and 1.5 only
+# Tencent's spelling (its checkpoint, musubi-tuner) and diffusers' refiner path, which no FLUX model has. Files are
+# told by the first sign of fewest holders (detect.of_file): this sign names HunyuanVideo alone, so it is read before
+# FLUX.1's, which HunyuanVideo holds too (ComfyUI's spelling of its blocks and vector_in are FLUX.1's names); 1.5's
+# files carry names of this sign too, so its record comes first in the registry and its own sign is read first.
 TENCENT = Sign(r"individual_token_refiner|token_refiner|(img|txt)_mod[._]linear|(img|txt)_mlp[._]fc[12]|"
-               r"txt_in[._](t|c)_embedder|(time|guidance)_in[._]mlp", "HunyuanVideo's token refiner / Tencent names")
+               r"txt_in[._](t|c)_embedder|(time|guidance)_in[._]mlp|single_blocks[._]\d+[._]modulation[._]linear",
+               "HunyuanVideo's token refiner / Tencent names")
 
 HUNYUANVIDEO = ModelFamily(
     name="hunyuanvideo", title="HunyuanVideo",
@@ -105,8 +109,9 @@ HUNYUANVIDEO = ModelFamily(
     text_encoders=("text_encoder", "text_encoder_2"),
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
     variants=("hunyuanvideo",), prediction=("flow",),
-    # FLUX.1's signs too: ComfyUI's spelling of its double / single blocks is FLUX.1's (block counts differ)
-    detect=Detection(kind=(TENCENT, FLUX1_ONLY, STREAMS)),
+    # FLUX.1's sign too: ComfyUI's spelling of its modulations and vector_in is FLUX.1's. A file of double / single
+    # blocks in ComfyUI's spelling alone is told FLUX.1 (its names are; only the block counts differ)
+    detect=Detection(kind=(TENCENT, FLUX1_ONLY)),
     kohya=Kohya("hunyuan_video"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video",), aliases=("hunyuan_video", "hyvideo"),
 )

@@ -10,8 +10,7 @@ renames leave them) is not verified: ComfyUI's HunyuanVideo double block is Flux
 
 from __future__ import annotations
 
-from .flux import FLUX1_ONLY
-from .hunyuanvideo import COMFYUI_RENAMES, DOUBLE, REFINER, TENCENT, TXT_IN
+from .hunyuanvideo import COMFYUI_RENAMES, DOUBLE, REFINER, TXT_IN
 from .record import Detection, Kohya, ModelFamily, Sign
 from .tables import ADD_QKV, QKV, QKV_LEAVES, OriginalTable, blocks, top
 
@@ -58,9 +57,11 @@ HUNYUANVIDEO15 = ModelFamily(
     text_encoders=("text_encoder", "text_encoder_2"),
     components=("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
     variants=("hunyuanvideo-1.5",), prediction=("flow",),
-    detect=Detection(kind=(Sign(r"(img|txt)_attn_[qkv][._]|byt5_in|vision_in|context_embedder_2",
-                                "HunyuanVideo 1.5's separate q / k / v, ByT5 / vision embedders"),
-                           TENCENT, FLUX1_ONLY)),
+    # its own names only: read before HunyuanVideo's sign (registry order), which its Tencent names also carry. A
+    # file without these (no attention q / k / v, no ByT5 / vision / time embedders) is told HunyuanVideo
+    detect=Detection(kind=(Sign(r"(img|txt)_attn_[qkv][._]|byt5_in|vision_in|context_embedder_2|"
+                                r"(^|[._])time_embed[._]", "HunyuanVideo 1.5's separate q / k / v, ByT5 / vision "
+                                "embedders"),)),
     kohya=Kohya("hunyuan_video_1_5"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video-1.5",), aliases=("hunyuan_video_1_5", "hyvideo15"),
 )

@@ -10,7 +10,7 @@ from . import flux, flux2, hunyuanvideo, hunyuanvideo15, sd, sd3, zimage
 from .record import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (*sd.FAMILIES, flux.FLUX, sd3.SD3, flux2.FLUX2, zimage.ZIMAGE,
-                                                  hunyuanvideo.HUNYUANVIDEO, hunyuanvideo15.HUNYUANVIDEO15)}
+                                                  hunyuanvideo15.HUNYUANVIDEO15, hunyuanvideo.HUNYUANVIDEO)}
 # every name the command line takes (--base): a family's own and its aliases
 ALIASES: dict[str, str] = {alias: f.name for f in FAMILIES.values() for alias in (f.name, *f.aliases)}
 
