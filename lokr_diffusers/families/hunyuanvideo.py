@@ -112,6 +112,7 @@ HUNYUANVIDEO = ModelFamily(
     # FLUX.1's sign too: ComfyUI's spelling of its modulations and vector_in is FLUX.1's. A file of double / single
     # blocks in ComfyUI's spelling alone is told FLUX.1 (its names are; only the block counts differ)
     detect=Detection(kind=(TENCENT, FLUX1_ONLY)),
+    # ss_base_model_version: musubi-tuner's architecture name (dataset/architectures.py ARCHITECTURE_HUNYUAN_VIDEO_FULL)
     kohya=Kohya("hunyuan_video"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video",), aliases=("hunyuan_video", "hyvideo"),
 )

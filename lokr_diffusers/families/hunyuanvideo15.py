@@ -62,6 +62,7 @@ HUNYUANVIDEO15 = ModelFamily(
     detect=Detection(kind=(Sign(r"(img|txt)_attn_[qkv][._]|byt5_in|vision_in|context_embedder_2|"
                                 r"(^|[._])time_embed[._]", "HunyuanVideo 1.5's separate q / k / v, ByT5 / vision "
                                 "embedders"),)),
+    # ss_base_model_version: musubi-tuner's architecture name (ARCHITECTURE_HUNYUAN_VIDEO_1_5_FULL)
     kohya=Kohya("hunyuan_video_1_5"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video-1.5",), aliases=("hunyuan_video_1_5", "hyvideo15"),
 )
