@@ -146,3 +146,16 @@ def test_models_are_told_apart() -> None:
     assert families.of_model(tiny("hunyuanvideo")).name == "hunyuanvideo"  # type: ignore[union-attr]
     assert families.of_model(tiny("hunyuanvideo15")).name == "hunyuanvideo15"  # type: ignore[union-attr]
     assert isinstance(tiny("hunyuanvideo15").get_submodule("x_embedder.proj"), nn.Conv3d)  # left out: not adaptable
+
+
+def test_alias_renames_read_a_name_as_ending_in_a_dot() -> None:
+    """OriginalTable.aliases are substring renames over `name + "."`, in order (ComfyUI's on `<name>.weight`): a
+    pattern ending in a dot matches at the name's end or before a dot, never inside a longer leaf."""
+    from lokr_diffusers.families.tables import OriginalTable, alias_of
+
+    table = OriginalTable((), fusable=False, aliases=(("mlp.fc1.", "mlp.0."), ("_in.mlp.0.", "_in.in_layer.")))
+    assert alias_of(table, "blocks.0.mlp.fc1") == "blocks.0.mlp.0"
+    assert alias_of(table, "blocks.0.mlp.fc10") is None
+    assert alias_of(table, "time_in.mlp.0") == "time_in.in_layer"
+    assert alias_of(table, "x.mlp.fc1.y") == "x.mlp.0.y"
+    assert alias_of(OriginalTable((), fusable=False), "time_in.mlp.0") is None
