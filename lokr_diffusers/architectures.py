@@ -150,6 +150,14 @@ LUMINA_IMAGE_2: dict[str, Any] = {
     "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8,
     "num_layers": 26, "num_refiner_layers": 2, "patch_size": 2, "sample_size": 128,
 }
+# hunyuanvideo-community/HunyuanVideo: HunyuanVideoTransformer3DModel's own defaults (20 double + 40 single blocks,
+# 24 heads x 128 = 3072, 2 refiner blocks, Llama text features 4096, CLIP-L pooled 768, guidance embedder): 12.82 B
+# parameters on the meta device, the published 13 B (the config.json itself not read here).
+HUNYUANVIDEO: dict[str, Any] = {}
+# tencent/HunyuanVideo-1.5 (diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py TRANSFORMER_CONFIGS, 480p /
+# 720p alike): HunyuanVideo15Transformer3DModel's defaults (54 double blocks, 16 heads x 128 = 2048, in 65, out 32,
+# Qwen2.5-VL text 3584, ByT5 1472, SigLIP 1152): 8.33 B parameters, the published 8.3 B.
+HUNYUANVIDEO15: dict[str, Any] = {}
 # Text encoders: T5 v1.1 XXL (FLUX.1, SD3), Qwen3-4B (Z-Image, Klein 4B), Qwen3-8B (Klein 9B); SD3's CLIP-L has a
 # 768-wide projection. FLUX.2-dev's Mistral-3 (24B, with a vision tower) is left out: its files train the
 # transformer, and a text-encoder key of one is reported as matching nothing.
@@ -206,6 +214,8 @@ DIT_VARIANTS: dict[str, Variant] = {
     "hidream-i1": Variant("HiDream-I1", HIDREAM_I1, {}),
     "chroma1-hd": Variant("Chroma1-HD", CHROMA1_HD, {"text_encoder": ("T5EncoderModel", _T5_XXL)}),
     "lumina-image-2": Variant("Lumina-Image-2.0", LUMINA_IMAGE_2, {}),  # Gemma-2-2B left out, as FLUX.2-dev's encoder
+    "hunyuanvideo": Variant("HunyuanVideo", HUNYUANVIDEO, {}),
+    "hunyuanvideo-1.5": Variant("HunyuanVideo 1.5", HUNYUANVIDEO15, {}),
 }
 VARIANTS: dict[str, Variant] = {**SD_VARIANTS, **DIT_VARIANTS}
 MODEL_NAMES: dict[str, str] = {name: v.title for name, v in VARIANTS.items()}

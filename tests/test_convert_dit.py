@@ -275,9 +275,14 @@ def test_a_file_of_another_family_is_refused_naming_it(tmp_path: Path, asked: li
     ("chroma", "comfyui", ("chroma",)),
     ("lumina2", "kohya", ("lumina2",)),  # a block's adaLN_modulation.1
     ("lumina2", "comfyui", ("lumina2",)),
+    ("hunyuanvideo", "kohya", ("hunyuanvideo",)),  # Tencent's img_mlp.fc1, self_attn_qkv beside ComfyUI's names
+    ("hunyuanvideo", "comfyui", ("hunyuanvideo",)),
+    ("hunyuanvideo15", "kohya", ("hunyuanvideo15",)),  # img_attn_q, byt5_in: 1.5's own
+    ("hunyuanvideo15", "comfyui", ("hunyuanvideo15",)),
 ])
 def test_the_family_is_told_by_the_file_names(family: str, layout: str, expected: tuple[str, ...]) -> None:
-    sd, _ = original_file(tiny(family).transformer, family, layout)
+    model = tiny(family).transformer if family in FAMILIES else tiny_transformer(family)  # no tiny pipeline
+    sd, _ = original_file(model, family, layout)
     assert guess_families(sd) == expected
 
 
@@ -346,6 +351,19 @@ def test_a_diffusers_path_file_is_told_by_its_names(family: str, expected: tuple
 ])
 def test_names_two_families_share_fit_both(keys: tuple[str, ...], expected: tuple[str, ...]) -> None:
     assert guess_families({f"{k}.lokr_w1": torch.zeros(1) for k in keys}) == expected
+@pytest.mark.parametrize(("keys", "expected"), [
+    # musubi-tuner's default HunyuanVideo file (blocks, no modulations): Tencent's img_mlp_fc1 tells it
+    (["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_mlp_fc1",
+      "lora_unet_single_blocks_3_linear1"], ("hunyuanvideo",)),
+    (["lora_unet_double_blocks_0_img_attn_q", "lora_unet_double_blocks_0_img_mlp_fc1"], ("hunyuanvideo15",)),
+    (["diffusion_model.double_blocks.0.img_mod.linear", "diffusion_model.time_in.mlp.0"], ("hunyuanvideo",)),
+    # ComfyUI's spelling of HunyuanVideo's blocks is FLUX.1's: such a file alone is told FLUX.1 (tried first)
+    (["diffusion_model.double_blocks.0.img_mod.lin", "diffusion_model.single_blocks.0.linear1"], ("flux",)),
+    (["diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn.qkv",
+      "diffusion_model.double_blocks.0.img_mod.lin"], ("hunyuanvideo",)),
+])
+def test_hunyuanvideo_files_are_told_by_their_names(keys: list[str], expected: tuple[str, ...]) -> None:
+    assert guess_families({f"{k}.lokr_w1": torch.zeros(2, 2) for k in keys}) == expected
 
 
 def test_an_sd_file_names_no_dit_family() -> None:
@@ -377,6 +395,7 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
     "hidream-i1": [],
     "chroma1-hd": [("text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo", (4096, 10240))],
     "lumina-image-2": [],
+    "hunyuanvideo": [], "hunyuanvideo-1.5": [],  # transformer only: their variants have no text encoders
 }
 
 

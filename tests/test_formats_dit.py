@@ -18,6 +18,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
     LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
@@ -33,6 +35,7 @@ from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_flux_transformer_checkpoint_to_diffusers,
     convert_hidream_transformer_to_diffusers,
+    convert_hunyuan_video_transformer_to_diffusers,
     convert_ltx2_transformer_to_diffusers,
     convert_ltx_transformer_checkpoint_to_diffusers,
     convert_lumina2_to_diffusers,
@@ -43,6 +46,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from helpers.dit_models import tiny
 from helpers.fullsize_dit import FULL, meta_transformer
+from helpers.hunyuanvideo15_oracle import convert_hyvideo15_linears
 from torch import Tensor, nn
 
 from lokr_diffusers.formats.dit import LAYOUTS, DitNameMap, dit_name_map
@@ -72,6 +76,9 @@ CONVERTERS: dict[type[nn.Module], Converter] = {
     HiDreamImageTransformer2DModel: convert_hidream_transformer_to_diffusers,
     ChromaTransformer2DModel: convert_chroma_transformer_checkpoint_to_diffusers,
     Lumina2Transformer2DModel: _lumina2,
+    HunyuanVideoTransformer3DModel: convert_hunyuan_video_transformer_to_diffusers,
+    # no diffusers converter: the hand table of diffusers' repository script (tests/helpers/hunyuanvideo15_oracle.py)
+    HunyuanVideo15Transformer3DModel: convert_hyvideo15_linears,
 }
 POPPING = (FluxTransformer2DModel, SD3Transformer2DModel, ChromaTransformer2DModel, Lumina2Transformer2DModel)
 
@@ -137,6 +144,11 @@ ORIGINAL_COUNTS = {
     "hidream-i1": 56 + 27 * 16 + 20 * 32,
     "chroma1-hd": 5 + 2 * 5 + 8 * 19 + 2 * 38,
     "lumina-image-2": 6 + 6 * 26 + 6 * 2 + 5 * 2,
+    # HunyuanVideo: 13 top (time_in x2, vector_in x2, guidance_in x2, txt_in's input / t / c embedders x5,
+    # final_layer x2), 5 per refiner block, 10 per double, 3 per single block. 1.5: 14 top (time_in x2, txt_in x5,
+    # byt5_in x3, vision_in x2, final_layer x2), 5 per refiner block, 14 per double block (q, k, v apart).
+    "hunyuanvideo": 13 + 5 * 2 + 10 * 20 + 3 * 40,
+    "hunyuanvideo-1.5": 14 + 5 * 2 + 14 * 54,
 }
 
 
@@ -485,11 +497,11 @@ def expected_rows(name: str, original: str, d: int) -> int | None:
     if original.endswith(".qkv") and name.startswith("lumina"):
         c = FULL[name][1]
         return d + 2 * (d // c["num_attention_heads"]) * c["num_kv_heads"]  # q, then k and v of the kv heads
-    if original.endswith(".qkv"):
+    if original.endswith((".qkv", "_attn_qkv")):  # HunyuanVideo: img_attn_qkv, txt_attn_qkv, self_attn_qkv
         return 3 * d
     if original.endswith(".img_mlp.gate_up"):
         return 2 * 3 * d  # Qwen-Image 2.1's SwiGLU gate and up rows, mlp_ratio 3
-    if original.endswith(".linear1") and name.startswith(("flux1", "chroma")):
+    if original.endswith(".linear1") and name.startswith(("flux1", "chroma", "hunyuanvideo")):
         return 3 * d + 4 * d  # q, k, v + the MLP's input (mlp_ratio 4)
     if original == "final_layer.adaLN_modulation.1" and not name.startswith(("zimage", "hidream", "lumina")):
         return 2 * d  # (shift, scale) swapped (HiDream's converter is the identity, Z-Image's and Lumina 2's give a

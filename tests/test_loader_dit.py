@@ -236,8 +236,10 @@ def test_simpletuner_lycoris_file_matches_lycoris(family: str, dim: int, tmp_pat
 # ------------------------------------------------------------------------------- load_lora_weights
 # Each family's pipeline, and the other pipelines diffusers has for its transformer (edit, image-to-image, inpaint,
 # fill): the same transformer class, so the same names; each takes a LoKr file through load_lora_weights.
+# HunyuanVideo 1.5's pipelines have no LoRA mixin (no load_lora_weights): pipe.load_lokr_weights only (below).
+NO_LORA_MIXIN = ("hunyuanvideo15",)
 PIPELINES_OF = [
-    *((family, None) for family in FAMILIES),
+    *((family, None) for family in FAMILIES if family not in NO_LORA_MIXIN),
     ("flux", "FluxKontextPipeline"), ("flux", "FluxKontextInpaintPipeline"), ("flux", "FluxImg2ImgPipeline"),
     ("flux", "FluxInpaintPipeline"), ("flux", "FluxFillPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
     ("sd3", "StableDiffusion3InpaintPipeline"), ("flux2", "Flux2KleinInpaintPipeline"),
@@ -250,7 +252,24 @@ PIPELINES_OF = [
     *(("qwenimage", f"QwenImage{kind}Pipeline") for kind in (
         "Img2Img", "Inpaint", "Edit", "EditPlus", "EditInpaint", "Layered", "ControlNet", "ControlNetInpaint")),
     ("chroma", "ChromaImg2ImgPipeline"), ("chroma", "ChromaInpaintPipeline"),
+    ("hunyuanvideo", "HunyuanVideoImageToVideoPipeline"), ("hunyuanvideo", "HunyuanSkyreelsImageToVideoPipeline"),
 ]
+
+
+@pytest.mark.parametrize("pipeline", ["HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"])
+def test_pipelines_without_a_lora_mixin_load_lokr_weights(pipeline: str) -> None:
+    """diffusers 0.42.1 gives HunyuanVideo 1.5's pipelines no load_lora_weights; DiffusionPipeline's
+    load_lokr_weights (attached by `import lokr_diffusers`) takes an original-layout file all the same."""
+    import diffusers
+
+    pipe = bare_pipeline("hunyuanvideo15", cls=getattr(diffusers, pipeline))
+    assert not hasattr(pipe, "load_lora_weights")
+    base = copy.deepcopy(pipe.transformer)
+    sd, modules = original_file(base, "hunyuanvideo15", "kohya", aligned=False, seed=52)
+    pipe.load_lokr_weights(sd, adapter_name="style")
+    assert pipe.get_list_lokr_adapters() == {"transformer": ["style"]}
+    want = run(comfyui_model(base, "hunyuanvideo15", modules), "hunyuanvideo15")
+    assert_close(run(pipe.transformer, "hunyuanvideo15"), want)
 
 
 @pytest.mark.parametrize(("family", "pipeline"), PIPELINES_OF)

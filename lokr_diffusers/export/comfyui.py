@@ -8,6 +8,8 @@ Flux.1, SD3, Flux.2 / Klein, Z-Image, each transformer module by the first rule 
 - the row pieces of one original fused module, all of them here: written ONCE as `diffusion_model.<original>`
   with the factors they share, the fused plan and its scale (the module as it was loaded);
 - a module that is a whole original module by itself (a rename): `diffusion_model.<original>`;
+  `<original>` in ComfyUI's own spelling where the family's table has one (HunyuanVideo: `img_mod.lin`, not
+  Tencent's `img_mod.linear`; DitNameMap.comfyui_name);
 - a module that is exactly the rows ComfyUI names by a key of their own (Flux.1's fused single-block to_qkv, rows
   [0, 3 · hidden) of linear1): `diffusion_model.single_blocks.N.linear1_qkv`;
 - a module ComfyUI's key map names by its diffusers path (its family's `comfyui_paths`): `transformer.<path>`,
@@ -150,12 +152,13 @@ def save_sd(job: ExportJob) -> str:
 
 # ---------------------------------------------------------------------------------------- DiT families
 def comfyui_path_name(path: str, nm: DitNameMap, family: str) -> str | None:
-    """ComfyUI's name for the transformer module `path` held whole: its original's, where that original is the
+    """ComfyUI's name for the transformer module `path` held whole: its original's (in ComfyUI's spelling,
+    `DitNameMap.comfyui_name`: HunyuanVideo's internal Flux-style names), where that original is the
     module itself, else ComfyUI's name for exactly its rows of an original (Flux.1's fused to_qkv:
     `single_blocks.N.linear1_qkv`), else the diffusers path where ComfyUI's key map has it, else None."""
     origin = nm.covering.get(path)
     if origin is not None and nm.originals[origin].is_rename:
-        return ORIGINAL_PREFIX + origin
+        return ORIGINAL_PREFIX + nm.comfyui_name(origin)
     row_name = nm.row_name_of(path)
     if row_name is not None:
         return ORIGINAL_PREFIX + row_name
@@ -207,7 +210,8 @@ def _comfyui_units(modules: list[ExportModule], components: Mapping[str, nn.Modu
     missing: list[str] = []
     dit = sort_modules([m for m in modules if m.component == "transformer"], nm)
     for target, pieces in dit.groups:
-        units.append((ORIGINAL_PREFIX + target.name, fused_module(target, pieces, target.name, transformer), None))
+        units.append((ORIGINAL_PREFIX + nm.comfyui_name(target.name),
+                      fused_module(target, pieces, target.name, transformer), None))
     for m in dit.singles + dit.partial:
         own = own_module(m)
         name = comfyui_path_name(m.path, nm, family) if own is not None else None

@@ -6,12 +6,28 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import chroma, flux, flux2, hidream, ltx, ltx2, lumina2, qwenimage, sd, sd3, wan, zimage
+from . import (
+    chroma,
+    flux,
+    flux2,
+    hidream,
+    hunyuanvideo,
+    hunyuanvideo15,
+    ltx,
+    ltx2,
+    lumina2,
+    qwenimage,
+    sd,
+    sd3,
+    wan,
+    zimage,
+)
 from .record import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     *sd.FAMILIES, flux.FLUX, sd3.SD3, flux2.FLUX2, zimage.ZIMAGE, wan.WAN, ltx.LTXVIDEO, ltx2.LTX2,
     qwenimage.QWENIMAGE, qwenimage.QWENIMAGE21, hidream.HIDREAM, chroma.CHROMA, lumina2.LUMINA2,
+    hunyuanvideo15.HUNYUANVIDEO15, hunyuanvideo.HUNYUANVIDEO,
 )}
 # every name the command line takes (--base): a family's own and its aliases
 ALIASES: dict[str, str] = {alias: f.name for f in FAMILIES.values() for alias in (f.name, *f.aliases)}

@@ -7,7 +7,8 @@ use) has as rows, in order, the rows of the diffusers Linears `parts`. One part 
 fused original weight (`qkv` = q, k, v rows; Flux.1's `linear1` = q, k, v and the MLP's input rows). `swap` marks an
 adaLN projection whose two halves are (shift, scale) in the original and (scale, shift) in diffusers: original rows
 [0, h) are diffusers rows [h, 2h) and back. A `RowName` is a name ComfyUI gives to the first rows of an original
-(Flux.1's `single_blocks.N.linear1_qkv`).
+(Flux.1's `single_blocks.N.linear1_qkv`). `aliases` give every original a second spelling (HunyuanVideo's: Tencent's
+checkpoint names and ComfyUI's internal Flux-style ones), `alias_of` applies them.
 """
 
 from __future__ import annotations
@@ -54,13 +55,29 @@ class OriginalTable:
     to_q, to_k, to_v). `convs`: (original, diffusers path) of the adaptable convs, each a plain rename (no rows to
     split, no swap); the rules are Linears only. `row_names`: ComfyUI's names for rows of an original.
     `same_names`: the original checkpoint keeps diffusers' names (Qwen-Image, HiDream, most of LTX-Video): every Linear
-    no rule covers is an original of its own path (diffusers' single-file converter for it is the identity there)."""
+    no rule covers is an original of its own path (diffusers' single-file converter for it is the identity there).
+    `aliases`: (old, new) substring renames, applied in order to `original + "."`, that spell every original a
+    second way (HunyuanVideo: Tencent's `double_blocks.0.img_mod.linear` is ComfyUI's `double_blocks.0.img_mod.lin`);
+    the alias names the same rows in the original layouts only (never `covering`, which keeps the rules' names).
+    `comfyui_aliases`: the aliases are ComfyUI's internal names, the ones its generic key map loads, so
+    format="comfyui" writes them instead of the rules' names."""
 
     rules: tuple[Rule, ...]
     fusable: bool
     convs: tuple[tuple[str, str], ...] = ()
     row_names: tuple[RowName, ...] = ()
     same_names: bool = False
+    aliases: tuple[tuple[str, str], ...] = ()
+    comfyui_aliases: bool = False
+
+
+def alias_of(table: OriginalTable, original: str) -> str | None:
+    """The table's other spelling of `original` (its `aliases` applied), None where the renames change nothing.
+    The renames read `original + "."` so that a pattern may end at a name's end as at a dot (`mlp.fc1.`)."""
+    name = original + "."
+    for old, new in table.aliases:
+        name = name.replace(old, new)
+    return name[:-1] if name[:-1] != original else None
 
 
 def blocks(count_key: str, original: str, diffusers: str, pairs: Pairs, only: Only = "all",

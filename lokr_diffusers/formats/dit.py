@@ -23,6 +23,9 @@ The adaptable convs of a family (SD3's patch embedding `x_embedder.proj` = diffu
 renames named in the original layouts too (`DitNameMap.convs`); everything else here is about Linears. ComfyUI's
 names for rows of an original (`single_blocks.N.linear1_qkv`: q, k, v of Flux.1's linear1) are read in the
 comfyui layout only (`DitNameMap.row_names`); they cover no Linear in `covering`, which stays the originals'.
+A family whose originals are spelt two ways (HunyuanVideo: Tencent's checkpoint names and ComfyUI's internal
+Flux-style names, `OriginalTable.aliases`) has the second spelling named in both original layouts too
+(`DitNameMap.aliases`), for the same Target; `comfyui_name` says which spelling a ComfyUI file takes.
 
 Where the original and the diffusers path coincide (most of Z-Image), `diffusion_model.x` names one
 module in both layouts and is kept under the first (comfyui). After diffusers' `fuse_qkv_projections()`
@@ -40,6 +43,7 @@ from torch import nn
 
 from .. import families
 from ..families import ModelFamily, OriginalTable, Rule
+from ..families.tables import alias_of
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,8 @@ class DitNameMap:
     convs: dict[str, Target] = field(default_factory=dict)  # original -> its conv (a rename; in_features: in / groups)
     row_names: dict[str, Target] = field(default_factory=dict)  # ComfyUI's name for rows of an original -> them
     fused_away: list[str] = field(default_factory=list)  # Linears a fused projection replaced (_fused_away)
+    aliases: dict[str, str] = field(default_factory=dict)  # original -> its other spelling (OriginalTable.aliases)
+    comfyui_aliases: bool = False  # the other spelling is ComfyUI's internal name (what format="comfyui" writes)
 
     @property
     def unnamed(self) -> list[str]:
@@ -124,6 +130,11 @@ class DitNameMap:
     def row_name_of(self, path: str) -> str | None:
         """The ComfyUI row name that is exactly the Linear `path` (Flux.1's fused to_qkv), or None."""
         return next((n for n, t in self.row_names.items() if t.is_rename and t.pieces[0].path == path), None)
+
+    def comfyui_name(self, original: str) -> str:
+        """The spelling of `original` ComfyUI's generic key map takes (`diffusion_model.<it>`): its ComfyUI alias
+        where the table's aliases are ComfyUI's, else the original itself."""
+        return self.aliases.get(original, original) if self.comfyui_aliases else original
 
     def lookup(self, name: str) -> tuple[str, Target] | None:
         """(layout, target) for a module name as a file gives it (no `.lokr_w1` suffix), or None."""
@@ -324,6 +335,13 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
             result.covering[piece.path] = original
         for layout, template in ORIGINAL_LAYOUTS:
             _add(result, layout, _form(template, original), target)
+    result.comfyui_aliases = table.comfyui_aliases
+    for original, target in result.originals.items():  # the second spelling: the original layouts only
+        alias = alias_of(table, original)
+        if alias is not None:
+            result.aliases[original] = alias
+            for layout, template in ORIGINAL_LAYOUTS:
+                _add(result, layout, _form(template, alias), target)
     for row_name, target in result.row_names.items():  # ComfyUI's own key: its layout only
         _add(result, ORIGINAL_LAYOUTS[0][0], _form(ORIGINAL_LAYOUTS[0][1], row_name), target)
     for target in (*result.originals.values(), *result.row_names.values()):

@@ -185,6 +185,8 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
         for i in range(cfg.num_layers if fused else 0):
             b = f"transformer_blocks.{i}.img_mlp."
             _add(out, model, b + "gate_up", [b + "gate_layer", b + "proj"])
+    elif family in ("hunyuanvideo", "hunyuanvideo15"):
+        _hunyuan(out, model, family == "hunyuanvideo15")
     else:  # zimage
         for kind, n in (("layers", cfg.n_layers), ("noise_refiner", cfg.n_refiner_layers),
                         ("context_refiner", cfg.n_refiner_layers)):
@@ -201,6 +203,61 @@ def comfy_originals(family: str, model: nn.Module) -> dict[str, Original]:
                                ("cap_embedder.1", "cap_embedder.1")):
             _add(out, model, original, [path])
     return out
+
+
+def _hunyuan(out: dict[str, Original], model: nn.Module, v15: bool) -> None:
+    """ComfyUI's internal HunyuanVideo module names (comfy/ldm/hunyuan_video/model.py with Flux's double / single
+    blocks, mirror @ a125cd84; its loader renames Tencent's checkpoint into them): TokenRefiner's input_embedder,
+    t_embedder / c_embedder (in_layer, out_layer), refiner blocks' self_attn.qkv / .proj, mlp.0 / .2,
+    adaLN_modulation.1; MLPEmbedder time_in / vector_in / guidance_in; LastLayer final_layer (swapped adaLN). For 1.5
+    (assumed, not read: ComfyUI's 1.5 code is not in the mirror) q, k, v keep Tencent's separate names, and
+    byt5_in.fc1-3 (ByT5Mapper), vision_in.proj.1 / .3 are as in the checkpoint."""
+    cfg = model.config
+    emb = "time_embed" if v15 else "time_text_embed"
+    tops = [("time_in.in_layer", f"{emb}.timestep_embedder.linear_1"),
+            ("time_in.out_layer", f"{emb}.timestep_embedder.linear_2"),
+            ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+            ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+            ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+            ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+            ("txt_in.input_embedder", "context_embedder.proj_in"),
+            ("txt_in.t_embedder.in_layer", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
+            ("txt_in.t_embedder.out_layer", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
+            ("txt_in.c_embedder.in_layer", "context_embedder.time_text_embed.text_embedder.linear_1"),
+            ("txt_in.c_embedder.out_layer", "context_embedder.time_text_embed.text_embedder.linear_2"),
+            ("byt5_in.fc1", "context_embedder_2.linear_1"), ("byt5_in.fc2", "context_embedder_2.linear_2"),
+            ("byt5_in.fc3", "context_embedder_2.linear_3"),
+            ("vision_in.proj.1", "image_embedder.linear_1"), ("vision_in.proj.3", "image_embedder.linear_2"),
+            ("final_layer.linear", "proj_out")]
+    for original, path in tops:
+        _add(out, model, original, [path])
+    _add(out, model, "final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    for r in range(cfg.num_refiner_layers):
+        o, b = f"txt_in.individual_token_refiner.blocks.{r}.", f"context_embedder.token_refiner.refiner_blocks.{r}."
+        _add(out, model, o + "self_attn.qkv", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"])
+        for leaf, path in (("self_attn.proj", "attn.to_out.0"), ("mlp.0", "ff.net.0.proj"), ("mlp.2", "ff.net.2"),
+                           ("adaLN_modulation.1", "norm_out.linear")):
+            _add(out, model, o + leaf, [b + path])
+    for i in range(cfg.num_layers):
+        o, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        if v15:
+            for x in "qkv":
+                p, q = f"to_{x}", f"add_{x}_proj"
+                _add(out, model, f"{o}img_attn_{x}", [f"{b}attn.{p}"])
+                _add(out, model, f"{o}txt_attn_{x}", [f"{b}attn.{q}"])
+        else:
+            _add(out, model, o + "img_attn.qkv", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"])
+            _add(out, model, o + "txt_attn.qkv", [b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"])
+        for leaf, path in (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+                           ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+                           ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                           ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2")):
+            _add(out, model, o + leaf, [b + path])
+    for i in range(getattr(cfg, "num_single_layers", 0)):
+        o, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        _add(out, model, o + "linear1", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"])
+        _add(out, model, o + "linear2", [b + "proj_out"])
+        _add(out, model, o + "modulation.lin", [b + "norm.linear"])
 
 
 # Names ComfyUI's key map gives to the first rows of an original (comfy/lora.py model_lora_keys_unet, Flux models:

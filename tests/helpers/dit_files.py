@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKLHunyuanVideo15,
     ChromaPipeline,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     FluxPipeline,
     HiDreamImagePipeline,
+    HunyuanVideo15Pipeline,
+    HunyuanVideoPipeline,
     LTX2Pipeline,
     LTXPipeline,
     Lumina2Pipeline,
@@ -48,6 +51,8 @@ PIPELINES: dict[str, type] = {
     "hidream": HiDreamImagePipeline,
     "chroma": ChromaPipeline,
     "lumina2": Lumina2Pipeline,
+    "hunyuanvideo": HunyuanVideoPipeline,
+    "hunyuanvideo15": HunyuanVideo15Pipeline,
 }
 Blocks = list[tuple[str, int, int | None]]  # (diffusers path, first row, end row or None: all), in original order
 
@@ -124,6 +129,31 @@ CHROMA: dict[str, Blocks] = {
     "distilled_guidance_layer.layers.1.in_layer": [("distilled_guidance_layer.layers.1.linear_1", 0, None)],
     "distilled_guidance_layer.in_proj": [("distilled_guidance_layer.in_proj", 0, None)],
     "txt_in": [("context_embedder", 0, None)],
+}
+# HunyuanVideo tiny: d = 20 (2 heads x 10), MLP 80, 2 double, 2 single, 1 refiner block (diffusers'
+# convert_hunyuan_video_transformer_to_diffusers). Both spellings of the originals: Tencent's (img_attn_qkv,
+# img_mlp.fc1, self_attn_qkv) and ComfyUI's internal one (txt_attn.qkv, img_mod.lin, modulation.lin, time_in.in_layer;
+# comfy/supported_models.py HunyuanVideo.process_unet_state_dict).
+HUNYUANVIDEO: dict[str, Blocks] = {
+    "double_blocks.0.img_attn_qkv": [("transformer_blocks.0.attn.to_q", 0, None),
+                                     ("transformer_blocks.0.attn.to_k", 0, None),
+                                     ("transformer_blocks.0.attn.to_v", 0, None)],
+    "double_blocks.1.txt_attn.qkv": [("transformer_blocks.1.attn.add_q_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_k_proj", 0, None),
+                                     ("transformer_blocks.1.attn.add_v_proj", 0, None)],
+    "single_blocks.0.linear1": [("single_transformer_blocks.0.attn.to_q", 0, None),
+                                ("single_transformer_blocks.0.attn.to_k", 0, None),
+                                ("single_transformer_blocks.0.attn.to_v", 0, None),
+                                ("single_transformer_blocks.0.proj_mlp", 0, None)],
+    "txt_in.individual_token_refiner.blocks.0.self_attn_qkv": [
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_q", 0, None),
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_k", 0, None),
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_v", 0, None)],
+    "single_blocks.1.modulation.lin": [("single_transformer_blocks.1.norm.linear", 0, None)],
+    "double_blocks.0.img_mlp.fc1": [("transformer_blocks.0.ff.net.0.proj", 0, None)],
+    "double_blocks.1.img_mod.lin": [("transformer_blocks.1.norm1.linear", 0, None)],
+    "time_in.in_layer": [("time_text_embed.timestep_embedder.linear_1", 0, None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", 20, 40), ("norm_out.linear", 0, 20)],
 }
 # Lumina 2 tiny: hidden 24 = 3 heads x 8, 1 key / value head: attention.qkv = q (24 rows), k (8), v (8)
 # (convert_lumina2_to_diffusers); a block's adaLN_modulation.1 is norm1.linear, the final one norm_out.linear_1.
@@ -215,11 +245,27 @@ HIDREAM: dict[str, Blocks] = {
     "caption_projection.2.linear": [("caption_projection.2.linear", 0, None)],
     "x_embedder.proj": [("x_embedder.proj", 0, None)],
 }
-ORIGINALS: dict[str, dict[str, Blocks]] = {"flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN,
-                                           "ltxvideo": LTXVIDEO, "ltx2": LTX2,
-                                           "qwenimage": QWENIMAGE,
-                                           "qwenimage21": QWENIMAGE21,
-                                           "hidream": HIDREAM, "chroma": CHROMA, "lumina2": LUMINA2}
+# HunyuanVideo 1.5 tiny: d = 16, 2 double blocks, 1 refiner block; q, k, v are originals of their own
+# (tests/helpers/hunyuanvideo15_oracle.py: diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py).
+HUNYUANVIDEO15: dict[str, Blocks] = {
+    "double_blocks.0.img_attn_q": [("transformer_blocks.0.attn.to_q", 0, None)],
+    "double_blocks.1.txt_attn_v": [("transformer_blocks.1.attn.add_v_proj", 0, None)],
+    "txt_in.individual_token_refiner.blocks.0.self_attn.qkv": [
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_q", 0, None),
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_k", 0, None),
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_v", 0, None)],
+    "double_blocks.0.img_mod.linear": [("transformer_blocks.0.norm1.linear", 0, None)],
+    "double_blocks.1.txt_mlp.2": [("transformer_blocks.1.ff_context.net.2", 0, None)],
+    "byt5_in.fc3": [("context_embedder_2.linear_3", 0, None)],
+    "vision_in.proj.1": [("image_embedder.linear_1", 0, None)],
+    "txt_in.t_embedder.in_layer": [("context_embedder.time_text_embed.timestep_embedder.linear_1", 0, None)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", 16, 32), ("norm_out.linear", 0, 16)],
+}
+ORIGINALS: dict[str, dict[str, Blocks]] = {
+    "flux": FLUX, "sd3": SD3, "flux2": FLUX2, "zimage": ZIMAGE, "wan": WAN, "ltxvideo": LTXVIDEO, "ltx2": LTX2,
+    "qwenimage": QWENIMAGE, "qwenimage21": QWENIMAGE21, "hidream": HIDREAM, "chroma": CHROMA, "lumina2": LUMINA2,
+    "hunyuanvideo": HUNYUANVIDEO, "hunyuanvideo15": HUNYUANVIDEO15,
+}
 FAMILIES = tuple(ORIGINALS)
 # The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
 BLOCK_CLASSES: dict[str, list[str]] = {
@@ -257,9 +303,12 @@ def bare_pipeline(family: str, model: nn.Module | None = None, cls: type | None 
                               "transformer": model if model is not None else tiny(family)}
     for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
                  "tokenizer_3", "image_encoder", "feature_extractor", "audio_vae", "connectors", "vocoder",
-                 "temporal_latent_upsampler", "text_encoder_4", "tokenizer_4", "processor", "controlnet"):
+                 "temporal_latent_upsampler", "text_encoder_4", "tokenizer_4", "processor", "controlnet", "guider",
+                 "image_processor"):
         if name in cls.__init__.__code__.co_varnames:
             kwargs[name] = _NoProcessor() if name == "processor" and cls is QwenImage21Pipeline else None
+    if cls.__name__.startswith("HunyuanVideo15"):  # its __init__ reads vae.config even when vae is None (0.42.1)
+        kwargs["vae"] = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
     if "safety_checker" in cls.__init__.__code__.co_varnames:  # Cosmos: None would import cosmos_guardrail
         kwargs["safety_checker"] = nn.Identity()
     return cls(**kwargs)

@@ -26,6 +26,7 @@ NAMES: tuple[str, ...] = (
     "hidream-i1",
     "chroma1-hd",
     "lumina-image-2",
+    "hunyuanvideo", "hunyuanvideo-1.5",
 )
 FULL: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     name: (getattr(diffusers, of_variant(name).denoiser_class), DIT_VARIANTS[name].config) for name in NAMES}
