@@ -68,7 +68,7 @@ def flow_cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = main(FLOW_DESCRIPTION, dreambooth=True, argv=argv, family="flow")
     if result.files:
-        print(f"done: {result.global_step} steps; files: {result.files}")
+        logger.info("done: %d steps; files: %s", result.global_step, result.files)
     return 0
 
 
