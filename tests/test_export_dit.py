@@ -379,7 +379,8 @@ def test_diffusers_file_of_a_fused_qkv_on_flux2(tmp_path: Any) -> None:
         save(mixed, tmp_path / "mixed", "diffusers")
 
 
-@pytest.mark.parametrize("family", ["flux2", "zimage", "ltxvideo", "ltx2", "qwenimage", "qwenimage21", "hidream"])
+@pytest.mark.parametrize("family", ["flux2", "zimage", "wan", "ltxvideo", "ltx2", "qwenimage", "qwenimage21", "hidream",
+                                    "chroma", "lumina2", "hunyuanvideo", "hunyuanvideo15"])
 def test_peft_folder_loads_in_peft(family: str, tmp_path: Any) -> None:
     from peft import PeftModel
 
