@@ -270,7 +270,20 @@ FAMILIES = tuple(ORIGINALS)
 # The transformer block classes LyCORIS' wrapper (SimpleTuner's layout) is pointed at, per family
 BLOCK_CLASSES: dict[str, list[str]] = {
     "flux": ["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+    "sd3": ["JointTransformerBlock"],
+    "flux2": ["Flux2TransformerBlock", "Flux2SingleTransformerBlock"],
+    "zimage": ["ZImageTransformerBlock"],
     "wan": ["WanTransformerBlock"],
+    "ltxvideo": ["LTXVideoTransformerBlock"],
+    "ltx2": ["LTX2VideoTransformerBlock"],
+    "qwenimage": ["QwenImageTransformerBlock"],
+    "qwenimage21": ["QwenImage21TransformerBlock"],
+    "hidream": ["HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"],
+    "chroma": ["ChromaTransformerBlock", "ChromaSingleTransformerBlock"],
+    "lumina2": ["Lumina2TransformerBlock"],
+    "hunyuanvideo": ["HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock",
+                     "HunyuanVideoIndividualTokenRefinerBlock"],
+    "hunyuanvideo15": ["HunyuanVideo15TransformerBlock", "HunyuanVideo15IndividualTokenRefinerBlock"],
 }
 ORIGINAL_LAYOUTS = {"comfyui": "diffusion_model.{p}", "kohya": "lora_unet_{u}"}
 DIFFUSERS_LAYOUTS = {"aitoolkit": "diffusion_model.{p}", "lycoris": "lycoris_{u}", "diffusers": "transformer.{p}",
