@@ -333,6 +333,24 @@ def test_separate_projection_names_refused_after_fusing() -> None:
     assert not pipe.get_list_lokr_adapters()
 
 
+@pytest.mark.parametrize(("family", "path"), [("ltxvideo", "transformer_blocks.0.attn1.to_qkv"),
+                                              ("qwenimage21", "transformer_blocks.0.attn.to_qkv")])
+def test_a_fused_projection_the_processor_never_calls_is_refused(family: str, path: str) -> None:
+    """LTX-Video's and Qwen-Image 2.1's fuse_qkv_projections() make to_qkv, which their processors never call (they
+    keep calling to_q, to_k, to_v): a file naming it in any layout is refused, not loaded for no effect."""
+    pipe = bare_pipeline(family)
+    pipe.transformer.fuse_qkv_projections()
+    fused = pipe.transformer.get_submodule(path)
+    assert isinstance(fused, nn.Linear)
+    out, in_ = fused.weight.shape
+    for name, words in ((f"transformer.{path}", "never calls it"), (f"diffusion_model.{path}", "never calls it"),
+                        ("lora_unet_" + path.replace(".", "_"), "match no module")):  # no original has that name
+        sd = {f"{name}.{k}": v for k, v in make_factors(out, in_, 2, "w2 low-rank", 1).items()}
+        with pytest.raises(ValueError, match=words):
+            pipe.load_lokr_weights(sd)
+    assert not pipe.get_list_lokr_adapters()
+
+
 # ------------------------------------------------------------------------------ errors and strictness
 def test_unknown_keys_strict_and_not() -> None:
     pipe = bare_pipeline("flux")

@@ -114,7 +114,7 @@ class DitNameMap:
     covering: dict[str, str] = field(default_factory=dict)  # diffusers path -> the original holding its rows
     convs: dict[str, Target] = field(default_factory=dict)  # original -> its conv (a rename; in_features: in / groups)
     row_names: dict[str, Target] = field(default_factory=dict)  # ComfyUI's name for rows of an original -> them
-    fused_away: list[str] = field(default_factory=list)  # Linears a fused projection replaced (_fused_away)
+    not_called: dict[str, str] = field(default_factory=dict)  # Linears the forward never calls -> why (_not_called)
     aliases: dict[str, str] = field(default_factory=dict)  # original -> its other spelling (OriginalTable.aliases)
     comfyui_aliases: bool = False  # the other spelling is ComfyUI's internal name (what format="comfyui" writes)
 
@@ -235,23 +235,33 @@ def _originals(family: ModelFamily, table: OriginalTable, model: nn.Module, line
             out[name] = _pieces(name, parts, rule.swap, linears)
     if table.same_names:  # every Linear no rule covers keeps its diffusers path as its original name
         covered = {p.path for t in out.values() for p in t.pieces}
+        uncalled = {} if table.fusable else _not_called(model, linears, False)  # fused Linears never called: no name
         for path, (rows, in_) in linears.items():
-            if path not in covered and path not in out:
+            if path not in covered and path not in out and path not in uncalled:
                 out[path] = Target(path, in_, (Piece(path, 0, rows),))
     return out
 
 
-def _fused_away(model: nn.Module, linears: Mapping[str, tuple[int, int]]) -> list[str]:
-    """The Linears diffusers' forward no longer calls: to_q / to_k / to_v (add_*_proj, Wan's cross-attention to_k /
-    to_v) of an attention whose `fuse_qkv_projections()` made the fused Linear that replaces them."""
-    out = []
+SEPARATE_CALLED = ("its attention runs the fused projection made by fuse_qkv_projections() and never calls it; load "
+                   "the file before fusing (or after unfuse_qkv_projections())")
+FUSED_UNCALLED = ("fuse_qkv_projections() made it, but this model's attention processor never calls it (it keeps "
+                  "calling to_q, to_k, to_v): name those")
+
+
+def _not_called(model: nn.Module, linears: Mapping[str, tuple[int, int]], fusable: bool) -> dict[str, str]:
+    """The Linears of attentions whose `fuse_qkv_projections()` ran that diffusers' forward never calls, with why:
+    where the processor uses the fused Linear (a fusable table), the separate to_q / to_k / to_v (add_*_proj, Wan's
+    cross-attention to_k / to_v) it replaced; where it does not (Z-Image, LTX, Qwen-Image 2.1), the fused one."""
+    out: dict[str, str] = {}
     for path in linears:
         parent, _, leaf = path.rpartition(".")
+        if not parent or not getattr(model.get_submodule(parent), "fused_projections", False):
+            continue
         for leaves, fused in FUSED_BY_DIFFUSERS.items():
-            if leaf in leaves and f"{parent}.{fused}" in linears and \
-                    getattr(model.get_submodule(parent), "fused_projections", False):
-                out.append(path)
-                break
+            if fusable and leaf in leaves and f"{parent}.{fused}" in linears:
+                out[path] = SEPARATE_CALLED
+            elif not fusable and leaf == fused:
+                out[path] = FUSED_UNCALLED
     return out
 
 
@@ -329,7 +339,7 @@ def dit_name_map(model: nn.Module) -> DitNameMap:
     linears = {p: (m.out_features, m.in_features) for p, m in iter_linears(model)}
     result = DitNameMap(family.name, linears, _originals(family, table, model, linears))
     result.row_names = _row_names(table, model, result.originals)
-    result.fused_away = _fused_away(model, linears) if table.fusable else []
+    result.not_called = _not_called(model, linears, table.fusable)
     for original, target in result.originals.items():
         for piece in target.pieces:
             result.covering[piece.path] = original

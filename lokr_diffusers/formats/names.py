@@ -184,10 +184,8 @@ def _add_dit(index: NameIndex, model: nn.Module) -> None:
         if path not in nm.linears:
             for layout, name in transformer_forms(path):
                 _add(index, name, layout, ModuleRef("transformer", path))
-    for path in nm.fused_away:
-        index.unused[ModuleRef("transformer", path)] = (
-            "its attention runs the fused projection made by fuse_qkv_projections() and never calls it; load the "
-            "file before fusing (or after unfuse_qkv_projections())")
+    for path, why in nm.not_called.items():
+        index.unused[ModuleRef("transformer", path)] = why
 
 
 def _ldm_paths(unet: nn.Module, paths: list[str]) -> dict[str, str]:
