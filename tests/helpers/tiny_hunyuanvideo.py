@@ -95,16 +95,19 @@ def make_llama_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
             eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", padding_side="right")
 
 
-def make_llama_encoder(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaModel:
-    """Llama at hidden 16, 3 layers (4 hidden states: the pipeline takes the third-to-last), 2 query heads of 8
-    sharing one key / value head."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=LLAMA_HIDDEN, intermediate_size=32, num_hidden_layers=3,
+def llama_config(tokenizer: PreTrainedTokenizerFast, layers: int) -> LlamaConfig:
+    """Llama at hidden 16: 2 query heads of 8 sharing one key / value head (grouped-query, as Llama 3's)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=LLAMA_HIDDEN, intermediate_size=32, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512, rms_norm_eps=1e-5,
         use_cache=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    return LlamaModel(config).eval()
+
+
+def make_llama_encoder(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaModel:
+    """LlamaModel of 3 layers (4 hidden states: the pipeline takes the third-to-last)."""
+    torch.manual_seed(seed)
+    return LlamaModel(llama_config(tokenizer, layers=3)).eval()
 
 
 def make_hunyuanvideo_vae(seed: int = 0) -> AutoencoderKLHunyuanVideo:
