@@ -54,4 +54,5 @@ HIDREAM = ModelFamily(
                                 "HiDream's stream blocks / caption projections"),)),
     kohya=Kohya("hidream"),  # no trainer's spelling read: the family's name
     originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS, tags=("hidream",),
+    tiny="helpers.tiny_hidream:make_hidream_pipeline",
 )

@@ -115,4 +115,5 @@ HUNYUANVIDEO = ModelFamily(
     # ss_base_model_version: musubi-tuner's architecture name (dataset/architectures.py ARCHITECTURE_HUNYUAN_VIDEO_FULL)
     kohya=Kohya("hunyuan_video"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video",), aliases=("hunyuan_video", "hyvideo"),
+    tiny="helpers.tiny_hunyuanvideo:make_hunyuanvideo_pipeline",
 )
