@@ -56,7 +56,7 @@ def dit_target_modules(model: nn.Module, norms: bool = False, embedders: bool = 
         raise ValueError(f"{type(model).__name__} is not a {_with_roles()} transformer")
     wanted = [*DIT_DEFAULT_ROLES, *(["norms"] if norms else []), *(["embedders"] if embedders else [])]
     pattern = re.compile("|".join(f"(?:{family.roles[r]})" for r in wanted))
-    unused = set(dit_name_map(model).unnamed)
+    unused = set(dit_name_map(model).not_called)  # to_q beside a fused to_qkv the processor calls, and the reverse
     return [path for path, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and pattern.fullmatch(path) and path not in unused]
 

@@ -193,3 +193,14 @@ def test_add_lokr_defaults_on_both_experts_and_the_text_encoder() -> None:
     assert {c: len(p) for c, p in adapted.items()} == {"transformer": 20, "transformer_2": 20, "text_encoder": 14}
     assert adapted["transformer"] == adapted["transformer_2"]
     assert {p.rsplit(".", 1)[1] for p in adapted["text_encoder"]} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+
+
+def test_default_targets_after_fusing_are_what_the_attention_calls() -> None:
+    from lokr_diffusers.targeting import dit_target_modules
+
+    model = copy.deepcopy(bare_pipeline("wan").transformer)
+    model.fuse_qkv_projections()
+    targets = set(dit_target_modules(model))
+    assert {"blocks.0.attn1.to_qkv", "blocks.0.attn2.to_kv", "blocks.0.attn2.to_added_kv", "blocks.0.attn2.to_q"} \
+        <= targets
+    assert not {"blocks.0.attn1.to_q", "blocks.0.attn2.to_k", "blocks.0.attn2.add_v_proj"} & targets
