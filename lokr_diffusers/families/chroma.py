@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .flux import COMFYUI_PATHS, DOUBLE_ATTN, FLUX1_MLP, STREAMS
 from .flux import ROLES as FLUX_ROLES
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import QKV, OriginalTable, RowName, blocks, top
 
 # convert_chroma_transformer_checkpoint_to_diffusers (inner_dim 3072, mlp_ratio 4 hard-coded there): img_in ->
@@ -73,4 +73,6 @@ CHROMA = ModelFamily(
     # ComfyUI's Chroma is a Flux subclass: flux_to_diffusers' diffusers paths, of which Chroma has all but the
     # modulations and time_text_embed (the approximator has no diffusers name there: reached by its original)
     comfyui_paths=COMFYUI_PATHS, tags=("chroma",), tiny="helpers.tiny_chroma:make_chroma_pipeline",
+    # no diffusers script trains Chroma: FLUX.1's (uniform σ, and ChromaPipeline's 512 T5 tokens)
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
 )

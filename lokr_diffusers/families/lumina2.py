@@ -15,7 +15,7 @@ attention). So ComfyUI loads Lumina 2 files by their original names only: `diffu
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, Pairs, blocks, top
 from .zimage import NEXTDIT
 
@@ -70,4 +70,6 @@ LUMINA2 = ModelFamily(
     kohya=Kohya("lumina2"),  # kohya sd-scripts library/lumina_util.py MODEL_VERSION_LUMINA_V2 (lumina_train_network)
     comfyui_paths=(),  # ComfyUI maps Z-Image's diffusers spellings here, not Lumina 2's (see the docstring)
     tags=("lumina2",), aliases=("lumina",), tiny="helpers.tiny_lumina2:make_lumina2_pipeline",
+    # diffusers' train_dreambooth_lora_lumina2.py: uniform σ, 256 Gemma tokens, the transformer only
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=256),
 )

@@ -13,7 +13,7 @@ tests/test_formats_dit.py runs diffusers' converters.
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, blocks
 
 # Qwen-Image: every Linear keeps its diffusers path (the identity converter). fusable=False: its
@@ -66,6 +66,8 @@ QWENIMAGE = ModelFamily(
     kohya=Kohya("qwen_image"),  # musubi-tuner's ARCHITECTURE_QWEN_IMAGE_FULL, its ss_base_model_version
     originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS, tags=("qwen-image",), aliases=("qwen",),
     tiny="helpers.tiny_qwen:make_qwenimage_pipeline",
+    # diffusers' train_dreambooth_lora_qwen_image.py: uniform σ, 512 tokens, the transformer only
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
 )
 QWENIMAGE21 = ModelFamily(
     name="qwenimage21", title="Qwen-Image 2.1", pipelines=("QwenImage21Pipeline",), denoiser="transformer",

@@ -16,7 +16,8 @@ __all__ = ["TE_TARGETS", "TRANSFORMER_PRESETS", "UNET_PRESETS", "build_parser", 
 
 def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argparse.ArgumentParser:
     """family: "sd" (SD1.x/2.x/SDXL, the UNet scripts), "flow" (flow matching, a transformer: every family the flow
-    script trains, told from the model) or one of those families ("flux", "sd3", "flux2", "zimage": that one only)."""
+    script trains, told from the model) or one of those families ("flux", "sd3", "flux2", "zimage", "chroma",
+    "qwenimage", "lumina2": that one only)."""
     p = argparse.ArgumentParser(description=description)
     _model_and_data(p.add_argument, dreambooth, family)
     _training(p.add_argument)
@@ -28,7 +29,8 @@ def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argp
 
 
 def _flow(a: Any, family: str) -> None:
-    """diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py / _z_image.py names and defaults. The
+    """diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py / _z_image.py / _qwen_image.py /
+    _lumina2.py names and defaults (Chroma, which diffusers has no script for: FLUX.1's). The
     defaults that differ between the families (the records') are filled in once the model tells its family
     (flow_defaults); an option of another family than the model's is not used."""
     from .flow import WEIGHTING_SCHEMES
@@ -41,11 +43,12 @@ def _flow(a: Any, family: str) -> None:
     a("--logit_std", type=float, default=1.0, help="for --weighting_scheme logit_normal")
     a("--mode_scale", type=float, default=1.29, help="for --weighting_scheme mode")
     a("--max_sequence_length", type=int, default=d.max_sequence_length,
-      help="text tokens per prompt: T5's (FLUX.1, SD3), Qwen3's (FLUX.2 [klein], Z-Image) (default: the family's, "
-           "as diffusers' script: 512, SD3 77)")
+      help="text tokens per prompt: T5's (FLUX.1, SD3, Chroma), Qwen3's (FLUX.2 [klein], Z-Image), Qwen2.5-VL's "
+           "(Qwen-Image), Gemma-2's (Lumina 2) (default: the family's, as diffusers' script: 512, SD3 77, "
+           "Lumina 2 256)")
     a("--guidance_scale", type=float, default=3.5,
-      help="FLUX.1 / FLUX.2: the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused by a model "
-           "without a guidance embedding (FLUX.1-schnell, FLUX.2 [klein])")
+      help="FLUX.1 / FLUX.2 / Qwen-Image: the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused "
+           "by a model without a guidance embedding (FLUX.1-schnell, FLUX.2 [klein], Qwen-Image)")
     a("--precondition_outputs", type=int, default=1, choices=[0, 1],
       help="SD3: 1, the loss compares the denoised latents x_σ - σ·v with x (diffusers' default); 0: v with ε - x")
     a("--no_t5", action="store_true",

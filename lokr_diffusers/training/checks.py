@@ -169,8 +169,11 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
     2^(VAE levels - 1) (8 for SD and SDXL) and the UNet its latents by 2^(UNet levels - 1), which must
     leave at least one latent pixel at the UNet's lowest level (64 px for SD1.x/2.x, 32 px for SDXL);
     a transformer patchifies 2x2 latent pixels (Flux.1 / Flux.2 pack them, SD3's patch_size and Z-Image's are 2),
-    so its images come in multiples of 2 · the VAE's factor (16 px for all); the pipelines take multiples of 8."""
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    so its images come in multiples of 2 · the VAE's factor (16 px for all); the pipelines take multiples of 8.
+    Qwen-Image's video VAE (no block_out_channels) halves the image once per entry of its temperal_downsample."""
+    config = pipe.vae.config
+    blocks = getattr(config, "block_out_channels", None)
+    vae_factor = 2 ** (len(blocks) - 1) if blocks is not None else 2 ** len(config.temperal_downsample)
     if getattr(pipe, "unet", None) is None:
         step = max(8, vae_factor * 2)
         return step, step

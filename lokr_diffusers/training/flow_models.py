@@ -4,9 +4,9 @@ in `FLOW_MODELS` under the family's name (lokr_diffusers/families/); the loss ne
 
 Every piece works on latents of shape (B, C, h, w) in the space the flow is drawn in, x_σ = (1 − σ) · x + σ · ε, and
 returns the transformer's velocity v ≈ ε − x in that same space. Facts read, never copied, from diffusers 0.42.1's
-pipelines (FluxPipeline, StableDiffusion3Pipeline, Flux2KleinPipeline, ZImagePipeline) and its train_dreambooth_lora_*
-scripts; tests/test_training_flow*.py hold the encoders equal to the pipelines' `encode_prompt` and the velocities
-equal to the pipelines' own denoising step.
+pipelines (FluxPipeline, StableDiffusion3Pipeline, Flux2KleinPipeline, ZImagePipeline, ChromaPipeline,
+QwenImagePipeline, Lumina2Pipeline) and its train_dreambooth_lora_* scripts; tests/test_training_flow*.py hold the
+encoders equal to the pipelines' `encode_prompt` and the velocities equal to the pipelines' own denoising step.
 
     flux   (FLUX.1)   x = (VAE sample − shift) · scale, packed into 2x2 patches (B, h/2 · w/2, 4C) for the
                       transformer; timestep t / 1000; guidance when the model embeds it (dev); CLIP pooled + T5
@@ -18,6 +18,17 @@ equal to the pipelines' own denoising step.
     zimage (Z-Image)  x = (VAE mode − shift) · scale; the transformer takes a list of (C, 1, h, w) latents, the
                       timestep (1000 − t) / 1000 = 1 − σ and a list of unpadded Qwen3 caption features, and predicts
                       x − ε (the pipeline negates it)
+    chroma (Chroma)   x and packing as FLUX.1; timestep t / 1000; T5 (with its attention mask) and a mask that keeps
+                      the caption and its first padding token, extended by the image tokens; no pooled text, no
+                      guidance (diffusers has no Chroma script: FLUX.1's defaults)
+    qwenimage         x = (VAE sample − latents_mean) / latents_std per channel (a one-frame video VAE), packed 2x2
+      (Qwen-Image)    as FLUX.1 with img_shapes (1, h/2, w/2); timestep t / 1000; Qwen2.5-VL's last hidden state of
+                      the chat-formatted caption less the template's 34 leading tokens, padded with a mask (None
+                      when nothing is padded)
+    lumina2           x = (VAE sample − shift) · scale, unpacked (B, C, h, w); timestep 1 − σ; Gemma-2's
+      (Lumina 2)      penultimate hidden state of "<system prompt> <Prompt Start> <caption>" with its mask; predicts
+                      x − ε (the pipeline negates it). diffusers' script draws σ as the data's share (a reversed
+                      lerp); here σ is the noise's, as the pipeline's schedule means it and every family here
 """
 
 from __future__ import annotations
@@ -107,6 +118,71 @@ def encode_zimage(parts: Any, captions: list[str], max_sequence_length: int, dev
     keep = mask.bool()
     states = parts.text_encoder(input_ids=ids, attention_mask=keep, output_hidden_states=True).hidden_states[-2]
     return [s[k] for s, k in zip(states, keep, strict=True)]
+
+
+def encode_chroma(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(T5 sequence (B, L, D), text ids (L, 3) zeros, attention mask (B, L) 0 / 1), as ChromaPipeline.encode_prompt:
+    T5 run with its padding masked, and a mask that keeps each caption's tokens and its first padding token."""
+    enc = parts.tokenizer(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                          return_tensors="pt")
+    mask = enc.attention_mask.to(device)
+    embeds = parts.text_encoder(enc.input_ids.to(device), output_hidden_states=False, attention_mask=mask)[0]
+    keep = torch.arange(mask.shape[1], device=device).unsqueeze(0) <= mask.sum(dim=1, keepdim=True)
+    return embeds, torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype), keep.to(embeds.dtype)
+
+
+# Qwen-Image's prompt: its chat template with this system turn; the encoder's states of the template's first
+# QWEN_DROP tokens (the system turn and the user turn's opening) are dropped (QwenImagePipeline, diffusers 0.42.1)
+QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                 "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                 "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_DROP = 34
+QWEN_TOKENS = 1024  # the most caption tokens the pipeline encodes
+
+
+def encode_qwenimage(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                     ) -> tuple[Tensor, Tensor | None]:
+    """(states (B, L, D), mask (B, L) or None when no caption is padded), as QwenImagePipeline.encode_prompt: the
+    Qwen2.5-VL last hidden state of each templated caption, its padding and the template's first QWEN_DROP tokens
+    removed, the captions zero-padded to the longest and cut at `max_sequence_length`."""
+    enc = parts.tokenizer([QWEN_TEMPLATE.format(c) for c in captions], max_length=QWEN_TOKENS + QWEN_DROP,
+                          padding=True, truncation=True, return_tensors="pt")
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    states = parts.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    kept = [s[m.bool()][QWEN_DROP:] for s, m in zip(states, mask, strict=True)]
+    n = max(k.shape[0] for k in kept)
+    embeds = torch.stack([F.pad(k, (0, 0, 0, n - k.shape[0])) for k in kept])[:, :max_sequence_length]
+    keep = torch.stack([(torch.arange(n, device=device) < k.shape[0]).long() for k in kept])[:, :max_sequence_length]
+    return embeds, None if bool(keep.all()) else keep
+
+
+# Lumina 2's system prompt before every caption (Lumina2Pipeline's default, diffusers 0.42.1)
+LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+                  "alignment based on textual prompts or user prompts.")
+
+
+def encode_lumina2(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """(states (B, L, D), mask (B, L)), as Lumina2Pipeline.encode_prompt: Gemma-2's penultimate hidden state of
+    "<system prompt> <Prompt Start> <caption>", padded to `max_sequence_length`, and its attention mask."""
+    enc = parts.tokenizer([f"{LUMINA2_SYSTEM} <Prompt Start> {c}" for c in captions], padding="max_length",
+                          max_length=max_sequence_length, truncation=True, return_tensors="pt")
+    mask = enc.attention_mask.to(device)
+    states = parts.text_encoder(enc.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    return states.hidden_states[-2], mask
+
+
+def _pack(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h/2 · w/2, 4C): 2x2 patches, row-major, each (C, 2, 2) flattened (FLUX.1's packing)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """_pack undone: (B, h/2 · w/2, 4C) -> (B, C, h, w)."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
@@ -232,7 +308,73 @@ class ZImage(FlowModel):
         return -torch.stack(out).squeeze(2)  # it predicts x − ε
 
 
-FLOW_MODELS: dict[str, FlowModel] = {m.family: m for m in (Flux1(), SD3(), Flux2Klein(), ZImage())}
+class Chroma(FlowModel):
+    family, pipelines = "chroma", ()  # its three pipelines encode prompts alike
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_chroma(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        from diffusers import FluxPipeline
+
+        embeds, text_ids, mask = cond
+        b, _, h, w = noisy.shape
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, noisy.dtype)
+        # the text mask, then every image token attended
+        mask = torch.cat([mask.to(noisy.dtype), mask.new_ones(b, (h // 2) * (w // 2)).to(noisy.dtype)], dim=1)
+        pred = parts.transformer(hidden_states=_pack(noisy), timestep=timesteps / 1000,
+                                 encoder_hidden_states=embeds.to(noisy.dtype), txt_ids=text_ids, img_ids=image_ids,
+                                 attention_mask=mask, return_dict=False)[0]
+        return _unpack(pred, h, w)
+
+
+class QwenImage(FlowModel):
+    """Qwen-Image. Its edit / layered / ControlNet pipelines condition on images too: not here."""
+
+    family, pipelines = "qwenimage", ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        x = vae.encode(pixels.unsqueeze(2)).latent_dist.sample(generator=g).squeeze(2)  # one frame
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
+        return (x - mean) / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_qwenimage(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, mask = cond
+        b, _, h, w = noisy.shape
+        guidance = torch.full((b,), args.guidance_scale, device=device) \
+            if _config(parts.transformer).guidance_embeds else None
+        pred = parts.transformer(hidden_states=_pack(noisy), timestep=timesteps / 1000, guidance=guidance,
+                                 encoder_hidden_states=embeds.to(noisy.dtype), encoder_hidden_states_mask=mask,
+                                 img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return _unpack(pred, h, w)
+
+
+class Lumina2(FlowModel):
+    family, pipelines = "lumina2", ()
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        return _shift_scale(vae, vae.encode(pixels).latent_dist.sample(generator=g))  # diffusers' script: a sample
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_lumina2(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, mask = cond
+        pred = parts.transformer(hidden_states=noisy, timestep=1 - timesteps / 1000,
+                                 encoder_hidden_states=embeds.to(noisy.dtype), encoder_attention_mask=mask,
+                                 return_dict=False)[0]
+        return -pred  # it predicts x − ε
+
+
+FLOW_MODELS: dict[str, FlowModel] = {m.family: m for m in (Flux1(), SD3(), Flux2Klein(), ZImage(), Chroma(),
+                                                           QwenImage(), Lumina2())}
 
 
 def flow_model(family: str) -> FlowModel:
