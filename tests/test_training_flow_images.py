@@ -202,3 +202,20 @@ def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, f
     assert not torch.equal(velocity, base_velocity)
     # and it lowers the flow loss on the training set (fixed noise and timesteps)
     assert _fixed_loss(loaded, family, batch, prompts) < base_loss
+
+
+def test_an_export_comfyui_cannot_write_fails_before_the_first_step(tmp_path) -> None:
+    """Lumina 2's to_q / to_k / to_v one by one have no ComfyUI name (rows of attention.qkv): the default
+    --export_format comfyui is refused before training, nothing written (3 blocks x q, k, v of the tiny model)."""
+    model = str(tmp_path / "model")
+    families.build_tiny("lumina2").save_pretrained(model, safe_serialization=True)
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=2, size=32)
+    out = str(tmp_path / "out")
+    argv = [a for a in _argv(model, data, out, "--max_sequence_length", "256") if a != "none"]
+    argv = [*argv[:argv.index("--export_format")], *argv[argv.index("--export_format") + 1:], "--export_format",
+            "comfyui"]
+    from lokr_diffusers.training.errors import TrainingInputError
+
+    with pytest.raises(TrainingInputError, match=r"--export_format comfyui: 12 of the adapter's modules .*attn\.to_q"):
+        train(parse("t", True, argv, "flow"))  # the command turns it into exit code 2
+    assert not os.path.exists(out) or not os.listdir(out)

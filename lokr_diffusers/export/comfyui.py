@@ -41,7 +41,7 @@ from ..formats.names import TEXT_ENCODERS
 from ..formats.text_encoders import CLIP, COMFY_CLIP, T5, kind_of
 from ..logs import warn_once
 from .encode import consumer_tensors, on_output_axis, write_one
-from .modules import ExportJob, ExportModule
+from .modules import ExportJob, ExportModule, collect
 from .pieces import fused_module, off_edges, own_module, sort_modules
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,13 @@ def _comfyui_units(modules: list[ExportModule], components: Mapping[str, nn.Modu
             else:
                 units.append((te_name, m, None))
     return units, missing
+
+
+def comfyui_unwritable(components: Mapping[str, nn.Module], adapter_name: str, family: str) -> list[str]:
+    """Why each module of a DiT adapter would be left out of its ComfyUI file (empty: every module has a name):
+    asked before training, so that a run that would end unable to write its file fails before its first step."""
+    modules = collect(components, adapter_name)
+    return _comfyui_units(modules, components, dit_name_map(components["transformer"]), family)[1]
 
 
 def to_comfyui_dit(modules: list[ExportModule], components: Mapping[str, nn.Module], family: str,

@@ -218,6 +218,25 @@ def check_pipeline(pipe: Any, args: Any, family: Any = None) -> None:
                     f"(its VAE and {family.denoiser} halve the image {int(math.log2(least))} times)")
 
 
+def check_export(pipe: Any, args: Any, family: Any, adapter: str) -> None:
+    """--export_format comfyui can write every module of the new adapter on a DiT (Lumina 2's and HunyuanVideo's
+    to_q / to_k / to_v one by one have no ComfyUI name): checked before the first step, not after the last."""
+    if getattr(args, "export_format", "none") != "comfyui" or family.denoiser != "transformer":
+        return
+    from ..components import pipeline_components
+    from ..export.comfyui import comfyui_unwritable
+    from ..families import of_model
+
+    own = of_model(pipe.transformer)
+    if own is None:
+        return
+    missing = comfyui_unwritable(pipeline_components(pipe), adapter, own.name)
+    if missing:
+        raise _fail(f"--export_format comfyui: {len(missing)} of the adapter's modules have no name ComfyUI loads for "
+                    f"{own.title} ({missing[0]}); pass --export_format peft or diffusers, or --lora_layers that leave "
+                    "them out")
+
+
 def check_not_fused(components: dict[str, nn.Module], adapter: str) -> None:
     """AdapterFusedError when `adapter` is fused into any layer: its factors would train against a base
     weight that already holds them, and an unfuse would subtract the wrong update."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
-from .checks import check_not_fused, check_pipeline
+from .checks import check_export, check_not_fused, check_pipeline
 from .errors import TrainingInputError
 from .family import MOVED, TrainingFamily, member, training_family
 from .flow import flow_loss
@@ -200,6 +200,7 @@ def _setup(args: Any, steps: int) -> Session:
     names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                                  if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
+    check_export(pipe, args, family, ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
     for ps in params.values():
         for p in ps:
