@@ -16,18 +16,23 @@ OURS_FILE = "pytorch_lokr_weights.safetensors"
 
 
 def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, denoiser: str = "unet") -> str:
-    """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG, log to trackers."""
+    """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG (a video family's: of the
+    first frames, and each video as a GIF), log to trackers."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(args.seed)
     model = getattr(pipe, denoiser)
     was_training = model.training
     model.eval()
+    frames = getattr(args, "num_frames", None)  # set for a video family's clips (training/clips.py)
+    video = {"num_frames": frames, "output_type": "pil"} if frames is not None else {}
     with torch.no_grad():  # by keyword: Flux2KleinPipeline's first parameter is `image`
-        images = [pipe(prompt=args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
-                       height=args.resolution, width=args.resolution).images[0]
-                  for _ in range(args.num_validation_images)]
+        outs = [pipe(prompt=args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
+                     height=args.resolution, width=args.resolution, **video)
+                for _ in range(args.num_validation_images)]
     model.train(was_training)
+    clips = [list(out.frames[0]) for out in outs] if video else []  # each a list of PIL frames
+    images = [clip[0] for clip in clips] if video else [out.images[0] for out in outs]
     sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height))
     x = 0
     for im in images:
@@ -36,7 +41,10 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.png")
-    sheet.save(path)
+    sheet.save(path)  # a video family's: the first frames
+    for k, clip in enumerate(clips):  # and each video as an animated GIF beside it
+        clip[0].save(os.path.join(folder, f"step_{step:06d}_{k}.gif"), save_all=True, append_images=clip[1:],
+                     duration=int(1000 / getattr(args, "frame_rate", 25.0)), loop=0)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
 from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
 from .checks import check_not_fused, check_pipeline
@@ -59,7 +60,8 @@ def main(description: str, dreambooth: bool, argv: list[str] | None = None, fami
 
 
 FLOW_DESCRIPTION = ("DreamBooth with LoKr for the flow-matching models (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image; the "
-                    "family told from the model folder), with prior preservation")
+                    "video models Wan and LTX-Video on clips; the family told from the model folder), with prior "
+                    "preservation")
 
 
 def flow_cli(argv: list[str] | None = None) -> int:
@@ -77,6 +79,12 @@ def build_dataset(args: Any) -> Any:
     warning, an error when none is good); text-to-image data must have captions."""
     from .data import CaptionedImageDataset, DreamBoothDataset, load_hf_dataset
     from .folders import check_images, load_image_folder, require_captions
+
+    video = video_model(args)
+    if video is not None:  # Wan, LTX-Video: clips (training/clips.py)
+        from .clips import build_clip_dataset
+
+        return build_clip_dataset(args, video.frames_factor, video.default_frames, families.get(video.family).title)
 
     def folder(name: str) -> list[tuple[Any, str]]:
         where = f"--{name} {getattr(args, name)}"
@@ -97,6 +105,25 @@ def build_dataset(args: Any) -> Any:
                                 "or name the caption column with --caption_column")
     return CaptionedImageDataset(pairs, args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                                  seed=args.seed)
+
+
+def video_model(args: Any) -> Any:
+    """The flow piece of the video family (flow_video.py) the model folder names, None for an image family or a model
+    whose model_index.json cannot be read here (_setup then says why)."""
+    from diffusers import DiffusionPipeline
+
+    from .flow_models import FLOW_MODELS
+
+    family = training_family(args.family)
+    if not family.flow:
+        return None
+    try:
+        found = member(family, dict(DiffusionPipeline.load_config(args.pretrained_model_name_or_path,
+                                                                  revision=args.revision)))
+    except (OSError, ValueError):
+        return None
+    piece = FLOW_MODELS.get(found.name) if found is not None else None
+    return piece if getattr(piece, "frames_factor", 0) else None
 
 
 @dataclass
@@ -218,7 +245,8 @@ def _setup(args: Any, steps: int) -> Session:
     models = models if isinstance(models, tuple) else (models,)
     parts = SimpleNamespace(**{c: getattr(pipe, c) for c in ("vae", "tokenizer", "tokenizer_2", "tokenizer_3",
                                                               "text_encoder", "text_encoder_2", "text_encoder_3",
-                                                              "transformer") if hasattr(pipe, c)})
+                                                              "transformer", "transformer_2") if hasattr(pipe, c)})
+    parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
