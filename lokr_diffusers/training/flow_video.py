@@ -7,10 +7,11 @@ tests/test_training_flow_video.py holds the encoders equal to the pipelines' `en
 to one denoising step of each pipeline.
 
     wan       x = (VAE mode − latents_mean) / latents_std (the VAE config's per-channel statistics; the pipeline
-              undoes them before decoding); UMT5 states of the cleaned caption, zero past its last token, padded to
-              --max_sequence_length; timestep t as it is ((B,), or one per token for Wan 2.2 TI2V's
-              expand_timesteps); the transformer takes (B, C, F, h, w) and predicts ε − x. Wan 2.2 A14B's two
-              experts: `transformer` denoises t ≥ boundary_ratio · 1000 and trains on those timesteps only.
+              undoes them before decoding); UMT5 states of the caption (cleaned by diffusers' Wan prompt_clean),
+              zero past its last token, padded to --max_sequence_length; timestep t as it is ((B,), or one per token
+              for Wan 2.2 TI2V's expand_timesteps); the transformer takes (B, C, F, h, w) and predicts ε − x.
+              Wan 2.2 A14B's two experts: `transformer` denoises t ≥ boundary_ratio · 1000 and trains on those
+              timesteps only.
     ltxvideo  x = (VAE sample − latents_mean) · scaling_factor / latents_std (the VAE's buffers); the transformer
               takes x packed into tokens (B, F/p_t · h/p · w/p, C · p_t · p · p), the T5 states and their mask,
               timestep t, the latent frame / height / width counts and the rope scale (VAE temporal factor /
@@ -22,31 +23,18 @@ to one denoising step of each pipeline.
 
 from __future__ import annotations
 
-import html
-import re
 from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def _clean_wan(text: str) -> str:
-    """Wan's prompt cleaning: ftfy's fixes when ftfy is installed, HTML entities unescaped twice, whitespace runs as
-    one space, stripped."""
-    from diffusers.utils import is_ftfy_available
-
-    if is_ftfy_available():
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def encode_wan(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> Tensor:
-    """UMT5 last hidden states (B, L, D) of the cleaned captions, zero after each caption's tokens, as
-    WanPipeline.encode_prompt."""
-    enc = parts.tokenizer([_clean_wan(c) for c in captions], padding="max_length", max_length=max_sequence_length,
+    """UMT5 last hidden states (B, L, D) of the captions cleaned by Wan's own prompt_clean, zero after each caption's
+    tokens, as WanPipeline.encode_prompt."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # ftfy's fixes when installed, HTML, spaces
+
+    enc = parts.tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=max_sequence_length,
                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     mask = enc.attention_mask.to(device)
     states = parts.text_encoder(enc.input_ids.to(device), mask).last_hidden_state
