@@ -263,6 +263,7 @@ def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, c
     argv = _argv(model, data, out, family)
     if family == "wan":  # a count the VAE does not take is rounded down, with a warning
         argv[argv.index("--num_frames") + 1] = str(frames + 1)
+    argv += ["--validation_prompt", "a dog", "--validation_steps", "1", "--num_validation_images", "1"]
     args = parse("t", True, argv, "flow")
     with caplog.at_level(logging.WARNING, logger="lokr_diffusers.training.clips"):
         result = train(args)
@@ -270,6 +271,8 @@ def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, c
         (4, family, frames, 16)
     assert (family != "wan") or "training on 5" in caplog.text
     assert {"checkpoint-2", "checkpoint-4", OURS_FILE, "README.md"} <= set(os.listdir(out))
+    with Image.open(os.path.join(out, "validation", "step_000004_0.gif")) as gif:  # the validation video (the tiny
+        assert gif.n_frames > 1 and gif.size == (resolution, resolution)  # Wan VAE decodes 5 latent frames to 6)
     again = str(tmp_path / "again")
     os.makedirs(again)
     os.symlink(os.path.join(out, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
