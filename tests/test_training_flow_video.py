@@ -37,12 +37,13 @@ from lokr_diffusers.training.clips import (
 )
 from lokr_diffusers.training.data import ImageTransform, collate
 from lokr_diffusers.training.errors import TrainingInputError
+from lokr_diffusers.training.family import training_family
 from lokr_diffusers.training.flow import flow_loss, sample_sigmas
 from lokr_diffusers.training.flow_models import flow_model
 from lokr_diffusers.training.flow_video import encode_ltx, encode_wan
 from lokr_diffusers.training.loop import ADAPTER, lokr_configs
 from lokr_diffusers.training.output import OURS_FILE
-from lokr_diffusers.training.run import train
+from lokr_diffusers.training.run import _denoiser, train
 
 CAPTIONS = ["a photo of  sks dog &amp; cat", "a red cat"]  # Wan cleans HTML entities and whitespace runs
 CPU = torch.device("cpu")
@@ -118,6 +119,10 @@ def test_the_high_noise_expert_trains_on_its_own_timesteps() -> None:
     model = flow_model("wan")
     assert model.timestep_range(two, ARGS) == (875.0, float("inf"))
     assert model.timestep_range(families.build_tiny("wan"), ARGS) is None
+    assert model.timestep_range(two, SimpleNamespace(train_transformer_2=True)) == (0.0, 875.0)
+    with pytest.raises(TrainingInputError, match="--train_transformer_2: m has no second expert"):
+        _denoiser(SimpleNamespace(train_transformer_2=True, pretrained_model_name_or_path="m"),
+                  families.build_tiny("wan"), training_family("wan"))
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(two.scheduler.config)
     t, sigmas = sample_sigmas(scheduler, 4096, flow_args("wan", weighting_scheme="none"),
                               torch.Generator().manual_seed(0), model.timestep_range(two, ARGS))
@@ -304,3 +309,36 @@ def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, c
     torch.testing.assert_close(velocity, _velocity(trained, family, cond), rtol=1e-5, atol=1e-6)
     assert not torch.equal(velocity, base_velocity)
     assert _fixed_loss(loaded, family, batch, prompts) < base_loss
+
+
+@pytest.mark.slow
+def test_the_flow_script_trains_wan_2_2s_low_noise_expert(tmp_path) -> None:
+    """--train_transformer_2: the adapter goes on the low-noise expert only, and its file (a `transformer` file, as
+    diffusers writes an expert's) loads into transformer_2 with load_into_transformer_2=True to the trained outputs."""
+    model = str(tmp_path / "model")
+    make_wan_pipeline(0, experts=2).save_pretrained(model, safe_serialization=True)
+    data = make_clip_folder(str(tmp_path / "data"), clips=2, frames=5, size=16)
+    out = str(tmp_path / "out")
+    argv = _argv(model, data, out, "wan", "--train_transformer_2")
+    argv[argv.index("--max_train_steps") + 1] = "2"
+    args = parse("t", True, argv, "flow")
+    assert train(args).global_step == 2
+    state = load_file(os.path.join(out, "checkpoint-2", "adapter.safetensors"))
+    assert state and all(k.startswith("transformer_2.") for k in state)
+    trained = DiffusionPipeline.from_pretrained(model)
+    add_lokr(trained, lokr_configs(args, ["transformer_2"]), ADAPTER)
+    with torch.no_grad():
+        for path, layer in lokr_layers(trained.transformer_2):
+            for k, t in layer.factors(ADAPTER).items():
+                t.copy_(state[f"transformer_2.{path}.{k}"])
+    loaded = DiffusionPipeline.from_pretrained(model)
+    loaded.load_lokr_weights(os.path.join(out, OURS_FILE), load_into_transformer_2=True)
+    assert not list(lokr_layers(loaded.transformer)) and list(lokr_layers(loaded.transformer_2))
+    cond = flow_model("wan").encode(loaded, CAPTIONS, ARGS, CPU)
+    low = [SimpleNamespace(transformer=p.transformer_2) for p in (loaded, trained)]
+    torch.testing.assert_close(_velocity(low[0], "wan", cond), _velocity(low[1], "wan", cond), rtol=1e-5, atol=1e-6)
+    base = DiffusionPipeline.from_pretrained(model)
+    assert not torch.equal(_velocity(low[0], "wan", cond), _velocity(SimpleNamespace(transformer=base.transformer_2),
+                                                                   "wan", cond))
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as fh:
+        assert "load_into_transformer_2=True" in fh.read()

@@ -55,6 +55,9 @@ def _flow(a: Any, family: str) -> None:
     a("--num_frames", type=int, default=None,
       help="Wan / LTX-Video: frames per training clip, 1 + 4k for Wan, 1 + 8k for LTX-Video (another count is "
            "rounded down, as the pipelines do; default: the pipeline's, 81 / 161)")
+    a("--train_transformer_2", action="store_true",
+      help="Wan 2.2 A14B: train the low-noise expert transformer_2 (on its timesteps, t < boundary_ratio * 1000) "
+           "instead of the high-noise transformer; the file loads with load_into_transformer_2=True")
     a("--frame_rate", type=float, default=25.0,
       help="LTX-Video: the clips' frames per second, for the transformer's rope scale (the pipeline's default 25)")
 

@@ -102,11 +102,14 @@ class Wan(VideoFlowModel):
         return encode_wan(parts, captions, args.max_sequence_length, device)
 
     def timestep_range(self, parts: Any, args: Any) -> tuple[float, float] | None:
-        """Wan 2.2 A14B: the high-noise `transformer` denoises t ≥ boundary_ratio · num_train_timesteps."""
+        """Wan 2.2 A14B: the high-noise `transformer` denoises t ≥ boundary_ratio · num_train_timesteps, the
+        low-noise `transformer_2` (--train_transformer_2) the timesteps below."""
         config = getattr(parts, "config", None)
         ratio = getattr(config, "boundary_ratio", None) if config is not None else None
         if ratio is None or getattr(parts, "transformer_2", None) is None:
             return None
+        if getattr(args, "train_transformer_2", False):
+            return 0.0, ratio * 1000.0
         return ratio * 1000.0, float("inf")
 
     def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,

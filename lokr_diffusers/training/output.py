@@ -55,7 +55,8 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
 
 
 def save_outputs(pipe: Any, args: Any, family: str | None, result: Any) -> dict[str, str]:
-    """Our lossless file, the portable one (--export_format), and README.md. `family`: the base model, "sd1",
+    """Our lossless file, the portable one (--export_format), and README.md, of a pipeline's adapters (or of
+    {component: model}'s, save_lokr_weights' `source`). `family`: the base model, "sd1",
     "sd2", "sdxl" or a DiT family ("flux", "sd3", "flux2", "zimage"; checked against the pipeline's transformer),
     None to read it off the pipeline."""
     files = {"lokr": save_lokr_weights(pipe, os.path.join(args.output_dir, OURS_FILE), format="lokr_diffusers")}
@@ -85,7 +86,8 @@ def write_model_card(args: Any, family: str | None, result: Any, files: dict[str
         + (f", text encoder rank {args.te_rank or args.rank}" if args.train_text_encoder else "") + ").", "",
         f"Prompt: `{prompt}`" if prompt else "", "",
         "## Use", "", "```python", "import lokr_diffusers",
-        f'pipe.load_lokr_weights("{args.output_dir}", weight_name="{OURS_FILE}")', "```", "",
+        f'pipe.load_lokr_weights("{args.output_dir}", weight_name="{OURS_FILE}"'
+        + (", load_into_transformer_2=True" if getattr(args, "train_transformer_2", False) else "") + ")", "```", "",
         "Files: " + ", ".join(f"`{os.path.basename(p)}` ({k})" for k, p in files.items()) + ".",
         "The ComfyUI / A1111 file loads there as a LoRA/LyCORIS file, with the same weights as trained.", "",
     ]

@@ -224,7 +224,8 @@ def _setup(args: Any, steps: int) -> Session:
     set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
-    names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
+    denoiser = _denoiser(args, pipe, family)
+    names = [denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                                  if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
@@ -232,8 +233,8 @@ def _setup(args: Any, steps: int) -> Session:
         for p in ps:
             p.data = p.data.float()  # adapters train in fp32 whatever the base runs in
     if args.gradient_checkpointing:
-        getattr(pipe, family.denoiser).enable_gradient_checkpointing()
-    groups = [{"params": params[family.denoiser], "lr": args.learning_rate}]
+        getattr(pipe, denoiser).enable_gradient_checkpointing()
+    groups = [{"params": params[denoiser], "lr": args.learning_rate}]
     groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
     optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -249,10 +250,22 @@ def _setup(args: Any, steps: int) -> Session:
     parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
+    parts.transformer = getattr(parts, denoiser)  # the one the loss calls: Wan 2.2's second expert when it trains
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
                    raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {})
+
+
+def _denoiser(args: Any, pipe: Any, family: TrainingFamily) -> str:
+    """The component that trains: the family's denoiser, or Wan 2.2 A14B's low-noise expert with
+    --train_transformer_2 (TrainingInputError for a pipeline without one)."""
+    if not getattr(args, "train_transformer_2", False):
+        return family.denoiser
+    if getattr(pipe, "transformer_2", None) is None or getattr(pipe.config, "boundary_ratio", None) is None:
+        raise TrainingInputError(f"--train_transformer_2: {args.pretrained_model_name_or_path} has no second expert "
+                                 "(transformer_2 and boundary_ratio, as Wan 2.2 A14B); leave it out")
+    return "transformer_2"
 
 
 def _resume(args: Any, s: Session) -> int:
@@ -289,7 +302,9 @@ def train(args: Any) -> TrainResult:
         check_not_fused(s.raw, ADAPTER)
         # a flow script trains one family; the UNet scripts let the pipeline tell (SDXL when trained as one)
         base = "sdxl" if s.sdxl else (s.family.members[0] if len(s.family.members) == 1 else None)
-        result.files = save_outputs(s.pipe, args, base, result)
+        # Wan 2.2's second expert is written as a transformer, loaded with load_into_transformer_2=True (diffusers')
+        source = {"transformer": s.raw["transformer_2"]} if "transformer_2" in s.raw else s.pipe
+        result.files = save_outputs(source, args, base, result)
     accelerator.end_training()
     return result
 
@@ -327,7 +342,7 @@ def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, res
             if global_step >= steps:
                 break
         if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            save_validation_images(s.pipe, args, global_step, accelerator, s.family.denoiser)
+            save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)))
     progress.close()
     return global_step
 
