@@ -226,7 +226,7 @@ def _setup(args: Any, steps: int) -> Session:
     pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
     denoiser = _denoiser(args, pipe, family)
     names = [denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
-                                 if args.train_text_encoder else [])
+                          if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
     for ps in params.values():
@@ -250,7 +250,8 @@ def _setup(args: Any, steps: int) -> Session:
     parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
-    parts.transformer = getattr(parts, denoiser)  # the one the loss calls: Wan 2.2's second expert when it trains
+    if denoiser == "transformer_2":
+        parts.transformer = parts.transformer_2  # the one the loss calls: Wan 2.2's second expert when it trains
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
