@@ -9,7 +9,7 @@ modules and keeps every other Linear's name; tests/test_formats_dit.py runs it.
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, Pairs, top
 
 # An AdaLayerNormSingle (PixArt's adaLN-single): a timestep MLP (linear_1: 256 -> dim, linear_2: dim -> dim) and the
@@ -58,6 +58,9 @@ LTXVIDEO = ModelFamily(
     prediction=("flow",), detect=Detection(kind=(LTX_NAMES,)),
     kohya=Kohya("ltxv"),  # no trainer writes kohya metadata for LTX-Video: our choice
     originals=ORIGINALS, roles=ROLES,
+    # the flow script (training/flow_video.py): the transformer only (T5-XXL stays frozen), uniform timesteps over the
+    # shifted schedule, the LTXPipeline's 128 T5 tokens
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=128),
     comfyui_paths=(),  # ComfyUI's LTXV branch maps plain original names (no prefix), no diffusers paths
     tags=("ltx-video",), aliases=("ltxv",), tiny="helpers.tiny_ltx:make_ltxvideo_pipeline",
 )

@@ -12,7 +12,7 @@ tests/test_formats_dit.py runs diffusers' converter on the full-size models.
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, Pairs, blocks, top
 
 # convert_wan_transformer_to_diffusers: plain renames, no fused weight, no swap (time_projection.1 keeps its
@@ -71,6 +71,9 @@ WAN = ModelFamily(
                                 r"time_projection|(text|time)_embedding[._][02]|condition_embedder",
                                 "Wan's attention / embedders"),)),
     kohya=Kohya("wan"), originals=ORIGINALS, roles=ROLES,
+    # the flow script (training/flow_video.py): the transformer only (UMT5 stays frozen), uniform timesteps over the
+    # shifted schedule (diffusers has no Wan training script to follow), the WanPipeline's 512 UMT5 tokens
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
     comfyui_paths=(),  # ComfyUI maps no diffusers name for Wan: an adapter is written under its original names only
     tags=("wan", "text-to-video"), tiny="helpers.tiny_video:make_wan_pipeline",
     subsumed=("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"),  # each expert has 2.1 T2V 14B's Linears

@@ -60,6 +60,8 @@ RULES: tuple[Rule, ...] = (
     ("validation_epochs", _positive, "at least 1"),
     ("validation_steps", _positive, "at least 1 denoising step"),
     ("dataloader_num_workers", _non_negative, "0 or more"),
+    ("num_frames", _positive, "a positive number of frames per clip, e.g. 49 (Wan: 1 + 4k, LTX-Video: 1 + 8k)"),
+    ("frame_rate", _positive, "a positive number of frames per second, e.g. 25"),
     ("rank", _positive, "a positive integer such as 8"),
     ("te_rank", _positive, "a positive integer such as 4 (leave it out to use --rank)"),
     ("alpha", _finite, "a finite number (leave it out for alpha = rank)"),
@@ -171,6 +173,9 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
     a transformer patchifies 2x2 latent pixels (Flux.1 / Flux.2 pack them, SD3's patch_size and Z-Image's are 2),
     so its images come in multiples of 2 · the VAE's factor (16 px for all); the pipelines take multiples of 8.
     Qwen-Image's video VAE (no block_out_channels) halves the image once per entry of its temperal_downsample."""
+    video = _video_step(pipe)
+    if video is not None:
+        return video, video
     config = pipe.vae.config
     blocks = getattr(config, "block_out_channels", None)
     vae_factor = 2 ** (len(blocks) - 1) if blocks is not None else 2 ** len(config.temperal_downsample)
@@ -180,6 +185,18 @@ def min_resolution(pipe: Any) -> tuple[int, int]:
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     step = max(8, vae_factor)
     return step, max(step, vae_factor * unet_factor)
+
+
+def _video_step(pipe: Any) -> int | None:
+    """The video pipelines' step: the VAE's spatial factor (Wan's config `scale_factor_spatial`, LTX's
+    `spatial_compression_ratio`) times the transformer's spatial patch; None for another pipeline."""
+    vae = pipe.vae
+    factor = getattr(vae.config, "scale_factor_spatial", None) or getattr(vae, "spatial_compression_ratio", None)
+    if not isinstance(factor, int) or getattr(pipe, "unet", None) is not None:
+        return None
+    patch = pipe.transformer.config.patch_size
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    return max(8, factor * int(patch))
 
 
 def check_pipeline(pipe: Any, args: Any, family: Any = None) -> None:

@@ -1,8 +1,8 @@
 """The flow-matching (rectified flow) training loss shared by every flow family (FLUX.1, SD3.x, FLUX.2 [klein],
-Z-Image, Qwen-Image, Chroma, Lumina 2), as diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py /
-_z_image.py / _qwen_image.py / _lumina2.py compute it, with every random draw from the step's generator (exact
-resume). What differs between the families (latents, prompts, the transformer's call) is each family's piece in
-flow_models.py.
+Z-Image, Qwen-Image, Chroma, Lumina 2; the video families Wan and LTX-Video, whose latents have a frame axis), as
+diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py / _z_image.py / _qwen_image.py / _lumina2.py
+compute it, with every random draw from the step's generator (exact resume). What differs between the families
+(latents, prompts, the transformer's call) is each family's piece in flow_models.py (flow_video.py for video).
 
 Per micro-batch, x the family's latents of the images, ε ~ N(0, I):
     u ~ the --weighting_scheme density (uniform, logit-normal, mode), index = ⌊u · N⌋ into the
@@ -30,16 +30,24 @@ WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 PROMPTS_KEPT = 16  # encoded caption sets flow_loss keeps (DreamBooth has one, two with prior preservation)
 
 
-def sample_sigmas(scheduler: Any, batch: int, args: Any, g: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_sigmas(scheduler: Any, batch: int, args: Any, g: torch.Generator,
+                  timestep_range: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
     """(timesteps (B,), sigmas (B,)) drawn by the weighting scheme's density over the scheduler's
     training schedule (FlowMatchEulerDiscreteScheduler as loaded: its timesteps and shifted sigmas
-    are index-aligned)."""
+    are index-aligned); with `timestep_range` (low, high), over the part of it with low <= t < high (the timesteps
+    one expert of several denoises: Wan 2.2 A14B's)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     u = compute_density_for_timestep_sampling(args.weighting_scheme, batch, logit_mean=args.logit_mean,
                                               logit_std=args.logit_std, mode_scale=args.mode_scale, generator=g)
-    n = len(scheduler.timesteps)
-    index = (u * n).long().clamp(0, n - 1)
+    allowed = torch.arange(len(scheduler.timesteps))
+    if timestep_range is not None:
+        low, high = timestep_range
+        allowed = allowed[(scheduler.timesteps >= low) & (scheduler.timesteps < high)]
+        if not len(allowed):
+            raise ValueError(f"no training timestep in [{low}, {high})")
+    n = len(allowed)
+    index = allowed[(u * n).long().clamp(0, n - 1)]
     return scheduler.timesteps[index], scheduler.sigmas[index]
 
 
@@ -57,8 +65,10 @@ def flow_loss(parts: Any, scheduler: Any, batch: dict[str, Any], args: Any, fami
     pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)
     latents = model.latents(vae, pixels, g).to(weight_dtype)
     noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype).to(device)
-    timesteps, sigmas = sample_sigmas(scheduler, latents.shape[0], args, g)
-    timesteps, sigmas = timesteps.to(device), sigmas.to(device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
+    span = getattr(model, "timestep_range", None)  # the video families' (flow_video.py)
+    timesteps, sigmas = sample_sigmas(scheduler, latents.shape[0], args, g, span(parts, args) if span else None)
+    shape = (-1,) + (1,) * (latents.ndim - 1)  # (B, C, h, w) images, (B, C, F, h, w) clips
+    timesteps, sigmas = timesteps.to(device), sigmas.to(device=device, dtype=latents.dtype).view(shape)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     captions = list(batch["caption"])
     if prompts is None:

@@ -382,3 +382,9 @@ def flow_model(family: str) -> FlowModel:
     if family not in FLOW_MODELS:
         raise ValueError(f"no flow-matching training for the model family {family!r}; one of {tuple(FLOW_MODELS)}")
     return FLOW_MODELS[family]
+
+
+# the video families (Wan, LTX-Video): their own module, registered here
+from .flow_video import VIDEO_FLOW_MODELS  # noqa: E402
+
+FLOW_MODELS.update({m.family: m for m in VIDEO_FLOW_MODELS})

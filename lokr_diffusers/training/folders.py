@@ -65,8 +65,9 @@ def _metadata_row(line: bytes, where: str, caption_column: str, image_column: st
     return row
 
 
-def _read_metadata(folder: str, caption_column: str, image_column: str) -> dict[str, str]:
-    """{relative posix path: caption} from `metadata.jsonl` (empty when there is none)."""
+def read_metadata(folder: str, caption_column: str, image_column: str, clips: bool = False) -> dict[str, str]:
+    """{relative posix path: caption} from `metadata.jsonl` (empty when there is none). `clips`: a row may name a
+    folder (a clip's frames, training/clips.py) as well as a file."""
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.isfile(path):
         return {}
@@ -78,8 +79,9 @@ def _read_metadata(folder: str, caption_column: str, image_column: str) -> dict[
             if row is None:
                 continue
             rel = os.path.normpath(str(row[image_column])).replace(os.sep, "/")
-            if not os.path.isfile(os.path.join(folder, rel)):
-                raise InputNotFoundError(f"{where}: {image_column}={row[image_column]!r} names a missing file")
+            if not (os.path.exists if clips else os.path.isfile)(os.path.join(folder, rel)):
+                raise InputNotFoundError(f"{where}: {image_column}={row[image_column]!r} names a missing "
+                                         f"{'clip' if clips else 'file'}")
             if rel in captions:
                 raise TrainingInputError(f"{where}: {rel!r} is listed twice")
             captions[rel] = caption_text(row[caption_column], where)
@@ -97,7 +99,8 @@ def _image_files(folder: str) -> list[str]:
     return found
 
 
-def _txt_caption(path: str) -> str:
+def txt_caption(path: str) -> str:
+    """The caption in the `.txt` beside `path` (same stem), "" when there is none."""
     txt = os.path.splitext(path)[0] + ".txt"
     if not os.path.isfile(txt):
         return ""
@@ -125,7 +128,7 @@ def load_image_folder(folder: str, caption_column: str = "text", image_column: s
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "not found"
         raise InputNotFoundError(f"{argument} {folder!r}: {what}; give the folder that holds the images")
-    captions = _read_metadata(folder, caption_column, image_column)
+    captions = read_metadata(folder, caption_column, image_column)
     files = sorted(set(_image_files(folder)) | set(captions))
     if not files:
         raise TrainingInputError(f"{argument} {folder!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or "
@@ -137,7 +140,7 @@ def load_image_folder(folder: str, caption_column: str = "text", image_column: s
     pairs = []
     for rel in files:
         path = os.path.join(folder, *rel.split("/"))
-        pairs.append((path, captions[rel] if rel in captions else _txt_caption(path)))
+        pairs.append((path, captions[rel] if rel in captions else txt_caption(path)))
     logger.info("%s: %d images, %d with captions", folder, len(pairs), sum(bool(c) for _, c in pairs))
     return pairs
 

@@ -16,18 +16,23 @@ OURS_FILE = "pytorch_lokr_weights.safetensors"
 
 
 def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, denoiser: str = "unet") -> str:
-    """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG, log to trackers."""
+    """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG (a video family's: of the
+    first frames, and each video as a GIF), log to trackers."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(args.seed)
     model = getattr(pipe, denoiser)
     was_training = model.training
     model.eval()
+    frames = getattr(args, "num_frames", None)  # set for a video family's clips (training/clips.py)
+    video = {"num_frames": frames, "output_type": "pil"} if frames is not None else {}
     with torch.no_grad():  # by keyword: Flux2KleinPipeline's first parameter is `image`
-        images = [pipe(prompt=args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
-                       height=args.resolution, width=args.resolution).images[0]
-                  for _ in range(args.num_validation_images)]
+        outs = [pipe(prompt=args.validation_prompt, num_inference_steps=args.validation_steps, generator=g,
+                     height=args.resolution, width=args.resolution, **video)
+                for _ in range(args.num_validation_images)]
     model.train(was_training)
+    clips = [list(out.frames[0]) for out in outs] if video else []  # each a list of PIL frames
+    images = [clip[0] for clip in clips] if video else [out.images[0] for out in outs]
     sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height))
     x = 0
     for im in images:
@@ -36,7 +41,10 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.png")
-    sheet.save(path)
+    sheet.save(path)  # a video family's: the first frames
+    for k, clip in enumerate(clips):  # and each video as an animated GIF beside it
+        clip[0].save(os.path.join(folder, f"step_{step:06d}_{k}.gif"), save_all=True, append_images=clip[1:],
+                     duration=int(1000 / getattr(args, "frame_rate", 25.0)), loop=0)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -47,7 +55,8 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
 
 
 def save_outputs(pipe: Any, args: Any, family: str | None, result: Any) -> dict[str, str]:
-    """Our lossless file, the portable one (--export_format), and README.md. `family`: the base model, "sd1",
+    """Our lossless file, the portable one (--export_format), and README.md, of a pipeline's adapters (or of
+    {component: model}'s, save_lokr_weights' `source`). `family`: the base model, "sd1",
     "sd2", "sdxl" or a DiT family ("flux", "sd3", "flux2", "zimage"; checked against the pipeline's transformer),
     None to read it off the pipeline."""
     files = {"lokr": save_lokr_weights(pipe, os.path.join(args.output_dir, OURS_FILE), format="lokr_diffusers")}
@@ -77,7 +86,8 @@ def write_model_card(args: Any, family: str | None, result: Any, files: dict[str
         + (f", text encoder rank {args.te_rank or args.rank}" if args.train_text_encoder else "") + ").", "",
         f"Prompt: `{prompt}`" if prompt else "", "",
         "## Use", "", "```python", "import lokr_diffusers",
-        f'pipe.load_lokr_weights("{args.output_dir}", weight_name="{OURS_FILE}")', "```", "",
+        f'pipe.load_lokr_weights("{args.output_dir}", weight_name="{OURS_FILE}"'
+        + (", load_into_transformer_2=True" if getattr(args, "train_transformer_2", False) else "") + ")", "```", "",
         "Files: " + ", ".join(f"`{os.path.basename(p)}` ({k})" for k, p in files.items()) + ".",
         "The ComfyUI / A1111 file loads there as a LoRA/LyCORIS file, with the same weights as trained.", "",
     ]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
 from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
 from .checks import check_export, check_not_fused, check_pipeline
@@ -59,7 +60,8 @@ def main(description: str, dreambooth: bool, argv: list[str] | None = None, fami
 
 
 FLOW_DESCRIPTION = ("DreamBooth with LoKr for the flow-matching models (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image; the "
-                    "family told from the model folder), with prior preservation")
+                    "video models Wan and LTX-Video on clips; the family told from the model folder), with prior "
+                    "preservation")
 
 
 def flow_cli(argv: list[str] | None = None) -> int:
@@ -77,6 +79,12 @@ def build_dataset(args: Any) -> Any:
     warning, an error when none is good); text-to-image data must have captions."""
     from .data import CaptionedImageDataset, DreamBoothDataset, load_hf_dataset
     from .folders import check_images, load_image_folder, require_captions
+
+    video = video_model(args)
+    if video is not None:  # Wan, LTX-Video: clips (training/clips.py)
+        from .clips import build_clip_dataset
+
+        return build_clip_dataset(args, video.frames_factor, video.default_frames, families.get(video.family).title)
 
     def folder(name: str) -> list[tuple[Any, str]]:
         where = f"--{name} {getattr(args, name)}"
@@ -97,6 +105,25 @@ def build_dataset(args: Any) -> Any:
                                 "or name the caption column with --caption_column")
     return CaptionedImageDataset(pairs, args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                                  seed=args.seed)
+
+
+def video_model(args: Any) -> Any:
+    """The flow piece of the video family (flow_video.py) the model folder names, None for an image family or a model
+    whose model_index.json cannot be read here (_setup then says why)."""
+    from diffusers import DiffusionPipeline
+
+    from .flow_models import FLOW_MODELS
+
+    family = training_family(args.family)
+    if not family.flow:
+        return None
+    try:
+        found = member(family, dict(DiffusionPipeline.load_config(args.pretrained_model_name_or_path,
+                                                                  revision=args.revision)))
+    except (OSError, ValueError):
+        return None
+    piece = FLOW_MODELS.get(found.name) if found is not None else None
+    return piece if getattr(piece, "frames_factor", 0) else None
 
 
 @dataclass
@@ -197,8 +224,9 @@ def _setup(args: Any, steps: int) -> Session:
     set_seed(args.seed)  # the adapters' random init (and anything else drawing from torch's global RNG)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
-    names = [family.denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
-                                 if args.train_text_encoder else [])
+    denoiser = _denoiser(args, pipe, family)
+    names = [denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
+                          if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     check_export(pipe, args, family, ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}
@@ -206,8 +234,8 @@ def _setup(args: Any, steps: int) -> Session:
         for p in ps:
             p.data = p.data.float()  # adapters train in fp32 whatever the base runs in
     if args.gradient_checkpointing:
-        getattr(pipe, family.denoiser).enable_gradient_checkpointing()
-    groups = [{"params": params[family.denoiser], "lr": args.learning_rate}]
+        getattr(pipe, denoiser).enable_gradient_checkpointing()
+    groups = [{"params": params[denoiser], "lr": args.learning_rate}]
     groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
     optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -219,13 +247,27 @@ def _setup(args: Any, steps: int) -> Session:
     models = models if isinstance(models, tuple) else (models,)
     parts = SimpleNamespace(**{c: getattr(pipe, c) for c in ("vae", "tokenizer", "tokenizer_2", "tokenizer_3",
                                                               "text_encoder", "text_encoder_2", "text_encoder_3",
-                                                              "transformer") if hasattr(pipe, c)})
+                                                              "transformer", "transformer_2") if hasattr(pipe, c)})
+    parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
+    if denoiser == "transformer_2":
+        parts.transformer = parts.transformer_2  # the one the loss calls: Wan 2.2's second expert when it trains
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
                    raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {})
+
+
+def _denoiser(args: Any, pipe: Any, family: TrainingFamily) -> str:
+    """The component that trains: the family's denoiser, or Wan 2.2 A14B's low-noise expert with
+    --train_transformer_2 (TrainingInputError for a pipeline without one)."""
+    if not getattr(args, "train_transformer_2", False):
+        return family.denoiser
+    if getattr(pipe, "transformer_2", None) is None or getattr(pipe.config, "boundary_ratio", None) is None:
+        raise TrainingInputError(f"--train_transformer_2: {args.pretrained_model_name_or_path} has no second expert "
+                                 "(transformer_2 and boundary_ratio, as Wan 2.2 A14B); leave it out")
+    return "transformer_2"
 
 
 def _resume(args: Any, s: Session) -> int:
@@ -262,7 +304,9 @@ def train(args: Any) -> TrainResult:
         check_not_fused(s.raw, ADAPTER)
         # a flow script trains one family; the UNet scripts let the pipeline tell (SDXL when trained as one)
         base = "sdxl" if s.sdxl else (s.family.members[0] if len(s.family.members) == 1 else None)
-        result.files = save_outputs(s.pipe, args, base, result)
+        # Wan 2.2's second expert is written as a transformer, loaded with load_into_transformer_2=True (diffusers')
+        source = {"transformer": s.raw["transformer_2"]} if "transformer_2" in s.raw else s.pipe
+        result.files = save_outputs(source, args, base, result)
     accelerator.end_training()
     return result
 
@@ -300,7 +344,7 @@ def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, res
             if global_step >= steps:
                 break
         if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            save_validation_images(s.pipe, args, global_step, accelerator, s.family.denoiser)
+            save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)))
     progress.close()
     return global_step
 

@@ -1,0 +1,159 @@
+"""The flow-matching pieces (flow_models.FlowModel) of the video families: Wan (WanPipeline) and LTX-Video
+(LTXPipeline). Their latents are clips, (B, C, F, h, w) in the space the flow is drawn in; the shared loss
+(flow.py) draws x_σ = (1 − σ) · x + σ · ε over all five axes and compares the transformer's velocity with ε − x.
+
+Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py and pipelines/ltx/pipeline_ltx.py;
+tests/test_training_flow_video.py holds the encoders equal to the pipelines' `encode_prompt` and the velocities equal
+to one denoising step of each pipeline.
+
+    wan       x = (VAE mode − latents_mean) / latents_std (the VAE config's per-channel statistics; the pipeline
+              undoes them before decoding); UMT5 states of the caption (cleaned by diffusers' Wan prompt_clean),
+              zero past its last token, padded to --max_sequence_length; timestep t as it is ((B,), or one per token
+              for Wan 2.2 TI2V's expand_timesteps); the transformer takes (B, C, F, h, w) and predicts ε − x.
+              Wan 2.2 A14B's two experts: `transformer` denoises t ≥ boundary_ratio · 1000 and trains on those
+              timesteps only.
+    ltxvideo  x = (VAE sample − latents_mean) · scaling_factor / latents_std (the VAE's buffers); the transformer
+              takes x packed into tokens (B, F/p_t · h/p · w/p, C · p_t · p · p), the T5 states and their mask,
+              timestep t, the latent frame / height / width counts and the rope scale (VAE temporal factor /
+              --frame_rate, spatial factor, spatial factor), and predicts ε − x.
+
+`frames_factor`: clips come in 1 + k · factor frames (the VAEs encode the first frame alone, then groups of
+`factor`): 4 for Wan, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def encode_wan(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> Tensor:
+    """UMT5 last hidden states (B, L, D) of the captions cleaned by Wan's own prompt_clean, zero after each caption's
+    tokens, as WanPipeline.encode_prompt."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # ftfy's fixes when installed, HTML, spaces
+
+    enc = parts.tokenizer([prompt_clean(c) for c in captions], padding="max_length", max_length=max_sequence_length,
+                          truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    mask = enc.attention_mask.to(device)
+    states = parts.text_encoder(enc.input_ids.to(device), mask).last_hidden_state
+    return torch.where(mask.bool().unsqueeze(-1), states, torch.zeros((), dtype=states.dtype, device=device))
+
+
+def encode_ltx(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+               ) -> tuple[Tensor, Tensor]:
+    """(T5 states (B, L, D), attention mask (B, L) bool), as LTXPipeline.encode_prompt."""
+    enc = parts.tokenizer(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                          add_special_tokens=True, return_tensors="pt")
+    states = parts.text_encoder(enc.input_ids.to(device))[0]
+    return states, enc.attention_mask.bool().to(device)
+
+
+def _config(model: Any) -> Any:
+    """The model's config through an accelerate / DDP wrapper."""
+    return getattr(model, "module", model).config
+
+
+class VideoFlowModel:
+    """A flow_models.FlowModel by its interface (this module does not import flow_models, which registers these),
+    with the clips' frame counts and the timesteps its transformer trains on."""
+
+    family: str = ""
+    pipelines: tuple[str, ...] = ()  # the pipelines whose prompts `encode` repeats
+    attention: tuple[str, ...] = ()  # --lora_layers attn: targets.TRANSFORMER_PRESETS'
+    frames_factor = 4
+    default_frames = 81
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        """x (B, C, F, h, w): the clips (B, 3, F, H, W) in the space the flow is drawn in."""
+        raise NotImplementedError
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        """The transformer's v ≈ ε − x (B, C, F, h, w) for x_σ = `noisy` at the scheduler's `timesteps`."""
+        raise NotImplementedError
+
+    def objective(self, pred: Tensor, noisy: Tensor, sigmas: Tensor, latents: Tensor, noise: Tensor,
+                  args: Any) -> tuple[Tensor, Tensor]:
+        """(what the loss compares, with what): the velocity and ε − x."""
+        return pred, noise - latents
+
+    def timestep_range(self, parts: Any, args: Any) -> tuple[float, float] | None:
+        """(low, high): the transformer trains on low <= t < high only; None: every timestep."""
+        return None
+
+
+class Wan(VideoFlowModel):
+    family, pipelines = "wan", ("WanPipeline",)
+    frames_factor, default_frames = 4, 81
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        x = vae.encode(pixels).latent_dist.mode()  # the mean, as Wan's own VAE encodes and the I2V pipeline
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(x)
+        return (x - mean) / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_wan(parts, captions, args.max_sequence_length, device)
+
+    def timestep_range(self, parts: Any, args: Any) -> tuple[float, float] | None:
+        """Wan 2.2 A14B: the high-noise `transformer` denoises t ≥ boundary_ratio · num_train_timesteps, the
+        low-noise `transformer_2` (--train_transformer_2) the timesteps below."""
+        config = getattr(parts, "config", None)
+        ratio = getattr(config, "boundary_ratio", None) if config is not None else None
+        if ratio is None or getattr(parts, "transformer_2", None) is None:
+            return None
+        if getattr(args, "train_transformer_2", False):
+            return 0.0, ratio * 1000.0
+        return ratio * 1000.0, float("inf")
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        b, _, f, h, w = noisy.shape
+        config = getattr(parts, "config", None)
+        t = timesteps.to(device)
+        if config is not None and getattr(config, "expand_timesteps", False):  # Wan 2.2 TI2V: one per token
+            _, ph, pw = _config(parts.transformer).patch_size
+            t = t.view(b, 1).expand(b, f * (h // ph) * (w // pw))
+        return parts.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=cond.to(noisy.dtype),
+                                 return_dict=False)[0]
+
+
+class LTXVideo(VideoFlowModel):
+    family, pipelines = "ltxvideo", ("LTXPipeline",)
+    frames_factor, default_frames = 8, 161
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        x = vae.encode(pixels).latent_dist.sample(generator=g)
+        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
+        std = vae.latents_std.view(1, -1, 1, 1, 1).to(x)
+        return (x - mean) * vae.config.scaling_factor / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_ltx(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        from diffusers import LTXPipeline
+
+        states, mask = cond
+        _, _, f, h, w = noisy.shape
+        config = _config(parts.transformer)
+        p, pt = config.patch_size, config.patch_size_t
+        vae = parts.vae
+        scale = (vae.temporal_compression_ratio / getattr(args, "frame_rate", 25), vae.spatial_compression_ratio,
+                 vae.spatial_compression_ratio)
+        pred = parts.transformer(hidden_states=LTXPipeline._pack_latents(noisy, p, pt),
+                                 encoder_hidden_states=states.to(noisy.dtype), timestep=timesteps.to(device),
+                                 encoder_attention_mask=mask, num_frames=f, height=h, width=w,
+                                 rope_interpolation_scale=scale, return_dict=False)[0]
+        return LTXPipeline._unpack_latents(pred, f // pt, h // p, w // p, p, pt)
+
+
+# Any: flow_models.FLOW_MODELS holds FlowModels, these are such by their interface
+VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo())
