@@ -399,7 +399,13 @@ FULL_SIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
 }
 
 
-@pytest.mark.parametrize("variant", list(FULL_SIZE))
+# the largest models (a file of every Linear of a 13-20 B transformer, read onto each variant tried before it) run
+# with -m slow; the default suite keeps the others (every family still reads its full-size names elsewhere:
+# test_loader_dit.py::test_full_size_file_resolves_every_key)
+LARGE = {"hidream-i1", "qwen-image", "ltx-2", "ltx-video-13b", "hunyuanvideo"}
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in LARGE else v for v in FULL_SIZE])
 def test_a_full_size_file_finds_its_variant(variant: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A ComfyUI file of every 4th original of a full-size model (names and rows from ComfyUI's key maps), no base:
     read onto each variant of the families its names point to until one fits (SD3.5 Large after Medium, Klein 9B
