@@ -20,17 +20,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from helpers.flow_loss import flow_args, image_batch
+from helpers.flow_loss import flow_args, image_batch, with_checkpoint_factors
 from safetensors.torch import load_file
 
 from lokr_diffusers import families
-from lokr_diffusers.model import lokr_layers
-from lokr_diffusers.pipeline import add_lokr
 from lokr_diffusers.training.args import parse
 from lokr_diffusers.training.data import make_synthetic_dataset
 from lokr_diffusers.training.flow import flow_loss
 from lokr_diffusers.training.flow_models import encode_chroma, encode_lumina2, encode_qwenimage, flow_model
-from lokr_diffusers.training.loop import ADAPTER, lokr_configs
 from lokr_diffusers.training.output import OURS_FILE
 from lokr_diffusers.training.run import train
 
@@ -185,14 +182,7 @@ def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, f
     base_loss = _fixed_loss(trained, family, batch, prompts)
     cond = flow_model(family).encode(trained, list(CAPTIONS), _args(family), CPU)
     base_velocity = _velocity(trained, family, cond)
-    add_lokr(trained, lokr_configs(args, ["transformer"]), ADAPTER)
-    state = load_file(os.path.join(out, "checkpoint-4", "adapter.safetensors"))
-    layers = [(f"transformer.{path}.{k}", t) for path, layer in lokr_layers(trained.transformer)
-              for k, t in layer.factors(ADAPTER).items()]
-    assert {k for k, _ in layers} == set(state)
-    with torch.no_grad():
-        for k, t in layers:
-            t.copy_(state[k])
+    with_checkpoint_factors(trained, args, os.path.join(out, "checkpoint-4"))
     # its file, loaded into a fresh pipeline, gives the trained model's outputs (the text encoders are the base's)
     loaded = DiffusionPipeline.from_pretrained(model)
     loaded.load_lokr_weights(os.path.join(out, OURS_FILE))

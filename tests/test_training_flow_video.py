@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LTXPipeline
-from helpers.flow_loss import flow_args
+from helpers.flow_loss import flow_args, with_checkpoint_factors
 from helpers.tiny_video import make_wan_pipeline
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
@@ -294,14 +294,7 @@ def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, c
     base_loss = _fixed_loss(trained, family, batch, prompts)
     cond = flow_model(family).encode(trained, CAPTIONS, ARGS, CPU)
     base_velocity = _velocity(trained, family, cond)
-    add_lokr(trained, lokr_configs(args, ["transformer"]), ADAPTER)
-    state = load_file(os.path.join(out, "checkpoint-4", "adapter.safetensors"))
-    layers = [(f"transformer.{path}.{k}", t) for path, layer in lokr_layers(trained.transformer)
-              for k, t in layer.factors(ADAPTER).items()]
-    assert {k for k, _ in layers} == set(state)
-    with torch.no_grad():
-        for k, t in layers:
-            t.copy_(state[k])
+    with_checkpoint_factors(trained, args, os.path.join(out, "checkpoint-4"))
     loaded = DiffusionPipeline.from_pretrained(model)
     loaded.load_lokr_weights(os.path.join(out, OURS_FILE))
     assert set(loaded.get_list_lokr_adapters()) == {"transformer"}

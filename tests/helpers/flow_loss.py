@@ -3,7 +3,9 @@ tests that train tiny Flux.1 / SD3 pipelines and check that the loss falls."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -30,3 +32,23 @@ def eval_flow_loss(pipe, family: str, batch: dict, **kw: object) -> float:
     with torch.no_grad():
         return sum(flow_loss(pipe, scheduler, batch, flow_args(family, **kw), family,
                              torch.Generator().manual_seed(seed), torch.float32, CPU).item() for seed in range(3)) / 3
+
+
+def with_checkpoint_factors(pipe: Any, args: Any, checkpoint: str) -> Any:
+    """`pipe` (the base) with the adapter a training run had at `checkpoint` (its adapter.safetensors) put into
+    freshly added LoKr layers on the transformer: what training left in its layers, to compare a saved file with."""
+    from safetensors.torch import load_file
+
+    from lokr_diffusers import add_lokr, lokr_layers
+    from lokr_diffusers.training.loop import lokr_configs
+    from lokr_diffusers.training.run import ADAPTER
+
+    add_lokr(pipe, lokr_configs(args, ["transformer"]), ADAPTER)
+    state = load_file(os.path.join(checkpoint, "adapter.safetensors"))
+    layers = [(f"transformer.{path}.{k}", t) for path, layer in lokr_layers(pipe.transformer)
+              for k, t in layer.factors(ADAPTER).items()]
+    assert {k for k, _ in layers} == set(state)
+    with torch.no_grad():
+        for k, t in layers:
+            t.copy_(state[k])
+    return pipe
