@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from helpers.flow_loss import flow_args, image_batch, with_checkpoint_factors
+from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers.flow_loss import check_trained_file, flow_args, image_batch
 from helpers.tiny_dit import make_flux2_klein_pipeline, make_zimage_pipeline, save_tiny_dit_pipeline
 from safetensors.torch import load_file
 
@@ -147,21 +147,8 @@ def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, f
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the trained model: the base with the step-4 checkpoint's factors (what training left in its layers)
     batch = image_batch(data)
-    trained = DiffusionPipeline.from_pretrained(model)
-    prompts: dict = {}
-    base_loss = _fixed_loss(trained, family, batch, prompts)
-    cond = flow_model(family).encode(trained, list(CAPTIONS), ARGS, CPU)
-    base_velocity = _velocity(trained, family, cond)
-    with_checkpoint_factors(trained, args, os.path.join(out, "checkpoint-4"))
-    # its file, loaded into a fresh pipeline, gives the trained model's outputs (the text encoders are the base's)
-    loaded = DiffusionPipeline.from_pretrained(model)
-    loaded.load_lokr_weights(os.path.join(out, OURS_FILE))
-    assert set(loaded.get_list_lokr_adapters()) == {"transformer"}
-    velocity = _velocity(loaded, family, cond)
-    torch.testing.assert_close(velocity, _velocity(trained, family, cond), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(velocity, base_velocity)
-    # and it lowers the flow loss on the training set (fixed noise and timesteps)
-    assert _fixed_loss(loaded, family, batch, prompts) < base_loss
+    # its file, loaded into a fresh pipeline, gives the trained model's outputs and lowers the loss on the data
+    check_trained_file(model, out, args, family, CAPTIONS, ARGS, batch, _velocity, _fixed_loss)
 
 
 def test_the_flow_command_refuses_a_model_of_no_flow_family(tmp_path, capsys) -> None:

@@ -52,3 +52,29 @@ def with_checkpoint_factors(pipe: Any, args: Any, checkpoint: str) -> Any:
         for k, t in layers:
             t.copy_(state[k])
     return pipe
+
+
+def check_trained_file(model: str, out: str, args: Any, family: str, captions: Any, piece_args: Any, batch: dict,
+                       velocity: Any, fixed_loss: Any) -> None:
+    """A flow run's file (`out`), loaded into a fresh pipeline of `model`, gives the outputs of the base with the
+    run's step-4 checkpoint in its layers (`velocity(pipe, family, cond)`), not the base's, and lowers the flow loss
+    on `batch` (`fixed_loss(pipe, family, batch, prompts)`, fixed noise and timesteps). The text encoders are the
+    base's, so one conditioning `cond` serves all three."""
+    from diffusers import DiffusionPipeline
+
+    from lokr_diffusers.training.flow_models import flow_model
+    from lokr_diffusers.training.output import OURS_FILE
+
+    trained = DiffusionPipeline.from_pretrained(model)
+    prompts: dict = {}
+    base_loss = fixed_loss(trained, family, batch, prompts)
+    cond = flow_model(family).encode(trained, list(captions), piece_args, CPU)
+    base_velocity = velocity(trained, family, cond)
+    with_checkpoint_factors(trained, args, os.path.join(out, "checkpoint-4"))
+    loaded = DiffusionPipeline.from_pretrained(model)
+    loaded.load_lokr_weights(os.path.join(out, OURS_FILE))
+    assert set(loaded.get_list_lokr_adapters()) == {"transformer"}
+    got = velocity(loaded, family, cond)
+    torch.testing.assert_close(got, velocity(trained, family, cond), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got, base_velocity)
+    assert fixed_loss(loaded, family, batch, prompts) < base_loss
