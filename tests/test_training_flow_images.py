@@ -1,12 +1,14 @@
-"""Flow-matching training of Chroma, Qwen-Image and Lumina 2 on their tiny offline pipelines (the builders their
-records name: `families.build_tiny`), as tests/test_training_flow_families.py does FLUX.2 [klein] and Z-Image.
+"""Flow-matching training of Chroma, Qwen-Image, Lumina 2 and HiDream-I1 on their tiny offline pipelines (the
+builders their records name: `families.build_tiny`), as tests/test_training_flow_families.py does FLUX.2 [klein] and
+Z-Image.
 
 The pieces (training/flow_models.py) against the pipelines themselves: the prompt encoders equal the pipelines'
 `encode_prompt` (Chroma's mask that keeps one padding token, Qwen-Image's template tokens dropped, Lumina 2's system
-prompt), and the velocity the loss trains equals the one the pipeline's own denoising step applies (one Euler step of
-the pipeline from given latents at a given sigma, read back: v = (x_after − x) / (σ_next − σ)). That pins the token
-packing and position ids, the masks, the timestep convention (t / 1000 for Chroma and Qwen-Image, 1 − σ for Lumina 2)
-and the sign (Lumina 2 predicts x − ε).
+prompt, HiDream's four encoders and Llama layer stack), and the velocity the loss trains equals the one the pipeline's
+own denoising step applies (one Euler step of the pipeline from given latents at a given sigma, read back:
+v = (x_after − x) / (σ_next − σ)). That pins the token packing and position ids, the masks, the timestep convention
+(t / 1000 for Chroma and Qwen-Image, 1 − σ for Lumina 2, t for HiDream) and the sign (Lumina 2 and HiDream predict
+x − ε).
 
 The flow script end to end: family told from the folder, exact resume, the file reloads to the trained outputs, and
 the loss on the training set (fixed noise and timesteps) falls.
@@ -27,22 +29,29 @@ from lokr_diffusers import families
 from lokr_diffusers.training.args import parse
 from lokr_diffusers.training.data import make_synthetic_dataset
 from lokr_diffusers.training.flow import flow_loss
-from lokr_diffusers.training.flow_models import encode_chroma, encode_lumina2, encode_qwenimage, flow_model
+from lokr_diffusers.training.flow_models import (
+    encode_chroma,
+    encode_hidream,
+    encode_lumina2,
+    encode_qwenimage,
+    flow_model,
+)
 from lokr_diffusers.training.output import OURS_FILE
 from lokr_diffusers.training.run import train
 
-FAMILIES = ("chroma", "qwenimage", "lumina2")
+FAMILIES = ("chroma", "qwenimage", "lumina2", "hidream")
 CAPTIONS = ("a photo of sks dog", "a red cat")  # unequal lengths: the masks have padding to keep out
 CPU = torch.device("cpu")
 # text tokens: Lumina 2 puts its long system prompt (spelt letter by letter by the tiny tokenizer) before the caption
-LENGTH = {"chroma": 16, "qwenimage": 16, "lumina2": 256}
-# the latents of a 32 px image in each piece's space (the tiny VAEs: 2x for Chroma and Qwen-Image, 8x for Lumina 2)
-SHAPES = {"chroma": (2, 4, 16, 16), "qwenimage": (2, 4, 16, 16), "lumina2": (2, 4, 4, 4)}
+LENGTH = {"chroma": 16, "qwenimage": 16, "lumina2": 256, "hidream": 24}
+# the latents of a 32 px image in each piece's space (the tiny VAEs: 2x for Chroma, Qwen-Image and HiDream, 8x for
+# Lumina 2)
+SHAPES = {"chroma": (2, 4, 16, 16), "qwenimage": (2, 4, 16, 16), "lumina2": (2, 4, 4, 4), "hidream": (2, 4, 16, 16)}
 PACKED = ("chroma", "qwenimage")  # pipelines whose `latents` are 2x2-packed tokens
 
 
-def test_the_three_families_train_with_the_flow_script() -> None:
-    for name, length in (("chroma", 512), ("qwenimage", 512), ("lumina2", 256)):
+def test_the_image_families_train_with_the_flow_script() -> None:
+    for name, length in (("chroma", 512), ("qwenimage", 512), ("lumina2", 256), ("hidream", 128)):
         training = families.get(name).training
         assert training is not None and (training.script, training.text_encoders, training.weighting_scheme,
                                          training.max_sequence_length) == ("flow", (), "none", length)
@@ -80,8 +89,19 @@ def test_lumina2_prompt_encoding_equals_the_pipelines() -> None:
     assert torch.equal(mask, want_mask) and not bool(mask.all())
 
 
+def test_hidream_prompt_encoding_equals_the_pipelines() -> None:
+    """T5, the Llama's layers past the embeddings (layers, B, L, D) and both CLIPs' projected pooled vectors."""
+    pipe = families.build_tiny("hidream")
+    t5, llama, pooled = encode_hidream(pipe, list(CAPTIONS), LENGTH["hidream"], CPU)
+    want_t5, _, want_llama, _, want_pooled, _ = pipe.encode_prompt(
+        list(CAPTIONS), device=CPU, do_classifier_free_guidance=False, max_sequence_length=LENGTH["hidream"])
+    for ours, want in ((t5, want_t5), (llama, want_llama), (pooled, want_pooled)):
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    assert llama.shape == (pipe.text_encoder_4.config.num_hidden_layers, 2, LENGTH["hidream"], 16)
+
+
 def _args(family: str) -> SimpleNamespace:
-    return SimpleNamespace(max_sequence_length=LENGTH[family], guidance_scale=3.5)
+    return SimpleNamespace(max_sequence_length=LENGTH[family], guidance_scale=None)
 
 
 def _pack(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +146,24 @@ def test_the_velocity_is_the_pipelines(family: str) -> None:
         assert model.latents(pipe.vae, pixels, torch.Generator()).shape == shape
 
 
+def test_hidream_trains_on_the_transformers_inference_outputs() -> None:
+    """In train mode HiDream's transformer returns tokens (B, C, h/2 · w/2, 4) and adds its experts' load-balancing
+    loss; `prepare` (what diffusers' script does with force_inference_output=True) makes train mode give the
+    inference outputs, the velocity the pipeline samples with."""
+    pipe = families.build_tiny("hidream")
+    model = flow_model("hidream")
+    x = torch.randn(SHAPES["hidream"], generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300.0, 800.0])
+    args = _args("hidream")
+    cond = model.encode(pipe, list(CAPTIONS), args, CPU)
+    with torch.no_grad():
+        want = model.velocity(pipe, x, t, cond, args, CPU)
+        pipe.transformer.train()
+        assert model.velocity(pipe, x, t, cond, args, CPU).shape == (2, 4, 64, 4)
+        model.prepare(pipe)
+        torch.testing.assert_close(model.velocity(pipe, x, t, cond, args, CPU), want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- the flow script
 
 def _argv(model: str, data: str, out: str, *extra: str) -> list[str]:
@@ -153,7 +191,8 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
 
 # one family end to end in the default suite; the others' encoders and velocities run above
 @pytest.mark.parametrize("family", ["lumina2", pytest.param("chroma", marks=pytest.mark.slow),
-                                    pytest.param("qwenimage", marks=pytest.mark.slow)])
+                                    pytest.param("qwenimage", marks=pytest.mark.slow),
+                                    pytest.param("hidream", marks=pytest.mark.slow)])
 def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, family: str) -> None:
     """The one flow script tells the family from the model folder, trains it (the loss on the training set falls),
     resumes from a checkpoint to the very same adapter, and its file loads back to the trained model's outputs."""
@@ -196,3 +235,29 @@ def test_an_export_comfyui_cannot_write_fails_before_the_first_step(tmp_path) ->
     with pytest.raises(TrainingInputError, match=r"--export_format comfyui: 12 of the adapter's modules .*attn\.to_q"):
         train(parse("t", True, argv, "flow"))  # the command turns it into exit code 2
     assert not os.path.exists(out) or not os.listdir(out)
+
+
+def test_hidreams_llama_comes_from_its_own_folder_when_the_model_has_none(tmp_path) -> None:
+    """HiDream-I1's folders leave the Llama-3.1 text encoder out (diffusers loads it from meta-llama's): without
+    --pretrained_text_encoder_4_name_or_path the run is refused naming it; with it, the pipeline has that Llama."""
+    from lokr_diffusers.training.run import _load_pipeline
+
+    pipe = families.build_tiny("hidream")
+    llama = str(tmp_path / "llama")
+    pipe.text_encoder_4.save_pretrained(llama)
+    pipe.tokenizer_4.save_pretrained(llama)
+    pipe.text_encoder_4 = pipe.tokenizer_4 = None
+    model = str(tmp_path / "model")
+    pipe.save_pretrained(model, safe_serialization=True)
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=2, size=32)
+    from lokr_diffusers.training.errors import TrainingInputError
+
+    with pytest.raises(TrainingInputError, match=r"without text_encoder_4, tokenizer_4 .*"
+                                                 r"--pretrained_text_encoder_4_name_or_path"):
+        train(parse("t", True, _argv(model, data, str(tmp_path / "out")), "flow"))
+    assert not os.path.exists(tmp_path / "out")
+    args = parse("t", True, _argv(model, data, str(tmp_path / "out"), "--pretrained_text_encoder_4_name_or_path",
+                                  llama), "flow")
+    loaded, _, family = _load_pipeline(args, CPU, torch.float32)
+    assert family.name == "hidream" and type(loaded.text_encoder_4).__name__ == "LlamaForCausalLM"
+    assert loaded.tokenizer_4.pad_token is not None

@@ -1,5 +1,5 @@
-"""Flow-matching training of the video families, Wan and LTX-Video, on tiny offline pipelines
-(tests/helpers/tiny_video.py, tiny_ltx.py; `families.build_tiny`).
+"""Flow-matching training of the video families, Wan, LTX-Video and HunyuanVideo, on tiny offline pipelines
+(tests/helpers/tiny_video.py, tiny_ltx.py, tiny_hunyuanvideo.py; `families.build_tiny`).
 
 The pieces (training/flow_video.py) against the pipelines themselves: the prompt encoders equal the pipelines'
 `encode_prompt`, and the velocity the loss trains equals the one a denoising step of the pipeline applies (the latents
@@ -40,7 +40,7 @@ from lokr_diffusers.training.errors import TrainingInputError
 from lokr_diffusers.training.family import training_family
 from lokr_diffusers.training.flow import flow_loss, sample_sigmas
 from lokr_diffusers.training.flow_models import flow_model
-from lokr_diffusers.training.flow_video import encode_ltx, encode_wan
+from lokr_diffusers.training.flow_video import encode_hunyuanvideo, encode_ltx, encode_wan
 from lokr_diffusers.training.loop import ADAPTER, lokr_configs
 from lokr_diffusers.training.output import OURS_FILE
 from lokr_diffusers.training.run import _denoiser, train
@@ -52,7 +52,7 @@ PROMPT = "a photo of sks dog"
 
 
 def test_the_video_families_train_with_the_flow_script() -> None:
-    for name, length in (("wan", 512), ("ltxvideo", 128)):
+    for name, length in (("wan", 512), ("ltxvideo", 128), ("hunyuanvideo", 256)):
         training = families.get(name).training
         assert training is not None and training.script == "flow" and training.text_encoders == ()
         assert (training.weighting_scheme, training.max_sequence_length) == ("none", length)
@@ -86,8 +86,9 @@ def _step_velocity(pipe, x: torch.Tensor, k: int, steps: int, **kw) -> tuple[tor
             seen.update(out=tensors["latents"].clone(), t=t)
         return {}
 
+    kw.setdefault("guidance_scale", 1.0)
     with torch.no_grad():
-        pipe(prompt=CAPTIONS, num_inference_steps=steps, latents=x.clone(), output_type="latent", guidance_scale=1.0,
+        pipe(prompt=CAPTIONS, num_inference_steps=steps, latents=x.clone(), output_type="latent",
              callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"], max_sequence_length=16,
              **kw)
     s = pipe.scheduler.sigmas
@@ -140,6 +141,31 @@ def test_the_ltx_velocity_is_the_pipelines() -> None:
         ours = model.velocity(pipe, x, t.expand(2), model.encode(pipe, CAPTIONS, ARGS, CPU), ARGS, CPU)
     torch.testing.assert_close(LTXPipeline._pack_latents(ours), want, rtol=1e-4, atol=1e-5)
     pixels = torch.rand(2, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert model.latents(pipe.vae, pixels, torch.Generator()).shape == x.shape
+
+
+def test_hunyuanvideo_prompt_encoding_equals_the_pipelines() -> None:
+    """The Llama states of the templated captions past the template's 95-token head, their mask, CLIP's pooled."""
+    pipe = families.build_tiny("hunyuanvideo")
+    states, mask, pooled = encode_hunyuanvideo(pipe, CAPTIONS, 16, CPU)
+    want, want_pooled, want_mask = pipe.encode_prompt(CAPTIONS, device=CPU, max_sequence_length=16)
+    assert torch.equal(states, want) and torch.equal(mask, want_mask) and torch.equal(pooled, want_pooled)
+    assert states.shape[1] == 16 and 0 < int(mask.sum(1).min()) < 16  # the shorter caption padded
+
+
+@pytest.mark.parametrize("guidance", [None, 2.5], ids=["default", "given"])
+def test_the_hunyuanvideo_velocity_is_the_pipelines(guidance: float | None) -> None:
+    """The embedded guidance: --guidance_scale (default 1, musubi-tuner's) times 1000, as the pipeline feeds it."""
+    pipe = families.build_tiny("hunyuanvideo")
+    model = flow_model("hunyuanvideo")
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))  # 5 frames of 16 px
+    want, t = _step_velocity(pipe, x, 1, 3, height=16, width=16, num_frames=5, guidance_scale=guidance or 1.0)
+    args = SimpleNamespace(max_sequence_length=16, guidance_scale=guidance)
+    with torch.no_grad():
+        ours = model.velocity(pipe, x, t.expand(2), model.encode(pipe, CAPTIONS, args, CPU), args, CPU)
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+    pixels = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         assert model.latents(pipe.vae, pixels, torch.Generator()).shape == x.shape
 
@@ -230,7 +256,8 @@ def test_every_frame_of_a_clip_gets_the_same_crop_and_flip(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the flow script
 
-SIZES = {"wan": (16, 5, (2, 4, 5, 8, 8)), "ltxvideo": (32, 9, (2, 8, 5, 4, 4))}  # resolution, frames, latents
+SIZES = {"wan": (16, 5, (2, 4, 5, 8, 8)), "ltxvideo": (32, 9, (2, 8, 5, 4, 4)),  # resolution, frames, latents
+         "hunyuanvideo": (16, 5, (2, 4, 2, 8, 8))}
 
 
 def _argv(model: str, data: str, out: str, family: str, *extra: str) -> list[str]:
@@ -255,7 +282,8 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
 
 
 # LTX-Video's run costs a few more seconds (its VAE encodes 9 frames at 32 px): -m slow; its pieces run above
-@pytest.mark.parametrize("family", ["wan", pytest.param("ltxvideo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["wan", pytest.param("ltxvideo", marks=pytest.mark.slow),
+                                    pytest.param("hunyuanvideo", marks=pytest.mark.slow)])
 def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, caplog) -> None:
     """The flow script tells the video family from the folder, reads the clips (--num_frames fitted to the VAE:
     6 -> 5 for Wan), trains, resumes from a checkpoint to the very same adapter, and its file loads back to the

@@ -21,7 +21,7 @@ the text SwiGLU `ff_t.w1/w2/w3` in double blocks. Top level: `t_embedder.timeste
 
 from __future__ import annotations
 
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable
 
 # every Linear keeps its diffusers path (the identity converter). fusable=False: HiDream's attention has no
@@ -55,4 +55,6 @@ HIDREAM = ModelFamily(
     kohya=Kohya("hidream"),  # no trainer's spelling read: the family's name
     originals=ORIGINALS, roles=ROLES, comfyui_paths=COMFYUI_PATHS, tags=("hidream",),
     tiny="helpers.tiny_hidream:make_hidream_pipeline",
+    # diffusers' train_dreambooth_lora_hidream.py: uniform σ, 128 tokens, the transformer only
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=128),
 )

@@ -14,7 +14,7 @@ HunyuanVideoFramepackTransformer3DModel is another class (not a subclass): its c
 from __future__ import annotations
 
 from .flux import FLUX1_ONLY
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import ADD_QKV, QKV, QKV_LEAVES, OriginalTable, Pairs, blocks, top
 
 # The token refiner (txt_in) of HunyuanVideo and HunyuanVideo 1.5: self_attn_qkv chunked in 3 (q, k, v);
@@ -116,4 +116,7 @@ HUNYUANVIDEO = ModelFamily(
     kohya=Kohya("hunyuan_video"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video",), aliases=("hunyuan_video", "hyvideo"),
     tiny="helpers.tiny_hunyuanvideo:make_hunyuanvideo_pipeline",
+    # the flow script (training/flow_video.py): the transformer only, uniform timesteps over the shifted schedule
+    # (diffusers has no HunyuanVideo script), the pipeline's 256 Llama tokens
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=256),
 )

@@ -46,11 +46,16 @@ def _flow(a: Any, family: str) -> None:
       help="text tokens per prompt: T5's (FLUX.1, SD3, Chroma), Qwen3's (FLUX.2 [klein], Z-Image), Qwen2.5-VL's "
            "(Qwen-Image), Gemma-2's (Lumina 2) (default: the family's, as diffusers' script: 512, SD3 77, "
            "Lumina 2 256)")
-    a("--guidance_scale", type=float, default=3.5,
-      help="FLUX.1 / FLUX.2 / Qwen-Image: the guidance a guidance-distilled model (FLUX.1-dev) is trained at; unused "
-           "by a model without a guidance embedding (FLUX.1-schnell, FLUX.2 [klein], Qwen-Image)")
+    a("--guidance_scale", type=float, default=None,
+      help="the guidance a guidance-distilled model (FLUX.1-dev, HunyuanVideo) is trained at (default: the family's: "
+           "3.5 as diffusers' FLUX.1 script, HunyuanVideo 1.0 as musubi-tuner); unused by a model without a guidance "
+           "embedding (FLUX.1-schnell, FLUX.2 [klein], Qwen-Image)")
     a("--precondition_outputs", type=int, default=1, choices=[0, 1],
       help="SD3: 1, the loss compares the denoised latents x_σ - σ·v with x (diffusers' default); 0: v with ε - x")
+    a("--pretrained_text_encoder_4_name_or_path", default=None,
+      help="HiDream-I1: the Llama-3.1 text encoder (LlamaForCausalLM) when the model folder has none, as diffusers' "
+           "script (its tokenizer: --pretrained_tokenizer_4_name_or_path, default the same folder)")
+    a("--pretrained_tokenizer_4_name_or_path", default=None, help="HiDream-I1: the Llama-3.1 tokenizer")
     a("--no_t5", action="store_true",
       help="SD3: load the pipeline without T5 (text_encoder_3=None, zeros in its place), as diffusers allows")
     a("--text_encoder_out_layers", type=int, nargs="+", default=[9, 18, 27],

@@ -5,8 +5,9 @@ in `FLOW_MODELS` under the family's name (lokr_diffusers/families/); the loss ne
 Every piece works on latents of shape (B, C, h, w) in the space the flow is drawn in, x_σ = (1 − σ) · x + σ · ε, and
 returns the transformer's velocity v ≈ ε − x in that same space. Facts read, never copied, from diffusers 0.42.1's
 pipelines (FluxPipeline, StableDiffusion3Pipeline, Flux2KleinPipeline, ZImagePipeline, ChromaPipeline,
-QwenImagePipeline, Lumina2Pipeline) and its train_dreambooth_lora_* scripts; tests/test_training_flow*.py hold the
-encoders equal to the pipelines' `encode_prompt` and the velocities equal to the pipelines' own denoising step.
+QwenImagePipeline, Lumina2Pipeline, HiDreamImagePipeline) and its train_dreambooth_lora_* scripts;
+tests/test_training_flow*.py hold the encoders equal to the pipelines' `encode_prompt` and the velocities equal to
+the pipelines' own denoising step.
 
     flux   (FLUX.1)   x = (VAE sample − shift) · scale, packed into 2x2 patches (B, h/2 · w/2, 4C) for the
                       transformer; timestep t / 1000; guidance when the model embeds it (dev); CLIP pooled + T5
@@ -29,6 +30,9 @@ encoders equal to the pipelines' `encode_prompt` and the velocities equal to the
       (Lumina 2)      penultimate hidden state of "<system prompt> <Prompt Start> <caption>" with its mask; predicts
                       x − ε (the pipeline negates it). diffusers' script draws σ as the data's share (a reversed
                       lerp); here σ is the noise's, as the pipeline's schedule means it and every family here
+    hidream           x as FLUX.1 (sampled), unpacked (B, C, h, w); the timestep t as it is; T5 states, every Llama
+      (HiDream-I1)    layer's states (layers, B, L, D) and the two CLIPs' projected pooled vectors; predicts x − ε
+                      (the pipeline and diffusers' script negate it)
 """
 
 from __future__ import annotations
@@ -173,6 +177,25 @@ def encode_lumina2(parts: Any, captions: list[str], max_sequence_length: int, de
     return states.hidden_states[-2], mask
 
 
+def encode_hidream(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(T5 states (B, L, D_t5), Llama states (layers, B, L, D_llama), pooled (B, P_l + P_g)), as
+    HiDreamImagePipeline.encode_prompt: T5 with its padding masked; every Llama layer's hidden state past the
+    embeddings, stacked in front; the projected pooled vectors of both CLIPs side by side (their prompts cut at
+    min(max_sequence_length, 218) tokens, T5's and the Llama's at their tokenizers' limit)."""
+    pooled = []
+    for tok, te in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
+        pooled.append(te(_ids(tok, captions, min(max_sequence_length, 218), device))[0])
+    t5 = parts.tokenizer_3(captions, padding="max_length", truncation=True, return_tensors="pt",
+                           max_length=min(max_sequence_length, parts.tokenizer_3.model_max_length))
+    t5_states = parts.text_encoder_3(t5.input_ids.to(device), attention_mask=t5.attention_mask.to(device))[0]
+    llama = parts.tokenizer_4(captions, padding="max_length", truncation=True, return_tensors="pt",
+                              max_length=min(max_sequence_length, parts.tokenizer_4.model_max_length))
+    out = parts.text_encoder_4(llama.input_ids.to(device), attention_mask=llama.attention_mask.to(device),
+                               output_hidden_states=True)
+    return t5_states, torch.stack(out.hidden_states[1:], dim=0), torch.cat(pooled, dim=-1)
+
+
 def _pack(x: Tensor) -> Tensor:
     """(B, C, h, w) -> (B, h/2 · w/2, 4C): 2x2 patches, row-major, each (C, 2, 2) flattened (FLUX.1's packing)."""
     b, c, h, w = x.shape
@@ -187,6 +210,16 @@ def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ the pieces
 
+def guidance_tensor(model: Any, parts: Any, args: Any, batch: int, device: torch.device, scale: float = 1.0
+                    ) -> Tensor | None:
+    """(B,) --guidance_scale (the family's `guidance` when not given) · `scale` for a transformer that embeds the
+    guidance (config.guidance_embeds); None for one that does not."""
+    if not getattr(_config(parts.transformer), "guidance_embeds", False):
+        return None
+    value = args.guidance_scale if getattr(args, "guidance_scale", None) is not None else model.guidance
+    return torch.full((batch,), value * scale, device=device)
+
+
 class FlowModel:
     """How flow matching trains one family (the module docstring). `family`: its registry name; `pipelines`: the
     pipeline classes whose prompt encoding `encode` repeats (empty: every pipeline of the family)."""
@@ -194,6 +227,10 @@ class FlowModel:
     family: str = ""
     pipelines: tuple[str, ...] = ()
     attention: tuple[str, ...] = ()  # --lora_layers attn for this family (empty: targets.TRANSFORMER_PRESETS')
+    guidance = 3.5  # --guidance_scale's default for a guidance-distilled model (diffusers' FLUX.1 script's)
+
+    def prepare(self, pipe: Any) -> None:
+        """Set the loaded pipeline up for training, once, before anything is added to it (most families: nothing)."""
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, h, w): the images in the space the flow is drawn in."""
@@ -228,8 +265,7 @@ class Flux1(FlowModel):
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # (B, h/2 · w/2, 4C)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, noisy.dtype)
-        guidance = torch.full((b,), args.guidance_scale, device=device) \
-            if _config(parts.transformer).guidance_embeds else None
+        guidance = guidance_tensor(self, parts, args, b, device)
         pred = parts.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                                  pooled_projections=pooled.to(noisy.dtype),
                                  encoder_hidden_states=embeds.to(noisy.dtype), txt_ids=text_ids, img_ids=image_ids,
@@ -282,8 +318,7 @@ class Flux2Klein(FlowModel):
         tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)  # row-major over (h, w)
         grid = torch.cartesian_prod(torch.arange(h, device=device), torch.arange(w, device=device))  # (h · w, 2)
         image_ids = F.pad(grid, (1, 1)).unsqueeze(0).expand(b, h * w, 4)  # (t=0, row, column, l=0)
-        guidance = torch.full((b,), args.guidance_scale, device=device) \
-            if _config(parts.transformer).guidance_embeds else None
+        guidance = guidance_tensor(self, parts, args, b, device)
         pred = parts.transformer(hidden_states=tokens, encoder_hidden_states=embeds.to(noisy.dtype),
                                  timestep=timesteps / 1000, img_ids=image_ids, txt_ids=text_ids, guidance=guidance,
                                  return_dict=False)[0]
@@ -347,8 +382,7 @@ class QwenImage(FlowModel):
                  device: torch.device) -> Tensor:
         embeds, mask = cond
         b, _, h, w = noisy.shape
-        guidance = torch.full((b,), args.guidance_scale, device=device) \
-            if _config(parts.transformer).guidance_embeds else None
+        guidance = guidance_tensor(self, parts, args, b, device)
         pred = parts.transformer(hidden_states=_pack(noisy), timestep=timesteps / 1000, guidance=guidance,
                                  encoder_hidden_states=embeds.to(noisy.dtype), encoder_hidden_states_mask=mask,
                                  img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
@@ -373,8 +407,38 @@ class Lumina2(FlowModel):
         return -pred  # it predicts x − ε
 
 
+class HiDream(FlowModel):
+    """HiDream-I1 (diffusers' train_dreambooth_lora_hidream.py: x as FLUX.1's, sampled; the timestep as it is)."""
+
+    family, pipelines = "hidream", ()
+    attention = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "attn1.to_q_t", "attn1.to_k_t",
+                 "attn1.to_v_t", "attn1.to_out_t")  # the image stream's, then the text stream's (double blocks)
+
+    def prepare(self, pipe: Any) -> None:
+        """The transformer's inference outputs in training too, as diffusers' script loads it
+        (force_inference_output=True): in train mode it would otherwise return tokens (B, C, h/2 · w/2, 4) and route
+        its mixture of experts through the load-balancing loss, whose gradient reaches the layers below."""
+        transformer = pipe.transformer
+        transformer.register_to_config(force_inference_output=True)
+        for module in transformer.modules():
+            if hasattr(module, "_force_inference_output"):
+                module._force_inference_output = True
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_hidream(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        t5, llama, pooled = cond
+        dtype = noisy.dtype
+        pred = parts.transformer(hidden_states=noisy, timesteps=timesteps, encoder_hidden_states_t5=t5.to(dtype),
+                                 encoder_hidden_states_llama3=llama.to(dtype), pooled_embeds=pooled.to(dtype),
+                                 return_dict=False)[0]
+        return -pred  # it predicts x − ε
+
+
 FLOW_MODELS: dict[str, FlowModel] = {m.family: m for m in (Flux1(), SD3(), Flux2Klein(), ZImage(), Chroma(),
-                                                           QwenImage(), Lumina2())}
+                                                           QwenImage(), Lumina2(), HiDream())}
 
 
 def flow_model(family: str) -> FlowModel:

@@ -1,8 +1,10 @@
-"""The flow-matching pieces (flow_models.FlowModel) of the video families: Wan (WanPipeline) and LTX-Video
-(LTXPipeline). Their latents are clips, (B, C, F, h, w) in the space the flow is drawn in; the shared loss
-(flow.py) draws x_σ = (1 − σ) · x + σ · ε over all five axes and compares the transformer's velocity with ε − x.
+"""The flow-matching pieces (flow_models.FlowModel) of the video families: Wan (WanPipeline), LTX-Video
+(LTXPipeline) and HunyuanVideo (HunyuanVideoPipeline). Their latents are clips, (B, C, F, h, w) in the space the flow
+is drawn in; the shared loss (flow.py) draws x_σ = (1 − σ) · x + σ · ε over all five axes and compares the
+transformer's velocity with ε − x.
 
-Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py and pipelines/ltx/pipeline_ltx.py;
+Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py, pipelines/ltx/pipeline_ltx.py and
+pipelines/hunyuan_video/pipeline_hunyuan_video.py;
 tests/test_training_flow_video.py holds the encoders equal to the pipelines' `encode_prompt` and the velocities equal
 to one denoising step of each pipeline.
 
@@ -17,8 +19,13 @@ to one denoising step of each pipeline.
               timestep t, the latent frame / height / width counts and the rope scale (VAE temporal factor /
               --frame_rate, spatial factor, spatial factor), and predicts ε − x.
 
+    hunyuanvideo  x = VAE sample · scaling_factor; the transformer takes (B, C, F, h, w), timestep t, the Llama
+              states of the templated caption (the template's head cut off) with their mask, CLIP-L's pooled
+              vector and the embedded guidance · 1000 (--guidance_scale, default 1: musubi-tuner's), and predicts
+              ε − x.
+
 `frames_factor`: clips come in 1 + k · factor frames (the VAEs encode the first frame alone, then groups of
-`factor`): 4 for Wan, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
+`factor`): 4 for Wan and HunyuanVideo, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
 """
 
 from __future__ import annotations
@@ -50,6 +57,25 @@ def encode_ltx(parts: Any, captions: list[str], max_sequence_length: int, device
     return states, enc.attention_mask.bool().to(device)
 
 
+def encode_hunyuanvideo(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(Llama states (B, L, D), their mask (B, L), CLIP pooled (B, P)), as HunyuanVideoPipeline.encode_prompt: each
+    caption in the pipeline's DEFAULT_PROMPT_TEMPLATE, padded to crop_start + `max_sequence_length` tokens, the
+    Llama's third-to-last hidden state with the template's first crop_start tokens cut off; CLIP-L's pooled output of
+    the bare caption (77 tokens)."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template, crop = str(DEFAULT_PROMPT_TEMPLATE["template"]), int(str(DEFAULT_PROMPT_TEMPLATE["crop_start"]))
+    enc = parts.tokenizer([template.format(c) for c in captions], max_length=crop + max_sequence_length,
+                          padding="max_length", truncation=True, return_tensors="pt")
+    mask = enc.attention_mask.to(device)
+    states = parts.text_encoder(input_ids=enc.input_ids.to(device), attention_mask=mask,
+                                output_hidden_states=True).hidden_states[-3]
+    clip = parts.tokenizer_2(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    pooled = parts.text_encoder_2(clip.input_ids.to(device), output_hidden_states=False).pooler_output
+    return states[:, crop:], mask[:, crop:], pooled
+
+
 def _config(model: Any) -> Any:
     """The model's config through an accelerate / DDP wrapper."""
     return getattr(model, "module", model).config
@@ -62,8 +88,12 @@ class VideoFlowModel:
     family: str = ""
     pipelines: tuple[str, ...] = ()  # the pipelines whose prompts `encode` repeats
     attention: tuple[str, ...] = ()  # --lora_layers attn: targets.TRANSFORMER_PRESETS'
+    guidance = 3.5  # --guidance_scale's default for a transformer that embeds the guidance
     frames_factor = 4
     default_frames = 81
+
+    def prepare(self, pipe: Any) -> None:
+        """Set the loaded pipeline up for training (the video families: nothing)."""
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, F, h, w): the clips (B, 3, F, H, W) in the space the flow is drawn in."""
@@ -155,5 +185,29 @@ class LTXVideo(VideoFlowModel):
         return LTXPipeline._unpack_latents(pred, f // pt, h // p, w // p, p, pt)
 
 
+class HunyuanVideo(VideoFlowModel):
+    """HunyuanVideo text-to-video (HunyuanVideoPipeline; its image-to-video pipelines condition on an image too)."""
+
+    family, pipelines = "hunyuanvideo", ("HunyuanVideoPipeline",)
+    frames_factor, default_frames = 4, 129
+    guidance = 1.0  # the embedded guidance trained at: musubi-tuner's default (its pipeline samples at 6)
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        return vae.encode(pixels).latent_dist.sample(generator=g) * vae.config.scaling_factor
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_hunyuanvideo(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        from .flow_models import guidance_tensor
+
+        states, mask, pooled = cond
+        guidance = guidance_tensor(self, parts, args, noisy.shape[0], device, scale=1000.0)  # the pipeline's · 1000
+        return parts.transformer(hidden_states=noisy, timestep=timesteps.to(device),
+                                 encoder_hidden_states=states.to(noisy.dtype), encoder_attention_mask=mask,
+                                 pooled_projections=pooled.to(noisy.dtype), guidance=guidance, return_dict=False)[0]
+
+
 # Any: flow_models.FLOW_MODELS holds FlowModels, these are such by their interface
-VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo())
+VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), HunyuanVideo())
