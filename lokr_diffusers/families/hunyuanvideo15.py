@@ -65,4 +65,5 @@ HUNYUANVIDEO15 = ModelFamily(
     # ss_base_model_version: musubi-tuner's architecture name (ARCHITECTURE_HUNYUAN_VIDEO_1_5_FULL)
     kohya=Kohya("hunyuan_video_1_5"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video-1.5",), aliases=("hunyuan_video_1_5", "hyvideo15"),
+    tiny="helpers.tiny_hunyuanvideo15:make_hunyuanvideo15_pipeline",
 )
