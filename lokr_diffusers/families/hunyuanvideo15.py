@@ -11,7 +11,7 @@ renames leave them) is not verified: ComfyUI's HunyuanVideo double block is Flux
 from __future__ import annotations
 
 from .hunyuanvideo import COMFYUI_RENAMES, DOUBLE, REFINER, TXT_IN
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import ADD_QKV, QKV, QKV_LEAVES, OriginalTable, blocks, top
 
 # convert_hyvideo15_transformer_to_diffusers: time_in -> time_embed; txt_in as HunyuanVideo's (refiner qkv chunked in
@@ -65,4 +65,9 @@ HUNYUANVIDEO15 = ModelFamily(
     # ss_base_model_version: musubi-tuner's architecture name (ARCHITECTURE_HUNYUAN_VIDEO_1_5_FULL)
     kohya=Kohya("hunyuan_video_1_5"), originals=ORIGINALS, roles=ROLES, comfyui_paths=(),
     tags=("hunyuan-video-1.5",), aliases=("hunyuan_video_1_5", "hyvideo15"),
+    # the flow script (training/flow_video.py HunyuanVideo15, text to video): uniform timesteps over the scheduler's
+    # shifted schedule (no weighting; as Wan's, LTX-Video's: the pipeline names none); its 1000 Qwen tokens
+    # (HunyuanVideo15Pipeline.tokenizer_max_length, diffusers 0.42.1)
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=1000),
+    tiny="helpers.tiny_hunyuanvideo15:make_hunyuanvideo15_pipeline",
 )

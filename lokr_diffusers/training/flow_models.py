@@ -448,7 +448,7 @@ def flow_model(family: str) -> FlowModel:
     return FLOW_MODELS[family]
 
 
-# the video families (Wan, LTX-Video): their own module, registered here
+# the video families (Wan, LTX-Video, HunyuanVideo, HunyuanVideo 1.5): their own module, registered here
 from .flow_video import VIDEO_FLOW_MODELS  # noqa: E402
 
 FLOW_MODELS.update({m.family: m for m in VIDEO_FLOW_MODELS})

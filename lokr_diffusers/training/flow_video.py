@@ -1,12 +1,13 @@
 """The flow-matching pieces (flow_models.FlowModel) of the video families: Wan (WanPipeline), LTX-Video
-(LTXPipeline) and HunyuanVideo (HunyuanVideoPipeline). Their latents are clips, (B, C, F, h, w) in the space the flow
-is drawn in; the shared loss (flow.py) draws x_σ = (1 − σ) · x + σ · ε over all five axes and compares the
-transformer's velocity with ε − x.
+(LTXPipeline), HunyuanVideo (HunyuanVideoPipeline) and HunyuanVideo 1.5 (HunyuanVideo15Pipeline, text to video).
+Their latents are clips, (B, C, F, h, w) in the space the flow is drawn in; the shared loss (flow.py) draws
+x_σ = (1 − σ) · x + σ · ε over all five axes and compares the transformer's velocity with ε − x.
 
-Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py, pipelines/ltx/pipeline_ltx.py and
-pipelines/hunyuan_video/pipeline_hunyuan_video.py;
-tests/test_training_flow_video.py holds the encoders equal to the pipelines' `encode_prompt` and the velocities equal
-to one denoising step of each pipeline.
+Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py, pipelines/ltx/pipeline_ltx.py,
+pipelines/hunyuan_video/pipeline_hunyuan_video.py and pipelines/hunyuan_video1_5/pipeline_hunyuan_video1_5.py (+
+_image2video.py for how it encodes pixels); tests/test_training_flow_video.py and test_training_flow_hunyuanvideo15.py
+hold the encoders equal to the pipelines' `encode_prompt` and the velocities equal to one denoising step of each
+pipeline.
 
     wan       x = (VAE mode − latents_mean) / latents_std (the VAE config's per-channel statistics; the pipeline
               undoes them before decoding); UMT5 states of the caption (cleaned by diffusers' Wan prompt_clean),
@@ -18,14 +19,22 @@ to one denoising step of each pipeline.
               takes x packed into tokens (B, F/p_t · h/p · w/p, C · p_t · p · p), the T5 states and their mask,
               timestep t, the latent frame / height / width counts and the rope scale (VAE temporal factor /
               --frame_rate, spatial factor, spatial factor), and predicts ε − x.
-
     hunyuanvideo  x = VAE sample · scaling_factor; the transformer takes (B, C, F, h, w), timestep t, the Llama
               states of the templated caption (the template's head cut off) with their mask, CLIP-L's pooled
               vector and the embedded guidance · 1000 (--guidance_scale, default 1: musubi-tuner's), and predicts
               ε − x.
+    hunyuanvideo15
+              x = VAE mode · scaling_factor (the I2V pipeline's encoding of its image; both pipelines divide by
+              scaling_factor before decoding); the transformer takes (B, 2C + 1, F, h, w): x_σ, then the T2V
+              pipeline's all-zero condition latent (C channels) and mask (1), an all-zero image embedding
+              (B, 729, image_embed_dim: the transformer masks it out), timestep t as it is (cast to the latents'
+              dtype, as the pipeline does); text: the Qwen2.5-VL third-to-last hidden state of the chat of the
+              pipeline's system message and the caption, padded to --max_sequence_length + 108 and cut by the 108
+              tokens of the chat's head, with its mask; and ByT5's states of the caption's quoted text ('Text "…". '),
+              zeros and a zero mask for a caption without quotes, padded to 256. It predicts ε − x.
 
 `frames_factor`: clips come in 1 + k · factor frames (the VAEs encode the first frame alone, then groups of
-`factor`): 4 for Wan and HunyuanVideo, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
+`factor`): 4 for Wan and both HunyuanVideos, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
 """
 
 from __future__ import annotations
@@ -74,6 +83,53 @@ def encode_hunyuanvideo(parts: Any, captions: list[str], max_sequence_length: in
     clip = parts.tokenizer_2(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     pooled = parts.text_encoder_2(clip.input_ids.to(device), output_hidden_states=False).pooler_output
     return states[:, crop:], mask[:, crop:], pooled
+# HunyuanVideo15Pipeline's prompt encoding: the chat's first HV15_CROP tokens (the system turn and the user turn's
+# opening) dropped off the Qwen2.5-VL states, its third-to-last hidden state (2 layers skipped), ByT5 padded to
+# HV15_BYT5_TOKENS; T2V's image embedding: HV15_IMAGE_TOKENS zero rows (diffusers 0.42.1's
+# prompt_template_encode_start_idx, num_hidden_layers_to_skip, tokenizer_2_max_length, vision_num_semantic_tokens)
+HV15_CROP, HV15_SKIP, HV15_BYT5_TOKENS, HV15_IMAGE_TOKENS = 108, 2, 256, 729
+
+
+def hv15_system_message() -> str:
+    """HunyuanVideo15Pipeline's system message, read off its Qwen encoder's default (the pipeline passes the same
+    text, kept in its __init__): line breaks of the source became runs of spaces."""
+    import inspect
+
+    from diffusers import HunyuanVideo15Pipeline
+
+    default = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
+    return str(default)
+
+
+def encode_hunyuanvideo15(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Qwen states (B, L, D), their mask (B, L), ByT5 states (B, 256, D_2), their mask (B, 256)), as
+    HunyuanVideo15Pipeline.encode_prompt (L = --max_sequence_length; the pipeline's 1000): masks 0 / 1 integers."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+    system = hv15_system_message()
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": c or " "}] for c in captions]
+    enc = parts.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              padding="max_length", max_length=max_sequence_length + HV15_CROP,
+                                              truncation=True, return_tensors="pt")
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    states = parts.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    embeds = states.hidden_states[-(HV15_SKIP + 1)][:, HV15_CROP:]
+    glyph_states, glyph_masks = [], []
+    byt5 = parts.text_encoder_2
+    width, dtype = _config(byt5).d_model, next(byt5.parameters()).dtype
+    for caption in captions:  # one at a time, as the pipeline: the quoted text of each, or nothing
+        glyphs = extract_glyph_texts(caption)
+        if glyphs is None:
+            glyph_states.append(torch.zeros(1, HV15_BYT5_TOKENS, width, device=device, dtype=dtype))
+            glyph_masks.append(torch.zeros(1, HV15_BYT5_TOKENS, device=device, dtype=torch.long))
+            continue
+        tok = parts.tokenizer_2(glyphs, padding="max_length", max_length=HV15_BYT5_TOKENS, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        glyph_mask = tok.attention_mask.to(device)
+        glyph_states.append(byt5(input_ids=tok.input_ids.to(device), attention_mask=glyph_mask.float())[0])
+        glyph_masks.append(glyph_mask)
+    return embeds, mask[:, HV15_CROP:], torch.cat(glyph_states), torch.cat(glyph_masks)
 
 
 def _config(model: Any) -> Any:
@@ -209,5 +265,37 @@ class HunyuanVideo(VideoFlowModel):
                                  pooled_projections=pooled.to(noisy.dtype), guidance=guidance, return_dict=False)[0]
 
 
+class HunyuanVideo15(VideoFlowModel):
+    """HunyuanVideo 1.5 text to video. Its image-to-video pipeline conditions on a first frame and a SigLIP image
+    embedding: not here."""
+
+    family, pipelines = "hunyuanvideo15", ("HunyuanVideo15Pipeline",)
+    frames_factor, default_frames = 4, 121  # the VAE's temporal_compression_ratio; the pipeline's num_frames
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        # the mode, as the I2V pipeline encodes its image; one clip at a time: diffusers 0.42.1's
+        # HunyuanVideo15AttnBlock expands its causal mask to (B, S, S), which its (B, 1, S, d) attention cannot take
+        # for B > 1
+        x = torch.cat([vae.encode(clip.unsqueeze(0)).latent_dist.mode() for clip in pixels])
+        return x * vae.config.scaling_factor
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_hunyuanvideo15(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, mask, glyphs, glyph_mask = cond
+        b, c, f, h, w = noisy.shape
+        dtype = noisy.dtype
+        # text to video: a zero condition latent and a zero mask channel after the noisy latents
+        model_input = torch.cat([noisy, noisy.new_zeros(b, c + 1, f, h, w)], dim=1)
+        image_embeds = noisy.new_zeros(b, HV15_IMAGE_TOKENS, _config(parts.transformer).image_embed_dim)
+        return parts.transformer(
+            hidden_states=model_input, image_embeds=image_embeds, timestep=timesteps.to(device=device, dtype=dtype),
+            encoder_hidden_states=embeds.to(dtype), encoder_attention_mask=mask.to(dtype),
+            encoder_hidden_states_2=glyphs.to(dtype), encoder_attention_mask_2=glyph_mask.to(dtype),
+            return_dict=False)[0]
+
+
 # Any: flow_models.FLOW_MODELS holds FlowModels, these are such by their interface
-VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), HunyuanVideo())
+VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), HunyuanVideo(), HunyuanVideo15())

@@ -60,8 +60,8 @@ def main(description: str, dreambooth: bool, argv: list[str] | None = None, fami
 
 
 FLOW_DESCRIPTION = ("DreamBooth with LoKr for the flow-matching models (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image, "
-                    "Qwen-Image, Chroma, Lumina 2, HiDream-I1; the video models Wan, LTX-Video and HunyuanVideo on "
-                    "clips; the family told from the model folder), with prior preservation")
+                    "Qwen-Image, Chroma, Lumina 2, HiDream-I1; the video models Wan, LTX-Video, HunyuanVideo and "
+                    "HunyuanVideo 1.5 on clips; the family told from the model folder), with prior preservation")
 
 
 def flow_cli(argv: list[str] | None = None) -> int:
@@ -81,7 +81,7 @@ def build_dataset(args: Any) -> Any:
     from .folders import check_images, load_image_folder, require_captions
 
     video = video_model(args)
-    if video is not None:  # Wan, LTX-Video: clips (training/clips.py)
+    if video is not None:  # the video families: clips (training/clips.py)
         from .clips import build_clip_dataset
 
         return build_clip_dataset(args, video.frames_factor, video.default_frames, families.get(video.family).title)
