@@ -70,7 +70,7 @@ LTX2 = ModelFamily(
     kohya=Kohya("ltx2"),  # no trainer writes kohya metadata for LTX-2: our choice
     originals=ORIGINALS, roles=ROLES,
     comfyui_paths=(),  # ComfyUI's LTXAV branch maps plain original names (no prefix), no diffusers paths
-    tags=("ltx-2",),
+    tags=("ltx-2",), tiny="helpers.tiny_ltx2:make_ltx2_pipeline",
     # LTX2LoraLoaderMixin also loads the `connectors` component (LTX2TextConnectors): `text_embedding_projection.`
     # (Lightricks' name, _convert_non_diffusers_ltx2_lora_to_diffusers) or `connectors.` (diffusers') keys, and the
     # original checkpoint's `video_/audio_embeddings_connector` (dropped by convert_ltx2_transformer_to_diffusers)
