@@ -194,6 +194,7 @@ class FlowModel:
     family: str = ""
     pipelines: tuple[str, ...] = ()
     attention: tuple[str, ...] = ()  # --lora_layers attn for this family (empty: targets.TRANSFORMER_PRESETS')
+    targets: tuple[str, ...] = ()  # --lora_layers default for this family (empty: the model's defaults)
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, h, w): the images in the space the flow is drawn in."""

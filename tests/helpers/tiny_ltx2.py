@@ -76,15 +76,20 @@ def make_connectors(seed: int = 0) -> LTX2TextConnectors:
 
 
 def make_ltx2_video_vae(seed: int = 0) -> AutoencoderKLLTX2Video:
-    """Patch 4 then one spatio-temporal downscale: 8x spatial, 2x temporal (frames 1 + 2k -> 1 + k latents)."""
+    """Patch 4 then one spatio-temporal downscale: 8x spatial, 2x temporal (frames 1 + 2k -> 1 + k latents); per-channel
+    latent statistics other than 0 / 1, so that a latent normalisation left out or inverted shows."""
     torch.manual_seed(seed)
-    return AutoencoderKLLTX2Video(
+    vae = AutoencoderKLLTX2Video(
         latent_channels=LATENT_CHANNELS, block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
         down_block_types=("LTX2VideoDownBlock3D", "LTX2VideoDownBlock3D"), layers_per_block=(1, 1, 1),
         decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
         decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False, False, False),
         downsample_type=("spatiotemporal", "spatial"), upsample_type=("spatiotemporal", "spatiotemporal"),
         upsample_residual=(False, False), upsample_factor=(1, 1), patch_size=4, patch_size_t=1).eval()
+    with torch.no_grad():
+        vae.latents_mean.copy_(torch.randn(LATENT_CHANNELS) * 0.1)
+        vae.latents_std.copy_(0.5 + torch.rand(LATENT_CHANNELS))
+    return vae
 
 
 def make_ltx2_audio_vae(seed: int = 0) -> AutoencoderKLLTX2Audio:
