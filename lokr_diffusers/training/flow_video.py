@@ -29,7 +29,7 @@ to one denoising step of each pipeline.
               (isolate_modalities): the video prediction is then the one the pipeline's modality-isolation pass
               makes, independent of any audio. This is how Lightricks' own trainer trains video without audio
               (packages/ltx-trainer, the `flexible` strategy with no `audio` block: ltx-core's transformer then
-              runs no audio and no audio-to-video attention, docs/training-modes.md "video-only"); its loss is on
+              runs no audio and no audio-to-video attention; its training-modes guide, "video-only"); its loss is on
               the video alone. --lora_layers default / attn: the video stream's modules only (that document's
               video-only targets), the audio stream getting no gradient.
 
@@ -198,7 +198,7 @@ class LTXVideo(VideoFlowModel):
 class LTX2(VideoFlowModel):
     family, pipelines = "ltx2", ("LTX2Pipeline",)
     frames_factor, default_frames = 8, 121
-    # Lightricks' video-only targets (ltx-trainer docs/training-modes.md): the video self / text attention and
+    # Lightricks' video-only targets (ltx-trainer's training-modes guide): the video self / text attention and
     # feed-forward; `audio_attn1.to_k` and `audio_ff.net.2` do not end in `.attn1.to_k` / `.ff.net.2`
     attention = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                  "attn2.to_v", "attn2.to_out.0")
