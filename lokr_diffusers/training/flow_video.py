@@ -18,16 +18,15 @@ to one denoising step of each pipeline.
               takes x packed into tokens (B, F/p_t · h/p · w/p, C · p_t · p · p), the T5 states and their mask,
               timestep t, the latent frame / height / width counts and the rope scale (VAE temporal factor /
               --frame_rate, spatial factor, spatial factor), and predicts ε − x.
-
     ltx2      (LTX-2, audio + video; trained on video only) x = (VAE mode − latents_mean) · scaling_factor /
               latents_std, as the pipeline's _normalize_latents; Gemma-3's hidden states of every layer stacked
               (B, L, D · (layers + 1)), the caption left-padded to --max_sequence_length, through the pipeline's
               `connectors` (LTX2TextConnectors) into the video and the audio caption states and their mask, as
               LTX2Pipeline.__call__; the transformer takes x packed as LTX-Video's, the timestep t (also as `sigma`),
               the latent frame / height / width counts and --frame_rate (its video rope is in seconds), and
-              predicts ε − x. The audio stream gets no tokens and the audio-video cross attention is off
-              (isolate_modalities): the video prediction is then the one the pipeline's modality-isolation pass
-              makes, independent of any audio. This is how Lightricks' own trainer trains video without audio
+              predicts ε − x. The audio-video cross attention is off (isolate_modalities) and the audio stream gets
+              one silent token: the video prediction is then the one the pipeline's modality-isolation pass makes,
+              independent of any audio. This is how Lightricks' own trainer trains video without audio
               (packages/ltx-trainer, the `flexible` strategy with no `audio` block: ltx-core's transformer then
               runs no audio and no audio-to-video attention; its training-modes guide, "video-only"); its loss is on
               the video alone. --lora_layers default / attn: the video stream's modules only (that document's
@@ -222,12 +221,14 @@ class LTX2(VideoFlowModel):
         config = _config(parts.transformer)
         p, pt = config.patch_size, config.patch_size_t
         t = timesteps.to(device)
-        no_audio = noisy.new_zeros(b, 0, config.audio_in_channels)  # ltx-core's audio=None: no audio tokens
+        # ltx-core's audio=None: with the cross attention off the video never reads the audio stream, which gets one
+        # silent token (not none: attention kernels on empty sequences are not a given on every device)
+        no_audio = noisy.new_zeros(b, 1, config.audio_in_channels)
         pred = parts.transformer(
             hidden_states=LTX2Pipeline._pack_latents(noisy, p, pt), audio_hidden_states=no_audio,
             encoder_hidden_states=video_states, audio_encoder_hidden_states=audio_states,
             timestep=t, sigma=t, encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=f,
-            height=h, width=w, fps=getattr(args, "frame_rate", 25.0), audio_num_frames=0, isolate_modalities=True,
+            height=h, width=w, fps=getattr(args, "frame_rate", 25.0), audio_num_frames=1, isolate_modalities=True,
             use_cross_timestep=True, return_dict=False)[0]
         return LTX2Pipeline._unpack_latents(pred, f // pt, h // p, w // p, p, pt)
 
