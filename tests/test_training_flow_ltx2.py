@@ -24,8 +24,11 @@ from test_training_flow_video import make_clip_folder
 
 from lokr_diffusers import families
 from lokr_diffusers.training.args import parse
+from lokr_diffusers.training.checks import check_pipeline
 from lokr_diffusers.training.clips import DreamBoothClipDataset, load_clip_folder
 from lokr_diffusers.training.data import collate
+from lokr_diffusers.training.errors import TrainingInputError
+from lokr_diffusers.training.family import training_family
 from lokr_diffusers.training.flow import flow_loss
 from lokr_diffusers.training.flow_models import flow_model
 from lokr_diffusers.training.flow_video import encode_ltx2
@@ -131,6 +134,7 @@ def test_the_loss_reaches_only_the_video_streams_adapters(tmp_path) -> None:
     only (Lightricks' video-only targets), and every one of them gets a gradient."""
     from lokr_diffusers import add_lokr, lokr_layers
     from lokr_diffusers.training.loop import ADAPTER, lokr_configs
+    from lokr_diffusers.training.targets import denoiser_targets
 
     pipe = families.build_tiny("ltx2")
     args = flow_args("ltx2", weighting_scheme="none", frame_rate=24.0, max_sequence_length=LENGTH)
@@ -140,6 +144,9 @@ def test_the_loss_reaches_only_the_video_streams_adapters(tmp_path) -> None:
     add_lokr(pipe, lokr_configs(options, ["transformer"]), ADAPTER)
     paths = [p for p, _ in lokr_layers(pipe.transformer)]
     assert paths and not [p for p in paths if "audio" in p]
+    options.lora_layers = "attn"
+    assert denoiser_targets(options) == [f"{a}.{m}" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v",
+                                                                                        "to_out.0")]
     assert {p.split(".", 2)[2] for p in paths} == {f"{a}.{m}" for a in ("attn1", "attn2")
                                                   for m in ("to_q", "to_k", "to_v", "to_out.0")} | \
         {"ff.net.0.proj", "ff.net.2"}
@@ -151,6 +158,20 @@ def test_the_loss_reaches_only_the_video_streams_adapters(tmp_path) -> None:
     flow_loss(pipe, scheduler, batch, args, "ltx2", torch.Generator().manual_seed(0), torch.float32, CPU).backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for _, layer in lokr_layers(pipe.transformer)
                for t in layer.factors(ADAPTER).values())
+
+
+def test_a_caption_length_the_connectors_cannot_take_is_refused(tmp_path) -> None:
+    """The connectors replace padding with their learnable registers in whole blocks: --max_sequence_length must be
+    a multiple of them, told before the first step (the pipeline itself fails inside the connectors)."""
+    pipe = families.build_tiny("ltx2")
+    argv = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", str(tmp_path), "--instance_prompt", PROMPT,
+            "--output_dir", "o", "--resolution", "32"]
+    ltx2 = training_family("ltx2")
+    check_pipeline(pipe, parse("t", True, [*argv, "--max_sequence_length", str(LENGTH)], "flow"), ltx2)
+    with pytest.raises(TrainingInputError, match=f"--max_sequence_length 12: .* multiple of {REGISTERS} tokens.* 16"):
+        check_pipeline(pipe, parse("t", True, [*argv, "--max_sequence_length", "12"], "flow"), ltx2)
+    with pytest.raises(ValueError, match="divisible by the number of learnable registers"):
+        encode_ltx2(pipe, CAPTIONS, 12, CPU)
 
 
 # ---------------------------------------------------------------------------------------------- the flow script
