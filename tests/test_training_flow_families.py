@@ -40,7 +40,7 @@ def test_every_flow_family_has_its_piece() -> None:
     """A family trained by the flow script has a piece, and a piece belongs to such a family."""
     flow = {f.name for f in families.FAMILIES.values() if f.training is not None and f.training.script == "flow"}
     assert flow == set(FLOW_MODELS) == {"flux", "sd3", "flux2", "zimage", "chroma", "qwenimage", "lumina2", "wan",
-                                        "ltxvideo", "hidream", "hunyuanvideo",
+                                        "ltxvideo", "ltx2", "hidream", "hunyuanvideo",
                                         "hunyuanvideo15"}
     with pytest.raises(ValueError, match="no flow-matching training"):
         flow_model("sdxl")

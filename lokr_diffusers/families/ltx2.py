@@ -15,7 +15,7 @@ component); lokr_diffusers adapts no connectors, so such keys are reported as no
 from __future__ import annotations
 
 from .ltx import LTX_NAMES, adaln
-from .record import Detection, Kohya, ModelFamily, Sign
+from .record import Detection, Kohya, ModelFamily, Sign, Training
 from .tables import OriginalTable, top
 
 # convert_ltx2_transformer_to_diffusers (prefix renames; the rest, caption_projection, audio_caption_projection,
@@ -70,7 +70,11 @@ LTX2 = ModelFamily(
     kohya=Kohya("ltx2"),  # no trainer writes kohya metadata for LTX-2: our choice
     originals=ORIGINALS, roles=ROLES,
     comfyui_paths=(),  # ComfyUI's LTXAV branch maps plain original names (no prefix), no diffusers paths
-    tags=("ltx-2",),
+    tags=("ltx-2",), tiny="helpers.tiny_ltx2:make_ltx2_pipeline",
+    # video only, as Lightricks' trainer trains clips without audio (training/flow_video.py); uniform timesteps as
+    # LTX-Video's (ltx-trainer's shifted logit-normal sampler is not one of --weighting_scheme's); captions of 1024
+    # Gemma tokens, LTX2Pipeline's max_sequence_length
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=1024),
     # LTX2LoraLoaderMixin also loads the `connectors` component (LTX2TextConnectors): `text_embedding_projection.`
     # (Lightricks' name, _convert_non_diffusers_ltx2_lora_to_diffusers) or `connectors.` (diffusers') keys, and the
     # original checkpoint's `video_/audio_embeddings_connector` (dropped by convert_ltx2_transformer_to_diffusers)

@@ -61,13 +61,14 @@ def _flow(a: Any, family: str) -> None:
     a("--text_encoder_out_layers", type=int, nargs="+", default=[9, 18, 27],
       help="FLUX.2 [klein]: the Qwen3 hidden states stacked into the text states (the pipeline's default)")
     a("--num_frames", type=int, default=None,
-      help="Wan / LTX-Video: frames per training clip, 1 + 4k for Wan, 1 + 8k for LTX-Video (another count is "
-           "rounded down, as the pipelines do; default: the pipeline's, 81 / 161)")
+      help="Wan / LTX-Video / LTX-2: frames per training clip, 1 + 4k for Wan, 1 + 8k for LTX-Video and LTX-2 (another "
+           "count is rounded down, as the pipelines do; default: the pipeline's, 81 / 161 / 121)")
     a("--train_transformer_2", action="store_true",
       help="Wan 2.2 A14B: train the low-noise expert transformer_2 (on its timesteps, t < boundary_ratio * 1000) "
            "instead of the high-noise transformer; the file loads with load_into_transformer_2=True")
     a("--frame_rate", type=float, default=25.0,
-      help="LTX-Video: the clips' frames per second, for the transformer's rope scale (the pipeline's default 25)")
+      help="LTX-Video / LTX-2: the clips' frames per second, for the transformer's rope (LTX-Video's rope scale, "
+           "LTX-2's positions in seconds; default 25, LTX-Video's pipeline default; LTX-2's pipeline says 24)")
 
 
 def flow_defaults(args: Any, family: Any) -> None:

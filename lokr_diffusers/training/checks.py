@@ -233,6 +233,20 @@ def check_pipeline(pipe: Any, args: Any, family: Any = None) -> None:
     if args.resolution % step or args.resolution < least:
         raise _fail(f"--resolution {args.resolution}: {name} needs a multiple of {step} of at least {least} "
                     f"(its VAE and {family.denoiser} halve the image {int(math.log2(least))} times)")
+    registers = _registers(pipe)
+    length = getattr(args, "max_sequence_length", None)
+    if registers and length and length % registers:
+        raise _fail(f"--max_sequence_length {length}: {name}'s text connectors take a multiple of {registers} tokens "
+                    f"(their learnable registers replace the padding in blocks of {registers}), e.g. "
+                    f"{-(-length // registers) * registers}")
+
+
+def _registers(pipe: Any) -> int:
+    """The caption length LTX-2's text connectors need a multiple of (LTX2TextConnectors' learnable registers, read,
+    never copied, from diffusers 0.42.1's pipelines/ltx2/connectors.py); 0 for a pipeline without them."""
+    config = getattr(getattr(pipe, "connectors", None), "config", None)
+    counts = [getattr(config, f"{s}_connector_num_learnable_registers", None) for s in ("video", "audio")]
+    return math.lcm(*[c for c in counts if c]) if any(counts) else 0
 
 
 def check_export(pipe: Any, args: Any, family: Any, adapter: str) -> None:

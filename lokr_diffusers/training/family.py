@@ -68,6 +68,9 @@ def member(family: TrainingFamily, model_index: Mapping[str, Any]) -> TrainingFa
     return training_family(found[0].name) if len(found) == 1 else None
 
 
-# every component a training run may move to its device and dtype: the denoisers, the VAE, the text encoders
+# every component a training run may move to its device and dtype: the denoisers, the VAE, the text encoders, and
+# LTX-2's text `connectors` (part of its prompt encoding), audio VAE and vocoder (its validation videos' sound)
 MOVED: tuple[str, ...] = tuple(dict.fromkeys([*(f.denoiser for f in families.FAMILIES.values()), "vae",
-                                              *(te for f in families.FAMILIES.values() for te in f.text_encoders)]))
+                                              *(te for f in families.FAMILIES.values() for te in f.text_encoders),
+                                              "connectors", "audio_vae", "vocoder"]))
+FP32: tuple[str, ...] = ("vae", "audio_vae", "vocoder")  # decoders kept in fp32 whatever the run's precision

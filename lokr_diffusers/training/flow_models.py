@@ -231,6 +231,7 @@ class FlowModel:
 
     def prepare(self, pipe: Any) -> None:
         """Set the loaded pipeline up for training, once, before anything is added to it (most families: nothing)."""
+    targets: tuple[str, ...] = ()  # --lora_layers default for this family (empty: the model's defaults)
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, h, w): the images in the space the flow is drawn in."""

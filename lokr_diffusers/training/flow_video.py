@@ -1,13 +1,15 @@
 """The flow-matching pieces (flow_models.FlowModel) of the video families: Wan (WanPipeline), LTX-Video
-(LTXPipeline), HunyuanVideo (HunyuanVideoPipeline) and HunyuanVideo 1.5 (HunyuanVideo15Pipeline, text to video).
-Their latents are clips, (B, C, F, h, w) in the space the flow is drawn in; the shared loss (flow.py) draws
-x_σ = (1 − σ) · x + σ · ε over all five axes and compares the transformer's velocity with ε − x.
+(LTXPipeline), LTX-2 (LTX2Pipeline), HunyuanVideo (HunyuanVideoPipeline) and HunyuanVideo 1.5
+(HunyuanVideo15Pipeline, text to video). Their latents are clips, (B, C, F, h, w) in the space the flow is drawn in;
+the shared loss (flow.py) draws x_σ = (1 − σ) · x + σ · ε over all five axes and compares the transformer's velocity
+with ε − x.
 
 Facts read, never copied, from diffusers 0.42.1's pipelines/wan/pipeline_wan.py, pipelines/ltx/pipeline_ltx.py,
+pipelines/ltx2/pipeline_ltx2.py and connectors.py, models/transformers/transformer_ltx2.py,
 pipelines/hunyuan_video/pipeline_hunyuan_video.py and pipelines/hunyuan_video1_5/pipeline_hunyuan_video1_5.py (+
-_image2video.py for how it encodes pixels); tests/test_training_flow_video.py and test_training_flow_hunyuanvideo15.py
-hold the encoders equal to the pipelines' `encode_prompt` and the velocities equal to one denoising step of each
-pipeline.
+_image2video.py for how it encodes pixels); tests/test_training_flow_video.py, test_training_flow_ltx2.py and
+test_training_flow_hunyuanvideo15.py hold the encoders equal to the pipelines' `encode_prompt` and the velocities equal
+to one denoising step of each pipeline.
 
     wan       x = (VAE mode − latents_mean) / latents_std (the VAE config's per-channel statistics; the pipeline
               undoes them before decoding); UMT5 states of the caption (cleaned by diffusers' Wan prompt_clean),
@@ -33,8 +35,23 @@ pipeline.
               tokens of the chat's head, with its mask; and ByT5's states of the caption's quoted text ('Text "…". '),
               zeros and a zero mask for a caption without quotes, padded to 256. It predicts ε − x.
 
+    ltx2      (LTX-2, audio + video; trained on video only) x = (VAE mode − latents_mean) · scaling_factor /
+              latents_std, as the pipeline's _normalize_latents; Gemma-3's hidden states of every layer stacked
+              (B, L, D · (layers + 1)), the caption left-padded to --max_sequence_length, through the pipeline's
+              `connectors` (LTX2TextConnectors) into the video and the audio caption states and their mask, as
+              LTX2Pipeline.__call__; the transformer takes x packed as LTX-Video's, the timestep t (also as `sigma`),
+              the latent frame / height / width counts and --frame_rate (its video rope is in seconds), and
+              predicts ε − x. The audio-video cross attention is off (isolate_modalities) and the audio stream gets
+              one silent token: the video prediction is then the one the pipeline's modality-isolation pass makes,
+              independent of any audio. This is how Lightricks' own trainer trains video without audio
+              (packages/ltx-trainer, the `flexible` strategy with no `audio` block: ltx-core's transformer then
+              runs no audio and no audio-to-video attention; its training-modes guide, "video-only"); its loss is on
+              the video alone. --lora_layers default / attn: the video stream's modules only (that document's
+              video-only targets), the audio stream getting no gradient.
+
 `frames_factor`: clips come in 1 + k · factor frames (the VAEs encode the first frame alone, then groups of
-`factor`): 4 for Wan and both HunyuanVideos, 8 for LTX-Video. `default_frames`: the pipelines' num_frames default.
+`factor`): 4 for Wan and both HunyuanVideos, 8 for LTX-Video and LTX-2. `default_frames`: the pipelines' num_frames
+default.
 """
 
 from __future__ import annotations
@@ -130,6 +147,27 @@ def encode_hunyuanvideo15(parts: Any, captions: list[str], max_sequence_length: 
         glyph_states.append(byt5(input_ids=tok.input_ids.to(device), attention_mask=glyph_mask.float())[0])
         glyph_masks.append(glyph_mask)
     return embeds, mask[:, HV15_CROP:], torch.cat(glyph_states), torch.cat(glyph_masks)
+def encode_ltx2(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(video caption states (B, L, D), audio caption states (B, L, D), mask (B, L) 0 / 1), as LTX2Pipeline:
+    encode_prompt (Gemma-3's embeddings and every layer's hidden state, stacked on a last axis and flattened into
+    (B, L, D_gemma · (layers + 1)), of the stripped captions left-padded to L) then its `connectors` (the per-layer
+    masked normalisation, the projection and one connector per stream, which also zero the video states and the mask
+    past the caption). L must be a multiple of the connectors' learnable registers (128 for LTX-2)."""
+    tokenizer = parts.tokenizer
+    if tokenizer.pad_token is None:  # as the pipeline: Gemma's pad token, else its end token
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer([c.strip() for c in captions], padding="max_length", max_length=max_sequence_length,
+                    truncation=True, add_special_tokens=True, padding_side="left", return_tensors="pt")
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    hidden = parts.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    states = torch.stack(hidden, dim=-1).flatten(2, 3)
+    video, audio, keep = parts.connectors(states.to(_dtype(parts.connectors)), mask, padding_side="left")
+    return video, audio, keep
+
+
+def _dtype(model: Any) -> torch.dtype:
+    return next(getattr(model, "module", model).parameters()).dtype
 
 
 def _config(model: Any) -> Any:
@@ -145,6 +183,7 @@ class VideoFlowModel:
     pipelines: tuple[str, ...] = ()  # the pipelines whose prompts `encode` repeats
     attention: tuple[str, ...] = ()  # --lora_layers attn: targets.TRANSFORMER_PRESETS'
     guidance = 3.5  # --guidance_scale's default for a transformer that embeds the guidance
+    targets: tuple[str, ...] = ()  # --lora_layers default: the model's defaults (targeting.dit_target_modules)
     frames_factor = 4
     default_frames = 81
 
@@ -297,5 +336,44 @@ class HunyuanVideo15(VideoFlowModel):
             return_dict=False)[0]
 
 
+class LTX2(VideoFlowModel):
+    family, pipelines = "ltx2", ("LTX2Pipeline",)
+    frames_factor, default_frames = 8, 121
+    # Lightricks' video-only targets (ltx-trainer's training-modes guide): the video self / text attention and
+    # feed-forward; `audio_attn1.to_k` and `audio_ff.net.2` do not end in `.attn1.to_k` / `.ff.net.2`
+    attention = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0")
+    targets = (*attention, "ff.net.0.proj", "ff.net.2")
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        x = vae.encode(pixels).latent_dist.mode()  # the mean, as LTX2ImageToVideoPipeline encodes ("argmax")
+        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
+        std = vae.latents_std.view(1, -1, 1, 1, 1).to(x)
+        return (x - mean) * vae.config.scaling_factor / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_ltx2(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        from diffusers import LTX2Pipeline
+
+        video_states, audio_states, mask = (c.to(noisy.dtype) if c.is_floating_point() else c for c in cond)
+        b, _, f, h, w = noisy.shape
+        config = _config(parts.transformer)
+        p, pt = config.patch_size, config.patch_size_t
+        t = timesteps.to(device)
+        # ltx-core's audio=None: with the cross attention off the video never reads the audio stream, which gets one
+        # silent token (not none: attention kernels on empty sequences are not a given on every device)
+        no_audio = noisy.new_zeros(b, 1, config.audio_in_channels)
+        pred = parts.transformer(
+            hidden_states=LTX2Pipeline._pack_latents(noisy, p, pt), audio_hidden_states=no_audio,
+            encoder_hidden_states=video_states, audio_encoder_hidden_states=audio_states,
+            timestep=t, sigma=t, encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=f,
+            height=h, width=w, fps=getattr(args, "frame_rate", 25.0), audio_num_frames=1, isolate_modalities=True,
+            use_cross_timestep=True, return_dict=False)[0]
+        return LTX2Pipeline._unpack_latents(pred, f // pt, h // p, w // p, p, pt)
+
+
 # Any: flow_models.FLOW_MODELS holds FlowModels, these are such by their interface
-VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), HunyuanVideo(), HunyuanVideo15())
+VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), LTX2(), HunyuanVideo(), HunyuanVideo15())

@@ -24,7 +24,7 @@ from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
 from .checks import check_export, check_not_fused, check_pipeline
 from .errors import TrainingInputError
-from .family import MOVED, TrainingFamily, member, training_family
+from .family import FP32, MOVED, TrainingFamily, member, training_family
 from .flow import flow_loss
 from .loop import (
     ADAPTER,
@@ -60,8 +60,9 @@ def main(description: str, dreambooth: bool, argv: list[str] | None = None, fami
 
 
 FLOW_DESCRIPTION = ("DreamBooth with LoKr for the flow-matching models (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image, "
-                    "Qwen-Image, Chroma, Lumina 2, HiDream-I1; the video models Wan, LTX-Video, HunyuanVideo and "
-                    "HunyuanVideo 1.5 on clips; the family told from the model folder), with prior preservation")
+                    "Qwen-Image, Chroma, Lumina 2, HiDream-I1; the video models Wan, LTX-Video, LTX-2 (video only), "
+                    "HunyuanVideo and HunyuanVideo 1.5 on clips; the family told from the model folder), with prior "
+                    "preservation")
 
 
 def flow_cli(argv: list[str] | None = None) -> int:
@@ -233,7 +234,7 @@ def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -
     pipe.set_progress_bar_config(disable=True)
     for c in MOVED:
         if getattr(pipe, c, None) is not None:
-            getattr(pipe, c).requires_grad_(False).to(device, torch.float32 if c == "vae" else weight_dtype)
+            getattr(pipe, c).requires_grad_(False).to(device, torch.float32 if c in FP32 else weight_dtype)
     sdxl = args.family == "sd" and (args.sdxl or getattr(pipe, "text_encoder_2", None) is not None)
     return pipe, sdxl, family
 

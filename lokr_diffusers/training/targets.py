@@ -31,15 +31,17 @@ def unet_targets(value: str) -> list[str]:
 
 def denoiser_targets(args: Any) -> list[str] | None:
     """The denoiser's target modules: --unet_target_modules (SD) or --lora_layers (a flow family; None: the
-    model's defaults; `attn` for the family the model is of, args.model_family, once the model is known)."""
+    model's defaults; `attn` and `default` for the family the model is of, args.model_family, once the model is
+    known, where its piece names its own)."""
     if getattr(args, "family", "sd") == "sd":
         return unet_targets(args.unet_target_modules)
     value = args.lora_layers
-    if value == "attn" and getattr(args, "model_family", None):  # a family whose attention has other names
+    if value in ("attn", "default") and getattr(args, "model_family", None):  # a family's own presets
         from .flow_models import FLOW_MODELS
 
         piece = FLOW_MODELS.get(args.model_family)
-        if piece is not None and piece.attention:
-            return list(piece.attention)
+        own = (piece.attention if value == "attn" else piece.targets) if piece is not None else ()
+        if own:  # attention of other names; LTX-2: its video stream only (trained without audio)
+            return list(own)
     return TRANSFORMER_PRESETS[value] if value in TRANSFORMER_PRESETS else \
         [t.strip() for t in value.split(",") if t.strip()]
