@@ -29,7 +29,6 @@ NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
 NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
            "ltx2": "its transformer alone is tested (tests/helpers/dit_models.py), in bare pipelines",
-           "qwenimage21": "no tiny pipeline yet (a Qwen3-VL encoder); tiny transformer: helpers/dit_models.py",
            "hunyuanvideo15": "not built yet (Qwen2.5-VL, ByT5, a video VAE): tests use its tiny transformer"}
 # DiT families whose diffusers paths ComfyUI's key map takes none of (their files reach ComfyUI by original names)
 NO_COMFYUI_PATHS = {"lumina2": "ComfyUI's Lumina2 branch maps Z-Image's diffusers spellings (z_image_to_diffusers)",

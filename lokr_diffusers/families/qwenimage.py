@@ -76,5 +76,5 @@ QWENIMAGE21 = ModelFamily(
     detect=Detection(kind=(QWEN21_SIGN,)),
     kohya=Kohya("qwen_image_21"),  # no trainer's spelling read: Qwen-Image's with the version
     originals=ORIGINALS_21, roles=ROLES_21, comfyui_paths=COMFYUI_PATHS_21, tags=("qwen-image",),
-    aliases=("qwen21",),
+    aliases=("qwen21",), tiny="helpers.tiny_qwen21:make_qwenimage21_pipeline",
 )
