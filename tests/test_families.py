@@ -138,7 +138,8 @@ def test_training_families_come_from_the_records() -> None:
     sd, flux, sd3 = training_family("sd"), training_family("flux"), training_family("sd3")
     assert (sd.members, flux.members, sd3.members) == (("sd1", "sd2", "sdxl"), ("flux",), ("sd3",))
     flow = training_family("flow")  # one script for every flow family; its defaults differ, so are the family's
-    assert flow.members == ("flux", "sd3", "flux2", "zimage", "wan", "ltxvideo", "qwenimage", "chroma", "lumina2")
+    assert flow.members == ("flux", "sd3", "flux2", "zimage", "wan", "ltxvideo", "qwenimage", "qwenimage21", "chroma",
+                            "lumina2")
     assert flow.denoiser == "transformer" and flow.flow
     assert (flow.weighting_scheme, flow.max_sequence_length) == (None, None)
     assert training_family("zimage").text_encoders == training_family("flux2").text_encoders == ()

@@ -246,8 +246,9 @@ def _setup(args: Any, steps: int) -> Session:
     models = accelerator.prepare(*raw.values())
     models = models if isinstance(models, tuple) else (models,)
     parts = SimpleNamespace(**{c: getattr(pipe, c) for c in ("vae", "tokenizer", "tokenizer_2", "tokenizer_3",
-                                                              "text_encoder", "text_encoder_2", "text_encoder_3",
-                                                              "transformer", "transformer_2") if hasattr(pipe, c)})
+                                                              "processor", "text_encoder", "text_encoder_2",
+                                                              "text_encoder_3", "transformer", "transformer_2")
+                               if hasattr(pipe, c)})
     parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
