@@ -27,8 +27,7 @@ from lokr_diffusers.training.family import MOVED, training_family
 PACKAGE = Path(__file__).resolve().parents[1] / "lokr_diffusers"
 NAMES = list(FAMILIES)
 # families without a tiny pipeline, and why
-NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it",
-           "qwenimage21": "no tiny pipeline yet (a Qwen3-VL encoder); tiny transformer: helpers/dit_models.py"}
+NO_TINY = {"sd2": "its UNet is SD1.x's at other sizes with linear projections: SD1.x's tiny pipeline covers it"}
 # DiT families whose diffusers paths ComfyUI's key map takes none of (their files reach ComfyUI by original names)
 NO_COMFYUI_PATHS = {"lumina2": "ComfyUI's Lumina2 branch maps Z-Image's diffusers spellings (z_image_to_diffusers)",
                     "hunyuanvideo15": "ComfyUI's HunyuanVideo branch takes Tencent's names, not diffusers paths",
@@ -137,8 +136,8 @@ def test_training_families_come_from_the_records() -> None:
     sd, flux, sd3 = training_family("sd"), training_family("flux"), training_family("sd3")
     assert (sd.members, flux.members, sd3.members) == (("sd1", "sd2", "sdxl"), ("flux",), ("sd3",))
     flow = training_family("flow")  # one script for every flow family; its defaults differ, so are the family's
-    assert flow.members == ("flux", "sd3", "flux2", "zimage", "wan", "ltxvideo", "ltx2", "qwenimage", "hidream",
-                            "chroma", "lumina2", "hunyuanvideo15", "hunyuanvideo")
+    assert flow.members == ("flux", "sd3", "flux2", "zimage", "wan", "ltxvideo", "ltx2", "qwenimage", "qwenimage21",
+                            "hidream", "chroma", "lumina2", "hunyuanvideo15", "hunyuanvideo")
     assert flow.denoiser == "transformer" and flow.flow
     assert (flow.weighting_scheme, flow.max_sequence_length) == (None, None)
     assert training_family("zimage").text_encoders == training_family("flux2").text_encoders == ()

@@ -39,8 +39,8 @@ ARGS = SimpleNamespace(max_sequence_length=16, text_encoder_out_layers=(9, 18, 2
 def test_every_flow_family_has_its_piece() -> None:
     """A family trained by the flow script has a piece, and a piece belongs to such a family."""
     flow = {f.name for f in families.FAMILIES.values() if f.training is not None and f.training.script == "flow"}
-    assert flow == set(FLOW_MODELS) == {"flux", "sd3", "flux2", "zimage", "chroma", "qwenimage", "lumina2", "wan",
-                                        "ltxvideo", "ltx2", "hidream", "hunyuanvideo",
+    assert flow == set(FLOW_MODELS) == {"flux", "sd3", "flux2", "zimage", "chroma", "qwenimage", "qwenimage21",
+                                        "lumina2", "hidream", "wan", "ltxvideo", "ltx2", "hunyuanvideo",
                                         "hunyuanvideo15"}
     with pytest.raises(ValueError, match="no flow-matching training"):
         flow_model("sdxl")

@@ -76,5 +76,8 @@ QWENIMAGE21 = ModelFamily(
     detect=Detection(kind=(QWEN21_SIGN,)),
     kohya=Kohya("qwen_image_21"),  # no trainer's spelling read: Qwen-Image's with the version
     originals=ORIGINALS_21, roles=ROLES_21, comfyui_paths=COMFYUI_PATHS_21, tags=("qwen-image",),
-    aliases=("qwen21",),
+    aliases=("qwen21",), tiny="helpers.tiny_qwen21:make_qwenimage21_pipeline",
+    # diffusers has no Qwen-Image 2.1 training script: Qwen-Image's (train_dreambooth_lora_qwen_image.py: uniform σ,
+    # 512 tokens, the transformer only); QwenImage21Pipeline itself does not cut the caption
+    training=Training("flow", (), weighting_scheme="none", max_sequence_length=512),
 )

@@ -230,6 +230,11 @@ def check_pipeline(pipe: Any, args: Any, family: Any = None) -> None:
     if family.name == "sd" and args.sdxl and getattr(pipe, "text_encoder_2", None) is None:
         raise _fail(f"--sdxl: {name} has no text_encoder_2, so it is not an SDXL pipeline; leave --sdxl out")
     step, least = min_resolution(pipe)
+    if family.flow and len(family.members) == 1:  # Qwen-Image 2.1: 2x2 latent tokens to an image slot
+        from .flow_models import FLOW_MODELS
+
+        multiple = getattr(FLOW_MODELS.get(family.name), "latent_multiple", 1)
+        step, least = step * multiple, least * multiple
     if args.resolution % step or args.resolution < least:
         raise _fail(f"--resolution {args.resolution}: {name} needs a multiple of {step} of at least {least} "
                     f"(its VAE and {family.denoiser} halve the image {int(math.log2(least))} times)")

@@ -2,8 +2,8 @@
 (lokr_diffusers/families/: `ModelFamily.training`): which component denoises, which must be there, which text
 encoders --train_text_encoder trains, and the loss (loop.diffusion_loss for the UNet's noise / v prediction,
 flow.flow_loss for flow matching). A script trains several families (the UNet scripts: SD1.x, SD2.x, SDXL; the flow
-script: FLUX.1, SD3.x, FLUX.2 [klein], Z-Image, Qwen-Image, Chroma, Lumina 2): what they share; `member` narrows it
-to the one a model is of."""
+script: FLUX.1, SD3.x, FLUX.2 [klein], Z-Image, Qwen-Image, Qwen-Image 2.1, Chroma, Lumina 2): what they share;
+`member` narrows it to the one a model is of."""
 
 from __future__ import annotations
 

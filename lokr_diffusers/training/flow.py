@@ -1,9 +1,9 @@
 """The flow-matching (rectified flow) training loss shared by every flow family (FLUX.1, SD3.x, FLUX.2 [klein],
-Z-Image, Qwen-Image, Chroma, Lumina 2, HiDream-I1; the video families Wan, LTX-Video, HunyuanVideo and HunyuanVideo
-1.5, whose latents have a frame axis), as diffusers' train_dreambooth_lora_flux.py / _sd3.py / _flux2_klein.py /
-_z_image.py / _qwen_image.py / _lumina2.py / _hidream.py compute it, with every random draw from the step's generator
-(exact resume). What differs between the families (latents, prompts, the transformer's call) is each family's piece
-in flow_models.py (flow_video.py for video).
+Z-Image, Qwen-Image, Qwen-Image 2.1, Chroma, Lumina 2, HiDream-I1; the video families Wan, LTX-Video, LTX-2,
+HunyuanVideo and HunyuanVideo 1.5, whose latents have a frame axis), as diffusers' train_dreambooth_lora_flux.py /
+_sd3.py / _flux2_klein.py / _z_image.py / _qwen_image.py / _lumina2.py / _hidream.py compute it, with every random
+draw from the step's generator (exact resume). What differs between the families (latents, prompts, the
+transformer's call) is each family's piece in flow_models.py (flow_video.py for video).
 
 Per micro-batch, x the family's latents of the images, ε ~ N(0, I):
     u ~ the --weighting_scheme density (uniform, logit-normal, mode), index = ⌊u · N⌋ into the

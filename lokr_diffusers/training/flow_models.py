@@ -5,7 +5,7 @@ in `FLOW_MODELS` under the family's name (lokr_diffusers/families/); the loss ne
 Every piece works on latents of shape (B, C, h, w) in the space the flow is drawn in, x_σ = (1 − σ) · x + σ · ε, and
 returns the transformer's velocity v ≈ ε − x in that same space. Facts read, never copied, from diffusers 0.42.1's
 pipelines (FluxPipeline, StableDiffusion3Pipeline, Flux2KleinPipeline, ZImagePipeline, ChromaPipeline,
-QwenImagePipeline, Lumina2Pipeline, HiDreamImagePipeline) and its train_dreambooth_lora_* scripts;
+QwenImagePipeline, QwenImage21Pipeline, Lumina2Pipeline, HiDreamImagePipeline) and its train_dreambooth_lora_* scripts;
 tests/test_training_flow*.py hold the encoders equal to the pipelines' `encode_prompt` and the velocities equal to
 the pipelines' own denoising step.
 
@@ -26,6 +26,11 @@ the pipelines' own denoising step.
       (Qwen-Image)    as FLUX.1 with img_shapes (1, h/2, w/2); timestep t / 1000; Qwen2.5-VL's last hidden state of
                       the chat-formatted caption less the template's 34 leading tokens, padded with a mask (None
                       when nothing is padded)
+    qwenimage21       x = (VAE mode − latents_mean) / latents_std per channel of the RGBA image (RGB made opaque;
+      (Qwen-Image     16x: h = H/16), unpacked: tokens (B, h · w, C) row-major after the text, img_shapes (1, h, w)
+       2.1)           and one image slot per 2x2 latent tokens; timestep t / 1000; Qwen3-VL's last decoder layer
+                      before its final norm, of the templated caption left-padded, the system turn's tokens dropped,
+                      with a mask (None when nothing is padded); its output's last h · w tokens are v ≈ ε − x
     lumina2           x = (VAE sample − shift) · scale, unpacked (B, C, h, w); timestep 1 − σ; Gemma-2's
       (Lumina 2)      penultimate hidden state of "<system prompt> <Prompt Start> <caption>" with its mask; predicts
                       x − ε (the pipeline negates it). diffusers' script draws σ as the data's share (a reversed
@@ -161,6 +166,48 @@ def encode_qwenimage(parts: Any, captions: list[str], max_sequence_length: int, 
     return embeds, None if bool(keep.all()) else keep
 
 
+# Qwen-Image 2.1's text-to-image prompt: a raw template (not the processor's chat template) with this system turn;
+# the encoder's states of the system turn's tokens, as the processor's chat template tokenizes that turn alone, are
+# dropped (QwenImage21Pipeline, diffusers 0.42.1)
+QWEN21_SYSTEM = "Comprehend and analyze the provided prompt."
+QWEN21_TEMPLATE = (f"<|im_start|>system\n{QWEN21_SYSTEM}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+
+
+def encode_qwenimage21(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
+                       ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(states (B, L, D), mask (B, L) or None when no caption is padded, image slots (B, L) bool, all False), as
+    QwenImage21Pipeline.encode_prompt for a text-to-image prompt: the Qwen3-VL last decoder layer's output (before
+    the final norm: the pipeline hooks the norm out) for each templated caption, the batch padded on the left as the
+    pipeline's processor call does, each caption's padding and system-turn tokens removed, zero-padded on the right
+    to the longest; then cut at `max_sequence_length` tokens (the pipeline does not cut: equal for shorter
+    captions). The image slots are the `<|image_pad|>` positions the transformer's `img_mask` starts with."""
+    processor = parts.processor
+    texts = [QWEN21_TEMPLATE.format(c or " ") for c in captions]  # an empty caption is a space, as the pipeline's
+    system = [{"role": "system", "content": [{"type": "text", "text": QWEN21_SYSTEM}]}]
+    drop = len(processor.apply_chat_template(system, tokenize=True, return_dict=False)[0])
+    image_pad = processor.tokenizer.encode("<|image_pad|>")[0]
+    enc = processor(text=texts, padding=True, padding_side="left", return_tensors="pt").to(device)
+    inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "output_hidden_states": True}
+    if "mm_token_type_ids" in enc:  # Qwen3-VL's rope index reads it
+        inputs["mm_token_type_ids"] = enc.mm_token_type_ids
+    encoder = getattr(parts.text_encoder, "module", parts.text_encoder)
+    text_model = getattr(encoder.model, "language_model", encoder.model)
+    handle = text_model.norm.register_forward_hook(lambda module, args, output: args[0])  # its input, unnormed
+    try:
+        states = parts.text_encoder(**inputs).hidden_states[-1]
+    finally:
+        handle.remove()
+    masks = enc.attention_mask.bool()
+    kept = [s[m][drop:] for s, m in zip(states, masks, strict=True)]
+    slots = [(ids[m] == image_pad)[drop:] for ids, m in zip(enc.input_ids, masks, strict=True)]
+    n = max(k.shape[0] for k in kept)
+    embeds = torch.stack([F.pad(k, (0, 0, 0, n - k.shape[0])) for k in kept])[:, :max_sequence_length]
+    keep = torch.stack([(torch.arange(n, device=device) < k.shape[0]).long() for k in kept])[:, :max_sequence_length]
+    image = torch.stack([F.pad(s, (0, n - s.shape[0])) for s in slots])[:, :max_sequence_length]
+    return embeds, None if bool(keep.all()) else keep, image
+
+
 # Lumina 2's system prompt before every caption (Lumina2Pipeline's default, diffusers 0.42.1)
 LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
                   "alignment based on textual prompts or user prompts.")
@@ -232,6 +279,7 @@ class FlowModel:
     def prepare(self, pipe: Any) -> None:
         """Set the loaded pipeline up for training, once, before anything is added to it (most families: nothing)."""
     targets: tuple[str, ...] = ()  # --lora_layers default for this family (empty: the model's defaults)
+    latent_multiple: int = 1  # the latents' sides must be multiples of this (checks.check_pipeline's --resolution)
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, h, w): the images in the space the flow is drawn in."""
@@ -390,6 +438,41 @@ class QwenImage(FlowModel):
         return _unpack(pred, h, w)
 
 
+class QwenImage21(FlowModel):
+    """Qwen-Image 2.1, text to image. Its condition images (the pipeline's `image`) are not trained here."""
+
+    family, pipelines = "qwenimage21", ("QwenImage21Pipeline",)
+    attention = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # one stream: no add_* projections
+    latent_multiple = 2  # each image slot of the text sequence stands for 2x2 latent tokens
+
+    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
+        # the VAE reads RGBA: an RGB image is opaque (alpha 1 in [-1, 1]), as the pipeline's convert("RGBA"); the
+        # posterior's mode, normalised per channel (the pipeline's _encode_vae_image, its only image encoding)
+        channels = vae.config.in_channels // (vae.config.patch_size or 1) ** 2
+        if pixels.shape[1] < channels:
+            pixels = torch.cat([pixels, pixels.new_ones(pixels.shape[0], channels - pixels.shape[1],
+                                                        *pixels.shape[2:])], dim=1)
+        x = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().squeeze(2)  # one frame
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
+        return (x - mean) / std
+
+    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
+        return encode_qwenimage21(parts, captions, args.max_sequence_length, device)
+
+    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
+                 device: torch.device) -> Tensor:
+        embeds, mask, image = cond
+        b, c, h, w = noisy.shape
+        tokens = noisy.reshape(b, c, h * w).transpose(1, 2)  # (B, h · w, C), row-major: no patches
+        # the text's image slots, then one slot per 2x2 group of the target's latent tokens, appended
+        slots = torch.cat([image, image.new_ones(b, h * w // 4)], dim=1)
+        pred = parts.transformer(hidden_states=tokens, timestep=timesteps / 1000,
+                                 encoder_hidden_states=embeds.to(noisy.dtype), encoder_hidden_states_mask=mask,
+                                 img_shapes=[[(1, h, w)]] * b, img_mask=slots, return_dict=False)[0]
+        return pred[:, -h * w:].transpose(1, 2).reshape(b, c, h, w)  # the target's tokens end the joint sequence
+
+
 class Lumina2(FlowModel):
     family, pipelines = "lumina2", ()
 
@@ -439,7 +522,7 @@ class HiDream(FlowModel):
 
 
 FLOW_MODELS: dict[str, FlowModel] = {m.family: m for m in (Flux1(), SD3(), Flux2Klein(), ZImage(), Chroma(),
-                                                           QwenImage(), Lumina2(), HiDream())}
+                                                           QwenImage(), QwenImage21(), Lumina2(), HiDream())}
 
 
 def flow_model(family: str) -> FlowModel:

@@ -112,9 +112,10 @@ def make_t5_tokenizer(max_length: int = 512) -> T5TokenizerFast:
                                                extra_ids=0, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
-def write_qwen_tokenizer_files(directory: str, words: tuple[str, ...] = WORDS) -> str:
+def write_qwen_tokenizer_files(directory: str, words: tuple[str, ...] = WORDS,
+                               special: tuple[str, ...] = QWEN_SPECIAL) -> str:
     """Byte-level BPE vocab.json + merges.txt as Qwen2 writes them: the 256 byte symbols, each word merged
-    whole then with its leading space (`Ġ`, so " dog" is one token), then the chat special tokens."""
+    whole then with its leading space (`Ġ`, so " dog" is one token), then the `special` tokens (the chat's)."""
     os.makedirs(directory, exist_ok=True)
     vocab = {s: i for i, s in enumerate(_byte_symbols())}
     merges: list[str] = []
@@ -130,7 +131,7 @@ def write_qwen_tokenizer_files(directory: str, words: tuple[str, ...] = WORDS) -
         for c in word[1:]:
             whole = merge(whole, c)
         merge("Ġ", whole)
-    for token in QWEN_SPECIAL:
+    for token in special:
         vocab[token] = len(vocab)
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as fh:
         json.dump(vocab, fh, ensure_ascii=False)
