@@ -6,7 +6,7 @@ HunyuanVideo15Pipeline.encode_prompt (Qwen2.5-VL chat states and ByT5 states of 
 velocity the loss trains equals the one a denoising step of the pipeline applies, its guider set to the conditional
 prediction alone (the step's latents read before and after it: v = (x_after − x) / (σ_next − σ), so a wrong sign or
 timestep convention fails); the latents equal the image-to-video pipeline's encoding of a one-frame clip. The flow
-script end to end on a folder of clips (-m slow): the family told from the folder, exact resume, the file reloads to
+script end to end on a folder of clips: the family told from the folder, exact resume, the file reloads to
 the trained outputs, the loss on the training set falls; --export_format comfyui refused before the first step.
 """
 
@@ -156,7 +156,6 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
                          torch.Generator().manual_seed(0), torch.float32, CPU, prompts=prompts).item()
 
 
-@pytest.mark.slow
 def test_the_flow_script_trains_hunyuanvideo15_on_clips(tmp_path) -> None:
     """The flow script tells HunyuanVideo 1.5 from the folder, reads the clips, trains (a validation video through
     the pipeline), resumes from a checkpoint to the very same adapter, and its file loads back to the trained
@@ -194,7 +193,7 @@ def test_the_flow_script_trains_hunyuanvideo15_on_clips(tmp_path) -> None:
 def test_an_export_comfyui_of_the_token_refiners_qkv_is_refused_before_the_first_step(tmp_path) -> None:
     """--lora_layers attn also takes the token refiner's to_q / to_k / to_v, which one by one have no ComfyUI name
     (rows of one original self_attn_qkv): --export_format comfyui is refused before training, nothing written. (The
-    default targets, the double blocks, export: the slow test above.)"""
+    default targets, the double blocks, export: the end-to-end test above.)"""
     model = str(tmp_path / "model")
     pipeline().save_pretrained(model, safe_serialization=True)
     data = make_clip_folder(str(tmp_path / "data"), clips=1, frames=5, size=16)

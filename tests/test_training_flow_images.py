@@ -189,10 +189,8 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
                          prompts=prompts).item()
 
 
-# one family end to end in the default suite; the others' encoders and velocities run above
-@pytest.mark.parametrize("family", ["lumina2", pytest.param("chroma", marks=pytest.mark.slow),
-                                    pytest.param("qwenimage", marks=pytest.mark.slow),
-                                    pytest.param("hidream", marks=pytest.mark.slow)])
+# every family end to end in the default suite (tiny pipelines: a few seconds each)
+@pytest.mark.parametrize("family", ["lumina2", "chroma", "qwenimage", "hidream"])
 def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path, family: str) -> None:
     """The one flow script tells the family from the model folder, trains it (the loss on the training set falls),
     resumes from a checkpoint to the very same adapter, and its file loads back to the trained model's outputs."""

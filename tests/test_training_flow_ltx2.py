@@ -6,7 +6,7 @@ through the pipeline's `connectors`; its latents the pipeline's own normalisatio
 one a denoising step of the pipeline applies when the step's video prediction is the modality-isolated one (the
 pipeline's modality guidance at modality_scale 0: x0 + (0 − 1) · (x0 − x0_isolated) = x0_isolated, no classifier-free
 guidance, no STG, no rescale), read back as tests/test_training_flow_video.py reads Wan's and LTX-Video's. The flow
-script end to end on a folder of clips (-m slow).
+script end to end on a folder of clips.
 """
 
 from __future__ import annotations
@@ -198,7 +198,6 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
                          torch.Generator().manual_seed(0), torch.float32, CPU, prompts=prompts).item()
 
 
-@pytest.mark.slow
 def test_the_flow_script_trains_ltx2_on_clips(tmp_path) -> None:
     """The flow script tells LTX-2 from the folder, reads 9-frame clips, trains 4 steps, resumes from a checkpoint to
     the very same adapter, writes a validation video and a ComfyUI file, and its file loads back to the trained

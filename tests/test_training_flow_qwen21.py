@@ -9,7 +9,7 @@ the one the pipeline's own denoising step applies (one Euler step from given lat
 v = (x_after − x) / (σ_next − σ)), on a 64 x 96 image (4 x 6 latent tokens, not square): that pins the token order,
 img_shapes, the image slots, the timestep convention (t / 1000) and the sign.
 
-The flow script end to end (slow): the family told from the folder (Qwen-Image and Qwen-Image 2.1 are two records
+The flow script end to end: the family told from the folder (Qwen-Image and Qwen-Image 2.1 are two records
 of the one script), exact resume, the ComfyUI file written, the file reloads to the trained outputs.
 """
 
@@ -182,7 +182,6 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
                          prompts=prompts).item()
 
 
-@pytest.mark.slow
 def test_the_flow_script_trains_resumes_exactly_and_its_file_reloads(tmp_path) -> None:
     """The one flow script tells Qwen-Image 2.1 from the model folder, trains it (the loss on the training set
     falls), resumes from a checkpoint to the very same adapter, writes its ComfyUI file, and its file loads back

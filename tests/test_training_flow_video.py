@@ -281,9 +281,7 @@ def _fixed_loss(pipe, family: str, batch: dict, prompts: dict) -> float:
                          torch.Generator().manual_seed(0), torch.float32, CPU, prompts=prompts).item()
 
 
-# LTX-Video's run costs a few more seconds (its VAE encodes 9 frames at 32 px): -m slow; its pieces run above
-@pytest.mark.parametrize("family", ["wan", pytest.param("ltxvideo", marks=pytest.mark.slow),
-                                    pytest.param("hunyuanvideo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["wan", "ltxvideo", "hunyuanvideo"])
 def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, caplog) -> None:
     """The flow script tells the video family from the folder, reads the clips (--num_frames fitted to the VAE:
     6 -> 5 for Wan), trains, resumes from a checkpoint to the very same adapter, and its file loads back to the
