@@ -219,9 +219,44 @@ def test_the_clip_reader_reads_frame_folders_and_gifs(tmp_path) -> None:
         check_clips(pairs, 9, "--instance_data_dir")
 
 
-def test_a_video_file_without_pyav_is_refused_naming_it(tmp_path) -> None:
-    if importlib.util.find_spec("av") is not None:
-        pytest.skip("PyAV is installed here")
+def write_video(path: str, frames: list[Image.Image], fps: int = 8) -> str:
+    """An MPEG-4 video of `frames` written with PyAV (the test extra installs it)."""
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for im in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(im.convert("RGB")), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_a_video_file_is_read_with_pyav(tmp_path) -> None:
+    """A video file's frames, decoded by PyAV, are the frames written (a lossy codec: colours within a few levels),
+    counted and windowed as a frame folder's; a clip too short for --num_frames is skipped by name."""
+    import numpy as np
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    frames = [Image.new("RGB", (32, 32), c) for c in COLOURS[:6]]
+    write_video(str(folder / "clip.mp4"), frames)
+    write_video(str(folder / "short.mp4"), frames[:2])
+    (folder / "clip.txt").write_text("a video of sks dog")
+    pairs = load_clip_folder(str(folder))
+    assert dict(pairs)[str(folder / "clip.mp4")] == "a video of sks dog"
+    got = read_frames(str(folder / "clip.mp4"), start=1, count=4)
+    assert len(got) == 4 and all(im.size == (32, 32) and im.mode == "RGB" for im in got)
+    for im, want in zip(got, COLOURS[1:5], strict=True):
+        assert np.abs(np.asarray(im, dtype=np.int16).mean((0, 1)) - np.asarray(want)).max() < 12
+    assert check_clips(pairs, 5, "--instance_data_dir") == [(str(folder / "clip.mp4"), "a video of sks dog")]
+
+
+def test_a_video_file_without_pyav_is_refused_naming_it(tmp_path, monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")

@@ -1,11 +1,12 @@
-"""Video clips for the video families (Wan, LTX-Video): folders of clips with captions, checked before training
-starts, read into (3, F, R, R) tensors by the image data's transform (data.py), the same crop and flip on every frame.
+"""Video clips for the video families (Wan, LTX-Video, LTX-2, HunyuanVideo, HunyuanVideo 1.5): folders of clips with
+captions, checked before training starts, read into (3, F, R, R) tensors by the image data's transform (data.py), the
+same crop and flip on every frame.
 
 A clip is
 - a sub-folder of frames: its PNG / JPEG / WebP / BMP files in name order, one folder one clip;
 - an animated GIF (.gif), decoded with PIL;
-- a video file (.mp4, .webm, .mov, .mkv, .avi, .m4v), decoded with PyAV (`pip install av`) when it is installed: without
-  it a video file is refused before training with a message naming the package;
+- a video file (.mp4, .webm, .mov, .mkv, .avi, .m4v), decoded with PyAV (`pip install "lokr-diffusers[video]"`) when
+  it is installed: without it a video file is refused before training with a message naming the package;
 - an image directly in the data folder: a clip of one frame (Wan trains stills as one-frame clips: --num_frames 1).
 Captions as for images (folders.py): `metadata.jsonl` whose `file_name` names the clip (the file or the frame
 folder, relative to the data folder), else a `.txt` beside it with its name (clip.gif -> clip.txt, frames/ ->
@@ -34,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 GIF_EXTENSIONS = (".gif",)
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
-NEEDS_PYAV = ("decoding video files needs PyAV: `pip install av` (or give the clip as a folder of PNG frames or an "
-              "animated GIF)")
+NEEDS_PYAV = ("decoding video files needs PyAV: `pip install av` (lokr-diffusers[video]; or give the clip as a folder "
+              "of PNG frames or an animated GIF)")
 
 
 # ------------------------------------------------------------------------------------------------- readers
