@@ -146,21 +146,25 @@ def test_the_velocity_is_the_pipelines(family: str) -> None:
         assert model.latents(pipe.vae, pixels, torch.Generator()).shape == shape
 
 
-def test_hidream_trains_on_the_transformers_inference_outputs() -> None:
+def test_hidream_trains_on_the_transformers_inference_outputs(tmp_path) -> None:
     """In train mode HiDream's transformer returns tokens (B, C, h/2 · w/2, 4) and adds its experts' load-balancing
-    loss; `prepare` (what diffusers' script does with force_inference_output=True) makes train mode give the
+    loss; the piece loads it with force_inference_output=True (as diffusers' script), so that train mode gives the
     inference outputs, the velocity the pipeline samples with."""
     pipe = families.build_tiny("hidream")
+    pipe.save_pretrained(str(tmp_path), safe_serialization=True)
     model = flow_model("hidream")
     x = torch.randn(SHAPES["hidream"], generator=torch.Generator().manual_seed(0))
     t = torch.tensor([300.0, 800.0])
     args = _args("hidream")
     cond = model.encode(pipe, list(CAPTIONS), args, CPU)
+    loaded = model.load_components(SimpleNamespace(pretrained_model_name_or_path=str(tmp_path), revision=None,
+                                                   variant=None))
+    assert set(loaded) == model.supplies(SimpleNamespace()) == {"transformer"}
     with torch.no_grad():
         want = model.velocity(pipe, x, t, cond, args, CPU)
         pipe.transformer.train()
         assert model.velocity(pipe, x, t, cond, args, CPU).shape == (2, 4, 64, 4)
-        model.prepare(pipe)
+        pipe.transformer = loaded["transformer"].train()
         torch.testing.assert_close(model.velocity(pipe, x, t, cond, args, CPU), want, rtol=1e-5, atol=1e-6)
 
 

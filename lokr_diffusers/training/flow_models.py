@@ -48,15 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flow_common import guidance_tensor, model_config
+
 
 def _ids(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Tensor:
     return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
-
-
-def _config(model: Any) -> Any:
-    """The model's config through an accelerate / DDP wrapper."""
-    return getattr(model, "module", model).config
 
 
 def _shift_scale(vae: Any, latents: Tensor) -> Tensor:
@@ -257,16 +254,6 @@ def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ the pieces
 
-def guidance_tensor(model: Any, parts: Any, args: Any, batch: int, device: torch.device, scale: float = 1.0
-                    ) -> Tensor | None:
-    """(B,) --guidance_scale (the family's `guidance` when not given) · `scale` for a transformer that embeds the
-    guidance (config.guidance_embeds); None for one that does not."""
-    if not getattr(_config(parts.transformer), "guidance_embeds", False):
-        return None
-    value = args.guidance_scale if getattr(args, "guidance_scale", None) is not None else model.guidance
-    return torch.full((batch,), value * scale, device=device)
-
-
 class FlowModel:
     """How flow matching trains one family (the module docstring). `family`: its registry name; `pipelines`: the
     pipeline classes whose prompt encoding `encode` repeats (empty: every pipeline of the family)."""
@@ -276,8 +263,17 @@ class FlowModel:
     attention: tuple[str, ...] = ()  # --lora_layers attn for this family (empty: targets.TRANSFORMER_PRESETS')
     guidance = 3.5  # --guidance_scale's default for a guidance-distilled model (diffusers' FLUX.1 script's)
 
-    def prepare(self, pipe: Any) -> None:
-        """Set the loaded pipeline up for training, once, before anything is added to it (most families: nothing)."""
+    missing_hint: str = ""  # what to pass for the components a model folder of the family may leave out
+
+    def supplies(self, args: Any) -> set[str]:
+        """The components `load_components` gives for these arguments (checked for before anything loads)."""
+        return set()
+
+    def load_components(self, args: Any) -> dict[str, Any]:
+        """Components to load the pipeline with (DiffusionPipeline.from_pretrained's keyword arguments) in place of
+        the model folder's (most families: none)."""
+        return {}
+
     targets: tuple[str, ...] = ()  # --lora_layers default for this family (empty: the model's defaults)
     latent_multiple: int = 1  # the latents' sides must be multiples of this (checks.check_pipeline's --resolution)
 
@@ -328,7 +324,7 @@ class SD3(FlowModel):
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_sd3(parts, captions, args.max_sequence_length, device,
-                          _config(parts.transformer).joint_attention_dim)
+                          model_config(parts.transformer).joint_attention_dim)
 
     def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
                  device: torch.device) -> Tensor:
@@ -498,15 +494,34 @@ class HiDream(FlowModel):
     attention = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "attn1.to_q_t", "attn1.to_k_t",
                  "attn1.to_v_t", "attn1.to_out_t")  # the image stream's, then the text stream's (double blocks)
 
-    def prepare(self, pipe: Any) -> None:
-        """The transformer's inference outputs in training too, as diffusers' script loads it
-        (force_inference_output=True): in train mode it would otherwise return tokens (B, C, h/2 · w/2, 4) and route
-        its mixture of experts through the load-balancing loss, whose gradient reaches the layers below."""
-        transformer = pipe.transformer
-        transformer.register_to_config(force_inference_output=True)
-        for module in transformer.modules():
-            if hasattr(module, "_force_inference_output"):
-                module._force_inference_output = True
+    missing_hint = "HiDream-I1's Llama-3.1: --pretrained_text_encoder_4_name_or_path"
+
+    def supplies(self, args: Any) -> set[str]:
+        llama = {"text_encoder_4", "tokenizer_4"} if getattr(args, "pretrained_text_encoder_4_name_or_path", None) \
+            else set()
+        return {"transformer", *llama}
+
+    def load_components(self, args: Any) -> dict[str, Any]:
+        """The transformer loaded with force_inference_output=True, as diffusers' script loads it: in train mode it
+        would otherwise return tokens (B, C, h/2 · w/2, 4) and route its mixture of experts through the
+        load-balancing loss, whose gradient reaches the layers below. The Llama-3.1 text encoder and tokenizer from
+        --pretrained_text_encoder_4_name_or_path when given (HiDream's own folders leave them out; Llama 3's
+        tokenizer, which has no padding token, pads with its end token, as diffusers' script)."""
+        from diffusers import HiDreamImageTransformer2DModel
+
+        transformer = HiDreamImageTransformer2DModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant,
+            force_inference_output=True)
+        encoder = getattr(args, "pretrained_text_encoder_4_name_or_path", None)
+        if not encoder:
+            return {"transformer": transformer}
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(getattr(args, "pretrained_tokenizer_4_name_or_path", None) or encoder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return {"transformer": transformer, "text_encoder_4": LlamaForCausalLM.from_pretrained(encoder),
+                "tokenizer_4": tokenizer}
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_hidream(parts, captions, args.max_sequence_length, device)

@@ -61,6 +61,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .flow_common import guidance_tensor, model_config
+
 
 def encode_wan(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> Tensor:
     """UMT5 last hidden states (B, L, D) of the captions cleaned by Wan's own prompt_clean, zero after each caption's
@@ -107,24 +109,13 @@ def encode_hunyuanvideo(parts: Any, captions: list[str], max_sequence_length: in
 HV15_CROP, HV15_SKIP, HV15_BYT5_TOKENS, HV15_IMAGE_TOKENS = 108, 2, 256, 729
 
 
-def hv15_system_message() -> str:
-    """HunyuanVideo15Pipeline's system message, read off its Qwen encoder's default (the pipeline passes the same
-    text, kept in its __init__): line breaks of the source became runs of spaces."""
-    import inspect
-
-    from diffusers import HunyuanVideo15Pipeline
-
-    default = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
-    return str(default)
-
-
 def encode_hunyuanvideo15(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(Qwen states (B, L, D), their mask (B, L), ByT5 states (B, 256, D_2), their mask (B, 256)), as
     HunyuanVideo15Pipeline.encode_prompt (L = --max_sequence_length; the pipeline's 1000): masks 0 / 1 integers."""
     from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
 
-    system = hv15_system_message()
+    system = getattr(parts, "pipeline", parts).system_message  # the pipeline's (its __init__ sets it)
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": c or " "}] for c in captions]
     enc = parts.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
                                               padding="max_length", max_length=max_sequence_length + HV15_CROP,
@@ -134,7 +125,7 @@ def encode_hunyuanvideo15(parts: Any, captions: list[str], max_sequence_length: 
     embeds = states.hidden_states[-(HV15_SKIP + 1)][:, HV15_CROP:]
     glyph_states, glyph_masks = [], []
     byt5 = parts.text_encoder_2
-    width, dtype = _config(byt5).d_model, next(byt5.parameters()).dtype
+    width, dtype = model_config(byt5).d_model, next(byt5.parameters()).dtype
     for caption in captions:  # one at a time, as the pipeline: the quoted text of each, or nothing
         glyphs = extract_glyph_texts(caption)
         if glyphs is None:
@@ -170,11 +161,6 @@ def _dtype(model: Any) -> torch.dtype:
     return next(getattr(model, "module", model).parameters()).dtype
 
 
-def _config(model: Any) -> Any:
-    """The model's config through an accelerate / DDP wrapper."""
-    return getattr(model, "module", model).config
-
-
 class VideoFlowModel:
     """A flow_models.FlowModel by its interface (this module does not import flow_models, which registers these),
     with the clips' frame counts and the timesteps its transformer trains on."""
@@ -187,8 +173,15 @@ class VideoFlowModel:
     frames_factor = 4
     default_frames = 81
 
-    def prepare(self, pipe: Any) -> None:
-        """Set the loaded pipeline up for training (the video families: nothing)."""
+    missing_hint: str = ""  # what to pass for the components a model folder of the family may leave out
+
+    def supplies(self, args: Any) -> set[str]:
+        """The components `load_components` gives for these arguments (checked for before anything loads)."""
+        return set()
+
+    def load_components(self, args: Any) -> dict[str, Any]:
+        """Components to load the pipeline with in place of the model folder's (the video families: none)."""
+        return {}
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, F, h, w): the clips (B, 3, F, H, W) in the space the flow is drawn in."""
@@ -243,7 +236,7 @@ class Wan(VideoFlowModel):
         config = getattr(parts, "config", None)
         t = timesteps.to(device)
         if config is not None and getattr(config, "expand_timesteps", False):  # Wan 2.2 TI2V: one per token
-            _, ph, pw = _config(parts.transformer).patch_size
+            _, ph, pw = model_config(parts.transformer).patch_size
             t = t.view(b, 1).expand(b, f * (h // ph) * (w // pw))
         return parts.transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=cond.to(noisy.dtype),
                                  return_dict=False)[0]
@@ -268,7 +261,7 @@ class LTXVideo(VideoFlowModel):
 
         states, mask = cond
         _, _, f, h, w = noisy.shape
-        config = _config(parts.transformer)
+        config = model_config(parts.transformer)
         p, pt = config.patch_size, config.patch_size_t
         vae = parts.vae
         scale = (vae.temporal_compression_ratio / getattr(args, "frame_rate", 25), vae.spatial_compression_ratio,
@@ -295,8 +288,6 @@ class HunyuanVideo(VideoFlowModel):
 
     def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
                  device: torch.device) -> Tensor:
-        from .flow_models import guidance_tensor
-
         states, mask, pooled = cond
         guidance = guidance_tensor(self, parts, args, noisy.shape[0], device, scale=1000.0)  # the pipeline's · 1000
         return parts.transformer(hidden_states=noisy, timestep=timesteps.to(device),
@@ -328,7 +319,7 @@ class HunyuanVideo15(VideoFlowModel):
         dtype = noisy.dtype
         # text to video: a zero condition latent and a zero mask channel after the noisy latents
         model_input = torch.cat([noisy, noisy.new_zeros(b, c + 1, f, h, w)], dim=1)
-        image_embeds = noisy.new_zeros(b, HV15_IMAGE_TOKENS, _config(parts.transformer).image_embed_dim)
+        image_embeds = noisy.new_zeros(b, HV15_IMAGE_TOKENS, model_config(parts.transformer).image_embed_dim)
         return parts.transformer(
             hidden_states=model_input, image_embeds=image_embeds, timestep=timesteps.to(device=device, dtype=dtype),
             encoder_hidden_states=embeds.to(dtype), encoder_attention_mask=mask.to(dtype),
@@ -360,7 +351,7 @@ class LTX2(VideoFlowModel):
 
         video_states, audio_states, mask = (c.to(noisy.dtype) if c.is_floating_point() else c for c in cond)
         b, _, f, h, w = noisy.shape
-        config = _config(parts.transformer)
+        config = model_config(parts.transformer)
         p, pt = config.patch_size, config.patch_size_t
         t = timesteps.to(device)
         # ltx-core's audio=None: with the cross attention off the video never reads the audio stream, which gets one

@@ -194,43 +194,33 @@ def model_family(args: Any) -> tuple[TrainingFamily, dict[str, Any]]:
     return found, index
 
 
-def _llama(args: Any) -> dict[str, Any]:
-    """HiDream-I1's Llama-3.1 text encoder and tokenizer from --pretrained_text_encoder_4_name_or_path (HiDream's
-    own folders leave them out: diffusers' script and pipeline docs load them from meta-llama's)."""
-    encoder = getattr(args, "pretrained_text_encoder_4_name_or_path", None)
-    if not encoder:
-        return {}
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(getattr(args, "pretrained_tokenizer_4_name_or_path", None) or encoder)
-    if tokenizer.pad_token is None:  # Llama 3's has none: the prompts pad with its end token, as diffusers' script
-        tokenizer.pad_token = tokenizer.eos_token
-    return {"text_encoder_4": LlamaForCausalLM.from_pretrained(encoder), "tokenizer_4": tokenizer}
-
-
 def _load_pipeline(args: Any, device: torch.device, weight_dtype: torch.dtype) -> tuple[Any, bool, TrainingFamily]:
     from diffusers import DiffusionPipeline
 
     family, index = model_family(args)
     no_t5 = getattr(args, "no_t5", False) and "text_encoder_3" in index
     without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if no_t5 else {}
-    given = {**without_t5, **_llama(args)}
-    absent = [c for c in family.required if c not in given and index and not (index.get(c) or [None])[0]]
+    piece = None
+    if family.flow:
+        from .flow_models import FLOW_MODELS
+
+        piece = FLOW_MODELS[family.name]
+    supplied = set(without_t5) | (piece.supplies(args) if piece is not None else set())
+    absent = [c for c in family.required if c not in supplied and index and not (index.get(c) or [None])[0]]
     if absent:  # a folder saved without them (HiDream-I1's Llama): diffusers refuses it with a long list
-        hint = " (HiDream-I1's Llama-3.1: --pretrained_text_encoder_4_name_or_path)" if "text_encoder_4" in absent \
-            else ""
+        hint = f" ({piece.missing_hint})" if piece is not None and piece.missing_hint else ""
         raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: a "
                                  f"{index.get('_class_name')} without {', '.join(absent)}{hint}; give {family.label}")
+    try:
+        given = {**without_t5, **(piece.load_components(args) if piece is not None else {})}
+    except (OSError, ValueError) as e:
+        raise _cannot_load(args, e) from e
     try:
         pipe: Any = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                                       variant=args.variant, **given)
     except (OSError, ValueError) as e:
         raise _cannot_load(args, e) from e
     check_pipeline(pipe, args, family)
-    if family.flow:
-        from .flow_models import FLOW_MODELS
-
-        FLOW_MODELS[family.name].prepare(pipe)
     pipe.set_progress_bar_config(disable=True)
     for c in MOVED:
         if getattr(pipe, c, None) is not None:
@@ -272,6 +262,7 @@ def _setup(args: Any, steps: int) -> Session:
     models = accelerator.prepare(*raw.values())
     models = models if isinstance(models, tuple) else (models,)
     parts = SimpleNamespace(**pipe.components)  # every component a family's piece may call (encoders, processors)
+    parts.pipeline = pipe  # and the pipeline's settings (HunyuanVideo 1.5's system message)
     parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
     for c, m in zip(raw, models, strict=True):
         setattr(parts, c, m)
