@@ -23,9 +23,9 @@ from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video 
     HunyuanVideo15ImageToVideoPipeline,
 )
 from helpers.flow_loss import check_trained_file, flow_args
+from helpers.flow_runs import check_exact_resume, make_clip_folder
 from PIL import Image
 from safetensors.torch import load_file
-from test_training_flow_video import make_clip_folder
 
 from lokr_diffusers import families
 from lokr_diffusers.training.args import parse
@@ -178,13 +178,8 @@ def test_the_flow_script_trains_hunyuanvideo15_on_clips(tmp_path) -> None:
     with Image.open(os.path.join(out, "validation", "step_000004_0.gif")) as gif:
         assert gif.n_frames == 5 and gif.size == (16, 16)
     again = str(tmp_path / "again")
-    os.makedirs(again)
-    os.symlink(os.path.join(out, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
-    resumed = train(parse("t", True, _argv(model, data, again, "--export_format", "none", "--resume_from_checkpoint",
-                                           "latest"), "flow"))
-    assert resumed.global_step == 4
-    a, b = (load_file(os.path.join(d, OURS_FILE)) for d in (out, again))
-    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_exact_resume(out, again, _argv(model, data, again, "--export_format", "none", "--resume_from_checkpoint",
+                                         "latest"))
     ds = DreamBoothClipDataset(load_clip_folder(data), PROMPT, 5, resolution=16, center_crop=True)
     batch = collate([ds[i] for i in range(len(ds))])
     check_trained_file(model, out, args, FAMILY, CAPTIONS, ARGS, batch, _velocity, _fixed_loss)

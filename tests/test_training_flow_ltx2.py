@@ -18,9 +18,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from helpers.flow_loss import check_trained_file, flow_args
+from helpers.flow_runs import check_exact_resume, make_clip_folder, step_velocity
 from helpers.tiny_ltx2 import REGISTERS
 from safetensors.torch import load_file
-from test_training_flow_video import make_clip_folder
 
 from lokr_diffusers import families
 from lokr_diffusers.training.args import parse
@@ -78,23 +78,10 @@ def _step_velocity(pipe: LTX2Pipeline, x: torch.Tensor, k: int, steps: int, **kw
     """(v, t): the velocity the pipeline's step `k` (of `steps`) applies to video latents set to `x` (packed tokens)
     before it, and its timestep; the audio latents are the pipeline's own (the video prediction the step uses here
     does not read them)."""
-    seen: dict = {}
-
-    def callback(_pipe, i, t, tensors):
-        if i == k - 1:
-            return {"latents": x.clone()}
-        if i == k:
-            seen.update(out=tensors["latents"].clone(), t=t)
-        return {}
-
-    with torch.no_grad():
-        pipe(prompt=CAPTIONS, num_inference_steps=steps, latents=x.clone(), output_type="latent", height=32, width=32,
-             num_frames=5, frame_rate=24.0, guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0,
-             audio_stg_scale=0.0, guidance_rescale=0.0, audio_guidance_rescale=0.0, max_sequence_length=LENGTH,
-             generator=torch.Generator().manual_seed(0), callback_on_step_end=callback,
-             callback_on_step_end_tensor_inputs=["latents"], **kw)
-    s = pipe.scheduler.sigmas
-    return (seen["out"] - x) / (s[k + 1] - s[k]), seen["t"]
+    return step_velocity(pipe, x, k, steps, prompt=CAPTIONS, height=32, width=32, num_frames=5, frame_rate=24.0,
+                         guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0,
+                         guidance_rescale=0.0, audio_guidance_rescale=0.0, max_sequence_length=LENGTH,
+                         generator=torch.Generator().manual_seed(0), **kw)
 
 
 def test_the_ltx2_velocity_is_the_pipelines_video_only_step() -> None:
@@ -219,12 +206,7 @@ def test_the_flow_script_trains_ltx2_on_clips(tmp_path) -> None:
     assert not [k for k in comfy if "audio" in k]
     assert os.path.exists(os.path.join(out, "validation", "step_000004_0.gif"))
     again = str(tmp_path / "again")
-    os.makedirs(again)
-    os.symlink(os.path.join(out, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
-    resumed = train(parse("t", True, _argv(model, data, again, "--resume_from_checkpoint", "latest"), "flow"))
-    assert resumed.global_step == 4
-    a, b = (load_file(os.path.join(d, OURS_FILE)) for d in (out, again))
-    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = check_exact_resume(out, again, _argv(model, data, again, "--resume_from_checkpoint", "latest"))
     assert not [k for k in a if "audio" in k]
     ds = DreamBoothClipDataset(load_clip_folder(data), PROMPT, 9, resolution=32, center_crop=True)
     batch = collate([ds[i] for i in range(len(ds))])

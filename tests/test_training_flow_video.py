@@ -20,8 +20,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LTXPipeline
 from helpers.flow_loss import check_trained_file, flow_args
+from helpers.flow_runs import COLOURS, check_exact_resume, clip_frames, make_clip_folder, step_velocity
 from helpers.tiny_video import make_wan_pipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from lokr_diffusers import families
@@ -76,23 +77,9 @@ def test_ltx_prompt_encoding_equals_the_pipelines() -> None:
 
 def _step_velocity(pipe, x: torch.Tensor, k: int, steps: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """(v, t): the velocity the pipeline's denoising step `k` (of `steps`) applies to latents set to `x` (the
-    pipeline's own latent layout) and its timestep."""
-    seen = {}
-
-    def callback(_pipe, i, t, tensors):
-        if i == k - 1:
-            return {"latents": x.clone()}
-        if i == k:
-            seen.update(out=tensors["latents"].clone(), t=t)
-        return {}
-
+    pipeline's own latent layout) and its timestep, for CAPTIONS (no guidance unless `kw` asks)."""
     kw.setdefault("guidance_scale", 1.0)
-    with torch.no_grad():
-        pipe(prompt=CAPTIONS, num_inference_steps=steps, latents=x.clone(), output_type="latent",
-             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"], max_sequence_length=16,
-             **kw)
-    s = pipe.scheduler.sigmas
-    return (seen["out"] - x) / (s[k + 1] - s[k]), seen["t"]
+    return step_velocity(pipe, x, k, steps, prompt=CAPTIONS, max_sequence_length=16, **kw)
 
 
 def test_the_wan_velocity_is_the_pipelines_for_both_experts() -> None:
@@ -172,44 +159,19 @@ def test_the_hunyuanvideo_velocity_is_the_pipelines(guidance: float | None) -> N
 
 # ------------------------------------------------------------------------------------------------------ clips
 
-COLOURS = [(220, 30, 30), (30, 200, 60), (30, 60, 200), (240, 240, 20), (250, 250, 250), (0, 0, 0), (120, 0, 200)]
-
-
-def _frames(n: int, size: int = 24, shift: int = 0) -> list[Image.Image]:
-    """n frames of a square moving right on a flat background (few flat colours: a GIF keeps them exactly)."""
-    out = []
-    for k in range(n):
-        im = Image.new("RGB", (size + 8, size), COLOURS[(k + shift) % len(COLOURS)])
-        ImageDraw.Draw(im).rectangle((2 + k, 4, 10 + k, 12), fill=COLOURS[(k + shift + 3) % len(COLOURS)])
-        out.append(im)
-    return out
-
-
-def make_clip_folder(folder: str, clips: int = 2, frames: int = 5, size: int = 24) -> str:
-    """`clips` sub-folders of `frames` PNG frames each (frame_000.png, ...), a caption .txt beside each."""
-    for c in range(clips):
-        sub = os.path.join(folder, f"clip{c}")
-        os.makedirs(sub)
-        for k, im in enumerate(_frames(frames, size, shift=c)):
-            im.save(os.path.join(sub, f"frame_{k:03d}.png"))
-        with open(sub + ".txt", "w", encoding="utf-8") as fh:
-            fh.write(f"clip {c}")
-    return folder
-
-
 def _pixels(im: Image.Image) -> bytes:
     return im.convert("RGB").tobytes()
 
 
 def test_the_clip_reader_reads_frame_folders_and_gifs(tmp_path) -> None:
     folder = make_clip_folder(str(tmp_path / "data"), clips=1, frames=6)
-    gif = _frames(7, shift=2)
+    gif = clip_frames(7, shift=2)
     gif[0].save(tmp_path / "data" / "moving.gif", save_all=True, append_images=gif[1:], duration=40, loop=0)
     (tmp_path / "data" / "moving.txt").write_text("a moving square")
     pairs = load_clip_folder(folder, argument="--instance_data_dir")
     assert [(os.path.relpath(p, folder), c) for p, c in pairs] == [("clip0", "clip 0"),
                                                                    ("moving.gif", "a moving square")]
-    written = _frames(6, shift=0)
+    written = clip_frames(6, shift=0)
     assert [_pixels(f) for f in read_frames(pairs[0][0])] == [_pixels(f) for f in written]
     assert [_pixels(f) for f in read_frames(pairs[0][0], 2, 3)] == [_pixels(f) for f in written[2:5]]
     assert [_pixels(f) for f in read_frames(pairs[1][0])] == [_pixels(f) for f in gif]
@@ -271,7 +233,7 @@ def test_every_frame_of_a_clip_gets_the_same_crop_and_flip(tmp_path) -> None:
     folder = make_clip_folder(str(tmp_path / "data"), clips=1, frames=9)
     clip = os.path.join(folder, "clip0")
     centre = transform_clip(clip, 5, ImageTransform(16, center_crop=True), torch.Generator().manual_seed(0))
-    frames = _frames(9)
+    frames = clip_frames(9)
     want = [ImageTransform(16, center_crop=True)(f).pixel_values for f in frames[2:7]]
     assert centre["pixel_values"].shape == (3, 5, 16, 16)
     assert torch.equal(centre["pixel_values"], torch.stack(want, dim=1))
@@ -340,12 +302,7 @@ def test_the_flow_script_trains_a_video_family_on_clips(tmp_path, family: str, c
     with Image.open(os.path.join(out, "validation", "step_000004_0.gif")) as gif:  # the validation video (the tiny
         assert gif.n_frames > 1 and gif.size == (resolution, resolution)  # Wan VAE decodes 5 latent frames to 6)
     again = str(tmp_path / "again")
-    os.makedirs(again)
-    os.symlink(os.path.join(out, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
-    resumed = train(parse("t", True, _argv(model, data, again, family, "--resume_from_checkpoint", "latest"), "flow"))
-    assert resumed.global_step == 4
-    a, b = (load_file(os.path.join(d, OURS_FILE)) for d in (out, again))
-    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_exact_resume(out, again, _argv(model, data, again, family, "--resume_from_checkpoint", "latest"))
     # the trained model: the base with the step-4 checkpoint's factors
     ds = DreamBoothClipDataset(load_clip_folder(data), PROMPT, frames, resolution=resolution, center_crop=True)
     batch = collate([ds[i] for i in range(len(ds))])
