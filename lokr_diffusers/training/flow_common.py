@@ -1,5 +1,6 @@
 """What the flow-matching pieces of every family share (flow_models.py for the image families, flow_video.py for the
-video ones): a model's config through a training wrapper, and the guidance a guidance-distilled transformer embeds."""
+video ones): a model's config through a training wrapper, the guidance a guidance-distilled transformer embeds,
+and the per-channel normalisation of latents."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def guidance_tensor(piece: Any, parts: Any, args: Any, batch: int, device: torch
         return None
     value = args.guidance_scale if getattr(args, "guidance_scale", None) is not None else piece.guidance
     return torch.full((batch,), value * scale, device=device)
+
+
+def normalise(x: Tensor, mean: Any, std: Any, scale: float = 1.0) -> Tensor:
+    """(x − mean) · scale / std per channel of latents x (B, C, ...): `mean` / `std` the C per-channel statistics (a
+    VAE config's lists or its buffers)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = torch.as_tensor(mean).view(shape).to(x)
+    std = torch.as_tensor(std).view(shape).to(x)
+    return (x - mean) * scale / std

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flow_common import guidance_tensor, model_config
+from .flow_common import guidance_tensor, model_config, normalise
 
 
 def _ids(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Tensor:
@@ -416,9 +416,7 @@ class QwenImage(FlowModel):
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         x = vae.encode(pixels.unsqueeze(2)).latent_dist.sample(generator=g).squeeze(2)  # one frame
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
-        return (x - mean) / std
+        return normalise(x, vae.config.latents_mean, vae.config.latents_std)
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_qwenimage(parts, captions, args.max_sequence_length, device)
@@ -449,9 +447,7 @@ class QwenImage21(FlowModel):
             pixels = torch.cat([pixels, pixels.new_ones(pixels.shape[0], channels - pixels.shape[1],
                                                         *pixels.shape[2:])], dim=1)
         x = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().squeeze(2)  # one frame
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
-        return (x - mean) / std
+        return normalise(x, vae.config.latents_mean, vae.config.latents_std)
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_qwenimage21(parts, captions, args.max_sequence_length, device)

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow_common import guidance_tensor, model_config
+from .flow_common import guidance_tensor, model_config, normalise
 
 
 def encode_wan(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> Tensor:
@@ -211,10 +211,7 @@ class Wan(VideoFlowModel):
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         x = vae.encode(pixels).latent_dist.mode()  # the mean, as Wan's own VAE encodes and the I2V pipeline
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(x)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(x)
-        return (x - mean) / std
+        return normalise(x, vae.config.latents_mean, vae.config.latents_std)
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_wan(parts, captions, args.max_sequence_length, device)
@@ -248,9 +245,7 @@ class LTXVideo(VideoFlowModel):
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         x = vae.encode(pixels).latent_dist.sample(generator=g)
-        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
-        std = vae.latents_std.view(1, -1, 1, 1, 1).to(x)
-        return (x - mean) * vae.config.scaling_factor / std
+        return normalise(x, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_ltx(parts, captions, args.max_sequence_length, device)
@@ -338,9 +333,7 @@ class LTX2(VideoFlowModel):
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         x = vae.encode(pixels).latent_dist.mode()  # the mean, as LTX2ImageToVideoPipeline encodes ("argmax")
-        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(x)
-        std = vae.latents_std.view(1, -1, 1, 1, 1).to(x)
-        return (x - mean) * vae.config.scaling_factor / std
+        return normalise(x, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_ltx2(parts, captions, args.max_sequence_length, device)

@@ -16,8 +16,6 @@ CLIP pooled 32 -> `pooled_projection_dim`; the VAE has 3 levels (2x spatial, 4x 
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from typing import Any
 
@@ -29,7 +27,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE, HunyuanVideoPipeline
 from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
-from lokr_diffusers.tiny import WORDS, _byte_symbols, make_text_encoder, make_tokenizer
+from helpers.piece_tokenizer import write_piece_tokenizer
+from lokr_diffusers.tiny import WORDS, make_text_encoder, make_tokenizer
 
 LLAMA_HIDDEN = 16
 LATENT_CHANNELS = 4
@@ -53,38 +52,9 @@ def write_llama_tokenizer_file(directory: str, words: tuple[str, ...] = WORDS) -
     """tokenizer.json (the `tokenizers` format, written as JSON) of a Llama-3-style byte-level BPE: the 256 byte
     symbols, every piece of HunyuanVideo's prompt template and each of `words` bare and after a space as one token
     (`ignore_merges`: no merges needed), then the special tokens; `<|begin_of_text|>` put in front of every text."""
-    os.makedirs(directory, exist_ok=True)
-    symbols = _byte_symbols()
-    byte_of = {b: symbols[b] for b in range(256)}
-    vocab = {s: i for i, s in enumerate(symbols)}
     template = str(DEFAULT_PROMPT_TEMPLATE["template"])
-    for piece in [*llama_pieces(template), *words, *(" " + w for w in words)]:
-        if piece not in LLAMA_SPECIAL:
-            vocab.setdefault("".join(byte_of[b] for b in piece.encode("utf-8")), len(vocab))
-    first_special = len(vocab)
-    bos = {"id": "<|begin_of_text|>", "type_id": 0}
-    spec: dict[str, Any] = {
-        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
-        "added_tokens": [{"id": first_special + i, "content": t, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(LLAMA_SPECIAL)],
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "post_processor": {
-            "type": "TemplateProcessing", "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": bos},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [first_special],
-                                                     "tokens": ["<|begin_of_text|>"]}},
-        },
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": []},
-    }
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as fh:
-        json.dump(spec, fh, ensure_ascii=False)
-    return directory
+    return write_piece_tokenizer(directory, [*llama_pieces(template), *words, *(" " + w for w in words)],
+                                 LLAMA_SPECIAL, LLAMA3_SPLIT, bos="<|begin_of_text|>")
 
 
 def make_llama_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:

@@ -19,8 +19,6 @@ transformer's `text_embed_dim`; ByT5 d_model 8 -> `text_embed_2_dim`; the image 
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from typing import Any
 
@@ -31,8 +29,9 @@ from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import Hunyu
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
 from helpers.dit_models import tiny
+from helpers.piece_tokenizer import write_piece_tokenizer
 from helpers.tiny_dit import QWEN_CHAT_TEMPLATE, make_t5_encoder
-from lokr_diffusers.tiny import WORDS, _byte_symbols
+from lokr_diffusers.tiny import WORDS
 
 QWEN_HIDDEN = 16
 BYT5_HIDDEN = 8
@@ -72,29 +71,8 @@ def write_qwen2_tokenizer_file(directory: str, words: tuple[str, ...] = WORDS) -
     """tokenizer.json (the `tokenizers` format, written as JSON) of a Qwen2-style byte-level BPE: the 256 byte
     symbols, every piece of the chat around the prompt and each of `words` bare and after a space as one token
     (`ignore_merges`: no merges needed), then the special tokens; nothing added around a text (Qwen2 has no BOS)."""
-    os.makedirs(directory, exist_ok=True)
-    symbols = _byte_symbols()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    for piece in [*qwen_pieces(chat_head() + CHAT_TAIL), *words, *(" " + w for w in words)]:
-        if piece not in QWEN_SPECIAL:
-            vocab.setdefault("".join(symbols[b] for b in piece.encode("utf-8")), len(vocab))
-    first_special = len(vocab)
-    spec: dict[str, Any] = {
-        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
-        "added_tokens": [{"id": first_special + i, "content": t, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True} for i, t in enumerate(QWEN_SPECIAL)],
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "post_processor": None,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": []},
-    }
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as fh:
-        json.dump(spec, fh, ensure_ascii=False)
-    return directory
+    return write_piece_tokenizer(directory, [*qwen_pieces(chat_head() + CHAT_TAIL), *words, *(" " + w for w in words)],
+                                 QWEN_SPECIAL, QWEN2_SPLIT, trim_offsets=False)
 
 
 def make_qwen2_tokenizer(max_length: int = 2048) -> Any:
