@@ -88,3 +88,25 @@ def test_dreambooth_with_prior_preservation(tiny_sd_dir: str, tmp_path) -> None:
     tensors = load_file(os.path.join(out, "pytorch_lokr_weights.safetensors"))
     assert any(k.endswith("lokr_w1") and v.abs().sum() > 0 for k, v in tensors.items())  # W1 left zero init
     assert os.path.isfile(os.path.join(out, "lokr_peft", "adapter_config.json"))
+
+
+@pytest.mark.parametrize("sdxl, precision", [(False, "fp8"), pytest.param(True, "int8", marks=pytest.mark.slow),
+                                             pytest.param(False, "nf4", marks=pytest.mark.slow)],
+                         ids=["sd1-fp8", "sdxl-int8", "sd1-nf4"])
+def test_the_unet_trains_beside_a_quantized_base(tiny_sd_dir: str, tiny_sdxl_dir: str, tmp_path, sdxl: bool,
+                                                  precision: str, caplog) -> None:
+    """--base_precision in the UNet scripts: the UNet's Linears quantized (its convs keep their dtype), LoKr trains
+    beside them, and the file lowers the loss of the unquantized pipeline on the training set."""
+    import logging
+
+    model = tiny_sdxl_dir if sdxl else tiny_sd_dir
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=4, size=64)
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="lokr_diffusers.training.base_precision"):
+        result = train(parse("t", dreambooth=False, argv=_argv(model, data, out, "--max_train_steps", "6",
+                                                                "--base_precision", precision)))
+    assert result.global_step == 6 and f"--base_precision {precision}: the unet's weights" in caplog.text
+    before = _eval_loss(DiffusionPipeline.from_pretrained(model), data, sdxl)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lokr_weights(os.path.join(out, "pytorch_lokr_weights.safetensors"))
+    assert _eval_loss(pipe, data, sdxl) < before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .base_precision import base_precision_args
 from .errors import TrainingInputError
 from .family import training_family
 from .targets import TE_TARGETS, TRANSFORMER_PRESETS, UNET_PRESETS, denoiser_targets, unet_targets
@@ -123,6 +124,7 @@ def _training(a: Any) -> None:
     a("--snr_gamma", type=float, default=None, help="Min-SNR weighting, 5.0 is a common value")
     a("--noise_offset", type=float, default=0.0)
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    base_precision_args(a)
     a("--seed", type=int, default=0)
     a("--output_dir", default="lokr-model")
     a("--logging_dir", default="logs")

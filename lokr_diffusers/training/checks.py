@@ -158,6 +158,9 @@ def check_sources(args: Any) -> None:
 
 def check_args(args: Any) -> None:
     """Every check that needs no model: numbers, names, folders, the checkpoint to resume from."""
+    from .base_precision import check_base_precision
+
+    check_base_precision(getattr(args, "base_precision", "none"))  # its quantizer installed, before the data
     check_sources(args)
     check_numbers(args)
     check_names(args)

@@ -22,6 +22,7 @@ from torch import nn
 from .. import families
 from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
+from .base_precision import quantize_base
 from .checks import check_export, check_not_fused, check_pipeline
 from .errors import TrainingInputError
 from .family import FP32, MOVED, TrainingFamily, member, training_family
@@ -241,6 +242,7 @@ def _setup(args: Any, steps: int) -> Session:
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
     denoiser = _denoiser(args, pipe, family)
+    quantize_base(getattr(pipe, denoiser), args.base_precision, weight_dtype, accelerator.device, denoiser)
     names = [denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                           if args.train_text_encoder else [])
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
