@@ -1,8 +1,8 @@
-"""--base_precision: the frozen denoiser quantized before LoKr is added, so that a big model's base fits where its
-bf16 weights would not (FLUX.1 12B, Qwen-Image 20B, Wan 14B, HiDream 17B). The LoKr factors train in fp32 beside
-the quantized layers: a LoKr layer over a quantized base never writes into it and applies its factors to x beside
-the base (lokr_diffusers/quantized.py, the bypass path), so the trained file holds factors only and loads exactly
-onto the unquantized base.
+"""--base_precision: the frozen denoiser (and the text encoders that do not train) quantized before LoKr is added,
+so that a big model's base fits where its bf16 weights would not (FLUX.1 12B, Qwen-Image 20B, Wan 14B, HiDream 17B).
+The LoKr factors train in fp32 beside the quantized layers: a LoKr layer over a quantized base never writes into it
+and applies its factors to x beside the base (lokr_diffusers/quantized.py, the bypass path), so the trained file
+holds factors only and loads exactly onto the unquantized base.
 
     none   each Linear weight in the run's dtype (--mixed_precision: bf16, fp16, or fp32 without it)
     fp8    float8_e4m3fn storage, cast up to the run's dtype at each layer call (diffusers' layerwise casting,
@@ -12,7 +12,7 @@ onto the unquantized base.
            dtype); needs bitsandbytes
 int8 and nf4 leave the model's `_keep_in_fp32_modules` as they are, as diffusers' own quantizers do.
 
-The log says the denoiser's weight bytes before and after.
+The log says each model's weight bytes before and after.
 """
 
 from __future__ import annotations

@@ -242,9 +242,11 @@ def _setup(args: Any, steps: int) -> Session:
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe, sdxl, family = _load_pipeline(args, accelerator.device, weight_dtype)
     denoiser = _denoiser(args, pipe, family)
-    quantize_base(getattr(pipe, denoiser), args.base_precision, weight_dtype, accelerator.device, denoiser)
     names = [denoiser] + ([c for c in family.text_encoders if getattr(pipe, c, None) is not None]
                           if args.train_text_encoder else [])
+    # the frozen denoiser, and the frozen text encoders that stay loaded (every one no LoKr trains on)
+    for c in [denoiser, *(c for c in family.text_encoders if c not in names and getattr(pipe, c, None) is not None)]:
+        quantize_base(getattr(pipe, c), args.base_precision, weight_dtype, accelerator.device, c)
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     check_export(pipe, args, family, ADAPTER)
     params = {c: trainable_parameters(pipe, [c]) for c in names}

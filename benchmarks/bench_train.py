@@ -1,0 +1,186 @@
+"""One training step of every flow family, LoKr against the bare frozen model, at each base precision.
+
+The step is the training scripts' own (lokr_diffusers.training.flow.flow_loss: the family's latents, its prompt
+encoding, its transformer's call) on a tiny pipeline (tests/helpers, the families' `tiny` builders) with the
+prompts encoded once, as a run whose text encoders do not train keeps them. The bare step is the same forward with
+the gradient taken back to the noisy latents through every layer (what a LoKr step must at least do to reach the
+first adapter); the LoKr step adds the factors' gradients. Per family and --base_precision (the frozen transformer
+quantized as the scripts do: training/base_precision.py): medians of --repeats interleaved runs, LoKr / bare, and
+PEFT's LoKr on the same modules where PEFT can hold it (`none` only: PEFT does not wrap a quantized Linear the same
+way). On CUDA the peak memory of each step is given too.
+
+    python benchmarks/bench_train.py [--families flux wan ...] [--precisions none fp8 int8 nf4] [--repeats 9]
+        [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from lokr_diffusers import LoKrConfig, add_lokr, families
+from lokr_diffusers.training.base_precision import BASE_PRECISIONS, quantize_base
+from lokr_diffusers.training.flow import flow_loss
+from lokr_diffusers.training.flow_models import FLOW_MODELS
+
+IMAGE = 32  # pixels a side; clips: 5 frames of 16 px (9 of 32 for the LTX families)
+CLIPS = {"wan": (5, 16), "hunyuanvideo": (5, 16), "hunyuanvideo15": (5, 16), "ltxvideo": (9, 32), "ltx2": (9, 32)}
+LENGTH = {"lumina2": 256, "qwenimage21": 64, "ltx2": 16}
+
+
+def _args(family: str) -> argparse.Namespace:
+    return argparse.Namespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                              max_sequence_length=LENGTH.get(family, 16), guidance_scale=None, precondition_outputs=1,
+                              text_encoder_out_layers=(9, 18, 27), frame_rate=24.0)
+
+
+def _batch(family: str, device: torch.device) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    frames, size = CLIPS.get(family, (None, IMAGE))
+    shape = (2, 3, frames, size, size) if frames else (2, 3, size, size)
+    return {"pixel_values": (torch.rand(shape, generator=g) * 2 - 1).to(device), "caption": ["a photo of sks dog"] * 2}
+
+
+class _InputGrad:
+    """Takes the gradient back to the transformer's input: its first positional / hidden_states input times a
+    scalar that requires grad (the bare step's backward through every layer)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.scale = torch.ones((), requires_grad=True)
+        transformer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = _scaled(kwargs["hidden_states"], self.scale)
+        elif args:
+            args = (_scaled(args[0], self.scale), *args[1:])
+        return args, kwargs
+
+
+def _scaled(x: Any, s: torch.Tensor) -> Any:
+    if isinstance(x, list):  # Z-Image: a list of latents
+        return [t * s.to(t) for t in x]
+    return x * s.to(x)
+
+
+def _step(pipe: Any, family: str, scheduler: Any, batch: dict[str, Any], prompts: dict, device: torch.device,
+          params: list[torch.Tensor]) -> Callable[[], None]:
+    args = _args(family)
+
+    def run() -> None:
+        loss = flow_loss(pipe, scheduler, batch, args, family, torch.Generator().manual_seed(0), torch.float32,
+                         device, prompts=prompts)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    return run
+
+
+def _time(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return time.perf_counter() - t0, peak
+
+
+def _setup(family: str, precision: str, kind: str, device: torch.device) -> tuple[Any, list[torch.Tensor]]:
+    """The tiny pipeline with its transformer at `precision` and (kind) no adapter, ours or PEFT's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = families.build_tiny(family).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    quantize_base(pipe.transformer, precision, torch.float32, device)
+    pipe.transformer.requires_grad_(False).train()
+    params: list[torch.Tensor] = []
+    if kind == "ours":
+        add_lokr(pipe, {"transformer": LoKrConfig(r=8, alpha=8, init_weights=False)})
+        params = [p for n, p in pipe.transformer.named_parameters() if "lokr_" in n]
+        for p in params:
+            p.data = p.data.float()
+    elif kind == "peft":
+        from peft import LoKrConfig as PeftLoKrConfig
+        from peft import inject_adapter_in_model
+
+        from lokr_diffusers.targeting import default_target_modules
+
+        targets = default_target_modules(pipe.transformer)
+        inject_adapter_in_model(PeftLoKrConfig(r=8, alpha=8, target_modules=targets, init_weights=False),
+                                pipe.transformer)
+        params = [p for n, p in pipe.transformer.named_parameters() if "lokr_" in n]
+    grad = _InputGrad(pipe.transformer)
+    params.append(grad.scale)
+    pipe._bench_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    flow = [f for f in FLOW_MODELS if families.get(f).tiny]
+    ap.add_argument("--families", nargs="+", default=flow, choices=flow)
+    ap.add_argument("--precisions", nargs="+", default=list(BASE_PRECISIONS), choices=BASE_PRECISIONS)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows: list[dict[str, Any]] = []
+    print(f"one training step of each tiny pipeline ({device}), median of {args.repeats} interleaved runs")
+    print("| family | base | bare ms | LoKr / bare | PEFT / bare | peak MB bare / LoKr |")
+    print("|---|---|---|---|---|---|")
+    for family in args.families:
+        for precision in args.precisions:
+            kinds = ["bare", "ours"] + (["peft"] if precision == "none" else [])
+            runs = {}
+            for kind in kinds:
+                try:
+                    pipe, params = _setup(family, precision, kind, device)
+                except Exception as e:  # a quantizer or PEFT that cannot hold this model: reported, not fatal
+                    print(f"| {family} | {precision} | {kind}: {type(e).__name__}: {str(e).splitlines()[0][:60]} |")
+                    continue
+                prompts: dict = {}
+                runs[kind] = _step(pipe, family, pipe._bench_scheduler, _batch(family, device), prompts, device,
+                                   params)
+                runs[kind]()  # warm up; encodes the prompts once
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            peaks: dict[str, int] = dict.fromkeys(runs, 0)
+            for rep in range(args.repeats):
+                order = list(runs)[rep % len(runs):] + list(runs)[:rep % len(runs)]
+                for kind in order:
+                    t, peak = _time(runs[kind], device)
+                    times[kind].append(t)
+                    peaks[kind] = max(peaks[kind], peak)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            if "bare" not in med or "ours" not in med:
+                continue
+            row = {"family": family, "precision": precision, "bare_s": med["bare"], "ours_ratio": med["ours"] /
+                   med["bare"], "peft_ratio": med["peft"] / med["bare"] if "peft" in med else None,
+                   "peak_bytes": peaks}
+            rows.append(row)
+            peft = f"{row['peft_ratio']:.2f}" if row["peft_ratio"] is not None else "-"
+            peak = f"{peaks['bare'] / 2**20:.0f} / {peaks['ours'] / 2**20:.0f}" if device.type == "cuda" else "-"
+            print(f"| {family} | {precision} | {med['bare'] * 1e3:.1f} | {row['ours_ratio']:.2f} | {peft} | {peak} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

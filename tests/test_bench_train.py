@@ -1,0 +1,27 @@
+"""benchmarks/bench_train.py runs end to end: a row per family and base precision, with LoKr's (and PEFT's, on the
+unquantized base) ratio to the bare step a positive finite number, and the LoKr step training the factors. A
+mechanism check, not a speed check: one step's timing on a shared CPU says nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+def test_bench_train_gives_a_row_per_family_and_precision(tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--families", "zimage", "--precisions", "none", "fp8",
+                             "--repeats", "1", "--threads", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["family"], r["precision"]) for r in rows] == [("zimage", "none"), ("zimage", "fp8")]
+    for r in rows:
+        assert math.isfinite(r["ours_ratio"]) and r["ours_ratio"] > 0 and r["bare_s"] > 0
+    assert rows[0]["peft_ratio"] > 0 and rows[1]["peft_ratio"] is None
+    assert "| zimage | fp8 |" in result.stdout
