@@ -1,0 +1,229 @@
+"""The training scripts' memory savers (training/caches.py): --cache_latents, --cache_text_embeddings,
+--offload_text_encoders and --gradient_checkpointing each give the loss sequence of the run without them (same seed,
+within float tolerance), on tiny SD1.x, FLUX.1 and Wan pipelines; and each does what it says: the VAE / text encoders
+run only before the first step when cached, the offload hooks move the encoders for each forward, the checkpointed
+forward runs. The combinations they refuse are refused with a message naming them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLWan
+from helpers.flow_runs import make_clip_folder
+from PIL import Image
+
+from lokr_diffusers import families
+from lokr_diffusers.training import caches
+from lokr_diffusers.training.args import parse
+from lokr_diffusers.training.data import make_synthetic_dataset
+from lokr_diffusers.training.errors import TrainingInputError
+from lokr_diffusers.training.run import train
+
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
+
+
+class Calls(Counter):
+    """Counts of the VAE encodes ("vae"), the text encoders' forwards ("text"), the offload hooks' moves to the
+    device ("offload_in") and torch's checkpointed forwards ("checkpoint") of a run, and those made during steps
+    (the same names with a "step:" prefix: counted once the first loss starts); `clear` before the next run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stepping = False
+
+    def clear(self) -> None:
+        super().clear()
+        self.stepping = False
+
+
+@pytest.fixture
+def calls(monkeypatch) -> Iterator[Calls]:
+    counts = state = Calls()
+
+    def count(name: str) -> None:
+        counts[name] += 1
+        if state.stepping:
+            counts["step:" + name] += 1
+
+    for cls in (AutoencoderKL, AutoencoderKLWan):
+        original = cls.encode
+
+        def encode(self, *a, _original=original, **k):
+            count("vae")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(cls, "encode", encode)
+
+    def text_hook(module, args, output):
+        if type(module).__name__ in TEXT_ENCODERS:
+            count("text")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(text_hook)
+    original_in = caches._Offloaded._in
+
+    def offload_in(self, module, args):
+        count("offload_in")
+        return original_in(self, module, args)
+
+    monkeypatch.setattr(caches._Offloaded, "_in", offload_in)
+    original_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def checkpoint(*a, **k):
+        count("checkpoint")
+        return original_checkpoint(*a, **k)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
+    from lokr_diffusers.training import run
+
+    for name in ("diffusion_loss", "flow_loss"):
+        loss = getattr(run, name)
+
+        def stepping(*a, _loss=loss, **k):
+            state.stepping = True
+            return _loss(*a, **k)
+
+        monkeypatch.setattr(run, name, stepping)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def _captioned(folder: str, n: int, size: int) -> str:
+    """make_synthetic_dataset with a caption of its own per image."""
+    make_synthetic_dataset(folder, n=n, size=size)
+    lines = [json.dumps({"file_name": f"{k:04d}.png", "text": f"a photo of sks shape {'abcdefgh'[k]}"})
+             for k in range(n)]
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return folder
+
+
+def _run(argv: list[str], out: str, dreambooth: bool, family: str, *extra: str) -> list[float]:
+    result = train(parse("t", dreambooth, [*argv, "--output_dir", out, *extra], family))
+    with open(os.path.join(out, "loss.jsonl"), encoding="utf-8") as fh:  # the trainer's loss log: the same steps
+        assert [json.loads(line)["loss"] for line in fh] == result.losses
+    return result.losses
+
+
+def _same(base: list[float], other: list[float]) -> None:
+    assert len(other) == len(base)
+    torch.testing.assert_close(torch.tensor(other), torch.tensor(base), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- SD1.x
+
+def _sd_argv(model: str, data: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--resolution", "32",
+            "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2", "--rank", "4",
+            "--seed", "0", "--checkpointing_steps", "0", "--export_format", "none"]
+
+
+def test_sd_caches_and_offload_keep_the_losses(tiny_sd_dir: str, tmp_path, calls: Calls) -> None:
+    """SD1.x text to image (4 images with captions of their own, batches of 2, 2 steps): cached latents with
+    offloaded text encoders, and cached prompt batches, give the uncached run's losses; cached, the VAE and the text
+    encoder run only before the first step; offloaded, the encoder is moved in for each forward."""
+    argv = _sd_argv(tiny_sd_dir, _captioned(str(tmp_path / "data"), n=4, size=32))
+    base = _run(argv, str(tmp_path / "base"), False, "sd")
+    assert calls["step:vae"] == 2 and calls["step:text"] == 2  # one encode of each per step
+    calls.clear()
+    _same(base, _run(argv, str(tmp_path / "latents"), False, "sd", "--cache_latents", "--offload_text_encoders"))
+    assert calls["vae"] == 4 and calls["step:vae"] == 0  # each image once, before the first step
+    assert calls["step:offload_in"] == calls["step:text"] == 2
+    calls.clear()
+    _same(base, _run(argv, str(tmp_path / "text"), False, "sd", "--cache_text_embeddings"))
+    assert calls["text"] == 2 and calls["step:text"] == 0  # each caption batch of the run (one epoch), once
+
+
+def test_sd_gradient_checkpointing_keeps_the_losses_with_a_trained_text_encoder(tiny_sd_dir: str, tmp_path,
+                                                                              calls: Calls) -> None:
+    """--gradient_checkpointing on the UNet and the trained text encoder (non-reentrant: the encoder's adapters
+    still get their gradients, so the losses match)."""
+    argv = _sd_argv(tiny_sd_dir, _captioned(str(tmp_path / "data"), n=2, size=64)) + ["--train_text_encoder"]
+    base = _run(argv, str(tmp_path / "base"), False, "sd")
+    assert calls["checkpoint"] == 0
+    _same(base, _run(argv, str(tmp_path / "ckpt"), False, "sd", "--gradient_checkpointing"))
+    assert calls["checkpoint"] > 0
+
+
+# -------------------------------------------------------------------------------------------------- FLUX.1
+
+def test_flux_memory_savers_keep_the_losses(tmp_path, calls: Calls) -> None:
+    """FLUX.1 DreamBooth with prior preservation (the VAE sampled: the cached posterior is sampled with the step's
+    generator): cached latents with offloaded encoders and checkpointing, and cached prompts, give the plain run's
+    losses."""
+    model = str(tmp_path / "model")
+    families.build_tiny("flux").save_pretrained(model, safe_serialization=True)
+    argv = ["--pretrained_model_name_or_path", model,
+            "--instance_data_dir", make_synthetic_dataset(str(tmp_path / "inst"), n=2, size=32, seed=1),
+            "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
+            "--class_data_dir", make_synthetic_dataset(str(tmp_path / "cls"), n=3, size=32, seed=2),
+            "--class_prompt", "a photo of dog", "--resolution", "32", "--train_batch_size", "1",
+            "--max_train_steps", "3", "--learning_rate", "1e-2", "--rank", "4", "--seed", "0",
+            "--checkpointing_steps", "0", "--max_sequence_length", "16", "--export_format", "none"]
+    base = _run(argv, str(tmp_path / "base"), True, "flow")
+    assert calls["checkpoint"] == 0
+    calls.clear()
+    _same(base, _run(argv, str(tmp_path / "latents"), True, "flow", "--cache_latents", "--offload_text_encoders",
+                     "--gradient_checkpointing"))
+    assert calls["vae"] == 6 and calls["step:vae"] == 0  # 3 items: an instance and a class image each
+    # CLIP and T5 once each, moved in for it: the flow loss keeps a batch's encoding while no encoder trains
+    assert calls["step:offload_in"] == calls["step:text"] == 2
+    assert calls["step:checkpoint"] > 0
+    calls.clear()
+    _same(base, _run(argv, str(tmp_path / "text"), True, "flow", "--cache_text_embeddings"))
+    assert calls["text"] == 2 and calls["step:text"] == 0  # one batch of captions (instance, class), 2 encoders
+
+
+# ----------------------------------------------------------------------------------------------------- Wan
+
+def _wan_argv(model: str, data: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", data, "--instance_prompt",
+            "a photo of sks dog", "--resolution", "16", "--num_frames", "5", "--train_batch_size", "2",
+            "--max_train_steps", "2", "--learning_rate", "1e-2", "--rank", "4", "--seed", "0", "--center_crop",
+            "--checkpointing_steps", "0", "--max_sequence_length", "16", "--export_format", "none"]
+
+
+def test_wan_memory_savers_keep_the_losses(tmp_path, calls: Calls) -> None:
+    """Wan on clips (the VAE's mode from the cached posterior): the savers together, and checkpointing, give the
+    plain run's losses."""
+    model = str(tmp_path / "model")
+    families.build_tiny("wan").save_pretrained(model, safe_serialization=True)
+    argv = _wan_argv(model, make_clip_folder(str(tmp_path / "data"), clips=2, frames=5, size=16))
+    base = _run(argv, str(tmp_path / "base"), True, "flow")
+    calls.clear()
+    _same(base, _run(argv, str(tmp_path / "cached"), True, "flow", "--cache_latents", "--cache_text_embeddings",
+                     "--offload_text_encoders", "--gradient_checkpointing"))
+    assert calls["vae"] == 2 and calls["step:vae"] == 0 and calls["step:text"] == 0
+    assert calls["step:checkpoint"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("options, named", [
+    (["--cache_text_embeddings", "--train_text_encoder"], "--cache_text_embeddings with --train_text_encoder"),
+    (["--cache_latents", "--random_flip"], "--cache_latents with --random_flip")])
+def test_the_combinations_refused_at_parsing(tmp_path, capsys, options: list[str], named: str) -> None:
+    data = make_synthetic_dataset(str(tmp_path / "data"), n=1, size=8)
+    with pytest.raises(SystemExit) as e:
+        parse("t", False, ["--pretrained_model_name_or_path", "x", "--train_data_dir", data, *options])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_cache_latents_refuses_an_image_cropped_at_random(tiny_sd_dir: str, tmp_path) -> None:
+    """An image that is not square at --resolution is cropped at a random place each epoch: one cached latent
+    cannot stand for it; refused naming it and --center_crop, before the output folder is made."""
+    data = _captioned(str(tmp_path / "data"), n=2, size=64)
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(os.path.join(data, "0001.png"))
+    out = str(tmp_path / "out")
+    with pytest.raises(TrainingInputError, match=r"0001\.png: it is not square.*--center_crop"):
+        train(parse("t", False, [*_sd_argv(tiny_sd_dir, data), "--output_dir", out, "--cache_latents"]))
+    assert not os.path.exists(out)
+    result = train(parse("t", False, [*_sd_argv(tiny_sd_dir, data), "--output_dir", out, "--cache_latents",
+                                      "--center_crop", "--max_train_steps", "1"]))
+    assert result.global_step == 1
