@@ -277,7 +277,9 @@ def enable_gradient_checkpointing(pipe: Any, names: list[str]) -> None:
     getattr(pipe, denoiser).enable_gradient_checkpointing()
     for c in encoders:
         module = getattr(pipe, c)
-        if hasattr(module, "gradient_checkpointing_enable"):
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers 5's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(module, "gradient_checkpointing_enable"):
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
