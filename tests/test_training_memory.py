@@ -142,9 +142,13 @@ def test_sd_caches_and_offload_keep_the_losses(tiny_sd_dir: str, tmp_path, calls
     base = _run(argv, str(tmp_path / "base"), False, "sd")
     assert calls["step:vae"] == 2 and calls["step:text"] == 2  # one encode of each per step
     calls.clear()
-    _same(base, _run(argv, str(tmp_path / "latents"), False, "sd", "--cache_latents", "--offload_text_encoders"))
+    validation = ["--validation_prompt", "a photo of sks shape", "--validation_steps", "1",
+                  "--num_validation_images", "1"]  # the VAE and the encoder back on the device for it
+    _same(base, _run(argv, str(tmp_path / "latents"), False, "sd", "--cache_latents", "--offload_text_encoders",
+                     *validation))
     assert calls["vae"] == 4 and calls["step:vae"] == 0  # each image once, before the first step
-    assert calls["step:offload_in"] == calls["step:text"] == 2
+    assert calls["step:offload_in"] == calls["step:text"] > 2  # each step's forward, and validation's
+    assert os.listdir(str(tmp_path / "latents" / "validation"))
     calls.clear()
     _same(base, _run(argv, str(tmp_path / "text"), False, "sd", "--cache_text_embeddings"))
     assert calls["text"] == 2 and calls["step:text"] == 0  # each caption batch of the run (one epoch), once
