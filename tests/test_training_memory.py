@@ -154,6 +154,7 @@ def test_sd_caches_and_offload_keep_the_losses(tiny_sd_dir: str, tmp_path, calls
     assert calls["text"] == 2 and calls["step:text"] == 0  # each caption batch of the run (one epoch), once
 
 
+@pytest.mark.slow
 def test_sd_gradient_checkpointing_keeps_the_losses_with_a_trained_text_encoder(tiny_sd_dir: str, tmp_path,
                                                                               calls: Calls) -> None:
     """--gradient_checkpointing on the UNet and the trained text encoder (non-reentrant: the encoder's adapters

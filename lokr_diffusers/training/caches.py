@@ -305,6 +305,8 @@ def prepare_memory(args: Any, s: Any, dataset: Any, steps: int) -> MemorySavers:
         for c in encoders:
             if c not in s.raw:  # an encoder that trains stays (its gradients are on the device)
                 memory.offloaded.append(_Offloaded(getattr(s.pipe, c), device))
+        logger.info("--offload_text_encoders: %s kept on the CPU, moved to the device to encode",
+                    ", ".join(c for c in encoders if c not in s.raw) or "no text encoder (each one trains)")
     if getattr(args, "cache_latents", False):
         vae = s.pipe.vae
         dtype = vae.dtype if s.family.flow else s.weight_dtype  # as flow_loss / diffusion_loss feed the VAE
