@@ -243,3 +243,38 @@ def test_cache_latents_refuses_an_image_cropped_at_random(tiny_sd_dir: str, tmp_
     with pytest.raises(TrainingInputError, match=r"0001\.png: it is not square.*--center_crop"):
         train(parse("t", False, [*_sd_argv(tiny_sd_dir, data), "--output_dir", out, "--cache_latents"]))
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------------ every family's latents
+
+# in the default suite: the families whose latents take another path than a plain encode (Klein's BatchNorm
+# statistics, Qwen-Image 2.1's RGBA, LTX-Video's buffers, HunyuanVideo 1.5's one clip at a time); the rest with -m slow
+# (FLUX.1 and Wan also train above)
+DEFAULT_FAMILIES = ("flux2", "qwenimage21", "ltxvideo", "hunyuanvideo15")
+FLOW_FAMILIES = [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
+                 for f in ("flux", "sd3", "flux2", "zimage", "chroma", "qwenimage", "qwenimage21", "lumina2", "hidream",
+                           "wan", "ltxvideo", "ltx2", "hunyuanvideo", "hunyuanvideo15")]
+
+
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_every_flow_familys_latents_from_the_cache_are_the_vaes(family: str) -> None:
+    """The family's own latents (its VAE sampled or its mode taken with the step's generator, then normalised /
+    packed) from the stand-in VAE holding each item's cached posterior equal those from the real VAE on the batch:
+    every family's path, HunyuanVideo 1.5's clip-at-a-time encoding included."""
+    from lokr_diffusers.training.flow_models import flow_model
+
+    model, vae = flow_model(family), families.build_tiny(family).vae.eval()
+    frames = getattr(model, "frames_factor", 0)
+    shape = (2, 3, 1 + frames, 32, 32) if frames else (2, 3, 32, 32)
+    pixels = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = model.latents(vae, pixels, torch.Generator().manual_seed(5))
+        posteriors = []
+        for row in pixels:  # the cache pass: one item at a time, through the family's own latents
+            recorder = caches._Recorder(vae)
+            model.latents(recorder, row.unsqueeze(0), torch.Generator())
+            posteriors.append(recorder.posterior)
+        stand_in = caches.CachedVAE(vae, type(posteriors[0]), torch.device("cpu"))
+        stand_in.set_batch(torch.cat([p.parameters for p in posteriors]))
+        got = model.latents(stand_in, torch.zeros(2, 3, 1, 1), torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -103,22 +103,29 @@ class _Recorder:
 
 
 class CachedVAE:
-    """Stands in for the VAE in the loss: `encode` (its input ignored) returns the batch's cached posterior
-    (`current`, the parameters (B, 2C, ...) set before the loss), on `device`; every other attribute (config,
+    """Stands in for the VAE in the loss: `encode(x)` returns the cached posterior of the batch's next x.shape[0]
+    items (`current`, the parameters (B, 2C, ...) set before the loss; x's values are ignored: a family may encode
+    the batch at once or a clip at a time, as HunyuanVideo 1.5's), on `device`; every other attribute (config,
     dtype, the latents' statistics) is the real VAE's, kept off the device."""
 
     current: Tensor | None
 
     def __init__(self, vae: Any, kind: type, device: torch.device) -> None:
-        self.__dict__.update(_vae=vae, _kind=kind, _device=device, current=None)
+        self.__dict__.update(_vae=vae, _kind=kind, _device=device, current=None, _next=0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_vae"], name)
 
+    def set_batch(self, parameters: Tensor) -> None:
+        self.__dict__.update(current=parameters, _next=0)
+
     def encode(self, pixels: Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.current is None:
-            raise RuntimeError("CachedVAE: no cached posterior set for this batch")
-        return SimpleNamespace(latent_dist=self._kind(self.current.to(self._device)))
+        start, n, current = self.__dict__["_next"], pixels.shape[0], self.current
+        total = 0 if current is None else current.shape[0]
+        if current is None or start + n > total:
+            raise RuntimeError(f"CachedVAE: {n} item(s) asked for, {total - start} left of the batch's {total}")
+        self.__dict__["_next"] = start + n
+        return SimpleNamespace(latent_dist=self._kind(current[start:start + n].to(self._device)))
 
 
 def _entries(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,7 +173,7 @@ class LatentCache:
         from .data import collate
 
         batch = collate([self.items[i] for i in indices])
-        self.vae.current = batch["pixel_values"]
+        self.vae.set_batch(batch["pixel_values"])
         batch["pixel_values"] = torch.zeros(len(batch["caption"]), 3, 1, 1)
         return batch
 
