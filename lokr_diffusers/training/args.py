@@ -22,6 +22,7 @@ def build_parser(description: str, dreambooth: bool, family: str = "sd") -> argp
     p = argparse.ArgumentParser(description=description)
     _model_and_data(p.add_argument, dreambooth, family)
     _training(p.add_argument)
+    _memory(p.add_argument)
     if family != "sd":
         _flow(p.add_argument, family)
     _lokr(p.add_argument, family)
@@ -138,6 +139,19 @@ def _training(a: Any) -> None:
     a("--validation_steps", type=int, default=4, help="denoising steps of the validation images")
     a("--train_text_encoder", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
+
+
+def _memory(a: Any) -> None:
+    """The memory savers (training/caches.py); --gradient_checkpointing is with the training options."""
+    a("--cache_latents", action="store_true",
+      help="encode every training image once before the first step, keep the VAE posteriors on the CPU and move "
+           "the VAE off the device (each step samples the cached posterior with its own generator: the same losses); "
+           "needs items that do not change between epochs (no --random_flip; --center_crop or square images)")
+    a("--cache_text_embeddings", action="store_true",
+      help="encode every batch of captions the run draws once before the first step, keep them on the CPU and move "
+           "the text encoders off the device; not with --train_text_encoder")
+    a("--offload_text_encoders", action="store_true",
+      help="keep the text encoders that do not train on the CPU, moved to the device only to encode")
 
 
 def _lokr(a: Any, family: str) -> None:

@@ -165,6 +165,9 @@ def check_args(args: Any) -> None:
     check_numbers(args)
     check_names(args)
     check_paths(args)
+    from .caches import check_memory_args
+
+    check_memory_args(args)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         checkpoint.resolve(args.output_dir, args.resume_from_checkpoint)
 

@@ -86,7 +86,7 @@ def open_image(source: ImageSource) -> Image.Image:
 
 # -------------------------------------------------------------------------------------------- transform
 
-def _resized_size(h: int, w: int, resolution: int) -> tuple[int, int]:
+def resized_size(h: int, w: int, resolution: int) -> tuple[int, int]:
     """torchvision `Resize(int)`: the shorter side to `resolution`, the longer scaled and truncated."""
     if h <= w:
         return resolution, int(resolution * w / h)
@@ -132,7 +132,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> Transformed:
         image = to_rgb(image)
         original = (image.height, image.width)
-        h, w = _resized_size(*original, self.resolution)
+        h, w = resized_size(*original, self.resolution)
         image = image.resize((w, h), Image.Resampling.BILINEAR)  # PIL's bilinear is antialiased, as torchvision's
         # Draw order is fixed (flip, then y, then x) so a seeded generator always gives the same result.
         if self.random_flip and torch.rand(1, generator=generator).item() < 0.5:

@@ -52,7 +52,7 @@ def lokr_configs(args: Any, components: list[str]) -> dict[str, LoKrConfig]:
     return configs
 
 
-def _encode_prompts(pipe: Any, captions: list[str], sdxl: bool, device: torch.device) -> tuple[Tensor, Tensor | None]:
+def encode_prompts(pipe: Any, captions: list[str], sdxl: bool, device: torch.device) -> tuple[Tensor, Tensor | None]:
     """(prompt embeddings (B, 77, D), SDXL pooled embeddings (B, D2) or None), as the pipelines do."""
     if not sdxl:
         ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -76,9 +76,10 @@ def _time_ids(batch: dict[str, Any], resolution: int, device: torch.device, dtyp
 
 def diffusion_loss(pipe: Any, noise_scheduler: Any, batch: dict[str, Any], args: Any, sdxl: bool,
                    g: torch.Generator, weight_dtype: torch.dtype, device: torch.device,
-                   prior_weight: float | None = None) -> Tensor:
+                   prior_weight: float | None = None, prompts: Any = None) -> Tensor:
     """One micro-batch's denoising loss (MSE, Min-SNR weighted when --snr_gamma). With prior_weight
-    (DreamBooth prior preservation) the batch's second half is class images: loss + w · class loss."""
+    (DreamBooth prior preservation) the batch's second half is class images: loss + w · class loss. `prompts`:
+    the encoded caption batches of --cache_text_embeddings (caches.PromptCache), by the batch's captions."""
     pixels = batch["pixel_values"].to(device=device, dtype=weight_dtype)
     latents = pipe.vae.encode(pixels).latent_dist.sample(generator=g) * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype).to(device)
@@ -86,7 +87,10 @@ def diffusion_loss(pipe: Any, noise_scheduler: Any, batch: dict[str, Any], args:
         noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    embeds, pooled = _encode_prompts(pipe, batch["caption"], sdxl, device)
+    if prompts is not None:
+        embeds, pooled = prompts.get(tuple(batch["caption"]))
+    else:
+        embeds, pooled = encode_prompts(pipe, batch["caption"], sdxl, device)
     extra = {}
     if sdxl:
         extra["added_cond_kwargs"] = {"text_embeds": pooled,

@@ -10,6 +10,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .. import families
 from . import checkpoint
 from .args import build_parser, flow_defaults, parse_with
 from .base_precision import quantize_base
+from .caches import MemorySavers, enable_gradient_checkpointing, prepare_memory
 from .checks import check_export, check_not_fused, check_pipeline
 from .errors import TrainingInputError
 from .family import FP32, MOVED, TrainingFamily, member, training_family
@@ -145,6 +147,7 @@ class Session:
     optimizer: Any
     lr_scheduler: Any
     prompts: dict[tuple[str, ...], Any] | None = None  # flow: encoded captions, while no text encoder trains
+    memory: MemorySavers | None = None  # --cache_latents, --cache_text_embeddings, --offload_text_encoders
 
 
 def _accelerator(args: Any) -> Any:
@@ -254,7 +257,7 @@ def _setup(args: Any, steps: int) -> Session:
         for p in ps:
             p.data = p.data.float()  # adapters train in fp32 whatever the base runs in
     if args.gradient_checkpointing:
-        getattr(pipe, denoiser).enable_gradient_checkpointing()
+        enable_gradient_checkpointing(pipe, names)
     groups = [{"params": params[denoiser], "lr": args.learning_rate}]
     groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
     optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
@@ -309,6 +312,7 @@ def train(args: Any) -> TrainResult:
     s = _setup(args, steps)
     global_step = _resume(args, s)
     check_not_fused(s.raw, ADAPTER)
+    s.memory = prepare_memory(args, s, dataset, steps)  # before the output folder: a refused item leaves nothing
     accelerator = s.accelerator
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -363,7 +367,8 @@ def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, res
             if global_step >= steps:
                 break
         if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)))
+            with s.memory.resident() if s.memory is not None else contextlib.nullcontext():
+                save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)))
     progress.close()
     return global_step
 
@@ -376,12 +381,14 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
     prior = args.prior_loss_weight if getattr(args, "with_prior_preservation", False) else None
     losses = []
     for k in range(args.gradient_accumulation_steps):
-        batch = collate([dataset[i] for i in micro[(index * args.gradient_accumulation_steps + k) % len(micro)]])
+        indices = micro[(index * args.gradient_accumulation_steps + k) % len(micro)]
+        batch = s.memory.batch(dataset, indices) if s.memory is not None else collate([dataset[i] for i in indices])
         with accelerator.accumulate(*s.models):
             g = step_generator(args.seed, step, k, accelerator.process_index)
             if not s.family.flow:
                 loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
-                                      accelerator.device, prior_weight=prior)
+                                      accelerator.device, prior_weight=prior,
+                                      prompts=s.memory.prompts if s.memory is not None else None)
             else:
                 loss = flow_loss(s.parts, s.noise_scheduler, batch, args, s.family.name, g, s.weight_dtype,
                                  accelerator.device, prior_weight=prior, prompts=s.prompts)
