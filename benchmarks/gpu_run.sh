@@ -7,7 +7,8 @@
 #
 # Writes under $OUT (the device tool's folder that comes back): unet.{json,txt} (every eager row),
 # unet_compiled.{json,txt} (the compiled SD1.5 row; SDXL's 722-layer inductor compile would not fit),
-# load_fuse.txt (fp16 load / fuse / unfuse against diffusers' LoRA) and env.txt.
+# load_fuse.txt (fp16 load / fuse / unfuse against diffusers' LoRA), train.{json,txt} (benchmarks/bench_train.py:
+# a training step per flow family and base precision) and env.txt.
 # `bash benchmarks/gpu_run.sh --cpu` runs the same steps on tiny models on the CPU (a dry run).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -30,3 +31,9 @@ if [ "${1:-}" != "--cpu" ]; then
   timeout 100 python3 benchmarks/bench_load_fuse.py "${fuse[@]}" 2>&1 | grep -v "it/s" | tee "$OUT/load_fuse.txt" \
     | grep -A4 "^SD1.5"
 fi
+# one training step of each flow family's tiny pipeline, LoKr and PEFT against the bare step, at each base precision
+# (peak memory on CUDA); the full-size rows need the models' weights and are not run here
+if [ "${1:-}" = "--cpu" ]; then train=(--device cpu --families flux wan --precisions none fp8 --repeats 1); else
+  train=(--device cuda --repeats 5); fi
+timeout 200 python3 benchmarks/bench_train.py "${train[@]}" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" \
+  | grep "^|"
