@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from . import commits, quantized, scaling
+from . import commits, quantized, scaling, sharding
 from . import functional as LF
 from . import state as S
 from .commits import commit_all
@@ -359,7 +359,8 @@ class LoKrModel(nn.Module):
         The pieces of a fused module (layers holding rows of one adapter, docs/adapters.md §Row pieces) share
         their factors: they are written once, under the first piece; every piece writes its rows
         (`lokr_rows`, `lokr_height`), so that safetensors can save the dict and `set_adapter_state_dict`
-        gives them back to the same pieces."""
+        gives them back to the same pieces. Under FSDP2 each tensor is gathered whole (every process must call
+        this: sharding.py)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
         out: dict[str, Tensor] = {}
@@ -373,10 +374,10 @@ class LoKrModel(nn.Module):
                     if holders.setdefault(shared_key(module, adapter_name), name) != name:
                         tensors = {k: v for k, v in tensors.items() if k not in LF.FACTOR_NAMES}
                 for key, t in tensors.items():
-                    out[f"{prefix}{name}.{key}"] = t.detach()
+                    out[f"{prefix}{name}.{key}"] = sharding.full(t)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for key, t in module.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{prefix}{name}.{key}"] = t.detach()
+                    out[f"{prefix}{name}.{key}"] = sharding.full(t)
         return out
 
     def set_adapter_state_dict(self, state_dict: dict[str, Tensor], adapter_name: str = "default",
