@@ -1,6 +1,6 @@
 """Two-process FSDP2 runs on the CPU (gloo) for tests/test_fsdp.py.
 
-`spawn(case, ...)` starts `world` processes (torch.multiprocessing, start method spawn), each joins a gloo
+`spawn(case, ...)` starts `world` processes (torch.multiprocessing, forked), each joins a gloo
 process group and runs `case(rank, world, *args)`; what rank r's case returns is saved by torch.save and
 handed back, one entry per rank. Each case builds an unsharded copy of the same model in the same process
 (the one-process oracle: the same seeds, the whole batch) beside the sharded one, and returns both sides'
@@ -48,9 +48,11 @@ def _entry(rank: int, world: int, port: int, out: str, case: Callable[..., Any],
 
 
 def spawn(case: Callable[..., Any], *args: Any, world: int = 2) -> list[Any]:
-    """What `case(rank, world, *args)` returned on each rank (case: a module-level function)."""
+    """What `case(rank, world, *args)` returned on each rank (case: a module-level function). The processes
+    are forked: they inherit the imported torch and diffusers (spawning re-imports them, ~7 s of CPU each)."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(world, _free_port(), out, case, args), nprocs=world, join=True)
+        mp.start_processes(_entry, args=(world, _free_port(), out, case, args), nprocs=world, join=True,
+                           start_method="fork")
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
