@@ -82,7 +82,9 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 
 def named_lokr_layers(target: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, LoKrLayer]]:
     """(name, layer) for every LoKr layer of one model (its module paths), or of several components
-    ({component: model}, in that order: "component.path"), as the fuse path (commits.py) takes them."""
+    ({component: model}, in that order: "component.path"), as the fuse path (commits.py) takes them.
+    Under FSDP2, gathered blocks are resharded first, so that a fuse writes into the shards (sharding.py)."""
+    sharding.reshard([target] if isinstance(target, nn.Module) else list(target.values()))
     if isinstance(target, nn.Module):
         return list(lokr_layers(target))
     return [(f"{c}.{path}", layer) for c, model in target.items() for path, layer in lokr_layers(model)]

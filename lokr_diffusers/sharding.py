@@ -86,6 +86,19 @@ def gathered(base: nn.Module, write_back: bool) -> Iterator[Any]:
         write_shard(base.weight, g.weight)  # type: ignore[arg-type]
 
 
+def reshard(models: Iterable[nn.Module]) -> None:
+    """Reshard every FSDP2 unit of `models` that holds its parameters gathered (FSDP keeps the root's
+    gathered after a forward without backward): a change written into gathered parameters would be lost at
+    the next reshard, while one written into the shards (`write_shard`) is what the next gather reads."""
+    if _dtensor_type() is None:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
 # ------------------------------------------------------------------------------------------ applying FSDP2
 def repeated_blocks(model: nn.Module, block_classes: Iterable[type[nn.Module] | str] | None = None
                     ) -> list[nn.Module]:
@@ -141,3 +154,45 @@ def _inner(model: nn.Module) -> nn.Module:
     LoKrModel.forward calls the FSDP root), else `model`."""
     inner = getattr(model, "model", None)
     return inner if hasattr(model, "peft_config") and isinstance(inner, nn.Module) else model
+
+
+# --------------------------------------------------------------------------------- saving from one process
+@contextmanager
+def gathered_adapters(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside the block, every LoKr layer of `models` holds its adapters' tensors whole, as plain Parameters
+    (and, where an adapter has DoRA, its base weight too: an export reads its row norms), so that one process
+    alone may save or export them (no collective left to wait on the others). Every process enters it; on
+    leaving, the sharded Parameters are put back (FSDP and the optimizer hold those). Run no forward inside.
+
+    A training script under FSDP2: `with gathered_adapters([model]): if main process: save ...`, then a barrier.
+    """
+    from .functional import FACTOR_NAMES
+    from .model import lokr_layers
+    swapped: list[tuple[Any, str, Tensor]] = []  # (holder, key, the sharded Parameter to put back)
+    whole: dict[int, nn.Parameter] = {}  # one copy per sharded Parameter: row pieces keep sharing their factors
+
+    def gather(p: Tensor) -> nn.Parameter:
+        if id(p) not in whole:
+            whole[id(p)] = nn.Parameter(full(p), requires_grad=False)
+        return whole[id(p)]
+
+    try:
+        for model in models:
+            for _, layer in lokr_layers(model):
+                for store_name in (*FACTOR_NAMES, "dora_scale"):
+                    store: nn.ParameterDict = getattr(layer, store_name)
+                    for key, p in list(store.items()):
+                        if is_sharded(p):
+                            swapped.append((store, key, p))
+                            store[key] = gather(p)
+                base = layer.base_layer
+                if len(layer.dora_scale) and is_sharded(base.weight):  # type: ignore[arg-type]
+                    swapped.append((base, "weight", base.weight))  # type: ignore[arg-type]
+                    base.weight = gather(base.weight)  # type: ignore[arg-type]
+        yield
+    finally:
+        for holder, key, p in reversed(swapped):
+            if isinstance(holder, nn.Module) and not isinstance(holder, nn.ParameterDict):
+                setattr(holder, key, p)
+            else:
+                holder[key] = p

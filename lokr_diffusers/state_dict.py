@@ -36,6 +36,7 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     and keep sharing them."""
     if adapter_name not in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(model.peft_config)}")
+    sharding.reshard([model.model])  # under FSDP2: the tensors go into the shards (_assign_sharded)
     modules = dict(model.model.named_modules())
     per_layer: dict[str, dict[str, Tensor]] = {}
     per_saved: dict[str, dict[str, Tensor]] = {}

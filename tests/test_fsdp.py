@@ -49,6 +49,8 @@ def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
     from helpers.fsdp_runs import _flux_lokr
     fresh = _flux_lokr().get_adapter_state_dict()
     assert _max_diff(ranks[0]["state_dict"], fresh) > 1e-3  # the steps moved the factors
+    # the main process alone wrote its file inside gathered_adapters: the oracle's
+    assert _max_diff(ranks[0]["main_files"]["lokr_diffusers"], ranks[0]["ref_files"]["lokr_diffusers"]) <= TOL
     for r in ranks:
         _check_warnings(r)
         # fuse: the weights and the output are the oracle's fused ones; unfuse: the weights bit for bit
@@ -61,6 +63,7 @@ def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
         for fmt, tensors in r["files"].items():
             assert _max_diff(tensors, r["ref_files"][fmt]) <= TOL, fmt
             assert all(torch.equal(tensors[k], ranks[0]["files"][fmt][k]) for k in tensors)
+        assert r["swapped_after"] == []  # gathered_adapters put the sharded Parameters back
         # a state dict loaded into the sharded model comes back out as it went in
         assert all(torch.equal(r["reloaded"][k], r["ref_state_dict"][k]) for k in r["ref_state_dict"])
 

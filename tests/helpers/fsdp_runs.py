@@ -146,7 +146,9 @@ def _flux_lokr(seed: int = 0) -> nn.Module:
     from lokr_diffusers import LoKrConfig, LoKrModel, dit_target_modules
     m = tiny("flux", seed=seed)
     torch.manual_seed(seed + 1)
-    model = LoKrModel(m, LoKrConfig(r=4, alpha=4, init_weights=False, target_modules=dit_target_modules(m)))
+    # the embedders too: LoKr layers in the root's FSDP unit, which stays gathered after a forward without backward
+    targets = dit_target_modules(m, embedders=True)
+    model = LoKrModel(m, LoKrConfig(r=4, alpha=4, init_weights=False, target_modules=targets))
     return model.train()
 
 
@@ -154,7 +156,7 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     """Train the tiny Flux transformer's LoKr sharded (`mode`: see `shard`) and unsharded; with `checks`,
     then fuse / unfuse, the state dict (out and back in) and the exported files, on both."""
     from helpers.dit_models import tiny
-    from lokr_diffusers import Linear
+    from lokr_diffusers import Linear, sharding
     steps = [[_flux_sample(2 * s), _flux_sample(2 * s + 1)] for s in range(STEPS)]
     ref, ours = _flux_lokr(), _flux_lokr()
     bare = tiny("flux").train()
@@ -194,6 +196,16 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     comps_ours, comps_ref = {"transformer": ours.model}, {"transformer": ref.model}
     result["files"] = _adapter_files(comps_ours, rank, "ours", ("lokr_diffusers", "peft"))
     result["ref_files"] = _adapter_files(comps_ref, rank, "ref", ("lokr_diffusers", "peft"))
+    # one process alone writes, inside gathered_adapters (as a training script's main process does)
+    from lokr_diffusers.sharding import gathered_adapters
+    sharding.reshard([ours.model])  # the forward above left the root's unit gathered: shard it again
+    held = {n: p for n, p in ours.named_parameters()}
+    with gathered_adapters([ours.model]):
+        if rank == 0:
+            result["main_files"] = _adapter_files(comps_ours, rank, "main", ("lokr_diffusers",))
+        dist.barrier()
+    result["dtensors_after"] = sorted(k for k, v in ours.get_adapter_state_dict().items() if type(v) is not Tensor)
+    result["swapped_after"] = [n for n, p in ours.named_parameters() if p is not held[n] or not sharding.is_sharded(p)]
     # a state dict loaded into the sharded model: each process keeps its rows of it
     ours.set_adapter_state_dict(result["ref_state_dict"])
     result["reloaded"] = ours.get_adapter_state_dict()
