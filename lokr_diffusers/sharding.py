@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -167,7 +167,6 @@ def gathered_adapters(models: Iterable[nn.Module]) -> Iterator[None]:
     A training script under FSDP2: `with gathered_adapters([model]): if main process: save ...`, then a barrier.
     """
     from .functional import FACTOR_NAMES
-    from .model import lokr_layers
     swapped: list[tuple[Any, str, Tensor]] = []  # (holder, key, the sharded Parameter to put back)
     whole: dict[int, nn.Parameter] = {}  # one copy per sharded Parameter: row pieces keep sharing their factors
 
@@ -178,17 +177,19 @@ def gathered_adapters(models: Iterable[nn.Module]) -> Iterator[None]:
 
     try:
         for model in models:
-            for _, layer in lokr_layers(model):
+            # the LoKr layers, known by their stores (importing layers/ here would make an import cycle)
+            for layer in [m for m in model.modules() if isinstance(getattr(m, "lokr_w1", None), nn.ParameterDict)]:
                 for store_name in (*FACTOR_NAMES, "dora_scale"):
                     store: nn.ParameterDict = getattr(layer, store_name)
                     for key, p in list(store.items()):
                         if is_sharded(p):
                             swapped.append((store, key, p))
                             store[key] = gather(p)
-                base = layer.base_layer
-                if len(layer.dora_scale) and is_sharded(base.weight):  # type: ignore[arg-type]
-                    swapped.append((base, "weight", base.weight))  # type: ignore[arg-type]
-                    base.weight = gather(base.weight)  # type: ignore[arg-type]
+                base = cast(nn.Module, layer.base_layer)
+                weight = cast(Tensor, base.weight)
+                if len(cast(nn.ParameterDict, layer.dora_scale)) and is_sharded(weight):
+                    swapped.append((base, "weight", weight))
+                    base.weight = gather(weight)
         yield
     finally:
         for holder, key, p in reversed(swapped):
