@@ -51,6 +51,8 @@ def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
     assert _max_diff(ranks[0]["state_dict"], fresh) > 1e-3  # the steps moved the factors
     # the main process alone wrote its file inside gathered_adapters: the oracle's
     assert _max_diff(ranks[0]["main_files"]["lokr_diffusers"], ranks[0]["ref_files"]["lokr_diffusers"]) <= TOL
+    main = ranks[0]  # the optimizer's state, whole on the main process: the oracle's, and back in unchanged
+    assert main["opt_keys_match"] and main["opt_diff"] <= TOL and main["opt_reloaded"]
     for r in ranks:
         _check_warnings(r)
         # fuse: the weights and the output are the oracle's fused ones; unfuse: the weights bit for bit

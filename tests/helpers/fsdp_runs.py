@@ -90,7 +90,7 @@ def shard(model: nn.Module, mode: str, layer_types: tuple[type, ...] = ()) -> No
 
 
 def _train(model: nn.Module, batches: list[dict[str, Any]], loss_of: Callable[[nn.Module, dict[str, Any]], Tensor],
-           adam: bool = True) -> list[float]:
+           adam: bool = True, keep: list[Any] | None = None) -> list[float]:
     """AdamW, or SGD with momentum: Adam's first step is lr · g / (|g| + eps), so where a gradient is near
     eps (the tiny UNet's cross-attention output, 1e-8) the rounding of FSDP's sum over the processes moves
     the update by up to lr; SGD keeps the factors within 1e-7 of the oracle's there."""
@@ -103,6 +103,8 @@ def _train(model: nn.Module, batches: list[dict[str, Any]], loss_of: Callable[[n
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
+    if keep is not None:
+        keep.append(opt)
     return losses
 
 
@@ -161,11 +163,12 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     ref, ours = _flux_lokr(), _flux_lokr()
     bare = tiny("flux").train()
     result: dict[str, Any] = {}
-    result["ref_losses"] = _train(ref, [_flux_batch(b) for b in steps], _flux_loss)
+    opts: list[Any] = []
+    result["ref_losses"] = _train(ref, [_flux_batch(b) for b in steps], _flux_loss, keep=opts)
     shard(ours, mode, (Linear,))
     shard(bare, mode, (nn.Linear,))
     with fsdp_warnings() as ours_warned:
-        result["losses"] = _train(ours, [b[rank] for b in steps], _flux_loss)
+        result["losses"] = _train(ours, [b[rank] for b in steps], _flux_loss, keep=opts)
     with fsdp_warnings() as bare_warned:
         _flux_loss(bare, steps[0][rank]).backward()
     result["warned"], result["bare_warned"] = ours_warned, bare_warned
@@ -174,6 +177,23 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     result["state_dict"], result["ref_state_dict"] = sd, ref.get_adapter_state_dict()
     if not checks:
         return result
+    # the optimizer's state, whole (training/fsdp.py): the oracle's, and back into the shards unchanged
+    from lokr_diffusers.training.fsdp import full_optimizer_state, load_full_optimizer_state
+    full_state = full_optimizer_state(ours, opts[1])  # whole on rank 0, {} elsewhere
+    with torch.no_grad():
+        for st in opts[1].state.values():  # lost, so that only the load can bring the moments back
+            st["exp_avg"].zero_()
+            st["exp_avg_sq"].zero_()
+    load_full_optimizer_state(ours, opts[1], full_state)
+    again = full_optimizer_state(ours, opts[1])
+    if rank == 0:
+        ref_state = {n: opts[0].state[p] for n, p in ref.named_parameters() if p in opts[0].state}
+        moments = ("exp_avg", "exp_avg_sq")
+        result["opt_keys_match"] = sorted(full_state["state"]) == sorted(ref_state)
+        result["opt_diff"] = max((full_state["state"][n][k] - ref_state[n][k]).abs().max().item()
+                                 for n in ref_state for k in moments)
+        result["opt_reloaded"] = all(torch.equal(again["state"][n][k], full_state["state"][n][k])
+                                     for n in full_state["state"] for k in moments)
     # fuse / unfuse: the merged forward equals the oracle's; unfusing restores the base weights bit for bit
     ours.eval()
     ref.eval()
