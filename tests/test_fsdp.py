@@ -113,3 +113,26 @@ def test_repeated_blocks_are_the_models_own() -> None:
     assert not any(b is not o and any(b is s for s in o.modules()) for b in blocks for o in blocks)
     assert [type(b) for b in repeated_blocks(unet, [BasicTransformerBlock])] == \
         [BasicTransformerBlock] * sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+
+
+def test_training_refuses_fsdp1_and_several_components() -> None:
+    """training/fsdp.py on accelerate's attributes (accelerate enables FSDP on accelerators only, so its
+    FSDP2 path cannot run here; the CPU runs above shard with torch's fully_shard directly)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lokr_diffusers.training.errors import TrainingInputError
+    from lokr_diffusers.training.fsdp import check_fsdp_run, saving, uses_fsdp
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False, is_main_process=False)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    assert not uses_fsdp(ddp) and uses_fsdp(fsdp1) and uses_fsdp(fsdp2)
+    check_fsdp_run(ddp, ["unet", "text_encoder"])
+    check_fsdp_run(fsdp2, ["transformer"])
+    with pytest.raises(TrainingInputError, match="fsdp_version: 2"):
+        check_fsdp_run(fsdp1, ["transformer"])
+    with pytest.raises(TrainingInputError, match="--train_text_encoder"):
+        check_fsdp_run(fsdp2, ["transformer", "text_encoder"])
+    with saving(ddp, []) as main:
+        assert main is False
