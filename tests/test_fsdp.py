@@ -8,6 +8,7 @@ only where the bare model (no adapters), sharded the same way, raises them too.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -39,8 +40,11 @@ def _check_training(ranks: list[dict[str, Any]]) -> None:
 
 
 def _check_warnings(r: dict[str, Any]) -> None:
-    extra = [w for w in r["warned"] if w not in r["bare_warned"]]
-    assert extra == [], f"FSDP warnings the bare model does not raise: {extra}"
+    """Each FSDP warning no more often than the bare model, run through the same steps, raises it (a message
+    names the module's class only: a LoKr Linear returning a view where the bare Linear does not adds one)."""
+    ours, bare = Counter(r["warned"]), Counter(r["bare_warned"])
+    extra = {w: n - bare[w] for w, n in ours.items() if n > bare[w]}
+    assert extra == {}, f"FSDP warnings the bare model does not raise: {extra}"
 
 
 def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
@@ -70,9 +74,10 @@ def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
         assert all(torch.equal(r["reloaded"][k], r["ref_state_dict"][k]) for k in r["ref_state_dict"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["root", "layers"])
+@pytest.mark.parametrize("mode", [pytest.param("root", marks=pytest.mark.slow), "layers"])
 def test_flux_sharded_whole_or_per_layer_trains_as_one_process(mode: str) -> None:
+    """layers: every LoKr layer its own FSDP unit, against every bare Linear: a LoKr Linear on a 2-D input
+    (Flux's timestep embedders) returns no view where F.linear returns none."""
     ranks = spawn(flux_case, mode, False)
     _check_training(ranks)
     for r in ranks:
