@@ -365,6 +365,7 @@ class LoKrModel(nn.Module):
         this: sharding.py)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        sharding.reshard([self.model])  # a gathered FSDP unit's tensors are views of a buffer its reshard frees
         out: dict[str, Tensor] = {}
         holders: dict[tuple[int, ...], str] = {}  # the shared factor Parameters -> the piece that writes them
         for name, module in self.model.named_modules():

@@ -175,6 +175,8 @@ def gathered_adapters(models: Iterable[nn.Module]) -> Iterator[None]:
             whole[id(p)] = nn.Parameter(full(p), requires_grad=False)
         return whole[id(p)]
 
+    models = list(models)
+    reshard(models)  # every unit sharded: what is swapped below stays registered until the block ends
     try:
         for model in models:
             # the LoKr layers, known by their stores (importing layers/ here would make an import cycle)

@@ -70,6 +70,7 @@ def test_flux_sharded_by_blocks_trains_fuses_and_saves_as_one_process() -> None:
             assert _max_diff(tensors, r["ref_files"][fmt]) <= TOL, fmt
             assert all(torch.equal(tensors[k], ranks[0]["files"][fmt][k]) for k in tensors)
         assert r["swapped_after"] == []  # gathered_adapters put the sharded Parameters back
+        assert _max_diff(r["checkpoint_tensors"], r["ref_checkpoint_tensors"]) <= TOL
         # a state dict loaded into the sharded model comes back out as it went in
         assert all(torch.equal(r["reloaded"][k], r["ref_state_dict"][k]) for k in r["ref_state_dict"])
 

@@ -81,6 +81,7 @@ class ExportJob:
 def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
     """Every module holding `adapter_name`, tensors detached on the CPU (gathered whole under FSDP2: every
     process must call this)."""
+    sharding.reshard(components.values())  # a gathered FSDP unit's tensors are views of a buffer its reshard frees
     out: list[ExportModule] = []
     held = [(c, path, layer) for c, model in components.items() for path, layer in lokr_layers(model)
             if adapter_name in layer.plans]

@@ -217,11 +217,14 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     comps_ours, comps_ref = {"transformer": ours.model}, {"transformer": ref.model}
     result["files"] = _adapter_files(comps_ours, rank, "ours", ("lokr_diffusers", "peft"))
     result["ref_files"] = _adapter_files(comps_ref, rank, "ref", ("lokr_diffusers", "peft"))
+    # a training checkpoint's adapter tensors (training/checkpoint.py), gathered
+    from lokr_diffusers.training.checkpoint import adapter_tensors
+    result["checkpoint_tensors"] = adapter_tensors({"transformer": ours.model}, "default")
+    result["ref_checkpoint_tensors"] = adapter_tensors({"transformer": ref.model}, "default")
     # one process alone writes, inside gathered_adapters (as a training script's main process does)
     from lokr_diffusers.sharding import gathered_adapters
-    sharding.reshard([ours.model])  # the forward above left the root's unit gathered: shard it again
     held = {n: p for n, p in ours.named_parameters()}
-    with gathered_adapters([ours.model]):
+    with gathered_adapters([ours.model]):  # reshards first: the forward above left the root's unit gathered
         if rank == 0:
             result["main_files"] = _adapter_files(comps_ours, rank, "main", ("lokr_diffusers",))
         dist.barrier()
