@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from . import commits, quantized, scaling
+from . import commits, quantized, scaling, sharding
 from . import functional as LF
 from . import state as S
 from .commits import commit_all
@@ -82,7 +82,9 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 
 def named_lokr_layers(target: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, LoKrLayer]]:
     """(name, layer) for every LoKr layer of one model (its module paths), or of several components
-    ({component: model}, in that order: "component.path"), as the fuse path (commits.py) takes them."""
+    ({component: model}, in that order: "component.path"), as the fuse path (commits.py) takes them.
+    Under FSDP2, gathered blocks are resharded first, so that a fuse writes into the shards (sharding.py)."""
+    sharding.reshard([target] if isinstance(target, nn.Module) else list(target.values()))
     if isinstance(target, nn.Module):
         return list(lokr_layers(target))
     return [(f"{c}.{path}", layer) for c, model in target.items() for path, layer in lokr_layers(model)]
@@ -359,9 +361,11 @@ class LoKrModel(nn.Module):
         The pieces of a fused module (layers holding rows of one adapter, docs/adapters.md §Row pieces) share
         their factors: they are written once, under the first piece; every piece writes its rows
         (`lokr_rows`, `lokr_height`), so that safetensors can save the dict and `set_adapter_state_dict`
-        gives them back to the same pieces."""
+        gives them back to the same pieces. Under FSDP2 each tensor is gathered whole (every process must call
+        this: sharding.py)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(self.peft_config)}")
+        sharding.reshard([self.model])  # a gathered FSDP unit's tensors are views of a buffer its reshard frees
         out: dict[str, Tensor] = {}
         holders: dict[tuple[int, ...], str] = {}  # the shared factor Parameters -> the piece that writes them
         for name, module in self.model.named_modules():
@@ -373,10 +377,10 @@ class LoKrModel(nn.Module):
                     if holders.setdefault(shared_key(module, adapter_name), name) != name:
                         tensors = {k: v for k, v in tensors.items() if k not in LF.FACTOR_NAMES}
                 for key, t in tensors.items():
-                    out[f"{prefix}{name}.{key}"] = t.detach()
+                    out[f"{prefix}{name}.{key}"] = sharding.full(t)
             elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for key, t in module.modules_to_save[adapter_name].state_dict().items():
-                    out[f"{prefix}{name}.{key}"] = t.detach()
+                    out[f"{prefix}{name}.{key}"] = sharding.full(t)
         return out
 
     def set_adapter_state_dict(self, state_dict: dict[str, Tensor], adapter_name: str = "default",

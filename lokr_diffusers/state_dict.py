@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as LF
+from . import sharding
 from .formats.fused import ROW_LEAVES, rows_from_tensors
 from .layers import LoKrLayer
 from .modules_to_save import ModulesToSaveWrapper
@@ -35,6 +36,7 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
     and keep sharing them."""
     if adapter_name not in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} does not exist; this model has {list(model.peft_config)}")
+    sharding.reshard([model.model])  # under FSDP2: the tensors go into the shards (_assign_sharded)
     modules = dict(model.model.named_modules())
     per_layer: dict[str, dict[str, Tensor]] = {}
     per_saved: dict[str, dict[str, Tensor]] = {}
@@ -75,6 +77,19 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         if want != got:
             raise ValueError(f"{path}: modules_to_save tensors {got} do not fit {want}")
+    if any(sharding.is_sharded(t) for layer in layers.values() for t in layer.adapter_tensors(adapter_name).values()):
+        _assign_sharded(layers, adapter_name, factors, groups, per_layer)
+    else:
+        _assign(layers, adapter_name, factors, groups, per_layer)
+    for path, tensors in per_saved.items():
+        wrapper = modules[path]
+        assert isinstance(wrapper, ModulesToSaveWrapper)
+        wrapper.modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
+
+
+def _assign(layers: dict[str, LoKrLayer], adapter_name: str, factors: dict[tuple[int, ...], dict[str, Tensor]],
+            groups: dict[tuple[int, ...], list[str]], per_layer: dict[str, dict[str, Tensor]]) -> None:
+    """New Parameters for the checked tensors (shapes read off them)."""
     for gk, paths in groups.items():
         first = layers[paths[0]]
         ref = next(iter(first.factors(adapter_name).values()))
@@ -88,10 +103,28 @@ def assign_adapter_state_dict(model: LoKrModel, state_dict: dict[str, Tensor], a
                                       alpha=layer.alpha[adapter_name], requires_grad=ref.requires_grad,
                                       dora_scale=dora, rows=layer.rows.get(adapter_name),
                                       origin=layer.origins.get(adapter_name))
-    for path, tensors in per_saved.items():
-        wrapper = modules[path]
-        assert isinstance(wrapper, ModulesToSaveWrapper)
-        wrapper.modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
+
+
+def _assign_sharded(layers: dict[str, LoKrLayer], adapter_name: str,
+                    factors: dict[tuple[int, ...], dict[str, Tensor]], groups: dict[tuple[int, ...], list[str]],
+                    per_layer: dict[str, dict[str, Tensor]]) -> None:
+    """Under FSDP2 (sharding.py): the tensors go into the existing sharded Parameters in place, each process
+    its own rows (FSDP and the optimizer hold those Parameters); so the tensors must have the layers' shapes."""
+    writes: list[tuple[Tensor, Tensor]] = []
+    for gk, paths in groups.items():
+        for p in paths:
+            layer = layers[p]
+            have = layer.adapter_tensors(adapter_name)
+            own = per_layer.get(p, {})
+            given = {**factors[gk], **({"dora_scale": own["dora_scale"]} if "dora_scale" in own else {})}
+            shapes = {k: tuple(v.shape) for k, v in given.items()}
+            if shapes != {k: tuple(v.shape) for k, v in have.items()}:
+                raise ValueError(f"{p}: under FSDP the adapter's tensors are written into its sharded parameters, so "
+                                 f"they must keep their shapes {({k: tuple(v.shape) for k, v in have.items()})}, got "
+                                 f"{shapes}; load this state dict into the unsharded model, then shard it")
+            writes += [(have[k], v) for k, v in given.items()]
+    for param, value in writes:
+        sharding.write_shard(param, value.to(param.device))
 
 
 LEAVES = (*LF.FACTOR_NAMES, "dora_scale", *ROW_LEAVES)

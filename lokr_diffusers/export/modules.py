@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as LF
+from .. import sharding
 from ..formats.names import weight_of
 from ..formats.reader import LoadEntry
 from ..logs import progress
@@ -78,22 +79,24 @@ class ExportJob:
 
 
 def collect(components: Mapping[str, nn.Module], adapter_name: str) -> list[ExportModule]:
-    """Every module holding `adapter_name`, tensors detached on the CPU."""
+    """Every module holding `adapter_name`, tensors detached on the CPU (gathered whole under FSDP2: every
+    process must call this)."""
+    sharding.reshard(components.values())  # a gathered FSDP unit's tensors are views of a buffer its reshard frees
     out: list[ExportModule] = []
     held = [(c, path, layer) for c, model in components.items() for path, layer in lokr_layers(model)
             if adapter_name in layer.plans]
     for component, path, layer in progress(held, desc=f"exporting LoKr {adapter_name!r}"):
-        dora = layer.dora_scale[adapter_name].detach().cpu() if adapter_name in layer.dora_scale else None
+        dora = sharding.full(layer.dora_scale[adapter_name]).cpu() if adapter_name in layer.dora_scale else None
         norms = _row_norms(layer, adapter_name) if dora is not None and \
             LF.dora_on_output_axis(dora, layer.weight_shape) else None
         factors = layer.factors(adapter_name)
         rows = layer.rows.get(adapter_name)
         out.append(ExportModule(
             component, path.replace(".base_layer", ""),
-            {k: v.detach().cpu() for k, v in factors.items()}, layer.scaling[adapter_name],
+            {k: sharding.full(v).cpu() for k, v in factors.items()}, layer.scaling[adapter_name],
             layer.plans[adapter_name], layer.weight_shape, dora, layer.r[adapter_name],
             layer.alpha[adapter_name], norms, rows, layer.origins.get(adapter_name),
-            next(iter(factors.values())).data_ptr() if rows is not None else None))
+            sharding.storage_key(next(iter(factors.values()))) if rows is not None else None))
     if not out:
         have = sorted(adapter_names(components))
         raise ValueError(f"adapter_name {adapter_name!r}: no LoKr adapter of that name here (adapters: {have})")
@@ -139,7 +142,8 @@ def _row_norms(layer: Any, adapter_name: str) -> RowNorms | None:
     w = layer.base_weight()
     if w.is_meta:
         return None
-    delta = LF.delta_weight(layer.factors(adapter_name), layer.weight_shape, layer.scaling[adapter_name],
+    factors = {k: sharding.full(v) for k, v in layer.factors(adapter_name).items()}
+    delta = LF.delta_weight(factors, layer.weight_shape, layer.scaling[adapter_name],
                             layer.rows.get(adapter_name))
     base, adapted = LF.dora_row_norms(w, delta)
     return RowNorms(base.cpu(), adapted.cpu())

@@ -127,7 +127,7 @@ class _LinearBypass(torch.autograd.Function):
             y = b2 @ last.t() if base is None else base.view(tokens * out_l, -1).addmm_(b2, last.t())
         else:
             b2 = None
-            y = torch.bmm(w1e, a3) if base is None else torch.baddbmm(base.view(tokens, out_l, c), w1e, a3)
+            y = torch.bmm(w1e, a3) if base is None else base.view(tokens, out_l, c).baddbmm_(w1e, a3)
         grad_w1 = need[3] or need[4] or need[5]
         grad_w2 = need[8] if lowrank2 else need[6]  # w2_b or w2: the factor next to X
         grad_a = need[0] or grad_w2  # these need dL/dA
@@ -145,6 +145,8 @@ class _LinearBypass(torch.autograd.Function):
             last if lowrank2 and (grad_a or grad_w1 or rescale) else None,  # dB = dY · w2_a
             weight if need[0] else None,  # the base's dx = g W
         )
+        if base is not None and x.dim() == 2:  # y accumulated into `base`: (T, out) itself, not a view of it
+            return base  # (a view would make FSDP2 warn where the bare F.linear does not: sharding.py)
         return y.view(*x.shape[:-1], out_l * ctx.dims[4])
 
     @staticmethod
@@ -256,7 +258,7 @@ class _LinearMerged(torch.autograd.Function):
             w2_a if lowrank2 and need[8] else None,
             w2_b if lowrank2 and need[7] else None,
         )
-        return y.view(*x.shape[:-1], out_dim)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], out_dim)  # 2-D: no view, as F.linear's own output
 
     @staticmethod
     @once_differentiable

@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from .. import commits, quantized, reuse
+from .. import commits, quantized, reuse, sharding
 from .. import functional as LF
 from .. import state as S
 from ..config import LoKrConfig
@@ -90,7 +90,8 @@ class LayerCore(nn.Module):
     def base_weight(self) -> Tensor:
         """The base weight without this layer's fused adapters (the W the adapters are relative to),
         detached, on the weight's device; a quantized weight dequantized."""
-        return self._strategy().without_fused(self.base_layer, self.state.physical())
+        with sharding.gathered(self.base_layer, write_back=False) as base:  # FSDP2: the whole weight (sharding.py)
+            return self._strategy().without_fused(base, self.state.physical())
 
     @property
     def call_scale(self) -> float:
@@ -158,9 +159,9 @@ class LayerCore(nn.Module):
         (base_weight.py). Non-finite weights are checked before, by the fuse path (commits.py)."""
         old_phys, new_phys = self.state.physical(), new.physical()
         strategy = self._strategy()
-        if old_phys != new_phys:
-            strategy.move(self.base_layer, self._describe(), old_phys, new_phys, self._freeze, keep_original,
-                          requantize)
+        if old_phys != new_phys:  # under FSDP2: fold into the gathered weight, keep this process's rows
+            with sharding.gathered(self.base_layer, write_back=True) as base:
+                strategy.move(base, self._describe(), old_phys, new_phys, self._freeze, keep_original, requantize)
         strategy.settle(bool(new.fused))
         self.state = new
         self._applied = new.applied()
@@ -173,8 +174,8 @@ class LayerCore(nn.Module):
         quantized weights; change nothing. `where`: the layer's name for the message."""
         old, pairs = self.state.physical(), new.physical()
         if old != pairs:
-            self._strategy().check(self.base_layer, where or self._describe(), old, pairs, self._freeze, requantize,
-                                   safe)
+            with sharding.gathered(self.base_layer, write_back=False) as base:
+                self._strategy().check(base, where or self._describe(), old, pairs, self._freeze, requantize, safe)
 
     def _strategy(self) -> BaseStrategy:
         self.base_strategy = pick(self.base_strategy, self.base_layer, self.state.physical())
@@ -313,9 +314,10 @@ class LayerCore(nn.Module):
 
     # ----------------------------------------------------------------------------- fused weights
     def _freeze(self, adapter_name: str) -> Frozen:
-        dora = self.dora_scale[adapter_name].detach().clone() if adapter_name in self.dora_scale else None
+        """The adapter's tensors as they are now (whole: gathered from FSDP2's shards, sharding.full)."""
+        dora = sharding.full(self.dora_scale[adapter_name]).clone() if adapter_name in self.dora_scale else None
         rec = self.adapters[adapter_name]
-        return Frozen({k: v.detach().clone() for k, v in self.factors(adapter_name).items()}, rec.scale, dora,
+        return Frozen({k: sharding.full(v).clone() for k, v in self.factors(adapter_name).items()}, rec.scale, dora,
                       rec.rows)
 
     def _describe(self) -> str:

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import sharding
 from ..atomic import sync_dir
 from ..model import lokr_layers
 from .errors import CheckpointError
@@ -49,7 +50,9 @@ READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.Unp
 
 
 def adapter_tensors(components: dict[str, nn.Module], adapter: str) -> dict[str, torch.Tensor]:
-    return {f"{c}.{path}.{k}": t.detach().cpu().contiguous() for c, m in components.items()
+    """The adapter's factors by "component.path.key", whole (gathered under FSDP2: sharding.full), on the CPU."""
+    sharding.reshard(components.values())  # a gathered FSDP unit's tensors are views of a buffer its reshard frees
+    return {f"{c}.{path}.{k}": sharding.full(t).cpu().contiguous() for c, m in components.items()
             for path, layer in lokr_layers(m) for k, t in layer.factors(adapter).items()}
 
 
@@ -300,5 +303,8 @@ def load(folder: str, components: dict[str, nn.Module], adapter: str, optimizer:
     lr_scheduler.load_state_dict(sched_state)
     with torch.no_grad():
         for k, t in tensors.items():
-            current[k].copy_(t)
+            if sharding.is_sharded(current[k]):  # under FSDP2: this process's rows (sharding.py)
+                sharding.write_shard(current[k], t)
+            else:
+                current[k].copy_(t)
     return step
