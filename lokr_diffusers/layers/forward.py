@@ -262,6 +262,10 @@ class LoKrLayer(LayerCore):
 
     # ------------------------------------------------------------------------------ the choice
     def _choose_bypass(self, adapter_name: str, x: Tensor, tokens: int, direct: bool) -> bool:
+        """True: apply this adapter to x (bypass); False: W + ΔW (merged). Forced modes and the cases with
+        one possible path answer at once; `auto` asks the cost model (or the timing, paths.py) once per
+        (adapter, input shape and dtype, device, gradients, autocast) and keeps the answer in `_choices`
+        until the next commit, so that a training loop pays a dict lookup per call, not the model."""
         if not self._can_bypass():
             return False
         if not direct and self.quantization is not None:
@@ -272,8 +276,21 @@ class LoKrLayer(LayerCore):
         if not direct:  # no cheap W + ΔW path: ΔW would cost a second full matmul
             return True
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
-        if not needs_grad and torch.compiler.is_compiling():
-            return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
+        if torch.compiler.is_compiling():
+            if not needs_grad:
+                return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
+            return self._choose(adapter_name, x, tokens, needs_grad)  # traced once: no cache to guard on
+        dev = x.device
+        autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
+        key = (adapter_name, x.shape, x.dtype, dev, needs_grad, x.requires_grad, self.training, autocast,
+               paths.generation)
+        hit = self._choices.get(key)
+        if hit is None:
+            hit = self._choices[key] = self._choose(adapter_name, x, tokens, needs_grad)
+        return hit
+
+    def _choose(self, adapter_name: str, x: Tensor, tokens: int, needs_grad: bool) -> bool:
+        """The `auto` choice, uncached: measured (paths.py) where the device type says so, else the cost model."""
         rec = self.adapters[adapter_name]
         device = self.weight.device
         if paths.path_choice(device.type) == "measure" and not self._rank_mask_on(adapter_name) and \
