@@ -59,3 +59,26 @@ def test_conv_bypass_function_without_input_gradient() -> None:
     for e, o in zip(torch.autograd.grad(oracle.square().sum(), list(factors.values())),
                     torch.autograd.grad(ours.square().sum(), list(factors.values())), strict=True):
         torch.testing.assert_close(o, e)
+
+
+def test_conv_layer_in_channels_last_trains_as_contiguous() -> None:
+    """A channels_last conv (weight and input) runs the plain ops (the Function's views need NCHW):
+    the same output and gradients as the contiguous layer, which runs the Function."""
+    from torch import nn
+
+    from lokr_diffusers import LoKrConfig, LoKrModel
+
+    torch.manual_seed(0)
+    cfg = LoKrConfig(r=2, alpha=2, target_modules=["0"], init_weights=False, use_effective_conv2d=True)
+    model = LoKrModel(nn.Sequential(nn.Conv2d(16, 24, 3, padding=1)), cfg, "a")
+    model.set_forward_mode("bypass")
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt)
+        xi = x.detach().to(memory_format=fmt).requires_grad_()
+        y = model(xi)
+        factors = list(model.model[0].factors("a").values())
+        results.append((y.detach(), *torch.autograd.grad(y.square().sum(), [xi, *factors])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

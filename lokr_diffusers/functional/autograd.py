@@ -358,10 +358,10 @@ class _ConvBypass(torch.autograd.Function):
                 stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
         nd = len(plan.kernel)
         zeros, ones = (0,) * nd, (1,) * nd
-        y = torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, 1)
+        y = torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, 1).contiguous()
         batch = x.shape[0]
         stages = _stages(plan, w2, w2_a, w2_b, t2)
-        h = x.view(batch * plan.in_m, plan.in_n, *x.shape[2:])
+        h = x.reshape(batch * plan.in_m, plan.in_n, *x.shape[2:])  # a view for a contiguous x
         inputs = []
         tucker = t2 is not None
         for i, (w, spatial) in enumerate(stages):
@@ -420,7 +420,7 @@ class _ConvBypass(torch.autograd.Function):
                     [on, wants[i], False])
                 g = gi
             if need[0]:
-                ga = g.view(x.shape)
+                ga = g.view(x.shape)  # g is convolution_backward's own (contiguous) tensor
                 gx = ga if gx is None else gx.add_(ga)
         gw2 = gw2_a = gw2_b = gt2 = None
         if n == 1:
