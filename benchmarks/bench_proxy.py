@@ -5,11 +5,15 @@ and rebuilt each call with reuse off), LoKr fused, and PEFT's LoKr; inference (n
 training step (forward + backward; the bare model trains its weights, the adapters their factors).
 
     python benchmarks/bench_proxy.py [--layers 200] [--repeats 30] [--threads 1] [--json out.json]
-        [--compile [--compile-layers 50]]
+        [--compile [--compile-layers 50]] [--paths]
 
 --compile adds inference under torch.compile(fullgraph=True) (inductor): the bare model against LoKr
 unfused with frozen adapters (W + ΔW kept inside the graph, docs/performance.md §torch.compile), on
 --compile-layers layers (compiling 200 takes minutes on a small CPU).
+
+--paths adds a training step as a fine-tuning loop runs it: frozen base, input requiring grad, grads
+set to None before each step, MSE loss against a fixed target; the bare model (frozen) against ours in
+each forward mode (auto, merged, bypass) and PEFT's LoKr, interleaved, medians of --repeats.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-layers", type=int, default=50)
+    ap.add_argument("--paths", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,11 +108,58 @@ def main() -> None:
             line += f" {r['training'] * per_layer:19.1f} {r['training'] / med['bare']['training']:7.2f}"
         print(line)
     out: dict[str, object] = {"layers": args.layers, "threads": args.threads, "median_s": med}
+    if args.paths:
+        out["paths"] = _paths(args, x)
     if args.compile:
         out["compiled"] = _compiled(args, x)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)
+
+
+def _paths(args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
+    """Training steps (frozen base, x requiring grad, MSE) per forward mode; medians per layer and step."""
+    n = args.layers
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(n)]).requires_grad_(False)
+    cfg = LoKrConfig(r=8, alpha=8, target_modules=[str(i) for i in range(n)], init_weights=False)
+    models: dict[str, nn.Module] = {"bare (frozen)": base}
+    for mode in ("auto", "merged", "bypass"):
+        m = LoKrModel(copy.deepcopy(base), cfg, "a")
+        m.set_forward_mode(mode)
+        models[f"ours {mode}"] = m
+    try:
+        from peft import LoKrConfig as PeftLoKrConfig
+        from peft import get_peft_model
+
+        models["PEFT LoKr"] = get_peft_model(copy.deepcopy(base), PeftLoKrConfig(
+            r=8, alpha=8, target_modules=[str(i) for i in range(n)], init_weights=False))
+    except ImportError:
+        pass
+    xs = x.clone().requires_grad_(True)
+    target = torch.randn_like(x)
+
+    def step(m: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            xs.grad = None
+            m.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(m(xs), target).backward()
+            return None
+        return run
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for m in models.values():
+        m.train()
+    for rep in range(args.repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            times[name].append(_time(step(models[name]), args.inner))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bare = med["bare (frozen)"]
+    print(f"training step, frozen base, x requires grad, MSE, {n} x Linear(64, 64), median of {args.repeats}")
+    for name, t in med.items():
+        print(f"{name:18s} {t * 1e6 / n:8.1f} µs/layer {t / bare:7.2f}")
+    return med
 
 
 def _compiled(args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:

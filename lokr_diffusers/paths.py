@@ -32,12 +32,14 @@ REPEATS = 3  # timed calls per path after one warm-up call each
 
 _set: dict[str | None, str] = {}  # device type (None: all) -> how, set by set_path_choice
 _measured: dict[Hashable, bool] = {}  # key -> bypass is faster
+generation = 0  # bumped by set_path_choice: a layer's own cache of choices (layers/forward.py) is stale then
 
 
 def set_path_choice(how: str | None, device_type: str | None = None) -> None:
     """How LoKr layers choose their path: "model" or "measure", for one device type ("cuda", "cpu",
     ...) or for all (None); how=None returns to the defaults (all device types when device_type is
     None). Measured choices made so far are forgotten."""
+    global generation
     if how is not None and how not in HOW:
         raise ValueError(f"path choice must be one of {HOW} or None, got {how!r}")
     if how is None:
@@ -50,6 +52,7 @@ def set_path_choice(how: str | None, device_type: str | None = None) -> None:
             _set.clear()
         _set[device_type] = how
     _measured.clear()
+    generation += 1
 
 
 def path_choice(device_type: str) -> str:

@@ -218,3 +218,12 @@ def test_add_delta_equals_weight_plus_kron(shape, r, factor, both, tucker, full)
     w2 = w.clone()
     assert LF.add_delta(w2, f, 0.3, inplace=True) is w2
     torch.testing.assert_close(w2, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cost_model_takes_merged_for_a_launch_bound_linear_in_training() -> None:
+    """Linear(64, 64) at r = 8 over 16 tokens (bench_proxy's layer), in training: both paths cost about
+    their launches, and merged runs one aten op fewer (tests/test_reuse.py's counts), measured 1-8% faster;
+    at SD1.5's attention (320 wide, 8192 tokens) and text (77 tokens) shapes the arithmetic decides: bypass."""
+    assert not LF.prefer_bypass(LF.plan_lokr((64, 64), 8), 16, True)
+    assert LF.prefer_bypass(LF.plan_lokr((320, 320), 8), 8192, True)
+    assert LF.prefer_bypass(LF.plan_lokr((768, 768), 8), 77, True)

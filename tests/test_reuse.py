@@ -267,17 +267,18 @@ def _training_counts(kind: str, mode: str) -> tuple[int, int]:
     return count_ops(step(bare)), count_ops(step(model))
 
 
-# issue 10's targets for a training step: Linear <= bare + 24 ops, Tucker Conv2d <= bare + 36. The issue
-# counted them on its proxy's layer, Linear(64, 64) at r = 8 (W1 and W2 both full), and a Tucker Conv2d
-LIMITS = {"linear": 24, "linear320": 24, "conv": 36}
+# issue 10's targets for a training step were Linear <= bare + 24 ops, Conv2d <= bare + 36, on its proxy's
+# layer, Linear(64, 64) at r = 8 (W1 and W2 both full), and a Conv2d(32, 32, 3) (r = 8: W2 full). Held at
+# what they reach now (issue 21), so that a regression fails: the conv's bypass runs as one Function
+# (functional.apply_bypass_conv) since, + 18 where plain autograd took + 35. SD1.5's shapes: test_op_counts.py
+LIMITS = {("linear", "auto"): 18, ("linear", "merged"): 18, ("linear", "bypass"): 19, ("linear320", "merged"): 24,
+          ("conv", "auto"): 18, ("conv", "merged"): 18, ("conv", "bypass"): 18}
 
 
-@pytest.mark.parametrize(("kind", "mode"), [("linear", "auto"), ("linear", "merged"), ("linear", "bypass"),
-                                            ("linear320", "merged"),
-                                            ("conv", "auto"), ("conv", "merged"), ("conv", "bypass")])
+@pytest.mark.parametrize(("kind", "mode"), list(LIMITS))
 def test_training_step_op_count(kind: str, mode: str, one_thread: None) -> None:
     n_bare, n_ours = _training_counts(kind, mode)
-    assert n_ours <= n_bare + LIMITS[kind], (n_ours, n_bare)
+    assert n_ours <= n_bare + LIMITS[(kind, mode)], (n_ours, n_bare)
 
 
 # Low-rank factors, each a pair of Parameters, cost ops of their own that no formulation with separate

@@ -28,7 +28,7 @@ The modules, one concern each (every name is also importable from this package, 
 
 from __future__ import annotations
 
-from .autograd import apply_bypass_linear, apply_merged_linear
+from .autograd import apply_bypass_conv, apply_bypass_linear, apply_merged_linear
 from .bypass import ConvArgs, apply_lokr
 from .cost_model import MOVED, STREAMED, bypass_cost, bypass_flops_and_traffic, merged_cost, prefer_bypass
 from .delta import (
@@ -59,6 +59,7 @@ __all__ = [
     "adapt_weight",
     "add_delta",
     "alpha_for_consumer",
+    "apply_bypass_conv",
     "apply_bypass_linear",
     "apply_lokr",
     "apply_merged_linear",

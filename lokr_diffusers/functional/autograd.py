@@ -1,8 +1,9 @@
 """The autograd Functions of a Linear's two paths in training, each one node with lean saved tensors:
 `_LinearBypass` (ΔW·x by the vec trick, with or without the base op: `apply_bypass_linear`, and
 `apply_lokr` in `bypass.py` through `linear_bypass_fn`) and `_LinearMerged` (one linear with
-W + ΔW, the factors' gradients by the vec trick: `apply_merged_linear`). Autocast and a traced (tensor)
-scale are handled before the Function runs."""
+W + ΔW, the factors' gradients by the vec trick: `apply_merged_linear`); and a conv's bypass with its
+base op, `_ConvBypass` (`apply_bypass_conv`). Autocast and a traced (tensor) scale are handled before
+the Function runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .plan import Factors
+from .plan import Factors, LoKrPlan
 from .rows import Rows, restrict_rows, row_blocks, w2_rows
 
 
@@ -59,19 +60,19 @@ def _fold_scale(f: Factors, scale: float | Tensor) -> tuple[Tensor | None, Tenso
     return w1, cast(Tensor, w1_a) * scale.to(cast(Tensor, w1_a).dtype), 1.0
 
 
-def _apply_cast(function: type[torch.autograd.Function], tensors: list[Tensor | None], scale: float) -> Tensor:
-    """function.apply(*tensors, scale); under autocast the tensors are cast first, as autocast would
-    cast them for each matmul (floating tensors but float64), and the Function runs with autocast off,
-    so its backward sees one dtype; the casts are recorded outside, so gradients come back in each
-    tensor's own dtype."""
+def _apply_cast(function: type[torch.autograd.Function], tensors: list[Tensor | None], *extra: Any) -> Tensor:
+    """function.apply(*tensors, *extra) (extra: the scale, ...); under autocast the tensors are cast
+    first, as autocast would cast them for each matmul (floating tensors but float64), and the
+    Function runs with autocast off, so its backward sees one dtype; the casts are recorded outside,
+    so gradients come back in each tensor's own dtype."""
     device_type = cast(Tensor, tensors[0]).device.type
     if not torch.is_autocast_enabled(device_type):
-        return cast(Tensor, function.apply(*tensors, scale))
+        return cast(Tensor, function.apply(*tensors, *extra))
     dt = torch.get_autocast_dtype(device_type)
     tensors = [t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                for t in tensors]
     with torch.autocast(device_type, enabled=False):
-        return cast(Tensor, function.apply(*tensors, scale))
+        return cast(Tensor, function.apply(*tensors, *extra))
 
 
 def _halves(g: Tensor, a: Tensor | None, b: Tensor | None, need_a: bool, need_b: bool
@@ -302,3 +303,142 @@ class _LinearMerged(torch.autograd.Function):
                 gw2_a, gw2_b = _halves(g_w2, w2_a, w2_b, need[7], need[8])
         return gx, gw, gb, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, None
 
+
+# ---- a conv layer's bypass in training: the conv and the adapter's chain of small convs and W1 mix as one
+# node. Plain autograd over the same ops (bypass.apply_lokr beside the base op) records every reshape,
+# transpose and copy and sums two full-size outputs: + 50 aten ops over the bare conv per training step for
+# a Tucker adapter at SD1.5's Conv2d(320, 320, 3), against + 28 here (tests/test_op_counts.py).
+
+_CONV_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def apply_bypass_conv(x: Tensor, weight: Tensor, bias: Tensor | None, f: Factors, plan: LoKrPlan,
+                      scale: float, stride: tuple[int, ...], padding: tuple[int, ...],
+                      dilation: tuple[int, ...]) -> Tensor:
+    """convNd(x, W, bias, stride, padding, dilation) + scale · ΔW * x, as one node (`_ConvBypass`).
+
+    x (B, in_m·in_n, *S) -> (B, out_l·out_k, *S'). Numeric padding only (a string padding runs the
+    plain ops), groups 1; a float scale (a traced tensor scale runs the plain ops)."""
+    return _apply_cast(_ConvBypass, [x, weight, bias, *(f.get(n) for n in _CONV_NAMES)], plan, scale, stride, padding,
+                       dilation)
+
+
+def _stages(plan: LoKrPlan, w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, t2: Tensor | None
+            ) -> list[tuple[Tensor, bool]]:
+    """W2 as a chain of convs, each (weight (c_out, c_in, *k), carries the layer's stride / padding /
+    dilation): full W2 one conv; low-rank w2_b (kernel) then w2_a (1x1); Tucker w2_b (1x1), the core
+    t2 (kernel), w2_a (1x1), t2[i, j] mapping rank j to rank i (bypass._apply_lokr_conv's order).
+    Tucker's w2_a is stored (r, out_k): its 1x1 conv runs transposed (a transposed conv's weight is
+    (c_in, c_out, *k)), so that neither a transpose forward nor a copy of its gradient backward is needed."""
+    ones = (1,) * len(plan.kernel)
+    if w2 is not None:
+        return [(w2 if w2.dim() == 2 + len(plan.kernel) else w2.view(plan.out_k, plan.in_n, *plan.kernel), True)]
+    a, b = cast(Tensor, w2_a), cast(Tensor, w2_b)
+    r = plan.rank2
+    if t2 is None:
+        return [(b.view(r, plan.in_n, *plan.kernel), True), (a.view(plan.out_k, r, *ones), False)]
+    core = t2 if t2.dim() == 2 + len(plan.kernel) else t2.view(r, r, *plan.kernel)
+    return [(b.view(r, plan.in_n, *ones), False), (core, True), (a.view(r, plan.out_k, *ones), False)]
+
+
+class _ConvBypass(torch.autograd.Function):
+    """y = conv(x, W, b) + scale · W1-mix(W2-chain(x grouped)), one node.
+
+    Forward: x viewed as (B·in_m, in_n, *S) runs through W2's convs (`_stages`); the result, viewed
+    (B, in_m, out_k·S'), is mixed by W1 (one baddbmm against W1 expanded over the batch, a view) into
+    the base output's buffer, the scale in its alpha. Backward: the base conv's own backward gives dx
+    (and dW, db where wanted); dL/dh = scale · W1ᵀ g and dW1 = scale · Σ_b g_b h_bᵀ by two baddbmms;
+    each conv of the chain by aten's convolution_backward; the adapter's dx is added into the base's.
+    Saved: the chain's inputs and output (what plain autograd saves), x and W (inputs: no copy).
+    Inputs: x, W, b, w1, w1_a, w1_b, w2, w2_a, w2_b, t2 (then plan, scale, stride, padding, dilation).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1: Tensor | None,
+                w1_a: Tensor | None, w1_b: Tensor | None, w2: Tensor | None, w2_a: Tensor | None,
+                w2_b: Tensor | None, t2: Tensor | None, plan: LoKrPlan, scale: float,
+                stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+        nd = len(plan.kernel)
+        zeros, ones = (0,) * nd, (1,) * nd
+        y = torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, 1).contiguous()
+        batch = x.shape[0]
+        stages = _stages(plan, w2, w2_a, w2_b, t2)
+        h = x.reshape(batch * plan.in_m, plan.in_n, *x.shape[2:])  # a view for a contiguous x
+        inputs = []
+        tucker = t2 is not None
+        for i, (w, spatial) in enumerate(stages):
+            inputs.append(h)
+            h = torch.convolution(h, w, None, stride if spatial else ones, padding if spatial else zeros,
+                                  dilation if spatial else ones, tucker and i == 2, zeros, 1)
+        w1f = cast(Tensor, w1_a) @ cast(Tensor, w1_b) if w1 is None else w1  # (out_l, in_m)
+        w1e = w1f.expand(batch, plan.out_l, plan.in_m)
+        h3 = h.view(batch, plan.in_m, -1)  # (B, in_m, out_k·S')
+        y.view(batch, plan.out_l, -1).baddbmm_(w1e, h3, alpha=scale)
+        ctx.plan, ctx.scale, ctx.conv = plan, scale, (stride, padding, dilation)
+        ctx.spatial = [spatial for _, spatial in stages]
+        ctx.h_shape = h.shape
+        ctx.save_for_backward(x, weight, w1e, h3, w1_a, w1_b, w2, w2_a, w2_b, t2, *(w for w, _ in stages),
+                              *inputs)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        need = ctx.needs_input_grad
+        plan: LoKrPlan = ctx.plan
+        scale: float = ctx.scale
+        stride, padding, dilation = (list(v) for v in ctx.conv)
+        nd = len(plan.kernel)
+        zeros, ones = [0] * nd, [1] * nd
+        spatial = ctx.spatial
+        n = len(spatial)
+        saved = ctx.saved_tensors
+        x, weight, w1e, h3, w1_a, w1_b, w2, w2_a, w2_b, t2 = saved[:10]
+        weights, inputs = saved[10:10 + n], saved[10 + n:]
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if need[0] or need[1] or need[2]:  # the base conv's own backward
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, [gy.shape[1]] if need[2] else None, stride, padding, dilation, False, zeros, 1,
+                [need[0], need[1], need[2]])
+        batch = gy.shape[0]
+        g3 = gy.view(batch, plan.out_l, -1)  # (B, out_l, out_k·S')
+        gw1 = gw1_a = gw1_b = None
+        if need[3] or need[4] or need[5]:  # dW1 = scale · Σ_b g_b h_bᵀ (beta=0: w1e's values are not read)
+            g_w1 = torch.baddbmm(w1e, g3, h3.transpose(1, 2), beta=0, alpha=scale).sum(0)
+            if need[3]:
+                gw1 = g_w1
+            gw1_a, gw1_b = _halves(g_w1, w1_a, w1_b, need[4], need[5])
+        # each stage's weight: W2 alone; w2_b then w2_a; w2_b, t2, w2_a
+        wants = [need[6]] if n == 1 else [need[8], need[7]] if n == 2 else [need[8], need[9], need[7]]
+        stage_grads: list[Tensor | None] = [None] * n
+        if need[0] or any(wants):
+            g = torch.baddbmm(h3, w1e.transpose(1, 2), g3, beta=0, alpha=scale).view(ctx.h_shape)  # dL/dh
+            for i in range(n - 1, -1, -1):
+                on = i > 0 or need[0]  # the gradient of this stage's input is wanted
+                gi, stage_grads[i], _ = torch.ops.aten.convolution_backward(
+                    g, inputs[i], weights[i], None, stride if spatial[i] else ones,
+                    padding if spatial[i] else zeros, dilation if spatial[i] else ones, n == 3 and i == 2, zeros, 1,
+                    [on, wants[i], False])
+                g = gi
+            if need[0]:
+                ga = g.view(x.shape)  # g is convolution_backward's own (contiguous) tensor
+                gx = ga if gx is None else gx.add_(ga)
+        gw2 = gw2_a = gw2_b = gt2 = None
+        if n == 1:
+            gw2 = _back(stage_grads[0], w2)
+        else:
+            gw2_b = _back(stage_grads[0], w2_b)
+            if n == 2:
+                gw2_a = _back(stage_grads[1], w2_a)
+            else:
+                gt2 = _back(stage_grads[1], t2)
+                gw2_a = _back(stage_grads[2], w2_a)
+        return gx, gw, gb, gw1, gw1_a, gw1_b, gw2, gw2_a, gw2_b, gt2, None, None, None, None, None
+
+
+def _back(g: Tensor | None, factor: Tensor | None) -> Tensor | None:
+    """A stage weight's gradient in its factor's stored shape (a view where the two differ)."""
+    if g is None or factor is None or g.shape == factor.shape:
+        return g
+    return g.view(factor.shape)

@@ -14,6 +14,13 @@ from .plan import LoKrPlan
 # picks the faster path at every SD1.5 / CLIP shape measured.
 MOVED = 60
 STREAMED = 20
+# A Linear in training with few tokens is bound by launches, not arithmetic: each path costs at least its
+# aten ops times LAUNCH (an op's fixed cost: dispatch, an autograd node; ~1-2 µs on that CPU). The
+# ops per training step are tests/test_reuse.py's counts: merged (one Function) + 18, + 6 per low-rank
+# factor; bypass + 19, + 6 for a low-rank W1, + 8 for a low-rank W2. Measured on benchmarks/bench_proxy.py
+# --paths (Linear(64, 64), 16 tokens): merged 1-8% faster than bypass in every paired run, where the
+# arithmetic alone says bypass; at SD1.5's shapes the floor is three orders of magnitude below both costs.
+LAUNCH = 50_000
 
 
 def bypass_flops_and_traffic(plan: LoKrPlan, tokens: int, needs_grad: bool = False) -> tuple[int, int]:
@@ -71,5 +78,11 @@ def merged_cost(plan: LoKrPlan, tokens: int, needs_grad: bool) -> float:
 
 
 def prefer_bypass(plan: LoKrPlan, tokens: int, needs_grad: bool) -> bool:
-    """True when applying the factors is cheaper than one matmul with W + ΔW."""
-    return bypass_cost(plan, tokens, needs_grad) < merged_cost(plan, tokens, needs_grad)
+    """True when applying the factors is cheaper than one matmul with W + ΔW (a Linear in training:
+    each at least its launches, LAUNCH per aten op)."""
+    bypass, merged = bypass_cost(plan, tokens, needs_grad), merged_cost(plan, tokens, needs_grad)
+    if needs_grad and not plan.kernel:
+        low1, low2 = int(plan.w1_lowrank), int(plan.w2_lowrank)
+        bypass = max(bypass, LAUNCH * (19 + 6 * low1 + 8 * low2))
+        merged = max(merged, LAUNCH * (18 + 6 * (low1 + low2)))
+    return bypass < merged

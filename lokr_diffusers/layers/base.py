@@ -55,6 +55,9 @@ class LayerCore(nn.Module):
         self._traced: dict[str, tuple[Tensor, Tensor]] = {}
         self._call_t = torch.ones(())
         self._frozen = True  # _adapters_frozen(), kept for traced code
+        # forward's path choice per (adapter, input, gradients), made once and kept until the next
+        # commit (forward.py `_choose_bypass`): the cost model is not asked again on every call
+        self._choices: dict[tuple[Any, ...], bool] = {}
         if adapter_name is not None and config is not None:
             self.update_layer(adapter_name, config.r if r is None else r, config.alpha if alpha is None else alpha,
                               config)
@@ -139,8 +142,16 @@ class LayerCore(nn.Module):
         return list(self.adapters)
 
     def factors(self, adapter_name: str) -> dict[str, Tensor]:
-        """The adapter's stored tensors by name ("lokr_w1", ...)."""
-        return {n: getattr(self, n)[adapter_name] for n in LF.FACTOR_NAMES if adapter_name in getattr(self, n)}
+        """The adapter's stored tensors by name ("lokr_w1", ...). Read from the ParameterDicts' own
+        `_parameters` (where ParameterDict keeps them, keyed by adapter name): forward asks on every
+        call, and seven `getattr`s through Module.__getattr__ plus `in` cost several µs a call."""
+        mods = self._modules
+        out: dict[str, Tensor] = {}
+        for n in LF.FACTOR_NAMES:
+            t = mods[n]._parameters.get(adapter_name)  # type: ignore[union-attr]
+            if t is not None:
+                out[n] = t
+        return out
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, Tensor]:
         """Factors plus `dora_scale` when the adapter has one (what a file stores)."""
@@ -166,6 +177,7 @@ class LayerCore(nn.Module):
         self.state = new
         self._applied = new.applied()
         self.version += 1
+        self._choices = {}
         self.kept.drop()
         self._sync_traced()
 
@@ -328,6 +340,7 @@ class LayerCore(nn.Module):
         """Module.to / .half / ...: a dtype change while fused unfuses, casts and fuses again, so the
         weight is what the cast base plus the same fuse gives (and unfusing restores the cast base)."""
         self.kept.drop()
+        self._choices = {}
         pairs = self.state.physical()
         w = self.weight
         probe = fn(torch.empty(0, dtype=w.dtype, device=w.device)) if pairs else None

@@ -136,17 +136,17 @@ class LoKrLayer(LayerCore):
 
     def _forward_applied(self, x: Tensor, applied: Strengths, direct: bool, args: tuple, kwargs: dict) -> Tensor:
         """The applied adapters at these strengths: each merged into W or applied to x (bypass)."""
-        if any(a in self.dora_scale for a, _ in applied):
+        dora = self._modules["dora_scale"]._parameters  # type: ignore[union-attr]  # ParameterDict's own store
+        if dora and any(a in dora for a, _ in applied):
             return self._forward_in_order(x, applied, direct, args, kwargs)
-        tokens = self._tokens(x)
         in_merge: list[tuple[str, float | Tensor]] = []
         in_bypass: list[tuple[str, float | Tensor]] = []
         for a, s in applied:
-            (in_bypass if self._choose_bypass(a, x, tokens, direct) else in_merge).append((a, s))
-        w = self.weight if direct or self.quantization is None else x  # quantized: ΔW in x's dtype (dtype only)
+            (in_bypass if self._choose_bypass(a, x, direct) else in_merge).append((a, s))
         if in_merge and direct and not any(self._rank_mask_on(a) for a, _ in in_merge):
             result = self._run_merged(x, tuple(in_merge))  # W + Σ ΔW, then one op
         elif in_merge:
+            w = self.weight if direct or self.quantization is None else x  # quantized: ΔW in x's dtype (dtype only)
             delta = sum((self._contribution(a, s, w) for a, s in in_merge[1:]), self._contribution(*in_merge[0], w))
             if direct:
                 result = self._run(x, w + delta, self.bias)
@@ -261,7 +261,11 @@ class LoKrLayer(LayerCore):
                                         "or freeze it (requires_grad_(False))")
 
     # ------------------------------------------------------------------------------ the choice
-    def _choose_bypass(self, adapter_name: str, x: Tensor, tokens: int, direct: bool) -> bool:
+    def _choose_bypass(self, adapter_name: str, x: Tensor, direct: bool) -> bool:
+        """True: apply this adapter to x (bypass); False: W + ΔW (merged). Forced modes and the cases with
+        one possible path answer at once; `auto` asks the cost model (or the timing, paths.py) once per
+        (adapter, input shape and dtype, device, gradients, autocast) and keeps the answer in `_choices`
+        until the next commit, so that a training loop pays a dict lookup per call, not the model."""
         if not self._can_bypass():
             return False
         if not direct and self.quantization is not None:
@@ -272,8 +276,21 @@ class LoKrLayer(LayerCore):
         if not direct:  # no cheap W + ΔW path: ΔW would cost a second full matmul
             return True
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self.factors(adapter_name).values())
-        if not needs_grad and torch.compiler.is_compiling():
-            return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
+        if torch.compiler.is_compiling():
+            if not needs_grad:
+                return False  # a compiled graph builds W + ΔW in one fused pointwise kernel: cheaper than 3-4 GEMMs
+            return self._choose(adapter_name, x, needs_grad)  # traced once: no cache to guard on
+        dev = x.device
+        autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
+        key = (adapter_name, x.shape, x.dtype, dev, needs_grad, x.requires_grad, self.training, autocast,
+               paths.generation)
+        hit = self._choices.get(key)
+        if hit is None:
+            hit = self._choices[key] = self._choose(adapter_name, x, needs_grad)
+        return hit
+
+    def _choose(self, adapter_name: str, x: Tensor, needs_grad: bool) -> bool:
+        """The `auto` choice, uncached: measured (paths.py) where the device type says so, else the cost model."""
         rec = self.adapters[adapter_name]
         device = self.weight.device
         if paths.path_choice(device.type) == "measure" and not self._rank_mask_on(adapter_name) and \
@@ -282,7 +299,7 @@ class LoKrLayer(LayerCore):
                    x.dtype, self.weight.dtype, device, torch.is_autocast_enabled(device.type),
                    torch.get_autocast_dtype(device.type), needs_grad, x.requires_grad)
             return paths.measured(key, lambda: self._measure(x, adapter_name, needs_grad))
-        return LF.prefer_bypass(LF.restricted_plan(rec.plan, rec.rows), tokens, needs_grad)
+        return LF.prefer_bypass(LF.restricted_plan(rec.plan, rec.rows), self._tokens(x), needs_grad)
 
     def _measure(self, x: Tensor, adapter_name: str, needs_grad: bool) -> bool:
         """Time this adapter's two paths on x (paths.measure_paths); True: bypass wins."""

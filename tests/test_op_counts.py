@@ -1,0 +1,111 @@
+"""aten ops of one training step at SD1.5's real layer shapes, counted by a dispatch-mode counter
+(deterministic: no timing): the attention Linear(320, 320), the feed-forward Linear(320, 2560) and
+Linear(1280, 320), and a Tucker Conv2d(320, 320, 3), each with LoKr at r = 8 and the default
+decomposition (factor -1: 320 -> 16 x 20, 2560 -> 40 x 64, 1280 -> 32 x 40; W1 full, W2 low-rank, the
+conv's W2 with a Tucker core). A step as fine-tuning runs it: frozen base, input requiring grad
+(an earlier layer's output), gradients set to None first, an MSE loss. Each limit is the count reached
+(issue 21 item 4), so that a regression fails; the inputs are small (op counts do not depend on
+the token count, only `auto`'s choice does, and it is checked to be the path named here)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lokr_diffusers import LoKrConfig, LoKrModel
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn: Callable[[], None]) -> list[str]:
+    with _Counter() as counter:
+        fn()
+    return counter.ops
+
+
+SHAPES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict]] = {
+    "attn Linear(320, 320)": (lambda: nn.Linear(320, 320), (1, 64, 320), {}),
+    "ff Linear(320, 2560)": (lambda: nn.Linear(320, 2560), (1, 64, 320), {}),
+    "ff Linear(1280, 320)": (lambda: nn.Linear(1280, 320), (1, 64, 1280), {}),
+    "Tucker Conv2d(320, 320, 3)": (lambda: nn.Conv2d(320, 320, 3, padding=1), (1, 320, 8, 8),
+                                   {"use_effective_conv2d": True}),
+}
+
+
+def _step_counts(shape: str, mode: str) -> tuple[int, int, list[str], nn.Module]:
+    """(bare ops, LoKr ops, LoKr op names, the LoKr layer) of one training step after a warm-up step."""
+    make, x_shape, extra = SHAPES[shape]
+    torch.manual_seed(0)
+    base = nn.Sequential(make())
+    x = torch.randn(*x_shape, requires_grad=True)
+    bare = copy.deepcopy(base).requires_grad_(False)
+    model = LoKrModel(base, LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, **extra), "a")
+    model.set_forward_mode(mode)
+    model.train()
+    target = torch.randn_like(bare(x))
+
+    def step(m: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(m(x), target).backward()
+        return run
+
+    step(bare)()
+    step(model)()
+    ours = _ops(step(model))
+    return len(_ops(step(bare))), len(ours), ours, model.model[0]
+
+
+# ops over the bare layer's. Linear: merged runs one Function (W + ΔW forward, the vec trick's small
+# GEMMs backward); bypass the Function with the base op inside. Tucker conv: bypass runs the conv and the
+# adapter's three convs and W1 mix as one Function (functional.apply_bypass_conv; plain autograd over the
+# same ops took + 50); merged rebuilds W2 from the core by an einsum and forms the full dL/dW (+ 86).
+LIMITS = {
+    ("attn Linear(320, 320)", "merged"): 24, ("attn Linear(320, 320)", "bypass"): 27,
+    ("ff Linear(320, 2560)", "merged"): 24, ("ff Linear(320, 2560)", "bypass"): 27,
+    ("ff Linear(1280, 320)", "merged"): 24, ("ff Linear(1280, 320)", "bypass"): 27,
+    ("Tucker Conv2d(320, 320, 3)", "bypass"): 28, ("Tucker Conv2d(320, 320, 3)", "merged"): 86,
+}
+
+
+@pytest.mark.parametrize(("shape", "mode"), list(LIMITS), ids=[f"{s}-{m}" for s, m in LIMITS])
+def test_training_step_op_count_at_sd15_shapes(shape: str, mode: str, one_thread: None) -> None:
+    n_bare, n_ours, _, layer = _step_counts(shape, mode)
+    plan = layer.adapters["a"].plan
+    assert plan.w2_lowrank and not plan.w1_lowrank and plan.tucker == ("Conv" in shape)  # the layouts named above
+    assert n_ours - n_bare <= LIMITS[(shape, mode)], (n_ours, n_bare)
+
+
+def test_tucker_conv_bypass_is_one_function_node(one_thread: None) -> None:
+    """The counter sees the Function's ops: the three chain convs, W1's mix into the base output, and their
+    backward by convolution_backward, with no full-size add of two outputs nor any copy of a gradient."""
+    _, _, ops, _ = _step_counts("Tucker Conv2d(320, 320, 3)", "bypass")
+    assert ops.count("aten.convolution.default") == 4 and ops.count("aten.convolution_backward.default") == 4
+    assert "aten.add.Tensor" not in ops and "aten.copy_.default" not in ops and "aten.clone.default" not in ops
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_auto_takes_the_counted_path_at_sd15_token_counts(shape: str) -> None:
+    """`auto` at SD1.5's token counts (64 x 64 latents: 4096 tokens, batch 2) takes the path whose
+    count is held above: bypass, for the Linears and the Tucker conv alike (the cost model, on the CPU)."""
+    make, x_shape, extra = SHAPES[shape]
+    torch.manual_seed(0)
+    model = LoKrModel(nn.Sequential(make()), LoKrConfig(r=8, alpha=8, target_modules=["0"], **extra), "a")
+    layer = model.model[0]
+    x = torch.empty(2, 4096, x_shape[-1]) if len(x_shape) == 3 else torch.empty(2, 320, 64, 64)
+    x.requires_grad_(True)
+    assert layer._choose_bypass("a", x, True)
