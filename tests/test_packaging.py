@@ -110,8 +110,10 @@ def test_every_import_of_the_package_is_a_declared_dependency():
 
 
 def test_training_imports_are_declared_in_the_train_extra():
+    """[train] or an optional extra the scripts name when it is missing (PyAV for video files, [video]; torchao and
+    bitsandbytes for --base_precision int8 / nf4, [quant])."""
     files = list((ROOT / "lokr_diffusers" / "training").rglob("*.py")) + list((ROOT / "examples").glob("*.py"))
-    allowed = _declared() | _declared("train")
+    allowed = _declared() | _declared("train") | _declared("video") | _declared("quant")
     undeclared = {d: f for d, f in _third_party(files).items() if d not in allowed}
     assert not undeclared, f"imported by the training code but in neither the dependencies nor [train]: {undeclared}"
 

@@ -49,7 +49,8 @@ def check_base_precision(precision: str) -> None:
     try:
         importlib.import_module(package)
     except ImportError as e:
-        raise TrainingInputError(f"--base_precision {precision} needs {package}: `pip install {package}`") from e
+        raise TrainingInputError(f"--base_precision {precision} needs {package}: `pip install {package}` (or "
+                                 f"lokr-diffusers[quant])") from e
 
 
 def _fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
