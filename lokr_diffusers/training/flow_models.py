@@ -48,17 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flow_common import guidance_tensor, model_config, normalise
+from .flow_common import FlowModel, guidance_tensor, model_config, normalise, pack_2x2, shift_scale, unpack_2x2
 
 
 def _ids(tokenizer: Any, captions: list[str], length: int, device: torch.device) -> Tensor:
     return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
-
-
-def _shift_scale(vae: Any, latents: Tensor) -> Tensor:
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
 
 
 # ------------------------------------------------------------------------------------------- prompt encoders
@@ -240,61 +235,7 @@ def encode_hidream(parts: Any, captions: list[str], max_sequence_length: int, de
     return t5_states, torch.stack(out.hidden_states[1:], dim=0), torch.cat(pooled, dim=-1)
 
 
-def _pack(x: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B, h/2 · w/2, 4C): 2x2 patches, row-major, each (C, 2, 2) flattened (FLUX.1's packing)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """_pack undone: (B, h/2 · w/2, 4C) -> (B, C, h, w)."""
-    b, _, c4 = tokens.shape
-    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
-
-
 # ------------------------------------------------------------------------------------------------ the pieces
-
-class FlowModel:
-    """How flow matching trains one family (the module docstring). `family`: its registry name; `pipelines`: the
-    pipeline classes whose prompt encoding `encode` repeats (empty: every pipeline of the family)."""
-
-    family: str = ""
-    pipelines: tuple[str, ...] = ()
-    attention: tuple[str, ...] = ()  # --lora_layers attn for this family (empty: targets.TRANSFORMER_PRESETS')
-    guidance = 3.5  # --guidance_scale's default for a guidance-distilled model (diffusers' FLUX.1 script's)
-
-    missing_hint: str = ""  # what to pass for the components a model folder of the family may leave out
-
-    def supplies(self, args: Any) -> set[str]:
-        """The components `load_components` gives for these arguments (checked for before anything loads)."""
-        return set()
-
-    def load_components(self, args: Any) -> dict[str, Any]:
-        """Components to load the pipeline with (DiffusionPipeline.from_pretrained's keyword arguments) in place of
-        the model folder's (most families: none)."""
-        return {}
-
-    targets: tuple[str, ...] = ()  # --lora_layers default for this family (empty: the model's defaults)
-    latent_multiple: int = 1  # the latents' sides must be multiples of this (checks.check_pipeline's --resolution)
-
-    def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
-        """x (B, C, h, w): the images in the space the flow is drawn in."""
-        return _shift_scale(vae, vae.encode(pixels).latent_dist.sample(generator=g))
-
-    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
-        """The transformer's text conditioning for `captions`, through the (prepared) text encoders in `parts`."""
-        raise NotImplementedError
-
-    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
-                 device: torch.device) -> Tensor:
-        """The transformer's v ≈ ε − x (B, C, h, w) for x_σ = `noisy` at the scheduler's `timesteps` (σ · 1000)."""
-        raise NotImplementedError
-
-    def objective(self, pred: Tensor, noisy: Tensor, sigmas: Tensor, latents: Tensor, noise: Tensor,
-                  args: Any) -> tuple[Tensor, Tensor]:
-        """(what the loss compares, with what): the velocity and ε − x."""
-        return pred, noise - latents
-
 
 class Flux1(FlowModel):
     family, pipelines = "flux", ()
@@ -375,7 +316,7 @@ class ZImage(FlowModel):
     attention = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")  # no `attn.` modules
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
-        return _shift_scale(vae, vae.encode(pixels).latent_dist.mode())  # diffusers' Z-Image script: the mode
+        return shift_scale(vae, vae.encode(pixels).latent_dist.mode())  # diffusers' Z-Image script: the mode
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_zimage(parts, captions, args.max_sequence_length, device)
@@ -403,10 +344,10 @@ class Chroma(FlowModel):
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, noisy.dtype)
         # the text mask, then every image token attended
         mask = torch.cat([mask.to(noisy.dtype), mask.new_ones(b, (h // 2) * (w // 2)).to(noisy.dtype)], dim=1)
-        pred = parts.transformer(hidden_states=_pack(noisy), timestep=timesteps / 1000,
+        pred = parts.transformer(hidden_states=pack_2x2(noisy), timestep=timesteps / 1000,
                                  encoder_hidden_states=embeds.to(noisy.dtype), txt_ids=text_ids, img_ids=image_ids,
                                  attention_mask=mask, return_dict=False)[0]
-        return _unpack(pred, h, w)
+        return unpack_2x2(pred, h, w)
 
 
 class QwenImage(FlowModel):
@@ -426,10 +367,10 @@ class QwenImage(FlowModel):
         embeds, mask = cond
         b, _, h, w = noisy.shape
         guidance = guidance_tensor(self, parts, args, b, device)
-        pred = parts.transformer(hidden_states=_pack(noisy), timestep=timesteps / 1000, guidance=guidance,
+        pred = parts.transformer(hidden_states=pack_2x2(noisy), timestep=timesteps / 1000, guidance=guidance,
                                  encoder_hidden_states=embeds.to(noisy.dtype), encoder_hidden_states_mask=mask,
                                  img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
-        return _unpack(pred, h, w)
+        return unpack_2x2(pred, h, w)
 
 
 class QwenImage21(FlowModel):
@@ -469,7 +410,7 @@ class Lumina2(FlowModel):
     family, pipelines = "lumina2", ()
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
-        return _shift_scale(vae, vae.encode(pixels).latent_dist.sample(generator=g))  # diffusers' script: a sample
+        return shift_scale(vae, vae.encode(pixels).latent_dist.sample(generator=g))  # diffusers' script: a sample
 
     def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
         return encode_lumina2(parts, captions, args.max_sequence_length, device)

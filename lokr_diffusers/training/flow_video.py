@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .flow_common import guidance_tensor, model_config, normalise
+from .flow_common import FlowModel, guidance_tensor, model_config, normalise
 
 
 def encode_wan(parts: Any, captions: list[str], max_sequence_length: int, device: torch.device) -> Tensor:
@@ -161,44 +161,16 @@ def _dtype(model: Any) -> torch.dtype:
     return next(getattr(model, "module", model).parameters()).dtype
 
 
-class VideoFlowModel:
-    """A flow_models.FlowModel by its interface (this module does not import flow_models, which registers these),
-    with the clips' frame counts and the timesteps its transformer trains on."""
+class VideoFlowModel(FlowModel):
+    """A FlowModel (flow_common.py) for clips: its latents are (B, C, F, h, w), with the clips' frame counts and the
+    timesteps its transformer trains on."""
 
-    family: str = ""
-    pipelines: tuple[str, ...] = ()  # the pipelines whose prompts `encode` repeats
-    attention: tuple[str, ...] = ()  # --lora_layers attn: targets.TRANSFORMER_PRESETS'
-    guidance = 3.5  # --guidance_scale's default for a transformer that embeds the guidance
-    targets: tuple[str, ...] = ()  # --lora_layers default: the model's defaults (targeting.dit_target_modules)
     frames_factor = 4
     default_frames = 81
-
-    missing_hint: str = ""  # what to pass for the components a model folder of the family may leave out
-
-    def supplies(self, args: Any) -> set[str]:
-        """The components `load_components` gives for these arguments (checked for before anything loads)."""
-        return set()
-
-    def load_components(self, args: Any) -> dict[str, Any]:
-        """Components to load the pipeline with in place of the model folder's (the video families: none)."""
-        return {}
 
     def latents(self, vae: Any, pixels: Tensor, g: torch.Generator) -> Tensor:
         """x (B, C, F, h, w): the clips (B, 3, F, H, W) in the space the flow is drawn in."""
         raise NotImplementedError
-
-    def encode(self, parts: Any, captions: list[str], args: Any, device: torch.device) -> Any:
-        raise NotImplementedError
-
-    def velocity(self, parts: Any, noisy: Tensor, timesteps: Tensor, cond: Any, args: Any,
-                 device: torch.device) -> Tensor:
-        """The transformer's v ≈ ε − x (B, C, F, h, w) for x_σ = `noisy` at the scheduler's `timesteps`."""
-        raise NotImplementedError
-
-    def objective(self, pred: Tensor, noisy: Tensor, sigmas: Tensor, latents: Tensor, noise: Tensor,
-                  args: Any) -> tuple[Tensor, Tensor]:
-        """(what the loss compares, with what): the velocity and ε − x."""
-        return pred, noise - latents
 
     def timestep_range(self, parts: Any, args: Any) -> tuple[float, float] | None:
         """(low, high): the transformer trains on low <= t < high only; None: every timestep."""
@@ -359,5 +331,4 @@ class LTX2(VideoFlowModel):
         return LTX2Pipeline._unpack_latents(pred, f // pt, h // p, w // p, p, pt)
 
 
-# Any: flow_models.FLOW_MODELS holds FlowModels, these are such by their interface
-VIDEO_FLOW_MODELS: tuple[Any, ...] = (Wan(), LTXVideo(), LTX2(), HunyuanVideo(), HunyuanVideo15())
+VIDEO_FLOW_MODELS: tuple[VideoFlowModel, ...] = (Wan(), LTXVideo(), LTX2(), HunyuanVideo(), HunyuanVideo15())
