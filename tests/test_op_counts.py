@@ -9,32 +9,14 @@ the token count, only `auto`'s choice does, and it is checked to be the path nam
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import pytest
 import torch
+from helpers.op_counts import training_step_ops
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lokr_diffusers import LoKrConfig, LoKrModel
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _ops(fn: Callable[[], None]) -> list[str]:
-    with _Counter() as counter:
-        fn()
-    return counter.ops
-
 
 SHAPES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict]] = {
     "attn Linear(320, 320)": (lambda: nn.Linear(320, 320), (1, 64, 320), {}),
@@ -51,23 +33,9 @@ def _step_counts(shape: str, mode: str) -> tuple[int, int, list[str], nn.Module]
     torch.manual_seed(0)
     base = nn.Sequential(make())
     x = torch.randn(*x_shape, requires_grad=True)
-    bare = copy.deepcopy(base).requires_grad_(False)
-    model = LoKrModel(base, LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, **extra), "a")
-    model.set_forward_mode(mode)
-    model.train()
-    target = torch.randn_like(bare(x))
-
-    def step(m: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            nn.functional.mse_loss(m(x), target).backward()
-        return run
-
-    step(bare)()
-    step(model)()
-    ours = _ops(step(model))
-    return len(_ops(step(bare))), len(ours), ours, model.model[0]
+    bare, ours, model = training_step_ops(
+        base, x, LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, **extra), mode)
+    return len(bare), len(ours), ours, model.model[0]
 
 
 # ops over the bare layer's. Linear: merged runs one Function (W + ΔW forward, the vec trick's small

@@ -11,28 +11,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers.op_counts import count_ops, training_step_ops
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lokr_diffusers import LoKrConfig, LoKrModel, reuse
 from lokr_diffusers import functional as LF
 from lokr_diffusers.scaling import call_scale
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn: Callable[[], object]) -> int:
-    with OpCounter() as counter:
-        fn()
-    return len(counter.ops)
 
 
 @pytest.fixture(autouse=True)
@@ -248,23 +232,8 @@ def _training_counts(kind: str, mode: str) -> tuple[int, int]:
     else:
         base, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)), torch.randn(1, 32, 8, 8, requires_grad=True)
         cfg = LoKrConfig(r=8, alpha=8, target_modules=["0"], init_weights=False, use_effective_conv2d=True)
-    bare = copy.deepcopy(base).requires_grad_(False)
-    model = LoKrModel(base, cfg, "a")
-    model.set_forward_mode(mode)
-    model.train()
-
-    target = torch.randn_like(bare(x))
-
-    def step(m: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            nn.functional.mse_loss(m(x), target).backward()
-        return run
-
-    step(bare)()
-    step(model)()
-    return count_ops(step(bare)), count_ops(step(model))
+    bare, ours, _ = training_step_ops(base, x, cfg, mode)
+    return len(bare), len(ours)
 
 
 # issue 10's targets for a training step were Linear <= bare + 24 ops, Conv2d <= bare + 36, on its proxy's
