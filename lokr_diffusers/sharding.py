@@ -51,15 +51,19 @@ def storage_key(t: Tensor) -> int:
     return (t.to_local() if is_sharded(t) else t).data_ptr()  # type: ignore[attr-defined, no-any-return]
 
 
+def shard_like(param: Tensor, whole: Tensor) -> Tensor:
+    """`whole` (a full tensor of `param`'s shape) as a DTensor laid out as the sharded `param`: this process's
+    rows, on its device. No communication: every process holds `whole` already, each takes its own part."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,  # type: ignore[attr-defined]
+                             src_data_rank=None)
+
+
 @torch.no_grad()
 def write_shard(param: Tensor, whole: Tensor) -> None:
     """Copy this process's part of `whole` (the full tensor) into the sharded `param`, in place
     (the optimizer and FSDP keep holding the same storage)."""
-    from torch.distributed.tensor import distribute_tensor
-    # src_data_rank=None: every process holds `whole` already; each takes its own part, no communication
-    mine = distribute_tensor(whole.to(param.dtype), param.device_mesh, param.placements,  # type: ignore[attr-defined]
-                             src_data_rank=None)
-    param.to_local().copy_(mine.to_local())  # type: ignore[attr-defined]
+    param.to_local().copy_(shard_like(param, whole.to(param.dtype)).to_local())  # type: ignore[attr-defined]
 
 
 class Gathered:

@@ -138,6 +138,10 @@ def _training(a: Any) -> None:
     a("--validation_epochs", type=int, default=1)
     a("--validation_steps", type=int, default=4, help="denoising steps of the validation images")
     a("--train_text_encoder", action="store_true")
+    a("--fsdp", action="store_true",
+      help="shard the denoiser's blocks across the launched processes with FSDP2 (torch's fully_shard): each "
+           "process holds 1/N of the base and of the factors; launch with torchrun or accelerate launch (not with "
+           "accelerate's own FSDP plugin, which shards by itself); the files equal an unsharded run's")
     a("--dataloader_num_workers", type=int, default=0)
 
 

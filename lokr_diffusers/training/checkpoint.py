@@ -39,6 +39,7 @@ from .. import sharding
 from ..atomic import sync_dir
 from ..model import lokr_layers
 from .errors import CheckpointError
+from .fsdp import shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
@@ -59,15 +60,16 @@ def adapter_tensors(components: dict[str, nn.Module], adapter: str) -> dict[str,
 # -------------------------------------------------------------------------------------------------- save
 
 def save(output_dir: str, step: int, components: dict[str, nn.Module], adapter: str, optimizer: Any,
-         lr_scheduler: Any, limit: int | None = None) -> str:
+         lr_scheduler: Any, limit: int | None = None, optimizer_state: dict[str, Any] | None = None) -> str:
     """Write checkpoint-<step>/ (adapter.safetensors, optimizer.pt, scheduler.pt, state.json) all or
-    nothing, then keep at most `limit` checkpoints (the new one included)."""
+    nothing, then keep at most `limit` checkpoints (the new one included). `optimizer_state`: what to write for the
+    optimizer instead of its own state_dict (a sharded one's, gathered whole: training/fsdp.py)."""
     os.makedirs(output_dir, exist_ok=True)
     clean_leftovers(output_dir)
     final = os.path.join(output_dir, f"{PREFIX}{step}")
     tmp = tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=output_dir)
     try:
-        _write(tmp, step, components, adapter, optimizer, lr_scheduler)
+        _write(tmp, step, components, adapter, optimizer_state or optimizer.state_dict(), lr_scheduler)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,12 +80,12 @@ def save(output_dir: str, step: int, components: dict[str, nn.Module], adapter: 
     return final
 
 
-def _write(folder: str, step: int, components: dict[str, nn.Module], adapter: str, optimizer: Any,
+def _write(folder: str, step: int, components: dict[str, nn.Module], adapter: str, optimizer_state: dict[str, Any],
            lr_scheduler: Any) -> None:
     tensors = adapter_tensors(components, adapter)
     save_file(tensors, os.path.join(folder, ADAPTER_FILE))
     _fsync_file(os.path.join(folder, ADAPTER_FILE))
-    for name, state in ((OPTIMIZER_FILE, optimizer.state_dict()), (SCHEDULER_FILE, lr_scheduler.state_dict())):
+    for name, state in ((OPTIMIZER_FILE, optimizer_state), (SCHEDULER_FILE, lr_scheduler.state_dict())):
         with open(os.path.join(folder, name), "wb") as fh:
             torch.save(state, fh)
         _fsync_file(os.path.join(folder, name))
@@ -296,7 +298,8 @@ def load(folder: str, components: dict[str, nn.Module], adapter: str, optimizer:
                for k, t in layer.factors(adapter).items()}
     _check_match(folder, tensors, current)
     try:
-        optimizer.load_state_dict(opt_state)  # checks its parameter groups before it changes anything
+        # checks its parameter groups before it changes anything; a sharded optimizer takes its rows of each tensor
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, opt_state))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{os.path.join(folder, OPTIMIZER_FILE)} does not fit this run's optimizer ({e}); "
                               "resume with the arguments of the run that wrote it") from e

@@ -161,12 +161,14 @@ def check_args(args: Any) -> None:
     from .base_precision import check_base_precision
 
     check_base_precision(getattr(args, "base_precision", "none"))  # its quantizer installed, before the data
+    from .caches import check_memory_args
+    from .fsdp import check_fsdp_args
+
+    check_fsdp_args(args)  # how it was launched, before the folders are read
     check_sources(args)
     check_numbers(args)
     check_names(args)
     check_paths(args)
-    from .caches import check_memory_args
-
     check_memory_args(args)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         checkpoint.resolve(args.output_dir, args.resume_from_checkpoint)

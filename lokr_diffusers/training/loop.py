@@ -2,9 +2,12 @@
 the flow-matching families (FLUX.1, SD3.x, FLUX.2 [klein], Z-Image) through flow.py.
 
 Determinism, for exact resume: the order of examples in epoch e is a permutation drawn from
-(seed, e); the noise, timesteps and VAE sample of optimizer step s come from a generator seeded
-with (seed, s, micro-step, process). Each process takes its own slice of every global batch. So a
-run resumed from a checkpoint (adapter + optimizer + scheduler + step) continues exactly.
+(seed, e); the noise, timesteps and VAE sample of a micro-batch come from a generator seeded with
+(seed, optimizer step, the micro-batch's place in the step). Each process takes its own slice of every
+global batch. So a run resumed from a checkpoint (adapter + optimizer + scheduler + step) continues exactly,
+and N processes with A accumulation steps train what one process with N · A accumulation steps trains: the
+same micro-batches, the same draws (micro-batch k of process r is the step's micro-batch k · N + r), the
+gradients averaged over the same set (tests/test_training_sharded.py).
 """
 
 from __future__ import annotations
@@ -118,9 +121,12 @@ def trainable_parameters(pipe: Any, names: list[str]) -> list[nn.Parameter]:
     return out
 
 
-def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
-    """The random stream of one micro-step of one process: a function of where it is, not of history."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 101 + process)
+def step_generator(seed: int, step: int, micro: int, process: int = 0, processes: int = 1) -> torch.Generator:
+    """The random stream of micro-step `micro` of process `process` of `processes`: a function of where it is in
+    the optimizer step's global batch (micro-batch micro · processes + process), not of history nor of how the
+    step is split over processes."""
+    place = micro * processes + process
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + place) * 101)
 
 
 def batches_for_epoch(n: int, epoch: int, seed: int, batch: int, processes: int, process: int) -> list[list[int]]:

@@ -15,9 +15,11 @@ logger = logging.getLogger(__name__)
 OURS_FILE = "pytorch_lokr_weights.safetensors"
 
 
-def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, denoiser: str = "unet") -> str:
+def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, denoiser: str = "unet",
+                           write: bool = True) -> str | None:
     """Generate --num_validation_images for --validation_prompt, save a side-by-side PNG (a video family's: of the
-    first frames, and each video as a GIF), log to trackers."""
+    first frames, and each video as a GIF), log to trackers; the PNG's path. Without `write` only generate (the
+    processes other than the main one, under FSDP: each denoiser call gathers from every process), None."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(args.seed)
@@ -31,6 +33,8 @@ def save_validation_images(pipe: Any, args: Any, step: int, accelerator: Any, de
                      height=args.resolution, width=args.resolution, **video)
                 for _ in range(args.num_validation_images)]
     model.train(was_training)
+    if not write:
+        return None
     clips = [list(out.frames[0]) for out in outs] if video else []  # each a list of PIL frames
     images = [clip[0] for clip in clips] if video else [out.images[0] for out in outs]
     sheet = Image.new("RGB", (sum(i.width for i in images), images[0].height))

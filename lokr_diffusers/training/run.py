@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .. import families
-from . import checkpoint
+from ..sharding import shard_lokr_model
+from . import checkpoint, fsdp
 from .args import build_parser, flow_defaults, parse_with
 from .base_precision import quantize_base
 from .caches import MemorySavers, enable_gradient_checkpointing, prepare_memory
@@ -148,6 +149,7 @@ class Session:
     lr_scheduler: Any
     prompts: dict[tuple[str, ...], Any] | None = None  # flow: encoded captions, while no text encoder trains
     memory: MemorySavers | None = None  # --cache_latents, --cache_text_embeddings, --offload_text_encoders
+    sharded: bool = False  # FSDP2 (--fsdp or accelerate's plugin): saving and validation are collectives
 
 
 def _accelerator(args: Any) -> Any:
@@ -252,22 +254,29 @@ def _setup(args: Any, steps: int) -> Session:
         quantize_base(getattr(pipe, c), args.base_precision, weight_dtype, accelerator.device, c)
     add_lokr(pipe, lokr_configs(args, names), ADAPTER)
     check_export(pipe, args, family, ADAPTER)
-    params = {c: trainable_parameters(pipe, [c]) for c in names}
-    for ps in params.values():
-        for p in ps:
+    fsdp.check_fsdp_run(accelerator, names)
+    for c in names:
+        for p in trainable_parameters(pipe, [c]):
             p.data = p.data.float()  # adapters train in fp32 whatever the base runs in
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, names)
-    groups = [{"params": params[denoiser], "lr": args.learning_rate}]
-    groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
-    optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if getattr(args, "fsdp", False):  # the blocks, then the root: the factors become this process's rows
+        shard_lokr_model(getattr(pipe, denoiser))
+    params = {c: trainable_parameters(pipe, [c]) for c in names}
+    optimizer = _optimizer(args, params, names)
     procs = accelerator.num_processes
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * procs,
                                  num_training_steps=steps * procs)
     raw = {c: getattr(pipe, c) for c in names}
-    models = accelerator.prepare(*raw.values())
-    models = models if isinstance(models, tuple) else (models,)
+    if getattr(args, "fsdp", False):  # sharded already: accelerate would wrap it in DDP
+        models: tuple[Any, ...] = tuple(raw.values())
+    elif fsdp.uses_fsdp(accelerator):  # accelerate's FSDP2 plugin: the model with its optimizer, in one call
+        model, optimizer = fsdp.prepare(accelerator, raw[denoiser], optimizer)
+        models = (model,)
+        params = {denoiser: trainable_parameters(pipe, [denoiser])}  # the sharded Parameters accelerate made
+    else:
+        prepared = accelerator.prepare(*raw.values())
+        models = prepared if isinstance(prepared, tuple) else (prepared,)
     parts = SimpleNamespace(**pipe.components)  # every component a family's piece may call (encoders, processors)
     parts.pipeline = pipe  # and the pipeline's settings (HunyuanVideo 1.5's system message)
     parts.config = pipe.config  # what a family's piece reads off the pipeline (Wan's boundary_ratio, expand_timesteps)
@@ -275,10 +284,22 @@ def _setup(args: Any, steps: int) -> Session:
         setattr(parts, c, m)
     if denoiser == "transformer_2":
         parts.transformer = parts.transformer_2  # the one the loss calls: Wan 2.2's second expert when it trains
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    if fsdp.uses_fsdp(accelerator):
+        lr_scheduler = accelerator.prepare(lr_scheduler)
+    else:
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     scheduler_cls = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler
     return Session(accelerator, pipe, family, sdxl, weight_dtype, scheduler_cls.from_config(pipe.scheduler.config),
-                   raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {})
+                   raw, models, parts, params, optimizer, lr_scheduler, None if len(names) > 1 else {},
+                   sharded=fsdp.sharded(args, accelerator))
+
+
+def _optimizer(args: Any, params: dict[str, list[nn.Parameter]], names: list[str]) -> torch.optim.Optimizer:
+    """AdamW over the denoiser's factors (--learning_rate) and each trained text encoder's (--text_encoder_lr)."""
+    groups = [{"params": params[names[0]], "lr": args.learning_rate}]
+    groups += [{"params": params[c], "lr": args.text_encoder_lr or args.learning_rate} for c in names[1:]]
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                             eps=args.adam_epsilon)
 
 
 def _denoiser(args: Any, pipe: Any, family: TrainingFamily) -> str:
@@ -323,13 +344,14 @@ def train(args: Any) -> TrainResult:
     result = TrainResult(args.output_dir, global_step)
     result.global_step = _loop(args, s, dataset, steps, global_step, result)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_not_fused(s.raw, ADAPTER)
-        # a flow script trains one family; the UNet scripts let the pipeline tell (SDXL when trained as one)
-        base = "sdxl" if s.sdxl else (s.family.members[0] if len(s.family.members) == 1 else None)
-        # Wan 2.2's second expert is written as a transformer, loaded with load_into_transformer_2=True (diffusers')
-        source = {"transformer": s.raw["transformer_2"]} if "transformer_2" in s.raw else s.pipe
-        result.files = save_outputs(source, args, base, result)
+    with fsdp.saving(accelerator, s.raw.values(), s.sharded) as writer:  # every process enters: gathers under FSDP
+        if writer:
+            check_not_fused(s.raw, ADAPTER)
+            # a flow script trains one family; the UNet scripts let the pipeline tell (SDXL when trained as one)
+            base = "sdxl" if s.sdxl else (s.family.members[0] if len(s.family.members) == 1 else None)
+            # Wan 2.2's second expert is written as a transformer, loaded with load_into_transformer_2=True
+            source = {"transformer": s.raw["transformer_2"]} if "transformer_2" in s.raw else s.pipe
+            result.files = save_outputs(source, args, base, result)
     accelerator.end_training()
     return result
 
@@ -360,17 +382,28 @@ def _loop(args: Any, s: Session, dataset: Any, steps: int, global_step: int, res
             accelerator.log({"loss": step_loss, "lr": lr}, step=global_step)
             if accelerator.is_main_process:
                 write_log(loss_log_path(args.output_dir), {"step": global_step, "loss": step_loss, "lr": lr})
-                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    check_not_fused(s.raw, ADAPTER)
-                    checkpoint.save(args.output_dir, global_step, s.raw, ADAPTER, s.optimizer, s.lr_scheduler,
-                                    args.checkpoints_total_limit)
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                _checkpoint(args, s, global_step)
             if global_step >= steps:
                 break
-        if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
+        if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and (
+                s.sharded or accelerator.is_main_process):  # under FSDP every process runs the denoiser
             with s.memory.resident() if s.memory is not None else contextlib.nullcontext():
-                save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)))
+                save_validation_images(s.pipe, args, global_step, accelerator, next(iter(s.raw)),
+                                       write=accelerator.is_main_process)
     progress.close()
     return global_step
+
+
+def _checkpoint(args: Any, s: Session, step: int) -> None:
+    """checkpoint-<step>, written by the main process; under FSDP every process takes part (the adapter's and the
+    optimizer's tensors are gathered whole: the files an unsharded run writes)."""
+    optimizer_state = fsdp.full_optimizer_state(s.optimizer) if s.sharded else None  # a collective
+    with fsdp.saving(s.accelerator, s.raw.values(), s.sharded) as writer:
+        if writer:
+            check_not_fused(s.raw, ADAPTER)
+            checkpoint.save(args.output_dir, step, s.raw, ADAPTER, s.optimizer, s.lr_scheduler,
+                            args.checkpoints_total_limit, optimizer_state=optimizer_state)
 
 
 def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]], index: int, step: int) -> float:
@@ -384,7 +417,7 @@ def _optimizer_step(args: Any, s: Session, dataset: Any, micro: list[list[int]],
         indices = micro[(index * args.gradient_accumulation_steps + k) % len(micro)]
         batch = s.memory.batch(dataset, indices) if s.memory is not None else collate([dataset[i] for i in indices])
         with accelerator.accumulate(*s.models):
-            g = step_generator(args.seed, step, k, accelerator.process_index)
+            g = step_generator(args.seed, step, k, accelerator.process_index, accelerator.num_processes)
             if not s.family.flow:
                 loss = diffusion_loss(s.parts, s.noise_scheduler, batch, args, s.sdxl, g, s.weight_dtype,
                                       accelerator.device, prior_weight=prior,

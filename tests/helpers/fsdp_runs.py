@@ -179,22 +179,22 @@ def flux_case(rank: int, world: int, mode: str, checks: bool) -> dict[str, Any]:
     if not checks:
         return result
     # the optimizer's state, whole (training/fsdp.py): the oracle's, and back into the shards unchanged
-    from lokr_diffusers.training.fsdp import full_optimizer_state, load_full_optimizer_state
-    full_state = full_optimizer_state(ours, opts[1])  # whole on rank 0, {} elsewhere
+    from lokr_diffusers.training.fsdp import full_optimizer_state, shard_optimizer_state
+    full_state = full_optimizer_state(opts[1])  # torch's own layout, whole on every process
     with torch.no_grad():
         for st in opts[1].state.values():  # lost, so that only the load can bring the moments back
             st["exp_avg"].zero_()
             st["exp_avg_sq"].zero_()
-    load_full_optimizer_state(ours, opts[1], full_state)
-    again = full_optimizer_state(ours, opts[1])
+    opts[1].load_state_dict(shard_optimizer_state(opts[1], full_state))
+    again = full_optimizer_state(opts[1])
     if rank == 0:
-        ref_state = {n: opts[0].state[p] for n, p in ref.named_parameters() if p in opts[0].state}
+        ref_state = opts[0].state_dict()["state"]  # the same parameters in the same order
         moments = ("exp_avg", "exp_avg_sq")
         result["opt_keys_match"] = sorted(full_state["state"]) == sorted(ref_state)
-        result["opt_diff"] = max((full_state["state"][n][k] - ref_state[n][k]).abs().max().item()
-                                 for n in ref_state for k in moments)
-        result["opt_reloaded"] = all(torch.equal(again["state"][n][k], full_state["state"][n][k])
-                                     for n in full_state["state"] for k in moments)
+        result["opt_diff"] = max((full_state["state"][i][k] - ref_state[i][k]).abs().max().item()
+                                 for i in ref_state for k in moments)
+        result["opt_reloaded"] = all(torch.equal(again["state"][i][k], full_state["state"][i][k])
+                                     for i in full_state["state"] for k in moments)
     # fuse / unfuse: the merged forward equals the oracle's; unfusing restores the base weights bit for bit
     ours.eval()
     ref.eval()
