@@ -392,3 +392,37 @@ def test_a_deep_copy_holds_no_kept_weight_and_is_reached_by_forget() -> None:
     assert all(layer.kept.traced is not None for _, layer in lokr_layers(model))
     twin = copy.deepcopy(model)
     assert all(layer.kept.traced is None and layer.kept in reuse.TRACED.kept for _, layer in lokr_layers(twin))
+
+
+def test_regional_compilation_of_a_diffusers_model_trains_and_an_optimizer_step_recompiles_nothing() -> None:
+    """diffusers' `compile_repeated_blocks` (each FluxTransformerBlock / FluxSingleTransformerBlock compiled, the
+    LoKr layers inside): a training step's output and the factors' gradients equal eager's, and after an optimizer
+    step the next training step runs on the same graphs."""
+    from helpers.dit_models import inputs, tiny
+
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"]
+    model = LoKrModel(tiny("flux"), LoKrConfig(r=4, target_modules=targets, init_weights=False), "a").train()
+    ref = copy.deepcopy(model)
+    model.model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    kw = inputs("flux")
+    out = model(**kw).sample
+    out.square().mean().backward()
+    expected = ref(**kw).sample
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and grads and all(g is not None for g in grads.values())
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    n = graphs()
+    assert n >= 2  # one graph per block class at least: the blocks were compiled
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    opt.zero_grad()
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        model(**kw).sample.square().mean().backward()
+    finally:
+        torch.compiler.set_stance("default")
+    assert graphs() == n
