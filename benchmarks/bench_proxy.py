@@ -13,7 +13,8 @@ unfused with frozen adapters (W + ΔW kept inside the graph, docs/performance.md
 
 --paths adds a training step as a fine-tuning loop runs it: frozen base, input requiring grad, grads
 set to None before each step, MSE loss against a fixed target; the bare model (frozen) against ours in
-each forward mode (auto, merged, bypass) and PEFT's LoKr, interleaved, medians of --repeats.
+each forward mode (auto, merged, bypass) and PEFT's LoKr, interleaved, medians of --repeats. With --compile
+too, the same step with every model compiled (fullgraph, inductor) on --compile-layers layers.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def main() -> None:
         print(line)
     out: dict[str, object] = {"layers": args.layers, "threads": args.threads, "median_s": med}
     if args.paths:
-        out["paths"] = _paths(args, x)
+        out["paths"] = _paths(args, x, args.layers, compiled=False)
+    if args.paths and args.compile:
+        out["paths_compiled"] = _paths(args, x, args.compile_layers, compiled=True)
     if args.compile:
         out["compiled"] = _compiled(args, x)
     if args.json:
@@ -117,9 +120,9 @@ def main() -> None:
             json.dump(out, fh, indent=1)
 
 
-def _paths(args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
-    """Training steps (frozen base, x requiring grad, MSE) per forward mode; medians per layer and step."""
-    n = args.layers
+def _paths(args: argparse.Namespace, x: torch.Tensor, n: int, compiled: bool) -> dict[str, float]:
+    """Training steps (frozen base, x requiring grad, MSE) per forward mode on n layers, eager or each model
+    compiled (fullgraph, inductor; against the compiled bare model); medians per layer and step."""
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(n)]).requires_grad_(False)
     cfg = LoKrConfig(r=8, alpha=8, target_modules=[str(i) for i in range(n)], init_weights=False)
@@ -147,16 +150,26 @@ def _paths(args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
             return None
         return run
 
-    times: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
     for m in models.values():
         m.train()
+    if compiled:
+        models = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
+        for name, m in list(models.items()):
+            try:
+                for _ in range(3):  # compiles the forward and the backward
+                    step(m)()
+            except Exception as e:  # PEFT's LoKr breaks the graph: reported, left out
+                print(f"{name}: not compiled ({type(e).__name__})")
+                del models[name]
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
     for rep in range(args.repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             times[name].append(_time(step(models[name]), args.inner))
     med = {k: statistics.median(v) for k, v in times.items()}
     bare = med["bare (frozen)"]
-    print(f"training step, frozen base, x requires grad, MSE, {n} x Linear(64, 64), median of {args.repeats}")
+    how = "compiled (inductor, fullgraph), " if compiled else ""
+    print(f"training step, {how}frozen base, x requires grad, MSE, {n} x Linear(64, 64), median of {args.repeats}")
     for name, t in med.items():
         print(f"{name:18s} {t * 1e6 / n:8.1f} µs/layer {t / bare:7.2f}")
     return med

@@ -7,10 +7,12 @@ the gradient taken back to the noisy latents through every layer (what a LoKr st
 first adapter); the LoKr step adds the factors' gradients. Per family and --base_precision (the frozen transformer
 quantized as the scripts do: training/base_precision.py): medians of --repeats interleaved runs, LoKr / bare, and
 PEFT's LoKr on the same modules where PEFT can hold it (`none` only: PEFT does not wrap a quantized Linear the same
-way). On CUDA the peak memory of each step is given too.
+way), and LyCORIS' LokrModule on each of the same Linears (`none` only). On CUDA the peak memory of each step is
+given too. --compile adds the same rows with the transformer compiled as diffusers users compile it for training
+(`compile_repeated_blocks(fullgraph=True)`: each repeated block one graph), each against the compiled bare model.
 
     python benchmarks/bench_train.py [--families flux wan ...] [--precisions none fp8 int8 nf4] [--repeats 9]
-        [--device cpu|cuda] [--json out.json]
+        [--device cpu|cuda] [--compile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -99,8 +101,26 @@ def _time(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
     return time.perf_counter() - t0, peak
 
 
+def _lycoris(transformer: torch.nn.Module, targets: list[str]) -> list[torch.Tensor]:
+    """LyCORIS' LokrModule (r 8, alpha 8, its default factorization) over every Linear `targets` name, kept in a
+    ModuleList on the transformer; the factors' parameters."""
+    from lycoris.modules.lokr import LokrModule
+
+    wrapped = []
+    for name, module in list(transformer.named_modules()):
+        if type(module) is torch.nn.Linear and any(name == t or name.endswith("." + t) for t in targets):
+            lyc = LokrModule(name.replace(".", "_"), module, 1.0, 8, 8)
+            lyc.apply_to()
+            with torch.no_grad():  # w2 starts at zero: any values cost the same, as ours (init_weights=False)
+                for p in lyc.parameters():
+                    p.normal_(0, 0.02)
+            wrapped.append(lyc)
+    transformer._bench_lycoris = torch.nn.ModuleList(wrapped)  # registers the factors
+    return [p for m in wrapped for p in m.parameters() if p.requires_grad]
+
+
 def _setup(family: str, precision: str, kind: str, device: torch.device) -> tuple[Any, list[torch.Tensor]]:
-    """The tiny pipeline with its transformer at `precision` and (kind) no adapter, ours or PEFT's."""
+    """The tiny pipeline with its transformer at `precision` and (kind) no adapter, ours, PEFT's or LyCORIS'."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = families.build_tiny(family).to(device)
@@ -123,6 +143,11 @@ def _setup(family: str, precision: str, kind: str, device: torch.device) -> tupl
         inject_adapter_in_model(PeftLoKrConfig(r=8, alpha=8, target_modules=targets, init_weights=False),
                                 pipe.transformer)
         params = [p for n, p in pipe.transformer.named_parameters() if "lokr_" in n]
+    elif kind == "lycoris":
+        from lokr_diffusers.targeting import default_target_modules
+
+        params = _lycoris(pipe.transformer, list(default_target_modules(pipe.transformer)))
+        pipe.transformer.to(device)
     grad = _InputGrad(pipe.transformer)
     params.append(grad.scale)
     pipe._bench_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -137,49 +162,64 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also each row with compile_repeated_blocks(fullgraph=True)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     print(f"one training step of each tiny pipeline ({device}), median of {args.repeats} interleaved runs")
-    print("| family | base | bare ms | LoKr / bare | PEFT / bare | peak MB bare / LoKr |")
-    print("|---|---|---|---|---|---|")
+    print("| family | base | compiled | bare ms | LoKr / bare | PEFT / bare | LyCORIS / bare | peak MB bare / LoKr / "
+          "PEFT / LyCORIS |")
+    print("|---|---|---|---|---|---|---|---|")
     for family in args.families:
         for precision in args.precisions:
-            kinds = ["bare", "ours"] + (["peft"] if precision == "none" else [])
-            runs = {}
-            for kind in kinds:
-                try:
-                    pipe, params = _setup(family, precision, kind, device)
-                except Exception as e:  # a quantizer or PEFT that cannot hold this model: reported, not fatal
-                    print(f"| {family} | {precision} | {kind}: {type(e).__name__}: {str(e).splitlines()[0][:60]} |")
-                    continue
-                prompts: dict = {}
-                runs[kind] = _step(pipe, family, pipe._bench_scheduler, _batch(family, device), prompts, device,
-                                   params)
-                runs[kind]()  # warm up; encodes the prompts once
-            times: dict[str, list[float]] = {k: [] for k in runs}
-            peaks: dict[str, int] = dict.fromkeys(runs, 0)
-            for rep in range(args.repeats):
-                order = list(runs)[rep % len(runs):] + list(runs)[:rep % len(runs)]
-                for kind in order:
-                    t, peak = _time(runs[kind], device)
-                    times[kind].append(t)
-                    peaks[kind] = max(peaks[kind], peak)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            if "bare" not in med or "ours" not in med:
-                continue
-            row = {"family": family, "precision": precision, "bare_s": med["bare"], "ours_ratio": med["ours"] /
-                   med["bare"], "peft_ratio": med["peft"] / med["bare"] if "peft" in med else None,
-                   "peak_bytes": peaks}
-            rows.append(row)
-            peft = f"{row['peft_ratio']:.2f}" if row["peft_ratio"] is not None else "-"
-            peak = f"{peaks['bare'] / 2**20:.0f} / {peaks['ours'] / 2**20:.0f}" if device.type == "cuda" else "-"
-            print(f"| {family} | {precision} | {med['bare'] * 1e3:.1f} | {row['ours_ratio']:.2f} | {peft} | {peak} |")
+            for compiled in [False, True] if args.compile else [False]:
+                row = _row(family, precision, compiled, device, args.repeats)
+                if row is not None:
+                    rows.append(row)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=1)
+
+
+def _row(family: str, precision: str, compiled: bool, device: torch.device, repeats: int) -> dict[str, Any] | None:
+    """One table row: each kind's step built, warmed up (compiled there), then timed interleaved."""
+    kinds = ["bare", "ours"] + (["peft", "lycoris"] if precision == "none" else [])
+    runs, adapted = {}, {}
+    for kind in kinds:
+        try:
+            pipe, params = _setup(family, precision, kind, device)
+            adapted[kind] = sum(1 for m in pipe.transformer.modules() if hasattr(m, "lokr_w1"))  # the same modules
+            if compiled:
+                pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            runs[kind] = _step(pipe, family, pipe._bench_scheduler, _batch(family, device), {}, device, params)
+            runs[kind]()  # warm up (compiles); encodes the prompts once
+        except Exception as e:  # a quantizer, PEFT or LyCORIS that cannot hold this model: reported, not fatal
+            runs.pop(kind, None)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:50]}"
+            print(f"| {family} | {precision} | {'yes' if compiled else 'no'} | {kind}: {why} |")
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    peaks: dict[str, int] = dict.fromkeys(runs, 0)
+    for rep in range(repeats):
+        order = list(runs)[rep % len(runs):] + list(runs)[:rep % len(runs)]
+        for kind in order:
+            t, peak = _time(runs[kind], device)
+            times[kind].append(t)
+            peaks[kind] = max(peaks[kind], peak)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if "bare" not in med or "ours" not in med:
+        return None
+    ratio = {k: med[k] / med["bare"] for k in med}
+    row = {"family": family, "precision": precision, "compiled": compiled, "bare_s": med["bare"],
+           "ours_ratio": ratio["ours"], "peft_ratio": ratio.get("peft"), "lycoris_ratio": ratio.get("lycoris"),
+           "peak_bytes": peaks, "adapted_modules": adapted}
+    cells = [f"{ratio[k]:.2f}" if k in ratio else "-" for k in ("ours", "peft", "lycoris")]
+    peak = " / ".join(f"{peaks[k] / 2**20:.0f}" if k in peaks else "-" for k in ("bare", "ours", "peft", "lycoris")) \
+        if device.type == "cuda" else "-"
+    print(f"| {family} | {precision} | {'yes' if compiled else 'no'} | {med['bare'] * 1e3:.1f} | {' | '.join(cells)} | "
+          f"{peak} |", flush=True)
+    return row
 
 
 if __name__ == "__main__":

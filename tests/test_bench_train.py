@@ -1,5 +1,5 @@
 """benchmarks/bench_train.py runs end to end: a row per family and base precision, with LoKr's (and PEFT's, on the
-unquantized base) ratio to the bare step a positive finite number, and the LoKr step training the factors. A
+unquantized base, and LyCORIS') ratio to the bare step a positive finite number, and the LoKr step training the factors. A
 mechanism check, not a speed check: one step's timing on a shared CPU says nothing."""
 
 from __future__ import annotations
@@ -24,4 +24,7 @@ def test_bench_train_gives_a_row_per_family_and_precision(tmp_path) -> None:
     for r in rows:
         assert math.isfinite(r["ours_ratio"]) and r["ours_ratio"] > 0 and r["bare_s"] > 0
     assert rows[0]["peft_ratio"] > 0 and rows[1]["peft_ratio"] is None
-    assert "| zimage | fp8 |" in result.stdout
+    assert rows[0]["lycoris_ratio"] > 0 and rows[1]["lycoris_ratio"] is None
+    adapted = rows[0]["adapted_modules"]  # PEFT and LyCORIS hold an adapter on each module ours does
+    assert adapted["bare"] == 0 and adapted["ours"] > 0 and adapted["peft"] == adapted["lycoris"] == adapted["ours"]
+    assert "| zimage | fp8 | no |" in result.stdout
