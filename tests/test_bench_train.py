@@ -1,6 +1,6 @@
-"""benchmarks/bench_train.py runs end to end: a row per family and base precision, with LoKr's (and PEFT's, on the
-unquantized base, and LyCORIS') ratio to the bare step a positive finite number, and the LoKr step training the factors. A
-mechanism check, not a speed check: one step's timing on a shared CPU says nothing."""
+"""benchmarks/bench_train.py runs end to end: a row per family and base precision, with LoKr's (and PEFT's and
+LyCORIS', on the unquantized base) ratio to the bare step a positive finite number, and the LoKr step training the
+factors. A mechanism check, not a speed check: one step's timing on a shared CPU says nothing."""
 
 from __future__ import annotations
 
