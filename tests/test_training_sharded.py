@@ -6,6 +6,8 @@ written by either.
 The oracle is the one-process run of the same script (in this process, one thread as torchrun gives each
 process). DDP equals it to the bit here; FSDP2 to float rounding (its reduce-scatter adds the processes'
 gradients in buffers of its own), so the factors are compared to 1e-6.
+
+The SDXL and DDP runs are marked slow (the default suite keeps FLUX.1's); CI runs them (`make test-distributed`).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ SAVERS = {"flux": ["--gradient_checkpointing", "--cache_latents", "--cache_text_
                    "a photo of sks dog", "--validation_steps", "2", "--num_validation_images", "1"], "sdxl": []}
 
 
-@pytest.mark.parametrize("family", [_flux, _sdxl], ids=["flux", "sdxl"])
+@pytest.mark.parametrize("family", [_flux, pytest.param(_sdxl, marks=pytest.mark.slow)], ids=["flux", "sdxl"])
 def test_fsdp_trains_saves_and_resumes_as_one_process(tmp_path, family) -> None:
     script, argv = family(tmp_path)
     savers = SAVERS["flux" if family is _flux else "sdxl"]
@@ -106,6 +108,7 @@ def test_fsdp_trains_saves_and_resumes_as_one_process(tmp_path, family) -> None:
     _same_run(str(again), oracle, files=FILES[:2] + FILES[3:])
 
 
+@pytest.mark.slow
 def test_ddp_trains_as_one_process(tmp_path) -> None:
     """Without --fsdp the same launch is data-parallel (accelerate wraps the denoiser in DDP)."""
     script, argv = _flux(tmp_path)
