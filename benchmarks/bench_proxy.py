@@ -12,7 +12,8 @@ unfused with frozen adapters (W + ΔW kept inside the graph, docs/performance.md
 --compile-layers layers (compiling 200 takes minutes on a small CPU).
 
 --paths adds a training step as a fine-tuning loop runs it: frozen base, input requiring grad, grads
-set to None before each step, MSE loss against a fixed target; the bare model (frozen) against ours in
+set to None before each step over the trainable parameters (as optimizer.zero_grad does), MSE loss against a
+fixed target; the bare model (frozen) against ours in
 each forward mode (auto, merged, bypass) and PEFT's LoKr, interleaved, medians of --repeats. With --compile
 too, the same step with every model compiled (fullgraph, inductor) on --compile-layers layers.
 """
@@ -143,9 +144,12 @@ def _paths(args: argparse.Namespace, x: torch.Tensor, n: int, compiled: bool) ->
     target = torch.randn_like(x)
 
     def step(m: nn.Module) -> Callable[[], object]:
+        params = [p for p in m.parameters() if p.requires_grad]  # what an optimizer's zero_grad walks
+
         def run() -> object:
             xs.grad = None
-            m.zero_grad(set_to_none=True)
+            for p in params:  # as optimizer.zero_grad(set_to_none=True): not a walk over the module tree
+                p.grad = None
             nn.functional.mse_loss(m(xs), target).backward()
             return None
         return run

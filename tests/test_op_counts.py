@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers.op_counts import training_step_ops
+from helpers.op_counts import ops_of, training_step_ops
 from torch import nn
 
 from lokr_diffusers import LoKrConfig, LoKrModel
@@ -77,3 +77,47 @@ def test_auto_takes_the_counted_path_at_sd15_token_counts(shape: str) -> None:
     x = torch.empty(2, 4096, x_shape[-1]) if len(x_shape) == 3 else torch.empty(2, 320, 64, 64)
     x.requires_grad_(True)
     assert layer._choose_bypass("a", x, True)
+
+
+def _compiled_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The aten ops of the forward and backward graphs torch.compile traces for one training step of `model`."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    seen: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: object) -> Callable:
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> Callable:
+        return aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, fullgraph=True, backend=backend)(x).square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    return seen
+
+
+@pytest.mark.parametrize(("width", "tokens", "plain"), [(64, 16, False), (64, 1024, True), (128, 1024, True),
+                                                        (320, 1024, False)])
+def test_merged_linear_takes_plain_autograd_for_small_weights_with_full_factors(width: int, tokens: int,
+                                                                                 plain: bool) -> None:
+    """A Linear's merged training step: the Function (its backward's per-token batched GEMMs: aten.bmm) at SD widths
+    (W2 low-rank) and for a small weight with few tokens; plain autograd (the full dL/d(W + ΔW), no bmm) for a weight
+    of at most 128 x 128 with full factors from 1024 tokens in eager, and at every token count compiled."""
+    torch.manual_seed(0)
+    model = LoKrModel(nn.Sequential(nn.Linear(width, width)).requires_grad_(False),
+                      LoKrConfig(r=8, target_modules=["0"], init_weights=False), "a")
+    model.set_forward_mode("merged")
+    model.train()
+    plan = model.model[0].adapters["a"].plan
+    assert (plan.w1_lowrank or plan.w2_lowrank) == (width == 320)
+    x = torch.randn(1, tokens, width, requires_grad=True)
+    ops = ops_of(lambda: model(x).square().mean().backward())
+    assert ("aten.bmm.default" not in ops) == plain, ops
+    compiled = _compiled_ops(model, x)
+    assert ("aten.bmm.default" not in compiled) == (width <= 128), compiled
+    # either way the same gradients as the Function's: checked against eager in tests/test_compile.py
