@@ -257,10 +257,12 @@ def test_merged_training_function_only_where_it_is_not_slower(monkeypatch: pytes
     calls: list[int] = []
     real = LF.apply_merged_linear
     monkeypatch.setattr(LF, "apply_merged_linear", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    model = LoKrModel(nn.Sequential(nn.Linear(32, 32)).to(weight_dtype),
+    # 320 wide, W2 low-rank: where the Function runs in fp32 (a small weight with full factors may run plain
+    # autograd in any dtype: tests/test_op_counts.py)
+    model = LoKrModel(nn.Sequential(nn.Linear(320, 320)).to(weight_dtype),
                       LoKrConfig(r=4, alpha=4, target_modules=["0"], init_weights=False), "a")
     model.set_forward_mode("merged")
-    x = torch.randn(2, 8, 32, dtype=weight_dtype, requires_grad=True)
+    x = torch.randn(2, 8, 320, dtype=weight_dtype, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = model(x)
     y.float().sum().backward()

@@ -101,13 +101,14 @@ def _compiled_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize(("width", "tokens", "plain"), [(64, 16, False), (64, 1024, True), (128, 1024, True),
-                                                        (320, 1024, False)])
+@pytest.mark.parametrize(("width", "tokens", "plain"), [(64, 16, False), (64, 64, True), (32, 128, True),
+                                                        (128, 128, False), (128, 256, True), (320, 1024, False)])
 def test_merged_linear_takes_plain_autograd_for_small_weights_with_full_factors(width: int, tokens: int,
                                                                                  plain: bool) -> None:
     """A Linear's merged training step: the Function (its backward's per-token batched GEMMs: aten.bmm) at SD widths
     (W2 low-rank) and for a small weight with few tokens; plain autograd (the full dL/d(W + ΔW), no bmm) for a weight
-    of at most 128 x 128 with full factors from 1024 tokens in eager, and at every token count compiled."""
+    of at most 128 x 128 with full factors from a token per 64 weight elements in eager, and at every token count
+    compiled; `auto` takes the merged path for those small layers in training."""
     torch.manual_seed(0)
     model = LoKrModel(nn.Sequential(nn.Linear(width, width)).requires_grad_(False),
                       LoKrConfig(r=8, target_modules=["0"], init_weights=False), "a")
@@ -118,6 +119,9 @@ def test_merged_linear_takes_plain_autograd_for_small_weights_with_full_factors(
     x = torch.randn(1, tokens, width, requires_grad=True)
     ops = ops_of(lambda: model(x).square().mean().backward())
     assert ("aten.bmm.default" not in ops) == plain, ops
+    if width <= 128:
+        model.set_forward_mode("auto")
+        assert not model.model[0]._choose_bypass("a", x, True)
     compiled = _compiled_ops(model, x)
     assert ("aten.bmm.default" not in compiled) == (width <= 128), compiled
     # either way the same gradients as the Function's: checked against eager in tests/test_compile.py

@@ -30,7 +30,16 @@ from __future__ import annotations
 
 from .autograd import apply_bypass_conv, apply_bypass_linear, apply_merged_linear
 from .bypass import ConvArgs, apply_lokr
-from .cost_model import MOVED, STREAMED, bypass_cost, bypass_flops_and_traffic, merged_cost, prefer_bypass
+from .cost_model import (
+    MOVED,
+    SMALL_TOKENS_PER,
+    STREAMED,
+    bypass_cost,
+    bypass_flops_and_traffic,
+    merged_cost,
+    prefer_bypass,
+    small_full_linear,
+)
 from .delta import (
     adapt_weight,
     add_delta,
@@ -50,6 +59,7 @@ from .scale_rules import alpha_for_consumer, consumer_scale, lycoris_scale, peft
 __all__ = [
     "FACTOR_NAMES",
     "MOVED",
+    "SMALL_TOKENS_PER",
     "STREAMED",
     "ConvArgs",
     "Factors",
@@ -86,6 +96,7 @@ __all__ = [
     "restricted_plan",
     "row_blocks",
     "rows_aligned",
+    "small_full_linear",
     "take_rows",
     "tucker_to_lowrank",
     "w2_rows",

@@ -8,9 +8,6 @@ from torch import Tensor, nn
 from .. import functional as LF
 from .forward import LoKrLayer, Strengths
 
-SMALL_WEIGHT = 128 * 128  # elements: up to here, with full factors, plain autograd may beat the Function
-PLAIN_TOKENS = 1024
-
 
 class Linear(LoKrLayer):
     """LoKr around nn.Linear. x: (..., in) -> (..., out)."""
@@ -36,15 +33,17 @@ class Linear(LoKrLayer):
 
     def _plain_pays(self, adapter_name: str, x: Tensor) -> bool:
         """W + ΔW by plain autograd (one addcmul, F.linear: autograd forms the full dL/d(W + ΔW), a GEMM, and
-        reduces it onto the factors) instead of the Function: for a small weight with full factors, whose
-        Kronecker blocks are too small for the Function's per-token batched GEMMs to pay. Compiled: always there
-        (inductor fuses each reduction into one kernel: 5 kernels a step against the Function's 8); eager: from
-        PLAIN_TOKENS tokens (below, the two are within 10 % and the Function runs fewer ops). Measured on a 2-core
-        CPU, fp32, training steps of 64- and 128-wide layers (docs/performance.md §Op counts)."""
+        reduces it onto the factors) instead of the Function: for a small weight with full factors
+        (functional.small_full_linear), whose Kronecker blocks are too small for the Function's per-token batched
+        GEMMs to pay. Compiled: always there (inductor fuses each reduction into one kernel: 5 kernels a step
+        against the Function's 8); eager: from one token per SMALL_TOKENS_PER weight elements (below, the two are
+        within 10 % and the Function runs fewer ops). Measured on a 2-core CPU, fp32, training steps of 32- to
+        128-wide layers (docs/performance.md §Op counts)."""
         plan = self.adapters[adapter_name].plan
-        if plan.w1_lowrank or plan.w2_lowrank or plan.out_l * plan.out_k * plan.in_m * plan.in_n > SMALL_WEIGHT:
+        if not LF.small_full_linear(plan):
             return False
-        return torch.compiler.is_compiling() or self._tokens(x) >= PLAIN_TOKENS
+        return torch.compiler.is_compiling() or \
+            self._tokens(x) * LF.SMALL_TOKENS_PER >= plan.out_l * plan.out_k * plan.in_m * plan.in_n
 
     def _aligned(self, adapter_name: str) -> bool:
         """No row pieces, or pieces on W1 block edges: the training Functions run on W1's kept rows
