@@ -13,6 +13,13 @@ given too. --compile adds the same rows with the transformer compiled as diffuse
 
     python benchmarks/bench_train.py [--families flux wan ...] [--precisions none fp8 int8 nf4] [--repeats 9]
         [--device cpu|cuda] [--compile] [--json out.json]
+    python benchmarks/bench_train.py --full flux1-dev --device cuda [--tokens 1024] [--full-blocks N]
+
+--full: the transformer alone at full size from its published config (lokr_diffusers.architectures) with random
+weights, bf16 and frozen, a training step under bf16 autocast on random inputs of the family's shapes (`--tokens`
+image tokens: 1024 is 512 px; 512 text tokens), the gradient taken back to the latents: bare, ours, PEFT's and
+LyCORIS' LoKr on the same modules, one model at a time (a 12B model does not fit twice), each step's median and
+peak memory. `--full-blocks N` keeps N blocks of each kind: a dry run of the same code on a small machine.
 """
 
 from __future__ import annotations
@@ -154,6 +161,106 @@ def _setup(family: str, precision: str, kind: str, device: torch.device) -> tupl
     return pipe, params
 
 
+FULL = {"flux1-dev": "FluxTransformer2DModel"}  # the families with a full-size step here
+
+
+def _full_inputs(config: dict[str, Any], tokens: int, device: torch.device) -> dict[str, Any]:
+    """FLUX.1's transformer inputs, batch 1: packed latents (1, tokens, in_channels) requiring grad, T5 states
+    (1, 512, joint_attention_dim), CLIP pooled, ids, timestep, guidance."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    return dict(hidden_states=r(1, tokens, config["in_channels"]).requires_grad_(True),
+                encoder_hidden_states=r(1, 512, config["joint_attention_dim"]),
+                pooled_projections=r(1, config["pooled_projection_dim"]), timestep=torch.tensor([0.5], device=device),
+                img_ids=torch.zeros(tokens, 3, device=device), txt_ids=torch.zeros(512, 3, device=device),
+                guidance=torch.tensor([3.5], device=device))
+
+
+def _full_model(name: str, kind: str, blocks: int | None, device: torch.device) -> tuple[torch.nn.Module, list]:
+    """The full-size transformer `name` with random weights (bf16, frozen) and (kind) no adapter, ours, PEFT's or
+    LyCORIS' (r 8, alpha 8, init_weights=False, the factors fp32) on the default targets; its trainable tensors."""
+    import diffusers
+
+    from lokr_diffusers import LoKrModel
+    from lokr_diffusers.architectures import DIT_VARIANTS
+    from lokr_diffusers.targeting import default_target_modules
+
+    config = dict(DIT_VARIANTS[name].config)
+    if blocks is not None:
+        config.update(num_layers=blocks, num_single_layers=blocks)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: a 12B model never exists in fp32
+    try:
+        with torch.device(device):
+            model: torch.nn.Module = getattr(diffusers, FULL[name])(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False).train()
+    targets = list(default_target_modules(model))
+    if kind == "ours":
+        model = LoKrModel(model, LoKrConfig(r=8, alpha=8, target_modules=targets, init_weights=False), "default")
+    elif kind == "peft":
+        from peft import LoKrConfig as PeftLoKrConfig
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(PeftLoKrConfig(r=8, alpha=8, target_modules=targets, init_weights=False), model)
+    elif kind == "lycoris":
+        _lycoris(model, targets)
+        model.to(device)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # the factors train in fp32 beside the bf16 base, as the scripts do
+    return model, params
+
+
+def _full_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The --full table: each kind built, warmed up, timed, freed in turn; ratios to the bare step."""
+    from lokr_diffusers.architectures import DIT_VARIANTS
+
+    inputs = _full_inputs(DIT_VARIANTS[args.full].config, args.tokens, device)
+    med: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    adapted: dict[str, int] = {}
+    for kind in ("bare", "ours", "peft", "lycoris"):
+        try:
+            model, params = _full_model(args.full, kind, args.full_blocks, device)
+            adapted[kind] = sum(1 for m in model.modules() if hasattr(m, "lokr_w1"))  # the same modules each
+        except Exception as e:  # PEFT or LyCORIS missing or refusing: reported, not fatal
+            print(f"| {args.full} | {kind}: {type(e).__name__}: {str(e).splitlines()[0][:60]} |")
+            continue
+
+        def step(model: torch.nn.Module = model, params: list = params) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(**inputs).sample
+            out.float().square().mean().backward()
+            for p in [*params, inputs["hidden_states"]]:
+                p.grad = None
+
+        step()  # warm up
+        runs = [_time(step, device) for _ in range(args.repeats)]
+        med[kind] = statistics.median(t for t, _ in runs)
+        peaks[kind] = max(p for _, p in runs)
+        del model, params, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "bare" not in med:
+        return []
+    cells = [f"{med[k] / med['bare']:.2f}" if k in med else "-" for k in ("ours", "peft", "lycoris")]
+    mem = " / ".join(f"{peaks[k] / 2**30:.1f}" if k in peaks else "-" for k in ("bare", "ours", "peft", "lycoris"))
+    blocks = "" if args.full_blocks is None else f" ({args.full_blocks} + {args.full_blocks} blocks)"
+    print(f"full-size {args.full}{blocks}, {args.tokens} image tokens, {device}, median of {args.repeats}")
+    print("| model | bare ms | LoKr / bare | PEFT / bare | LyCORIS / bare | peak GiB bare / LoKr / PEFT / LyCORIS |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.full} | {med['bare'] * 1e3:.1f} | {' | '.join(cells)} | "
+          f"{mem if device.type == 'cuda' else '-'} |", flush=True)
+    return [{"family": args.full, "full_size": True, "bare_s": med["bare"],
+             **{f"{k}_ratio": med[k] / med["bare"] for k in med if k != "bare"}, "peak_bytes": peaks,
+             "adapted_modules": adapted}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     flow = [f for f in FLOW_MODELS if families.get(f).tiny]
@@ -164,10 +271,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also each row with compile_repeated_blocks(fullgraph=True)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--full", choices=list(FULL), default=None, help="the full-size step instead (module docstring)")
+    ap.add_argument("--full-blocks", type=int, default=None, help="keep N blocks of each kind (a dry run)")
+    ap.add_argument("--tokens", type=int, default=1024, help="image tokens of the full-size step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
+    if args.full:
+        rows = _full_rows(args, device)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     print(f"one training step of each tiny pipeline ({device}), median of {args.repeats} interleaved runs")
     print("| family | base | compiled | bare ms | LoKr / bare | PEFT / bare | LyCORIS / bare | peak MB bare / LoKr / "
           "PEFT / LyCORIS |")

@@ -8,7 +8,8 @@
 # Writes under $OUT (the device tool's folder that comes back): unet.{json,txt} (every eager row),
 # unet_compiled.{json,txt} (the compiled SD1.5 row; SDXL's 722-layer inductor compile would not fit),
 # load_fuse.txt (fp16 load / fuse / unfuse against diffusers' LoRA), train.{json,txt} (benchmarks/bench_train.py:
-# a training step per flow family and base precision; train_compiled: two families eager and compiled,
+# a training step per flow family and base precision; train_full: FLUX.1 at full size; train_compiled: two families eager and
+# compiled,
 # LoKr / PEFT / LyCORIS against the bare step) and env.txt.
 # `bash benchmarks/gpu_run.sh --cpu` runs the same steps on tiny models on the CPU (a dry run).
 set -uo pipefail
@@ -38,6 +39,11 @@ if [ "${1:-}" = "--cpu" ]; then train=(--device cpu --families flux wan --precis
   train=(--device cuda --repeats 5); fi
 timeout 200 python3 benchmarks/bench_train.py "${train[@]}" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" \
   | grep "^|"
+# FLUX.1 [dev]'s transformer at full size (random weights, bf16, 512 px): bare / LoKr / PEFT / LyCORIS, peak memory
+if [ "${1:-}" = "--cpu" ]; then full=(--device cpu --full-blocks 1 --tokens 16 --repeats 1); else
+  full=(--device cuda --repeats 5); fi
+timeout 300 python3 benchmarks/bench_train.py --full flux1-dev "${full[@]}" --json "$OUT/train_full.json" 2>&1 \
+  | tee "$OUT/train_full.txt" | grep "^|"
 # the same step compiled as diffusers users compile for training (compile_repeated_blocks), two families
 timeout 150 python3 benchmarks/bench_train.py "${train[@]}" --families flux qwenimage --precisions none --compile \
   --json "$OUT/train_compiled.json" 2>&1 | tee "$OUT/train_compiled.txt" | grep "^|"
