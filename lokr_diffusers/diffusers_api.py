@@ -272,6 +272,8 @@ def unload_lora_weights(original: Method) -> Method:
                 result = original(self, *args, **kwargs)
         if has_lokr:
             loader.unload_lokr_weights(self)
+        else:  # LoRA only: still, nothing of a disable_lokr outlives the unload
+            loader.forget_disabled(self)
         return result
 
     return patches.wraps(unload_lora_weights, original)

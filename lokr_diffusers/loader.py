@@ -34,6 +34,7 @@ from .layers import Conv1d, Conv2d, Linear, LoKrLayer, check_adapter_name
 from .loaded import LoadedFile
 from .logs import pipeline_disable, progress, warn_once
 from .model import (
+    ENABLED_ATTR,
     adapter_configs,
     component_enabled,
     lokr_layers,
@@ -416,6 +417,13 @@ def unload_lokr_weights(pipe: Any) -> None:
     after fuse_lora); otherwise the components are exactly as before loading."""
     for model in pipeline_components(pipe).values():
         unload_from_model(model)
+
+
+def forget_disabled(pipe: Any) -> None:
+    """Drop a `disable_lokr` left on components that hold no LoKr layer (diffusers' unload_lora_weights of a
+    pipeline with LoRA only): LoKr loaded after an unload starts enabled, as a fresh pipeline's would."""
+    for model in pipeline_components(pipe).values():
+        model.__dict__.pop(ENABLED_ATTR, None)
 
 
 def unload_from_model(model: nn.Module) -> None:

@@ -285,3 +285,20 @@ SlowAdapterStateMachine.TestCase.settings = settings(
     max_examples=2000, stateful_step_count=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_adapter_state_machine_long = pytest.mark.slow(SlowAdapterStateMachine.TestCase)
+
+
+def test_lokr_loaded_after_unload_lora_weights_starts_enabled_though_disabled_before() -> None:
+    """A sequence the long machine found: LoRA loaded, `disable_lokr` (no LoKr layer anywhere yet), diffusers'
+    `unload_lora_weights`, then a LoKr file loaded: it must act, as on a fresh pipeline (the disable did not
+    outlive the unload)."""
+
+    class Draw:
+        def draw(self, _strategy: object) -> str:
+            return "a"
+
+    machine = AdapterStateMachine()
+    machine.load_lora()
+    machine.enable(False)
+    machine.unload_lora()
+    machine.load(Draw())  # type: ignore[arg-type]
+    machine.outputs_equal_the_model()
