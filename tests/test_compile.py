@@ -205,7 +205,7 @@ def test_a_move_keeps_traced_numbers_with_the_weight(move: torch.dtype | str) ->
     for layer in _layers(model):
         assert layer._traced.keys() == want[id(layer)].keys() and layer._traced
         assert {t.device for pair in layer._traced.values() for t in pair} == {layer.weight.device}
-        assert layer._call_t.device == layer.weight.device
+        assert {t.device for t in (layer._call_t, *layer._total.values())} == {layer.weight.device}
         if layer.weight.device.type != "meta":
             assert numbers(layer) == want[id(layer)]
 
@@ -426,3 +426,26 @@ def test_regional_compilation_of_a_diffusers_model_trains_and_an_optimizer_step_
     finally:
         torch.compiler.set_stance("default")
     assert graphs() == n
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
+def test_a_plain_adapter_reaches_the_graph_as_one_number_per_layer(dora: bool) -> None:
+    """The training graph takes a plain adapter's scale · strength · call scale as one 0-d input per layer (fewer
+    inputs to check and pass per call), DoRA's scale and strength · call scale apart; the output and gradients
+    equal eager's."""
+    model = _model(dora=dora).train()
+    x, img = _inputs()
+    seen: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        seen.append(sum(isinstance(t, torch.Tensor) and t.dim() == 0 for t in example_inputs))
+        return gm.forward
+
+    out = torch.compile(model, backend=backend, fullgraph=True)(x, img)
+    grads = torch.autograd.grad(out.square().sum(), [t for la in _layers(model) for t in la.factors("a").values()])
+    expected = model(x, img)
+    want = torch.autograd.grad(expected.square().sum(), [t for la in _layers(model) for t in la.factors("a").values()])
+    assert seen == [len(_layers(model)) * (3 if dora else 1)]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

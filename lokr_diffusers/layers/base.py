@@ -52,8 +52,11 @@ class LayerCore(nn.Module):
         # The same numbers as 0-dim tensors on the weight's device, for torch.compile: a traced forward
         # reads (scale, weight) per applied adapter and the call scale from tensors, so changing them
         # recompiles nothing (a Python float would be a guarded constant). Rebuilt on every commit.
+        # traced forwards read 0-d tensors: per applied adapter (scale, strength), the call scale, and their
+        # product per adapter (`_total`: a plain adapter's graph takes it alone, one input per adapter and layer)
         self._traced: dict[str, tuple[Tensor, Tensor]] = {}
         self._call_t = torch.ones(())
+        self._total: dict[str, Tensor] = {}
         self._frozen = True  # _adapters_frozen(), kept for traced code
         # forward's path choice per (adapter, input, gradients), made once and kept until the next
         # commit (forward.py `_choose_bypass`): the cost model is not asked again on every call
@@ -209,6 +212,12 @@ class LayerCore(nn.Module):
             self._traced = {a: (torch.full((), self.adapters[a].scale, device=w.device),
                                 torch.full((), s, device=w.device)) for a, s in self._applied}
             self._call_t = torch.full((), self._call_scale, device=w.device)
+            self._make_total()
+
+    def _make_total(self) -> None:
+        """`_total` from the tensors (not from floats: inside a compiled call, where the call scale is set by a hook,
+        a float read here would be guarded on, and set_adapters would recompile)."""
+        self._total = {a: scale * strength * self._call_t for a, (scale, strength) in self._traced.items()}
 
     def _adapters_frozen(self) -> bool:
         """No applied adapter's tensor requires grad: a compiled graph may keep W + ΔW (reuse.py). Read
@@ -222,6 +231,7 @@ class LayerCore(nn.Module):
         self.kept.traced = None  # every layer of the model gets a new call scale: no partial drop
         with torch.inference_mode(False), torch.no_grad():
             self._call_t = torch.full((), scale, device=self.weight.device)
+            self._make_total()
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
         """Make these adapters the active ones (those the layer has; others are ignored here)."""

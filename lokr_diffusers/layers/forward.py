@@ -111,7 +111,7 @@ class LoKrLayer(LayerCore):
         if not names:
             return self._base(x, args, kwargs)
         direct = self._direct(args, kwargs)
-        strengths = tuple((a, self._traced[a][1] * self._call_t) for a in names)
+        strengths = tuple((a, self._total[a]) for a in names)  # scale · strength · call scale, one tensor
         if direct and not self.training and not torch.is_grad_enabled() and self._frozen and \
                 self.forward_mode != "bypass" and reuse.enabled():
             w = self.kept.traced = self._adapted_weight(strengths)
@@ -175,9 +175,10 @@ class LoKrLayer(LayerCore):
         return self._run(x, self._adapted_weight(applied), self.bias)
 
     def _scale_of(self, adapter_name: str, strength: float | Tensor) -> float | Tensor:
-        """scale · strength: floats in eager, tensors when traced (`_forward_traced`)."""
+        """scale · strength: floats in eager; when traced (`_forward_traced`), the tensor given is that product
+        already (with the call scale in it)."""
         if isinstance(strength, Tensor):
-            return self._traced[adapter_name][0] * strength
+            return strength
         return self.adapters[adapter_name].scale * strength
 
     def _adapted_weight(self, applied: Strengths, w: Tensor | None = None) -> Tensor:
@@ -201,9 +202,11 @@ class LoKrLayer(LayerCore):
         plain adapter and in w's for DoRA."""
         f = self.factors(adapter_name)
         rec = self.adapters[adapter_name]
-        scale = self._traced[adapter_name][0] if isinstance(strength, Tensor) else rec.scale
         if adapter_name not in self.dora_scale:
-            return LF.delta_weight(f, self.weight_shape, scale * strength, rec.rows)
+            return LF.delta_weight(f, self.weight_shape, self._scale_of(adapter_name, strength), rec.rows)
+        scale: float | Tensor = rec.scale
+        if isinstance(strength, Tensor):  # traced: DoRA takes scale and strength apart
+            scale, strength = self._traced[adapter_name][0], self._traced[adapter_name][1] * self._call_t
         return LF.adapt_weight(w, f, scale, self.dora_scale[adapter_name], strength, rows=rec.rows) - w
 
     def _contribution(self, adapter_name: str, strength: float | Tensor, w: Tensor) -> Tensor:
