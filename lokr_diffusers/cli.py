@@ -1,8 +1,9 @@
-"""`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert and merge LoKr files.
+"""`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert, merge and extract LoKr files.
 
     lokr-diffusers inspect style.safetensors [--json]
     lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl|flux|...] [--dtype fp16]
     lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
+    lokr-diffusers extract --base ./sdxl --tuned ./sdxl-finetune --out style.safetensors [--rank 16]
     lokr-diffusers demo [--out outputs/demo] [--steps 100]
 """
 
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   lokr-diffusers convert peft_folder style.safetensors --to comfyui --base sd15
   lokr-diffusers convert flux_lokr.safetensors flux_diffusers.safetensors --to diffusers
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
+  lokr-diffusers extract --base ./sdxl-base --tuned ./sdxl-finetune --out style.safetensors --rank 16
 """
 # convert reads every family's files (each family's full-size variants: ModelFamily.variants); inspect checks a
 # file against an SD base only (a UNet family's one full-size model)
@@ -68,8 +70,8 @@ _finite_float.__name__ = "finite number"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="LoKr adapters for diffusers: inspect, convert "
-                "and merge LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
+    p = _Parser(prog=PROG, description="LoKr adapters for diffusers: inspect, convert, "
+                "merge and extract LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -80,10 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="rewrite a LoKr file in another layout")
     c.add_argument("input", help="a LoKr file or PEFT folder in any layout this package reads")
     c.add_argument("output", help="the file (or, for --to peft, the folder) to write")
-    c.add_argument("--to", required=True, choices=["comfyui", "kohya", "a1111", "peft", "diffusers", "lokr_diffusers"])
+    c.add_argument("--to", required=True, choices=["comfyui", "kohya", "a1111", "peft", "diffusers", "lokr_diffusers",
+                                                   "lora", "lora_peft"],
+                   help="a LoKr layout, or the LoKr as a LoRA (by SVD): lora (a file), lora_peft (a PEFT folder)")
     c.add_argument("--base", choices=sorted(CONVERT_BASES), help="base model: an SD base or a DiT family (default: "
                    "guessed from the file)")
     c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default: as read)")
+    lora = c.add_mutually_exclusive_group()
+    lora.add_argument("--rank", type=_positive_int, help="--to lora: the LoRA rank of every module (default: full, "
+                      "exact)")
+    lora.add_argument("--energy", type=_finite_float, help="--to lora: per module the smallest rank keeping this "
+                      "share of ΔW's squared singular values (0 < e <= 1)")
+    c.add_argument("--model", help="--to lora: a diffusers folder of the model the file is for (its configs; "
+                   "default: the full-size model the file fits)")
     d = sub.add_parser("demo", help="offline demo: train a LoKr on a tiny pipeline, export, reload, compare")
     d.add_argument("--out", default="outputs/demo", help="folder for images, loss curve and files")
     d.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 100)")
@@ -96,7 +107,46 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--lokr", required=True, help="the LoKr file")
     m.add_argument("--scale", type=_finite_float, default=1.0, help="strength (default 1.0)")
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
+    _extract_parser(sub)
     return p
+
+
+def _extract_parser(sub: Any) -> None:
+    e = sub.add_parser("extract", help="extract a LoKr from a fine-tune (the change between two model folders)")
+    e.add_argument("--base", required=True, help="the base model: a diffusers pipeline folder")
+    e.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder of the same model")
+    e.add_argument("--out", required=True, help="the LoKr file to write (a folder for --format peft); a JSON "
+                   "report is written beside it")
+    e.add_argument("--format", default="comfyui", choices=["comfyui", "kohya", "a1111", "peft", "diffusers",
+                                                           "lokr_diffusers"])
+    e.add_argument("--components", nargs="+", help="components to compare (default: the denoiser and the text "
+                   "encoders)")
+    e.add_argument("--target_modules", nargs="+", help="module names or suffixes (default: every Linear and Conv)")
+    e.add_argument("--factor", type=int, default=None, help="W1's split factor (LyCORIS' factor; default -1, or "
+                   "the best of LyCORIS' usual splits with a budget)")
+    e.add_argument("--rank", type=int, default=0, help="W2's rank (default 0: full)")
+    e.add_argument("--decompose_both", action="store_true", help="W1 low-rank too, at --rank")
+    e.add_argument("--use_tucker", action="store_true", help="a conv's low-rank W2 as a Tucker core")
+    budget = e.add_mutually_exclusive_group()
+    budget.add_argument("--budget_per_module", type=_positive_int, help="parameters one module may keep: the split "
+                        "and rank with the lowest error within it")
+    budget.add_argument("--budget", type=_positive_int, help="parameters all modules may keep, shared in proportion "
+                        "to each module's weight size")
+    e.add_argument("--min_rel_norm", type=_finite_float, default=0.0,
+                   help="skip modules whose change is at most this fraction of the weight (default 0: unchanged)")
+    e.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write (default fp32)")
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from .extract.run import extract_lokr, report_path
+
+    report = extract_lokr(args.base, args.tuned, args.out, format=args.format, components=args.components,
+                          target_modules=args.target_modules, factor=args.factor, rank=args.rank,
+                          decompose_both=args.decompose_both, tucker=args.use_tucker,
+                          budget_per_module=args.budget_per_module, budget=args.budget,
+                          min_rel_norm=args.min_rel_norm, dtype=args.dtype)
+    print(report.table())
+    print(f"wrote {args.out} ({args.format}) and {report_path(args.out)}")
 
 
 def inspect_file(path: str, base: str | None = None) -> dict[str, Any]:
@@ -258,9 +308,18 @@ def _run(args: argparse.Namespace) -> None:
             print(json.dumps(info, indent=2, default=str))
         else:
             _print_text(info)
+    elif args.command == "convert" and args.to in ("lora", "lora_peft"):
+        from .extract.lora import lokr_to_lora
+
+        report = lokr_to_lora(args.input, args.output, to=args.to, rank=args.rank, energy=args.energy, model=args.model,
+                              base=CONVERT_BASES.get(args.base) if args.base else None, dtype=args.dtype)
+        print(report.table())
+        print(f"wrote {args.output} ({args.to}) and its report {args.output.removesuffix('.safetensors')}.json")
     elif args.command == "convert":
         from .convert import convert_lokr_file
 
+        if args.rank is not None or args.energy is not None or args.model is not None:
+            raise UsageError(f"{PROG} convert", "--rank, --energy and --model are for --to lora / lora_peft")
         out = convert_lokr_file(args.input, args.output, to=args.to,
                                 base=CONVERT_BASES.get(args.base) if args.base else None, dtype=args.dtype)
         print(f"wrote {out} ({args.to})")
@@ -270,6 +329,8 @@ def _run(args: argparse.Namespace) -> None:
         paths = run_demo(args.out, args.steps, args.model, args.resolution, args.seed)
         with open(paths["summary_text"], encoding="utf-8") as fh:
             print(fh.read(), end="")
+    elif args.command == "extract":
+        _extract(args)
     else:
         _merge(args)
 

@@ -91,7 +91,7 @@ def parse_for_base(file: LoadedFile, base: str, strict: bool = True
     return comps, parsed
 
 
-def _models(file: LoadedFile, base: str | None) -> list[str]:
+def candidate_models(file: LoadedFile, base: str | None) -> list[str]:
     """The full-size models to read the file onto, in order: `base`'s (a DiT family has several variants), else
     those its names and widths point to."""
     if base is not None:
@@ -157,7 +157,7 @@ def convert_lokr_file(src: str | os.PathLike[str] | LoadedFile, dst: str | os.Pa
         check_holds_lokr(file.tensors)
     except ValueError as err:
         raise ValueError(file.named(str(err))) from None
-    model, comps, parsed = fit(file, _models(file, base), strict)
+    model, comps, parsed = fit(file, candidate_models(file, base), strict)
     logger.info("%s read as a LoKr for %s", file.path or "the state dict", MODEL_NAMES[model])
     per_adapter = {}
     for name, p in parsed.items():

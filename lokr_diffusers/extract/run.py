@@ -1,0 +1,168 @@
+"""`extract_lokr`: the LoKr nearest to the change between two diffusers folders of one model family, module by module,
+written in any export format with its error report (docs/tools.md §Extract a LoKr from a fine-tune).
+
+Per adapted module: ΔW = W_tuned − W_base in fp32 (each weight read alone from its safetensors file), the split and
+rank chosen (nearest.choose), the factors fitted (nearest.nearest_lokr), the error measured. The file is written
+by the export writers (export/registry.py) onto the components built on the meta device; its metadata and a JSON
+beside it hold the report. Nothing is written when a module fails (shapes, NaN, a missing weight).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .. import families
+from ..atomic import text_writer, write_files
+from ..config import LoKrConfig
+from ..export import ExportJob, ExportModule, layout_of, write
+from ..logs import progress
+from ..targeting import is_target
+from .nearest import candidate_splits, choose
+from .report import ModuleReport, Report
+from .weights import FolderWeights
+
+logger = logging.getLogger(__name__)
+
+EXTRACT_METADATA_KEY = "lokr_diffusers_extract"  # the report's summary in the written file's metadata
+PEFT_PLANNED = ("peft", "diffusers")  # layouts whose reader plans the split (LyCORIS' factor -1) from r alone
+
+
+def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                 format: str = "comfyui", components: Sequence[str] | None = None,
+                 target_modules: list[str] | str | None = None, factor: int | None = None, rank: int = 0,
+                 decompose_both: bool = False, tucker: bool = False, budget_per_module: int | None = None,
+                 budget: int | None = None, min_rel_norm: float = 0.0,
+                 dtype: torch.dtype | str | None = None) -> Report:
+    """Extract a LoKr from a fine-tune: the nearest W1 ⊗ W2 to each module's change between `base` and `tuned`.
+
+    Args:
+        base, tuned: diffusers pipeline folders of one model (same components and shapes).
+        out: the file to write (a folder for format="peft"); a JSON report is written beside it (`<out>.json`).
+        format: "comfyui" (aliases kohya / a1111), "peft", "diffusers" or "lokr_diffusers".
+        components: which components to compare (default: the denoiser and the text encoders the folder has).
+        target_modules: PEFT's rule (a list of names or suffixes, or a regex); default every Linear / Conv.
+        factor: the split factor for W1 (LyCORIS' `factor`); default: LyCORIS' (-1, nearest √dim) without a budget,
+            the best of LyCORIS' usual splits with one. "peft" and "diffusers" files hold -1's split only.
+        rank: W2's rank (0: full); W1's too with `decompose_both`; with a budget, the largest rank allowed.
+        tucker: a conv's low-rank W2 as a Tucker core.
+        budget_per_module / budget: the parameters one module / all modules may keep (the global one shared in
+            proportion to each module's weight size); among the splits, the lowest error within it wins.
+        min_rel_norm: skip modules with ‖ΔW‖ / ‖W_base‖ at or below this (unchanged ones are always skipped).
+        dtype: the tensors' dtype in the file (default fp32).
+
+    Returns:
+        The Report (also in the file's metadata under "lokr_diffusers_extract", and in full in the JSON).
+    """
+    from ..convert import check_output_path
+
+    layout = layout_of(format)
+    if layout is None:
+        raise ValueError(f"format={format!r}: unknown; use one of comfyui, kohya, a1111, peft, diffusers, "
+                         "lokr_diffusers")
+    if rank < 0 or (budget is not None and budget <= 0) or (budget_per_module is not None and budget_per_module <= 0):
+        raise ValueError("rank must be >= 0 and budgets positive")
+    if budget is not None and budget_per_module is not None:
+        raise ValueError("give budget or budget_per_module, not both")
+    if layout.name in PEFT_PLANNED:  # PEFT plans a module's split itself, from LyCORIS' default factor
+        if factor not in (None, -1):
+            raise ValueError(f"format={format!r} holds LyCORIS' default split only (PEFT plans it): pass factor=-1 "
+                             "(or leave it out), or write format='comfyui' / 'lokr_diffusers'")
+        factor = -1
+    out = os.fspath(out)
+    check_output_path(out, folder=layout.folder)
+    a, b = FolderWeights(base, "base"), FolderWeights(tuned, "tuned")
+    models, family = _models(a, b, components)
+    rule = LoKrConfig(target_modules=target_modules) if target_modules is not None else None
+    targets = [(c, path, m) for c, model in models.items() for path, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and (rule is None or is_target(rule, path))]
+    if not targets:
+        raise ValueError(f"no Linear or Conv module of {sorted(models)} matches target_modules={target_modules!r}")
+    total = sum(m.weight.numel() for _, _, m in targets)
+    options: dict[str, object] = {"base": os.fspath(base), "tuned": os.fspath(tuned), "factor": factor, "rank": rank,
+               "decompose_both": decompose_both, "tucker": tucker, "budget_per_module": budget_per_module,
+               "budget": budget, "min_rel_norm": min_rel_norm}
+    report = Report("extract", out, family.name, options=options)
+    modules: list[ExportModule] = []
+    for component, path, module in progress(targets, desc="extracting LoKr", work=total * 16):
+        where = f"{component}.{path}"
+        key = f"{path}.weight"
+        wa, wb = a.tensor(component, key), b.tensor(component, key)
+        if wa is None and wb is None:
+            logger.debug("%s: no weight in either folder (tied or not saved), skipped", where)
+            continue
+        if wa is None or wb is None:
+            raise ValueError(f"{where}: the weight is in {'tuned' if wa is None else 'base'} only")
+        if wa.shape != wb.shape or wa.shape != module.weight.shape:
+            raise ValueError(f"{where}: shapes differ: base {tuple(wa.shape)}, tuned {tuple(wb.shape)}, "
+                             f"config {tuple(module.weight.shape)}")
+        delta = wb.float() - wa.float()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{where}: the change has NaN or inf values (a broken checkpoint?); nothing written")
+        norm, base_norm = float(delta.norm()), float(wa.float().norm())
+        rel = norm / base_norm if base_norm > 0 else math.inf
+        if norm == 0 or rel <= min_rel_norm:
+            report.skipped_unchanged += 1
+            continue
+        share = budget_per_module if budget is None else max(1, budget * module.weight.numel() // total)
+        # without a budget the split is the factor's (default LyCORIS' -1): the lowest error alone would always
+        # pick the smallest W1, whose W2 is nearly the whole weight
+        split_factor = factor if factor is not None or share is not None else -1
+        fit = choose(delta, candidate_splits(delta.shape, split_factor), share, rank, decompose_both, tucker)
+        p = fit.plan
+        r = p.rank or 1
+        modules.append(ExportModule(component, path, fit.factors, 1.0, p, tuple(delta.shape), None, r, float(r)))
+        report.modules.append(ModuleReport(component, path, (p.out_l, p.out_k, p.in_m, p.in_n), p.rank2, p.tucker,
+                                           fit.error, fit.numel, norm, rel))
+    if not modules:
+        raise ValueError(f"no module changed between {base} and {tuned} (above min_rel_norm={min_rel_norm}): "
+                         "nothing to extract")
+    metadata = {EXTRACT_METADATA_KEY: json.dumps(report.summary())}
+    write(layout, ExportJob({"default": modules}, models, family.name, out, dtype, metadata=metadata))
+    write_files({report_path(out): text_writer(report.to_json())})
+    logger.info("%s", report.table())
+    return report
+
+
+def report_path(out: str) -> str:
+    """The JSON report beside an extracted file (or folder): `<out without .safetensors>.json`."""
+    stem = out.rstrip("/\\")
+    return (stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem) + ".json"
+
+
+def _models(a: FolderWeights, b: FolderWeights, components: Sequence[str] | None
+            ) -> tuple[dict[str, nn.Module], families.ModelFamily]:
+    """The components to compare, built on meta from base's configs, and their family; both folders must agree."""
+    have_a, have_b = a.components(), b.components()
+    if have_a != have_b:
+        raise ValueError(f"base and tuned differ in their components: {sorted(have_a.items())} against "
+                         f"{sorted(have_b.items())}; extraction compares two checkpoints of one model")
+    built = {c: a.meta_model(c) for c in have_a}
+    family = families.of_components(built)
+    if family is None:
+        raise ValueError(f"{a.root}: a {a.pipeline_class}, which is of no model family this package knows")
+    if components is None:
+        names = [c for c in (family.denoiser, *family.text_encoders) if c in built]
+    else:
+        unknown = [c for c in components if c not in built]
+        if unknown:
+            raise ValueError(f"components {unknown}: not in {a.root} (it has {sorted(built)})")
+        names = list(components)
+    for c in names:
+        shapes_a, shapes_b = _config(a, c), _config(b, c)
+        if shapes_a != shapes_b:
+            raise ValueError(f"{c}: base and tuned have different configs; extraction compares two checkpoints of "
+                             "one model")
+    return {c: built[c] for c in names}, family
+
+
+def _config(w: FolderWeights, component: str) -> dict[str, object]:
+    with open(os.path.join(w.root, component, "config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "torch_dtype"}

@@ -1,0 +1,133 @@
+"""`extract_lokr` / `lokr-diffusers extract` on tiny pipelines: a known LoKr fused into BASE comes back exactly, a
+dense change gets the optimum error (tests/helpers/kron_oracle.py), the file loads back onto BASE as TUNED, the
+report is in the file and beside it, and bad inputs write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from helpers.extract_runs import base_and_tuned, component_weights
+from helpers.kron_oracle import optimum_error
+from safetensors import safe_open
+
+import lokr_diffusers
+from lokr_diffusers import LoKrConfig, families
+from lokr_diffusers.extract.run import EXTRACT_METADATA_KEY, extract_lokr, report_path
+
+KNOWN = LoKrConfig(r=4, alpha=2, init_weights=False, decompose_factor=4)
+
+
+def _reloaded(base: str, path: str, component: str) -> dict[str, torch.Tensor]:
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lokr_weights(path)
+    pipe.fuse_lokr()
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in getattr(pipe, component).state_dict().items()
+            if "lokr_" not in k}
+
+
+@pytest.mark.parametrize("family,fmt,factor", [("sd1", "comfyui", 4), ("flux", "comfyui", 4), ("wan", "comfyui", 4),
+                                               ("sdxl", "peft", -1), ("sd3", "diffusers", -1)])
+def test_a_fused_lokr_comes_back_exactly_and_loads_as_the_tuned_model(tmp_path: str, family: str, fmt: str,
+                                                                      factor: int) -> None:
+    """PEFT (and diffusers' layout, read by PEFT) plans the split by LyCORIS' default factor only: those files' LoKr is
+    made and extracted with it."""
+    known = LoKrConfig(r=4, alpha=2, init_weights=False, decompose_factor=factor)
+    base, tuned = base_and_tuned(str(tmp_path), family, known)
+    out = os.path.join(tmp_path, "x" if fmt == "peft" else "x.safetensors")
+    report = extract_lokr(base, tuned, out, format=fmt, factor=factor, rank=4)
+    denoiser = families.get(family).denoiser
+    assert report.modules and {m.component for m in report.modules} == {denoiser}
+    assert max(m.error for m in report.modules) < 1e-5
+    assert report.error < 1e-5
+    want, got = component_weights(tuned, denoiser), _reloaded(base, out, denoiser)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=1e-5, atol=1e-6, msg=k)
+    with open(report_path(out), encoding="utf-8") as fh:
+        full = json.load(fh)
+    assert len(full["per_module"]) == len(report.modules) and full["error"] == pytest.approx(report.error)
+    if fmt != "peft":
+        with safe_open(out, framework="pt") as fh:
+            meta = json.loads(fh.metadata()[EXTRACT_METADATA_KEY])
+        assert meta["modules"] == len(report.modules) and meta["parameters"] == report.parameters
+
+
+def test_a_dense_change_gets_the_optimum_error_and_the_budget_finds_the_exact_split(tmp_path: str) -> None:
+    """One Linear changed by noise: the reported error is the optimum of its split (the oracle's SVD); a LoKr fused
+    with W1 4x4 is found by a budget among LyCORIS' usual splits, without being told the factor."""
+    target = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    noise: dict[str, torch.Tensor] = {}
+
+    def change(pipe: DiffusionPipeline) -> None:
+        w = pipe.unet.get_submodule(target).weight
+        noise["delta"] = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+        w.add_(noise["delta"])
+
+    base, tuned = base_and_tuned(os.path.join(tmp_path, "dense"), "sd1", change=change)
+    report = extract_lokr(base, tuned, os.path.join(tmp_path, "dense.safetensors"), components=["unet"])
+    (m,) = report.modules
+    assert m.path == target and m.rank == 0
+    assert m.error == pytest.approx(optimum_error(noise["delta"], m.split[0], m.split[2]), rel=1e-2)
+    assert m.split[:3:2] == tuple(lokr_diffusers.functional.factorization(d)[0] for d in noise["delta"].shape)
+
+    base, tuned = base_and_tuned(os.path.join(tmp_path, "known"), "sd1", KNOWN)
+    report = extract_lokr(base, tuned, os.path.join(tmp_path, "known.safetensors"), budget_per_module=100_000)
+    assert all((m.split[0], m.split[2]) == (4, 4) for m in report.modules)
+    assert report.error < 1e-5
+
+
+def test_min_rel_norm_components_and_target_modules_choose_what_is_extracted(tmp_path: str) -> None:
+    base, tuned = base_and_tuned(str(tmp_path), "sd1", KNOWN)
+    every = extract_lokr(base, tuned, os.path.join(tmp_path, "a.safetensors"), factor=4)
+    attn = extract_lokr(base, tuned, os.path.join(tmp_path, "b.safetensors"), factor=4, target_modules=["to_q"])
+    assert attn.modules and all(m.path.endswith("to_q") for m in attn.modules)
+    assert len(attn.modules) < len(every.modules)
+    cut = sorted(m.relative_change for m in every.modules)[len(every.modules) // 2]
+    some = extract_lokr(base, tuned, os.path.join(tmp_path, "c.safetensors"), factor=4, min_rel_norm=cut)
+    assert all(m.relative_change > cut for m in some.modules)
+    assert some.skipped_unchanged == every.skipped_unchanged + len(every.modules) - len(some.modules)
+    with pytest.raises(ValueError, match="components"):
+        extract_lokr(base, tuned, os.path.join(tmp_path, "d.safetensors"), components=["vae2"])
+
+
+def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path: str) -> None:
+    base, tuned = base_and_tuned(os.path.join(tmp_path, "sd"), "sd1", KNOWN)
+    out = os.path.join(tmp_path, "out.safetensors")
+    other, _ = base_and_tuned(os.path.join(tmp_path, "flux"), "flux")
+    with pytest.raises(ValueError, match="differ in their components"):
+        extract_lokr(base, other, out)
+
+    def poison(pipe: DiffusionPipeline) -> None:
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+
+    _, bad = base_and_tuned(os.path.join(tmp_path, "nan"), "sd1", change=poison)
+    with pytest.raises(ValueError, match=r"unet\.conv_in.*NaN"):
+        extract_lokr(base, bad, out)
+    with pytest.raises(ValueError, match="nothing to extract"):
+        extract_lokr(base, base, out)
+    with pytest.raises(ValueError, match="single-file checkpoint"):
+        single = os.path.join(tmp_path, "model.safetensors")
+        open(single, "wb").close()
+        extract_lokr(single, tuned, out)
+    assert not os.path.exists(out) and not os.path.exists(report_path(out))
+
+
+def test_the_command_extracts_prints_the_table_and_refuses_two_budgets(tmp_path: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from lokr_diffusers.cli import main
+
+    base, tuned = base_and_tuned(str(tmp_path), "sd1", KNOWN)
+    out = os.path.join(tmp_path, "x.safetensors")
+    assert main(["extract", "--base", base, "--tuned", tuned, "--out", out, "--factor", "4", "--rank", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "total relative error" in printed and f"wrote {out}" in printed
+    with open(report_path(out), encoding="utf-8") as fh:
+        assert json.load(fh)["error"] < 1e-5
+    assert main(["extract", "--base", base, "--tuned", tuned, "--out", out, "--budget", "5",
+                 "--budget_per_module", "5"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["extract", "--base", base, "--tuned", os.path.join(tmp_path, "nope"), "--out", out]) == 2
+    assert "no such folder" in capsys.readouterr().err
