@@ -34,6 +34,8 @@ _EXPORTS = {
     "lokr_layers": "model",
     "add_lokr": "pipeline",
     "dit_target_modules": "targeting",
+    "extract_lokr": "tools",
+    "lokr_to_lora": "tools",
 }
 
 __all__ = [
@@ -50,9 +52,11 @@ __all__ = [
     "convert_lokr_file",
     "detach",
     "dit_target_modules",
+    "extract_lokr",
     "factorization",
     "lokr_layers",
     "lokr_state_dict",
+    "lokr_to_lora",
     "plan_lokr",
     "read_lokr_file",
     "save_lokr_weights",
@@ -69,6 +73,7 @@ if TYPE_CHECKING:
     from .model import LoKrModel, lokr_layers
     from .pipeline import add_lokr
     from .targeting import dit_target_modules
+    from .tools import extract_lokr, lokr_to_lora
 
 
 def __getattr__(name: str) -> Any:

@@ -138,7 +138,7 @@ def _extract_parser(sub: Any) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from .extract.run import extract_lokr, report_path
+    from .tools.extract import extract_lokr, report_path
 
     report = extract_lokr(args.base, args.tuned, args.out, format=args.format, components=args.components,
                           target_modules=args.target_modules, factor=args.factor, rank=args.rank,
@@ -309,7 +309,7 @@ def _run(args: argparse.Namespace) -> None:
         else:
             _print_text(info)
     elif args.command == "convert" and args.to in ("lora", "lora_peft"):
-        from .extract.lora import lokr_to_lora
+        from .tools.lora import lokr_to_lora
 
         report = lokr_to_lora(args.input, args.output, to=args.to, rank=args.rank, energy=args.energy, model=args.model,
                               base=CONVERT_BASES.get(args.base) if args.base else None, dtype=args.dtype)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, families
-from lokr_diffusers.extract.run import EXTRACT_METADATA_KEY, extract_lokr, report_path
+from lokr_diffusers.tools.extract import EXTRACT_METADATA_KEY, extract_lokr, report_path
 
 KNOWN = LoKrConfig(r=4, alpha=2, init_weights=False, decompose_factor=4)
 

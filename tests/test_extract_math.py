@@ -1,4 +1,4 @@
-"""The nearest LoKr to a weight change, one module (lokr_diffusers/extract/nearest.py), against an independent
+"""The nearest LoKr to a weight change, one module (lokr_diffusers/tools/nearest.py), against an independent
 reference (tests/helpers/kron_oracle.py: the rearranged matrix built block by block, its singular values)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers.kron_oracle import kron_weight, optimum_error, rearranged
 
-from lokr_diffusers.extract import candidate_splits, choose, nearest_lokr
-from lokr_diffusers.extract.nearest import FULL_SVD_MAX
 from lokr_diffusers.functional import delta_weight
+from lokr_diffusers.tools import candidate_splits, choose, nearest_lokr
+from lokr_diffusers.tools.nearest import FULL_SVD_MAX
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, families
-from lokr_diffusers.extract.lora import lokr_to_lora
 from lokr_diffusers.model import lokr_layers
 from lokr_diffusers.pipeline import add_lokr
+from lokr_diffusers.tools.lora import lokr_to_lora
 
 
 def _lokr_file(root: str, family: str, encoders: bool = True, dora: bool = False) -> tuple[str, str, list[str]]:
@@ -98,8 +98,8 @@ def test_the_outputs_of_the_converted_pipeline_are_the_lokr_ones(tmp_path: str) 
     x, e = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, ref.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(ids)[0], ref.text_encoder(ids)[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(pipe.unet(x, torch.tensor([10]), e).sample, ref.unet(x, torch.tensor([10]), e).sample,
-                                   rtol=1e-5, atol=1e-5)
+        t = torch.tensor([10])
+        torch.testing.assert_close(pipe.unet(x, t, e).sample, ref.unet(x, t, e).sample, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("how", [{"rank": 3}, {"energy": 0.8}], ids=["rank", "energy"])
