@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import typing
 from collections import Counter
@@ -102,11 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resolution", type=_positive_int, default=None,
                    help="image size (default 48 for the tiny model, the model's own with --model)")
     d.add_argument("--seed", type=int, default=0)
-    m = sub.add_parser("merge", help="bake a LoKr into a diffusers model folder")
+    m = sub.add_parser("merge", help="bake LoKr (or LoRA) files into a diffusers model folder")
     m.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
-    m.add_argument("--lokr", required=True, help="the LoKr file")
-    m.add_argument("--scale", type=_finite_float, default=1.0, help="strength (default 1.0)")
+    m.add_argument("--lokr", required=True, nargs="+", help="the adapter file(s): LoKr, or LoRA")
+    m.add_argument("--scale", type=_finite_float, nargs="+", default=None,
+                   help="strength per file (default 1.0 each; one number for one file)")
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
+    m.add_argument("--requantize", action="store_true", help="merge into a quantized model: dequantize, add, "
+                   "quantize again (with rounding error)")
     _extract_parser(sub)
     return p
 
@@ -277,28 +279,12 @@ def _print_text(info: dict[str, Any]) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    import torch  # noqa: F401  (diffusers wants it imported first on some setups)
-    from diffusers import DiffusionPipeline
+    from .tools.merge import merge_lokr
 
-    import lokr_diffusers  # noqa: F401  (attaches the pipeline methods)
-
-    from .convert import check_output_path
-    from .io import read_lokr_file
-
-    if not os.path.exists(args.model):
-        raise FileNotFoundError(f"--model: no such file or folder: {args.model}")
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise FileNotFoundError(f"--model: {args.model} is not a diffusers pipeline folder (no model_index.json)")
-    if os.path.abspath(args.out) == os.path.abspath(args.model):
-        raise ValueError("--out must differ from --model (the model's files are read while the merge is written)")
-    check_output_path(args.out, folder=True)
-    file = read_lokr_file(args.lokr)  # a bad --lokr fails here, before the model is loaded; read once
-    pipe: Any = DiffusionPipeline.from_pretrained(args.model)
-    name = pipe.load_lokr_weights(file, adapter_name="merge")
-    pipe.fuse_lokr(lokr_scale=args.scale)
-    pipe.unload_lokr_weights()  # keeps the fused weights
-    pipe.save_pretrained(args.out)
-    print(f"merged {args.lokr} (as {name!r}, scale {args.scale}) into {args.out}")
+    scales = args.scale if args.scale is not None else [1.0] * len(args.lokr)
+    merge_lokr(args.model, args.lokr, args.out, scales=scales, requantize=args.requantize)
+    done = ", ".join(f"{f} at {s:g}" for f, s in zip(args.lokr, scales, strict=False))
+    print(f"merged {done} into {args.out}")
 
 
 def _run(args: argparse.Namespace) -> None:

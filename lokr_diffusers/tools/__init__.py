@@ -4,6 +4,7 @@
 - `weights.py`: a diffusers folder's weights read one tensor at a time, its models built on the meta device;
 - `extract.py`: `extract_lokr`, a LoKr from the change between two model folders;
 - `lora.py`: `lokr_to_lora`, a LoKr file as a LoRA by truncated SVD;
+- `merge.py`: `merge_lokr`, adapters baked into a model folder;
 - `report.py`: the per-module and total error report they write.
 """
 

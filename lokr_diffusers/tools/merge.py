@@ -1,0 +1,94 @@
+"""`merge_lokr`: adapters baked into a model for good, written as a diffusers folder (docs/tools.md §Merge adapters into
+a model).
+
+The pipeline is loaded from its folder, each file loaded as an adapter at its strength (LoKr files by this package,
+LoRA files by diffusers, both through `load_lora_weights`), the LoKr ones fused without keeping the original weights
+(`commits.fuse(keep_original=False)`: no second copy of each adapted weight) and the LoRA ones by diffusers'
+`fuse_lora`, the adapter layers removed, and the pipeline saved with `save_pretrained` (diffusers' own format, which
+`from_pretrained` loads). A quantized component is refused before anything is loaded unless `requantize`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .. import commits
+from ..components import pipeline_components
+from ..io import read_lokr_file
+from ..model import lokr_layers
+
+logger = logging.getLogger(__name__)
+
+
+def quantized_components(folder: str) -> dict[str, str]:
+    """{component: its quantizer} for the components whose config names a quantization (read before loading)."""
+    out: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        config = os.path.join(folder, name, "config.json")
+        if not os.path.isfile(config):
+            continue
+        with open(config, encoding="utf-8") as fh:
+            quant = json.load(fh).get("quantization_config")
+        if quant:
+            out[name] = str(quant.get("quant_method", "quantized")) if isinstance(quant, dict) else "quantized"
+    return out
+
+
+def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
+               scales: Sequence[float] | None = None, requantize: bool = False, **load_kwargs: Any) -> list[str]:
+    """Bake `files` (LoKr or LoRA, any layout this package or diffusers reads) at `scales` (default 1.0 each) into
+    the pipeline folder `model` and write it to the folder `out`. Returns the adapter names used.
+
+    `requantize`: a quantized component (its config names a quantization) is fused by dequantize, add, requantize;
+    without it such a model is refused. `load_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
+    """
+    import torch  # noqa: F401  (diffusers wants it imported first on some setups)
+    from diffusers import DiffusionPipeline
+
+    from ..convert import check_output_path
+
+    model, out = os.fspath(model), os.fspath(out)
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model: no such file or folder: {model}")
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise FileNotFoundError(f"model: {model} is not a diffusers pipeline folder (no model_index.json)")
+    if os.path.abspath(out) == os.path.abspath(model):
+        raise ValueError("out must differ from model (the model's files are read while the merge is written)")
+    if not files:
+        raise ValueError("give at least one adapter file to merge")
+    scales = [1.0] * len(files) if scales is None else list(scales)
+    if len(scales) != len(files):
+        raise ValueError(f"{len(files)} files and {len(scales)} scales: give one scale per file")
+    check_output_path(out, folder=True)
+    quantized = quantized_components(model)
+    if quantized and not requantize:
+        raise ValueError(f"{model}: {', '.join(f'{c} ({q})' for c, q in quantized.items())} quantized: merging "
+                         "dequantizes, adds and quantizes again, with rounding error; pass requantize=True "
+                         "(--requantize) to do it, or merge into the unquantized model")
+    for f in files:  # a missing or bad file fails here, before the model is loaded
+        read_lokr_file(f)
+    pipe: Any = DiffusionPipeline.from_pretrained(model, **load_kwargs)
+    names = [f"merge_{i}" for i in range(len(files))]
+    lokr, lora = [], []
+    for name, file, scale in zip(names, files, scales, strict=True):
+        pipe.load_lora_weights(os.fspath(file), adapter_name=name)
+        (lokr if _holds_lokr(pipe, name) else lora).append((name, scale))
+    if lokr:
+        pipe.set_lokr_adapters([n for n, _ in lokr], [s for _, s in lokr])
+        layers = [(f"{c}.{p}", layer) for c, m in pipeline_components(pipe).items() for p, layer in lokr_layers(m)]
+        commits.fuse(layers, [n for n, _ in lokr], 1.0, keep_original=False, requantize=requantize,
+                     desc="merging LoKr")
+    if lora:
+        pipe.set_adapters([n for n, _ in lora], [s for _, s in lora])
+        pipe.fuse_lora(adapter_names=[n for n, _ in lora])
+    pipe.unload_lora_weights()  # LoRA and LoKr layers out; the fused weights stay
+    pipe.save_pretrained(out)
+    return names
+
+
+def _holds_lokr(pipe: Any, name: str) -> bool:
+    return any(name in layer.plans for m in pipeline_components(pipe).values() for _, layer in lokr_layers(m))
