@@ -53,11 +53,12 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
 
     model, out = os.fspath(model), os.fspath(out)
     if not os.path.exists(model):
-        raise FileNotFoundError(f"model: no such file or folder: {model}")
+        raise FileNotFoundError(f"model (--model): no such file or folder: {model}")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(f"model: {model} is not a diffusers pipeline folder (no model_index.json)")
+        raise FileNotFoundError(f"model (--model): {model} is not a diffusers pipeline folder (no model_index.json)")
     if os.path.abspath(out) == os.path.abspath(model):
-        raise ValueError("out must differ from model (the model's files are read while the merge is written)")
+        raise ValueError("out (--out) must differ from model (--model): the model's files are read while the merge "
+                         "is written")
     if not files:
         raise ValueError("give at least one adapter file to merge")
     scales = [1.0] * len(files) if scales is None else list(scales)
@@ -73,7 +74,8 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
         read_lokr_file(f)
     pipe: Any = DiffusionPipeline.from_pretrained(model, **load_kwargs)
     names = [f"merge_{i}" for i in range(len(files))]
-    lokr, lora = [], []
+    lokr: list[tuple[str, float]] = []
+    lora: list[tuple[str, float]] = []
     for name, file, scale in zip(names, files, scales, strict=True):
         pipe.load_lora_weights(os.fspath(file), adapter_name=name)
         (lokr if _holds_lokr(pipe, name) else lora).append((name, scale))
