@@ -1,9 +1,10 @@
-"""`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert, merge and extract LoKr files.
+"""`lokr-diffusers` (also `python -m lokr_diffusers`): inspect, convert, merge, extract and combine LoKr files.
 
     lokr-diffusers inspect style.safetensors [--json]
     lokr-diffusers convert in.safetensors out.safetensors --to comfyui [--base sdxl|flux|...] [--dtype fp16]
     lokr-diffusers merge --model ./sd15 --lokr style.safetensors --scale 0.8 --out ./sd15-style
     lokr-diffusers extract --base ./sdxl --tuned ./sdxl-finetune --out style.safetensors [--rank 16]
+    lokr-diffusers combine a.safetensors b.safetensors --weights 0.8 0.5 --out ab.safetensors [--lossless]
     lokr-diffusers demo [--out outputs/demo] [--steps 100]
 """
 
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   lokr-diffusers convert flux_lokr.safetensors flux_diffusers.safetensors --to diffusers
   lokr-diffusers merge --model ./stable-diffusion-v1-5 --lokr style.safetensors --scale 0.8 --out ./merged
   lokr-diffusers extract --base ./sdxl-base --tuned ./sdxl-finetune --out style.safetensors --rank 16
+  lokr-diffusers combine style.safetensors detail.safetensors --weights 0.8 0.5 --out both.safetensors
 """
 # convert reads every family's files (each family's full-size variants: ModelFamily.variants); inspect checks a
 # file against an SD base only (a UNet family's one full-size model)
@@ -70,7 +72,7 @@ _finite_float.__name__ = "finite number"
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="LoKr adapters for diffusers: inspect, convert, "
-                "merge and extract LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
+                "merge, extract and combine LoKr files (kohya/LyCORIS, ComfyUI, PEFT, diffusers layouts).",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traceback", action="store_true", help="on an error, show the full traceback (for bug reports)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -110,7 +112,39 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--requantize", action="store_true", help="merge into a quantized model: dequantize, add, "
                    "quantize again (with rounding error)")
     _extract_parser(sub)
+    _combine_parser(sub)
     return p
+
+
+def _combine_parser(sub: Any) -> None:
+    c = sub.add_parser("combine", help="several LoKr files of one model as one file")
+    c.add_argument("files", nargs="+", help="the LoKr files (two or more)")
+    c.add_argument("--out", required=True, help="the file to write; a JSON report is written beside it")
+    c.add_argument("--weights", type=_finite_float, nargs="+", help="one strength per file (default 1.0 each)")
+    c.add_argument("--lossless", action="store_true", help="keep the files as separate adapters (our own layout, "
+                   "exact) instead of fitting their sum as one LoKr")
+    c.add_argument("--format", default=None, choices=["comfyui", "kohya", "a1111", "peft", "diffusers",
+                                                      "lokr_diffusers"],
+                   help="output layout (default comfyui; lokr_diffusers with --lossless)")
+    c.add_argument("--model", help="a diffusers folder of the model the files are for (default: the full-size model "
+                   "they fit)")
+    c.add_argument("--base", choices=sorted(CONVERT_BASES), help="the family, when the files' names do not say")
+    c.add_argument("--factor", type=int, default=None, help="W1's split factor for the fit (default -1)")
+    c.add_argument("--rank", type=int, default=0, help="W2's rank for the fit (default 0: full)")
+    c.add_argument("--budget_per_module", type=_positive_int, help="parameters one module may keep")
+    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="tensor dtype to write")
+
+
+def _combine(args: argparse.Namespace) -> None:
+    from .tools.combine import combine_lokr
+    from .tools.report import report_path
+
+    fmt = args.format or ("lokr_diffusers" if args.lossless else "comfyui")
+    report = combine_lokr(args.files, args.out, weights=args.weights, lossless=args.lossless, model=args.model,
+                          base=CONVERT_BASES.get(args.base) if args.base else None, format=fmt, factor=args.factor,
+                          rank=args.rank, budget_per_module=args.budget_per_module, dtype=args.dtype)
+    print(report.table())
+    print(f"wrote {args.out} ({fmt}) and {report_path(args.out)}")
 
 
 def _extract_parser(sub: Any) -> None:
@@ -317,6 +351,8 @@ def _run(args: argparse.Namespace) -> None:
             print(fh.read(), end="")
     elif args.command == "extract":
         _extract(args)
+    elif args.command == "combine":
+        _combine(args)
     else:
         _merge(args)
 

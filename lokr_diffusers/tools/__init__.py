@@ -5,6 +5,8 @@
 - `extract.py`: `extract_lokr`, a LoKr from the change between two model folders;
 - `lora.py`: `lokr_to_lora`, a LoKr file as a LoRA by truncated SVD;
 - `merge.py`: `merge_lokr`, adapters baked into a model folder;
+- `combine.py`: `combine_lokr`, several LoKr files as one;
+- `files.py`: adapter files read onto the model they are for;
 - `report.py`: the per-module and total error report they write.
 """
 

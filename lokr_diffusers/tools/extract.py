@@ -21,11 +21,11 @@ from torch import nn
 from .. import families
 from ..atomic import text_writer, write_files
 from ..config import LoKrConfig
-from ..export import ExportJob, ExportModule, layout_of, write
+from ..export import ExportJob, ExportModule, Layout, layout_of, write
 from ..logs import progress
 from ..targeting import is_target
-from .nearest import candidate_splits, choose
-from .report import ModuleReport, Report
+from .nearest import Fit, fit_change
+from .report import ModuleReport, Report, report_path
 from .weights import FolderWeights
 
 logger = logging.getLogger(__name__)
@@ -62,19 +62,7 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
     """
     from ..convert import check_output_path
 
-    layout = layout_of(format)
-    if layout is None:
-        raise ValueError(f"format={format!r}: unknown; use one of comfyui, kohya, a1111, peft, diffusers, "
-                         "lokr_diffusers")
-    if rank < 0 or (budget is not None and budget <= 0) or (budget_per_module is not None and budget_per_module <= 0):
-        raise ValueError("rank must be >= 0 and budgets positive")
-    if budget is not None and budget_per_module is not None:
-        raise ValueError("give budget or budget_per_module, not both")
-    if layout.name in PEFT_PLANNED:  # PEFT plans a module's split itself, from LyCORIS' default factor
-        if factor not in (None, -1):
-            raise ValueError(f"format={format!r} holds LyCORIS' default split only (PEFT plans it): pass factor=-1 "
-                             "(or leave it out), or write format='comfyui' / 'lokr_diffusers'")
-        factor = -1
+    layout, factor = check_fit_args(format, factor, rank, budget, budget_per_module)
     out = os.fspath(out)
     check_output_path(out, folder=layout.folder)
     a, b = FolderWeights(base, "base"), FolderWeights(tuned, "tuned")
@@ -111,29 +99,55 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
             report.skipped_unchanged += 1
             continue
         share = budget_per_module if budget is None else max(1, budget * module.weight.numel() // total)
-        # without a budget the split is the factor's (default LyCORIS' -1): the lowest error alone would always
-        # pick the smallest W1, whose W2 is nearly the whole weight
-        split_factor = factor if factor is not None or share is not None else -1
-        fit = choose(delta, candidate_splits(delta.shape, split_factor), share, rank, decompose_both, tucker)
-        p = fit.plan
-        r = p.rank or 1
-        modules.append(ExportModule(component, path, fit.factors, 1.0, p, tuple(delta.shape), None, r, float(r)))
-        report.modules.append(ModuleReport(component, path, (p.out_l, p.out_k, p.in_m, p.in_n), p.rank2, p.tucker,
-                                           fit.error, fit.numel, norm, rel))
+        fit = fit_change(delta, factor, rank, decompose_both, tucker, share)
+        modules.append(export_module(component, path, fit))
+        report.modules.append(module_report(component, path, fit, norm, rel))
     if not modules:
         raise ValueError(f"no module changed between {base} and {tuned} (above min_rel_norm={min_rel_norm}): "
                          "nothing to extract")
-    metadata = {EXTRACT_METADATA_KEY: json.dumps(report.summary())}
-    write(layout, ExportJob({"default": modules}, models, family.name, out, dtype, metadata=metadata))
-    write_files({report_path(out): text_writer(report.to_json())})
-    logger.info("%s", report.table())
+    write_fitted(layout, modules, models, family.name, out, dtype, report, EXTRACT_METADATA_KEY)
     return report
 
 
-def report_path(out: str) -> str:
-    """The JSON report beside an extracted file (or folder): `<out without .safetensors>.json`."""
-    stem = out.rstrip("/\\")
-    return (stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem) + ".json"
+def check_fit_args(format: str, factor: int | None, rank: int, budget: int | None, budget_per_module: int | None
+                   ) -> tuple[Layout, int | None]:
+    """(the layout `format` names, the factor to use) for a tool that fits LoKr modules; raises on bad values."""
+    layout = layout_of(format)
+    if layout is None:
+        raise ValueError(f"format={format!r}: unknown; use one of comfyui, kohya, a1111, peft, diffusers, "
+                         "lokr_diffusers")
+    if rank < 0 or (budget is not None and budget <= 0) or (budget_per_module is not None and budget_per_module <= 0):
+        raise ValueError("rank must be >= 0 and budgets positive")
+    if budget is not None and budget_per_module is not None:
+        raise ValueError("give budget or budget_per_module, not both")
+    if layout.name in PEFT_PLANNED:  # PEFT plans a module's split itself, from LyCORIS' default factor
+        if factor not in (None, -1):
+            raise ValueError(f"format={format!r} holds LyCORIS' default split only (PEFT plans it): pass factor=-1 "
+                             "(or leave it out), or write format='comfyui' / 'lokr_diffusers'")
+        factor = -1
+    return layout, factor
+
+
+def export_module(component: str, path: str, fit: Fit) -> ExportModule:
+    """A fitted module as the writers take it: scale 1 (alpha = the rank a consumer reads)."""
+    r = fit.plan.rank or 1
+    return ExportModule(component, path, fit.factors, 1.0, fit.plan, fit.plan.weight_shape, None, r, float(r))
+
+
+def module_report(component: str, path: str, fit: Fit, norm: float, rel: float | None) -> ModuleReport:
+    p = fit.plan
+    return ModuleReport(component, path, (p.out_l, p.out_k, p.in_m, p.in_n), p.rank2, p.tucker, fit.error, fit.numel,
+                        norm, rel)
+
+
+def write_fitted(layout: Layout, modules: list[ExportModule], components: dict[str, nn.Module], family: str, out: str,
+                 dtype: torch.dtype | str | None, report: Report, key: str) -> None:
+    """Write the fitted modules in `layout`, the report's summary in the file's metadata under `key`, the whole
+    report as JSON beside it."""
+    write(layout, ExportJob({"default": modules}, components, family, out, dtype,
+                            metadata={key: json.dumps(report.summary())}))
+    write_files({report_path(out): text_writer(report.to_json())})
+    logger.info("%s", report.table())
 
 
 def _models(a: FolderWeights, b: FolderWeights, components: Sequence[str] | None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -28,19 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import families
-from .. import functional as LF
 from ..atomic import Writer, safetensors_writer, text_writer, write_files
 from ..export import cast, comfyui_module_name
 from ..export.diffusers import DIFFUSERS_METADATA_KEY
-from ..formats.names import build_index, weight_of
-from ..formats.reader import LoadEntry, check_holds_lokr, parse_loaded
-from ..formats.report import unmatched_message
-from ..io import read_lokr_file
-from ..loader import split_file
 from ..logs import progress
+from .files import entry_delta, place, refuse_dora, weight_shape
 from .nearest import FULL_SVD_MAX, seeded_svd_lowrank
-from .report import ModuleReport, Report
-from .weights import FolderWeights
+from .report import ModuleReport, Report, report_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +100,7 @@ def lokr_to_lora(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         The Report, per module (rank, error, parameters) and in total; DoRA modules are refused (their magnitude
         normalises W + ΔW, which needs the base weights a LoRA file does not carry).
     """
-    from ..convert import candidate_models, check_output_path, fit
+    from ..convert import check_output_path
 
     if to not in LORA_LAYOUTS:
         raise ValueError(f"to={to!r}: one of {LORA_LAYOUTS}")
@@ -117,39 +112,18 @@ def lokr_to_lora(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     dst = os.fspath(dst)
     check_output_path(dst, folder=to == "lora_peft")
-    file = read_lokr_file(src)
-    try:
-        check_holds_lokr(file.tensors)
-    except ValueError as err:
-        raise ValueError(file.named(str(err))) from None
-    parts = split_file(file)
-    if len(parts) > 1:
-        raise ValueError(f"{src} holds {len(parts)} adapters ({sorted(map(str, parts))}); a LoRA file holds one")
-    if model is not None:
-        folder = FolderWeights(model, "model")
-        comps = {c: folder.meta_model(c) for c in folder.components()}
-        parsed = parse_loaded(next(iter(parts.values())), build_index(comps))
-        if parsed.unmatched:
-            raise ValueError(f"{src} (against {model}): {unmatched_message(parsed.unmatched, file.tensors, comps)}")
-    else:
-        _, comps, by_adapter = fit(file, candidate_models(file, base))
-        (parsed,) = by_adapter.values()
-    family = families.of_components(comps)
-    if family is None:
-        raise ValueError(f"{src}: the model it is for is of no family this package knows")
+    placed = place([src], model, base)
+    comps, family, (parsed,) = placed.components, placed.family, placed.parsed
     entries = parsed.entries
-    dora = [e for e in entries if e.dora_scale is not None]
-    if dora:
-        raise ValueError(f"{src}: {len(dora)} modules have DoRA (e.g. {dora[0].ref.component}.{dora[0].ref.path}); "
-                         "a LoRA file cannot hold them without the base weights (DoRA's magnitude normalises "
-                         "W + ΔW): merge the LoKr into the model instead (lokr-diffusers merge)")
+    refuse_dora(src, entries, "a LoRA file cannot hold them without the base weights (DoRA's magnitude normalises "
+                "W + ΔW): merge the LoKr into the model instead (lokr-diffusers merge)")
     if parsed.lora:
         logger.warning("%s: %d plain LoRA keys beside the LoKr modules are not converted", src, len(parsed.lora))
     report = Report("lora", dst, family.name, options={"source": os.fspath(src), "rank": rank, "energy": energy})
     loras: list[LoraModule] = []
-    work = sum(weight_of(comps[e.ref.component].get_submodule(e.ref.path)).numel() for e in entries)
+    work = sum(math.prod(weight_shape(e, comps)) for e in entries)
     for e in progress(entries, desc="converting LoKr to LoRA", work=work * 16):
-        delta = _delta(e, comps)
+        delta = entry_delta(e, comps)
         if not torch.isfinite(delta).all():
             raise ValueError(f"{e.ref.component}.{e.ref.path}: ΔW has NaN or inf values; nothing written")
         up, down, error = lora_of(delta, rank, energy)
@@ -162,20 +136,8 @@ def lokr_to_lora(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to
     else:
         sd, metadata = (_kohya(loras, family.name, comps) if family.originals is None else _diffusers(loras))
         files = {dst: safetensors_writer(cast(sd, dtype), {**metadata, **summary})}
-    write_files({**files, _report_path(dst): text_writer(report.to_json())}, make_dirs=to == "lora_peft")
+    write_files({**files, report_path(dst): text_writer(report.to_json())}, make_dirs=to == "lora_peft")
     return report
-
-
-def _report_path(dst: str) -> str:
-    stem = dst.rstrip("/\\")
-    return (stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem) + ".json"
-
-
-def _delta(e: LoadEntry, comps: dict[str, nn.Module]) -> Tensor:
-    """The module's ΔW in fp32 at the file's scale (its rows of a fused original's)."""
-    shape = tuple(weight_of(comps[e.ref.component].get_submodule(e.ref.path)).shape)
-    factors = {k: v.float() for k, v in e.factors.items()}
-    return LF.delta_weight(factors, shape, e.scale, e.rows)
 
 
 def common_alpha(loras: list[LoraModule]) -> int:

@@ -200,3 +200,12 @@ def choose(delta: Tensor, candidates: Sequence[tuple[int, int]], budget: int | N
         raise ValueError(f"no LoKr split of a weight {tuple(delta.shape)} fits a budget of {budget} parameters "
                          f"(the smallest W1 alone needs {min(a * b for a, b in candidates)})")
     return min(fits, key=lambda f: (round(f.error, 9), f.numel))
+
+
+def fit_change(delta: Tensor, factor: int | None = None, rank: int = 0, decompose_both: bool = False,
+               tucker: bool = False, budget: int | None = None) -> Fit:
+    """The LoKr for one module's change as the tools choose it: without a budget, the split of `factor` (default
+    LyCORIS' -1; the lowest error alone would always pick the smallest W1, whose W2 is nearly the whole weight);
+    with one, the best of LyCORIS' usual splits (or `factor`'s) within it."""
+    split_factor = factor if factor is not None or budget is not None else -1
+    return choose(delta, candidate_splits(delta.shape, split_factor), budget, rank, decompose_both, tucker)

@@ -66,3 +66,9 @@ class Report:
             lines.append(f"{(m.component + '.' + m.path)[-60:]:60s} {split:>17s} {m.rank or 'full':>5} "
                          f"{m.parameters:>10,} {m.error:9.4g}")
         return "\n".join(lines)
+
+
+def report_path(out: str) -> str:
+    """The JSON report beside a written file (or folder): `<out without .safetensors>.json`."""
+    stem = out.rstrip("/\\")
+    return (stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem) + ".json"
