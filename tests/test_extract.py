@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from helpers.extract_runs import base_and_tuned, component_weights
 from helpers.kron_oracle import optimum_error
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lokr_diffusers
 from lokr_diffusers import LoKrConfig, families
@@ -108,9 +109,9 @@ def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path: str) -> None:
         extract_lokr(base, bad, out)
     with pytest.raises(ValueError, match="nothing to extract"):
         extract_lokr(base, base, out)
-    with pytest.raises(ValueError, match="single-file checkpoint"):
+    with pytest.raises(ValueError, match="not an SD-family checkpoint"):
         single = os.path.join(tmp_path, "model.safetensors")
-        open(single, "wb").close()
+        save_file({"x.weight": torch.zeros(2, 2)}, single)
         extract_lokr(single, tuned, out)
     assert not os.path.exists(out) and not os.path.exists(report_path(out))
 
@@ -131,3 +132,51 @@ def test_the_command_extracts_prints_the_table_and_refuses_two_budgets(tmp_path:
     assert "not allowed with argument" in capsys.readouterr().err
     assert main(["extract", "--base", base, "--tuned", os.path.join(tmp_path, "nope"), "--out", out]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_sd_single_file_checkpoints_are_read_as_their_folders(tmp_path: str) -> None:
+    """BASE and TUNED as single-file checkpoints in the original layout (checked here against diffusers' own
+    converters: from_single_file for the UNet, its CLIP converter for the text encoder): the extracted LoKr is the
+    one extracted from the folders; a folder against a single file works too."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from helpers.extract_runs import ldm_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    known = LoKrConfig(r=4, alpha=2, init_weights=False, decompose_factor=4)
+    base, tuned = base_and_tuned(str(tmp_path), "sd1", known)
+    files = [ldm_checkpoint(f, os.path.join(tmp_path, f"{n}.safetensors")) for f, n in ((base, "b"), (tuned, "t"))]
+    want = component_weights(tuned, "unet")
+    unet = UNet2DConditionModel.from_single_file(files[1], config=tuned, subfolder="unet", local_files_only=True)
+    te = create_diffusers_clip_model_from_ldm(CLIPTextModel, load_file(files[1]), subfolder="text_encoder",
+                                              config=tuned, local_files_only=True)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    for k, v in component_weights(tuned, "text_encoder").items():
+        assert torch.equal(te.state_dict()[k], v), k
+
+    folders = extract_lokr(base, tuned, os.path.join(tmp_path, "f.safetensors"), factor=4, rank=4)
+    single = extract_lokr(files[0], files[1], os.path.join(tmp_path, "s.safetensors"), factor=4, rank=4, config=base)
+    mixed = extract_lokr(base, files[1], os.path.join(tmp_path, "m.safetensors"), factor=4, rank=4)
+    assert [(m.component, m.path) for m in single.modules] == [(m.component, m.path) for m in folders.modules]
+    assert [(m.component, m.path) for m in mixed.modules] == [(m.component, m.path) for m in folders.modules]
+    assert single.error < 1e-5 and mixed.error < 1e-5
+    got = _reloaded(base, os.path.join(tmp_path, "s.safetensors"), "unet")
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_single_file_of_no_sd_model_is_refused(tmp_path: str) -> None:
+    from safetensors.torch import save_file
+
+    base, tuned = base_and_tuned(str(tmp_path), "sd1", KNOWN)
+    path = os.path.join(tmp_path, "flux.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, path)
+    with pytest.raises(ValueError, match="not an SD-family checkpoint"):
+        extract_lokr(path, tuned, os.path.join(tmp_path, "x.safetensors"))
+    with pytest.raises(ValueError, match="fits no full-size SD model"):
+        from helpers.extract_runs import ldm_checkpoint
+
+        one = ldm_checkpoint(base, os.path.join(tmp_path, "b.safetensors"))
+        extract_lokr(one, one, os.path.join(tmp_path, "y.safetensors"))  # no folder to take configs from

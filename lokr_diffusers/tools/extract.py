@@ -26,7 +26,9 @@ from ..logs import progress
 from ..targeting import is_target
 from .nearest import Fit, fit_change
 from .report import ModuleReport, Report, report_path
-from .weights import FolderWeights
+from .weights import FolderWeights, SingleFileWeights, open_weights
+
+Weights = FolderWeights | SingleFileWeights
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,14 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
                  target_modules: list[str] | str | None = None, factor: int | None = None, rank: int = 0,
                  decompose_both: bool = False, tucker: bool = False, budget_per_module: int | None = None,
                  budget: int | None = None, min_rel_norm: float = 0.0,
-                 dtype: torch.dtype | str | None = None) -> Report:
+                 dtype: torch.dtype | str | None = None, config: str | os.PathLike[str] | None = None) -> Report:
     """Extract a LoKr from a fine-tune: the nearest W1 ⊗ W2 to each module's change between `base` and `tuned`.
 
     Args:
-        base, tuned: diffusers pipeline folders of one model (same components and shapes).
+        base, tuned: diffusers pipeline folders of one model (same components and shapes), or SD-family single-file
+            checkpoints (.safetensors, the original layout: the UNet and the CLIP-L text encoder are read).
+        config: for a single-file checkpoint, a diffusers folder of the model with its configs (default: the other
+            side when it is a folder, else the full-size SD model the file's UNet fits).
         out: the file to write (a folder for format="peft"); a JSON report is written beside it (`<out>.json`).
         format: "comfyui" (aliases kohya / a1111), "peft", "diffusers" or "lokr_diffusers".
         components: which components to compare (default: the denoiser and the text encoders the folder has).
@@ -65,7 +70,9 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
     layout, factor = check_fit_args(format, factor, rank, budget, budget_per_module)
     out = os.fspath(out)
     check_output_path(out, folder=layout.folder)
-    a, b = FolderWeights(base, "base"), FolderWeights(tuned, "tuned")
+    if config is None:  # a single file beside a folder takes the folder's configs
+        config = next((p for p in (base, tuned) if os.path.isdir(os.fspath(p))), None)
+    a, b = open_weights(base, "base", config), open_weights(tuned, "tuned", config)
     models, family = _models(a, b, components)
     rule = LoKrConfig(target_modules=target_modules) if target_modules is not None else None
     targets = [(c, path, m) for c, model in models.items() for path, m in model.named_modules()
@@ -150,33 +157,33 @@ def write_fitted(layout: Layout, modules: list[ExportModule], components: dict[s
     logger.info("%s", report.table())
 
 
-def _models(a: FolderWeights, b: FolderWeights, components: Sequence[str] | None
+def _models(a: Weights, b: Weights, components: Sequence[str] | None
             ) -> tuple[dict[str, nn.Module], families.ModelFamily]:
-    """The components to compare, built on meta from base's configs, and their family; both folders must agree."""
+    """The components to compare, built on meta from base's configs, and their family. Two folders must have the
+    same components; with a single-file checkpoint, those both have (its UNet and text encoder). Each compared
+    component must have the same tensor shapes in both."""
     have_a, have_b = a.components(), b.components()
-    if have_a != have_b:
+    if isinstance(a, FolderWeights) and isinstance(b, FolderWeights) and have_a != have_b:
         raise ValueError(f"base and tuned differ in their components: {sorted(have_a.items())} against "
                          f"{sorted(have_b.items())}; extraction compares two checkpoints of one model")
-    built = {c: a.meta_model(c) for c in have_a}
+    built = {c: a.meta_model(c) for c in have_a if c in have_b}
     family = families.of_components(built)
     if family is None:
-        raise ValueError(f"{a.root}: a {a.pipeline_class}, which is of no model family this package knows")
+        raise ValueError(f"{a.root}: a {a.pipeline_class}, which is of no model family this package knows (or "
+                         f"{b.root} is of another model)")
     if components is None:
         names = [c for c in (family.denoiser, *family.text_encoders) if c in built]
     else:
         unknown = [c for c in components if c not in built]
         if unknown:
-            raise ValueError(f"components {unknown}: not in {a.root} (it has {sorted(built)})")
+            raise ValueError(f"components {unknown}: not in both base and tuned (both have {sorted(built)})")
         names = list(components)
     for c in names:
-        shapes_a, shapes_b = _config(a, c), _config(b, c)
-        if shapes_a != shapes_b:
-            raise ValueError(f"{c}: base and tuned have different configs; extraction compares two checkpoints of "
-                             "one model")
+        if _shapes(a.meta_model(c)) != _shapes(b.meta_model(c)):
+            raise ValueError(f"{c}: base and tuned have different configs (other tensor shapes); extraction compares "
+                             "two checkpoints of one model")
     return {c: built[c] for c in names}, family
 
 
-def _config(w: FolderWeights, component: str) -> dict[str, object]:
-    with open(os.path.join(w.root, component, "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    return {k: v for k, v in config.items() if not k.startswith("_") and k != "torch_dtype"}
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
