@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
     m.add_argument("--requantize", action="store_true", help="merge into a quantized model: dequantize, add, "
                    "quantize again (with rounding error)")
+    m.add_argument("--single_file", help="SD families: also write the merged UNet and CLIP-L text encoder as one "
+                   ".safetensors file in the original layout")
     _extract_parser(sub)
     _combine_parser(sub)
     return p
@@ -320,7 +322,8 @@ def _merge(args: argparse.Namespace) -> None:
     from .tools.merge import merge_lokr
 
     scales = args.scale if args.scale is not None else [1.0] * len(args.lokr)
-    merge_lokr(args.model, args.lokr, args.out, scales=scales, requantize=args.requantize)
+    merge_lokr(args.model, args.lokr, args.out, scales=scales, requantize=args.requantize,
+               single_file=args.single_file)
     done = ", ".join(f"{f} at {s:g}" for f, s in zip(args.lokr, scales, strict=False))
     print(f"merged {done} into {args.out}")
 

@@ -73,3 +73,33 @@ def test_the_command_merges_several_files_and_checks_its_arguments(tmp_path: str
     assert main(["merge", "--model", base, "--lokr", os.path.join(tmp_path, "none.safetensors"), "--out", again]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not os.path.exists(again)
+
+
+def test_a_single_file_output_loads_through_diffusers_from_single_file(tmp_path: str) -> None:
+    """SD1: the merged UNet through diffusers' UNet2DConditionModel.from_single_file, and the merged text encoder
+    through diffusers' CLIP converter, equal the merged folder's; another family is refused by name."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    base, files = lokr_files(str(tmp_path), "sd1")
+    out, single = os.path.join(tmp_path, "merged"), os.path.join(tmp_path, "merged.safetensors")
+    merge_lokr(base, files, out, scales=[0.7, 0.4], single_file=single)
+    folder = DiffusionPipeline.from_pretrained(out)
+    unet = UNet2DConditionModel.from_single_file(single, config=out, subfolder="unet", local_files_only=True)
+    te = create_diffusers_clip_model_from_ldm(CLIPTextModel, load_file(single), subfolder="text_encoder", config=out,
+                                              local_files_only=True)
+    for k, v in folder.unet.state_dict().items():
+        assert torch.equal(unet.state_dict()[k], v), k
+    changed = 0
+    bare = DiffusionPipeline.from_pretrained(base).text_encoder.state_dict()
+    for k, v in folder.text_encoder.state_dict().items():
+        assert torch.equal(te.state_dict()[k], v), k
+        changed += not torch.equal(v, bare[k])
+    assert changed  # the second file adapts the text encoder: its merge is in the single file
+
+    fbase, ffiles = lokr_files(os.path.join(tmp_path, "flux"), "flux", n=1)
+    with pytest.raises(ValueError, match="SD families"):
+        merge_lokr(fbase, ffiles, os.path.join(tmp_path, "fm"), single_file=os.path.join(tmp_path, "f.safetensors"))
+    assert not os.path.exists(os.path.join(tmp_path, "fm"))

@@ -16,7 +16,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from .. import commits
+from ..atomic import write_safetensors
 from ..components import pipeline_components
 from ..io import read_lokr_file
 from ..model import lokr_layers
@@ -39,12 +42,15 @@ def quantized_components(folder: str) -> dict[str, str]:
 
 
 def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
-               scales: Sequence[float] | None = None, requantize: bool = False, **load_kwargs: Any) -> list[str]:
+               scales: Sequence[float] | None = None, requantize: bool = False,
+               single_file: str | os.PathLike[str] | None = None, **load_kwargs: Any) -> list[str]:
     """Bake `files` (LoKr or LoRA, any layout this package or diffusers reads) at `scales` (default 1.0 each) into
     the pipeline folder `model` and write it to the folder `out`. Returns the adapter names used.
 
     `requantize`: a quantized component (its config names a quantization) is fused by dequantize, add, requantize;
-    without it such a model is refused. `load_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
+    without it such a model is refused. `single_file`: also write the merged UNet and CLIP-L text encoder as one
+    .safetensors file in the original layout (SD1.x / SD2.x / SDXL: `write_ldm_checkpoint`). `load_kwargs` go to
+    `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
     """
     import torch  # noqa: F401  (diffusers wants it imported first on some setups)
     from diffusers import DiffusionPipeline
@@ -65,6 +71,11 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
     if len(scales) != len(files):
         raise ValueError(f"{len(files)} files and {len(scales)} scales: give one scale per file")
     check_output_path(out, folder=True)
+    if single_file is not None:
+        single_file = os.fspath(single_file)
+        check_output_path(single_file)
+        if not single_file.endswith(".safetensors"):
+            raise ValueError(f"single_file (--single_file) {single_file}: give a .safetensors path")
     quantized = quantized_components(model)
     if quantized and not requantize:
         raise ValueError(f"{model}: {', '.join(f'{c} ({q})' for c, q in quantized.items())} quantized: merging "
@@ -79,6 +90,9 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
     for name, file, scale in zip(names, files, scales, strict=True):
         pipe.load_lora_weights(os.fspath(file), adapter_name=name)
         (lokr if _holds_lokr(pipe, name) else lora).append((name, scale))
+    if single_file is not None and _adapts(pipe, "text_encoder_2"):
+        raise ValueError("single_file (--single_file): the adapters change text_encoder_2 (SDXL's OpenCLIP encoder), "
+                         "which the single file does not hold; use the diffusers folder")
     if lokr:
         pipe.set_lokr_adapters([n for n, _ in lokr], [s for _, s in lokr])
         layers = [(f"{c}.{p}", layer) for c, m in pipeline_components(pipe).items() for p, layer in lokr_layers(m)]
@@ -88,8 +102,51 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
         pipe.set_adapters([n for n, _ in lora], [s for _, s in lora])
         pipe.fuse_lora(adapter_names=[n for n, _ in lora])
     pipe.unload_lora_weights()  # LoRA and LoKr layers out; the fused weights stay
+    if single_file is not None:  # checked before the folder is written: a refusal leaves nothing behind
+        sd = ldm_checkpoint(pipe)
     pipe.save_pretrained(out)
+    if single_file is not None:
+        write_safetensors(sd, single_file, {"format": "pt"})
     return names
+
+
+def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
+    """An SD pipeline's UNet (`model.diffusion_model.<ldm name>`, formats/ldm.py's map) and CLIP-L text encoder
+    (`cond_stage_model.transformer.text_model.` for SD1.x, `conditioner.embedders.0.transformer.text_model.` for
+    SDXL) in the original single-file layout; raises for another family. The VAE and SDXL's second (OpenCLIP) text
+    encoder are not written (the merge refuses to drop a change to the latter)."""
+    from .. import families
+    from ..formats.ldm import ldm_module_map
+
+    family = families.of_components(pipeline_components(pipe))
+    if family is None or family.denoiser != "unet":
+        raise ValueError(f"single_file (--single_file): the original single-file layout is written for the SD "
+                         f"families (SD1.x, SD2.x, SDXL); this is {family.title if family else 'another model'}: "
+                         "use the diffusers folder")
+    unet = pipe.unet
+    names = ldm_module_map(unet)
+    out: dict[str, Tensor] = {}
+    for key, value in unet.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module not in names:
+            raise ValueError(f"single_file (--single_file): unet.{key} has no name in the original layout")
+        out[f"model.diffusion_model.{names[module]}.{leaf}"] = value.detach().contiguous()
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and type(encoder).__name__ == "CLIPTextModel":
+        prefix = "conditioner.embedders.0.transformer." if family.name == "sdxl" else "cond_stage_model.transformer."
+        for key, value in encoder.state_dict().items():
+            name = key if key.startswith("text_model.") else "text_model." + key
+            out[prefix + name] = value.detach().contiguous()
+    return out
+
+
+def _adapts(pipe: Any, component: str) -> bool:
+    """Does any loaded LoKr or LoRA adapter change this component?"""
+    model = getattr(pipe, component, None)
+    if model is None:
+        return False
+    lora = getattr(pipe, "get_list_adapters", None)
+    return any(True for _ in lokr_layers(model)) or bool(lora and lora().get(component))
 
 
 def _holds_lokr(pipe: Any, name: str) -> bool:
