@@ -151,12 +151,12 @@ def _combine(args: argparse.Namespace) -> None:
 
 def _extract_parser(sub: Any) -> None:
     e = sub.add_parser("extract", help="extract a LoKr from a fine-tune (the change between two model folders)")
-    e.add_argument("--base", required=True, help="the base model: a diffusers pipeline folder, or an SD-family "
-                   "single-file checkpoint (.safetensors)")
+    e.add_argument("--base", required=True, help="the base model: a diffusers pipeline folder, or a single-file "
+                   "checkpoint (.safetensors) in the original layout")
     e.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder or single file of the "
                    "same model")
     e.add_argument("--config", help="for single-file checkpoints: a diffusers folder of the model with its configs "
-                   "(default: the other side's folder, or the full-size SD model the file fits)")
+                   "(default: the other side's folder, or the full-size model the file fits)")
     e.add_argument("--out", required=True, help="the LoKr file to write (a folder for --format peft); a JSON "
                    "report is written beside it")
     e.add_argument("--format", default="comfyui", choices=["comfyui", "kohya", "a1111", "peft", "diffusers",

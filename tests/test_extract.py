@@ -109,7 +109,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path: str) -> None:
         extract_lokr(base, bad, out)
     with pytest.raises(ValueError, match="nothing to extract"):
         extract_lokr(base, base, out)
-    with pytest.raises(ValueError, match="not an SD-family checkpoint"):
+    with pytest.raises(ValueError, match="do not fit the model of"):
         single = os.path.join(tmp_path, "model.safetensors")
         save_file({"x.weight": torch.zeros(2, 2)}, single)
         extract_lokr(single, tuned, out)
@@ -167,16 +167,42 @@ def test_sd_single_file_checkpoints_are_read_as_their_folders(tmp_path: str) -> 
         torch.testing.assert_close(got[k], w, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_a_single_file_of_no_sd_model_is_refused(tmp_path: str) -> None:
+def test_a_single_file_that_fits_no_model_is_refused(tmp_path: str) -> None:
     from safetensors.torch import save_file
 
     base, tuned = base_and_tuned(str(tmp_path), "sd1", KNOWN)
     path = os.path.join(tmp_path, "flux.safetensors")
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, path)
-    with pytest.raises(ValueError, match="not an SD-family checkpoint"):
+    with pytest.raises(ValueError, match="do not fit the model of"):
         extract_lokr(path, tuned, os.path.join(tmp_path, "x.safetensors"))
-    with pytest.raises(ValueError, match="fits no full-size SD model"):
+    with pytest.raises(ValueError, match="fit no full-size model of a family with original names"):
+        extract_lokr(path, path, os.path.join(tmp_path, "z.safetensors"))
+    save_file({"x.weight": torch.zeros(6, 2)}, path)
+    with pytest.raises(ValueError, match="of no SD UNet nor of a family with original names"):
+        extract_lokr(path, path, os.path.join(tmp_path, "z.safetensors"))
+    with pytest.raises(ValueError, match="no full-size SD model"):
         from helpers.extract_runs import ldm_checkpoint
 
         one = ldm_checkpoint(base, os.path.join(tmp_path, "b.safetensors"))
         extract_lokr(one, one, os.path.join(tmp_path, "y.safetensors"))  # no folder to take configs from
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_dit_single_files_in_original_names_are_read_as_their_folders(tmp_path: str, family: str) -> None:
+    """A transformer's weights under their original names (fused `qkv` rows and all): the LoKr extracted from two
+    such files is the one extracted from the folders, and loads onto BASE as TUNED."""
+    from helpers.extract_runs import original_linears
+
+    known = LoKrConfig(r=4, alpha=2, init_weights=False, decompose_factor=4)
+    base, tuned = base_and_tuned(str(tmp_path), family, known)
+    files = [original_linears(f, os.path.join(tmp_path, f"{n}.safetensors"), "model.diffusion_model.")
+             for f, n in ((base, "b"), (tuned, "t"))]
+    folders = extract_lokr(base, tuned, os.path.join(tmp_path, "f.safetensors"), factor=4, rank=4)
+    out = os.path.join(tmp_path, "s.safetensors")
+    single = extract_lokr(files[0], files[1], out, factor=4, rank=4, config=base)
+    assert sorted((m.component, m.path) for m in single.modules) == \
+        sorted((m.component, m.path) for m in folders.modules)
+    assert single.error < 1e-5
+    want, got = component_weights(tuned, "transformer"), _reloaded(base, out, "transformer")
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=1e-5, atol=1e-6, msg=k)

@@ -45,10 +45,10 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
     """Extract a LoKr from a fine-tune: the nearest W1 ⊗ W2 to each module's change between `base` and `tuned`.
 
     Args:
-        base, tuned: diffusers pipeline folders of one model (same components and shapes), or SD-family single-file
-            checkpoints (.safetensors, the original layout: the UNet and the CLIP-L text encoder are read).
+        base, tuned: diffusers pipeline folders of one model (same components and shapes), or single-file checkpoints
+            in the original layout (tools/weights.py: an SD UNet and CLIP-L, a DiT transformer's Linears).
         config: for a single-file checkpoint, a diffusers folder of the model with its configs (default: the other
-            side when it is a folder, else the full-size SD model the file's UNet fits).
+            side when it is a folder, else the full-size model the file fits).
         out: the file to write (a folder for format="peft"); a JSON report is written beside it (`<out>.json`).
         format: "comfyui" (aliases kohya / a1111), "peft", "diffusers" or "lokr_diffusers".
         components: which components to compare (default: the denoiser and the text encoders the folder has).

@@ -104,15 +104,21 @@ class FolderWeights:
 LDM_UNET_PREFIX = "model.diffusion_model."
 # where the CLIP-L text encoder sits in an SD1.x / SDXL checkpoint (SDXL's second, OpenCLIP, encoder is not read)
 LDM_CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+Slices = tuple[tuple[str, int, int, int], ...]  # (checkpoint key, its rows [start, stop), into our rows from)
 
 
 class SingleFileWeights:
-    """An SD-family single-file checkpoint (.safetensors, the original "ldm" layout: the UNet under
-    `model.diffusion_model.` or bare, the CLIP-L text encoder under `cond_stage_model.transformer.` (SD1.x) or
-    `conditioner.embedders.0.transformer.` (SDXL)), read one tensor at a time under diffusers' names
-    (formats/ldm.py's map, the one the loaders use). The components' configs come from `config`, a diffusers folder
-    of the model (as diffusers' `from_single_file(config=...)` takes one), or else from the full-size SD model whose
-    UNet the file's names and shapes fit."""
+    """A single-file checkpoint (.safetensors) in its family's original layout, read one tensor at a time under
+    diffusers' names, by the name maps the loaders use:
+
+    - SD1.x / SD2.x / SDXL (formats/ldm.py): the UNet under `model.diffusion_model.` (or bare), the CLIP-L text
+      encoder under `cond_stage_model.transformer.` (SD1.x) or `conditioner.embedders.0.transformer.` (SDXL);
+    - the DiT families with an original-name table (formats/dit.py): the transformer's Linear and conv weights
+      under their original names (bare, `model.diffusion_model.` or `diffusion_model.`), a fused original (`qkv`)
+      read as the rows each diffusers Linear holds.
+
+    The components' configs come from `config`, a diffusers folder of the model (as diffusers'
+    `from_single_file(config=...)` takes one), or else from the full-size model the file's names and shapes fit."""
 
     def __init__(self, path: str | os.PathLike[str], what: str = "model",
                  config: str | os.PathLike[str] | None = None) -> None:
@@ -126,74 +132,117 @@ class SingleFileWeights:
             raise ValueError(f"{what} {self.root}: a single-file checkpoint is read as .safetensors only (no pickle)")
         with safe_open(self.root, framework="pt") as fh:
             self._shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        self._prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX) for k in self._shapes) else ""
-        if not any(k.startswith(self._prefix + "input_blocks.") for k in self._shapes):
-            raise ValueError(f"{what} {self.root}: not an SD-family checkpoint in the original layout (no "
-                             f"{LDM_UNET_PREFIX}input_blocks.*); single files of other families are not read yet: "
-                             "give a diffusers folder")
+        prefixes = (LDM_UNET_PREFIX, "diffusion_model.", "")
+        self._prefix = next(p for p in prefixes if p == "" or any(k.startswith(p) for k in self._shapes))
+        self._sd = any(k.startswith(self._prefix + "input_blocks.") for k in self._shapes)
         self._models = self._configs(config)
         self._names = {c: self._name_map(c, m) for c, m in self._models.items()}
         self.pipeline_class = "single-file checkpoint"
 
     def _configs(self, config: str | os.PathLike[str] | None) -> dict[str, nn.Module]:
+        keep = ("unet", "text_encoder") if self._sd else ("transformer",)
         if config is not None:
             folder = FolderWeights(config, f"{self.what}'s config")
-            found = {c: folder.meta_model(c) for c in folder.components() if c in ("unet", "text_encoder")}
-            if "unet" not in found:
-                raise ValueError(f"{self.what}: the config folder {config} has no unet")
+            found = {c: folder.meta_model(c) for c in folder.components() if c in keep}
+            if keep[0] not in found or not self._fits(found[keep[0]]):
+                raise ValueError(f"{self.what} {self.root}: its names and shapes do not fit the model of {config} "
+                                 f"(read as {'an SD UNet' if self._sd else 'a transformer in original names'})")
             return found
+        from .. import families
         from ..architectures import SD_VARIANTS, meta_components
 
-        for variant in SD_VARIANTS:
+        if self._sd:
+            variants = list(SD_VARIANTS)
+        else:  # the families the file's names point to (their signs), those with original names
+            named, _ = families.of_file(k.removeprefix(self._prefix).rpartition(".")[0] for k in self._shapes)
+            variants = [v for f in named if families.get(f).originals is not None for v in families.get(f).variants]
+            if len(named) == len(families.FAMILIES) or not variants:
+                raise ValueError(f"{self.what} {self.root}: its names are of no SD UNet nor of a family with "
+                                 "original names; give a diffusers folder")
+        for variant in variants:
             comps = meta_components(variant)
-            if self._fits(comps["unet"]):
-                return {c: m for c, m in comps.items() if c in ("unet", "text_encoder")}
-        raise ValueError(f"{self.what} {self.root}: its UNet fits no full-size SD model ({', '.join(SD_VARIANTS)}); "
-                         "pass the model's diffusers folder as its config")
+            denoiser = comps.get(keep[0])
+            if denoiser is not None and self._fits(denoiser):
+                return {c: m for c, m in comps.items() if c in keep}
+        kind = "SD model" if self._sd else "model of a family with original names"
+        raise ValueError(f"{self.what} {self.root}: its names and shapes fit no full-size {kind}; pass the model's "
+                         "diffusers folder as its config (--config)")
 
-    def _fits(self, unet: nn.Module) -> bool:
-        from ..formats.ldm import ldm_module_map
-
-        names = ldm_module_map(unet)
-        for key, p in unet.state_dict().items():
-            module, _, leaf = key.rpartition(".")
-            if self._shapes.get(f"{self._prefix}{names.get(module)}.{leaf}") != tuple(p.shape):
+    def _fits(self, denoiser: nn.Module) -> bool:
+        """Every weight the map names is in the file with its shape (the SD UNet: every parameter)."""
+        try:
+            names = self._name_map("unet" if self._sd else "transformer", denoiser)
+        except (TypeError, ValueError):
+            return False
+        if not names:
+            return False
+        state = {k: tuple(v.shape) for k, v in denoiser.state_dict().items()}
+        for key, slices in names.items():
+            if any(self._shapes.get(src, (-1,))[0] < stop for src, _, stop, _ in slices) or \
+                    any(self._shapes.get(src, ())[1:] != state[key][1:] for src, *_ in slices):
                 return False
-        return True
+        return not self._sd or len(names) == len(state)
 
-    def _name_map(self, component: str, model: nn.Module) -> dict[str, str]:
-        """{diffusers key: the checkpoint's key} of a component."""
+    def _name_map(self, component: str, model: nn.Module) -> dict[str, Slices]:
+        """{diffusers key: where its rows are in the checkpoint}."""
         if component == "unet":
             from ..formats.ldm import ldm_module_map
 
-            names = ldm_module_map(model)
-            out = {}
-            for key in model.state_dict():
+            ldm = ldm_module_map(model)
+            out: dict[str, Slices] = {}
+            for key, value in model.state_dict().items():
                 module, _, leaf = key.rpartition(".")
-                if module in names:
-                    out[key] = f"{self._prefix}{names[module]}.{leaf}"
+                if module in ldm:
+                    out[key] = ((f"{self._prefix}{ldm[module]}.{leaf}", 0, value.shape[0], 0),)
             return out
+        if component == "transformer":
+            return self._dit_map(model)
         prefix = next((p for p in LDM_CLIP_PREFIXES if any(k.startswith(p) for k in self._shapes)), None)
         if prefix is None:
             return {}
-        return {k: prefix + (k if k.startswith("text_model.") or k.startswith("text_projection") else
-                             "text_model." + k) for k in model.state_dict()}
+        return {k: ((prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k),
+                     0, v.shape[0], 0),) for k, v in model.state_dict().items()}
+
+    def _dit_map(self, model: nn.Module) -> dict[str, Slices]:
+        """A DiT transformer's Linear / conv weights: each from the original holding its rows (formats/dit.py)."""
+        from ..formats.dit import dit_name_map
+
+        names = dit_name_map(model)
+        out: dict[str, list[tuple[str, int, int, int]]] = {}
+        for original, target in names.originals.items():
+            key = self._prefix + original + ".weight"
+            for piece in target.pieces:
+                out.setdefault(piece.path + ".weight", []).append((key, piece.start, piece.stop, piece.src_start))
+        for original, target in names.convs.items():
+            (piece,) = target.pieces
+            out[piece.path + ".weight"] = [(self._prefix + original + ".weight", 0, piece.rows, 0)]
+        return {k: tuple(v) for k, v in out.items()}
 
     def components(self) -> dict[str, tuple[str, str]]:
-        return {c: ("diffusers" if c == "unet" else "transformers", type(m).__name__) for c, m in self._models.items()
-                if self._names[c]}
+        return {c: ("transformers" if c.startswith("text_encoder") else "diffusers", type(m).__name__)
+                for c, m in self._models.items() if self._names[c]}
 
     def keys(self, component: str) -> dict[str, str]:
-        return {k: self.root for k, v in self._names[component].items() if v in self._shapes}
+        return {k: self.root for k, slices in self._names[component].items()
+                if all(src in self._shapes for src, *_ in slices)}
 
     def tensor(self, component: str, key: str) -> Tensor | None:
+        """The weight under diffusers' name `key`: the checkpoint's tensor, or the rows of the original(s) holding
+        it; None when the file has no such weight."""
         from safetensors import safe_open
 
-        name = self._names[component].get(key)
-        if name is None or name not in self._shapes:
+        slices = self._names[component].get(key)
+        if slices is None or any(src not in self._shapes for src, *_ in slices):
             return None
         with safe_open(self.root, framework="pt") as fh:
-            return fh.get_tensor(name)
+            if len(slices) == 1 and slices[0][1] == 0 and slices[0][2] == self._shapes[slices[0][0]][0]:
+                return fh.get_tensor(slices[0][0])
+            parts = [(fh.get_slice(src)[start:stop], at) for src, start, stop, at in slices]
+        rows = sum(p.shape[0] for p, _ in parts)
+        out = parts[0][0].new_empty((rows, *parts[0][0].shape[1:]))
+        for part, at in parts:
+            out[at:at + part.shape[0]] = part
+        return out
 
     def meta_model(self, component: str) -> nn.Module:
         return self._models[component]
@@ -201,7 +250,7 @@ class SingleFileWeights:
 
 def open_weights(path: str | os.PathLike[str], what: str, config: str | os.PathLike[str] | None = None
                  ) -> FolderWeights | SingleFileWeights:
-    """A diffusers folder, or an SD-family single-file checkpoint (`config`: a diffusers folder with its configs)."""
+    """A diffusers folder, or a single-file checkpoint (`config`: a diffusers folder with the model's configs)."""
     if os.path.isfile(os.fspath(path)):
         return SingleFileWeights(path, what, config)
     return FolderWeights(path, what)

@@ -56,3 +56,26 @@ def ldm_checkpoint(folder: str, path: str) -> str:
         sd[f"cond_stage_model.transformer.text_model.{key}"] = value.contiguous()
     save_file(sd, path)
     return path
+
+
+def original_linears(folder: str, path: str, prefix: str = "") -> str:
+    """A DiT pipeline folder's transformer Linear and conv weights under their original names (a fused original such
+    as Flux.1's `qkv` made of the diffusers Linears' rows), as a single-file checkpoint holds them; written to
+    `path`. The names are formats/dit.py's tables, which tests/test_formats_dit.py checks against diffusers' own
+    converters at full size."""
+    from safetensors.torch import save_file
+
+    from lokr_diffusers.formats.dit import dit_name_map
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    model = pipe.transformer
+    names = dit_name_map(model)
+    sd = {}
+    for original, target in {**names.originals, **names.convs}.items():
+        parts = []
+        for piece in target.pieces:
+            w = model.get_submodule(piece.path).weight.detach()
+            parts.append(w[piece.src_start:piece.src_start + piece.rows])
+        sd[f"{prefix}{original}.weight"] = torch.cat(parts).contiguous()
+    save_file(sd, path)
+    return path
