@@ -180,3 +180,35 @@ def test_a_peft_lora_folder_loads_in_peft_as_the_lora_file_in_diffusers(tmp_path
         for k, d in deltas[c].items():
             err = float((w1[k] - w0[k] - d).norm() / d.norm())
             assert err == pytest.approx(errors[(c, k.removesuffix(".weight"))], rel=1e-3, abs=1e-5), f"{c}.{k}"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_consumers_rule_reads_each_module_of_the_lora_file(tmp_path: str, family: str) -> None:
+    """ComfyUI's and A1111's reading of a kohya LoRA (an independent reference: names from tests/helpers/sd_export.py,
+    ΔW = alpha / rank · up @ down), with ranks that differ between modules: every module's ΔW within the reported
+    error of the LoKr's."""
+    from helpers.references import lora_delta
+    from helpers.sd_export import name_map
+
+    base, lokr, comps = _lokr_file(str(tmp_path), family)
+    out = os.path.join(tmp_path, "lora.safetensors")
+    report = lokr_to_lora(lokr, out, model=base, energy=0.8)
+    assert len({m.rank for m in report.modules}) > 1
+    pipe = DiffusionPipeline.from_pretrained(base)
+    names = name_map({c: getattr(pipe, c) for c in comps}, family)
+    sd = load_file(out)
+    deltas = _deltas(base, lokr, comps)
+    errors = {(m.component, m.path): m.error for m in report.modules}
+    seen = 0
+    for key in sd:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        component, path = names[name]
+        down, up = sd[key], sd[f"{name}.lora_up.weight"]
+        d = deltas[component][path + ".weight"]
+        got = lora_delta(down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), float(sd[f"{name}.alpha"]))
+        err = float((got.reshape(d.shape) - d).norm() / d.norm())
+        assert err == pytest.approx(errors[(component, path)], rel=1e-3, abs=1e-5), name
+        seen += 1
+    assert seen == len(report.modules)
