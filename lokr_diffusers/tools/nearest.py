@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import functional as LF
 
-FULL_SVD_MAX = 1024  # R's smaller side up to which the exact SVD runs; above, a randomized one (torch.svd_lowrank)
+FULL_SVD_MAX = 256  # the smaller side of a matrix up to which the exact SVD runs; above, a seeded randomized one
 ALS_STEPS = 12  # alternating steps for a low-rank factor; each lowers the error, most gain is in the first few
 
 
