@@ -3,8 +3,7 @@
 The UNet is built from its published config (lokr_diffusers.architectures: SDXL's or SD1.5's) with random weights in
 fp16 and saved as a pipeline folder holding the UNet alone (BASE); a random LoKr (r 8, the family's default targets)
 is fused into it and saved again (TUNED). `lokr-diffusers extract` then runs in a fresh process, which is timed and
-whose peak resident memory is read (`ru_maxrss` of the child): the claim is that it holds one module at a time, far
-below two models.
+reports its own peak resident memory (VmHWM): the claim is that it holds one module at a time, far below two models.
 
     python benchmarks/bench_extract.py [--model sdxl|sd15] [--rank 8] [--keep DIR] [--json out.json]
     python benchmarks/bench_extract.py --tiny     # the same steps on the tiny SDXL UNet (seconds; tests use it)
@@ -15,13 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+# The extraction's own peak: VmHWM of its process after exec (Linux), else ru_maxrss. A child's ru_maxrss as the
+# parent reads it would include the parent's memory at fork time (this script held the UNet before).
+CHILD = """
+import resource, sys
+from lokr_diffusers.cli import main
+rc = main(sys.argv[1:])
+try:
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("PEAK_KIB", peak)
+sys.exit(rc)
+"""
 
 
 def build(model: str, tiny: bool) -> torch.nn.Module:
@@ -71,29 +84,24 @@ def main() -> None:
     torch.manual_seed(1)
     cfg = LoKrConfig(r=args.rank, alpha=args.rank, init_weights=False)  # the UNet's default targets (attn + ff)
     model = LoKrModel(unet, cfg, "known")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(0.1)  # a change of a fine-tune's size against the weights
     model.merge_and_unload()
     save_folder(unet, tuned, pipeline)
     weights = sum(p.numel() for p in unet.parameters())
     del unet, model
     prepared = time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "lokr_diffusers", "extract", "--base", base, "--tuned", tuned, "--out", out,
+    cmd = [sys.executable, "-c", CHILD, "extract", "--base", base, "--tuned", tuned, "--out", out,
            "--rank", str(args.rank)]
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
         raise SystemExit(f"extract failed:\n{done.stderr}")
+    peak_kib = int(done.stdout.rsplit("PEAK_KIB", 1)[1].split()[0])
     with open(out[:-len(".safetensors")] + ".json", encoding="utf-8") as fh:
         report = json.load(fh)
     row = {"model": "tiny sdxl" if args.tiny else args.model, "weights": weights,
            "model_bytes_fp16": folder_bytes(os.path.join(base, "unet")), "extract_seconds": round(seconds, 1),
-           "peak_rss_bytes": peak_kib * 1024, "peak_rss_before_bytes": before * 1024, "modules": report["modules"],
+           "peak_rss_bytes": peak_kib * 1024, "modules": report["modules"],
            "skipped_unchanged": report["skipped_unchanged"], "error": report["error"],
            "parameters": report["parameters"], "prepare_seconds": round(prepared, 1),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
