@@ -206,3 +206,15 @@ def test_dit_single_files_in_original_names_are_read_as_their_folders(tmp_path: 
     want, got = component_weights(tuned, "transformer"), _reloaded(base, out, "transformer")
     for k, w in want.items():
         torch.testing.assert_close(got[k], w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_global_budget_is_shared_by_weight_size_and_kept(tmp_path: str) -> None:
+    """`budget`: the modules together keep at most that many parameters, each its share by weight size."""
+    base, tuned = base_and_tuned(str(tmp_path), "sd1", KNOWN)
+    free = extract_lokr(base, tuned, os.path.join(tmp_path, "a.safetensors"), factor=4)
+    budget = free.parameters // 3
+    tight = extract_lokr(base, tuned, os.path.join(tmp_path, "b.safetensors"), budget=budget)
+    assert tight.parameters <= budget < free.parameters
+    kept = {m.path for m in tight.modules}
+    assert kept and kept | {p.removeprefix("unet.") for p in tight.skipped_budget} == {m.path for m in free.modules}
+    assert tight.skipped_budget  # the smallest modules' shares hold no split: left out, named in the report

@@ -23,7 +23,7 @@ from ..formats.reader import ParsedFile
 from ..logs import progress
 from .extract import check_fit_args, export_module, module_report, write_fitted
 from .files import entry_delta, place, refuse_dora
-from .nearest import fit_change
+from .nearest import BudgetTooSmall, fit_change
 from .report import ModuleReport, Report, report_path
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,12 @@ def combine_lokr(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLi
         if norm == 0:
             report.skipped_unchanged += 1
             continue
-        fit = fit_change(delta, factor, rank, decompose_both, tucker, budget_per_module)
+        try:
+            fit = fit_change(delta, factor, rank, decompose_both, tucker, budget_per_module)
+        except BudgetTooSmall as err:
+            logger.warning("%s.%s left out: %s", component, path, err)
+            report.skipped_budget.append(f"{component}.{path}")
+            continue
         modules.append(export_module(component, path, fit))
         report.modules.append(module_report(component, path, fit, norm, None))
     if not modules:

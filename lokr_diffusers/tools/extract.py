@@ -24,7 +24,7 @@ from ..config import LoKrConfig
 from ..export import ExportJob, ExportModule, Layout, layout_of, write
 from ..logs import progress
 from ..targeting import is_target
-from .nearest import Fit, fit_change
+from .nearest import BudgetTooSmall, Fit, fit_change
 from .report import ModuleReport, Report, report_path
 from .weights import FolderWeights, SingleFileWeights, open_weights
 
@@ -106,7 +106,12 @@ def extract_lokr(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
             report.skipped_unchanged += 1
             continue
         share = budget_per_module if budget is None else max(1, budget * module.weight.numel() // total)
-        fit = fit_change(delta, factor, rank, decompose_both, tucker, share)
+        try:
+            fit = fit_change(delta, factor, rank, decompose_both, tucker, share)
+        except BudgetTooSmall as err:
+            logger.warning("%s left out: %s", where, err)
+            report.skipped_budget.append(where)
+            continue
         modules.append(export_module(component, path, fit))
         report.modules.append(module_report(component, path, fit, norm, rel))
     if not modules:

@@ -28,6 +28,10 @@ FULL_SVD_MAX = 256  # the smaller side of a matrix up to which the exact SVD run
 ALS_STEPS = 12  # alternating steps for a low-rank factor; each lowers the error, most gain is in the first few
 
 
+class BudgetTooSmall(ValueError):
+    """No split of a module fits its parameter budget."""
+
+
 @dataclass(frozen=True)
 class Fit:
     """One module's LoKr: the factors (fp32, scale 1), their plan, the measured relative error ‖ΔW − ΔŴ‖ / ‖ΔW‖ and
@@ -197,7 +201,7 @@ def choose(delta: Tensor, candidates: Sequence[tuple[int, int]], budget: int | N
         if budget is None or fit.numel <= budget:  # a Tucker core can outgrow the flat count
             fits.append(fit)
     if not fits:
-        raise ValueError(f"no LoKr split of a weight {tuple(delta.shape)} fits a budget of {budget} parameters "
+        raise BudgetTooSmall(f"no LoKr split of a weight {tuple(delta.shape)} fits a budget of {budget} parameters "
                          f"(the smallest W1 alone needs {min(a * b for a, b in candidates)})")
     return min(fits, key=lambda f: (round(f.error, 9), f.numel))
 

@@ -34,6 +34,7 @@ class Report:
     family: str
     modules: list[ModuleReport] = field(default_factory=list)
     skipped_unchanged: int = 0
+    skipped_budget: list[str] = field(default_factory=list)  # modules no split fits within their budget
     options: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -49,15 +50,17 @@ class Report:
 
     def summary(self) -> dict[str, object]:
         return {"tool": self.tool, "family": self.family, "modules": len(self.modules), "parameters": self.parameters,
-                "error": self.error, "skipped_unchanged": self.skipped_unchanged, "options": self.options}
+                "error": self.error, "skipped_unchanged": self.skipped_unchanged,
+                "skipped_budget": self.skipped_budget, "options": self.options}
 
     def to_json(self) -> str:
         return json.dumps({**self.summary(), "per_module": [asdict(m) for m in self.modules]}, indent=1)
 
     def table(self, top: int = 10) -> str:
         """A text summary: the total, then the `top` modules with the largest error."""
+        budget = f", {len(self.skipped_budget)} left out: no split fits their budget" if self.skipped_budget else ""
         lines = [f"{len(self.modules)} modules, {self.parameters:,} parameters, total relative error "
-                 f"{self.error:.4g} ({self.skipped_unchanged} unchanged modules skipped)"]
+                 f"{self.error:.4g} ({self.skipped_unchanged} unchanged modules skipped{budget})"]
         worst = sorted(self.modules, key=lambda m: -m.error)[:top]
         if worst:
             lines.append(f"{'module':60s} {'split':>17s} {'rank':>5s} {'params':>10s} {'error':>9s}")
