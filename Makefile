@@ -10,7 +10,7 @@ TORCH ?= $(shell sed -nE 's/^(torch==[^ ;]+).*/\1/p' $(LOCK))
 # the lock less its torch pin, which $(TORCH) takes the place of
 PIN   := -c $(VENV)/constraints.txt
 
-.PHONY: demo test lint setup lock test-latest wheel-test compat-test test-distributed
+.PHONY: demo test lint setup lock test-latest wheel-test compat-test test-distributed test-tools
 
 $(VENV)/.runtime: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -40,6 +40,12 @@ test: lint
 # the 2-process training runs left out of the default suite (torchrun, gloo; about 40 s): CI runs them after `make test`
 test-distributed: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_training_sharded.py
+
+# the tools' slower cases left out of the default suite (more families, the extraction benchmark's dry run; about a
+# minute): CI runs them after `make test`
+test-tools: $(VENV)/.test
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests/test_extract.py tests/test_lora_convert.py tests/test_merge.py \
+		tests/test_combine.py tests/test_bench_extract.py
 
 # The lock: `make lock` re-resolves the newest releases inside pyproject.toml's ranges into constraints.txt;
 # `make test-latest` runs the suite on them in a throwaway venv and says which packages differ from the lock

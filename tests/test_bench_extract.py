@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 15-20 s: `make test-tools` runs it in CI
 def test_the_extraction_benchmark_runs_on_the_tiny_unet(tmp_path: str) -> None:
     out = os.path.join(tmp_path, "row.json")
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_extract.py"), "--tiny", "--keep",

@@ -30,7 +30,7 @@ def _loaded(base: str, path: str) -> dict[str, torch.Tensor]:
     return {k: v - bare[k] for k, v in weights_of(pipe).items()}
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("flux", marks=pytest.mark.slow)])
 def test_the_weighted_sum_is_fitted_with_the_optimum_error_and_loads_as_reported(tmp_path: str, family: str) -> None:
     base, files = lokr_files(str(tmp_path), family)
     out = os.path.join(tmp_path, "c.safetensors")

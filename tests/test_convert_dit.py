@@ -35,6 +35,7 @@ from lokr_diffusers.components import pipeline_components
 from lokr_diffusers.convert import guess_families
 from lokr_diffusers.export import FORMAT_ALIASES
 from lokr_diffusers.targeting import dit_target_modules
+from lokr_diffusers.tools.lora import LORA_LAYOUTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one thread (conftest.py)
 A = "src"
@@ -453,6 +454,6 @@ def test_cli_offers_the_registry_formats_and_every_family() -> None:
 
     convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]  # type: ignore[union-attr]
     options = {a.dest: a.choices for a in convert._actions}
-    assert sorted(options["to"]) == sorted(FORMAT_ALIASES)
+    assert sorted(options["to"]) == sorted([*FORMAT_ALIASES, *LORA_LAYOUTS])  # and the LoKr as a LoRA
     assert set(CONVERT_BASES.values()) == set(families.FAMILIES)  # every family with full-size models
     assert all(families.get(f).variants for f in families.FAMILIES)

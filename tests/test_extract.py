@@ -30,8 +30,10 @@ def _reloaded(base: str, path: str, component: str) -> dict[str, torch.Tensor]:
             if "lokr_" not in k}
 
 
-@pytest.mark.parametrize("family,fmt,factor", [("sd1", "comfyui", 4), ("flux", "comfyui", 4), ("wan", "comfyui", 4),
-                                               ("sdxl", "peft", -1), ("sd3", "diffusers", -1)])
+@pytest.mark.parametrize("family,fmt,factor", [
+    ("sd1", "comfyui", 4), ("flux", "comfyui", 4), ("sdxl", "peft", -1),
+    pytest.param("wan", "comfyui", 4, marks=pytest.mark.slow),
+    pytest.param("sd3", "diffusers", -1, marks=pytest.mark.slow)])
 def test_a_fused_lokr_comes_back_exactly_and_loads_as_the_tuned_model(tmp_path: str, family: str, fmt: str,
                                                                       factor: int) -> None:
     """PEFT (and diffusers' layout, read by PEFT) plans the split by LyCORIS' default factor only: those files' LoKr is
@@ -187,7 +189,7 @@ def test_a_single_file_that_fits_no_model_is_refused(tmp_path: str) -> None:
         extract_lokr(one, one, os.path.join(tmp_path, "y.safetensors"))  # no folder to take configs from
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("family", ["flux", pytest.param("wan", marks=pytest.mark.slow)])
 def test_dit_single_files_in_original_names_are_read_as_their_folders(tmp_path: str, family: str) -> None:
     """A transformer's weights under their original names (fused `qkv` rows and all): the LoKr extracted from two
     such files is the one extracted from the folders, and loads onto BASE as TUNED."""

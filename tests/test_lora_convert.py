@@ -69,7 +69,8 @@ def _through_diffusers(base: str, lora: str, comps: list[str]) -> dict[str, dict
     return out
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd1", "flux", pytest.param("sdxl", marks=pytest.mark.slow),
+                                    pytest.param("wan", marks=pytest.mark.slow)])
 def test_at_full_rank_diffusers_loads_the_lora_as_the_lokr(tmp_path: str, family: str) -> None:
     """Every adapted weight of every component (denoiser and text encoders) within 1e-5 of the LoKr's."""
     has_te_lora = families.get(family).originals is None  # diffusers' LoRA loaders of the DiT families: denoiser
@@ -159,7 +160,7 @@ def test_the_convert_command_writes_a_lora_with_its_report(tmp_path: str, capsys
     assert lokr_diffusers is not None
 
 
-@pytest.mark.parametrize("how", [{}, {"energy": 0.8}], ids=["full", "energy"])
+@pytest.mark.parametrize("how", [pytest.param({}, marks=pytest.mark.slow), {"energy": 0.8}], ids=["full", "energy"])
 def test_a_peft_lora_folder_loads_in_peft_as_the_lora_file_in_diffusers(tmp_path: str, how: dict) -> None:
     """`to="lora_peft"`: one folder per component; PEFT's own PeftModel.from_pretrained + merge_and_unload gives the
     module weights of the kohya file's (full rank: the LoKr's), ranks that differ read by rank_pattern."""
@@ -182,7 +183,7 @@ def test_a_peft_lora_folder_loads_in_peft_as_the_lora_file_in_diffusers(tmp_path
             assert err == pytest.approx(errors[(c, k.removesuffix(".weight"))], rel=1e-3, abs=1e-5), f"{c}.{k}"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", [pytest.param("sd1", marks=pytest.mark.slow), "sdxl"])
 def test_the_consumers_rule_reads_each_module_of_the_lora_file(tmp_path: str, family: str) -> None:
     """ComfyUI's and A1111's reading of a kohya LoRA (an independent reference: names from tests/helpers/sd_export.py,
     ΔW = alpha / rank · up @ down), with ranks that differ between modules: every module's ΔW within the reported

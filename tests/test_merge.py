@@ -17,7 +17,8 @@ from lokr_diffusers.tools.lora import lokr_to_lora
 from lokr_diffusers.tools.merge import merge_lokr
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux", "wan"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("flux", marks=pytest.mark.slow),
+                                    pytest.param("wan", marks=pytest.mark.slow)])
 def test_several_lokr_files_merge_as_fuse_lokr_fuses_them(tmp_path: str, family: str) -> None:
     base, files = lokr_files(str(tmp_path), family)
     out = os.path.join(tmp_path, "merged")
