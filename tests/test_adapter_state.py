@@ -302,3 +302,7 @@ def test_lokr_loaded_after_unload_lora_weights_starts_enabled_though_disabled_be
     machine.unload_lora()
     machine.load(Draw())  # type: ignore[arg-type]
     machine.outputs_equal_the_model()
+    with torch.no_grad():  # the LoKr acts: the UNet's output is not the bare one's
+        got = machine.pipe.unet(machine.x, torch.tensor([10]), machine.ctx).sample
+        bare = BASE.unet(machine.x, torch.tensor([10]), machine.ctx).sample
+    assert not torch.allclose(got, bare)
