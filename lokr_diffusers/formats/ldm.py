@@ -236,3 +236,27 @@ def ldm_module_map(unet: nn.Module) -> dict[str, str]:
     if len(set(mapping.values())) != len(mapping):  # the tables are built to be injective; guard anyway
         raise RuntimeError("ldm name map is not one-to-one; this is a bug in lokr_diffusers.formats.ldm")
     return mapping
+
+
+LDM_UNET_PREFIX = "model.diffusion_model."  # the UNet's tensors in an SD single-file checkpoint
+
+
+def ldm_state_keys(unet: nn.Module, prefix: str = LDM_UNET_PREFIX) -> dict[str, str]:
+    """{state-dict key: the key of the same tensor in an original single-file checkpoint} for every tensor of a
+    module with an ldm name (`ldm_module_map`), e.g. `conv_in.weight` ->
+    `model.diffusion_model.input_blocks.0.0.weight`."""
+    names = ldm_module_map(unet)
+    out: dict[str, str] = {}
+    for key in unet.state_dict():
+        module, _, leaf = key.rpartition(".")
+        if module in names:
+            out[key] = f"{prefix}{names[module]}.{leaf}"
+    return out
+
+
+def clip_state_key(key: str, prefix: str) -> str:
+    """A CLIP text encoder's state-dict key in an original checkpoint under `prefix` (`cond_stage_model.transformer.`,
+    `conditioner.embedders.0.transformer.`): transformers 4's names, with the `text_model.` level that transformers 5
+    dropped from CLIPTextModel."""
+    return prefix + (key if key.startswith(("text_model.", "text_projection")) else "text_model." + key)
+

@@ -116,27 +116,23 @@ def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
     SDXL) in the original single-file layout; raises for another family. The VAE and SDXL's second (OpenCLIP) text
     encoder are not written (the merge refuses to drop a change to the latter)."""
     from .. import families
-    from ..formats.ldm import ldm_module_map
+    from ..formats.ldm import clip_state_key, ldm_state_keys
 
     family = families.of_components(pipeline_components(pipe))
     if family is None or family.denoiser != "unet":
         raise ValueError(f"single_file (--single_file): the original single-file layout is written for the SD "
                          f"families (SD1.x, SD2.x, SDXL); this is {family.title if family else 'another model'}: "
                          "use the diffusers folder")
-    unet = pipe.unet
-    names = ldm_module_map(unet)
-    out: dict[str, Tensor] = {}
-    for key, value in unet.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if module not in names:
-            raise ValueError(f"single_file (--single_file): unet.{key} has no name in the original layout")
-        out[f"model.diffusion_model.{names[module]}.{leaf}"] = value.detach().contiguous()
+    state = pipe.unet.state_dict()
+    names = ldm_state_keys(pipe.unet)
+    missing = [k for k in state if k not in names]
+    if missing:
+        raise ValueError(f"single_file (--single_file): unet.{missing[0]} has no name in the original layout")
+    out = {names[k]: v.detach().contiguous() for k, v in state.items()}
     encoder = getattr(pipe, "text_encoder", None)
     if encoder is not None and type(encoder).__name__ == "CLIPTextModel":
         prefix = "conditioner.embedders.0.transformer." if family.name == "sdxl" else "cond_stage_model.transformer."
-        for key, value in encoder.state_dict().items():
-            name = key if key.startswith("text_model.") else "text_model." + key
-            out[prefix + name] = value.detach().contiguous()
+        out.update({clip_state_key(k, prefix): v.detach().contiguous() for k, v in encoder.state_dict().items()})
     return out
 
 

@@ -101,7 +101,6 @@ class FolderWeights:
                          "extraction cannot build")
 
 
-LDM_UNET_PREFIX = "model.diffusion_model."
 # where the CLIP-L text encoder sits in an SD1.x / SDXL checkpoint (SDXL's second, OpenCLIP, encoder is not read)
 LDM_CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 Slices = tuple[tuple[str, int, int, int], ...]  # (checkpoint key, its rows [start, stop), into our rows from)
@@ -132,6 +131,8 @@ class SingleFileWeights:
             raise ValueError(f"{what} {self.root}: a single-file checkpoint is read as .safetensors only (no pickle)")
         with safe_open(self.root, framework="pt") as fh:
             self._shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        from ..formats.ldm import LDM_UNET_PREFIX
+
         prefixes = (LDM_UNET_PREFIX, "diffusion_model.", "")
         self._prefix = next(p for p in prefixes if p == "" or any(k.startswith(p) for k in self._shapes))
         self._sd = any(k.startswith(self._prefix + "input_blocks.") for k in self._shapes)
@@ -185,23 +186,17 @@ class SingleFileWeights:
 
     def _name_map(self, component: str, model: nn.Module) -> dict[str, Slices]:
         """{diffusers key: where its rows are in the checkpoint}."""
-        if component == "unet":
-            from ..formats.ldm import ldm_module_map
+        from ..formats.ldm import clip_state_key, ldm_state_keys
 
-            ldm = ldm_module_map(model)
-            out: dict[str, Slices] = {}
-            for key, value in model.state_dict().items():
-                module, _, leaf = key.rpartition(".")
-                if module in ldm:
-                    out[key] = ((f"{self._prefix}{ldm[module]}.{leaf}", 0, value.shape[0], 0),)
-            return out
+        state = model.state_dict()
+        if component == "unet":
+            return {k: ((name, 0, state[k].shape[0], 0),) for k, name in ldm_state_keys(model, self._prefix).items()}
         if component == "transformer":
             return self._dit_map(model)
         prefix = next((p for p in LDM_CLIP_PREFIXES if any(k.startswith(p) for k in self._shapes)), None)
         if prefix is None:
             return {}
-        return {k: ((prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k),
-                     0, v.shape[0], 0),) for k, v in model.state_dict().items()}
+        return {k: ((clip_state_key(k, prefix), 0, v.shape[0], 0),) for k, v in state.items()}
 
     def _dit_map(self, model: nn.Module) -> dict[str, Slices]:
         """A DiT transformer's Linear / conv weights: each from the original holding its rows (formats/dit.py)."""

@@ -39,22 +39,14 @@ def component_weights(folder: str, component: str) -> dict[str, torch.Tensor]:
 
 
 def ldm_checkpoint(folder: str, path: str) -> str:
-    """The SD1.x pipeline folder's UNet and CLIP-L text encoder as one single-file checkpoint in the original layout
-    (`model.diffusion_model.<ldm name>`, `cond_stage_model.transformer.text_model.<name>`), written to `path`. The
-    UNet's names come from lokr_diffusers.formats.ldm; tests check the file against diffusers' own converters."""
+    """The SD1.x pipeline folder's UNet and CLIP-L text encoder as one single-file checkpoint in the original layout,
+    as `merge --single_file` writes it (lokr_diffusers.tools.merge.ldm_checkpoint), written to `path`; tests check the
+    file against diffusers' own converters."""
     from safetensors.torch import save_file
 
-    from lokr_diffusers.formats.ldm import ldm_module_map
+    from lokr_diffusers.tools.merge import ldm_checkpoint as original_layout
 
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    names = ldm_module_map(pipe.unet)
-    sd = {}
-    for key, value in pipe.unet.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        sd[f"model.diffusion_model.{names[module]}.{leaf}"] = value.contiguous()
-    for key, value in pipe.text_encoder.state_dict().items():
-        sd[f"cond_stage_model.transformer.text_model.{key}"] = value.contiguous()
-    save_file(sd, path)
+    save_file(original_layout(DiffusionPipeline.from_pretrained(folder)), path)
     return path
 
 
