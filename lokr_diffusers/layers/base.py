@@ -215,9 +215,15 @@ class LayerCore(nn.Module):
             self._make_total()
 
     def _make_total(self) -> None:
-        """`_total` from the tensors (not from floats: inside a compiled call, where the call scale is set by a hook,
-        a float read here would be guarded on, and set_adapters would recompile)."""
-        self._total = {a: scale * strength * self._call_t for a, (scale, strength) in self._traced.items()}
+        """`_total`: in eager code one tensor per adapter from the floats (the call-scale hook runs this twice per
+        pipeline call); inside a compiled call, where that hook is traced, from the tensors (a float read there
+        would be guarded on, and set_adapters would recompile)."""
+        if torch.compiler.is_compiling():
+            self._total = {a: scale * strength * self._call_t for a, (scale, strength) in self._traced.items()}
+            return
+        device = self._call_t.device
+        self._total = {a: torch.full((), self.adapters[a].scale * s * self._call_scale, device=device)
+                       for a, s in self._applied}
 
     def _adapters_frozen(self) -> bool:
         """No applied adapter's tensor requires grad: a compiled graph may keep W + ΔW (reuse.py). Read
