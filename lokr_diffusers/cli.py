@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
     m.add_argument("--requantize", action="store_true", help="merge into a quantized model: dequantize, add, "
                    "quantize again (with rounding error)")
-    m.add_argument("--single_file", help="SD families: also write the merged UNet and CLIP-L text encoder as one "
-                   ".safetensors file in the original layout")
+    m.add_argument("--single_file", help="also write the merged model as one .safetensors file in the original "
+                   "layout: the UNet and CLIP-L text encoder (SD families), the transformer (DiT families)")
     _extract_parser(sub)
     _combine_parser(sub)
     return p

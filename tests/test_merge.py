@@ -100,7 +100,42 @@ def test_a_single_file_output_loads_through_diffusers_from_single_file(tmp_path:
         changed += not torch.equal(v, bare[k])
     assert changed  # the second file adapts the text encoder: its merge is in the single file
 
-    fbase, ffiles = lokr_files(os.path.join(tmp_path, "flux"), "flux", n=1)
-    with pytest.raises(ValueError, match="SD families"):
-        merge_lokr(fbase, ffiles, os.path.join(tmp_path, "fm"), single_file=os.path.join(tmp_path, "f.safetensors"))
-    assert not os.path.exists(os.path.join(tmp_path, "fm"))
+
+
+@pytest.mark.parametrize("family", ["zimage", pytest.param("sd3", marks=pytest.mark.slow),
+                                    pytest.param("flux2", marks=pytest.mark.slow),
+                                    pytest.param("wan", marks=pytest.mark.slow)])
+def test_a_dit_single_file_loads_through_diffusers_from_single_file(tmp_path: str, family: str) -> None:
+    """A DiT family's merged transformer in its original layout: the class's from_single_file (diffusers' own
+    converter) gives the merged folder's transformer, every tensor."""
+    import diffusers
+
+    base, files = lokr_files(str(tmp_path), family)
+    out, single = os.path.join(tmp_path, "merged"), os.path.join(tmp_path, "merged.safetensors")
+    merge_lokr(base, files, out, scales=[0.7, 0.4], single_file=single)
+    folder = DiffusionPipeline.from_pretrained(out).transformer
+    cls = getattr(diffusers, type(folder).__name__)
+    loaded = cls.from_single_file(single, config=out, subfolder="transformer", local_files_only=True).state_dict()
+    bare = DiffusionPipeline.from_pretrained(base).transformer.state_dict()
+    assert loaded.keys() == folder.state_dict().keys()
+    assert any(not torch.equal(v, bare[k]) for k, v in folder.state_dict().items())  # the merge is in it
+    for k, v in folder.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_a_single_file_that_would_drop_a_change_is_refused(tmp_path: str) -> None:
+    """A DiT single file holds the transformer only: a merge that changes a text encoder is refused with
+    --single_file, before anything is written."""
+    from helpers.adapter_files import add_lokr
+
+    from lokr_diffusers import LoKrConfig
+
+    base, _ = lokr_files(str(tmp_path), "zimage", n=0)
+    pipe = DiffusionPipeline.from_pretrained(base)
+    add_lokr(pipe, {"text_encoder": LoKrConfig(r=2, init_weights=False)}, "te")
+    te_file = os.path.join(tmp_path, "te.safetensors")
+    pipe.save_lokr_weights(te_file, adapter_name="te")
+    out = os.path.join(tmp_path, "fm")
+    with pytest.raises(ValueError, match=r"change text_encoder.*holds transformer"):
+        merge_lokr(base, [te_file], out, single_file=os.path.join(tmp_path, "f.safetensors"))
+    assert not os.path.exists(out) and not os.path.exists(os.path.join(tmp_path, "f.safetensors"))

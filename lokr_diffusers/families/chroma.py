@@ -14,7 +14,7 @@ from __future__ import annotations
 from .flux import COMFYUI_PATHS, DOUBLE_ATTN, FLUX1_MLP, STREAMS
 from .flux import ROLES as FLUX_ROLES
 from .record import Detection, Kohya, ModelFamily, Sign, Training
-from .tables import QKV, OriginalTable, RowName, blocks, top
+from .tables import FLUX_NORMS, QKV, OriginalTable, RowName, blocks, top
 
 # convert_chroma_transformer_checkpoint_to_diffusers (inner_dim 3072, mlp_ratio 4 hard-coded there): img_in ->
 # x_embedder, txt_in -> context_embedder, final_layer.linear -> proj_out (no final adaLN, no swap anywhere);
@@ -45,7 +45,9 @@ ORIGINALS = OriginalTable((
         ("linear1", (*QKV, "proj_mlp")),
         ("linear2", ("proj_out",)),
     )),
-), fusable=True, row_names=(  # FluxAttnProcessor: fuse_qkv_projections() makes to_qkv / to_added_qkv, used
+), fusable=True, single_file=True, params=(
+    *FLUX_NORMS, (r"distilled_guidance_layer\.norms\.(\d+)\.weight", r"distilled_guidance_layer.norms.\1.scale"),
+), row_names=(  # FluxAttnProcessor: fuse_qkv_projections() makes to_qkv / to_added_qkv, used
     # ComfyUI model_lora_keys_unet (Flux models, Chroma among them): `<x>.linear1_qkv` = rows [0, 3 * hidden) of
     # linear1 (q, k, v), which diffusers' fuse_qkv_projections() makes one Linear (single blocks' attn.to_qkv).
     RowName("single_blocks.{i}.linear1_qkv", "single_blocks.{i}.linear1", 3, "num_single_layers"),

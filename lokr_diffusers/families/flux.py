@@ -10,7 +10,7 @@ name and row order; tests/test_formats_dit.py runs diffusers' converters.
 from __future__ import annotations
 
 from .record import Detection, Kohya, ModelFamily, Sign, Training
-from .tables import ADD_QKV, BLOCK, DIT_ATTN, QKV, QKV_LEAVES, OriginalTable, Pairs, RowName, blocks, top
+from .tables import ADD_QKV, BLOCK, DIT_ATTN, FLUX_NORMS, QKV, QKV_LEAVES, OriginalTable, Pairs, RowName, blocks, top
 
 # a Flux.1 / Flux.2 double block's attention: the image and text streams' qkv and output projections
 DOUBLE_ATTN: Pairs = (
@@ -51,7 +51,7 @@ ORIGINALS = OriginalTable((
         ("linear1", (*QKV, "proj_mlp")),
         ("linear2", ("proj_out",)),
     )),
-), fusable=True, row_names=(
+), fusable=True, params=FLUX_NORMS, single_file=True, row_names=(
     # ComfyUI comfy/lora.py model_lora_keys_unet (Flux models): every `<x>.linear1.weight` also answers to
     # `<x>.linear1_qkv`, rows (0, 0, hidden_size * 3) of it: q, k, v, which diffusers' fuse_qkv_projections() puts in
     # one Linear (attn.to_qkv). Flux.2 has the key too (its model subclasses Flux), but there the rows are part of

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .flux import COMFYUI_PATHS, DOUBLE_ATTN, STREAMS
 from .record import Detection, Kohya, ModelFamily, Sign, Training
-from .tables import QKV_LEAVES, OriginalTable, blocks, top
+from .tables import FLUX_NORMS, QKV_LEAVES, OriginalTable, blocks, top
 
 # convert_flux2_transformer_checkpoint_to_diffusers: double-block qkv chunked in 3; single blocks already fused in
 # diffusers (linear1 = attn.to_qkv_mlp_proj, linear2 = attn.to_out, 1:1); modulation is global
@@ -44,7 +44,7 @@ ORIGINALS = OriginalTable((
         ("linear1", ("attn.to_qkv_mlp_proj",)),
         ("linear2", ("attn.to_out",)),
     )),
-), fusable=True)
+), fusable=True, params=FLUX_NORMS, single_file=True)
 
 # the Linears by role, as the trainers target them (lokr_diffusers/families/flux.py says whose)
 ROLES: dict[str, str] = {

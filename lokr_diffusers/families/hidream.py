@@ -26,7 +26,7 @@ from .tables import OriginalTable
 
 # every Linear keeps its diffusers path (the identity converter). fusable=False: HiDream's attention has no
 # fuse_qkv_projections.
-ORIGINALS = OriginalTable((), fusable=False, same_names=True)
+ORIGINALS = OriginalTable((), fusable=False, same_names=True, params_kept=True, single_file=True)
 
 _BLOCK = r"(double|single)_stream_blocks\.\d+\.block\."
 # The Linears by role, as the trainers target them (ai-toolkit's hidream_model and SimpleTuner: attention and the

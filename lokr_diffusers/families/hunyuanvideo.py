@@ -81,7 +81,16 @@ ORIGINALS = OriginalTable((
         ("linear2", ("proj_out",)),
         ("modulation.linear", ("norm.linear",)),
     )),
-), fusable=False, aliases=COMFYUI_RENAMES, comfyui_aliases=True)
+), fusable=False, aliases=COMFYUI_RENAMES, comfyui_aliases=True, single_file=True, params=(
+    # convert_hunyuan_video_transformer_to_diffusers (Tencent's names): the q / k norms, the token refiner's
+    # LayerNorms and the patch embedding (a Conv3d)
+    (r"transformer_blocks\.(\d+)\.attn\.norm_([qk])\.weight", r"double_blocks.\1.img_attn_\2_norm.weight"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_([qk])\.weight", r"double_blocks.\1.txt_attn_\2_norm.weight"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_([qk])\.weight", r"single_blocks.\1.\2_norm.weight"),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(norm[12]\.(weight|bias))",
+     r"txt_in.individual_token_refiner.blocks.\1.\2"),
+    (r"x_embedder\.proj\.(weight|bias)", r"img_in.proj.\1"),
+))
 
 # The Linears by role: musubi-tuner targets the double / single blocks' Linears less img_mod / txt_mod / modulation
 # (network_arch); diffusers-style trainers attention and feed-forward.

@@ -31,7 +31,8 @@ def adaln(original: str, diffusers: str) -> Pairs:
 ORIGINALS = OriginalTable(top((
     ("patchify_proj", ("proj_in",)),
     *adaln("adaln_single", "time_embed"),
-)), fusable=False, same_names=True)
+)), fusable=False, same_names=True, single_file=True, params_kept=True,
+    params=((r"(.+)\.norm_([qk])\.weight", r"\1.\2_norm.weight"),))  # the converter's q_norm / k_norm -> norm_q / k
 
 _BLOCK = r"transformer_blocks\.\d+\."
 # The Linears by role, as the trainers target them (LTX-Video-Trainer and diffusers' LoRA scripts: to_q, to_k, to_v,

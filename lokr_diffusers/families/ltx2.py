@@ -40,7 +40,11 @@ ORIGINALS = OriginalTable(top((
     *adaln("av_ca_v2a_gate_adaln_single", "av_cross_attn_audio_v2a_gate"),
     *adaln("prompt_adaln_single", "prompt_adaln"),
     *adaln("audio_prompt_adaln_single", "audio_prompt_adaln"),
-)), fusable=False, same_names=True)
+)), fusable=False, same_names=True, single_file=True, params_kept=True, params=(
+    (r"(.+)\.norm_([qk])\.weight", r"\1.\2_norm.weight"),  # the converter's q_norm / k_norm -> norm_q / norm_k
+    (r"(.+)\.video_a2v_cross_attn_scale_shift_table", r"\1.scale_shift_table_a2v_ca_video"),
+    (r"(.+)\.audio_a2v_cross_attn_scale_shift_table", r"\1.scale_shift_table_a2v_ca_audio"),
+))
 
 _BLOCK = r"transformer_blocks\.\d+\."
 _ADALN = r"(audio_)?time_embed|av_cross_attn_(video_scale_shift|video_a2v_gate|audio_scale_shift|audio_v2a_gate)|" \

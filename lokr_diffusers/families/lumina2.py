@@ -47,7 +47,15 @@ ORIGINALS = OriginalTable((
     *blocks("num_layers", "layers", "layers", (*_ATTN_FF, *_ADALN)),
     *blocks("num_refiner_layers", "noise_refiner", "noise_refiner", (*_ATTN_FF, *_ADALN)),
     *blocks("num_refiner_layers", "context_refiner", "context_refiner", _ATTN_FF),
-), fusable=False)
+), fusable=False, single_file=True, params_kept=True, params=(
+    # convert_lumina2_to_diffusers: attention -> attn, q_norm / k_norm -> norm_q / norm_k, attention_norm1 / 2 ->
+    # norm1.norm / norm2 (a context refiner's: norm1 / norm2), cap_embedder.0 -> the caption embedder's RMSNorm
+    (r"(.+)\.attn\.norm_([qk])\.weight", r"\1.attention.\2_norm.weight"),
+    (r"(layers|noise_refiner)\.(\d+)\.norm1\.norm\.weight", r"\1.\2.attention_norm1.weight"),
+    (r"context_refiner\.(\d+)\.norm1\.weight", r"context_refiner.\1.attention_norm1.weight"),
+    (r"(.+)\.norm2\.weight", r"\1.attention_norm2.weight"),
+    (r"time_caption_embed\.caption_embedder\.0\.weight", "cap_embedder.0.weight"),
+))
 
 _BLOCKS = r"(layers|noise_refiner|context_refiner)\.\d+\."
 # the Linears by role, as the trainers target them (lokr_diffusers/families/flux.py says whose)

@@ -18,7 +18,7 @@ from .tables import OriginalTable, blocks
 
 # Qwen-Image: every Linear keeps its diffusers path (the identity converter). fusable=False: its
 # fuse_qkv_projections() adds no Linear (fused_projections stays False), so to_q/k/v are always called.
-ORIGINALS = OriginalTable((), fusable=False, same_names=True)
+ORIGINALS = OriginalTable((), fusable=False, same_names=True, params_kept=True, single_file=True)
 
 # Qwen-Image 2.1: convert_qwen_image21_transformer_checkpoint_to_diffusers chunks `transformer_blocks.N.img_mlp.gate_up`
 # (2 · mlp_ratio · dim rows) in 2 along the rows: the gate's rows first (-> img_mlp.gate_layer), then the up
@@ -27,7 +27,7 @@ ORIGINALS = OriginalTable((), fusable=False, same_names=True)
 ORIGINALS_21 = OriginalTable(
     blocks("num_layers", "transformer_blocks", "transformer_blocks",
            (("img_mlp.gate_up", ("img_mlp.gate_layer", "img_mlp.proj")),)),
-    fusable=False, same_names=True)
+    fusable=False, same_names=True, params_kept=True, single_file=True)
 
 _BLOCK = r"transformer_blocks\.\d+\."
 # The Linears by role, as the trainers target them: musubi-tuner's lora_qwen_image (the blocks' Linears,

@@ -45,7 +45,13 @@ ORIGINALS = OriginalTable((
     *blocks("num_layers", "joint_blocks", "transformer_blocks", _JOINT_BLOCK),
     *blocks("num_layers", "joint_blocks", "transformer_blocks", _CONTEXT_ADALN, only="not_last"),
     *blocks("num_layers", "joint_blocks", "transformer_blocks", _CONTEXT_ADALN, only="last", swap=True),
-), fusable=True, convs=(("x_embedder.proj", "pos_embed.proj"),))
+), fusable=True, convs=(("x_embedder.proj", "pos_embed.proj"),), single_file=True, params=(
+    # convert_sd3_transformer_checkpoint_to_diffusers: the patch grid's positions, and the q / k RMSNorms (SD3.5)
+    ("pos_embed\\.pos_embed", "pos_embed"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_([qk])\.weight", r"joint_blocks.\1.x_block.attn.ln_\2.weight"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_([qk])\.weight", r"joint_blocks.\1.context_block.attn.ln_\2.weight"),
+    (r"transformer_blocks\.(\d+)\.attn2\.norm_([qk])\.weight", r"joint_blocks.\1.x_block.attn2.ln_\2.weight"),
+))
 
 # the Linears by role, as the trainers target them (lokr_diffusers/families/flux.py says whose)
 ROLES: dict[str, str] = {

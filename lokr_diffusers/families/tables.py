@@ -60,7 +60,14 @@ class OriginalTable:
     second way (HunyuanVideo: Tencent's `double_blocks.0.img_mod.linear` is ComfyUI's `double_blocks.0.img_mod.lin`);
     the alias names the same rows in the original layouts only (never `covering`, which keeps the rules' names).
     `comfyui_aliases`: the aliases are ComfyUI's internal names, the ones its generic key map loads, so
-    format="comfyui" writes them instead of the rules' names."""
+    format="comfyui" writes them instead of the rules' names.
+
+    The rest of the state, for a whole single-file checkpoint (formats/dit_state.py): `params` are (diffusers key
+    regex, original key template) for the tensors that are no rule's Linear nor conv (a norm's scale, a learned
+    table), the first full match renaming (`\\1`: its groups); `params_kept`: any other such tensor keeps its
+    diffusers key. `single_file`: these tables name the whole state, and diffusers' `from_single_file` reads the
+    original layout back (its converter for the class); False where diffusers has no converter or the tables do not
+    cover the whole state (no single file is written then)."""
 
     rules: tuple[Rule, ...]
     fusable: bool
@@ -69,6 +76,9 @@ class OriginalTable:
     same_names: bool = False
     aliases: tuple[tuple[str, str], ...] = ()
     comfyui_aliases: bool = False
+    params: tuple[tuple[str, str], ...] = ()
+    params_kept: bool = False
+    single_file: bool = False
 
 
 def alias_of(table: OriginalTable, original: str) -> str | None:
@@ -91,6 +101,17 @@ def top(pairs: Pairs, swap: bool = False) -> tuple[Rule, ...]:
     """Rules for top-level modules (no block index)."""
     return tuple(Rule(original, parts, swap) for original, parts in pairs)
 
+
+# The q / k RMSNorm scales of Flux.1-style double and single blocks (FLUX.1, FLUX.2, Chroma), original <- diffusers
+# (convert_flux_transformer_checkpoint_to_diffusers and its FLUX.2 / Chroma twins pop these names)
+FLUX_NORMS: tuple[tuple[str, str], ...] = (
+    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+)
 
 QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")

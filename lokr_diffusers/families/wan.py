@@ -47,7 +47,19 @@ ORIGINALS = OriginalTable((
         ("head.head", ("proj_out",)),
     )),
     *blocks("num_layers", "blocks", "blocks", _BLOCK),
-), fusable=True)
+), fusable=True, single_file=True, params_kept=True, params=(
+    # convert_wan_transformer_to_diffusers: self_attn / cross_attn -> attn1 / attn2, the affine cross-attention norm
+    # norm3 -> norm2, modulation -> scale_shift_table, img_emb.proj.0 / .4 -> the image embedder's norm1 / norm2;
+    # patch_embedding (a Conv3d) keeps its name
+    (r"blocks\.(\d+)\.attn1\.norm_([qk])\.weight", r"blocks.\1.self_attn.norm_\2.weight"),
+    (r"blocks\.(\d+)\.attn2\.norm_([qk])\.weight", r"blocks.\1.cross_attn.norm_\2.weight"),
+    (r"blocks\.(\d+)\.attn2\.norm_added_k\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm3.\2"),
+    (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation"),
+    ("scale_shift_table", "head.modulation"),
+    (r"condition_embedder\.image_embedder\.norm1\.(weight|bias)", r"img_emb.proj.0.\1"),
+    (r"condition_embedder\.image_embedder\.norm2\.(weight|bias)", r"img_emb.proj.4.\1"),
+))
 
 _ATTN = r"blocks\.\d+\.attn[12]\."
 # the Linears by role, as the trainers target them: musubi-tuner's WanAttentionBlock Linears (patch / text / time

@@ -37,7 +37,11 @@ ORIGINALS = OriginalTable((
     *blocks("n_layers", "layers", "layers", _BLOCK),
     *blocks("n_refiner_layers", "noise_refiner", "noise_refiner", _BLOCK),
     *blocks("n_refiner_layers", "context_refiner", "context_refiner", _BLOCK),
-), fusable=False)
+), fusable=False, single_file=True, params_kept=True, params=(
+    # convert_z_image_transformer_checkpoint_to_diffusers renames the q / k norms; the other norms, the pad tokens and
+    # cap_embedder.0 (an RMSNorm) keep their names
+    (r"(.+)\.attention\.norm_([qk])\.weight", r"\1.attention.\2_norm.weight"),
+))
 
 # the Linears by role, as the trainers target them (lokr_diffusers/families/flux.py says whose)
 ROLES: dict[str, str] = {

@@ -48,9 +48,9 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
     the pipeline folder `model` and write it to the folder `out`. Returns the adapter names used.
 
     `requantize`: a quantized component (its config names a quantization) is fused by dequantize, add, requantize;
-    without it such a model is refused. `single_file`: also write the merged UNet and CLIP-L text encoder as one
-    .safetensors file in the original layout (SD1.x / SD2.x / SDXL: `write_ldm_checkpoint`). `load_kwargs` go to
-    `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
+    without it such a model is refused. `single_file`: also write the merged model as one .safetensors file in the
+    original layout (`single_file_state`: SD1.x / SD2.x / SDXL the UNet and CLIP-L text encoder, the DiT families
+    the transformer). `load_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
     """
     import torch  # noqa: F401  (diffusers wants it imported first on some setups)
     from diffusers import DiffusionPipeline
@@ -84,15 +84,17 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
     for f in files:  # a missing or bad file fails here, before the model is loaded
         read_lokr_file(f)
     pipe: Any = DiffusionPipeline.from_pretrained(model, **load_kwargs)
+    held = single_file_components(pipe) if single_file is not None else ()  # raises for a family with no layout
     names = [f"merge_{i}" for i in range(len(files))]
     lokr: list[tuple[str, float]] = []
     lora: list[tuple[str, float]] = []
     for name, file, scale in zip(names, files, scales, strict=True):
         pipe.load_lora_weights(os.fspath(file), adapter_name=name)
         (lokr if _holds_lokr(pipe, name) else lora).append((name, scale))
-    if single_file is not None and _adapts(pipe, "text_encoder_2"):
-        raise ValueError("single_file (--single_file): the adapters change text_encoder_2 (SDXL's OpenCLIP encoder), "
-                         "which the single file does not hold; use the diffusers folder")
+    dropped = [c for c in pipeline_components(pipe) if held and c not in held and _adapts(pipe, c)]
+    if dropped:
+        raise ValueError(f"single_file (--single_file): the adapters change {', '.join(dropped)}, which the single "
+                         f"file does not hold (it holds {', '.join(held)}); use the diffusers folder")
     if lokr:
         pipe.set_lokr_adapters([n for n, _ in lokr], [s for _, s in lokr])
         layers = [(f"{c}.{p}", layer) for c, m in pipeline_components(pipe).items() for p, layer in lokr_layers(m)]
@@ -103,11 +105,40 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
         pipe.fuse_lora(adapter_names=[n for n, _ in lora])
     pipe.unload_lora_weights()  # LoRA and LoKr layers out; the fused weights stay
     if single_file is not None:  # checked before the folder is written: a refusal leaves nothing behind
-        sd = ldm_checkpoint(pipe)
+        sd = single_file_state(pipe)
     pipe.save_pretrained(out)
     if single_file is not None:
         write_safetensors(sd, single_file, {"format": "pt"})
     return names
+
+
+def single_file_components(pipe: Any) -> tuple[str, ...]:
+    """The components the single file holds: an SD pipeline's UNet and CLIP-L encoder, a DiT's transformer. Raises
+    for a model with no original single-file layout here. Call it before adapters are loaded (on the bare model's
+    state keys)."""
+    from .. import families
+    from ..formats.dit_state import original_plan
+
+    family = families.of_components(pipeline_components(pipe))
+    if family is None:
+        raise ValueError("single_file (--single_file): not a model of a known family; use the diffusers folder")
+    if family.denoiser == "unet":
+        return ("unet", "text_encoder")
+    original_plan(pipe.transformer)  # raises where the family has no single-file layout
+    return ("transformer",)
+
+
+def single_file_state(pipe: Any) -> dict[str, Tensor]:
+    """The merged model in its family's original single-file layout: `ldm_checkpoint` for the SD families, the
+    transformer under its original keys (formats/dit_state.py, bare, as BFL / Stability / Tongyi release them) for
+    the DiT families that have one."""
+    from .. import families
+    from ..formats.dit_state import original_state_dict
+
+    family = families.of_components(pipeline_components(pipe))
+    if family is not None and family.denoiser == "transformer":
+        return original_state_dict(pipe.transformer)
+    return ldm_checkpoint(pipe)
 
 
 def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
