@@ -213,3 +213,28 @@ def test_the_consumers_rule_reads_each_module_of_the_lora_file(tmp_path: str, fa
         assert err == pytest.approx(errors[(component, path)], rel=1e-3, abs=1e-5), name
         seen += 1
     assert seen == len(report.modules)
+
+
+@pytest.mark.parametrize("family", ["flux", pytest.param("wan", marks=pytest.mark.slow)])
+def test_comfyui_reads_each_module_of_a_dit_lora_file(tmp_path: str, family: str) -> None:
+    """ComfyUI's reading of a LoRA in diffusers' layout (an independent reference, tests/helpers/comfyui_dit.py: its
+    key map onto the original-layout weights, ΔW = up @ down with no alpha key, scale 1) and diffusers' own loader
+    (the LoraConfig's alpha_pattern), with ranks that differ between modules: every module's ΔW within the reported
+    error of the LoKr's in both."""
+    from helpers.comfyui_dit import comfyui_transformer
+
+    base, lokr, comps = _lokr_file(str(tmp_path), family, encoders=False)
+    out = os.path.join(tmp_path, "lora.safetensors")
+    report = lokr_to_lora(lokr, out, model=base, energy=0.8)
+    assert len({m.rank for m in report.modules}) > 1
+    bare = DiffusionPipeline.from_pretrained(base).transformer
+    w0 = {k: v.detach() for k, v in bare.state_dict().items()}
+    w1 = {k: v.detach() for k, v in comfyui_transformer(bare, family, load_file(out)).state_dict().items()}
+    deltas = _deltas(base, lokr, comps)["transformer"]
+    diffusers_read = _through_diffusers(base, out, comps)["transformer"]
+    for m in report.modules:
+        d = deltas[m.path + ".weight"]
+        err = float((w1[m.path + ".weight"] - w0[m.path + ".weight"] - d).norm() / d.norm())
+        assert err == pytest.approx(m.error, rel=1e-3, abs=1e-5), m.path
+        err = float((diffusers_read[m.path + ".weight"] - d).norm() / d.norm())
+        assert err == pytest.approx(m.error, rel=1e-3, abs=1e-5), f"diffusers: {m.path}"

@@ -5,10 +5,12 @@ best rank-r approximation in Frobenius norm: up = U_r √S_r (out, r), down = �
 shaped (r, in, *k) and up (out, r, 1, ...). The rank is `rank`, or per module the smallest that keeps `energy` of
 ΔW's squared singular values, or full (exact).
 
-Scales, so that every consumer reads the same weights whatever ranks the modules get: every module carries one
-alpha A (the most common rank), and each module's up is multiplied by r_i / A, so the consumers' rule alpha / r
-(kohya, ComfyUI, A1111, and diffusers / PEFT's lora_alpha / r) gives ΔW exactly. One alpha for all also keeps clear
-of diffusers 0.42.1's kohya converter, which can give a module another module's alpha when they differ.
+Scales, so that every consumer reads the same weights whatever ranks the modules get. kohya's layout and PEFT's
+folder: every module carries one alpha A (the most common rank), and each module's up is multiplied by r_i / A, so
+the consumers' rule alpha / r (kohya, ComfyUI, A1111, PEFT's lora_alpha / r) gives ΔW exactly; one alpha for all also
+keeps clear of diffusers 0.42.1's kohya converter, which can give a module another module's alpha when they differ.
+diffusers' layout has no alpha key, and ComfyUI then scales by 1 while diffusers reads the LoraConfig: every module
+gets lora_alpha = its rank (`alpha_pattern` beside `rank_pattern`), a scale of 1 for both, and its up as fitted.
 
 Layouts: the SD families by kohya names (`lora_unet_*`, `lora_te*_*`: `lora_down.weight`, `lora_up.weight`,
 `alpha`), which diffusers' `load_lora_weights`, ComfyUI and A1111 read; the DiT families in diffusers' own layout
@@ -163,7 +165,8 @@ def _kohya(loras: list[LoraModule], family: str, comps: dict[str, nn.Module]) ->
 
 def _diffusers(loras: list[LoraModule]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """diffusers' layout: `<component>.<path>.lora_A.weight` (down) / `lora_B.weight` (up), each component's
-    LoraConfig in `lora_adapter_metadata` (r and lora_alpha the common rank, other ranks by rank_pattern)."""
+    LoraConfig in `lora_adapter_metadata` (r and lora_alpha the common rank, other ranks by rank_pattern and their
+    alphas, equal to them, by alpha_pattern: a scale of 1 everywhere, as ComfyUI reads a file with no alpha key)."""
     alpha = common_alpha(loras)
     sd: dict[str, Tensor] = {}
     config: dict[str, object] = {}
@@ -171,11 +174,11 @@ def _diffusers(loras: list[LoraModule]) -> tuple[dict[str, Tensor], dict[str, st
         mods = [m for m in loras if m.component == component]
         for m in mods:
             sd[f"{component}.{m.path}.lora_A.weight"] = m.down
-            sd[f"{component}.{m.path}.lora_B.weight"] = m.up * (m.rank / alpha)
+            sd[f"{component}.{m.path}.lora_B.weight"] = m.up
+        other = {"^" + re.escape(m.path): m.rank for m in mods if m.rank != alpha}
         config.update({f"{component}.r": alpha, f"{component}.lora_alpha": alpha,
                        f"{component}.target_modules": sorted(m.path for m in mods),
-                       f"{component}.rank_pattern": {"^" + re.escape(m.path): m.rank for m in mods if m.rank != alpha},
-                       f"{component}.alpha_pattern": {}})
+                       f"{component}.rank_pattern": other, f"{component}.alpha_pattern": other})
     return sd, {DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True)}
 
 

@@ -289,6 +289,8 @@ def _group(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     out: dict[str, dict[str, Tensor]] = {}
     for key, t in sd.items():
         name, leaf = key.rsplit(".", 1)
+        if name.endswith((".lora_A", ".lora_B")):  # a LoRA in diffusers' layout: <x>.lora_A.weight
+            name, leaf = name.rsplit(".", 1)
         out.setdefault(name, {})[leaf] = t.float()
     return out
 

@@ -17,6 +17,11 @@ def consumer_weight(w: torch.Tensor, tensors: dict[str, torch.Tensor], strength:
     without the lokr_dora_rule mark); `comfyui_dora`: ComfyUI's own, whose output axis divides by the norm of
     w itself. `function` (ComfyUI's key-map function, e.g. a (shift, scale) swap) maps ΔW, computed in the
     shape of w, before it is added (DoRA then normalises w + function(ΔW))."""
+    if "lora_B" in tensors:  # a LoRA in diffusers' layout: ComfyUI reads `<x>.alpha` if the file has one, else 1
+        down, up = tensors["lora_A"], tensors["lora_B"]
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+        dw = lora_delta(down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), alpha).reshape(w.shape)
+        return w + strength * (function(dw) if function is not None else dw)
     w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
     out_k, in_n = w.shape[0] // w1.shape[0], w.shape[1] // w1.shape[1]
     if "lokr_w2" in tensors:
