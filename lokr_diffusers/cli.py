@@ -119,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _combine_parser(sub: Any) -> None:
-    c = sub.add_parser("combine", help="several LoKr files of one model as one file")
-    c.add_argument("files", nargs="+", help="the LoKr files (two or more)")
+    c = sub.add_parser("combine", help="several LoKr (or LoRA) files of one model as one LoKr file")
+    c.add_argument("files", nargs="+", help="the LoKr or LoRA files (two or more; a LoRA file needs --model)")
     c.add_argument("--out", required=True, help="the file to write; a JSON report is written beside it")
     c.add_argument("--weights", type=_finite_float, nargs="+", help="one strength per file (default 1.0 each)")
     c.add_argument("--lossless", action="store_true", help="keep the files as separate adapters (our own layout, "

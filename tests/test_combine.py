@@ -95,3 +95,31 @@ def test_the_command_combines(tmp_path: str, capsys: pytest.CaptureFixture[str])
     assert main(["combine", *files, "--lossless", "--model", base, "--out", lossless]) == 0
     assert os.path.exists(lossless)
     assert main(["combine", files[0], "--out", os.path.join(tmp_path, "x.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("family", ["sd1", pytest.param("flux", marks=pytest.mark.slow)])
+def test_a_lora_file_adds_its_change_as_diffusers_reads_it(tmp_path: str, family: str) -> None:
+    """The second file as a LoRA (the LoKr converted at full rank, which diffusers loads as the LoKr): the combined
+    fit is the two LoKr files' weighted sum fitted, error at the oracle's optimum, loading within the reported error;
+    a LoRA file needs the model's folder and is not kept lossless."""
+    from lokr_diffusers.tools.lora import lokr_to_lora
+
+    base, files = lokr_files(str(tmp_path), family)
+    lora = os.path.join(tmp_path, "b-lora.safetensors")
+    lokr_to_lora(files[1], lora, model=base)
+    out = os.path.join(tmp_path, "c.safetensors")
+    report = combine_lokr([files[0], lora], out, weights=[0.7, -0.4], model=base)
+    want, got = _changes(base, files, [0.7, -0.4]), _loaded(base, out)
+    by_key = {f"{m.component}.{m.path}.weight": m for m in report.modules}
+    assert by_key.keys() == want.keys()
+    for k, d in want.items():
+        m = by_key[k]
+        assert m.error == pytest.approx(optimum_error(d, m.split[0], m.split[2]), rel=1e-2, abs=1e-5), k
+        err = float((got[k] - d).norm() / d.norm())
+        assert err == pytest.approx(m.error, rel=1e-3, abs=1e-5), k
+    other = os.path.join(tmp_path, "x.safetensors")
+    with pytest.raises(ValueError, match=r"LoRA file.*model"):
+        combine_lokr([files[0], lora], other)
+    with pytest.raises(ValueError, match=r"LoRA file.*lossless"):
+        combine_lokr([files[0], lora], other, lossless=True, format="lokr_diffusers", model=base)
+    assert not os.path.exists(other)

@@ -1,7 +1,8 @@
-"""`combine_lokr`: several LoKr files of one model as one file (docs/tools.md §Combine adapters).
+"""`combine_lokr`: several LoKr (or LoRA) files of one model as one file (docs/tools.md §Combine adapters).
 
 Summed: per module ΔW = Σ w_i · ΔW_i over the files that adapt it, re-expressed as one LoKr by the extractor's fit
 (nearest.fit_change: a sum of Kronecker products is in general not one, so the error is measured and reported).
+A LoRA file's ΔW is what diffusers loads from it onto the pipeline (files.lora_deltas, which needs `model`).
 Lossless: the files kept as separate adapters of our own layout (`format="lokr_diffusers"`), each weight folded into
 its adapter's scale; `load_lokr_weights` loads them all, active together.
 """
@@ -22,7 +23,7 @@ from ..export import ExportJob, ExportModule, from_entries, layout_of, write
 from ..formats.reader import ParsedFile
 from ..logs import progress
 from .extract import check_fit_args, export_module, module_report, write_fitted
-from .files import entry_delta, place, refuse_dora
+from .files import entry_delta, holds_lora_only, lora_deltas, place, refuse_dora
 from .nearest import BudgetTooSmall, fit_change
 from .report import ModuleReport, Report, report_path
 
@@ -36,10 +37,11 @@ def combine_lokr(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLi
                  model: str | os.PathLike[str] | None = None, base: str | None = None, format: str = "comfyui",
                  factor: int | None = None, rank: int = 0, decompose_both: bool = False, tucker: bool = False,
                  budget_per_module: int | None = None, dtype: torch.dtype | str | None = None) -> Report:
-    """Combine LoKr files of one model into one file.
+    """Combine LoKr (or LoRA) files of one model into one file.
 
     Args:
-        sources: the LoKr files (any layout this package reads, one adapter each).
+        sources: the LoKr files (any layout this package reads, one adapter each) and LoRA files (any layout
+            diffusers' `load_lora_weights` reads; they need `model`, and are summed only, not kept `lossless`).
         out: the file to write; a JSON report is written beside it (`<out>.json`).
         weights: one strength per file (default 1.0 each).
         lossless: keep the files as separate adapters in our own layout (format must be "lokr_diffusers");
@@ -63,7 +65,16 @@ def combine_lokr(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLi
     layout, factor = check_fit_args(format, factor, rank, None, budget_per_module)
     out = os.fspath(out)
     check_output_path(out, folder=layout.folder)
-    placed = place(sources, model, base)
+    is_lora = [holds_lora_only(s) for s in sources]
+    loras = [s for s, lora in zip(sources, is_lora, strict=True) if lora]
+    if loras and model is None:
+        raise ValueError(f"{os.fspath(loras[0])} is a LoRA file, which diffusers reads onto the pipeline: give the "
+                         "model's diffusers folder (model=, --model)")
+    if loras and lossless:
+        raise ValueError(f"{os.fspath(loras[0])} is a LoRA file: lossless keeps LoKr adapters only; combine without "
+                         "lossless (the sum is fitted as one LoKr)")
+    lokr = [s for s, lora in zip(sources, is_lora, strict=True) if not lora]
+    placed = place(lokr, model, base)
     comps, family = placed.components, placed.family
     options: dict[str, object] = {"sources": [os.fspath(s) for s in sources], "weights": weights,
                                   "lossless": lossless, "factor": factor, "rank": rank,
@@ -71,10 +82,15 @@ def combine_lokr(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLi
     report = Report("combine", out, family.name, options=options)
     if lossless:
         return _lossless(sources, placed.parsed, weights, comps, family.name, out, dtype, report)
-    for src, parsed in zip(sources, placed.parsed, strict=True):
+    for src, parsed in zip(lokr, placed.parsed, strict=True):
         refuse_dora(src, parsed.entries, "DoRA does not add up (its magnitude normalises W + ΔW): combine with "
                     "lossless=True (--lossless), which keeps each file's adapter")
-    deltas = _summed(placed.parsed, weights, comps)
+    lokr_weights = [w for w, lora in zip(weights, is_lora, strict=True) if not lora]
+    deltas = _summed(placed.parsed, lokr_weights, comps)
+    if loras:
+        assert model is not None
+        lora_weights = [w for w, lora in zip(weights, is_lora, strict=True) if lora]
+        _add_lora(deltas, lora_deltas(model, loras), lora_weights, comps, loras)
     modules = []
     for (component, path), delta in progress(list(deltas.items()), desc="combining LoKr",
                                              work=sum(d.numel() for d in deltas.values()) * 16):
@@ -108,6 +124,20 @@ def _summed(parsed: Sequence[ParsedFile], weights: Sequence[float], comps: dict[
             d = entry_delta(e, comps) * w
             out[key] = out[key] + d if key in out else d
     return out
+
+
+def _add_lora(deltas: dict[tuple[str, str], Tensor], loras: Sequence[dict[tuple[str, str], Tensor]],
+              weights: Sequence[float], comps: dict[str, nn.Module], sources: Sequence[str | os.PathLike[str]]) -> None:
+    """Add each LoRA file's weighted ΔW to `deltas` in place, its shapes checked against the model's."""
+    from ..formats.names import weight_of
+
+    for src, lora, w in zip(sources, loras, weights, strict=True):
+        for (component, path), d in lora.items():
+            shape = tuple(weight_of(comps[component].get_submodule(path)).shape)
+            if tuple(d.shape) != shape:
+                raise ValueError(f"{os.fspath(src)}: {component}.{path} ΔW {tuple(d.shape)} for a weight of {shape}")
+            key = (component, path)
+            deltas[key] = deltas[key] + d * w if key in deltas else d * w
 
 
 def _lossless(sources: Sequence[str | os.PathLike[str]], parsed: Sequence[ParsedFile], weights: Sequence[float],

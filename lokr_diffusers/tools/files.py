@@ -1,6 +1,6 @@
 """Adapter files read onto the model they are for, without weights: the components of a diffusers folder built from
 its configs (`model`), or the full-size model the first file's names and shapes fit (convert.fit), each module's
-ΔW rebuilt from a file's factors."""
+ΔW rebuilt from a file's factors. LoRA files are read by diffusers itself onto the pipeline (`lora_deltas`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import families
 from .. import functional as LF
 from ..formats.names import build_index, weight_of
-from ..formats.reader import LoadEntry, ParsedFile, check_holds_lokr, parse_loaded
+from ..formats.reader import LoadEntry, ParsedFile, check_holds_lokr, group_modules, parse_loaded
 from ..formats.report import unmatched_message
 from ..io import read_lokr_file
 from ..loaded import LoadedFile
@@ -44,10 +44,49 @@ def read_one_adapter(src: str | os.PathLike[str]) -> LoadedFile:
     return next(iter(parts.values()))
 
 
+def holds_lora_only(src: str | os.PathLike[str]) -> bool:
+    """A file of LoRA modules and no LoKr module (diffusers reads it, not this package's reader)."""
+    groups, lora, _ = group_modules(read_lokr_file(src).tensors)
+    return bool(lora) and not groups
+
+
+def lora_deltas(model: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]]
+                ) -> list[dict[tuple[str, str], Tensor]]:
+    """Per LoRA file {(component, path): ΔW in fp32} as diffusers applies it: the pipeline folder `model` loaded
+    (with its weights: diffusers' loader needs the modules), the file loaded by `load_lora_weights` (its converters
+    for every LoRA layout it knows) and each PEFT LoRA layer's `get_delta_weight`, its alpha / rank scale included.
+    A DoRA module raises (its magnitude normalises W + ΔW: no sum of changes holds it)."""
+    from diffusers import DiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from ..components import pipeline_components
+
+    pipe = DiffusionPipeline.from_pretrained(os.fspath(model))
+    out = []
+    for i, src in enumerate(sources):
+        name = f"combine_lora_{i}"
+        pipe.load_lora_weights(os.fspath(src), adapter_name=name)
+        deltas: dict[tuple[str, str], Tensor] = {}
+        for component, module in pipeline_components(pipe).items():
+            for path, layer in module.named_modules():
+                if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+                    continue
+                if layer.use_dora.get(name):
+                    raise ValueError(f"{os.fspath(src)}: {component}.{path} has DoRA, which does not add up (its "
+                                     "magnitude normalises W + ΔW)")
+                deltas[(component, path)] = layer.get_delta_weight(name).detach().float()  # type: ignore[attr-defined]
+        if not deltas:
+            raise ValueError(f"{os.fspath(src)}: diffusers' load_lora_weights loaded no module of it onto {model}")
+        pipe.delete_adapters(name)
+        out.append(deltas)
+    return out
+
+
 def place(sources: Sequence[str | os.PathLike[str]], model: str | os.PathLike[str] | None = None,
           base: str | None = None) -> Placed:
     """Every file parsed onto the components of `model` (a diffusers folder), or of the full-size model the first
-    file fits (`base` names the family); a key that fits no module raises, naming the file."""
+    file fits (`base` names the family); a key that fits no module raises, naming the file. No files: the
+    components of `model`."""
     from ..convert import candidate_models, fit, parse_for_base
 
     files = [read_one_adapter(s) for s in sources]
@@ -70,7 +109,8 @@ def place(sources: Sequence[str | os.PathLike[str]], model: str | os.PathLike[st
             parsed.append(next(iter(by_adapter.values())))
     family = families.of_components(comps)
     if family is None:
-        raise ValueError(f"{os.fspath(sources[0])}: the model it is for is of no family this package knows")
+        raise ValueError(f"{os.fspath(sources[0] if sources else model or '')}: the model it is for is of no family "
+                         "this package knows")
     return Placed(comps, family, parsed)
 
 
