@@ -49,7 +49,7 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
 
     `requantize`: a quantized component (its config names a quantization) is fused by dequantize, add, requantize;
     without it such a model is refused. `single_file`: also write the merged model as one .safetensors file in the
-    original layout (`single_file_state`: SD1.x / SD2.x / SDXL the UNet and CLIP-L text encoder, the DiT families
+    original layout (`single_file_state`: SD1.x / SD2.x / SDXL the UNet, VAE and text encoders, the DiT families
     the transformer). `load_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
     """
     import torch  # noqa: F401  (diffusers wants it imported first on some setups)
@@ -113,7 +113,7 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
 
 
 def single_file_components(pipe: Any) -> tuple[str, ...]:
-    """The components the single file holds: an SD pipeline's UNet and CLIP-L encoder, a DiT's transformer. Raises
+    """The components the single file holds: an SD pipeline's UNet, VAE and text encoders, a DiT's transformer. Raises
     for a model with no original single-file layout here. Call it before adapters are loaded (on the bare model's
     state keys)."""
     from .. import families
@@ -123,7 +123,7 @@ def single_file_components(pipe: Any) -> tuple[str, ...]:
     if family is None:
         raise ValueError("single_file (--single_file): not a model of a known family; use the diffusers folder")
     if family.denoiser == "unet":
-        return ("unet", "text_encoder")
+        return ("unet", "vae", "text_encoder", "text_encoder_2")
     original_plan(pipe.transformer)  # raises where the family has no single-file layout
     return ("transformer",)
 
@@ -142,12 +142,14 @@ def single_file_state(pipe: Any) -> dict[str, Tensor]:
 
 
 def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
-    """An SD pipeline's UNet (`model.diffusion_model.<ldm name>`, formats/ldm.py's map) and CLIP-L text encoder
-    (`cond_stage_model.transformer.text_model.` for SD1.x, `conditioner.embedders.0.transformer.text_model.` for
-    SDXL) in the original single-file layout; raises for another family. The VAE and SDXL's second (OpenCLIP) text
-    encoder are not written (the merge refuses to drop a change to the latter)."""
+    """An SD pipeline in the original single-file layout: the UNet (`model.diffusion_model.<ldm name>`,
+    formats/ldm.py's map), the VAE (`first_stage_model.`), the CLIP-L text encoder (`cond_stage_model.transformer.`
+    for SD1.x, `conditioner.embedders.0.transformer.` for SDXL) and the OpenCLIP one in open_clip's layout (SD2.x's
+    `cond_stage_model.model.`, SDXL's second at `conditioner.embedders.1.model.`; formats/sd_single.py). Raises for
+    another family."""
     from .. import families
     from ..formats.ldm import clip_state_key, ldm_state_keys
+    from ..formats.sd_single import SD2_OPEN_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, open_clip_state, vae_state
 
     family = families.of_components(pipeline_components(pipe))
     if family is None or family.denoiser != "unet":
@@ -160,10 +162,16 @@ def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
     if missing:
         raise ValueError(f"single_file (--single_file): unet.{missing[0]} has no name in the original layout")
     out = {names[k]: v.detach().contiguous() for k, v in state.items()}
+    if getattr(pipe, "vae", None) is not None:
+        out.update(vae_state(pipe.vae))
     encoder = getattr(pipe, "text_encoder", None)
-    if encoder is not None and type(encoder).__name__ == "CLIPTextModel":
+    if encoder is not None and family.name == "sd2":
+        out.update(open_clip_state(encoder, SD2_OPEN_CLIP_PREFIX))
+    elif encoder is not None:
         prefix = "conditioner.embedders.0.transformer." if family.name == "sdxl" else "cond_stage_model.transformer."
         out.update({clip_state_key(k, prefix): v.detach().contiguous() for k, v in encoder.state_dict().items()})
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out.update(open_clip_state(pipe.text_encoder_2, SDXL_OPEN_CLIP_PREFIX))
     return out
 
 
