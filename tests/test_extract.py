@@ -220,3 +220,33 @@ def test_a_global_budget_is_shared_by_weight_size_and_kept(tmp_path: str) -> Non
     kept = {m.path for m in tight.modules}
     assert kept and kept | {p.removeprefix("unet.") for p in tight.skipped_budget} == {m.path for m in free.modules}
     assert tight.skipped_budget  # the smallest modules' shares hold no split: left out, named in the report
+
+
+def test_sdxl_single_files_read_the_openclip_encoder(tmp_path: str) -> None:
+    """SDXL's second text encoder in open_clip's layout (q, k, v rows of in_proj): a Kronecker change to its k_proj
+    and out_proj is extracted from two single files as from the folders, and the module's weight comes back."""
+    from helpers.extract_runs import ldm_checkpoint
+
+    torch.manual_seed(3)
+    kron = {}
+
+    def change(pipe: DiffusionPipeline) -> None:
+        layer = pipe.text_encoder_2.text_model.encoder.layers[0]
+        for name, w in (("self_attn.k_proj", layer.self_attn.k_proj.weight),
+                        ("self_attn.out_proj", layer.self_attn.out_proj.weight)):
+            d = torch.kron(torch.randn(4, 4), torch.randn(w.shape[0] // 4, w.shape[1] // 4)) * 0.1
+            w += d
+            kron[f"text_model.encoder.layers.0.{name}.weight"] = d
+
+    base, tuned = base_and_tuned(str(tmp_path), "sdxl", change=change)
+    files = [ldm_checkpoint(f, os.path.join(tmp_path, f"{n}.safetensors")) for f, n in ((base, "b"), (tuned, "t"))]
+    folders = extract_lokr(base, tuned, os.path.join(tmp_path, "f.safetensors"), factor=4)
+    single = extract_lokr(files[0], files[1], os.path.join(tmp_path, "s.safetensors"), factor=4, config=base)
+    found = sorted((m.component, m.path) for m in single.modules)
+    assert found == sorted((m.component, m.path) for m in folders.modules)
+    assert found == sorted(("text_encoder_2", k.removesuffix(".weight")) for k in kron)
+    assert single.error < 1e-5
+    got = _reloaded(base, os.path.join(tmp_path, "s.safetensors"), "text_encoder_2")
+    bare = component_weights(base, "text_encoder_2")
+    for k, d in kron.items():
+        torch.testing.assert_close(got[k] - bare[k], d, rtol=1e-4, atol=1e-5, msg=k)

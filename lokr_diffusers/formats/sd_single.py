@@ -64,34 +64,45 @@ def vae_state(vae: nn.Module, prefix: str = VAE_PREFIX) -> dict[str, Tensor]:
 
 _CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+             "embeddings.position_embedding.weight": "positional_embedding",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_QKV = ("q", "k", "v")
+
+
+def open_clip_keys(encoder: nn.Module, prefix: str) -> dict[str, tuple[str, int]]:
+    """{the encoder's state key: (its open_clip key under `prefix`, the row where it starts there)}: q, k, v of a
+    layer at rows 0, width, 2 · width of its `in_proj_weight` / `in_proj_bias`, everything else at row 0;
+    `text_projection.weight` is `text_projection` transposed. position_ids (a buffer of indices) has no key. Raises
+    for a key of no known place. Keys are the encoder's own (transformers 5's CLIPTextModel has no `text_model.`
+    level, its ...WithProjection has)."""
+    out: dict[str, tuple[str, int]] = {}
+    for key, value in encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        name = key.removeprefix("text_model.")
+        if name == "text_projection.weight":
+            out[key] = (prefix + "text_projection", 0)
+        elif name in _CLIP_TOP:
+            out[key] = (prefix + _CLIP_TOP[name], 0)
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+            layer, module, leaf = m.groups()
+            block = f"{prefix}transformer.resblocks.{layer}."
+            if qkv := re.fullmatch(r"self_attn\.([qkv])_proj", module):
+                out[key] = (f"{block}attn.in_proj_{leaf}", _QKV.index(qkv[1]) * value.shape[0])
+            elif module in _CLIP_LAYER:
+                out[key] = (f"{block}{_CLIP_LAYER[module]}.{leaf}", 0)
+        if key not in out:
+            raise ValueError(f"{type(encoder).__name__}.{key}: no name in open_clip's layout")
+    return out
 
 
 def open_clip_state(encoder: nn.Module, prefix: str) -> dict[str, Tensor]:
-    """A transformers CLIPTextModel / CLIPTextModelWithProjection in open_clip's layout under `prefix`: q, k, v
-    joined into in_proj, the projection transposed. Every state key is placed (position_ids, a buffer of indices, is
-    not a weight and is left out) or this raises."""
-    state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v.detach()
-             for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}  # transformers 5's
-    # CLIPTextModel has no `text_model.` level (its ...WithProjection has): one spelling here
-    out: dict[str, Tensor] = {}
-
-    def take(key: str) -> Tensor:
-        return state.pop(key)
-
-    out[prefix + "token_embedding.weight"] = take("text_model.embeddings.token_embedding.weight")
-    out[prefix + "positional_embedding"] = take("text_model.embeddings.position_embedding.weight")
-    for leaf in ("weight", "bias"):
-        out[prefix + f"ln_final.{leaf}"] = take(f"text_model.final_layer_norm.{leaf}")
-    if "text_projection.weight" in state:
-        out[prefix + "text_projection"] = take("text_projection.weight").T
-    layers: int = getattr(encoder, "config").num_hidden_layers  # noqa: B009  (transformers config, untyped)
-    for i in range(layers):
-        ours, theirs = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[theirs + f"attn.in_proj_{leaf}"] = torch.cat(
-                [take(f"{ours}self_attn.{p}_proj.{leaf}") for p in ("q", "k", "v")])
-            for name, original in _CLIP_LAYER.items():
-                out[theirs + f"{original}.{leaf}"] = take(f"{ours}{name}.{leaf}")
-    if state:
-        raise ValueError(f"{type(encoder).__name__}: {sorted(state)[:3]} have no name in open_clip's layout")
-    return {k: v.contiguous() for k, v in out.items()}
+    """A transformers CLIPTextModel / CLIPTextModelWithProjection in open_clip's layout under `prefix`
+    (`open_clip_keys`): q, k, v joined into in_proj in that order, the projection transposed."""
+    state = encoder.state_dict()
+    parts: dict[str, list[tuple[int, Tensor]]] = {}
+    for key, (original, row) in open_clip_keys(encoder, prefix).items():
+        value = state[key].detach()
+        parts.setdefault(original, []).append((row, value.T if original.endswith("text_projection") else value))
+    return {k: torch.cat([v for _, v in sorted(p, key=lambda rv: rv[0])]).contiguous() for k, p in parts.items()}

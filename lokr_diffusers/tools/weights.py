@@ -101,7 +101,7 @@ class FolderWeights:
                          "extraction cannot build")
 
 
-# where the CLIP-L text encoder sits in an SD1.x / SDXL checkpoint (SDXL's second, OpenCLIP, encoder is not read)
+# where the CLIP-L text encoder sits in an SD1.x / SDXL checkpoint (OpenCLIP ones: formats/sd_single.py)
 LDM_CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 Slices = tuple[tuple[str, int, int, int], ...]  # (checkpoint key, its rows [start, stop), into our rows from)
 
@@ -111,7 +111,9 @@ class SingleFileWeights:
     diffusers' names, by the name maps the loaders use:
 
     - SD1.x / SD2.x / SDXL (formats/ldm.py): the UNet under `model.diffusion_model.` (or bare), the CLIP-L text
-      encoder under `cond_stage_model.transformer.` (SD1.x) or `conditioner.embedders.0.transformer.` (SDXL);
+      encoder under `cond_stage_model.transformer.` (SD1.x) or `conditioner.embedders.0.transformer.` (SDXL), the
+      OpenCLIP one in open_clip's layout (formats/sd_single.py: SD2.x `cond_stage_model.model.`, SDXL's second
+      `conditioner.embedders.1.model.`; q, k, v read as their rows of `in_proj`; not the transposed projection);
     - the DiT families with an original-name table (formats/dit.py): the transformer's Linear and conv weights
       under their original names (bare, `model.diffusion_model.` or `diffusion_model.`), a fused original (`qkv`)
       read as the rows each diffusers Linear holds.
@@ -141,7 +143,7 @@ class SingleFileWeights:
         self.pipeline_class = "single-file checkpoint"
 
     def _configs(self, config: str | os.PathLike[str] | None) -> dict[str, nn.Module]:
-        keep = ("unet", "text_encoder") if self._sd else ("transformer",)
+        keep = ("unet", "text_encoder", "text_encoder_2") if self._sd else ("transformer",)
         if config is not None:
             folder = FolderWeights(config, f"{self.what}'s config")
             found = {c: folder.meta_model(c) for c in folder.components() if c in keep}
@@ -193,9 +195,18 @@ class SingleFileWeights:
             return {k: ((name, 0, state[k].shape[0], 0),) for k, name in ldm_state_keys(model, self._prefix).items()}
         if component == "transformer":
             return self._dit_map(model)
-        prefix = next((p for p in LDM_CLIP_PREFIXES if any(k.startswith(p) for k in self._shapes)), None)
-        if prefix is None:
-            return {}
+        from ..formats.sd_single import SD2_OPEN_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, open_clip_keys
+
+        def present(prefix: str) -> bool:
+            return any(k.startswith(prefix) for k in self._shapes)
+
+        if component == "text_encoder_2" or not any(present(p) for p in LDM_CLIP_PREFIXES):
+            prefix = SDXL_OPEN_CLIP_PREFIX if component == "text_encoder_2" else SD2_OPEN_CLIP_PREFIX
+            if not present(prefix):
+                return {}
+            return {k: ((name, row, row + state[k].shape[0], 0),) for k, (name, row) in
+                    open_clip_keys(model, prefix).items() if not name.endswith("text_projection")}
+        prefix = next(p for p in LDM_CLIP_PREFIXES if present(p))
         return {k: ((clip_state_key(k, prefix), 0, v.shape[0], 0),) for k, v in state.items()}
 
     def _dit_map(self, model: nn.Module) -> dict[str, Slices]:

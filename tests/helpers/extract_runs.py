@@ -39,7 +39,7 @@ def component_weights(folder: str, component: str) -> dict[str, torch.Tensor]:
 
 
 def ldm_checkpoint(folder: str, path: str) -> str:
-    """The SD1.x pipeline folder's UNet and CLIP-L text encoder as one single-file checkpoint in the original layout,
+    """An SD pipeline folder as one single-file checkpoint in the original layout (UNet, VAE, text encoders),
     as `merge --single_file` writes it (lokr_diffusers.tools.merge.ldm_checkpoint), written to `path`; tests check the
     file against diffusers' own converters."""
     from safetensors.torch import save_file
@@ -51,23 +51,13 @@ def ldm_checkpoint(folder: str, path: str) -> str:
 
 
 def original_linears(folder: str, path: str, prefix: str = "") -> str:
-    """A DiT pipeline folder's transformer Linear and conv weights under their original names (a fused original such
-    as Flux.1's `qkv` made of the diffusers Linears' rows), as a single-file checkpoint holds them; written to
-    `path`. The names are formats/dit.py's tables, which tests/test_formats_dit.py checks against diffusers' own
-    converters at full size."""
+    """A DiT pipeline folder's transformer under its original names (a fused original such as Flux.1's `qkv` made of
+    the diffusers Linears' rows), as a single-file checkpoint holds it, written to `path` by formats/dit_state.py
+    (which tests/test_dit_single_file.py checks against diffusers' own converters)."""
     from safetensors.torch import save_file
 
-    from lokr_diffusers.formats.dit import dit_name_map
+    from lokr_diffusers.formats.dit_state import original_state_dict
 
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    model = pipe.transformer
-    names = dit_name_map(model)
-    sd = {}
-    for original, target in {**names.originals, **names.convs}.items():
-        parts = []
-        for piece in target.pieces:
-            w = model.get_submodule(piece.path).weight.detach()
-            parts.append(w[piece.src_start:piece.src_start + piece.rows])
-        sd[f"{prefix}{original}.weight"] = torch.cat(parts).contiguous()
-    save_file(sd, path)
+    state = original_state_dict(DiffusionPipeline.from_pretrained(folder).transformer)
+    save_file({prefix + k: v for k, v in state.items()}, path)
     return path
