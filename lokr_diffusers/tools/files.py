@@ -57,7 +57,6 @@ def lora_deltas(model: str | os.PathLike[str], sources: Sequence[str | os.PathLi
     for every LoRA layout it knows) and each PEFT LoRA layer's `get_delta_weight`, its alpha / rank scale included.
     A DoRA module raises (its magnitude normalises W + ΔW: no sum of changes holds it)."""
     from diffusers import DiffusionPipeline
-    from peft.tuners.lora import LoraLayer
 
     from ..components import pipeline_components
 
@@ -69,12 +68,15 @@ def lora_deltas(model: str | os.PathLike[str], sources: Sequence[str | os.PathLi
         deltas: dict[tuple[str, str], Tensor] = {}
         for component, module in pipeline_components(pipe).items():
             for path, layer in module.named_modules():
-                if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+                # PEFT's LoRA layers, by what they hold (peft is diffusers' dependency for LoRA, not ours)
+                lora_a = getattr(layer, "lora_A", None)
+                if not isinstance(lora_a, nn.ModuleDict) or name not in lora_a or \
+                        not hasattr(layer, "get_delta_weight"):
                     continue
-                if layer.use_dora.get(name):
+                if getattr(layer, "use_dora", {}).get(name):
                     raise ValueError(f"{os.fspath(src)}: {component}.{path} has DoRA, which does not add up (its "
                                      "magnitude normalises W + ΔW)")
-                deltas[(component, path)] = layer.get_delta_weight(name).detach().float()  # type: ignore[attr-defined]
+                deltas[(component, path)] = layer.get_delta_weight(name).detach().float()
         if not deltas:
             raise ValueError(f"{os.fspath(src)}: diffusers' load_lora_weights loaded no module of it onto {model}")
         pipe.delete_adapters(name)
