@@ -325,7 +325,8 @@ def _merge(args: argparse.Namespace) -> None:
     merge_lokr(args.model, args.lokr, args.out, scales=scales, requantize=args.requantize,
                single_file=args.single_file)
     done = ", ".join(f"{f} at {s:g}" for f, s in zip(args.lokr, scales, strict=False))
-    print(f"merged {done} into {args.out}")
+    single = f" and {args.single_file} (the original single-file layout)" if args.single_file else ""
+    print(f"merged {done} into {args.out}{single}")
 
 
 def _run(args: argparse.Namespace) -> None:
