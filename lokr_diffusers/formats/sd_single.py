@@ -56,7 +56,7 @@ def vae_state(vae: nn.Module, prefix: str = VAE_PREFIX) -> dict[str, Tensor]:
     n_up = len(vae.config["up_block_types"])  # type: ignore[index]
     out: dict[str, Tensor] = {}
     for key, value in vae.state_dict().items():
-        if _VAE_ATTENTION.fullmatch(key) and key.endswith(".weight") and value.dim() == 2 and "group_norm" not in key:
+        if value.dim() == 2 and _VAE_ATTENTION.fullmatch(key):  # q / k / v / proj_out weights (norms are 1-d)
             value = value[:, :, None, None]
         out[prefix + _vae_key(key, n_up)] = value.detach().contiguous()
     return out

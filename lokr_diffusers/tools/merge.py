@@ -49,13 +49,15 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
 
     `requantize`: a quantized component (its config names a quantization) is fused by dequantize, add, requantize;
     without it such a model is refused. `single_file`: also write the merged model as one .safetensors file in the
-    original layout (`single_file_state`: SD1.x / SD2.x / SDXL the UNet, VAE and text encoders, the DiT families
-    the transformer). `load_kwargs` go to `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
+    original layout (SD1.x / SD2.x / SDXL: `ldm_checkpoint`, the UNet, VAE and text encoders; the DiT families: the
+    transformer under its authors' keys, bare, formats/dit_state.py). `load_kwargs` go to
+    `DiffusionPipeline.from_pretrained` (e.g. torch_dtype).
     """
     import torch  # noqa: F401  (diffusers wants it imported first on some setups)
     from diffusers import DiffusionPipeline
 
     from ..convert import check_output_path
+    from ..formats.dit_state import original_state_dict
 
     model, out = os.fspath(model), os.fspath(out)
     if not os.path.exists(model):
@@ -105,7 +107,7 @@ def merge_lokr(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[
         pipe.fuse_lora(adapter_names=[n for n, _ in lora])
     pipe.unload_lora_weights()  # LoRA and LoKr layers out; the fused weights stay
     if single_file is not None:  # checked before the folder is written: a refusal leaves nothing behind
-        sd = single_file_state(pipe)
+        sd = original_state_dict(pipe.transformer) if held == ("transformer",) else ldm_checkpoint(pipe)
     pipe.save_pretrained(out)
     if single_file is not None:
         write_safetensors(sd, single_file, {"format": "pt"})
@@ -126,19 +128,6 @@ def single_file_components(pipe: Any) -> tuple[str, ...]:
         return ("unet", "vae", "text_encoder", "text_encoder_2")
     original_plan(pipe.transformer)  # raises where the family has no single-file layout
     return ("transformer",)
-
-
-def single_file_state(pipe: Any) -> dict[str, Tensor]:
-    """The merged model in its family's original single-file layout: `ldm_checkpoint` for the SD families, the
-    transformer under its original keys (formats/dit_state.py, bare, as BFL / Stability / Tongyi release them) for
-    the DiT families that have one."""
-    from .. import families
-    from ..formats.dit_state import original_state_dict
-
-    family = families.of_components(pipeline_components(pipe))
-    if family is not None and family.denoiser == "transformer":
-        return original_state_dict(pipe.transformer)
-    return ldm_checkpoint(pipe)
 
 
 def ldm_checkpoint(pipe: Any) -> dict[str, Tensor]:
